@@ -1,0 +1,113 @@
+"""Figures a person would rather look at than read, written into ``run_dir/plots``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gs_ray.rundir import RunDir  # noqa: E402
+
+
+def stage2_plots(run: RunDir) -> list[str]:
+    """Explained variance, silhouette vs K, and cluster sizes by source domain."""
+    ks = json.loads((run.stage2 / "k_selection.json").read_text())
+    chosen = ks["chosen"]
+    out = []
+
+    ratio = np.asarray(ks["explained_variance_ratio"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(np.arange(1, len(ratio) + 1), ratio, marker=".", lw=1)
+    ax.axhline(
+        chosen["threshold"],
+        color="tab:red",
+        ls="--",
+        lw=1,
+        label=f"chosen threshold {chosen['threshold']:.2f}",
+    )
+    ax.axvline(
+        chosen["n_components"],
+        color="tab:red",
+        ls=":",
+        lw=1,
+        label=f"{chosen['n_components']} components",
+    )
+    ax.set(
+        xlabel="SVD components",
+        ylabel="explained variance (cumulative)",
+        title="Validation gradients: explained variance",
+        ylim=(0, 1.02),
+    )
+    ax.legend(loc="lower right")
+    out.append(_save(fig, run, "explained_variance.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for threshold in sorted({r["threshold"] for r in ks["table"]}):
+        rows = [r for r in ks["table"] if r["threshold"] == threshold]
+        ax.plot(
+            [r["k"] for r in rows],
+            [r["silhouette"] for r in rows],
+            marker="o",
+            label=f"{threshold:.2f} ({rows[0]['n_components']} comp.)",
+        )
+    ax.scatter(
+        [chosen["k"]],
+        [chosen["silhouette"]],
+        s=160,
+        facecolors="none",
+        edgecolors="tab:red",
+        lw=2,
+        label=f"chosen K={chosen['k']}",
+        zorder=5,
+    )
+    ax.set(xlabel="K", ylabel="silhouette", title="K selection (SVD + silhouette)")
+    ax.legend(title="variance threshold", fontsize=8)
+    out.append(_save(fig, run, "silhouette_vs_k.png"))
+
+    rows = [r for r in run.assignments() if r["split"] == "train"]
+    if rows:
+        out.append(cluster_domain_plot(run, rows, chosen["k"]))
+    return out
+
+
+def cluster_domain_plot(run: RunDir, rows: list[dict], k: int) -> str:
+    """Stacked bars: cluster sizes broken down by source domain (where labels exist)."""
+    counts = Counter((r["cluster"], r.get("domain") or "unlabelled") for r in rows)
+    domains = sorted({d for _, d in counts})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = np.zeros(k)
+    for d in domains:
+        vals = np.array([counts.get((c, d), 0) for c in range(k)])
+        ax.bar(np.arange(k), vals, bottom=bottom, label=d)
+        bottom += vals
+    ax.set(
+        xlabel="cluster",
+        ylabel="training samples",
+        title="Cluster sizes by source domain",
+        xticks=np.arange(k),
+    )
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, run, "cluster_domains.png")
+
+
+def loss_curves_plot(run: RunDir, curves: dict[str, list[float]], name: str, title: str) -> str:
+    """Training loss per step, one line per run (warm-up, experts)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, losses in curves.items():
+        ax.plot(np.arange(1, len(losses) + 1), losses, lw=1, label=label)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, run, name)
+
+
+def _save(fig, run: RunDir, name: str) -> str:
+    path = run.plots / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

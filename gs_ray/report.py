@@ -1,0 +1,75 @@
+"""``gs-ray show``: a plain-text summary of a run directory."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from gs_ray.rundir import RunDir
+
+
+def show(path: str | Path) -> str:
+    """Summary: data counts, stage timings, K selection, cluster x domain table, metrics."""
+    run = RunDir(path)
+    if not run.manifest_path.exists():
+        raise SystemExit(f"gs-ray show: {path} is not a run directory (no manifest.json)")
+    m = run.manifest()
+    lines = [f"run {run.path}  (created {m.get('created')}, seed {m.get('seed')})"]
+    base = m.get("base_model", {})
+    if base:
+        lines.append(
+            f"base model: {base.get('path')} ({base.get('model_type')}, "
+            f"hidden {base.get('hidden_size')}, {base.get('num_hidden_layers')} layers)"
+        )
+    data = m.get("data")
+    if data:
+        drops = ", ".join(f"{k}={v}" for k, v in data.get("dropped", {}).items()) or "none"
+        lines.append(
+            f"data: {data['source']}: read {data['rows_read']}, used {data['used']}, "
+            f"truncated {data['truncated']}, dropped {drops}; splits {data.get('splits')}"
+        )
+    lines.append("stages:")
+    for name, st in m.get("stages", {}).items():
+        extra = {k: v for k, v in st.items() if k not in ("status", "seconds")}
+        lines.append(f"  {name:<10} {st['status']:<5} {st['seconds']:>9.1f}s  {extra or ''}")
+    ks_path = run.stage2 / "k_selection.json"
+    if ks_path.exists():
+        ks = json.loads(ks_path.read_text())
+        ch = ks["chosen"]
+        lines.append(
+            f"K selection: K={ch['k']} silhouette {ch['silhouette']:.3f} at threshold "
+            f"{ch['threshold']:.2f} ({ch['n_components']} components)"
+        )
+    if run.assignments_path.exists():
+        rows = [r for r in run.assignments() if r["split"] == "train"]
+        counts = Counter((r["cluster"], r.get("domain") or "-") for r in rows)
+        clusters = sorted({c for c, _ in counts})
+        domains = sorted({d for _, d in counts})
+        width = max(8, *(len(d) for d in domains))
+        lines.append("clusters x domains (training samples):")
+        lines.append(
+            "  " + "cluster".ljust(8) + "".join(d.rjust(width + 1) for d in domains) + "  total"
+        )
+        for c in clusters:
+            vals = [counts.get((c, d), 0) for d in domains]
+            lines.append(
+                "  "
+                + str(c).ljust(8)
+                + "".join(str(v).rjust(width + 1) for v in vals)
+                + f"  {sum(vals)}"
+            )
+    metrics = run.metrics()
+    if metrics:
+        lines.append("metrics:")
+        for key, value in metrics.items():
+            text = json.dumps(value)
+            lines.append(f"  {key}: {text if len(text) < 300 else text[:297] + '...'}")
+    plots = (
+        sorted(p.name for p in (run.path / "plots").glob("*.png"))
+        if (run.path / "plots").exists()
+        else []
+    )
+    if plots:
+        lines.append("plots: " + ", ".join(plots))
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The run directory: the contract between stages.
+
+Every stage reads its inputs from and writes its outputs to one folder, so that any stage can be
+re-run, resumed or inspected on its own::
+
+    manifest.json             config, versions, seed, data counts, per-stage status and timings
+    config.yaml               the resolved configuration
+    data/samples.jsonl        one line per sample: id, split, domain, n_tokens (no text)
+    base_model/               tiny-llama only: the random-init base model and its tokenizer
+    warmup/adapter/           Stage I LoRA adapter (peft format)
+    stage2/k_selection.json   the K table (threshold, n_components, K, silhouette) and the SVD
+    stage2/centroids.npy      final centroids (K, d), float32
+    stage2/param_names.json   gradient layout: parameter names, shapes, offsets
+    stage2/assignments.jsonl  one line per sample: id, split, cluster, domain
+    stage2/checkpoint/        centroid-actor checkpoints (resume)
+    experts/expert_<k>/       Stage III LoRA experts (peft format)
+    router/                   the router head and its settings
+    metrics.json              metrics gathered by all stages
+    plots/*.png               figures
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gs_ray.config import Config
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (numpy scalars and arrays become plain numbers and lists)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the stack, for the manifest."""
+    out = {"python": platform.python_version()}
+    for name in ("gs_ray", "torch", "ray", "transformers", "peft", "deepspeed", "sklearn", "numpy"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except Exception:  # an optional stack piece may be missing here
+            out[name] = "missing"
+    return out
+
+
+class RunDir:
+    """A run directory (see module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, cfg: Config) -> RunDir:
+        """A new run directory under cfg.run.output_dir, named cfg.run.name or by time."""
+        name = cfg.run.name or time.strftime("run-%Y%m%d-%H%M%S")
+        path = Path(cfg.run.output_dir) / name
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        if not run.manifest_path.exists():
+            write_json(
+                run.manifest_path,
+                {
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "seed": cfg.run.seed,
+                    "versions": versions(),
+                    "config": cfg.to_dict(),
+                    "stages": {},
+                },
+            )
+            cfg.save(path / "config.yaml")
+        return run
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def sub(self, *parts: str) -> Path:
+        """A path inside the run directory (parent folders created)."""
+        p = self.path.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def base_model(self) -> Path:
+        return self.path / "base_model"
+
+    @property
+    def warmup_adapter(self) -> Path:
+        return self.path / "warmup" / "adapter"
+
+    @property
+    def stage2(self) -> Path:
+        return self.path / "stage2"
+
+    @property
+    def assignments_path(self) -> Path:
+        return self.stage2 / "assignments.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.stage2 / "checkpoint"
+
+    def expert(self, k: int) -> Path:
+        return self.path / "experts" / f"expert_{k}"
+
+    @property
+    def router(self) -> Path:
+        return self.path / "router"
+
+    @property
+    def plots(self) -> Path:
+        p = self.path / "plots"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    # ------------------------------------------------------------------ manifest
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text())
+
+    def update_manifest(self, **fields: Any) -> None:
+        m = self.manifest()
+        m.update(fields)
+        write_json(self.manifest_path, m)
+
+    def config(self) -> Config:
+        return Config.from_dict(self.manifest()["config"])
+
+    def stage_done(self, stage: str) -> bool:
+        return self.manifest().get("stages", {}).get(stage, {}).get("status") == "done"
+
+    def mark_stage(self, stage: str, seconds: float, **info: Any) -> None:
+        """Record a finished stage and its wall time."""
+        m = self.manifest()
+        m.setdefault("stages", {})[stage] = {"status": "done", "seconds": round(seconds, 3), **info}
+        write_json(self.manifest_path, m)
+
+    def add_metrics(self, **metrics: Any) -> None:
+        path = self.path / "metrics.json"
+        current = json.loads(path.read_text()) if path.exists() else {}
+        current.update(metrics)
+        write_json(path, current)
+
+    def metrics(self) -> dict[str, Any]:
+        path = self.path / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    # ------------------------------------------------------------------ tables
+
+    def write_jsonl(self, path: Path, rows: Iterable[dict[str, Any]]) -> None:
+        atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+
+    @staticmethod
+    def read_jsonl(path: Path) -> list[dict[str, Any]]:
+        with path.open() as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def assignments(self) -> list[dict[str, Any]]:
+        """Rows of stage2/assignments.jsonl: id, split, cluster, domain."""
+        return self.read_jsonl(self.assignments_path)
