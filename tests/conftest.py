@@ -38,3 +38,34 @@ def tiny_peft_model():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     return model
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray head for the whole test run (started on first use, torn down at the end):
+    `ray start --head` on 127.0.0.1 with free ports, so that `ray job submit` can use it too."""
+    import ray
+
+    from gs_ray.ray_utils import LocalHead
+
+    head = LocalHead(num_cpus=2).start()
+    try:
+        ray.init(address=head.address, log_to_driver=False)
+        yield head
+    finally:
+        ray.shutdown()
+        head.stop()
+
+
+@pytest.fixture
+def ray_session(ray_cluster):
+    """Connected to the shared cluster; any Ray Serve left running by a test is shut down."""
+    yield ray_cluster
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        except Exception:  # Serve was never started
+            pass
