@@ -217,6 +217,22 @@ class LoRAGradientEngine:
         }
 
 
+def compute_bucketed(
+    engine: LoRAGradientEngine,
+    samples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    micro_batch: int,
+) -> torch.Tensor:
+    """Per-sample gradients of any number of samples, in their order, computed in micro-batches
+    of similar length (sorted by length) so that little compute goes to padding."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i][0]))
+    out = torch.empty((len(samples), engine.dim), dtype=torch.float32)
+    for start in range(0, len(order), micro_batch):
+        chunk = order[start : start + micro_batch]
+        out[chunk] = engine.compute(collate([samples[i] for i in chunk], pad_id))
+    return out
+
+
 def loop_gradients(
     model: nn.Module, samples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
 ):

@@ -30,7 +30,7 @@ import torch
 from gs_ray.clustering import GradientSpaceClustering
 from gs_ray.config import ClusteringConfig, Config
 from gs_ray.data import Sample, Splits, length_bucketed_batches
-from gs_ray.gradients import LoRAGradientEngine, RandomProjection, collate
+from gs_ray.gradients import LoRAGradientEngine, RandomProjection, compute_bucketed
 from gs_ray.models import load_adapter, load_base_model, resolve_device
 from gs_ray.progress import Progress
 from gs_ray.rundir import atomic_write_text
@@ -96,11 +96,8 @@ class GradientComputer:
         self.dim = k or self.engine.dim
 
     def __call__(self, pairs: Sequence[tuple[list[int], list[int]]]) -> np.ndarray:
-        parts = []
-        for start in range(0, len(pairs), self.micro):
-            G = self.engine.compute(collate(pairs[start : start + self.micro], self.pad_id))
-            parts.append(self.project(G) if self.project else G)
-        return torch.cat(parts).numpy()
+        G = compute_bucketed(self.engine, pairs, self.pad_id, self.micro)
+        return (self.project(G) if self.project else G).numpy()
 
     def layout(self) -> dict[str, Any]:
         """The gradient layout: parameter names, shapes and offsets (for the run directory)."""

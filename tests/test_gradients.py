@@ -121,3 +121,13 @@ def test_response_only_head_matches_full_logits(tiny_peft_model, monkeypatch):
     full = engine.compute(batch)
     assert torch.allclose(fast_loss, full_loss, rtol=1e-5)
     assert _rel_err(fast, full).max() < 1e-5
+
+
+def test_bucketed_computation_keeps_sample_order(tiny_peft_model):
+    from gs_ray.gradients import compute_bucketed
+
+    samples = _samples(7)
+    engine = LoRAGradientEngine(tiny_peft_model)
+    reference = loop_gradients(tiny_peft_model, samples, pad_id=0)
+    G = compute_bucketed(engine, samples, pad_id=0, micro_batch=2)
+    assert _rel_err(G, reference).max() < 1e-4
