@@ -19,14 +19,18 @@ spread over orders of magnitude and would otherwise dominate the means). Zero gr
 direction: they are left out of the SVD and of the caches, and ``predict`` gives them cluster 0
 (counted in ``n_zero_gradients_``).
 
-Memory of the online state: the caches hold K * alpha * batch_size * d float32 numbers, plus
-K * d float64 running sums and K * d float32 centroids (e.g. K=7, alpha=5, |B|=32, d=65,536:
-0.3 GB; for Llama-3.2-1B with r=32 on q/v, d=3.4M: 15 GB - see docs/scaling.md).
+Memory of the online state: the exact cache holds K * alpha * batch_size * d float32 numbers,
+plus K * d float64 running sums and K * d float32 centroids (e.g. K=7, alpha=5, |B|=32,
+d=65,536: 0.3 GB; for Llama-3.2-1B with r=32 on q/v, d=3.4M: 15 GB). The chunk cache holds one
+float64 sum per (cluster, batch) chunk: about K * (alpha * K + 1) * d numbers when the clusters
+are balanced, at most K * (alpha * batch_size + 1) * d - see docs/scaling.md.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -71,6 +75,12 @@ class GradientSpaceClustering:
         centroids at the start and at the end of an epoch) is below ``tol``, or after max_epochs.
     n_init : K-means restarts per candidate.
     random_state : seed for K-means and for ``fit``'s per-epoch shuffles.
+    cache : "samples" - the paper's cluster cache, the alpha * batch_size most recent unit
+        gradients of each cluster (exact); "chunks" - a FIFO of per-batch (sum, count) chunks per
+        cluster, evicted whole while the rest still hold alpha * batch_size samples. The chunk
+        cache is what ``partial_fit_sums`` needs: workers that assign their own batch send one
+        sum per cluster instead of every gradient (docs/scaling.md). It differs from the exact
+        cache only in how much of the oldest batch it keeps.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class GradientSpaceClustering:
         tol: float = 1e-3,
         n_init: int = 10,
         random_state: int = 0,
+        cache: str = "samples",
     ):
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -96,6 +107,7 @@ class GradientSpaceClustering:
         self.tol = tol
         self.n_init = n_init
         self.random_state = random_state
+        self.cache = cache
 
     # ------------------------------------------------------------------ step 1: K and init
 
@@ -183,6 +195,8 @@ class GradientSpaceClustering:
             raise ValueError("alpha and batch_size must be >= 1")
         if not all(0 < t <= 1 for t in self.variance_thresholds):
             raise ValueError(f"variance thresholds must be in (0, 1]: {self.variance_thresholds}")
+        if self.cache not in ("samples", "chunks"):
+            raise ValueError(f"cache must be 'samples' or 'chunks', got {self.cache!r}")
         if self.k_range[0] < 2 or self.k_range[1] < self.k_range[0]:
             raise ValueError(f"k_range must satisfy 2 <= k_min <= k_max, got {self.k_range}")
 
@@ -195,9 +209,12 @@ class GradientSpaceClustering:
 
     def _reset_online_state(self, dim: int) -> None:
         K, cap = self.n_clusters_, self.cache_size
-        self.cache_ = np.zeros((K, cap, dim), dtype=np.float32)
+        if self.cache == "samples":
+            self.cache_ = np.zeros((K, cap, dim), dtype=np.float32)
+            self.cache_next_ = np.zeros(K, dtype=np.int64)  # ring position of the next write
+        else:  # chunks: per cluster, a FIFO of (sum, count) of the batches it received
+            self.cache_chunks_: list[deque] = [deque() for _ in range(K)]
         self.cache_count_ = np.zeros(K, dtype=np.int64)
-        self.cache_next_ = np.zeros(K, dtype=np.int64)  # ring position of the next write
         self._cache_sum = np.zeros((K, dim), dtype=np.float64)
         self.n_batches_seen_ = 0
         self.n_samples_seen_ = 0
@@ -220,26 +237,29 @@ class GradientSpaceClustering:
         if self.cache_next_[k] == 0:  # wrapped: refresh the running sum exactly
             self._cache_sum[k] = self.cache_[k, : self.cache_count_[k]].sum(0, dtype=np.float64)
 
-    def cache_mean(self, k: int) -> np.ndarray:
+    def _push_chunk(self, k: int, total: np.ndarray, count: int) -> None:
+        """Chunk FIFO: append one batch's (sum, count); drop the oldest chunks while the rest
+        still hold at least |C_k| samples (so a cache holds |C_k| samples plus part of a chunk)."""
+        chunks = self.cache_chunks_[k]
+        chunks.append((np.asarray(total, dtype=np.float64).copy(), int(count)))
+        self.cache_count_[k] += count
+        while len(chunks) > 1 and self.cache_count_[k] - chunks[0][1] >= self.cache_size:
+            _, old = chunks.popleft()
+            self.cache_count_[k] -= old
+        self._cache_sum[k] = np.sum([c for c, _ in chunks], axis=0)
+
+    def cache_mean(self, k: int) -> np.ndarray | None:
         """mean(C_k), or None for an empty cache."""
         if self.cache_count_[k] == 0:
             return None
         return self._cache_sum[k] / self.cache_count_[k]
 
-    def partial_fit(self, G_batch: np.ndarray) -> GradientSpaceClustering:
-        """One online update with a mini-batch of gradients (b, d); returns self.
-
-        The batch's labels (assigned before the update) are in ``last_labels_``.
-        """
+    def _check_online(self) -> None:
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("call initialize(G_val) before partial_fit")
-        Xn, norms = normalize_rows(G_batch)
-        labels = cosine_assign(Xn, self.cluster_centers_)
-        nonzero = norms > _EPS
-        self.n_zero_gradients_ += int((~nonzero).sum())
-        for x, k, ok in zip(Xn, labels, nonzero):
-            if ok:
-                self._push(int(k), x)
+
+    def _ema(self, batch_size: int) -> None:
+        """c_k <- beta * c_k + (1 - beta) * mean(C_k) for every cluster with a non-empty cache."""
         for k in range(self.n_clusters_):
             mean = self.cache_mean(k)
             if mean is not None:
@@ -247,9 +267,46 @@ class GradientSpaceClustering:
                     self.beta * self.cluster_centers_[k] + (1 - self.beta) * mean
                 ).astype(np.float32)
         self.n_batches_seen_ += 1
-        self.n_samples_seen_ += len(Xn)
+        self.n_samples_seen_ += batch_size
+
+    def partial_fit(self, G_batch: np.ndarray) -> GradientSpaceClustering:
+        """One online update with a mini-batch of gradients (b, d); returns self.
+
+        The batch's labels (assigned before the update) are in ``last_labels_``.
+        """
+        self._check_online()
+        Xn, norms = normalize_rows(G_batch)
+        labels = cosine_assign(Xn, self.cluster_centers_)
+        nonzero = norms > _EPS
+        self.n_zero_gradients_ += int((~nonzero).sum())
+        if self.cache == "samples":
+            for x, k, ok in zip(Xn, labels, nonzero):
+                if ok:
+                    self._push(int(k), x)
+            self._ema(len(Xn))
+        else:
+            sums, counts = cluster_sums(Xn, labels, self.n_clusters_, nonzero)
+            self._apply_chunks(sums, counts, len(Xn))
         self.last_labels_ = labels
         return self
+
+    def partial_fit_sums(
+        self, sums: np.ndarray, counts: np.ndarray, batch_size: int, n_zero: int = 0
+    ) -> GradientSpaceClustering:
+        """One online update from per-cluster sums of unit gradients (chunk cache only): what a
+        worker that assigned its batch itself sends instead of the gradients (``cluster_sums``)."""
+        self._check_online()
+        if self.cache != "chunks":
+            raise ValueError("partial_fit_sums needs cache='chunks'")
+        self.n_zero_gradients_ += n_zero
+        self._apply_chunks(sums, counts, batch_size)
+        return self
+
+    def _apply_chunks(self, sums: np.ndarray, counts: np.ndarray, batch_size: int) -> None:
+        for k in range(self.n_clusters_):
+            if counts[k] > 0:
+                self._push_chunk(k, sums[k], int(counts[k]))
+        self._ema(batch_size)
 
     def end_epoch(self) -> bool:
         """Close an online epoch: record the centroid shift; True when converged."""
@@ -292,7 +349,7 @@ class GradientSpaceClustering:
 
     _STATE = (
         "n_clusters_", "threshold_", "n_components_", "silhouette_", "cluster_centers_",
-        "cache_", "cache_count_", "cache_next_", "_cache_sum", "n_batches_seen_",
+        "cache_", "cache_count_", "cache_next_", "cache_chunks_", "_cache_sum", "n_batches_seen_",
         "n_samples_seen_", "n_zero_gradients_", "epoch_", "shift_history_", "converged_",
         "_epoch_start", "k_selection_", "explained_variance_ratio_", "singular_values_",
     )  # fmt: skip
@@ -309,11 +366,17 @@ class GradientSpaceClustering:
 
 
 def _copy(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.copy()
-    if isinstance(v, list):
-        return [dict(x) if isinstance(x, dict) else x for x in v]
-    return v
+    return copy.deepcopy(v)
+
+
+def cluster_sums(
+    Xn: np.ndarray, labels: np.ndarray, n_clusters: int, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums (K, d) float64 and counts (K,) of unit gradients (rows where keep)."""
+    keep = np.ones(len(Xn), dtype=bool) if keep is None else keep
+    onehot = np.zeros((n_clusters, len(Xn)), dtype=np.float64)
+    onehot[labels[keep], np.flatnonzero(keep)] = 1.0
+    return onehot @ Xn.astype(np.float64), onehot.sum(1).astype(np.int64)
 
 
 def within_cluster_variance(G: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

@@ -199,3 +199,49 @@ def test_state_dict_round_trip_continues_identically(data):
         b.partial_fit(X[i : i + 16])
     np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
     np.testing.assert_array_equal(a.predict(X), b.predict(X))
+
+
+def test_chunk_cache_hand_computed_eviction():
+    """Chunks are dropped whole while the remaining chunks still hold |C_k| samples."""
+    est = GradientSpaceClustering(alpha=1, batch_size=3, beta=0.5, n_clusters=2, cache="chunks")
+    est.n_clusters_ = 2
+    est.cluster_centers_ = np.eye(2, dtype=np.float32)
+    est._reset_online_state(2)
+    e0 = np.array([1, 0], np.float32)
+    est.partial_fit(np.stack([e0, e0]))  # chunk of 2 -> cache 2 (< 3)
+    est.partial_fit(np.stack([e0, e0]))  # chunks 2+2 = 4; dropping the first would leave 2 < 3
+    assert est.cache_count_.tolist() == [4, 0] and len(est.cache_chunks_[0]) == 2
+    est.partial_fit(np.stack([e0, e0, e0]))  # 2+2+3: drop 2 (5 >= 3), drop 2 (3 >= 3)
+    assert est.cache_count_.tolist() == [3, 0] and len(est.cache_chunks_[0]) == 1
+    np.testing.assert_allclose(est.cache_mean(0), [1, 0])
+
+
+@pytest.mark.parametrize("order_seed", [0, 1])
+def test_chunk_cache_recovers_planted_clusters(data, order_seed):
+    X, y = data
+    perm = np.random.default_rng(200 + order_seed).permutation(len(X))
+    est = GradientSpaceClustering(random_state=0, cache="chunks").fit(X[perm])
+    assert abs(est.n_clusters_ - 5) <= 1
+    assert adjusted_rand_score(y[perm], est.labels_) >= 0.95
+
+
+def test_sums_from_workers_equal_local_chunk_updates(data):
+    """partial_fit_sums with worker-side cluster_sums == partial_fit on the raw batch."""
+    from gs_ray.clustering import cluster_sums, cosine_assign
+
+    X, _ = data
+    X = X[:, :3000]
+    a = GradientSpaceClustering(random_state=0, cache="chunks", batch_size=32).initialize(X[:200])
+    b = GradientSpaceClustering(random_state=0, cache="chunks", batch_size=32).load_state_dict(
+        a.state_dict()
+    )
+    for i in range(0, 320, 32):
+        batch = X[i : i + 32]
+        a.partial_fit(batch)
+        Xn, norms = normalize_rows(batch)
+        labels = cosine_assign(Xn, b.cluster_centers_)  # the worker's copy of the centroids
+        sums, counts = cluster_sums(Xn, labels, b.n_clusters_, norms > 0)
+        b.partial_fit_sums(sums, counts, len(batch))
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    with pytest.raises(ValueError, match="chunks"):
+        GradientSpaceClustering().initialize(X[:50]).partial_fit_sums(sums, counts, 32)
