@@ -73,8 +73,16 @@ _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 
 
 def _plain_head(model: nn.Module):
-    """(decoder, lm_head) when the fast response-only path applies, else None."""
+    """(decoder, lm_head) when the fast response-only path applies, else None.
+
+    Training engines (DeepSpeed's, ``TorchEngine``) are unwrapped through ``.module``; with ZeRO
+    stages 0-2 the submodules hold their full parameters, so calling them directly is safe.
+    """
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "config"):
+        return None
     if getattr(base.config, "model_type", None) not in _PLAIN_HEAD_TYPES:
         return None
     try:

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gs_ray.clustering import within_cluster_variance
+from gs_ray.clustering import GradientSpaceClustering, within_cluster_variance
 from gs_ray.config import Config
 from gs_ray.data import Sample, Splits, load_samples, make_splits
+from gs_ray.gradients import LoRAGradientEngine
 from gs_ray.models import (
     add_lora,
+    load_adapter,
     load_base_model,
     load_tokenizer,
     materialize_base_model,
@@ -31,6 +33,7 @@ from gs_ray.stage2 import (
     Stage2Plan,
     make_clusterer,
     run_stage2_local,
+    run_stage2_ray,
 )
 from gs_ray.training import TorchEngine, mean_loss, train_adapter
 
@@ -109,11 +112,34 @@ def warmup_local(p: Prepared) -> Path:
 # --------------------------------------------------------------------------- Stage II outputs
 
 
-def write_stage2_outputs(
-    p: Prepared, host: CentroidHost, layout: dict, seconds: float, **info
-) -> None:
+@dataclass
+class Stage2Result:
+    """What Stage II leaves behind, whichever executor ran it."""
+
+    clusterer: GradientSpaceClustering
+    labels: np.ndarray
+    val_grads: np.ndarray
+    layout: dict
+    info: dict
+
+
+def gradient_layout(p: Prepared) -> dict:
+    """The gradient layout (parameter names, shapes, offsets) of the warm-up adapter."""
+    model = load_adapter(load_base_model(p.base_path, p.cfg.model), p.run.warmup_adapter)
+    engine = LoRAGradientEngine(model)
+    k = p.cfg.gradients.projection_dim
+    return {
+        "param_names": engine.param_names,
+        "shapes": [list(s) for s in engine.shapes],
+        "offsets": engine.offsets.tolist(),
+        "dim": engine.dim,
+        "projection_dim": k,
+    }
+
+
+def write_stage2_outputs(p: Prepared, res: Stage2Result, seconds: float) -> None:
     """K table, centroids, layout and assignments into the run directory; metrics and plots."""
-    run, c = p.run, host.clusterer
+    run, c = p.run, res.clusterer
     write_json(
         run.sub("stage2", "k_selection.json"),
         {
@@ -129,20 +155,16 @@ def write_stage2_outputs(
         },
     )
     np.save(run.sub("stage2", "centroids.npy"), c.cluster_centers_)
-    write_json(run.sub("stage2", "param_names.json"), layout)
-    split_of = {}
-    for name in ("train", "test"):
-        for i in getattr(p.splits, name):
-            split_of[int(i)] = name
+    write_json(run.sub("stage2", "param_names.json"), res.layout)
+    split_of = {int(i): name for name in ("train", "test") for i in getattr(p.splits, name)}
     rows = [
-        {"id": s.id, "split": split_of[i], "cluster": int(host.labels[i]), "domain": s.domain}
+        {"id": s.id, "split": split_of[i], "cluster": int(res.labels[i]), "domain": s.domain}
         for i, s in enumerate(p.samples)
     ]
     if any(r["cluster"] < 0 for r in rows):
         raise RuntimeError("Stage II finished with unassigned samples")
     run.write_jsonl(run.assignments_path, rows)
-    G_val = np.concatenate(host.val_grads)
-    train_labels = host.labels[p.splits.train]
+    train_labels = res.labels[p.splits.train]
     run.add_metrics(
         stage2={
             "k": c.n_clusters_,
@@ -154,27 +176,62 @@ def write_stage2_outputs(
             "centroid_shift": c.shift_history_,
             "cluster_sizes_train": np.bincount(train_labels, minlength=c.n_clusters_).tolist(),
             "n_zero_gradients": c.n_zero_gradients_,
-            "gradient_dim": layout["projection_dim"] or layout["dim"],
-            "val_variance": within_cluster_variance(G_val, c.predict(G_val)),
-            **info,
+            "gradient_dim": res.layout["projection_dim"] or res.layout["dim"],
+            "val_variance": within_cluster_variance(res.val_grads, c.predict(res.val_grads)),
+            **res.info,
         }
     )
     from gs_ray import plots
 
     plots.stage2_plots(run)
-    run.mark_stage("stage2", seconds, k=c.n_clusters_)
+    run.mark_stage("stage2", seconds, k=c.n_clusters_, **{k: v for k, v in res.info.items()
+                                                           if k in ("executor", "workers")})
 
 
-def stage2_local(p: Prepared) -> CentroidHost:
+def stage2_local(p: Prepared) -> Stage2Result:
     """Stage II in this process (reference): gradients, K selection, online epochs, final pass."""
     start = time.perf_counter()
     cfg = p.cfg
+    if cfg.stage2.transport != "gradients":
+        raise ValueError("the local reference pipeline implements the exact transport only")
     computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
-    host = CentroidHost(make_clusterer(cfg.clustering, cfg.run.seed), len(p.samples))
+    host = CentroidHost(make_clusterer(cfg), len(p.samples))
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
     run_stage2_local(plan, p.samples, computer, host)
-    write_stage2_outputs(p, host, computer.layout(), time.perf_counter() - start, executor="local")
-    return host
+    res = Stage2Result(host.clusterer, host.labels, np.concatenate(host.val_grads),
+                       computer.layout(), {"executor": "local"})  # fmt: skip
+    write_stage2_outputs(p, res, time.perf_counter() - start)
+    return res
+
+
+def stage2_ray(p: Prepared, resume: bool = False) -> Stage2Result:
+    """Stage II on Ray: gradient workers and the centroid actor (see gs_ray.stage2)."""
+    start = time.perf_counter()
+    cfg = p.cfg
+    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+    out, timing = run_stage2_ray(
+        plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
+        p.run.checkpoint_dir, resume=resume,
+    )  # fmt: skip
+    info = {"executor": "ray", "workers": timing.workers, "transport": timing.transport,
+            "passes": timing.passes, "worker_busy_seconds": out["worker_busy_seconds"]}  # fmt: skip
+    res = Stage2Result(out["clusterer"], out["labels"], np.concatenate(out["val_grads"]),
+                       gradient_layout(p), info)  # fmt: skip
+    write_stage2_outputs(p, res, time.perf_counter() - start)
+    return res
+
+
+def run(cfg: Config, resume: str | None = None) -> RunDir:
+    """The distributed pipeline on Ray (connects to the cluster, or starts a local Ray)."""
+    from gs_ray.ray_utils import init_ray
+
+    log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
+    p = prepare(cfg, RunDir(resume) if resume else None)
+    if not p.run.stage_done("warmup"):
+        warmup_local(p)
+    if not p.run.stage_done("stage2"):
+        stage2_ray(p, resume=resume is not None)
+    return p.run
 
 
 def run_local(cfg: Config, resume: str | None = None) -> RunDir:

@@ -10,6 +10,7 @@ and benchmarks share one such head per run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -112,16 +113,12 @@ class LocalHead:
         roots = self._processes()
         procs = {p.pid: p for r in roots for p in [r, *_children(r)]}.values()
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.terminate()
-            except psutil.Error:
-                pass
         _, alive = psutil.wait_procs(list(procs), timeout=timeout)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
 
     def __enter__(self) -> LocalHead:
         return self.start()

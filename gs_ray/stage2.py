@@ -1,24 +1,45 @@
 """Stage II: per-sample gradients streamed into the GradientSpace clusterer.
 
-Three pieces, each usable without Ray:
+The pieces, each usable without Ray:
 
 * ``Stage2Plan`` - which samples form which batch, in which order: the validation batches, the
   batches B_t of every online epoch (a seeded, length-bucketed shuffle per epoch) and the final
   assignment batches. Every executor follows the same plan, so results do not depend on it.
 * ``GradientComputer`` - loads the base model and the warm-up adapter once and turns a batch of
-  samples into a (b, d) gradient matrix (in micro-batches).
+  samples into a (b, d) gradient matrix (in length-sorted micro-batches).
 * ``CentroidHost`` - holds the clusterer and applies batches strictly in plan order: collect
   validation gradients, initialise, online updates, end of epoch, final assignment. It knows its
   position, checkpoints itself and resumes from a checkpoint.
+* ``GradientWorker`` - a GradientComputer plus the worker side of the ``partial_sums`` transport.
 
-``run_stage2_local`` drives them in one process: the reference pipeline, the oracle that the
-distributed version (``gs_ray.distributed``) must reproduce.
+Two executors drive them: ``run_stage2_local`` (one process, the reference pipeline and oracle)
+and ``run_stage2_ray``: gradient workers as Ray actors (one per GPU, else one per CPU), one
+centroid actor hosting a CentroidHost. The actors are a line each (``ray.remote(...)`` around
+these classes). Why hand-made actors and not Ray Data ``map_batches``: the consumer is one
+stateful actor that must see batches in the plan's global order; Ray already executes one
+caller's actor tasks in submission order, so the driver submits each worker result straight into
+the centroid actor (worker -> object store -> actor, never through the driver), bounds the number
+of batches in flight (backpressure), and relies on Ray's actor restarts and task retries for
+failed workers. The ``partial_sums`` transport also needs per-batch centroid versions passed to
+the workers, which a map_batches UDF cannot express cleanly.
+
+Transports (``stage2.transport``):
+
+* ``gradients`` (exact, default): workers send every per-sample gradient; the centroid actor
+  assigns with the centroids after batch t-1 and keeps the paper's per-sample FIFO caches.
+* ``partial_sums``: workers assign their batch themselves against the centroids after batch
+  t - s (s = ``stage2.staleness``, fixed so that results do not depend on the number of workers)
+  and send one sum and count per cluster; the centroid actor keeps chunk caches. Bytes into the
+  actor fall from |B| * d to K * d per batch; results may differ slightly (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import pickle
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gs_ray.clustering import GradientSpaceClustering
-from gs_ray.config import ClusteringConfig, Config
+from gs_ray import faults
+from gs_ray.clustering import GradientSpaceClustering, cluster_sums, cosine_assign, normalize_rows
+from gs_ray.config import Config
 from gs_ray.data import Sample, Splits, length_bucketed_batches
 from gs_ray.gradients import LoRAGradientEngine, RandomProjection, compute_bucketed
 from gs_ray.models import load_adapter, load_base_model, resolve_device
@@ -38,6 +60,7 @@ from gs_ray.rundir import atomic_write_text
 log = logging.getLogger(__name__)
 
 VAL, ONLINE, FINAL = "val", "online", "final"
+_ORDER = {VAL: 0, ONLINE: 1, FINAL: 2}
 
 
 @dataclass
@@ -59,9 +82,7 @@ class Stage2Plan:
             for e in range(c.max_epochs)
         ]
         everything = np.sort(np.concatenate([splits.train, splits.test]))
-        final = length_bucketed_batches(
-            lengths, everything, c.batch_size, g.bucket_window, seed + 7
-        )
+        final = length_bucketed_batches(lengths, everything, c.batch_size, g.bucket_window, seed + 7)
         return cls(val=val, online=online, final=final)
 
     def phases(self) -> list[tuple[str, int, list[np.ndarray]]]:
@@ -70,6 +91,10 @@ class Stage2Plan:
         out += [(ONLINE, e, b) for e, b in enumerate(self.online)]
         out.append((FINAL, 0, self.final))
         return out
+
+    def online_step(self, epoch: int, t: int) -> int:
+        """Global index of online batch t of epoch ``epoch`` (counts across epochs)."""
+        return sum(len(b) for b in self.online[:epoch]) + t
 
 
 class GradientComputer:
@@ -111,8 +136,19 @@ class GradientComputer:
         }
 
 
-def make_clusterer(c: ClusteringConfig, seed: int) -> GradientSpaceClustering:
-    """The clusterer with the configured hyper-parameters."""
+def assign_and_sum(G: np.ndarray, centers: np.ndarray) -> dict[str, Any]:
+    """Worker side of ``partial_sums``: labels against ``centers``, per-cluster sums of unit
+    gradients and counts (zero gradients are labelled but left out of the sums)."""
+    Xn, norms = normalize_rows(G)
+    labels = cosine_assign(Xn, centers)
+    keep = norms > 1e-12
+    sums, counts = cluster_sums(Xn, labels, len(centers), keep)
+    return {"labels": labels, "sums": sums, "counts": counts, "n_zero": int((~keep).sum())}
+
+
+def make_clusterer(cfg: Config) -> GradientSpaceClustering:
+    """The clusterer with the configured hyper-parameters (chunk cache for partial sums)."""
+    c = cfg.clustering
     return GradientSpaceClustering(
         n_clusters=c.n_clusters,
         k_range=(c.k_min, c.k_max),
@@ -123,40 +159,50 @@ def make_clusterer(c: ClusteringConfig, seed: int) -> GradientSpaceClustering:
         max_epochs=c.max_epochs,
         tol=c.tol,
         n_init=c.kmeans_n_init,
-        random_state=seed,
+        random_state=cfg.run.seed,
+        cache="chunks" if cfg.stage2.transport == "partial_sums" else "samples",
     )
 
 
 class CentroidHost:
     """The clusterer plus its position in the plan; what the centroid actor hosts.
 
-    Batches must arrive in plan order (phase, epoch, t); ``apply`` rejects anything else, which
-    makes a replay after a restart harmless: batches at or before the position are skipped.
+    Batches must arrive in plan order (phase, epoch, t). A batch at or before the position is a
+    replay (after a restart) and is skipped; a batch that leaves a gap is an error.
     """
 
-    def __init__(self, clusterer: GradientSpaceClustering, n_samples: int):
+    def __init__(self, clusterer: GradientSpaceClustering, n_samples: int, history: int = 0):
         self.clusterer = clusterer
         self.labels = np.full(n_samples, -1, dtype=np.int64)
         self.val_grads: list[np.ndarray] = []
         self.position: tuple[str, int, int] = (VAL, 0, -1)  # last applied batch
         self.done_epochs = 0
         self.finished_online = False
+        self.history: deque = deque(maxlen=max(1, history))  # recent centroids (partial sums)
         self.busy_seconds = 0.0
         self.bytes_in = 0
 
     # ------------------------------------------------------------------ order
 
-    _ORDER = {VAL: 0, ONLINE: 1, FINAL: 2}
-
-    def _key(self, phase: str, epoch: int, t: int) -> tuple[int, int, int]:
-        return (self._ORDER[phase], epoch, t)
+    @staticmethod
+    def _key(phase: str, epoch: int, t: int) -> tuple[int, int, int]:
+        return (_ORDER[phase], epoch, t)
 
     def is_applied(self, phase: str, epoch: int, t: int) -> bool:
         return self._key(phase, epoch, t) <= self._key(*self.position)
 
-    def apply(self, phase: str, epoch: int, t: int, idx: np.ndarray, G: np.ndarray) -> bool:
-        """Apply one batch; False if it was already applied (replay)."""
+    def _advance(self, phase: str, epoch: int, t: int) -> bool:
         if self.is_applied(phase, epoch, t):
+            return False
+        same = self.position[0] == phase and self.position[1] == epoch
+        if (same and t != self.position[2] + 1) or (not same and t != 0):
+            raise RuntimeError(f"batch {(phase, epoch, t)} arrived after {self.position}: a gap")
+        self.position = (phase, epoch, t)
+        return True
+
+    def apply(self, phase: str, epoch: int, t: int, idx: np.ndarray, G: np.ndarray) -> bool:
+        """Apply one batch of gradients; False if it was already applied (replay)."""
+        if not self._advance(phase, epoch, t):
             return False
         start = time.perf_counter()
         self.bytes_in += G.nbytes
@@ -166,16 +212,30 @@ class CentroidHost:
             self.clusterer.partial_fit(G)
         else:
             self.labels[idx] = self.clusterer.predict(G)
-        self.position = (phase, epoch, t)
         self.busy_seconds += time.perf_counter() - start
         return True
 
+    def apply_sums(self, phase: str, epoch: int, t: int, idx: np.ndarray, out: dict) -> np.ndarray:
+        """Apply a worker's ``assign_and_sum`` result (partial sums); returns the centroids."""
+        if self._advance(phase, epoch, t):
+            start = time.perf_counter()
+            self.bytes_in += sum(v.nbytes for v in out.values() if isinstance(v, np.ndarray))
+            if phase == ONLINE:
+                self.clusterer.partial_fit_sums(out["sums"], out["counts"], len(idx), out["n_zero"])
+                self.history.append(self.clusterer.cluster_centers_.copy())
+            elif phase == FINAL:
+                self.labels[idx] = out["labels"]
+            else:
+                raise ValueError("validation batches carry gradients, not sums")
+            self.busy_seconds += time.perf_counter() - start
+        return self.clusterer.cluster_centers_
+
     def initialize(self) -> dict[str, Any]:
-        """SVD + silhouette on the collected validation gradients."""
+        """SVD + silhouette on the collected validation gradients (once)."""
         start = time.perf_counter()
         if not hasattr(self.clusterer, "cluster_centers_"):
-            G_val = np.concatenate(self.val_grads)
-            self.clusterer.initialize(G_val)
+            self.clusterer.initialize(np.concatenate(self.val_grads))
+            self.history.append(self.clusterer.cluster_centers_.copy())
         self.busy_seconds += time.perf_counter() - start
         return {"k": self.clusterer.n_clusters_, "silhouette": self.clusterer.silhouette_}
 
@@ -186,7 +246,25 @@ class CentroidHost:
         converged = self.clusterer.end_epoch()
         self.done_epochs = epoch + 1
         self.finished_online = converged or self.done_epochs >= self.clusterer.max_epochs
+        log.info("online epoch %d: centroid shift %.5f", epoch + 1, self.clusterer.shift_history_[-1])
         return converged
+
+    def centers(self) -> np.ndarray:
+        return self.clusterer.cluster_centers_
+
+    def recent_centers(self) -> list[np.ndarray]:
+        """The last ``history`` centroid versions, oldest first (partial sums after a resume)."""
+        return list(self.history)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "finished_online": self.finished_online,
+            "done_epochs": self.done_epochs,
+            "initialized": hasattr(self.clusterer, "cluster_centers_"),
+            "busy_seconds": self.busy_seconds,
+            "bytes_in": self.bytes_in,
+        }
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -198,6 +276,7 @@ class CentroidHost:
             "position": self.position,
             "done_epochs": self.done_epochs,
             "finished_online": self.finished_online,
+            "history": [h.copy() for h in self.history],
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -207,30 +286,71 @@ class CentroidHost:
         self.position = tuple(state["position"])
         self.done_epochs = state["done_epochs"]
         self.finished_online = state["finished_online"]
+        self.history = deque(state["history"], maxlen=self.history.maxlen)
 
-    def save_checkpoint(self, folder: Path) -> Path:
+    def save_checkpoint(self, folder: str | Path) -> str:
         """Pickle the state atomically to folder/centroids.ckpt; returns the path."""
-        import pickle
-
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "centroids.ckpt"
-        tmp = folder / f".centroids.ckpt.tmp{id(self)}"
+        tmp = folder / f".centroids.ckpt.tmp{os.getpid()}"
         with tmp.open("wb") as f:
             pickle.dump(self.state(), f, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.replace(path)
         atomic_write_text(folder / "position.txt", f"{self.position}\n")
-        return path
+        return str(path)
 
-    def load_checkpoint(self, folder: Path) -> bool:
+    def load_checkpoint(self, folder: str | Path) -> bool:
         """Restore from folder/centroids.ckpt if it exists."""
-        import pickle
-
-        path = folder / "centroids.ckpt"
+        path = Path(folder) / "centroids.ckpt"
         if not path.exists():
             return False
         with path.open("rb") as f:
             self.load_state(pickle.load(f))
         return True
+
+    def result(self) -> dict[str, Any]:
+        """What the driver needs at the end (the clusterer travels whole, without caches)."""
+        c = self.clusterer
+        for name in ("cache_", "cache_chunks_", "_cache_sum"):
+            if hasattr(c, name):
+                delattr(c, name)
+        return {"clusterer": c, "labels": self.labels, "val_grads": self.val_grads,
+                **self.status()}  # fmt: skip
+
+
+class GradientWorker:
+    """Hosts a GradientComputer in a Ray actor (one per GPU, or per CPU slot)."""
+
+    def __init__(self, base_path: str, cfg: Config, adapter_path: str, pad_id: int,
+                 fault_spec: str = "", marker_dir: str = ""):  # fmt: skip
+        self.computer = GradientComputer(base_path, cfg, adapter_path, pad_id)
+        self.faults = faults.parse(fault_spec)
+        self.marker_dir = marker_dir
+        self.busy_seconds = 0.0
+
+    def gradients(self, key: tuple[str, int, int], pairs: list) -> np.ndarray:
+        faults.maybe_die(self.faults, "worker", *key, self.marker_dir)
+        start = time.perf_counter()
+        G = self.computer(pairs)
+        self.busy_seconds += time.perf_counter() - start
+        return G
+
+    def assign_sums(self, key: tuple[str, int, int], pairs: list, centers: np.ndarray) -> dict:
+        out = assign_and_sum(self.gradients(key, pairs), centers)
+        if key[0] == FINAL:  # the final pass needs labels only
+            out = {"labels": out["labels"]}
+        return out
+
+    def stats(self) -> dict[str, float]:
+        return {"busy_seconds": self.busy_seconds, "pid": os.getpid()}
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def _phase_label(phase: str, epoch: int) -> str:
+    return f"stage2 {phase}" + (f" epoch {epoch + 1}" if phase == ONLINE else "")
 
 
 def run_stage2_local(
@@ -238,23 +358,15 @@ def run_stage2_local(
     samples: Sequence[Sample],
     compute: Callable[[list], np.ndarray],
     host: CentroidHost,
-    checkpoint: Callable[[CentroidHost], None] | None = None,
-    checkpoint_every: int = 0,
 ) -> CentroidHost:
-    """The reference Stage II loop in one process: same plan, same host as the Ray version."""
+    """The reference Stage II loop in one process (exact transport): the oracle."""
     for phase, epoch, batches in plan.phases():
-        if phase == ONLINE and (epoch >= host.clusterer.max_epochs or host.finished_online):
+        if phase == ONLINE and host.finished_online:
             continue
-        bar = Progress(
-            f"stage2 {phase}" + (f" epoch {epoch + 1}" if phase == ONLINE else ""),
-            total=sum(len(b) for b in batches),
-        )
+        bar = Progress(_phase_label(phase, epoch), total=sum(len(b) for b in batches))
         for t, idx in enumerate(batches):
             if not host.is_applied(phase, epoch, t):
-                G = compute([samples[i].pair for i in idx])
-                host.apply(phase, epoch, t, idx, G)
-                if checkpoint and checkpoint_every and (t + 1) % checkpoint_every == 0:
-                    checkpoint(host)
+                host.apply(phase, epoch, t, idx, compute([samples[i].pair for i in idx]))
             bar.update(len(idx))
         bar.close()
         if phase == VAL:
@@ -262,9 +374,153 @@ def run_stage2_local(
             log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
         elif phase == ONLINE:
             host.end_epoch(epoch)
-            log.info(
-                "online epoch %d: centroid shift %.5f", epoch + 1, host.clusterer.shift_history_[-1]
-            )
-        if checkpoint:
-            checkpoint(host)
     return host
+
+
+def resolve_num_workers(cfg: Config) -> tuple[int, dict[str, float]]:
+    """(number of gradient workers, Ray resources per worker) from config and cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus and cfg.model.device != "cpu":
+        n = cfg.stage2.num_workers or gpus
+        return n, {"num_gpus": 1, "num_cpus": 1}
+    per = cfg.stage2.cpus_per_worker
+    n = cfg.stage2.num_workers or max(1, int(resources.get("CPU", 1) // per))
+    return n, {"num_cpus": per}
+
+
+@dataclass
+class Stage2Timing:
+    """Per-pass wall time, centroid busy time and bytes moved (for the manifest and benchmark)."""
+
+    passes: list[dict[str, Any]]
+    workers: int
+    transport: str
+
+
+def run_stage2_ray(
+    plan: Stage2Plan,
+    samples: Sequence[Sample],
+    cfg: Config,
+    base_path: str,
+    adapter_path: str,
+    pad_id: int,
+    checkpoint_dir: str | Path,
+    resume: bool = False,
+) -> tuple[dict[str, Any], Stage2Timing]:
+    """Stage II on Ray: sharded gradient workers feeding one centroid actor.
+
+    Returns the centroid host's result (clusterer, labels, validation gradients) and timings.
+    With ``resume`` the centroid actor restarts from ``checkpoint_dir`` and batches it has
+    already applied are neither recomputed nor re-applied.
+    """
+    import ray
+
+    s2 = cfg.stage2
+    sums_mode = s2.transport == "partial_sums"
+    if s2.transport not in ("gradients", "partial_sums"):
+        raise ValueError(f"stage2.transport: expected gradients | partial_sums, got {s2.transport!r}")
+    n_workers, resources = resolve_num_workers(cfg)
+    fault_spec = os.environ.get(faults.ENV, "")
+    driver_faults = faults.parse(fault_spec)
+    marker_dir = str(Path(checkpoint_dir).parent / "faults")
+    threads = cfg.gradients.torch_threads or max(1, int(resources.get("num_cpus", 1)))
+    wcfg = Config.from_dict(cfg.to_dict())
+    wcfg.gradients.torch_threads = threads
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "HF_HOME")}}
+    Worker = ray.remote(GradientWorker).options(
+        max_restarts=-1, max_task_retries=-1, runtime_env=env, **resources
+    )
+    workers = [
+        Worker.remote(base_path, wcfg, str(adapter_path), pad_id, fault_spec, marker_dir)
+        for _ in range(n_workers)
+    ]
+    staleness = max(1, s2.staleness)
+    host = ray.remote(CentroidHost).options(num_cpus=0).remote(
+        make_clusterer(cfg), len(samples), history=staleness
+    )
+    if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
+        log.info("stage2: resumed the centroid actor from %s", checkpoint_dir)
+    status = ray.get(host.status.remote())
+    limit = n_workers * max(1, s2.max_in_flight)
+    if sums_mode:
+        limit = min(limit, staleness)  # batch t must not wait for centroids after t - s
+    log.info("stage2 on Ray: %d workers %s, transport %s, %d batches in flight at most",
+             n_workers, resources, s2.transport, limit)  # fmt: skip
+
+    # Centroid versions for partial sums: refs to the centroids after each online step.
+    versions: dict[int, Any] = {}
+    if sums_mode and status["initialized"]:
+        recent = ray.get(host.recent_centers.remote())
+        pos = status["position"]
+        last = plan.online_step(pos[1], pos[2]) if pos[0] == ONLINE else -1
+        for j, c in enumerate(reversed(recent)):
+            versions[last - j] = ray.put(c)
+    passes = []
+    for phase, epoch, batches in plan.phases():
+        if phase == ONLINE and status["finished_online"]:
+            continue
+        busy_before = status["busy_seconds"]
+        bytes_before = status["bytes_in"]
+        bar = Progress(_phase_label(phase, epoch), total=sum(len(b) for b in batches))
+        window: deque = deque()
+        applied_here = 0
+        final_centers = host.centers.remote() if sums_mode and phase == FINAL else None
+        for t, idx in enumerate(batches):
+            key = (phase, epoch, t)
+            if CentroidHost._key(*key) <= CentroidHost._key(*status["position"]):
+                bar.update(len(idx))
+                continue
+            pairs = [samples[i].pair for i in idx]
+            worker = workers[t % n_workers]
+            if not sums_mode or phase == VAL:
+                done = host.apply.remote(phase, epoch, t, idx, worker.gradients.remote(key, pairs))
+            else:
+                if phase == ONLINE:
+                    g = plan.online_step(epoch, t)
+                    centers = versions[max(g - staleness, -1)]
+                    out = worker.assign_sums.remote(key, pairs, centers)
+                    done = host.apply_sums.remote(phase, epoch, t, idx, out)
+                    versions[g] = done
+                    versions.pop(g - staleness - 1, None)
+                else:
+                    out = worker.assign_sums.remote(key, pairs, final_centers)
+                    done = host.apply_sums.remote(phase, epoch, t, idx, out)
+            window.append((done, len(idx)))
+            applied_here += 1
+            if s2.checkpoint_every and applied_here % s2.checkpoint_every == 0:
+                window.append((host.save_checkpoint.remote(str(checkpoint_dir)), 0))
+            faults.maybe_die(driver_faults, "driver", phase, epoch, t, marker_dir)
+            while len(window) > limit:
+                ref, n = window.popleft()
+                ray.get(ref)
+                bar.update(n)
+        while window:
+            ref, n = window.popleft()
+            ray.get(ref)
+            bar.update(n)
+        elapsed = bar.close()
+        if phase == VAL:
+            info = ray.get(host.initialize.remote())
+            log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
+            if sums_mode and -1 not in versions:
+                versions[-1] = host.centers.remote()
+        elif phase == ONLINE:
+            ray.get(host.end_epoch.remote(epoch))
+        ray.get(host.save_checkpoint.remote(str(checkpoint_dir)))
+        status = ray.get(host.status.remote())
+        passes.append({
+            "phase": phase, "epoch": epoch, "seconds": round(elapsed, 3),
+            "samples": sum(len(b) for b in batches),
+            "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
+            "bytes_in": status["bytes_in"] - bytes_before,
+        })  # fmt: skip
+    result = ray.get(host.result.remote())
+    worker_stats = ray.get([w.stats.remote() for w in workers])
+    for actor in [*workers, host]:
+        ray.kill(actor)
+    timing = Stage2Timing(passes=passes, workers=n_workers, transport=s2.transport)
+    result["worker_busy_seconds"] = [w["busy_seconds"] for w in worker_stats]
+    return result, timing

