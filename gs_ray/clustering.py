@@ -21,9 +21,9 @@ direction: they are left out of the SVD and of the caches, and ``predict`` gives
 
 Memory of the online state: the exact cache holds K * alpha * batch_size * d float32 numbers,
 plus K * d float64 running sums and K * d float32 centroids (e.g. K=7, alpha=5, |B|=32,
-d=65,536: 0.3 GB; for Llama-3.2-1B with r=32 on q/v, d=3.4M: 15 GB). The chunk cache holds one
-float64 sum per (cluster, batch) chunk: about K * (alpha * K + 1) * d numbers when the clusters
-are balanced, at most K * (alpha * batch_size + 1) * d - see docs/scaling.md.
+d=65,536: 0.3 GB; for Llama-3.2-1B with r=32 on q/v, d=3.4M: 15 GB). With the external cache the
+estimator keeps only the running sums, the centroids and a ledger of K * alpha * batch_size
+(batch, row) pairs; the vectors stay where they were computed - see docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -75,12 +75,13 @@ class GradientSpaceClustering:
         centroids at the start and at the end of an epoch) is below ``tol``, or after max_epochs.
     n_init : K-means restarts per candidate.
     random_state : seed for K-means and for ``fit``'s per-epoch shuffles.
-    cache : "samples" - the paper's cluster cache, the alpha * batch_size most recent unit
-        gradients of each cluster (exact); "chunks" - a FIFO of per-batch (sum, count) chunks per
-        cluster, evicted whole while the rest still hold alpha * batch_size samples. The chunk
-        cache is what ``partial_fit_sums`` needs: workers that assign their own batch send one
-        sum per cluster instead of every gradient (docs/scaling.md). It differs from the exact
-        cache only in how much of the oldest batch it keeps.
+    cache : "samples" - the cluster caches hold the alpha * batch_size most recent unit
+        gradients of each cluster here; "external" - the same caches, but only as a ledger of
+        (batch, row) entries plus running sums: the vectors stay with whoever computed them
+        (the gradient workers), who send per-cluster sums of what enters and of what the ledger
+        evicts (``push_ledger`` + ``partial_fit_external``). Both give the same centroids up to
+        floating-point rounding; "external" takes the cache memory and most of the per-batch
+        work off the centroid host.
     """
 
     def __init__(
@@ -195,8 +196,8 @@ class GradientSpaceClustering:
             raise ValueError("alpha and batch_size must be >= 1")
         if not all(0 < t <= 1 for t in self.variance_thresholds):
             raise ValueError(f"variance thresholds must be in (0, 1]: {self.variance_thresholds}")
-        if self.cache not in ("samples", "chunks"):
-            raise ValueError(f"cache must be 'samples' or 'chunks', got {self.cache!r}")
+        if self.cache not in ("samples", "external"):
+            raise ValueError(f"cache must be 'samples' or 'external', got {self.cache!r}")
         if self.k_range[0] < 2 or self.k_range[1] < self.k_range[0]:
             raise ValueError(f"k_range must satisfy 2 <= k_min <= k_max, got {self.k_range}")
 
@@ -212,8 +213,8 @@ class GradientSpaceClustering:
         if self.cache == "samples":
             self.cache_ = np.zeros((K, cap, dim), dtype=np.float32)
             self.cache_next_ = np.zeros(K, dtype=np.int64)  # ring position of the next write
-        else:  # chunks: per cluster, a FIFO of (sum, count) of the batches it received
-            self.cache_chunks_: list[deque] = [deque() for _ in range(K)]
+        else:  # external: the FIFO of (batch step, row) entries per cluster
+            self.ledger_: list[deque] = [deque() for _ in range(K)]
         self.cache_count_ = np.zeros(K, dtype=np.int64)
         self._cache_sum = np.zeros((K, dim), dtype=np.float64)
         self.n_batches_seen_ = 0
@@ -237,26 +238,17 @@ class GradientSpaceClustering:
         if self.cache_next_[k] == 0:  # wrapped: refresh the running sum exactly
             self._cache_sum[k] = self.cache_[k, : self.cache_count_[k]].sum(0, dtype=np.float64)
 
-    def _push_chunk(self, k: int, total: np.ndarray, count: int) -> None:
-        """Chunk FIFO: append one batch's (sum, count); drop the oldest chunks while the rest
-        still hold at least |C_k| samples (so a cache holds |C_k| samples plus part of a chunk)."""
-        chunks = self.cache_chunks_[k]
-        chunks.append((np.asarray(total, dtype=np.float64).copy(), int(count)))
-        self.cache_count_[k] += count
-        while len(chunks) > 1 and self.cache_count_[k] - chunks[0][1] >= self.cache_size:
-            _, old = chunks.popleft()
-            self.cache_count_[k] -= old
-        self._cache_sum[k] = np.sum([c for c, _ in chunks], axis=0)
-
     def cache_mean(self, k: int) -> np.ndarray | None:
         """mean(C_k), or None for an empty cache."""
         if self.cache_count_[k] == 0:
             return None
         return self._cache_sum[k] / self.cache_count_[k]
 
-    def _check_online(self) -> None:
+    def _check_online(self, cache: str) -> None:
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("call initialize(G_val) before partial_fit")
+        if self.cache != cache:
+            raise ValueError(f"this update needs cache={cache!r}, the estimator has {self.cache!r}")
 
     def _ema(self, batch_size: int) -> None:
         """c_k <- beta * c_k + (1 - beta) * mean(C_k) for every cluster with a non-empty cache."""
@@ -274,39 +266,55 @@ class GradientSpaceClustering:
 
         The batch's labels (assigned before the update) are in ``last_labels_``.
         """
-        self._check_online()
+        self._check_online("samples")
         Xn, norms = normalize_rows(G_batch)
         labels = cosine_assign(Xn, self.cluster_centers_)
         nonzero = norms > _EPS
         self.n_zero_gradients_ += int((~nonzero).sum())
-        if self.cache == "samples":
-            for x, k, ok in zip(Xn, labels, nonzero):
-                if ok:
-                    self._push(int(k), x)
-            self._ema(len(Xn))
-        else:
-            sums, counts = cluster_sums(Xn, labels, self.n_clusters_, nonzero)
-            self._apply_chunks(sums, counts, len(Xn))
+        for x, k, ok in zip(Xn, labels, nonzero):
+            if ok:
+                self._push(int(k), x)
+        self._ema(len(Xn))
         self.last_labels_ = labels
         return self
 
-    def partial_fit_sums(
-        self, sums: np.ndarray, counts: np.ndarray, batch_size: int, n_zero: int = 0
+    # ------------------------------------------------------------------ external cache
+
+    def push_ledger(
+        self, step: int, labels: np.ndarray, keep: np.ndarray
+    ) -> dict[int, list[tuple[int, int]]]:
+        """External cache, first half of an update: enter batch ``step``'s kept rows into their
+        clusters' FIFO ledgers; return the entries that fall out as {step: [(row, k), ...]}."""
+        self._check_online("external")
+        for row in np.flatnonzero(keep):
+            self.ledger_[int(labels[row])].append((step, int(row)))
+        evicted: dict[int, list[tuple[int, int]]] = {}
+        for k, ledger in enumerate(self.ledger_):
+            while len(ledger) > self.cache_size:
+                old_step, row = ledger.popleft()
+                evicted.setdefault(old_step, []).append((row, k))
+        return evicted
+
+    def partial_fit_external(
+        self,
+        added: np.ndarray,
+        evicted: np.ndarray,
+        batch_size: int,
+        n_zero: int = 0,
     ) -> GradientSpaceClustering:
-        """One online update from per-cluster sums of unit gradients (chunk cache only): what a
-        worker that assigned its batch itself sends instead of the gradients (``cluster_sums``)."""
-        self._check_online()
-        if self.cache != "chunks":
-            raise ValueError("partial_fit_sums needs cache='chunks'")
+        """External cache, second half: per-cluster sums (K, d) of the unit gradients that
+        entered (``cluster_sums`` of the batch) and of those ``push_ledger`` evicted."""
+        self._check_online("external")
+        self._cache_sum += np.asarray(added, dtype=np.float64) - evicted
+        self.cache_count_ = np.array([len(ledger) for ledger in self.ledger_], dtype=np.int64)
         self.n_zero_gradients_ += n_zero
-        self._apply_chunks(sums, counts, batch_size)
+        self._ema(batch_size)
         return self
 
-    def _apply_chunks(self, sums: np.ndarray, counts: np.ndarray, batch_size: int) -> None:
-        for k in range(self.n_clusters_):
-            if counts[k] > 0:
-                self._push_chunk(k, sums[k], int(counts[k]))
-        self._ema(batch_size)
+    def oldest_live_step(self) -> int | None:
+        """The oldest batch step still present in some cache (external cache)."""
+        heads = [ledger[0][0] for ledger in self.ledger_ if ledger]
+        return min(heads) if heads else None
 
     def end_epoch(self) -> bool:
         """Close an online epoch: record the centroid shift; True when converged."""
@@ -349,7 +357,7 @@ class GradientSpaceClustering:
 
     _STATE = (
         "n_clusters_", "threshold_", "n_components_", "silhouette_", "cluster_centers_",
-        "cache_", "cache_count_", "cache_next_", "cache_chunks_", "_cache_sum", "n_batches_seen_",
+        "cache_", "cache_count_", "cache_next_", "ledger_", "_cache_sum", "n_batches_seen_",
         "n_samples_seen_", "n_zero_gradients_", "epoch_", "shift_history_", "converged_",
         "_epoch_start", "k_selection_", "explained_variance_ratio_", "singular_values_",
     )  # fmt: skip

@@ -164,7 +164,6 @@ class Stage2Config:
     max_in_flight: int = _f(2, "gradient batches in flight per worker (backpressure)")
     checkpoint_every: int = _f(20, "centroid-actor checkpoint interval, in batches")
     transport: str = _f("gradients", "gradients (exact) | partial_sums (workers assign, send sums)")
-    staleness: int = _f(4, "partial_sums: batch t is assigned with the centroids after batch t-staleness")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gs_ray.clustering import GradientSpaceClustering, within_cluster_variance
 from gs_ray.config import Config
@@ -99,6 +100,7 @@ def warmup_local(p: Prepared) -> Path:
     model = add_lora(load_base_model(p.base_path, cfg.model), cfg.lora, cfg.run.seed)
     warm = p.subset(p.splits.warmup)
     before = mean_loss(model, warm, p.pad_id)
+    torch.manual_seed(cfg.run.seed)  # LoRA dropout draws from the global generator
     losses = train_adapter(TorchEngine(model, cfg.warmup), warm, cfg.warmup, p.pad_id, cfg.run.seed)
     after = mean_loss(model, warm, p.pad_id)
     model.save_pretrained(str(p.run.warmup_adapter))
@@ -184,8 +186,12 @@ def write_stage2_outputs(p: Prepared, res: Stage2Result, seconds: float) -> None
     from gs_ray import plots
 
     plots.stage2_plots(run)
-    run.mark_stage("stage2", seconds, k=c.n_clusters_, **{k: v for k, v in res.info.items()
-                                                           if k in ("executor", "workers")})
+    run.mark_stage(
+        "stage2",
+        seconds,
+        k=c.n_clusters_,
+        **{k: v for k, v in res.info.items() if k in ("executor", "workers", "resumed_from")},
+    )
 
 
 def stage2_local(p: Prepared) -> Stage2Result:
@@ -214,7 +220,8 @@ def stage2_ray(p: Prepared, resume: bool = False) -> Stage2Result:
         p.run.checkpoint_dir, resume=resume,
     )  # fmt: skip
     info = {"executor": "ray", "workers": timing.workers, "transport": timing.transport,
-            "passes": timing.passes, "worker_busy_seconds": out["worker_busy_seconds"]}  # fmt: skip
+            "passes": timing.passes, "worker_busy_seconds": out["worker_busy_seconds"],
+            "resumed_from": timing.resumed_from}  # fmt: skip
     res = Stage2Result(out["clusterer"], out["labels"], np.concatenate(out["val_grads"]),
                        gradient_layout(p), info)  # fmt: skip
     write_stage2_outputs(p, res, time.perf_counter() - start)

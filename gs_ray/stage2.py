@@ -27,10 +27,13 @@ Transports (``stage2.transport``):
 
 * ``gradients`` (exact, default): workers send every per-sample gradient; the centroid actor
   assigns with the centroids after batch t-1 and keeps the paper's per-sample FIFO caches.
-* ``partial_sums``: workers assign their batch themselves against the centroids after batch
-  t - s (s = ``stage2.staleness``, fixed so that results do not depend on the number of workers)
-  and send one sum and count per cluster; the centroid actor keeps chunk caches. Bytes into the
-  actor fall from |B| * d to K * d per batch; results may differ slightly (docs/scaling.md).
+* ``partial_sums``: each worker keeps its batch's unit gradients, receives the centroids after
+  batch t-1 and assigns the batch itself, then sends one sum and count per cluster. The centroid
+  actor keeps the cluster caches as a ledger of (batch, row) entries and running sums; for what
+  the ledger evicts it asks the worker that holds those rows for their sum (a restarted worker
+  recomputes them). Same centroids and assignments as ``gradients`` up to rounding, while the
+  actor holds K * d sums instead of K * alpha * |B| * d cached gradients and does K * d work per
+  batch instead of |B| * K * d (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -82,7 +86,9 @@ class Stage2Plan:
             for e in range(c.max_epochs)
         ]
         everything = np.sort(np.concatenate([splits.train, splits.test]))
-        final = length_bucketed_batches(lengths, everything, c.batch_size, g.bucket_window, seed + 7)
+        final = length_bucketed_batches(
+            lengths, everything, c.batch_size, g.bucket_window, seed + 7
+        )
         return cls(val=val, online=online, final=final)
 
     def phases(self) -> list[tuple[str, int, list[np.ndarray]]]:
@@ -136,14 +142,13 @@ class GradientComputer:
         }
 
 
-def assign_and_sum(G: np.ndarray, centers: np.ndarray) -> dict[str, Any]:
-    """Worker side of ``partial_sums``: labels against ``centers``, per-cluster sums of unit
-    gradients and counts (zero gradients are labelled but left out of the sums)."""
-    Xn, norms = normalize_rows(G)
+def assign_and_sum(Xn: np.ndarray, keep: np.ndarray, centers: np.ndarray) -> dict[str, Any]:
+    """Worker side of ``partial_sums``: labels of unit gradients against ``centers``, and the
+    per-cluster sums and counts of the kept (non-zero) rows."""
     labels = cosine_assign(Xn, centers)
-    keep = norms > 1e-12
     sums, counts = cluster_sums(Xn, labels, len(centers), keep)
-    return {"labels": labels, "sums": sums, "counts": counts, "n_zero": int((~keep).sum())}
+    return {"labels": labels, "keep": keep, "sums": sums, "counts": counts,
+            "n_zero": int((~keep).sum())}  # fmt: skip
 
 
 def make_clusterer(cfg: Config) -> GradientSpaceClustering:
@@ -160,7 +165,7 @@ def make_clusterer(cfg: Config) -> GradientSpaceClustering:
         tol=c.tol,
         n_init=c.kmeans_n_init,
         random_state=cfg.run.seed,
-        cache="chunks" if cfg.stage2.transport == "partial_sums" else "samples",
+        cache="external" if cfg.stage2.transport == "partial_sums" else "samples",
     )
 
 
@@ -171,16 +176,19 @@ class CentroidHost:
     replay (after a restart) and is skipped; a batch that leaves a gap is an error.
     """
 
-    def __init__(self, clusterer: GradientSpaceClustering, n_samples: int, history: int = 0):
+    def __init__(self, clusterer: GradientSpaceClustering, n_samples: int):
         self.clusterer = clusterer
         self.labels = np.full(n_samples, -1, dtype=np.int64)
         self.val_grads: list[np.ndarray] = []
         self.position: tuple[str, int, int] = (VAL, 0, -1)  # last applied batch
         self.done_epochs = 0
         self.finished_online = False
-        self.history: deque = deque(maxlen=max(1, history))  # recent centroids (partial sums)
         self.busy_seconds = 0.0
         self.bytes_in = 0
+        # partial sums: who holds each live batch's rows, and its samples (to recompute them)
+        self.owners: dict[int, Any] = {}
+        self.batch_pairs: dict[int, list] = {}
+        self.workers: list = []
 
     # ------------------------------------------------------------------ order
 
@@ -215,27 +223,62 @@ class CentroidHost:
         self.busy_seconds += time.perf_counter() - start
         return True
 
-    def apply_sums(self, phase: str, epoch: int, t: int, idx: np.ndarray, out: dict) -> np.ndarray:
-        """Apply a worker's ``assign_and_sum`` result (partial sums); returns the centroids."""
-        if self._advance(phase, epoch, t):
+    # ------------------------------------------------------------------ partial sums
+
+    def set_workers(self, workers: list) -> None:
+        """Workers to ask for evicted rows whose owner is unknown (after a resume)."""
+        self.workers = list(workers)
+
+    def online_state(self) -> dict[str, Any]:
+        """What a worker needs to assign the next batch: the centroids and the oldest batch
+        still cached (older rows can be dropped)."""
+        return {"centers": self.clusterer.cluster_centers_.copy(),
+                "oldest_live": self.clusterer.oldest_live_step()}  # fmt: skip
+
+    def apply_sums(self, t: int, epoch: int, step: int, out: dict, pairs: list, owner) -> dict:
+        """Apply a worker's ``reduce`` result for online batch t (global step ``step``): enter it
+        in the ledger, fetch the sums of the evicted rows from their owners, update the
+        centroids. Returns ``online_state()`` for the next batch."""
+        import ray
+
+        if self._advance(ONLINE, epoch, t):
             start = time.perf_counter()
-            self.bytes_in += sum(v.nbytes for v in out.values() if isinstance(v, np.ndarray))
-            if phase == ONLINE:
-                self.clusterer.partial_fit_sums(out["sums"], out["counts"], len(idx), out["n_zero"])
-                self.history.append(self.clusterer.cluster_centers_.copy())
-            elif phase == FINAL:
-                self.labels[idx] = out["labels"]
-            else:
-                raise ValueError("validation batches carry gradients, not sums")
+            c = self.clusterer
+            evictions = c.push_ledger(step, out["labels"], out["keep"])
+            refs = []
+            for old, entries in sorted(evictions.items()):
+                holder = self.owners.get(old) or self.workers[old % len(self.workers)]
+                refs.append(
+                    holder.evict_sums.remote(old, entries, self.batch_pairs[old], c.n_clusters_)
+                )
+            evicted = np.zeros_like(c._cache_sum)
+            for part in ray.get(refs):
+                evicted += part
+            c.partial_fit_external(out["sums"], evicted, len(pairs), out["n_zero"])
+            self.owners[step], self.batch_pairs[step] = owner, pairs
+            oldest = c.oldest_live_step()
+            for old in [s for s in self.batch_pairs if oldest is None or s < oldest]:
+                self.batch_pairs.pop(old, None)
+                self.owners.pop(old, None)
+            self.bytes_in += out["sums"].nbytes + evicted.nbytes + out["labels"].nbytes
             self.busy_seconds += time.perf_counter() - start
-        return self.clusterer.cluster_centers_
+        return self.online_state()
+
+    def apply_labels(self, t: int, idx: np.ndarray, labels: np.ndarray) -> bool:
+        """Final-pass labels assigned by a worker against the final centroids."""
+        if not self._advance(FINAL, 0, t):
+            return False
+        self.labels[idx] = labels
+        self.bytes_in += labels.nbytes
+        return True
+
+    # ------------------------------------------------------------------ phase ends
 
     def initialize(self) -> dict[str, Any]:
         """SVD + silhouette on the collected validation gradients (once)."""
         start = time.perf_counter()
         if not hasattr(self.clusterer, "cluster_centers_"):
             self.clusterer.initialize(np.concatenate(self.val_grads))
-            self.history.append(self.clusterer.cluster_centers_.copy())
         self.busy_seconds += time.perf_counter() - start
         return {"k": self.clusterer.n_clusters_, "silhouette": self.clusterer.silhouette_}
 
@@ -246,15 +289,13 @@ class CentroidHost:
         converged = self.clusterer.end_epoch()
         self.done_epochs = epoch + 1
         self.finished_online = converged or self.done_epochs >= self.clusterer.max_epochs
-        log.info("online epoch %d: centroid shift %.5f", epoch + 1, self.clusterer.shift_history_[-1])
+        log.info(
+            "online epoch %d: centroid shift %.5f", epoch + 1, self.clusterer.shift_history_[-1]
+        )
         return converged
 
     def centers(self) -> np.ndarray:
         return self.clusterer.cluster_centers_
-
-    def recent_centers(self) -> list[np.ndarray]:
-        """The last ``history`` centroid versions, oldest first (partial sums after a resume)."""
-        return list(self.history)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -276,7 +317,7 @@ class CentroidHost:
             "position": self.position,
             "done_epochs": self.done_epochs,
             "finished_online": self.finished_online,
-            "history": [h.copy() for h in self.history],
+            "batch_pairs": dict(self.batch_pairs),  # owners are actor handles: not kept
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -286,7 +327,8 @@ class CentroidHost:
         self.position = tuple(state["position"])
         self.done_epochs = state["done_epochs"]
         self.finished_online = state["finished_online"]
-        self.history = deque(state["history"], maxlen=self.history.maxlen)
+        self.batch_pairs = dict(state["batch_pairs"])
+        self.owners = {}
 
     def save_checkpoint(self, folder: str | Path) -> str:
         """Pickle the state atomically to folder/centroids.ckpt; returns the path."""
@@ -310,9 +352,9 @@ class CentroidHost:
         return True
 
     def result(self) -> dict[str, Any]:
-        """What the driver needs at the end (the clusterer travels whole, without caches)."""
+        """What the driver needs at the end (the clusterer travels without its caches)."""
         c = self.clusterer
-        for name in ("cache_", "cache_chunks_", "_cache_sum"):
+        for name in ("cache_", "ledger_", "_cache_sum"):
             if hasattr(c, name):
                 delattr(c, name)
         return {"clusterer": c, "labels": self.labels, "val_grads": self.val_grads,
@@ -320,7 +362,11 @@ class CentroidHost:
 
 
 class GradientWorker:
-    """Hosts a GradientComputer in a Ray actor (one per GPU, or per CPU slot)."""
+    """Hosts a GradientComputer in a Ray actor (one per GPU, or per CPU slot).
+
+    Two concurrency groups: ``compute`` (gradients, one at a time) and ``io`` (assigning,
+    evicted-row sums), so that a batch can be assigned while the next one is computed.
+    """
 
     def __init__(self, base_path: str, cfg: Config, adapter_path: str, pad_id: int,
                  fault_spec: str = "", marker_dir: str = ""):  # fmt: skip
@@ -328,22 +374,101 @@ class GradientWorker:
         self.faults = faults.parse(fault_spec)
         self.marker_dir = marker_dir
         self.busy_seconds = 0.0
+        self.recomputed = 0
+        self.memo: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # step -> (unit rows, keep)
+        self.ready: dict[int, threading.Event] = {}
+        self.started: set[int] = set()
+        self.lock = threading.Lock()
+        self.model_lock = threading.Lock()
+        self.reconstructed = _was_reconstructed()
 
     def gradients(self, key: tuple[str, int, int], pairs: list) -> np.ndarray:
         faults.maybe_die(self.faults, "worker", *key, self.marker_dir)
-        start = time.perf_counter()
-        G = self.computer(pairs)
-        self.busy_seconds += time.perf_counter() - start
+        return self._gradients(pairs)
+
+    def _gradients(self, pairs: list) -> np.ndarray:
+        with self.model_lock:  # the engine's hooks are not thread-safe
+            start = time.perf_counter()
+            G = self.computer(pairs)
+            self.busy_seconds += time.perf_counter() - start
         return G
 
-    def assign_sums(self, key: tuple[str, int, int], pairs: list, centers: np.ndarray) -> dict:
-        out = assign_and_sum(self.gradients(key, pairs), centers)
-        if key[0] == FINAL:  # the final pass needs labels only
-            out = {"labels": out["labels"]}
+    def _fill(self, key: tuple[str, int, int], step: int, pairs: list) -> None:
+        """Compute batch ``step``'s unit gradients into the memo, once."""
+        with self.lock:
+            if step in self.started:
+                return
+            self.started.add(step)
+        Xn, norms = normalize_rows(self.gradients(key, pairs))
+        self.memo[step] = (Xn, norms > 1e-12)
+        self._event(step).set()
+
+    def _event(self, step: int):
+        with self.lock:
+            return self.ready.setdefault(step, threading.Event())
+
+    def compute(self, key: tuple[str, int, int], step: int, pairs: list) -> None:
+        """partial sums: compute and keep batch ``step``'s unit gradients."""
+        self._fill(key, step, pairs)
+
+    def reduce(self, key: tuple[str, int, int], step: int, pairs: list, state: dict) -> dict:
+        """partial sums: assign batch ``step`` against the centroids after the previous batch."""
+        if self.reconstructed and step not in self.started:
+            # A restarted worker may never see this batch's compute again (it finished before
+            # the crash): compute it here rather than wait for it.
+            self._fill(key, step, pairs)
+        self._event(step).wait()
+        Xn, keep = self.memo[step]
+        oldest = state["oldest_live"]
+        with self.lock:
+            for old in [s for s in self.memo if oldest is not None and s < oldest and s != step]:
+                self.memo.pop(old, None)
+        return assign_and_sum(Xn, keep, state["centers"])
+
+    def evict_sums(self, step: int, entries: list, pairs: list, n_clusters: int) -> np.ndarray:
+        """partial sums: (K, d) sums of rows of batch ``step`` that left the caches."""
+        if step not in self.memo:  # lost in a restart, or held by a dead worker: recompute
+            self.recomputed += 1
+            Xn, _ = normalize_rows(self._gradients(pairs))
+        else:
+            Xn, _ = self.memo[step]
+        out = np.zeros((n_clusters, Xn.shape[1]), dtype=np.float64)
+        for row, k in entries:
+            out[k] += Xn[row]
         return out
 
+    def final_labels(
+        self, key: tuple[str, int, int], pairs: list, centers: np.ndarray
+    ) -> np.ndarray:
+        """partial sums, final pass: labels only."""
+        Xn, _ = normalize_rows(self.gradients(key, pairs))
+        return cosine_assign(Xn, centers)
+
     def stats(self) -> dict[str, float]:
-        return {"busy_seconds": self.busy_seconds, "pid": os.getpid()}
+        return {"busy_seconds": self.busy_seconds, "pid": os.getpid(),
+                "recomputed": self.recomputed}  # fmt: skip
+
+
+def _was_reconstructed() -> bool:
+    """True inside a Ray actor that has been restarted after a crash."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside a Ray actor
+        return False
+
+
+def worker_actor_class():
+    """GradientWorker as a Ray actor class with its two concurrency groups."""
+    import ray
+
+    cls = type("GradientWorker", (GradientWorker,), {})
+    for name, group in (("gradients", "compute"), ("compute", "compute"),
+                        ("final_labels", "compute"), ("reduce", "io"),
+                        ("evict_sums", "io"), ("stats", "io")):  # fmt: skip
+        setattr(cls, name, ray.method(concurrency_group=group)(getattr(GradientWorker, name)))
+    return ray.remote(concurrency_groups={"compute": 1, "io": 1})(cls)
 
 
 # --------------------------------------------------------------------------- executors
@@ -398,6 +523,7 @@ class Stage2Timing:
     passes: list[dict[str, Any]]
     workers: int
     transport: str
+    resumed_from: tuple | None = None
 
 
 def run_stage2_ray(
@@ -419,54 +545,47 @@ def run_stage2_ray(
     import ray
 
     s2 = cfg.stage2
-    sums_mode = s2.transport == "partial_sums"
     if s2.transport not in ("gradients", "partial_sums"):
-        raise ValueError(f"stage2.transport: expected gradients | partial_sums, got {s2.transport!r}")
+        raise ValueError(
+            f"stage2.transport: expected gradients | partial_sums, got {s2.transport!r}"
+        )
+    sums_mode = s2.transport == "partial_sums"
     n_workers, resources = resolve_num_workers(cfg)
     fault_spec = os.environ.get(faults.ENV, "")
     driver_faults = faults.parse(fault_spec)
     marker_dir = str(Path(checkpoint_dir).parent / "faults")
-    threads = cfg.gradients.torch_threads or max(1, int(resources.get("num_cpus", 1)))
     wcfg = Config.from_dict(cfg.to_dict())
-    wcfg.gradients.torch_threads = threads
+    wcfg.gradients.torch_threads = cfg.gradients.torch_threads or max(
+        1, int(resources.get("num_cpus", 1))
+    )
     env = {"env_vars": {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "HF_HOME")}}
-    Worker = ray.remote(GradientWorker).options(
+    Worker = worker_actor_class().options(
         max_restarts=-1, max_task_retries=-1, runtime_env=env, **resources
     )
     workers = [
         Worker.remote(base_path, wcfg, str(adapter_path), pad_id, fault_spec, marker_dir)
         for _ in range(n_workers)
     ]
-    staleness = max(1, s2.staleness)
-    host = ray.remote(CentroidHost).options(num_cpus=0).remote(
-        make_clusterer(cfg), len(samples), history=staleness
-    )
+    host = ray.remote(CentroidHost).options(num_cpus=0).remote(make_clusterer(cfg), len(samples))
+    host.set_workers.remote(workers)
+    resumed_from = None
     if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
-        log.info("stage2: resumed the centroid actor from %s", checkpoint_dir)
+        resumed_from = tuple(ray.get(host.status.remote())["position"])
+        log.info("stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir)
     status = ray.get(host.status.remote())
     limit = n_workers * max(1, s2.max_in_flight)
-    if sums_mode:
-        limit = min(limit, staleness)  # batch t must not wait for centroids after t - s
-    log.info("stage2 on Ray: %d workers %s, transport %s, %d batches in flight at most",
+    log.info("stage2 on Ray: %d workers %s, transport %s, at most %d batches in flight",
              n_workers, resources, s2.transport, limit)  # fmt: skip
 
-    # Centroid versions for partial sums: refs to the centroids after each online step.
-    versions: dict[int, Any] = {}
-    if sums_mode and status["initialized"]:
-        recent = ray.get(host.recent_centers.remote())
-        pos = status["position"]
-        last = plan.online_step(pos[1], pos[2]) if pos[0] == ONLINE else -1
-        for j, c in enumerate(reversed(recent)):
-            versions[last - j] = ray.put(c)
     passes = []
     for phase, epoch, batches in plan.phases():
         if phase == ONLINE and status["finished_online"]:
             continue
-        busy_before = status["busy_seconds"]
-        bytes_before = status["bytes_in"]
+        busy_before, bytes_before = status["busy_seconds"], status["bytes_in"]
         bar = Progress(_phase_label(phase, epoch), total=sum(len(b) for b in batches))
         window: deque = deque()
         applied_here = 0
+        state = host.online_state.remote() if sums_mode and phase == ONLINE else None
         final_centers = host.centers.remote() if sums_mode and phase == FINAL else None
         for t, idx in enumerate(batches):
             key = (phase, epoch, t)
@@ -477,23 +596,21 @@ def run_stage2_ray(
             worker = workers[t % n_workers]
             if not sums_mode or phase == VAL:
                 done = host.apply.remote(phase, epoch, t, idx, worker.gradients.remote(key, pairs))
+            elif phase == ONLINE:
+                # Gradients start at once; the assignment waits for the centroids after t-1.
+                step = plan.online_step(epoch, t)
+                worker.compute.remote(key, step, pairs)
+                out = worker.reduce.remote(key, step, pairs, state)
+                state = done = host.apply_sums.remote(t, epoch, step, out, pairs, worker)
             else:
-                if phase == ONLINE:
-                    g = plan.online_step(epoch, t)
-                    centers = versions[max(g - staleness, -1)]
-                    out = worker.assign_sums.remote(key, pairs, centers)
-                    done = host.apply_sums.remote(phase, epoch, t, idx, out)
-                    versions[g] = done
-                    versions.pop(g - staleness - 1, None)
-                else:
-                    out = worker.assign_sums.remote(key, pairs, final_centers)
-                    done = host.apply_sums.remote(phase, epoch, t, idx, out)
+                labels = worker.final_labels.remote(key, pairs, final_centers)
+                done = host.apply_labels.remote(t, idx, labels)
             window.append((done, len(idx)))
             applied_here += 1
             if s2.checkpoint_every and applied_here % s2.checkpoint_every == 0:
                 window.append((host.save_checkpoint.remote(str(checkpoint_dir)), 0))
             faults.maybe_die(driver_faults, "driver", phase, epoch, t, marker_dir)
-            while len(window) > limit:
+            while len(window) > limit:  # backpressure
                 ref, n = window.popleft()
                 ray.get(ref)
                 bar.update(n)
@@ -505,8 +622,6 @@ def run_stage2_ray(
         if phase == VAL:
             info = ray.get(host.initialize.remote())
             log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
-            if sums_mode and -1 not in versions:
-                versions[-1] = host.centers.remote()
         elif phase == ONLINE:
             ray.get(host.end_epoch.remote(epoch))
         ray.get(host.save_checkpoint.remote(str(checkpoint_dir)))
@@ -521,6 +636,6 @@ def run_stage2_ray(
     worker_stats = ray.get([w.stats.remote() for w in workers])
     for actor in [*workers, host]:
         ray.kill(actor)
-    timing = Stage2Timing(passes=passes, workers=n_workers, transport=s2.transport)
     result["worker_busy_seconds"] = [w["busy_seconds"] for w in worker_stats]
-    return result, timing
+    result["recomputed_batches"] = sum(w["recomputed"] for w in worker_stats)
+    return result, Stage2Timing(passes, n_workers, s2.transport, resumed_from)

@@ -143,6 +143,7 @@ FORWARDED_ENV = (
 # Retries of a failed run when the config has no ``max_failures`` (TrainingConfig, WarmupConfig).
 DEFAULT_MAX_FAILURES = 1
 _STATE_FILE = "train_state.json"
+_ATTEMPTS_LOG = "attempts.jsonl"
 _ADAPTER_DIR = "adapter"
 
 
@@ -301,7 +302,8 @@ def _run_job(
 ) -> dict[str, Any]:
     """Run one TorchTrainer to the end; the record of the run, never raising for a failed run.
 
-    The record: name, ok, error, attempts, seconds/start/end (driver), and from the rank-0
+    The record: name, ok, error, attempts, attempt_history (per attempt: start, end or crashed;
+    wall clock, rank 0), seconds/start/end (driver), and from the rank-0
     worker: engine (class name of the running engine), zero_stage (as the engine reports it),
     world_size, device, losses (one per optimizer step, mean over ranks), steps, epochs_done,
     resumed_from_epoch, deepspeed_init_s, train_start/train_end (wall clock), output_dir.
@@ -315,7 +317,7 @@ def _run_job(
     max_failures = int(getattr(train_cfg, "max_failures", DEFAULT_MAX_FAILURES))
     markers = _marker_dir(storage_path, job.name)
     markers.mkdir(parents=True, exist_ok=True)
-    (markers / "attempts").write_text("0")  # counts the attempts of this call
+    (markers / _ATTEMPTS_LOG).write_text("")  # the attempts of this call
     resources = {"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     loop_config = {
         "job": job,
@@ -339,7 +341,12 @@ def _run_job(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    record: dict[str, Any] = {"name": job.name, "ok": False, "error": None}
+    record: dict[str, Any] = {
+        "name": job.name,
+        "ok": False,
+        "error": None,
+        "output_dir": str(job.output_dir),
+    }
     start = time.time()
     log.info("%s: Ray Train run starting (%d samples)", job.name, len(job.samples))
     try:
@@ -348,9 +355,9 @@ def _run_job(
     except Exception as e:  # TrainingFailedError after the retries, or a controller error
         result, error = None, e
     end = time.time()
-    record.update(
-        start=start, end=end, seconds=end - start, attempts=_read_int(markers / "attempts")
-    )
+    history = _read_attempts(markers / _ATTEMPTS_LOG)
+    record.update(start=start, end=end, seconds=end - start)
+    record.update(attempts=len(history), attempt_history=history)
     if error is not None or result is None or result.checkpoint is None:
         record["error"] = f"{type(error).__name__}: {error}" if error else "no checkpoint reported"
         log.error(
@@ -358,7 +365,7 @@ def _run_job(
         )
         return record
     record.update(result.return_value or {})
-    record.update(ok=True, output_dir=str(job.output_dir), checkpoint=result.checkpoint.path)
+    record.update(ok=True, checkpoint=result.checkpoint.path)
     _export_adapter(result.checkpoint, Path(job.output_dir))
     losses = record.get("losses") or [float("nan")]
     log.info(
@@ -381,33 +388,60 @@ def _export_adapter(checkpoint, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def _read_int(path: Path) -> int:
-    try:
-        return int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return 0
+def _log_attempt(path: Path, **event: Any) -> None:
+    """Append one event (start / end / crash of an attempt) to the run's attempts log."""
+    with path.open("a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def _read_attempts(path: Path) -> list[dict[str, Any]]:
+    """One dict per attempt: attempt, start, and end, crashed (+ step) or failed (+ error);
+    wall-clock seconds, written by rank 0."""
+    attempts: dict[int, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            attempts.setdefault(event["attempt"], {"attempt": event["attempt"]}).update(event)
+    return [attempts[k] for k in sorted(attempts)]
 
 
 # --------------------------------------------------------------------------- worker side
 
 
 def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train worker loop: model, DeepSpeed engine, resume, epochs, checkpoints."""
+    """The Ray Train worker loop: one attempt of a run, logged in the run's attempts log."""
     import ray.train
-    import ray.train.torch
 
     worker_start = time.time()
     os.environ.update(config["env"])
+    _worker_logging()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    attempts_log = Path(config["markers"]) / _ATTEMPTS_LOG
+    attempt = len(_read_attempts(attempts_log)) + (1 if rank == 0 else 0)
+    if rank == 0:
+        _log_attempt(attempts_log, attempt=attempt, start=worker_start)
+    try:
+        out = _train_attempt(config, rank, world, attempt)
+    except BaseException as e:
+        if rank == 0:
+            _log_attempt(attempts_log, attempt=attempt, failed=time.time(), error=repr(e)[:500])
+        raise
+    if rank == 0:
+        _log_attempt(attempts_log, attempt=attempt, end=out["train_end"])
+    return {**out, "worker_start": worker_start}
+
+
+def _train_attempt(config: dict[str, Any], rank: int, world: int, attempt: int) -> dict[str, Any]:
+    """Model, DeepSpeed engine, resume from the last checkpoint, the epochs, the checkpoints."""
+    import ray.train
+    import ray.train.torch
+
     job: AdapterJob = config["job"]
     model_cfg: ModelConfig = config["model_cfg"]
     train_cfg: TrainingConfig = config["train_cfg"]
     pad_id: int = config["pad_id"]
     markers = Path(config["markers"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _worker_logging()
-    if rank == 0:
-        _bump(markers / "attempts")
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
     if not cuda:
@@ -435,9 +469,10 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         origin = f"checkpoint (epoch {resumed_from})" if checkpoint else job.init_adapter
         log.info(
-            "%s: %s ZeRO-%d, world size %d on %s, from %s, %d steps planned (DeepSpeed init %.1fs)",
-            job.name, type(engine).__name__, engine.zero_optimization_stage(), world, device,
-            origin or "a fresh LoRA", planned, init_s,
+            "%s: attempt %d, %s ZeRO-%d, world size %d on %s, from %s, %d steps planned "
+            "(DeepSpeed init %.1fs)",
+            job.name, attempt, type(engine).__name__, engine.zero_optimization_stage(), world,
+            device, origin or "a fresh LoRA", planned, init_s,
         )  # fmt: skip
 
     def on_step(step: int, loss: float) -> None:
@@ -445,7 +480,7 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0 and len(losses) % max(1, train_cfg.log_every) == 0:
             log.info("%s: step %d/%d loss %.4f", job.name, len(losses), planned, losses[-1])
         if rank == 0 and len(losses) == job.fail_once_at_step:
-            _crash_once(markers / "fault_injected", job.name, len(losses))
+            _crash_once(markers, job.name, len(losses), attempt)
 
     train_start = time.time()
     epochs_done = resumed_from
@@ -458,7 +493,6 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
         train_adapter(engine, samples, one_epoch, pad_id, job.seed + epoch, rank, world, on_step)
         epochs_done = epoch + 1
         _report_epoch(engine, rank, epochs_done, losses)
-    train_end = time.time()
     return {
         "engine": type(engine).__name__,
         "zero_stage": int(engine.zero_optimization_stage()),
@@ -469,9 +503,8 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
         "epochs_done": epochs_done,
         "resumed_from_epoch": resumed_from,
         "deepspeed_init_s": init_s,
-        "worker_start": worker_start,
         "train_start": train_start,
-        "train_end": train_end,
+        "train_end": time.time(),
     }
 
 
@@ -529,18 +562,22 @@ def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
     return float(t.item()) / world
 
 
-def _crash_once(marker: Path, name: str, step: int) -> None:
-    """Fault injection: die hard once (the marker makes the retry pass this point)."""
+def _crash_once(markers: Path, name: str, step: int, attempt: int) -> None:
+    """Fault injection: die hard, once (a marker file lets the retry pass this point).
+
+    It waits one Ray Train poll interval first: Train V2 registers a reported checkpoint when
+    the controller next polls the worker (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a
+    process that dies sooner after ``report`` loses that checkpoint, and the retry starts over.
+    """
+    marker = markers / "fault_injected"
     if marker.exists():
         return
     marker.write_text(str(step))
-    log.warning("%s: fault injection, worker exits at step %d", name, step)
+    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
+    log.warning("%s: fault injection, the worker process exits at step %d", name, step)
+    _log_attempt(markers / _ATTEMPTS_LOG, attempt=attempt, crashed=time.time(), step=step)
     logging.shutdown()
     os._exit(1)
-
-
-def _bump(path: Path) -> None:
-    path.write_text(str(_read_int(path) + 1))
 
 
 def _as_samples(items: Sequence) -> list[Sample]:

@@ -201,47 +201,55 @@ def test_state_dict_round_trip_continues_identically(data):
     np.testing.assert_array_equal(a.predict(X), b.predict(X))
 
 
-def test_chunk_cache_hand_computed_eviction():
-    """Chunks are dropped whole while the remaining chunks still hold |C_k| samples."""
-    est = GradientSpaceClustering(alpha=1, batch_size=3, beta=0.5, n_clusters=2, cache="chunks")
+def _external_step(est, memo, step, batch):
+    """What a worker and the centroid host do together for one batch (external cache)."""
+    from gs_ray.clustering import cluster_sums, cosine_assign
+
+    Xn, norms = normalize_rows(batch)
+    keep = norms > 0
+    labels = cosine_assign(Xn, est.cluster_centers_)  # worker: assign against its copy
+    memo[step] = Xn
+    added, _ = cluster_sums(Xn, labels, est.n_clusters_, keep)
+    evicted = np.zeros_like(added)
+    for old_step, entries in est.push_ledger(step, labels, keep).items():
+        for row, k in entries:  # the owner of old_step sums what leaves
+            evicted[k] += memo[old_step][row]
+    est.partial_fit_external(added, evicted, len(batch), int((~keep).sum()))
+    return labels
+
+
+def test_external_ledger_hand_computed_eviction():
+    est = GradientSpaceClustering(alpha=1, batch_size=2, n_clusters=2, cache="external")
     est.n_clusters_ = 2
     est.cluster_centers_ = np.eye(2, dtype=np.float32)
     est._reset_online_state(2)
-    e0 = np.array([1, 0], np.float32)
-    est.partial_fit(np.stack([e0, e0]))  # chunk of 2 -> cache 2 (< 3)
-    est.partial_fit(np.stack([e0, e0]))  # chunks 2+2 = 4; dropping the first would leave 2 < 3
-    assert est.cache_count_.tolist() == [4, 0] and len(est.cache_chunks_[0]) == 2
-    est.partial_fit(np.stack([e0, e0, e0]))  # 2+2+3: drop 2 (5 >= 3), drop 2 (3 >= 3)
-    assert est.cache_count_.tolist() == [3, 0] and len(est.cache_chunks_[0]) == 1
-    np.testing.assert_allclose(est.cache_mean(0), [1, 0])
+    labels = np.array([0, 0])
+    assert est.push_ledger(0, labels, np.array([True, True])) == {}
+    assert est.push_ledger(1, np.array([0, 1]), np.array([True, False])) == {0: [(0, 0)]}
+    assert [list(q) for q in est.ledger_] == [[(0, 1), (1, 0)], []]
+    assert est.oldest_live_step() == 0
+    with pytest.raises(ValueError, match="samples"):
+        est.partial_fit(np.ones((2, 2), np.float32))
 
 
-@pytest.mark.parametrize("order_seed", [0, 1])
-def test_chunk_cache_recovers_planted_clusters(data, order_seed):
-    X, y = data
-    perm = np.random.default_rng(200 + order_seed).permutation(len(X))
-    est = GradientSpaceClustering(random_state=0, cache="chunks").fit(X[perm])
-    assert abs(est.n_clusters_ - 5) <= 1
-    assert adjusted_rand_score(y[perm], est.labels_) >= 0.95
-
-
-def test_sums_from_workers_equal_local_chunk_updates(data):
-    """partial_fit_sums with worker-side cluster_sums == partial_fit on the raw batch."""
-    from gs_ray.clustering import cluster_sums, cosine_assign
-
+def test_external_cache_equals_the_in_memory_cache(data):
+    """Vectors kept outside (worker side) give the same centroids and labels as the paper's
+    in-memory cache, batch after batch."""
     X, _ = data
-    X = X[:, :3000]
-    a = GradientSpaceClustering(random_state=0, cache="chunks", batch_size=32).initialize(X[:200])
-    b = GradientSpaceClustering(random_state=0, cache="chunks", batch_size=32).load_state_dict(
-        a.state_dict()
-    )
-    for i in range(0, 320, 32):
-        batch = X[i : i + 32]
+    X = X[:, :4000]
+    kwargs = dict(random_state=0, batch_size=32, alpha=2)
+    a = GradientSpaceClustering(**kwargs).initialize(X[:200])
+    b = GradientSpaceClustering(cache="external", **kwargs).initialize(X[:200])
+    memo = {}
+    order = np.random.default_rng(0).permutation(len(X))
+    for step, start in enumerate(range(0, 2 * len(X), 32)):  # two epochs: many evictions
+        batch = X[order[np.arange(start, start + 32) % len(X)]]
         a.partial_fit(batch)
-        Xn, norms = normalize_rows(batch)
-        labels = cosine_assign(Xn, b.cluster_centers_)  # the worker's copy of the centroids
-        sums, counts = cluster_sums(Xn, labels, b.n_clusters_, norms > 0)
-        b.partial_fit_sums(sums, counts, len(batch))
-    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
-    with pytest.raises(ValueError, match="chunks"):
-        GradientSpaceClustering().initialize(X[:50]).partial_fit_sums(sums, counts, 32)
+        labels = _external_step(b, memo, step, batch)
+        np.testing.assert_array_equal(a.last_labels_, labels)
+        np.testing.assert_array_equal(a.cache_count_, b.cache_count_)
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-6)
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+    assert b.oldest_live_step() > 0
+    state = b.state_dict()
+    assert "ledger_" in state and "cache_" not in state

@@ -1,0 +1,165 @@
+"""Stage II on Ray against the single-process reference: same assignments with 1 and 2 workers,
+a gradient worker killed mid-epoch, a driver killed and resumed, the partial-sums transport."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from gs_ray.config import load_config
+from gs_ray.pipeline import prepare, warmup_local
+from gs_ray.stage2 import (
+    CentroidHost,
+    GradientComputer,
+    Stage2Plan,
+    make_clusterer,
+    run_stage2_local,
+    run_stage2_ray,
+)
+
+pytestmark = pytest.mark.ray
+
+SMALL = {
+    "data": {"demo_size": 300, "n_val": 64},
+    "model": {"tiny_hidden_size": 64, "tiny_num_layers": 2},
+    "lora": {"r": 8, "alpha": 16},
+    "warmup": {"epochs": 2},
+    "clustering": {"batch_size": 16, "max_epochs": 2, "k_max": 5},
+    "stage2": {"checkpoint_every": 2},
+}
+
+
+def small_config(tmp: Path, name: str, **overrides):
+    path = tmp / f"{name}.yaml"
+    cfg = json.loads(json.dumps(SMALL))
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        cfg.setdefault(section, {})[field] = value
+    cfg.setdefault("run", {}).update(output_dir=str(tmp / "runs"), name=name)
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path), path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A warmed-up small run and its single-process Stage II labels (the oracle)."""
+    tmp = tmp_path_factory.mktemp("stage2")
+    cfg, path = small_config(tmp, "ref")
+    p = prepare(cfg)
+    warmup_local(p)
+    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+    computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
+    host = run_stage2_local(
+        plan, p.samples, computer, CentroidHost(make_clusterer(cfg), len(p.samples))
+    )
+    return {"p": p, "plan": plan, "host": host, "tmp": tmp, "config_path": path}
+
+
+def _run_ray(ref, tmp_path, **overrides):
+    p = ref["p"]
+    cfg = load_config(ref["config_path"], [f"--{k}={v}" for k, v in overrides.items()])
+    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+    return run_stage2_ray(
+        plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
+        tmp_path / "checkpoint",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_reproduces_the_reference(ray_session, reference, tmp_path, workers):
+    out, timing = _run_ray(reference, tmp_path, **{"stage2.num_workers": workers})
+    host = reference["host"]
+    assert timing.workers == workers
+    assert (out["labels"] >= 0).all()
+    np.testing.assert_array_equal(out["labels"], host.labels)
+    np.testing.assert_allclose(
+        out["clusterer"].cluster_centers_, host.clusterer.cluster_centers_, rtol=0, atol=1e-6
+    )
+    assert out["clusterer"].n_clusters_ == host.clusterer.n_clusters_
+    # Every gradient went through the centroid actor, once: val + online epochs + final.
+    p = reference["p"]
+    n_train, n_all, d = (
+        len(p.splits.train),
+        len(p.samples),
+        host.clusterer.cluster_centers_.shape[1],
+    )
+    epochs = out["clusterer"].epoch_
+    assert out["clusterer"].n_samples_seen_ == epochs * n_train
+    assert out["bytes_in"] == 4 * d * (len(p.splits.val) + epochs * n_train + n_all)
+    if workers == 2:
+        assert all(b > 0 for b in out["worker_busy_seconds"])
+
+
+def test_killed_gradient_worker_is_replaced_without_losing_or_repeating_samples(
+    ray_session, reference, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("GS_RAY_FAULTS", "worker:online:0:3,worker:final:0:5")
+    out, _ = _run_ray(reference, tmp_path, **{"stage2.num_workers": 2})
+    fired = sorted(f.name for f in (tmp_path / "faults").iterdir())
+    assert fired == ["fault-worker-final-0-5", "fault-worker-online-0-3"]
+    np.testing.assert_array_equal(out["labels"], reference["host"].labels)
+    p = reference["p"]
+    assert out["clusterer"].n_samples_seen_ == out["clusterer"].epoch_ * len(p.splits.train)
+
+
+def test_partial_sums_transport_matches_exact_assignments(ray_session, reference, tmp_path):
+    out, timing = _run_ray(reference, tmp_path, **{"stage2.transport": "partial_sums"})
+    assert timing.transport == "partial_sums"
+    exact = reference["host"]
+    np.testing.assert_array_equal(out["labels"], exact.labels)
+    np.testing.assert_allclose(
+        out["clusterer"].cluster_centers_, exact.clusterer.cluster_centers_, rtol=0, atol=1e-6
+    )
+    assert out["clusterer"].n_samples_seen_ == exact.clusterer.n_samples_seen_
+    assert out["recomputed_batches"] == 0
+
+
+def test_partial_sums_survives_a_killed_worker(ray_session, reference, tmp_path, monkeypatch):
+    """The killed worker held cached rows: they are recomputed when the ledger evicts them."""
+    monkeypatch.setenv("GS_RAY_FAULTS", "worker:online:0:4")
+    out, _ = _run_ray(reference, tmp_path, **{"stage2.transport": "partial_sums"})
+    assert (tmp_path / "faults" / "fault-worker-online-0-4").exists()
+    np.testing.assert_array_equal(out["labels"], reference["host"].labels)
+    assert out["recomputed_batches"] > 0
+
+
+def test_driver_killed_mid_epoch_resumes_from_checkpoint(ray_session, reference, tmp_path):
+    """A real process dies (os._exit in the driver); --resume finishes with the same result."""
+    cfg_path = reference["config_path"]
+    out_dir = tmp_path / "runs"
+    env = {**ray_session.env(), "RAY_ADDRESS": ray_session.address,
+           "GS_RAY_FAULTS": "driver:online:1:7", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "gs_ray.cli", "run", "--config", str(cfg_path),
+           "--output-dir", str(out_dir), "--run.name", "killed"]  # fmt: skip
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0, first.stdout[-2000:] + first.stderr[-2000:]
+    run_dir = out_dir / "killed"
+    assert (run_dir / "stage2" / "checkpoint" / "centroids.ckpt").exists()
+    assert not (run_dir / "stage2" / "assignments.jsonl").exists()
+    resume = [sys.executable, "-m", "gs_ray.cli", "run", "--resume", str(run_dir)]
+    second = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    resumed = manifest["stages"]["stage2"]["resumed_from"]
+    assert resumed[0] == "online" and resumed[1] == 1  # epoch 0 was not redone
+    rows = [json.loads(line) for line in (run_dir / "stage2" / "assignments.jsonl").open()]
+    p = reference["p"]
+    assert [r["id"] for r in rows] == [s.id for s in p.samples]
+    np.testing.assert_array_equal([r["cluster"] for r in rows], reference["host"].labels)
+
+
+def test_reference_pipeline_run_directory(reference):
+    """The reference pipeline's run directory holds what the stages promise."""
+    p = reference["p"]
+    stage_outputs = os.listdir(p.run.path)
+    assert {"manifest.json", "config.yaml", "base_model", "warmup", "data"} <= set(stage_outputs)
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(p.run.warmup_adapter)).r == 8

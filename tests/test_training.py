@@ -1,0 +1,299 @@
+"""LoRA training on Ray Train + DeepSpeed: the warm-up, the experts in parallel, retries.
+
+The Ray tests share the session's local Ray (2 CPUs) and a tiny Llama (hidden 64, 2 layers).
+One warm-up run (ZeRO-2, two data-parallel workers) feeds one parallel expert run (three experts
+at ZeRO-1 on one CPU each, one of them crashing once) and one sequential run (ZeRO-0, one expert
+and one that cannot start). LoRA dropout is 0 so a training step's loss can be recomputed exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gs_ray.config import DataConfig, ExpertConfig, LoRAConfig, ModelConfig, TrainingConfig
+from gs_ray.data import Sample, length_bucketed_batches, load_samples
+from gs_ray.gradients import collate, per_sample_loss
+from gs_ray.models import add_lora, load_base_model, load_tokenizer, materialize_base_model
+from gs_ray.training import (
+    AdapterJob,
+    _read_attempts,
+    deepspeed_config,
+    mean_loss,
+    planned_steps,
+    resolve_use_gpu,
+    train_many_on_ray,
+    train_on_ray,
+)
+
+MODEL = ModelConfig(tiny_hidden_size=64, tiny_num_layers=2)
+LORA = LoRAConfig(r=8, alpha=16, dropout=0.0)
+N_WARMUP, N_EXPERT = 64, 24
+WARMUP_CFG = TrainingConfig(
+    epochs=3, batch_size=8, lr=5e-3, zero_stage=2, num_workers=2, use_gpu="false", log_every=4
+)
+EXPERT_CFG = ExpertConfig(
+    epochs=2, batch_size=8, lr=5e-3, zero_stage=1, num_workers=1, use_gpu="false", max_failures=1
+)
+FAIL_AT = 4  # the first step of the second epoch (3 steps per epoch)
+
+
+# --------------------------------------------------------------------------- no Ray needed
+
+
+def test_deepspeed_config_follows_the_training_config():
+    cfg = TrainingConfig(batch_size=4, grad_accum=3, zero_stage=1)
+    ds = deepspeed_config(cfg, ModelConfig(dtype="bfloat16"), world_size=2, cuda=False)
+    assert ds["zero_optimization"]["stage"] == 1
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # CPU: float32
+    on_gpu = deepspeed_config(cfg, ModelConfig(dtype="bfloat16"), world_size=1, cuda=True)
+    assert on_gpu["bf16"]["enabled"] and not on_gpu["fp16"]["enabled"]
+    fp32_gpu = deepspeed_config(cfg, ModelConfig(dtype="float32"), world_size=1, cuda=True)
+    assert not fp32_gpu["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="zero_stage"):
+        deepspeed_config(TrainingConfig(zero_stage=3), MODEL, 1, cuda=False)
+
+
+def test_use_gpu_setting_and_argument_checks(tmp_path):
+    assert resolve_use_gpu(TrainingConfig(use_gpu="false")) is False
+    assert resolve_use_gpu(TrainingConfig(use_gpu="true")) is True
+    with pytest.raises(ValueError, match="use_gpu"):
+        resolve_use_gpu(TrainingConfig(use_gpu="sometimes"))
+    job = AdapterJob("x", "base", str(tmp_path / "out"), [([1, 2], [-100, 2])])
+    with pytest.raises(ValueError, match="absolute"):
+        train_on_ray(job, MODEL, LORA, TrainingConfig(), 0, "relative/storage")
+    with pytest.raises(ValueError, match="unique"):
+        train_many_on_ray([job, job], MODEL, LORA, TrainingConfig(), 0, str(tmp_path))
+
+
+def test_attempt_history_is_read_per_attempt(tmp_path):
+    log = tmp_path / "attempts.jsonl"
+    log.write_text(
+        '{"attempt": 1, "start": 1.0}\n{"attempt": 1, "crashed": 2.0, "step": 4}\n'
+        '{"attempt": 2, "start": 3.0}\n{"attempt": 2, "end": 5.0}\n'
+    )
+    history = _read_attempts(log)
+    assert history == [
+        {"attempt": 1, "start": 1.0, "crashed": 2.0, "step": 4},
+        {"attempt": 2, "start": 3.0, "end": 5.0},
+    ]
+
+
+# --------------------------------------------------------------------------- shared set-up
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Base model, tokenizer, samples, and a storage folder for Ray Train."""
+    root = tmp_path_factory.mktemp("training")
+    base = materialize_base_model(MODEL, root, seed=0)
+    tokenizer = load_tokenizer(base)
+    samples, _ = load_samples(DataConfig(source="demo", demo_size=N_WARMUP + 8), tokenizer, 0)
+    pairs = [s.pair for s in samples]
+    return {
+        "root": root,
+        "base": base,
+        "pad": int(tokenizer.pad_token_id),
+        "warmup_pairs": pairs[:N_WARMUP],
+        "expert_pairs": [pairs[k * N_EXPERT : (k + 1) * N_EXPERT] for k in range(3)],
+        "storage": str(root / "ray"),
+    }
+
+
+@pytest.fixture(scope="module")
+def warmup(world, ray_cluster):
+    job = AdapterJob("warmup", world["base"], str(world["root"] / "warmup"), world["warmup_pairs"])
+    return train_on_ray(job, MODEL, LORA, WARMUP_CFG, world["pad"], world["storage"])
+
+
+@pytest.fixture(scope="module")
+def experts(world, warmup, ray_cluster):
+    """Three experts from the warm-up adapter, in parallel; expert_1 crashes once at FAIL_AT."""
+    jobs = [
+        AdapterJob(
+            f"expert_{k}",
+            world["base"],
+            str(world["root"] / "experts" / f"expert_{k}"),
+            world["expert_pairs"][k],
+            init_adapter=warmup["output_dir"],
+            seed=k,
+            fail_once_at_step=FAIL_AT if k == 1 else None,
+        )
+        for k in range(3)
+    ]
+    records = train_many_on_ray(
+        jobs, MODEL, LORA, EXPERT_CFG, world["pad"], world["storage"], parallel=True
+    )
+    return {"jobs": {j.name: j for j in jobs}, "records": records}
+
+
+def _peft(base: str, adapter: str):
+    """The adapter loaded with nothing but transformers + peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def _lora_weights(model) -> dict[str, torch.Tensor]:
+    return {
+        n.replace(".default", ""): p.detach().clone()
+        for n, p in model.named_parameters()
+        if "lora_" in n
+    }
+
+
+def _first_batch_loss(model, job: AdapterJob, pad: int) -> float:
+    """The loss ``train_adapter`` computes at an expert's first step (rank 0 of 1, epoch 0)."""
+    pairs = job.samples
+    lengths = np.array([len(ids) for ids, _ in pairs])
+    order = length_bucketed_batches(
+        lengths, np.arange(len(pairs)), EXPERT_CFG.batch_size, 8, job.seed
+    )
+    with torch.no_grad():
+        batch = collate([pairs[i] for i in order[0]], pad)
+        return float(per_sample_loss(model, batch).mean())
+
+
+def _as_samples(pairs):
+    return [Sample(str(i), ids, labels) for i, (ids, labels) in enumerate(pairs)]
+
+
+def _intervals(record: dict) -> list[tuple[float, float]]:
+    """(start, end) of every attempt of a run, in its workers (a crash or error ends one)."""
+    ends = ("end", "crashed", "failed")
+    return [(a["start"], next(a[k] for k in ends if k in a)) for a in record["attempt_history"]]
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    # at equal times an end sorts before a start: touching intervals do not overlap
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+# --------------------------------------------------------------------------- Stage I: warm-up
+
+
+def test_warmup_is_a_deepspeed_zero2_data_parallel_run(warmup, ray_session):
+    assert warmup["ok"] and warmup["error"] is None
+    assert warmup["engine"] == "DeepSpeedEngine"
+    assert warmup["zero_stage"] == 2
+    assert warmup["world_size"] == 2
+    assert warmup["device"] == "cpu"
+    assert warmup["attempts"] == 1 and warmup["resumed_from_epoch"] == 0
+    assert warmup["steps"] == len(warmup["losses"]) == planned_steps(N_WARMUP, WARMUP_CFG, 2)
+    assert warmup["epochs_done"] == WARMUP_CFG.epochs
+    losses = np.array(warmup["losses"])
+    assert np.isfinite(losses).all()
+    assert losses[-3:].mean() < losses[:3].mean() - 0.05
+    assert warmup["deepspeed_init_s"] > 0
+    assert warmup["start"] <= warmup["train_start"] <= warmup["train_end"] <= warmup["end"]
+
+
+def test_warmup_adapter_loads_with_plain_peft_and_has_learned(world, warmup, ray_session):
+    trained = _peft(world["base"], warmup["output_dir"])
+    fresh = add_lora(load_base_model(world["base"], MODEL), LORA, seed=0)
+    w_trained, w_fresh = _lora_weights(trained), _lora_weights(fresh)
+    assert w_trained.keys() == w_fresh.keys() and len(w_trained) == 2 * 2 * 2  # A,B x q,v x 2
+    for name, w in w_trained.items():
+        if "lora_B" in name:
+            assert w_fresh[name].abs().max() == 0 and w.abs().max() > 0
+        else:
+            assert not torch.allclose(w, w_fresh[name])
+    samples = _as_samples(world["warmup_pairs"])
+    assert mean_loss(trained, samples, world["pad"]) < mean_loss(fresh, samples, world["pad"])
+
+
+# --------------------------------------------------------------------------- Stage III: experts
+
+
+@pytest.mark.slow
+def test_experts_start_from_the_warmup_adapter_and_move_away(world, warmup, experts, ray_session):
+    warm = _peft(world["base"], warmup["output_dir"])
+    base = load_base_model(world["base"], MODEL).eval()
+    w_warm = _lora_weights(warm)
+    for name, record in experts["records"].items():
+        job = experts["jobs"][name]
+        assert record["ok"], record["error"]
+        assert record["engine"] == "DeepSpeedEngine" and record["zero_stage"] == 1
+        assert record["world_size"] == 1
+        # The first step's loss is the warm-up adapter's loss on that batch, not the base model's.
+        expected = _first_batch_loss(warm, job, world["pad"])
+        from_base = _first_batch_loss(base, job, world["pad"])
+        assert record["losses"][0] == pytest.approx(expected, rel=1e-4)
+        assert abs(from_base - expected) > 1e-2
+        # The final expert loads with plain peft and is no longer the warm-up adapter.
+        w_expert = _lora_weights(_peft(world["base"], record["output_dir"]))
+        assert w_expert.keys() == w_warm.keys()
+        assert max((w_expert[k] - w_warm[k]).abs().max() for k in w_warm) > 1e-4
+
+
+@pytest.mark.slow
+def test_experts_train_concurrently_within_the_cluster(experts, ray_session):
+    records = experts["records"]
+    intervals = [iv for r in records.values() for iv in _intervals(r)]
+    # Some runs overlapped in time, but never more than the 2 CPUs hold (1 CPU per expert).
+    assert _max_overlap(intervals) == 2
+    pairs = itertools.combinations(records.values(), 2)
+    assert any(a["start"] < b["end"] and b["start"] < a["end"] for a, b in pairs)
+
+
+@pytest.mark.slow
+def test_a_crashed_expert_is_retried_alone_from_its_checkpoint(world, experts, ray_session):
+    records = experts["records"]
+    crashed = records["expert_1"]
+    assert crashed["ok"] and crashed["attempts"] == 2
+    first, second = crashed["attempt_history"]
+    assert first["step"] == FAIL_AT and "crashed" in first and "end" not in first
+    assert "end" in second and second["start"] >= first["crashed"]
+    # The retry resumed after the first epoch's checkpoint and finished the plan.
+    assert crashed["resumed_from_epoch"] == 1
+    assert crashed["steps"] == planned_steps(N_EXPERT, EXPERT_CFG) == 2 * (FAIL_AT - 1)
+    fault_marker = Path(world["storage"]) / "expert_1.gs_ray" / "fault_injected"
+    assert fault_marker.read_text() == str(FAIL_AT)
+    for name in ("expert_0", "expert_2"):
+        other = records[name]
+        assert other["ok"] and other["attempts"] == 1 and other["resumed_from_epoch"] == 0
+        assert other["steps"] == planned_steps(N_EXPERT, EXPERT_CFG)
+        assert Path(other["output_dir"], "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_sequential_runs_do_not_overlap_and_a_failure_stays_isolated(world, warmup, ray_session):
+    cfg = dataclasses.replace(EXPERT_CFG, epochs=1, zero_stage=0, max_failures=0, parallel=False)
+    good = AdapterJob(
+        "seq_good",
+        world["base"],
+        str(world["root"] / "seq" / "good"),
+        world["expert_pairs"][0],
+        init_adapter=warmup["output_dir"],
+    )
+    broken = dataclasses.replace(
+        good,
+        name="seq_broken",
+        output_dir=str(world["root"] / "seq" / "broken"),
+        init_adapter=str(world["root"] / "no_such_adapter"),
+    )
+    records = train_many_on_ray([good, broken], MODEL, LORA, cfg, world["pad"], world["storage"])
+    ok, bad = records["seq_good"], records["seq_broken"]
+    assert ok["ok"] and ok["engine"] == "DeepSpeedEngine" and ok["zero_stage"] == 0
+    assert ok["steps"] == planned_steps(N_EXPERT, cfg)
+    _peft(world["base"], ok["output_dir"])  # loads
+    assert not bad["ok"] and "no_such_adapter" in bad["error"]
+    assert bad["attempts"] == 1 and not Path(bad["output_dir"]).exists()
+    assert "no_such_adapter" in bad["attempt_history"][0]["error"]
+    assert ok["end"] <= bad["start"]  # one after the other
+    assert _max_overlap(_intervals(ok) + _intervals(bad)) == 1
