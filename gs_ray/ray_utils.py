@@ -75,6 +75,8 @@ class LocalHead:
         """Environment for subprocesses (ray CLI, jobs) that should talk to this cluster."""
         env = dict(os.environ)
         env.update(RAY_AUTH_MODE=env.get("RAY_AUTH_MODE", "disabled"), RAY_USAGE_STATS_ENABLED="0")
+        # Job entrypoints say `python ...`: let that be this environment's interpreter.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         return env
 
     def start(self) -> LocalHead:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,7 +66,5 @@ def ray_session(ray_cluster):
     from ray import serve
 
     if ray.is_initialized():
-        try:
+        with contextlib.suppress(Exception):  # Serve was never started
             serve.shutdown()
-        except Exception:  # Serve was never started
-            pass
