@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu | cuda | auto")
     p.add_argument("--batch", type=int, default=32, help="samples in the benchmark batch")
     p.add_argument("--micro-batch", type=int, default=None, help="default: GradientConfig")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs (median) after a warm-up")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs (median, best)")
     p.add_argument("--seed", type=int, default=0, help="model, LoRA, sample choice")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results to this file")
@@ -212,12 +212,14 @@ def main(argv=None) -> dict:
     print()
     print(
         f"{'variant':44s} {'seconds':>8s} {'samples/s':>10s} {'tokens/s':>10s} {'pad waste':>10s}"
+        f" {'best s':>8s}"
     )
     for key, (label, _) in variants.items():
         sec = statistics.median(times[key])
         results[key] = {
             "label": label,
             "seconds": sec,
+            "seconds_best": min(times[key]),
             "seconds_all": times[key],
             "samples_per_s": len(pairs) / sec,
             "tokens_per_s": n_tokens / sec,
@@ -226,12 +228,16 @@ def main(argv=None) -> dict:
         r = results[key]
         print(
             f"{label:44s} {sec:8.3g} {r['samples_per_s']:10.3g} {r['tokens_per_s']:10.4g} "
-            f"{100 * waste[key]:9.1f}%"
+            f"{100 * waste[key]:9.1f}% {r['seconds_best']:8.3g}"
         )
     a = results["a_engine"]["seconds"]
     speedup_vs_loop = results["b_loop"]["seconds"] / a
     ratio_vs_train_step = results["c_train_step"]["seconds"] / a
     ratio_vs_one_batch = results["c1_train_step_one_batch"]["seconds"] / a
+    # best-of-N ratios: a robust second opinion when other processes load the CPU
+    best = {k: v["seconds_best"] for k, v in results.items()}
+    speedup_vs_loop_best = best["b_loop"] / best["a_engine"]
+    ratio_vs_train_step_best = best["c_train_step"] / best["a_engine"]
     met_loop = speedup_vs_loop >= TARGET_VS_LOOP
     met_train = ratio_vs_train_step >= TARGET_VS_TRAIN_STEP
     print()
@@ -244,6 +250,10 @@ def main(argv=None) -> dict:
         f"{TARGET_VS_TRAIN_STEP}: {'met' if met_train else 'NOT met'})"
     )
     print(f"ratio_vs_one_batch   a/c' = {ratio_vs_one_batch:5.2f}  (for information)")
+    print(
+        f"best of {args.repeats}: a/b = {speedup_vs_loop_best:.2f}, "
+        f"a/c = {ratio_vs_train_step_best:.2f}"
+    )
     print(f"max_rel_err_vs_loop       = {max_rel_err:.2e}")
 
     out = {
@@ -267,6 +277,8 @@ def main(argv=None) -> dict:
         "speedup_vs_loop": speedup_vs_loop,
         "ratio_vs_train_step": ratio_vs_train_step,
         "ratio_vs_one_batch": ratio_vs_one_batch,
+        "speedup_vs_loop_best": speedup_vs_loop_best,
+        "ratio_vs_train_step_best": ratio_vs_train_step_best,
         "targets": {
             "speedup_vs_loop": TARGET_VS_LOOP,
             "ratio_vs_train_step": TARGET_VS_TRAIN_STEP,

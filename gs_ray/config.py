@@ -110,6 +110,7 @@ class TrainingConfig:
     cpus_per_worker: float = _f(1, "CPUs per Ray Train worker")
     use_gpu: str = _f("auto", "auto | true | false")
     log_every: int = _f(10, "log a loss line every N steps")
+    max_failures: int = _f(2, "Ray Train retries of a failed run (the other runs are not redone)")
 
 
 @dataclass
@@ -123,7 +124,6 @@ class ExpertConfig(TrainingConfig):
 
     epochs: int = _f(2, "passes over the cluster's data")
     parallel: bool = _f(True, "train the K experts concurrently")
-    max_failures: int = _f(2, "retries of a failed expert training (others are not redone)")
 
 
 @dataclass
@@ -171,8 +171,10 @@ class TuneConfig:
     """K chosen with Ray Tune (clustering.k_selection = tune)."""
 
     k_values: list[int] = _f([2, 3, 4, 5], "candidate K values, one trial each")
+    n_samples: int = _f(600, "training samples whose gradients the trials cluster")
+    holdout_fraction: float = _f(0.25, "share of those held out to score the routed experts")
     expert_max_steps: int = _f(20, "optimizer steps per expert inside a trial")
-    max_concurrent_trials: int = _f(1, "trials at once")
+    max_concurrent_trials: int = _f(2, "trials at once")
 
 
 @dataclass

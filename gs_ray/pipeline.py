@@ -7,6 +7,7 @@ the oracle that the distributed pipeline must reproduce.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,10 +19,8 @@ import torch
 from gs_ray.clustering import GradientSpaceClustering, within_cluster_variance
 from gs_ray.config import Config
 from gs_ray.data import Sample, Splits, load_samples, make_splits
-from gs_ray.gradients import LoRAGradientEngine
 from gs_ray.models import (
     add_lora,
-    load_adapter,
     load_base_model,
     load_tokenizer,
     materialize_base_model,
@@ -125,20 +124,6 @@ class Stage2Result:
     info: dict
 
 
-def gradient_layout(p: Prepared) -> dict:
-    """The gradient layout (parameter names, shapes, offsets) of the warm-up adapter."""
-    model = load_adapter(load_base_model(p.base_path, p.cfg.model), p.run.warmup_adapter)
-    engine = LoRAGradientEngine(model)
-    k = p.cfg.gradients.projection_dim
-    return {
-        "param_names": engine.param_names,
-        "shapes": [list(s) for s in engine.shapes],
-        "offsets": engine.offsets.tolist(),
-        "dim": engine.dim,
-        "projection_dim": k,
-    }
-
-
 def write_stage2_outputs(p: Prepared, res: Stage2Result, seconds: float) -> None:
     """K table, centroids, layout and assignments into the run directory; metrics and plots."""
     run, c = p.run, res.clusterer
@@ -223,21 +208,241 @@ def stage2_ray(p: Prepared, resume: bool = False) -> Stage2Result:
             "passes": timing.passes, "worker_busy_seconds": out["worker_busy_seconds"],
             "resumed_from": timing.resumed_from}  # fmt: skip
     res = Stage2Result(out["clusterer"], out["labels"], np.concatenate(out["val_grads"]),
-                       gradient_layout(p), info)  # fmt: skip
+                       out["layout"], info)  # fmt: skip
     write_stage2_outputs(p, res, time.perf_counter() - start)
     return res
 
 
+# --------------------------------------------------------------------------- Stage I on Ray
+
+
+def storage_path(p: Prepared) -> str:
+    """Ray Train's storage for this run (absolute: every node must reach it)."""
+    return str((p.run.path / "ray_train").resolve())
+
+
+def warmup_ray(p: Prepared, resume: bool = False) -> Path:
+    """Stage I: the LoRA warm-up as a Ray Train + DeepSpeed run on the warm-up split."""
+    from gs_ray.training import AdapterJob, train_on_ray
+
+    start = time.perf_counter()
+    cfg = p.cfg
+    job = AdapterJob(
+        name="warmup",
+        base_path=p.base_path,
+        output_dir=str(p.run.warmup_adapter),
+        samples=[s.pair for s in p.subset(p.splits.warmup)],
+        seed=cfg.run.seed,
+    )
+    rec = train_on_ray(job, cfg.model, cfg.lora, cfg.warmup, p.pad_id, storage_path(p), resume)
+    write_json(p.run.sub("warmup", "losses.json"), {"train_loss": rec["losses"]})
+    p.run.add_metrics(warmup=_training_summary(rec))
+    p.run.mark_stage("warmup", time.perf_counter() - start, engine=rec["engine"],
+                     zero_stage=rec["zero_stage"], world_size=rec["world_size"])  # fmt: skip
+    log.info("warm-up: %s ZeRO-%d, %d steps, loss %.3f -> %.3f", rec["engine"], rec["zero_stage"],
+             rec["steps"], rec["losses"][0], rec["losses"][-1])  # fmt: skip
+    return p.run.warmup_adapter
+
+
+def _training_summary(rec: dict) -> dict:
+    """The parts of a training record worth keeping in metrics.json."""
+    keys = ("engine", "zero_stage", "world_size", "device", "steps", "epochs_done", "attempts",
+            "deepspeed_init_s", "seconds", "resumed_from_epoch")  # fmt: skip
+    out = {k: rec.get(k) for k in keys}
+    losses = rec.get("losses") or []
+    out.update(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
+    return out
+
+
+# --------------------------------------------------------------------------- Stage III: experts
+
+
+def expert_complete(path: Path) -> bool:
+    """An expert folder that a resume may keep: the peft files and gs-ray's record."""
+    return all((path / f).exists() for f in ("adapter_config.json", "expert.json")) and any(
+        path.glob("adapter_model.*")
+    )
+
+
+def experts_ray(p: Prepared, labels: np.ndarray, k: int, resume: bool = False) -> dict:
+    """Stage III: one LoRA expert per cluster, from the warm-up adapter, on that cluster's
+    training samples, the K trainings in parallel (Ray Train + DeepSpeed). Experts whose folder
+    is complete are kept; a cluster with no training sample gets a copy of the warm-up adapter."""
+    import shutil
+
+    from gs_ray.training import AdapterJob, train_many_on_ray
+
+    start = time.perf_counter()
+    cfg, run = p.cfg, p.run
+    train = p.splits.train
+    jobs, kept, copied = [], [], []
+    for c in range(k):
+        folder = run.expert(c)
+        if expert_complete(folder):
+            kept.append(c)
+            continue
+        members = train[labels[train] == c]
+        if len(members) == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(run.warmup_adapter, folder)
+            write_json(folder / "expert.json", {"cluster": c, "n_train": 0, "copied_warmup": True})
+            copied.append(c)
+            continue
+        jobs.append(AdapterJob(
+            name=f"expert_{c}", base_path=p.base_path, output_dir=str(folder),
+            samples=[p.samples[i].pair for i in members], init_adapter=str(run.warmup_adapter),
+            seed=cfg.run.seed + 1 + c,
+        ))  # fmt: skip
+    records = {}
+    if jobs:
+        log.info("training %d experts (%s), %s", len(jobs), ", ".join(j.name for j in jobs),
+                 "in parallel" if cfg.experts.parallel else "one after another")  # fmt: skip
+        records = train_many_on_ray(jobs, cfg.model, cfg.lora, cfg.experts, p.pad_id,
+                                    storage_path(p), parallel=cfg.experts.parallel,
+                                    resume=resume)  # fmt: skip
+    failed = [n for n, r in records.items() if not r.get("ok")]
+    if failed:
+        errors = "; ".join(f"{n}: {records[n].get('error')}" for n in failed)
+        raise RuntimeError(f"expert training failed after retries: {errors}")
+    for job in jobs:
+        rec = records[job.name]
+        c = int(job.name.split("_")[1])
+        write_json(run.expert(c) / "expert.json",
+                   {"cluster": c, "n_train": len(job.samples), **_training_summary(rec),
+                    "losses": rec["losses"], "train_start": rec.get("train_start"),
+                    "train_end": rec.get("train_end")})  # fmt: skip
+    trained = sorted(int(j.name.split("_")[1]) for j in jobs)
+    engines = sorted({records[j.name]["engine"] for j in jobs})
+    run.mark_stage("experts", time.perf_counter() - start, trained=trained, kept=kept,
+                   copied_warmup=copied, engines=engines, parallel=cfg.experts.parallel)  # fmt: skip
+    return records
+
+
+# --------------------------------------------------------------------------- router
+
+
+def router_stage(p: Prepared, labels: np.ndarray, k: int):
+    """Train the router (frozen encoder + linear head) on the training prompts' clusters."""
+    from gs_ray.router import fit_router
+
+    start = time.perf_counter()
+    train = p.splits.train
+    texts = [p.samples[i].prompt for i in train]
+    router, metrics = fit_router(texts, labels[train], k, p.cfg.router, p.cfg.run.seed,
+                                 cache_path=p.run.sub("router", "features_train.npy"))  # fmt: skip
+    router.save(p.run.router)
+    p.run.add_metrics(router=metrics)
+    p.run.mark_stage("router", time.perf_counter() - start,
+                     holdout_accuracy=metrics.get("holdout_accuracy"))  # fmt: skip
+    log.info("router: holdout accuracy %.3f (chance %.3f)", metrics.get("holdout_accuracy") or 0,
+             metrics.get("chance_accuracy") or 0)  # fmt: skip
+    return router
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(p: Prepared, labels: np.ndarray, k: int) -> dict:
+    """Held-out (test split) losses: every expert and the warm-up adapter on every cluster's
+    test samples; routed by the router and by the gradient assignment (oracle)."""
+    import ray
+
+    from gs_ray.router import Router
+    from gs_ray.training import adapter_losses
+
+    start = time.perf_counter()
+    test = p.splits.test
+    adapters = {"warmup": str(p.run.warmup_adapter)}
+    adapters.update({f"expert_{c}": str(p.run.expert(c)) for c in range(k)})
+    pairs = [p.samples[i].pair for i in test]
+    resources = {"num_gpus": 1} if ray.cluster_resources().get("GPU") else {"num_cpus": 1}
+    task = ray.remote(adapter_losses).options(**resources)
+    per_sample = ray.get(task.remote(p.base_path, p.cfg.model, adapters, pairs, p.pad_id))
+    router = Router.load(p.run.router)
+    routed = router.predict([p.samples[i].prompt for i in test])
+    oracle = labels[test]
+    rows = np.arange(len(test))
+    experts = np.stack([per_sample[f"expert_{c}"] for c in range(k)])  # (k, n_test)
+    warm = per_sample["warmup"]
+    matrix = [[float(experts[e][oracle == c].mean()) if (oracle == c).any() else None
+               for c in range(k)] for e in range(k)]  # fmt: skip
+    out = {
+        "n_test": len(test),
+        "test_loss_warmup": float(warm.mean()),
+        "test_loss_routed": float(experts[routed, rows].mean()),
+        "test_loss_oracle": float(experts[oracle, rows].mean()),
+        "router_test_accuracy": float((routed == oracle).mean()),
+        "expert_vs_cluster_loss": matrix,
+        "own_cluster": [
+            {"cluster": c, "n": int((oracle == c).sum()),
+             "expert": matrix[c][c],
+             "warmup": float(warm[oracle == c].mean()) if (oracle == c).any() else None}
+            for c in range(k)
+        ],  # fmt: skip
+        "router_latency_ms": router.route_latency_ms([p.samples[i].prompt for i in test[:20]]),
+    }
+    p.run.add_metrics(evaluation=out)
+    p.run.mark_stage("evaluate", time.perf_counter() - start)
+    return out
+
+
+# --------------------------------------------------------------------------- the whole job
+
+
+def _assignments(p: Prepared) -> tuple[np.ndarray, int]:
+    rows = p.run.assignments()
+    labels = np.array([r["cluster"] for r in rows], dtype=np.int64)
+    ids = [r["id"] for r in rows]
+    if ids != [s.id for s in p.samples]:
+        raise RuntimeError(f"{p.run.assignments_path} does not match the data: re-run stage 2")
+    return labels, int(json.loads((p.run.stage2 / "k_selection.json").read_text())["chosen"]["k"])
+
+
+def _invalidate(run: RunDir, *stages: str) -> None:
+    m = run.manifest()
+    for stage in stages:
+        m.get("stages", {}).pop(stage, None)
+    write_json(run.manifest_path, m)
+
+
 def run(cfg: Config, resume: str | None = None) -> RunDir:
-    """The distributed pipeline on Ray (connects to the cluster, or starts a local Ray)."""
+    """Every stage on Ray: warm-up, (K with Tune), Stage II, experts, router, evaluation.
+
+    Connects to the cluster (inside ``ray job submit`` or with RAY_ADDRESS / run.ray_address),
+    or starts a local Ray. With ``resume``, stages whose outputs are complete are skipped."""
+    import shutil
+
+    from gs_ray import plots
     from gs_ray.ray_utils import init_ray
 
     log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
     p = prepare(cfg, RunDir(resume) if resume else None)
+    resuming = resume is not None
     if not p.run.stage_done("warmup"):
-        warmup_local(p)
+        warmup_ray(p, resume=resuming)
+        _invalidate(p.run, "tune", "stage2")
+    if cfg.clustering.k_selection == "tune" and not p.run.stage_done("tune"):
+        from gs_ray.tuning import tune_k
+
+        tune_k(p)
+        _invalidate(p.run, "stage2")
+    if cfg.clustering.k_selection == "tune":
+        p.cfg.clustering.n_clusters = p.run.manifest()["stages"]["tune"]["best_k"]
     if not p.run.stage_done("stage2"):
-        stage2_ray(p, resume=resume is not None)
+        stage2_ray(p, resume=resuming)
+        shutil.rmtree(p.run.path / "experts", ignore_errors=True)
+        _invalidate(p.run, "experts", "router", "evaluate")
+    labels, k = _assignments(p)
+    if not p.run.stage_done("experts") or not all(expert_complete(p.run.expert(c)) for c in range(k)):
+        experts_ray(p, labels, k, resume=resuming)
+        _invalidate(p.run, "evaluate")
+    if not p.run.stage_done("router"):
+        router_stage(p, labels, k)
+        _invalidate(p.run, "evaluate")
+    if not p.run.stage_done("evaluate"):
+        evaluate(p, labels, k)
+    plots.pipeline_plots(p.run, k)
+    log.info("done: %s", p.run.path)
     return p.run
 
 

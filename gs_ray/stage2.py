@@ -448,6 +448,9 @@ class GradientWorker:
         return {"busy_seconds": self.busy_seconds, "pid": os.getpid(),
                 "recomputed": self.recomputed}  # fmt: skip
 
+    def layout(self) -> dict[str, Any]:
+        return self.computer.layout()
+
 
 def _was_reconstructed() -> bool:
     """True inside a Ray actor that has been restarted after a crash."""
@@ -466,7 +469,7 @@ def worker_actor_class():
     cls = type("GradientWorker", (GradientWorker,), {})
     for name, group in (("gradients", "compute"), ("compute", "compute"),
                         ("final_labels", "compute"), ("reduce", "io"),
-                        ("evict_sums", "io"), ("stats", "io")):  # fmt: skip
+                        ("evict_sums", "io"), ("stats", "io"), ("layout", "io")):  # fmt: skip
         setattr(cls, name, ray.method(concurrency_group=group)(getattr(GradientWorker, name)))
     return ray.remote(concurrency_groups={"compute": 1, "io": 1})(cls)
 
@@ -634,6 +637,7 @@ def run_stage2_ray(
         })  # fmt: skip
     result = ray.get(host.result.remote())
     worker_stats = ray.get([w.stats.remote() for w in workers])
+    result["layout"] = ray.get(workers[0].layout.remote())
     for actor in [*workers, host]:
         ray.kill(actor)
     result["worker_busy_seconds"] = [w["busy_seconds"] for w in worker_stats]

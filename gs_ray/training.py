@@ -3,6 +3,11 @@
 ``train_adapter`` is the one training loop. It drives an *engine* with DeepSpeed's interface
 (``engine.backward(loss)``, ``engine.step()``): a ``deepspeed.DeepSpeedEngine`` inside Ray Train,
 or ``TorchEngine`` (a plain AdamW loop) in the single-process reference pipeline and tests.
+
+On Ray: ``train_on_ray(AdapterJob, ...)`` is one Ray Train ``TorchTrainer`` run whose workers
+build the model, wrap it with ``deepspeed.initialize`` and run ``train_adapter``, checkpointing
+the adapter every epoch; ``train_many_on_ray`` runs the K experts as K such runs at once, each
+with its own retries. docs/training.md explains the choices and the measured costs.
 """
 
 from __future__ import annotations
@@ -140,8 +145,6 @@ FORWARDED_ENV = (
     "TOKENIZERS_PARALLELISM",
     "TORCH_EXTENSIONS_DIR",
 )
-# Retries of a failed run when the config has no ``max_failures`` (TrainingConfig, WarmupConfig).
-DEFAULT_MAX_FAILURES = 1
 _STATE_FILE = "train_state.json"
 _ATTEMPTS_LOG = "attempts.jsonl"
 _ADAPTER_DIR = "adapter"
@@ -175,13 +178,18 @@ def train_on_ray(
     train_cfg: TrainingConfig,
     pad_id: int,
     storage_path: str,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train one LoRA adapter with Ray Train + DeepSpeed; the adapter lands in job.output_dir.
+
+    Ray Train keeps the run under ``storage_path/job.name`` (an absolute path every node can
+    reach). ``resume=False`` deletes what an earlier run of that name left there and starts over;
+    ``resume=True`` continues from its last checkpoint (after a driver crash, say).
 
     Returns the run's record (see ``_run_job``). Raises ``AdapterTrainingError`` (carrying that
     record) when the run failed after ``max_failures`` retries.
     """
-    record = _run_job(job, model_cfg, lora_cfg, train_cfg, pad_id, storage_path)
+    record = _run_job(job, model_cfg, lora_cfg, train_cfg, pad_id, storage_path, resume)
     if not record["ok"]:
         raise AdapterTrainingError(record)
     return record
@@ -196,6 +204,7 @@ def train_many_on_ray(
     storage_path: str,
     parallel: bool | None = None,
     max_concurrent: int | None = None,
+    resume: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Train several adapters (the K experts), each its own Ray Train run; records by job name.
 
@@ -204,7 +213,7 @@ def train_many_on_ray(
     train at a time (a run whose workers do not fit waits for its placement group).
     ``max_concurrent`` caps the number of runs in flight on top of that. A run that fails is
     retried on its own (``max_failures``) and, if it still fails, comes back with ``ok: False``
-    and its error; the other runs' records are unaffected.
+    and its error; the other runs' records are unaffected. ``resume`` as in ``train_on_ray``.
     """
     _check_storage_path(storage_path)
     names = [j.name for j in jobs]
@@ -216,7 +225,11 @@ def train_many_on_ray(
     _ensure_ray()
 
     def run(job: AdapterJob) -> dict[str, Any]:
-        return _run_job(job, model_cfg, lora_cfg, train_cfg, pad_id, storage_path)
+        try:
+            return _run_job(job, model_cfg, lora_cfg, train_cfg, pad_id, storage_path, resume)
+        except Exception as e:  # set-up or export errors: this job fails, the others go on
+            log.exception("%s: could not run", job.name)
+            return {"name": job.name, "ok": False, "error": f"{type(e).__name__}: {e}"}
 
     if width == 1:
         return {job.name: run(job) for job in jobs}
@@ -299,14 +312,16 @@ def _run_job(
     train_cfg: TrainingConfig,
     pad_id: int,
     storage_path: str,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run one TorchTrainer to the end; the record of the run, never raising for a failed run.
 
-    The record: name, ok, error, attempts, attempt_history (per attempt: start, end or crashed;
-    wall clock, rank 0), seconds/start/end (driver), and from the rank-0
-    worker: engine (class name of the running engine), zero_stage (as the engine reports it),
-    world_size, device, losses (one per optimizer step, mean over ranks), steps, epochs_done,
-    resumed_from_epoch, deepspeed_init_s, train_start/train_end (wall clock), output_dir.
+    The record: name, ok, error, output_dir, attempts, attempt_history (per attempt: start and
+    end, crashed or failed; wall clock, from rank 0), start/end/seconds (driver, wall clock); and
+    when it succeeded, from the rank-0 worker: engine (class name of the running engine),
+    zero_stage (as the engine reports it), world_size, device, losses (one per optimizer step,
+    mean over ranks, across attempts), steps, epochs_done, resumed_from_epoch,
+    deepspeed_init_s, worker_start/train_start/train_end (last attempt, wall clock), checkpoint.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -314,8 +329,11 @@ def _run_job(
     _check_storage_path(storage_path)
     _ensure_ray()
     use_gpu = resolve_use_gpu(train_cfg)
-    max_failures = int(getattr(train_cfg, "max_failures", DEFAULT_MAX_FAILURES))
+    max_failures = int(train_cfg.max_failures)
     markers = _marker_dir(storage_path, job.name)
+    if not resume:  # Ray Train V2 would otherwise restore an earlier run of the same name
+        shutil.rmtree(Path(storage_path) / job.name, ignore_errors=True)
+        shutil.rmtree(markers, ignore_errors=True)
     markers.mkdir(parents=True, exist_ok=True)
     (markers / _ATTEMPTS_LOG).write_text("")  # the attempts of this call
     resources = {"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
@@ -380,11 +398,11 @@ def _export_adapter(checkpoint, target: Path) -> None:
     """Copy the checkpoint's peft adapter folder to ``target`` (replacing what was there)."""
     with checkpoint.as_directory() as folder:
         source = Path(folder) / _ADAPTER_DIR
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp)
         shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, target)
 
 
@@ -600,3 +618,38 @@ def _worker_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+def adapter_losses(
+    base_path: str,
+    model_cfg: ModelConfig,
+    adapters: dict[str, str],
+    pairs: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int = 16,
+) -> dict[str, np.ndarray]:
+    """Per-sample mean response loss of each named adapter on the same samples: one base model,
+    the adapters loaded side by side with peft and switched with ``set_adapter``."""
+    from peft import PeftModel
+
+    from gs_ray.models import resolve_device
+
+    base = load_base_model(base_path, model_cfg, resolve_device(model_cfg.device))
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            model.set_adapter(name)
+            losses = np.empty(len(pairs))
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = collate([pairs[i] for i in chunk], pad_id).to(device)
+                losses[chunk] = per_sample_loss(model, batch).float().cpu().numpy()
+            out[name] = losses
+    return out

@@ -1,0 +1,134 @@
+"""Stage II on Ray: is the central centroid actor a bottleneck, and do gradient workers scale?
+
+Runs Stage II (one online epoch and the final pass) of the embedded default on a local Ray with
+1 and with 2 gradient workers (one CPU and one torch thread each: one core against two), for
+each transport, and reports per pass:
+
+* bytes moved into the centroid actor per sample,
+* the share of the pass's wall time the centroid actor is busy,
+* samples/s and the speed-up of 2 workers over 1.
+
+    python benchmarks/stage2_scaling.py --json benchmarks/results/stage2_scaling.json
+
+Targets on a 2-core machine: centroid actor busy <= 10% of the pass; 2 workers >= 1.5x one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -> dict:
+    """One Stage II run; returns per-pass figures of the online epoch and the final pass."""
+    from gs_ray.config import Config
+    from gs_ray.stage2 import Stage2Plan, run_stage2_ray
+
+    c = Config.from_dict(cfg.to_dict())
+    c.stage2.num_workers = workers
+    c.stage2.transport = transport
+    c.stage2.checkpoint_every = 0
+    p = prepared
+    plan = Stage2Plan.build(p.lengths, p.splits, c)
+    start = time.perf_counter()
+    out, timing = run_stage2_ray(
+        plan, p.samples, c, p.base_path, str(p.run.warmup_adapter), p.pad_id, checkpoint_dir
+    )
+    total = time.perf_counter() - start
+    rows = {}
+    for ps in timing.passes:
+        if ps["phase"] == "val":
+            continue
+        rows[ps["phase"]] = {
+            "seconds": ps["seconds"],
+            "samples_per_s": ps["samples"] / ps["seconds"],
+            "centroid_busy_fraction": ps["centroid_busy_seconds"] / ps["seconds"],
+            "bytes_per_sample": ps["bytes_in"] / ps["samples"],
+        }
+    return {"workers": workers, "transport": transport, "total_seconds": total,
+            "labels": out["labels"], "passes": rows}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--samples", type=int, default=1200, help="demo corpus size")
+    parser.add_argument("--transports", default="gradients,partial_sums")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+    import ray
+
+    from gs_ray.cli import setup_logging
+    from gs_ray.config import Config
+    from gs_ray.pipeline import prepare, warmup_local
+    from gs_ray.rundir import versions
+
+    setup_logging("WARNING")
+    tmp = Path(tempfile.mkdtemp(prefix="gsr-bench-"))
+    cfg = Config()
+    cfg.data.demo_size = args.samples
+    cfg.clustering.max_epochs = 1
+    cfg.run.output_dir, cfg.run.name = str(tmp), "bench"
+    prepared = prepare(cfg)
+    warmup_local(prepared)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    results = []
+    try:
+        for transport in args.transports.split(","):
+            for workers in (1, 2):
+                results.append(measure(prepared, cfg, workers, transport, tmp / f"ckpt-{transport}-{workers}"))
+    finally:
+        ray.shutdown()
+
+    print(f"\nStage II scaling, embedded default, {len(prepared.samples)} samples, "
+          f"{platform.machine()} {os.cpu_count()} CPUs")  # fmt: skip
+    print(f"{'transport':<13}{'workers':>8}{'pass':>8}{'s':>8}{'samples/s':>11}{'busy %':>8}{'KB/sample':>11}")
+    for r in results:
+        for phase, ps in r["passes"].items():
+            print(f"{r['transport']:<13}{r['workers']:>8}{phase:>8}{ps['seconds']:>8.1f}"
+                  f"{ps['samples_per_s']:>11.1f}{100 * ps['centroid_busy_fraction']:>8.2f}"
+                  f"{ps['bytes_per_sample'] / 1024:>11.1f}")  # fmt: skip
+    by = {(r["transport"], r["workers"]): r for r in results}
+    exact1, exact2 = by[("gradients", 1)], by[("gradients", 2)]
+    online = "online"
+    speedup = exact2["passes"][online]["samples_per_s"] / exact1["passes"][online]["samples_per_s"]
+    busy = max(r["passes"][online]["centroid_busy_fraction"] for r in results)
+    summary = {
+        "speedup_2_workers": speedup,
+        "centroid_busy_fraction": busy,
+        "bytes_per_sample": exact2["passes"][online]["bytes_per_sample"],
+        "same_assignments_1_vs_2_workers": bool(np.array_equal(exact1["labels"], exact2["labels"])),
+    }
+    if ("partial_sums", 2) in by:
+        ps2 = by[("partial_sums", 2)]
+        summary["bytes_per_sample_partial_sums"] = ps2["passes"][online]["bytes_per_sample"]
+        summary["partial_sums_speedup_2_workers"] = (
+            ps2["passes"][online]["samples_per_s"]
+            / by[("partial_sums", 1)]["passes"][online]["samples_per_s"]
+        )
+        summary["same_assignments_partial_sums"] = bool(np.array_equal(exact2["labels"], ps2["labels"]))
+    print(f"\nspeed-up of 2 workers over 1 (online pass): {speedup:.2f}x (target >= 1.5)")
+    print(f"centroid actor busy, worst online pass: {100 * busy:.2f}% (target <= 10%)")
+    print(f"bytes into the centroid actor per sample: {summary['bytes_per_sample']:.0f}")
+    for k, v in summary.items():
+        if k.startswith("same_") or "partial" in k:
+            print(f"{k}: {v}")
+    report = {**summary, "runs": [{k: v for k, v in r.items() if k != "labels"} for r in results],
+              "samples": len(prepared.samples), "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
