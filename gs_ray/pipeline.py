@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from gs_ray.clustering import GradientSpaceClustering, within_cluster_variance
 from gs_ray.config import Config
@@ -99,7 +98,6 @@ def warmup_local(p: Prepared) -> Path:
     model = add_lora(load_base_model(p.base_path, cfg.model), cfg.lora, cfg.run.seed)
     warm = p.subset(p.splits.warmup)
     before = mean_loss(model, warm, p.pad_id)
-    torch.manual_seed(cfg.run.seed)  # LoRA dropout draws from the global generator
     losses = train_adapter(TorchEngine(model, cfg.warmup), warm, cfg.warmup, p.pad_id, cfg.run.seed)
     after = mean_loss(model, warm, p.pad_id)
     model.save_pretrained(str(p.run.warmup_adapter))
@@ -270,7 +268,7 @@ def experts_ray(p: Prepared, labels: np.ndarray, k: int, resume: bool = False) -
     is complete are kept; a cluster with no training sample gets a copy of the warm-up adapter."""
     import shutil
 
-    from gs_ray.training import AdapterJob, train_many_on_ray
+    from gs_ray.training import AdapterJob, discard_run, finished_run, train_many_on_ray
 
     start = time.perf_counter()
     cfg, run = p.cfg, p.run
@@ -293,6 +291,11 @@ def experts_ray(p: Prepared, labels: np.ndarray, k: int, resume: bool = False) -
             samples=[p.samples[i].pair for i in members], init_adapter=str(run.warmup_adapter),
             seed=cfg.run.seed + 1 + c,
         ))  # fmt: skip
+    for job in jobs:
+        # A resume continues an interrupted training from its checkpoint; an expert whose run
+        # had finished but whose folder is gone (deleted) is trained again from the warm-up.
+        if not resume or finished_run(storage_path(p), job.name, cfg.experts):
+            discard_run(storage_path(p), job.name)
     records = {}
     if jobs:
         log.info("training %d experts (%s), %s", len(jobs), ", ".join(j.name for j in jobs),
@@ -374,9 +377,12 @@ def evaluate(p: Prepared, labels: np.ndarray, k: int) -> dict:
         "router_test_accuracy": float((routed == oracle).mean()),
         "expert_vs_cluster_loss": matrix,
         "own_cluster": [
-            {"cluster": c, "n": int((oracle == c).sum()),
-             "expert": matrix[c][c],
-             "warmup": float(warm[oracle == c].mean()) if (oracle == c).any() else None}
+            {
+                "cluster": c,
+                "n": int((oracle == c).sum()),
+                "expert": matrix[c][c],
+                "warmup": float(warm[oracle == c].mean()) if (oracle == c).any() else None,
+            }
             for c in range(k)
         ],  # fmt: skip
         "router_latency_ms": router.route_latency_ms([p.samples[i].prompt for i in test[:20]]),
@@ -433,7 +439,9 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
         shutil.rmtree(p.run.path / "experts", ignore_errors=True)
         _invalidate(p.run, "experts", "router", "evaluate")
     labels, k = _assignments(p)
-    if not p.run.stage_done("experts") or not all(expert_complete(p.run.expert(c)) for c in range(k)):
+    if not p.run.stage_done("experts") or not all(
+        expert_complete(p.run.expert(c)) for c in range(k)
+    ):
         experts_ray(p, labels, k, resume=resuming)
         _invalidate(p.run, "evaluate")
     if not p.run.stage_done("router"):

@@ -128,13 +128,20 @@ def pipeline_plots(run: RunDir, k: int) -> list[str]:
         out.append(loss_curves_plot(run, curves, "training_loss.png", "LoRA training loss"))
     ev = run.metrics().get("evaluation")
     if ev and ev.get("expert_vs_cluster_loss"):
-        m = np.array([[np.nan if v is None else v for v in row] for row in ev["expert_vs_cluster_loss"]])
+        m = np.array(
+            [[np.nan if v is None else v for v in row] for row in ev["expert_vs_cluster_loss"]]
+        )
         fig, ax = plt.subplots(figsize=(1.2 * k + 3, 1.0 * k + 2))
         im = ax.imshow(m, cmap="viridis_r")
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
-        ax.set(xlabel="cluster of the test samples", ylabel="expert", xticks=range(k),
-               yticks=range(k), title="Held-out loss: expert x cluster (diagonal = own)")
+        ax.set(
+            xlabel="cluster of the test samples",
+            ylabel="expert",
+            xticks=range(k),
+            yticks=range(k),
+            title="Held-out loss: expert x cluster (diagonal = own)",
+        )
         fig.colorbar(im, ax=ax, shrink=0.8)
         out.append(_save(fig, run, "expert_cluster_loss.png"))
     tune = run.path / "tune" / "results.json"
@@ -151,8 +158,9 @@ def tune_plot(run: RunDir, table: list[dict]) -> str:
     ax.plot(ks, [r["val_loss"] for r in table], marker="o", color="tab:blue", label="val loss")
     ax.set(xlabel="K", ylabel="validation loss of routed experts", title="K with Ray Tune")
     ax2 = ax.twinx()
-    ax2.plot(ks, [r["silhouette"] for r in table], marker="s", color="tab:orange",
-             label="silhouette")
+    ax2.plot(
+        ks, [r["silhouette"] for r in table], marker="s", color="tab:orange", label="silhouette"
+    )
     ax2.set_ylabel("silhouette")
     best = min(table, key=lambda r: r["val_loss"])
     ax.axvline(best["k"], color="tab:red", ls="--", lw=1, label=f"best K={best['k']}")

@@ -88,6 +88,7 @@ def train_adapter(
     """
     module = engine.module
     module.train()
+    torch.manual_seed(seed * 7919 + rank)  # LoRA dropout draws from the global generator
     device = next(module.parameters()).device
     lengths = np.array([len(s) for s in samples])
     index = np.arange(len(samples))
@@ -298,6 +299,25 @@ def deepspeed_config(
 def _check_storage_path(storage_path: str) -> None:
     if not os.path.isabs(storage_path):
         raise ValueError(f"storage_path must be an absolute path (Ray Train), got {storage_path!r}")
+
+
+def finished_run(storage_path: str, name: str, train_cfg: TrainingConfig) -> bool:
+    """True when Ray Train's folder for run ``name`` holds a checkpoint taken at its end (the
+    last epoch, or ``max_steps`` reached)."""
+    for path in Path(storage_path, name).glob(f"checkpoint_*/{_STATE_FILE}"):
+        state = json.loads(path.read_text())
+        steps = len(state.get("losses", []))
+        if state.get("epoch", 0) >= train_cfg.epochs or (
+            train_cfg.max_steps and steps >= train_cfg.max_steps
+        ):
+            return True
+    return False
+
+
+def discard_run(storage_path: str, name: str) -> None:
+    """Forget an earlier run of that name (its checkpoints and gs-ray's bookkeeping)."""
+    shutil.rmtree(Path(storage_path, name), ignore_errors=True)
+    shutil.rmtree(_marker_dir(storage_path, name), ignore_errors=True)
 
 
 def _marker_dir(storage_path: str, name: str) -> Path:

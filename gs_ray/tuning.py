@@ -27,7 +27,9 @@ from gs_ray.rundir import write_json
 log = logging.getLogger(__name__)
 
 
-def sample_gradients(base_path: str, cfg: Config, adapter: str, pad_id: int, pairs: list) -> np.ndarray:
+def sample_gradients(
+    base_path: str, cfg: Config, adapter: str, pad_id: int, pairs: list
+) -> np.ndarray:
     """Per-sample gradients of ``pairs`` with the warm-up adapter (run as a Ray task)."""
     from gs_ray.stage2 import GradientComputer
 
