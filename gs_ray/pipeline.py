@@ -324,25 +324,54 @@ def experts_ray(p: Prepared, labels: np.ndarray, k: int, resume: bool = False) -
 # --------------------------------------------------------------------------- router
 
 
-def router_stage(p: Prepared, labels: np.ndarray, k: int):
-    """Train the router (frozen encoder + linear head) on the training prompts' clusters."""
+def task_resources(cpus: int = 2) -> dict:
+    """Ray resources for a one-off model task: a GPU where the cluster has one, else CPUs."""
+    import ray
+
+    res = ray.cluster_resources()
+    if res.get("GPU"):
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": max(1, min(cpus, int(res.get("CPU", 1))))}
+
+
+def _fit_router_task(texts, labels, k, cfg, seed, cache_path, folder) -> dict:
     from gs_ray.router import fit_router
+
+    router, metrics = fit_router(texts, labels, k, cfg, seed, cache_path=cache_path)
+    router.save(folder)
+    return metrics
+
+
+def router_stage(p: Prepared, labels: np.ndarray, k: int) -> dict:
+    """Train the router (frozen encoder + linear head) on the training prompts' clusters, in a
+    Ray task (on a GPU where there is one), and save it in the run directory."""
+    import ray
 
     start = time.perf_counter()
     train = p.splits.train
     texts = [p.samples[i].prompt for i in train]
-    router, metrics = fit_router(texts, labels[train], k, p.cfg.router, p.cfg.run.seed,
-                                 cache_path=p.run.sub("router", "features_train.npy"))  # fmt: skip
-    router.save(p.run.router)
+    task = ray.remote(_fit_router_task).options(**task_resources())
+    metrics = ray.get(task.remote(texts, labels[train], k, p.cfg.router, p.cfg.run.seed,
+                                  str(p.run.sub("router", "features_train.npy")),
+                                  str(p.run.router)))  # fmt: skip
     p.run.add_metrics(router=metrics)
     p.run.mark_stage("router", time.perf_counter() - start,
                      holdout_accuracy=metrics.get("holdout_accuracy"))  # fmt: skip
     log.info("router: holdout accuracy %.3f (chance %.3f)", metrics.get("holdout_accuracy") or 0,
              metrics.get("chance_accuracy") or 0)  # fmt: skip
-    return router
+    return metrics
 
 
 # --------------------------------------------------------------------------- evaluation
+
+
+def _evaluate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder, prompts):
+    from gs_ray.router import Router
+    from gs_ray.training import adapter_losses
+
+    losses = adapter_losses(base_path, model_cfg, adapters, pairs, pad_id)
+    router = Router.load(router_folder)
+    return losses, router.predict(prompts), router.route_latency_ms(prompts[:20])
 
 
 def evaluate(p: Prepared, labels: np.ndarray, k: int) -> dict:
@@ -350,25 +379,24 @@ def evaluate(p: Prepared, labels: np.ndarray, k: int) -> dict:
     test samples; routed by the router and by the gradient assignment (oracle)."""
     import ray
 
-    from gs_ray.router import Router
-    from gs_ray.training import adapter_losses
-
     start = time.perf_counter()
     test = p.splits.test
     adapters = {"warmup": str(p.run.warmup_adapter)}
     adapters.update({f"expert_{c}": str(p.run.expert(c)) for c in range(k)})
-    pairs = [p.samples[i].pair for i in test]
-    resources = {"num_gpus": 1} if ray.cluster_resources().get("GPU") else {"num_cpus": 1}
-    task = ray.remote(adapter_losses).options(**resources)
-    per_sample = ray.get(task.remote(p.base_path, p.cfg.model, adapters, pairs, p.pad_id))
-    router = Router.load(p.run.router)
-    routed = router.predict([p.samples[i].prompt for i in test])
+    task = ray.remote(_evaluate_task).options(**task_resources())
+    per_sample, routed, latency = ray.get(task.remote(
+        p.base_path, p.cfg.model, adapters, [p.samples[i].pair for i in test], p.pad_id,
+        str(p.run.router), [p.samples[i].prompt for i in test],
+    ))  # fmt: skip
     oracle = labels[test]
     rows = np.arange(len(test))
     experts = np.stack([per_sample[f"expert_{c}"] for c in range(k)])  # (k, n_test)
     warm = per_sample["warmup"]
-    matrix = [[float(experts[e][oracle == c].mean()) if (oracle == c).any() else None
-               for c in range(k)] for e in range(k)]  # fmt: skip
+
+    def mean(values, mask):
+        return float(values[mask].mean()) if mask.any() else None
+
+    matrix = [[mean(experts[e], oracle == c) for c in range(k)] for e in range(k)]
     out = {
         "n_test": len(test),
         "test_loss_warmup": float(warm.mean()),
@@ -381,14 +409,18 @@ def evaluate(p: Prepared, labels: np.ndarray, k: int) -> dict:
                 "cluster": c,
                 "n": int((oracle == c).sum()),
                 "expert": matrix[c][c],
-                "warmup": float(warm[oracle == c].mean()) if (oracle == c).any() else None,
+                "warmup": mean(warm, oracle == c),
             }
             for c in range(k)
         ],  # fmt: skip
-        "router_latency_ms": router.route_latency_ms([p.samples[i].prompt for i in test[:20]]),
+        "router_latency_ms": latency,
     }
     p.run.add_metrics(evaluation=out)
     p.run.mark_stage("evaluate", time.perf_counter() - start)
+    log.info("held-out loss: warm-up %.4f, routed experts %.4f (oracle routing %.4f); "
+             "router agrees with the gradient clusters on %.1f%% of test prompts",
+             out["test_loss_warmup"], out["test_loss_routed"], out["test_loss_oracle"],
+             100 * out["router_test_accuracy"])  # fmt: skip
     return out
 
 

@@ -60,6 +60,30 @@ def show(path: str | Path) -> str:
                 + f"  {sum(vals)}"
             )
     metrics = run.metrics()
+    experts = sorted(
+        run.path.glob("experts/expert_*/expert.json"),
+        key=lambda p: int(p.parent.name.split("_")[1]),
+    )
+    ev = metrics.get("evaluation", {})
+    own = {row["cluster"]: row for row in ev.get("own_cluster", [])}
+    if experts:
+        lines.append("experts (held-out loss on their own cluster vs the warm-up adapter):")
+        for path in experts:
+            e = json.loads(path.read_text())
+            c = e["cluster"]
+            row = own.get(c, {})
+            held = (f"{row['expert']:.4f} vs {row['warmup']:.4f}"
+                    if row.get("expert") is not None else "-")  # fmt: skip
+            lines.append(f"  expert {c}: {e.get('n_train', 0)} samples, {e.get('steps', 0)} steps, "
+                         f"{e.get('engine', 'copied warm-up')}, held-out {held}")  # fmt: skip
+    if "router" in metrics:
+        r = metrics["router"]
+        lines.append(f"router: holdout accuracy {r.get('holdout_accuracy')} "
+                     f"(chance {r.get('chance_accuracy')})")  # fmt: skip
+    if ev:
+        lines.append(f"held-out loss: warm-up {ev['test_loss_warmup']:.4f}, routed experts "
+                     f"{ev['test_loss_routed']:.4f}, oracle routing {ev['test_loss_oracle']:.4f}; "
+                     f"router latency {ev.get('router_latency_ms', 0):.1f} ms/prompt")  # fmt: skip
     if metrics:
         lines.append("metrics:")
         for key, value in metrics.items():

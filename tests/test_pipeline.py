@@ -1,0 +1,174 @@
+"""End to end on the embedded default, submitted with `ray job submit` to a `ray start --head`
+cluster: every stage, every artifact, and the properties the stages promise.
+
+One job run serves all tests of this module (it takes minutes); the tests that change the run
+directory come last.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def job_run(ray_cluster, tmp_path_factory):
+    """Submit the embedded-default job; wait for SUCCEEDED; return its run directory."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out_dir = tmp_path_factory.mktemp("e2e") / "runs"
+    job_id = f"gs-ray-e2e-{int(time.time())}"
+    cmd = [
+        str(Path(sys.executable).with_name("ray")), "job", "submit",
+        "--address", ray_cluster.dashboard_url, "--working-dir", str(ROOT),
+        "--submission-id", job_id, "--",
+        "python", "jobs/gradientspace.py", "--output-dir", str(out_dir), "--run.name", "job",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=ray_cluster.env(), capture_output=True, text=True, timeout=1800)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+    assert (
+        JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(job_id) == JobStatus.SUCCEEDED
+    )
+    run_dir = out_dir / "job"
+    return {"dir": run_dir, "log": proc.stdout, "seconds": seconds}
+
+
+def _manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_every_stage_ran_on_ray_within_budget(job_run):
+    m = _manifest(job_run["dir"])
+    assert list(m["stages"]) == ["prepare", "warmup", "stage2", "experts", "router", "evaluate"]
+    assert m["stages"]["stage2"]["executor"] == "ray"
+    assert m["stages"]["stage2"]["workers"] == 2  # one gradient worker per CPU
+    assert m["data"]["used"] >= 2000 and m["data"]["splits"]["test"] > 0
+    assert sum(s["seconds"] for s in m["stages"].values()) < 15 * 60
+    assert "stage2 online epoch 1" in job_run["log"]  # progress lines reach the job log
+
+
+def test_deepspeed_is_the_training_engine(job_run):
+    m = _manifest(job_run["dir"])
+    assert m["stages"]["warmup"]["engine"] == "DeepSpeedEngine"
+    assert m["stages"]["warmup"]["zero_stage"] == m["config"]["warmup"]["zero_stage"]
+    assert m["stages"]["experts"]["engines"] == ["DeepSpeedEngine"]
+    k = m["stages"]["stage2"]["k"]
+    for c in range(k):
+        record = json.loads(
+            (job_run["dir"] / "experts" / f"expert_{c}" / "expert.json").read_text()
+        )
+        assert record["engine"] == "DeepSpeedEngine"
+        assert record["zero_stage"] == m["config"]["experts"]["zero_stage"]
+
+
+def test_artifacts_exist_and_load(job_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gs_ray.router import Router
+
+    run_dir = job_run["dir"]
+    m = _manifest(run_dir)
+    k = m["stages"]["stage2"]["k"]
+    rows = [json.loads(line) for line in (run_dir / "stage2" / "assignments.jsonl").open()]
+    assert len(rows) == m["data"]["used"]
+    assert {r["cluster"] for r in rows if r["split"] == "train"} == set(range(k))
+    table = json.loads((run_dir / "stage2" / "k_selection.json").read_text())
+    assert table["chosen"]["k"] == k and len(table["table"]) >= 4
+    centroids = np.load(run_dir / "stage2" / "centroids.npy")
+    layout = json.loads((run_dir / "stage2" / "param_names.json").read_text())
+    assert centroids.shape == (k, layout["dim"]) and np.isfinite(centroids).all()
+    # Plain Hugging Face / peft loading, no gs-ray code.
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")
+    AutoTokenizer.from_pretrained(run_dir / "base_model")
+    model = PeftModel.from_pretrained(base, run_dir / "warmup" / "adapter", adapter_name="warmup")
+    for c in range(k):
+        model.load_adapter(run_dir / "experts" / f"expert_{c}", adapter_name=f"expert_{c}")
+    router = Router.load(run_dir / "router")
+    assert router.n_clusters == k
+    assert router.predict(["Write a Python function that reverses a string."])[0] in range(k)
+    plots = {p.name for p in (run_dir / "plots").iterdir()}
+    assert {"explained_variance.png", "silhouette_vs_k.png", "cluster_domains.png",
+            "training_loss.png", "expert_cluster_loss.png"} <= plots  # fmt: skip
+    from gs_ray.report import show
+
+    summary = show(run_dir)
+    assert "K selection" in summary and "experts" in summary and "router" in summary
+
+
+def test_experts_specialise(job_run):
+    """Experts moved away from the warm-up adapter, and each is better than the warm-up adapter
+    on held-out samples of its own cluster."""
+    from safetensors.numpy import load_file
+
+    run_dir = job_run["dir"]
+    k = _manifest(run_dir)["stages"]["stage2"]["k"]
+    warm = load_file(run_dir / "warmup" / "adapter" / "adapter_model.safetensors")
+    for c in range(k):
+        expert = load_file(run_dir / "experts" / f"expert_{c}" / "adapter_model.safetensors")
+        assert expert.keys() == warm.keys()
+        assert max(np.abs(expert[n] - warm[n]).max() for n in warm) > 1e-4
+    ev = _metrics(run_dir)["evaluation"]
+    for row in ev["own_cluster"]:
+        assert row["n"] > 0
+        assert row["expert"] < row["warmup"], row
+
+
+def test_router_is_well_above_chance(job_run):
+    metrics = _metrics(job_run["dir"])["router"]
+    assert metrics["holdout_accuracy"] >= max(0.8, metrics["chance_accuracy"] + 0.3)
+
+
+def test_partial_sums_transport_equals_exact_on_the_embedded_default(job_run, tmp_path):
+    """Stage II again on the same run (same warm-up adapter) with partial sums: same clusters."""
+    from gs_ray.pipeline import prepare
+    from gs_ray.rundir import RunDir
+    from gs_ray.stage2 import Stage2Plan, run_stage2_ray
+
+    run = RunDir(job_run["dir"])
+    cfg = run.config()
+    cfg.stage2.transport = "partial_sums"
+    p = prepare(cfg, run)
+    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+    out, _ = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(run.warmup_adapter), p.pad_id,
+                            tmp_path / "checkpoint")  # fmt: skip
+    exact = np.array([r["cluster"] for r in run.assignments()])
+    np.testing.assert_array_equal(out["labels"], exact)
+
+
+def test_resume_after_deleting_one_expert_retrains_only_that_expert(job_run):
+    import shutil
+
+    run_dir = job_run["dir"]
+    before = {
+        c: (run_dir / "experts" / f"expert_{c}" / "expert.json").read_text() for c in range(2)
+    }
+    shutil.rmtree(run_dir / "experts" / "expert_1")
+    from gs_ray.pipeline import run as run_pipeline
+    from gs_ray.rundir import RunDir
+
+    run_pipeline(RunDir(run_dir).config(), resume=str(run_dir))
+    m = _manifest(run_dir)
+    k = m["stages"]["stage2"]["k"]
+    assert m["stages"]["experts"]["trained"] == [1]
+    assert m["stages"]["experts"]["kept"] == [c for c in range(k) if c != 1]
+    assert (run_dir / "experts" / "expert_0" / "expert.json").read_text() == before[0]
+    record = json.loads((run_dir / "experts" / "expert_1" / "expert.json").read_text())
+    assert record["resumed_from_epoch"] == 0 and record["steps"] > 0
+    assert m["stages"]["stage2"]["resumed_from"] is None  # Stage II was not redone
