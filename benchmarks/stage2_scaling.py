@@ -85,13 +85,17 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for transport in args.transports.split(","):
             for workers in (1, 2):
-                results.append(measure(prepared, cfg, workers, transport, tmp / f"ckpt-{transport}-{workers}"))
+                results.append(
+                    measure(prepared, cfg, workers, transport, tmp / f"ckpt-{transport}-{workers}")
+                )
     finally:
         ray.shutdown()
 
     print(f"\nStage II scaling, embedded default, {len(prepared.samples)} samples, "
           f"{platform.machine()} {os.cpu_count()} CPUs")  # fmt: skip
-    print(f"{'transport':<13}{'workers':>8}{'pass':>8}{'s':>8}{'samples/s':>11}{'busy %':>8}{'KB/sample':>11}")
+    print(
+        f"{'transport':<13}{'workers':>8}{'pass':>8}{'s':>8}{'samples/s':>11}{'busy %':>8}{'KB/sample':>11}"
+    )
     for r in results:
         for phase, ps in r["passes"].items():
             print(f"{r['transport']:<13}{r['workers']:>8}{phase:>8}{ps['seconds']:>8.1f}"
@@ -115,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
             ps2["passes"][online]["samples_per_s"]
             / by[("partial_sums", 1)]["passes"][online]["samples_per_s"]
         )
-        summary["same_assignments_partial_sums"] = bool(np.array_equal(exact2["labels"], ps2["labels"]))
+        summary["same_assignments_partial_sums"] = bool(
+            np.array_equal(exact2["labels"], ps2["labels"])
+        )
     print(f"\nspeed-up of 2 workers over 1 (online pass): {speedup:.2f}x (target >= 1.5)")
     print(f"centroid actor busy, worst online pass: {100 * busy:.2f}% (target <= 10%)")
     print(f"bytes into the centroid actor per sample: {summary['bytes_per_sample']:.0f}")

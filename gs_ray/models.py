@@ -70,10 +70,16 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when it is there."""
+    """'auto' picks CUDA when it is there; asking for CUDA where there is none is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"model.device: expected auto | cpu | cuda[:N], got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device is {name!r} but this machine has no CUDA device")
+    return device
 
 
 def _publish(target: Path, write) -> None:
@@ -91,14 +97,14 @@ def _publish(target: Path, write) -> None:
 
 def train_demo_tokenizer(vocab_size: int, cache: Path) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the demo corpus (seed 0), cached by vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     from gs_ray.demo_data import build_demo_corpus
 
     corpus = build_demo_corpus(seed=0)
     texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in corpus]
     digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
-    folder = cache / "tokenizers" / f"demo-bpe-{vocab_size}-{digest}"
+    folder = cache / "tokenizers" / f"demo-bpe2-{vocab_size}-{digest}"
     if (folder / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -111,6 +117,11 @@ def train_demo_tokenizer(vocab_size: int, cache: Path) -> PreTrainedTokenizerFas
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos_token"]
+    # Prompts start with BOS (add_special_tokens=True); responses are encoded without it.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     _publish(folder, fast.save_pretrained)
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
@@ -191,10 +202,18 @@ def materialize_base_model(cfg: ModelConfig, run_dir: Path | None, seed: int) ->
         if run_dir is None:
             raise ValueError("tiny-llama needs a run directory to save its weights into")
         target = Path(run_dir) / "base_model"
+        made_with = {"seed": seed, **{k: v for k, v in vars(cfg).items() if k.startswith("tiny_")}}
+        stamp = target / "gs_ray_tiny.json"
         if not (target / "config.json").exists():
             model, tokenizer = build_tiny_llama(cfg, seed)
             model.save_pretrained(str(target))
             tokenizer.save_pretrained(str(target))
+            stamp.write_text(json.dumps(made_with))
+        elif stamp.exists() and json.loads(stamp.read_text()) != made_with:
+            raise ValueError(
+                f"{target} was made with {json.loads(stamp.read_text())}, the config now asks "
+                f"for {made_with}: use a new run directory"
+            )
         return str(target)
     if cfg.name == SMOLLM2:
         return str(convert_smollm2(cfg))

@@ -133,8 +133,10 @@ def pipeline_plots(run: RunDir, k: int) -> list[str]:
         )
         fig, ax = plt.subplots(figsize=(1.2 * k + 3, 1.0 * k + 2))
         im = ax.imshow(m, cmap="viridis_r")
+        mid = np.nanmean(m)
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white", fontsize=8)
+            color = "black" if v < mid else "white"  # readable on light and dark cells
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color=color, fontsize=8)
         ax.set(
             xlabel="cluster of the test samples",
             ylabel="expert",

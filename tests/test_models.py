@@ -112,7 +112,7 @@ def test_demo_tokenizer_is_cached(tmp_path, monkeypatch):
     import tokenizers.trainers
 
     first = train_demo_tokenizer(512, tmp_path)
-    assert len(list((tmp_path / "tokenizers").glob("demo-bpe-512-*/tokenizer.json"))) == 1
+    assert len(list((tmp_path / "tokenizers").glob("demo-bpe2-512-*/tokenizer.json"))) == 1
 
     def no_training(*a, **k):
         raise AssertionError("the tokenizer was trained again")
@@ -129,7 +129,7 @@ def test_build_tiny_llama_uses_the_configured_cache(tmp_path, monkeypatch):
     cfg = ModelConfig(cache_dir=str(tmp_path / "cache"), tiny_vocab_size=300, tiny_num_layers=1)
     model, tok = build_tiny_llama(cfg, seed=0)
     assert len(tok) == 300 == model.config.vocab_size
-    assert list((tmp_path / "cache" / "tokenizers").glob("demo-bpe-300-*"))
+    assert list((tmp_path / "cache" / "tokenizers").glob("demo-bpe2-300-*"))
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -207,13 +207,15 @@ def test_torch_dtype():
 
 def test_resolve_device(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("cuda:1") == torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
-    with pytest.raises(RuntimeError):
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"model\.device.*'gpu'"):
         resolve_device("gpu")  # not a torch device name
 
 
@@ -247,3 +249,19 @@ def test_smollm2_converts_and_loads_with_plain_transformers():
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert float(loss) < 4.0
+
+
+def test_tiny_prompts_start_with_bos(tmp_path):
+    from gs_ray.models import load_tokenizer
+
+    tok = load_tokenizer(materialize_base_model(ModelConfig(), tmp_path, seed=0))
+    ids = tok("Add 2 and 3.", add_special_tokens=True)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok("Add 2 and 3.", add_special_tokens=False)["input_ids"] == ids[1:]
+
+
+def test_tiny_base_model_refuses_a_different_seed(tmp_path):
+    materialize_base_model(ModelConfig(), tmp_path, seed=0)
+    materialize_base_model(ModelConfig(), tmp_path, seed=0)  # reuse is fine
+    with pytest.raises(ValueError, match="new run directory"):
+        materialize_base_model(ModelConfig(), tmp_path, seed=1)
