@@ -57,11 +57,58 @@ def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -
             "labels": out["labels"], "passes": rows}  # fmt: skip
 
 
+def actor_update_cost(
+    dim: int, k: int = 7, batch: int = 32, alpha: int = 5, steps: int = 12
+) -> dict:
+    """Seconds per online batch of the centroid host's own work, without Ray, at gradient
+    dimension ``dim``: the exact cache (assign + FIFO of vectors) against the external cache
+    (ledger + per-cluster sums, as with the partial_sums transport)."""
+    import numpy as np
+
+    from gs_ray.clustering import (
+        GradientSpaceClustering,
+        cluster_sums,
+        cosine_assign,
+        normalize_rows,
+    )
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((k, dim)).astype(np.float32)
+    out = {}
+    for cache in ("samples", "external"):
+        est = GradientSpaceClustering(n_clusters=k, alpha=alpha, batch_size=batch, cache=cache)
+        est.n_clusters_, est.cluster_centers_ = k, centers.copy()
+        est._reset_online_state(dim)
+        G = rng.standard_normal((batch, dim)).astype(np.float32)
+        times = []
+        for step in range(steps):
+            if cache == "samples":
+                t = time.perf_counter()
+                est.partial_fit(G)
+            else:  # the worker assigns and sums; the host books and applies the sums
+                Xn, norms = normalize_rows(G)
+                labels = cosine_assign(Xn, est.cluster_centers_)
+                added, _ = cluster_sums(Xn, labels, k, norms > 0)
+                evicted = np.zeros_like(added)  # summed by the workers that hold the rows
+                t = time.perf_counter()
+                est.push_ledger(step, labels, norms > 0)
+                est.partial_fit_external(added, evicted, batch)
+            times.append(time.perf_counter() - t)
+        out[cache] = float(np.median(times[2:]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--samples", type=int, default=1200, help="demo corpus size")
     parser.add_argument("--transports", default="gradients,partial_sums")
+    parser.add_argument(
+        "--actor-dim",
+        type=int,
+        default=1_000_000,
+        help="gradient dimension for the centroid-host cost (no Ray)",
+    )
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -128,6 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in summary.items():
         if k.startswith("same_") or "partial" in k:
             print(f"{k}: {v}")
+    cost = actor_update_cost(args.actor_dim)
+    per_elem = {c: 1e9 * v / args.actor_dim for c, v in cost.items()}
+    print(f"\ncentroid host work per online batch (K=7, |B|=32, alpha=5, d={args.actor_dim:,}): "
+          f"exact cache {1e3 * cost['samples']:.1f} ms, external cache {1e3 * cost['external']:.1f} ms "
+          f"({per_elem['samples']:.1f} vs {per_elem['external']:.1f} ns per gradient dimension)")  # fmt: skip
+    summary["actor_seconds_per_batch"] = cost
+    summary["actor_ns_per_dim_per_batch"] = per_elem
+    summary["actor_dim"] = args.actor_dim
     report = {**summary, "runs": [{k: v for k, v in r.items() if k != "labels"} for r in results],
               "samples": len(prepared.samples), "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
     if args.json:

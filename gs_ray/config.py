@@ -208,6 +208,9 @@ class RunConfig:
         None, "Ray cluster address (None: connect if RAY_ADDRESS is set, else local)"
     )
     num_cpus: int | None = _f(None, "CPUs for a locally started Ray (None: all)")
+    until: str | None = _f(
+        None, "stop after this stage: warmup | stage2 | experts | router (None: all)"
+    )
 
 
 @dataclass

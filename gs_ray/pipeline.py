@@ -436,6 +436,9 @@ def _assignments(p: Prepared) -> tuple[np.ndarray, int]:
     return labels, int(json.loads((p.run.stage2 / "k_selection.json").read_text())["chosen"]["k"])
 
 
+STAGES = ("warmup", "stage2", "experts", "router", "evaluate")
+
+
 def _invalidate(run: RunDir, *stages: str) -> None:
     m = run.manifest()
     for stage in stages:
@@ -453,12 +456,17 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
     from gs_ray import plots
     from gs_ray.ray_utils import init_ray
 
+    stop = cfg.run.until
+    if stop not in (None, *STAGES):
+        raise ValueError(f"run.until: expected one of {STAGES}, got {stop!r}")
     log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
     p = prepare(cfg, RunDir(resume) if resume else None)
     resuming = resume is not None
     if not p.run.stage_done("warmup"):
         warmup_ray(p, resume=resuming)
         _invalidate(p.run, "tune", "stage2")
+    if stop == "warmup":
+        return p.run
     if cfg.clustering.k_selection == "tune" and not p.run.stage_done("tune"):
         from gs_ray.tuning import tune_k
 
@@ -471,14 +479,20 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
         shutil.rmtree(p.run.path / "experts", ignore_errors=True)
         _invalidate(p.run, "experts", "router", "evaluate")
     labels, k = _assignments(p)
+    if stop == "stage2":
+        return p.run
     if not p.run.stage_done("experts") or not all(
         expert_complete(p.run.expert(c)) for c in range(k)
     ):
         experts_ray(p, labels, k, resume=resuming)
         _invalidate(p.run, "evaluate")
+    if stop == "experts":
+        return p.run
     if not p.run.stage_done("router"):
         router_stage(p, labels, k)
         _invalidate(p.run, "evaluate")
+    if stop == "router":
+        return p.run
     if not p.run.stage_done("evaluate"):
         evaluate(p, labels, k)
     plots.pipeline_plots(p.run, k)

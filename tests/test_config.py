@@ -74,3 +74,13 @@ def test_every_field_has_help():
     lines = help_lines()
     assert any(line.startswith("  --clustering.beta (0.9)") for line in lines)
     assert all(line.split(": ", 1)[1].strip() for line in lines)
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[1] / "docs" / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.model.name != "tiny-llama"

@@ -137,7 +137,7 @@ def test_driver_killed_mid_epoch_resumes_from_checkpoint(ray_session, reference,
     env = {**ray_session.env(), "RAY_ADDRESS": ray_session.address,
            "GS_RAY_FAULTS": "driver:online:1:7", "HF_HUB_OFFLINE": "1"}  # fmt: skip
     cmd = [sys.executable, "-m", "gs_ray.cli", "run", "--config", str(cfg_path),
-           "--output-dir", str(out_dir), "--run.name", "killed"]  # fmt: skip
+           "--output-dir", str(out_dir), "--run.name", "killed", "--run.until", "stage2"]  # fmt: skip
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0, first.stdout[-2000:] + first.stderr[-2000:]
     run_dir = out_dir / "killed"

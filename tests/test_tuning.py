@@ -33,7 +33,9 @@ def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tm
     for row in table:
         assert 6 < row["val_loss"] < 10  # a real loss of the tiny model, near ln(vocab)
         assert -1 <= row["silhouette"] <= 1
-        assert sum(row["cluster_sizes"]) == results["n_fit"] and len(row["cluster_sizes"]) == row["k"]
+        assert (
+            sum(row["cluster_sizes"]) == results["n_fit"] and len(row["cluster_sizes"]) == row["k"]
+        )
     assert p.run.manifest()["stages"]["tune"]["best_k"] == best
     plots.pipeline_plots(p.run, best)
     assert (p.run.path / "plots" / "tune_k.png").exists()
