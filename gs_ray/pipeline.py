@@ -1,8 +1,13 @@
 """The three stages of GradientSpace, top to bottom.
 
-``prepare`` (data, base model, splits) is shared by every executor. ``run_local`` is the
-single-process reference pipeline: a plain torch warm-up loop and Stage II in this process. It is
-the oracle that the distributed pipeline must reproduce.
+``run`` is the job: ``prepare`` (data, base model, splits), the warm-up on Ray Train + DeepSpeed
+(Stage I), K with Ray Tune if asked, Stage II on gradient workers and a centroid actor, the K
+experts on Ray Train + DeepSpeed in parallel and the router (Stage III), then a held-out
+evaluation. Each stage reads and writes the run directory and records itself in the manifest,
+so ``run(cfg, resume=RUN_DIR)`` skips what is complete and redoes what depends on a redone stage.
+
+``run_local`` is the single-process reference pipeline (a plain torch warm-up loop, Stage II in
+this process): the oracle that the distributed Stage II must reproduce.
 """
 
 from __future__ import annotations
