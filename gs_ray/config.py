@@ -192,9 +192,23 @@ class RouterConfig:
 class ServeConfig:
     """Ray Serve deployment of the router and the experts."""
 
-    host: str = _f("127.0.0.1", "HTTP host")
+    host: str = _f("127.0.0.1", "HTTP host the Serve proxy binds to (0.0.0.0 to expose it)")
     port: int = _f(8000, "HTTP port")
-    max_new_tokens: int = _f(64, "generation length per request")
+    route_prefix: str = _f("/", "URL prefix of the gs-ray application")
+    max_new_tokens: int = _f(64, "generation length when a request names none")
+    max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for")
+    max_batch_size: int = _f(8, "requests the router and each expert replica batch together")
+    batch_wait_s: float = _f(0.01, "how long a replica waits to fill a batch")
+    expert_replicas: int = _f(1, "replicas of the experts deployment (each holds all K adapters)")
+    expert_max_replicas: int | None = _f(
+        None, "autoscale the experts deployment up to this many replicas (None: fixed count)"
+    )
+    expert_gpus: float | None = _f(
+        None, "GPUs per experts replica (None: 1 if the cluster has GPUs)"
+    )
+    expert_cpus: float = _f(1.0, "CPUs per experts replica")
+    router_cpus: float = _f(0.5, "CPUs per router replica")
+    device: str = _f("auto", "torch device of the experts replicas: auto | cpu | cuda")
 
 
 @dataclass

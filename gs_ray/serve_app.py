@@ -1,0 +1,237 @@
+"""The Ray Serve application: an HTTP ingress, the router, and the experts.
+
+Three deployments, each a thin shell over ``gs_ray.serving`` (STYLE: thin actors)::
+
+    HTTP -> Ingress (FastAPI) --handle--> RouterDeployment   (frozen encoder + linear head)
+                              --handle--> ExpertsDeployment  (base model + K LoRA adapters)
+
+* ``POST /generate {"prompt": ..., "max_new_tokens"?: n, "expert"?: k}`` routes the prompt (unless
+  ``expert`` forces one) and returns the chosen expert, the router's probabilities, the answer and
+  timings. ``POST /route {"prompt": ...}`` only routes. ``GET /info`` describes the run and its
+  experts; ``GET /healthz`` answers ``ok``.
+* Both model deployments batch with ``@serve.batch`` (``serve.max_batch_size``,
+  ``serve.batch_wait_s``). An experts replica holds all K adapters (MBs each) on one base model
+  and answers a batch that mixes experts in one ``generate`` call; replicas scale out with
+  ``serve.expert_replicas`` / ``serve.expert_max_replicas`` (Serve autoscaling). Serve's model
+  multiplexing (one model per replica slot, requests steered by model id) pays off when models
+  are too big to hold together; LoRA experts on a shared base are not, so one pool per replica
+  keeps every replica able to answer every request and lets one batch serve several experts.
+* Bad requests get HTTP 422 naming the field (pydantic), or 400 with the reason (an expert out of
+  range, a prompt too long for the model); one bad request never fails the others in its batch.
+
+Start it with ``gs-ray serve RUN_DIR`` (or ``serve run serve/config.yaml``, or
+``ray job submit -- python jobs/serve.py --run-dir RUN_DIR``); see ``build_app``.
+"""
+
+
+# No `from __future__ import annotations` here: FastAPI must see the request models as classes
+# (with string annotations under @serve.ingress, it took the body for a query parameter).
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from gs_ray.config import Config, ServeConfig, apply_overrides
+from gs_ray.serving import ServedRun, ServingError
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "gs-ray"
+
+
+def _set_threads(num_cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+# --------------------------------------------------------------------------- model deployments
+
+
+@serve.deployment
+class RouterDeployment:
+    """The router: batched ``predict_proba`` over prompts."""
+
+    def __init__(self, run_dir: str, cfg: ServeConfig):
+        _set_threads(cfg.router_cpus)
+        self.router = ServedRun.open(run_dir).router()
+        self.router.predict(["warm-up"])  # load the encoder now, not on the first request
+        self.route.set_max_batch_size(cfg.max_batch_size)
+        self.route.set_batch_wait_timeout_s(cfg.batch_wait_s)
+
+    @serve.batch
+    async def route(self, prompts: list[str]) -> list[dict[str, Any]]:
+        probs = self.router.predict_proba(prompts)
+        return [{"expert": int(p.argmax()), "probs": [float(x) for x in p]} for p in probs]
+
+
+@serve.deployment
+class ExpertsDeployment:
+    """All K experts on one base model: batched, mixed-expert greedy generation."""
+
+    def __init__(self, run_dir: str, cfg: ServeConfig):
+        from gs_ray.models import resolve_device
+
+        _set_threads(cfg.expert_cpus)
+        self.pool = ServedRun.open(run_dir).expert_pool(resolve_device(cfg.device))
+        self.generate.set_max_batch_size(cfg.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        self.batch_sizes: list[int] = []  # observability: sizes of the batches run so far
+
+    def _problem(self, prompt: str, expert: int, max_new_tokens: int) -> str | None:
+        try:
+            self.pool.validate(prompt, expert, max_new_tokens)
+        except ServingError as e:
+            return str(e)
+        return None
+
+    @serve.batch
+    async def generate(self, requests: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+        self.batch_sizes.append(len(requests))
+        out: list[dict[str, Any]] = [{} for _ in requests]
+        ok = []
+        for i, (prompt, expert, m) in enumerate(requests):
+            problem = self._problem(prompt, expert, m)
+            if problem:
+                out[i] = {"error": problem}
+            else:
+                ok.append(i)
+        if ok:
+            start = time.perf_counter()
+            gens = self.pool.generate(
+                [requests[i][0] for i in ok], [requests[i][1] for i in ok],
+                [requests[i][2] for i in ok],
+            )  # fmt: skip
+            ms = 1000 * (time.perf_counter() - start)
+            for i, g in zip(ok, gens, strict=True):
+                out[i] = {"text": g.text, "n_prompt_tokens": g.n_prompt_tokens,
+                          "n_new_tokens": g.n_new_tokens, "finish_reason": g.finish_reason,
+                          "batch_size": len(ok), "generate_ms": ms}  # fmt: skip
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": len(self.batch_sizes), "batch_sizes": list(self.batch_sizes)}
+
+
+# --------------------------------------------------------------------------- HTTP ingress
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(min_length=1, description="the instruction, without any template")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="default: serve config")
+    expert: int | None = Field(default=None, ge=0, description="force this expert (no routing)")
+
+
+class RouteRequest(BaseModel):
+    prompt: str = Field(min_length=1, description="the instruction, without any template")
+
+
+api = FastAPI(title="gs-ray", description="GradientSpace: a router and one LoRA expert per cluster")
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: validates, routes, generates (see the module docstring)."""
+
+    def __init__(self, router: DeploymentHandle, experts: DeploymentHandle, info: dict,
+                 cfg: ServeConfig):  # fmt: skip
+        self.router, self.experts, self.info_, self.cfg = router, experts, info, cfg
+
+    @api.get("/healthz")
+    async def healthz(self) -> str:
+        return "ok"
+
+    @api.get("/info")
+    async def info(self) -> dict:
+        return self.info_
+
+    @api.post("/route")
+    async def route(self, req: RouteRequest) -> dict:
+        start = time.perf_counter()
+        out = await self.router.route.remote(req.prompt)
+        return {**out, "route_ms": 1000 * (time.perf_counter() - start)}
+
+    @api.post("/generate")
+    async def generate(self, req: GenerateRequest) -> dict:
+        k_total = self.info_["n_experts"]
+        m = req.max_new_tokens or self.cfg.max_new_tokens
+        if m > self.cfg.max_new_tokens_limit:
+            raise HTTPException(400, f"max_new_tokens: {m} is over the limit "
+                                     f"{self.cfg.max_new_tokens_limit} (serve.max_new_tokens_limit)")  # fmt: skip
+        if req.expert is not None and req.expert >= k_total:
+            raise HTTPException(400, f"expert: {req.expert} is not in [0, {k_total})")
+        start = time.perf_counter()
+        if req.expert is None:
+            routed = await self.router.route.remote(req.prompt)
+            expert, probs, by = routed["expert"], routed["probs"], "router"
+        else:
+            expert, probs, by = req.expert, None, "request"
+        route_ms = 1000 * (time.perf_counter() - start)
+        out = await self.experts.generate.remote((req.prompt, expert, m))
+        if "error" in out:
+            raise HTTPException(400, out["error"])
+        total_ms = 1000 * (time.perf_counter() - start)
+        return {"expert": expert, "routed_by": by, "probs": probs, **out,
+                "route_ms": route_ms, "total_ms": total_ms}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- building the app
+
+
+def _expert_gpus(cfg: ServeConfig) -> float:
+    if cfg.expert_gpus is not None:
+        return cfg.expert_gpus
+    import ray
+
+    has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return 1.0 if has_gpu else 0.0
+
+
+def app_for_run(run_dir: str, cfg: ServeConfig | None = None):
+    """The Serve application for a finished run; ``cfg`` defaults to the run's own ``serve``
+    section. Raises ``ServingError`` naming what the run lacks."""
+    served = ServedRun.open(run_dir)
+    cfg = cfg or served.cfg.serve
+    run_dir = str(served.run.path.resolve())
+    experts_opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.expert_cpus, "num_gpus": _expert_gpus(cfg)},
+        "max_ongoing_requests": 4 * cfg.max_batch_size,
+    }
+    if cfg.expert_max_replicas and cfg.expert_max_replicas > cfg.expert_replicas:
+        experts_opts["autoscaling_config"] = {
+            "min_replicas": cfg.expert_replicas,
+            "max_replicas": cfg.expert_max_replicas,
+            "target_ongoing_requests": cfg.max_batch_size,
+        }
+    else:
+        experts_opts["num_replicas"] = cfg.expert_replicas
+    router = RouterDeployment.options(
+        ray_actor_options={"num_cpus": cfg.router_cpus}, max_ongoing_requests=4 * cfg.max_batch_size
+    ).bind(run_dir, cfg)
+    experts = ExpertsDeployment.options(**experts_opts).bind(run_dir, cfg)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
+        router, experts, served.info(), cfg
+    )
+    return ingress
+
+
+def serve_config_for(run_dir: str, overrides: list[str] | None = None) -> ServeConfig:
+    """The run's ``serve`` section with ``--serve.field value`` overrides applied."""
+    cfg: Config = ServedRun.open(run_dir).cfg
+    return apply_overrides(cfg, overrides).serve if overrides else cfg.serve
+
+
+def build_app(args: dict[str, Any]):
+    """Serve's application builder (``serve run gs_ray.serve_app:build_app run_dir=DIR``, or
+    ``import_path`` in ``serve/config.yaml``): ``run_dir`` plus any ``serve`` field as a key."""
+    args = dict(args)
+    if "run_dir" not in args:
+        raise ServingError("build_app needs the argument run_dir (a finished gs-ray run)")
+    run_dir = str(args.pop("run_dir"))
+    overrides = [x for key, value in args.items() for x in (f"--serve.{key}", str(value))]
+    return app_for_run(run_dir, serve_config_for(run_dir, overrides))
