@@ -23,7 +23,6 @@ Start it with ``gs-ray serve RUN_DIR`` (or ``serve run serve/config.yaml``, or
 ``ray job submit -- python jobs/serve.py --run-dir RUN_DIR``); see ``build_app``.
 """
 
-
 # No `from __future__ import annotations` here: FastAPI must see the request models as classes
 # (with string annotations under @serve.ingress, it took the body for a query parameter).
 import logging
