@@ -25,6 +25,8 @@ Start it with ``gs-ray serve RUN_DIR`` (or ``serve run serve/config.yaml``, or
 
 # No `from __future__ import annotations` here: FastAPI must see the request models as classes
 # (with string annotations under @serve.ingress, it took the body for a query parameter).
+import asyncio
+import collections
 import logging
 import time
 from typing import Any
@@ -64,7 +66,8 @@ class RouterDeployment:
 
     @serve.batch
     async def route(self, prompts: list[str]) -> list[dict[str, Any]]:
-        probs = self.router.predict_proba(prompts)
+        # In a thread, so the replica's event loop (health checks, queueing) stays responsive.
+        probs = await asyncio.to_thread(self.router.predict_proba, prompts)
         return [{"expert": int(p.argmax()), "probs": [float(x) for x in p]} for p in probs]
 
 
@@ -79,7 +82,8 @@ class ExpertsDeployment:
         self.pool = ServedRun.open(run_dir).expert_pool(resolve_device(cfg.device))
         self.generate.set_max_batch_size(cfg.max_batch_size)
         self.generate.set_batch_wait_timeout_s(cfg.batch_wait_s)
-        self.batch_sizes: list[int] = []  # observability: sizes of the batches run so far
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)  # latest
+        self.n_batches = self.n_requests = 0
 
     def _problem(self, prompt: str, expert: int, max_new_tokens: int) -> str | None:
         try:
@@ -91,6 +95,8 @@ class ExpertsDeployment:
     @serve.batch
     async def generate(self, requests: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
         self.batch_sizes.append(len(requests))
+        self.n_batches += 1
+        self.n_requests += len(requests)
         out: list[dict[str, Any]] = [{} for _ in requests]
         ok = []
         for i, (prompt, expert, m) in enumerate(requests):
@@ -101,8 +107,9 @@ class ExpertsDeployment:
                 ok.append(i)
         if ok:
             start = time.perf_counter()
-            gens = self.pool.generate(
-                [requests[i][0] for i in ok], [requests[i][1] for i in ok],
+            # One batch at a time (serve.batch's default), in a thread: the event loop stays free.
+            gens = await asyncio.to_thread(
+                self.pool.generate, [requests[i][0] for i in ok], [requests[i][1] for i in ok],
                 [requests[i][2] for i in ok],
             )  # fmt: skip
             ms = 1000 * (time.perf_counter() - start)
@@ -113,7 +120,9 @@ class ExpertsDeployment:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {"batches": len(self.batch_sizes), "batch_sizes": list(self.batch_sizes)}
+        """Batches and requests served so far, and the sizes of the latest 1,024 batches."""
+        return {"batches": self.n_batches, "requests": self.n_requests,
+                "batch_sizes": list(self.batch_sizes)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- HTTP ingress
