@@ -96,4 +96,6 @@ def show(path: str | Path) -> str:
     )
     if plots:
         lines.append("plots: " + ", ".join(plots))
+    if (run.router / "router.json").exists():
+        lines.append(f"serve: gs-ray serve {run.path}")
     return "\n".join(lines)
