@@ -30,6 +30,7 @@ from gs_ray.models import (
     materialize_base_model,
     model_card,
 )
+from gs_ray.ray_utils import task_resources
 from gs_ray.rundir import RunDir, write_json
 from gs_ray.stage2 import (
     CentroidHost,
@@ -327,16 +328,6 @@ def experts_ray(p: Prepared, labels: np.ndarray, k: int, resume: bool = False) -
 
 
 # --------------------------------------------------------------------------- router
-
-
-def task_resources(cpus: int = 2) -> dict:
-    """Ray resources for a one-off model task: a GPU where the cluster has one, else CPUs."""
-    import ray
-
-    res = ray.cluster_resources()
-    if res.get("GPU"):
-        return {"num_gpus": 1, "num_cpus": 1}
-    return {"num_cpus": max(1, min(cpus, int(res.get("CPU", 1))))}
 
 
 def _fit_router_task(texts, labels, k, cfg, seed, cache_path, folder) -> dict:

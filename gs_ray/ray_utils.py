@@ -45,6 +45,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     return "started a local Ray"
 
 
+def cluster_has_gpu() -> bool:
+    """Whether the connected Ray cluster has GPUs now (an autoscaled one may add them later)."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def task_resources(cpus: int = 2) -> dict:
+    """Ray resources for a one-off model task: a GPU where the cluster has one, else CPUs."""
+    import ray
+
+    if cluster_has_gpu():
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))}
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as s:

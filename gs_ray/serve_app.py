@@ -196,8 +196,9 @@ def _expert_gpus(cfg: ServeConfig) -> float:
         return cfg.expert_gpus
     import ray
 
-    has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    return 1.0 if has_gpu else 0.0
+    from gs_ray.ray_utils import cluster_has_gpu
+
+    return 1.0 if ray.is_initialized() and cluster_has_gpu() else 0.0
 
 
 def app_for_run(run_dir: str, cfg: ServeConfig | None = None):

@@ -268,10 +268,10 @@ def resolve_use_gpu(train_cfg: TrainingConfig) -> bool:
         return False
     if value != "auto":
         raise ValueError(f"use_gpu: expected auto | true | false, got {train_cfg.use_gpu!r}")
-    import ray
+    from gs_ray.ray_utils import cluster_has_gpu
 
     _ensure_ray()
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return cluster_has_gpu()
 
 
 def deepspeed_config(

@@ -76,6 +76,8 @@ def tune_k(p) -> int:
     import ray
     from ray import tune
 
+    from gs_ray.ray_utils import task_resources
+
     start = time.perf_counter()
     cfg, run = p.cfg, p.run
     rng = np.random.default_rng(cfg.run.seed + 3)
@@ -84,7 +86,7 @@ def tune_k(p) -> int:
     n_hold = max(1, int(round(cfg.tune.holdout_fraction * len(chosen))))
     hold, fit = np.sort(chosen[:n_hold]), np.sort(chosen[n_hold:])
     pairs = lambda idx: [p.samples[i].pair for i in idx]  # noqa: E731
-    resources = {"num_gpus": 1} if ray.cluster_resources().get("GPU") else {"num_cpus": 1}
+    resources = task_resources(cpus=1)
     grad_task = ray.remote(sample_gradients).options(**resources)
     adapter = str(run.warmup_adapter)
     G_val, G_fit, G_hold = ray.get([grad_task.remote(p.base_path, cfg, adapter, p.pad_id, pairs(ix))
