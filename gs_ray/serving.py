@@ -99,10 +99,13 @@ class ExpertPool:
         """``check`` plus the prompt's length: what one request needs before it joins a batch."""
         self.check(expert, max_new_tokens)
         n = len(self.tokenizer(self.render(prompt), add_special_tokens=True)["input_ids"])
-        if self.max_positions is not None and n + max_new_tokens > self.max_positions:
+        self._check_length(n, max_new_tokens)
+
+    def _check_length(self, n_prompt_tokens: int, max_new_tokens: int) -> None:
+        if self.max_positions is not None and n_prompt_tokens + max_new_tokens > self.max_positions:
             raise ServingError(
-                f"prompt: {n} tokens + max_new_tokens {max_new_tokens} exceed the model's "
-                f"{self.max_positions} positions"
+                f"prompt: {n_prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the "
+                f"model's {self.max_positions} positions"
             )
 
     @torch.no_grad()
@@ -132,11 +135,7 @@ class ExpertPool:
         prompt_lens = batch["attention_mask"].sum(dim=1).tolist()
         longest = max(limits)
         width = batch["input_ids"].shape[1]
-        if self.max_positions is not None and width + longest > self.max_positions:
-            raise ServingError(
-                f"prompt: {width} tokens + max_new_tokens {longest} exceed the model's "
-                f"{self.max_positions} positions"
-            )
+        self._check_length(width, longest)  # every row runs `longest` steps from column `width`
         eos = self.tokenizer.eos_token_id
         if len(set(experts)) == 1:  # one expert: the plain forward of the active adapter
             self.model.set_adapter(adapter_name(int(experts[0])))
