@@ -27,20 +27,17 @@ def sequential_experts(run_dir: Path, scratch: Path) -> tuple[float, dict]:
     """Train the run's experts again, one after another; (wall seconds, records)."""
     import numpy as np
 
-    from gs_ray.pipeline import prepare
+    from gs_ray.pipeline import expert_job, prepare
     from gs_ray.rundir import RunDir
-    from gs_ray.training import AdapterJob, train_many_on_ray
+    from gs_ray.training import train_many_on_ray
 
     run = RunDir(run_dir)
     p = prepare(run.config(), run)
     labels = np.array([r["cluster"] for r in run.assignments()])
-    train = p.splits.train
     jobs = [
-        AdapterJob(name=f"seq_expert_{c}", base_path=p.base_path, output_dir=str(scratch / f"e{c}"),
-                   samples=[p.samples[i].pair for i in train[labels[train] == c]],
-                   init_adapter=str(run.warmup_adapter), seed=p.cfg.run.seed + 1 + c)
+        expert_job(p, labels, c, str(scratch / f"e{c}"), name=f"seq_expert_{c}")
         for c in range(int(labels.max()) + 1)
-    ]  # fmt: skip
+    ]
     start = time.perf_counter()
     records = train_many_on_ray(jobs, p.cfg.model, p.cfg.lora, p.cfg.experts, p.pad_id,
                                 str(scratch.resolve() / "ray_train"), parallel=False)  # fmt: skip

@@ -268,35 +268,43 @@ def expert_complete(path: Path) -> bool:
     )
 
 
+def expert_job(p: Prepared, labels: np.ndarray, c: int, output_dir: str, name: str = ""):
+    """The training job of expert c: cluster c's training samples, starting from the warm-up
+    adapter, seeded by the cluster (``name`` defaults to ``expert_<c>``)."""
+    from gs_ray.training import AdapterJob
+
+    train = p.splits.train
+    return AdapterJob(
+        name=name or f"expert_{c}", base_path=p.base_path, output_dir=output_dir,
+        samples=[p.samples[i].pair for i in train[labels[train] == c]],
+        init_adapter=str(p.run.warmup_adapter), seed=p.cfg.run.seed + 1 + c,
+    )  # fmt: skip
+
+
 def experts_ray(p: Prepared, labels: np.ndarray, k: int, resume: bool = False) -> dict:
     """Stage III: one LoRA expert per cluster, from the warm-up adapter, on that cluster's
     training samples, the K trainings in parallel (Ray Train + DeepSpeed). Experts whose folder
     is complete are kept; a cluster with no training sample gets a copy of the warm-up adapter."""
     import shutil
 
-    from gs_ray.training import AdapterJob, discard_run, finished_run, train_many_on_ray
+    from gs_ray.training import discard_run, finished_run, train_many_on_ray
 
     start = time.perf_counter()
     cfg, run = p.cfg, p.run
-    train = p.splits.train
     jobs, kept, copied = [], [], []
     for c in range(k):
         folder = run.expert(c)
         if expert_complete(folder):
             kept.append(c)
             continue
-        members = train[labels[train] == c]
-        if len(members) == 0:
+        job = expert_job(p, labels, c, str(folder))
+        if not job.samples:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.copytree(run.warmup_adapter, folder)
             write_json(folder / "expert.json", {"cluster": c, "n_train": 0, "copied_warmup": True})
             copied.append(c)
             continue
-        jobs.append(AdapterJob(
-            name=f"expert_{c}", base_path=p.base_path, output_dir=str(folder),
-            samples=[p.samples[i].pair for i in members], init_adapter=str(run.warmup_adapter),
-            seed=cfg.run.seed + 1 + c,
-        ))  # fmt: skip
+        jobs.append(job)
     for job in jobs:
         # A resume continues an interrupted training from its checkpoint; an expert whose run
         # had finished but whose folder is gone (deleted) is trained again from the warm-up.
