@@ -73,7 +73,8 @@ class RunDir:
     """A run directory (see module docstring)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        # Absolute: Ray workers (Train, Tune, Serve) run in other working directories.
+        self.path = Path(path).expanduser().resolve()
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,20 @@ def test_tiny_base_model_refuses_a_different_seed(tmp_path):
     materialize_base_model(ModelConfig(), tmp_path, seed=0)  # reuse is fine
     with pytest.raises(ValueError, match="new run directory"):
         materialize_base_model(ModelConfig(), tmp_path, seed=1)
+
+
+def test_relative_output_dir_gives_absolute_paths(tmp_path, monkeypatch):
+    """`gs-ray run` defaults to output_dir "runs" (relative); Ray Train workers run elsewhere, so
+    the run directory and the base model path handed to them must be absolute."""
+    from gs_ray.config import Config
+    from gs_ray.models import materialize_base_model
+    from gs_ray.rundir import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Config()
+    cfg.run.output_dir, cfg.run.name = "runs", "rel"
+    run = RunDir.create(cfg)
+    assert run.path == tmp_path / "runs" / "rel"
+    base = materialize_base_model(cfg.model, run.path, cfg.run.seed)
+    assert Path(base).is_absolute() and (Path(base) / "config.json").exists()
+    assert RunDir("runs/rel").path == run.path
