@@ -37,8 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gs_ray.config import Config, DataConfig  # noqa: E402
-from gs_ray.data import load_samples  # noqa: E402
-from gs_ray.gradients import (  # noqa: E402
+from gs_ray.core.gradients import (  # noqa: E402
     LoRAGradientEngine,
     collate,
     compute_bucketed,
@@ -46,13 +45,14 @@ from gs_ray.gradients import (  # noqa: E402
     lora_parameters,
     per_sample_loss,
 )
-from gs_ray.models import (  # noqa: E402
+from gs_ray.core.models import (  # noqa: E402
     add_lora,
     load_base_model,
     load_tokenizer,
     materialize_base_model,
     resolve_device,
 )
+from gs_ray.data import load_samples  # noqa: E402
 
 TARGET_VS_TRAIN_STEP = 0.8  # a/c: per-sample gradients cost at most 1.25x a training step
 TARGET_VS_LOOP = 1.0  # a/b: never slower than the batch-1 loop

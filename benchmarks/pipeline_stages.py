@@ -25,18 +25,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 def sequential_experts(run_dir: Path, scratch: Path) -> tuple[float, dict]:
     """Train the run's experts again, one after another; (wall seconds, records)."""
-    import numpy as np
-
-    from gs_ray.pipeline import expert_job, prepare
+    from gs_ray.prepare import prepare
     from gs_ray.rundir import RunDir
-    from gs_ray.training import train_many_on_ray
+    from gs_ray.training.experts import expert_job
+    from gs_ray.training.ray_train import train_many_on_ray
 
     run = RunDir(run_dir)
     p = prepare(run.config(), run)
-    labels = np.array([r["cluster"] for r in run.assignments()])
+    labels, k = p.assignments()
     jobs = [
-        expert_job(p, labels, c, str(scratch / f"e{c}"), name=f"seq_expert_{c}")
-        for c in range(int(labels.max()) + 1)
+        expert_job(p, labels, c, str(scratch / f"e{c}"), name=f"seq_expert_{c}") for c in range(k)
     ]
     start = time.perf_counter()
     records = train_many_on_ray(jobs, p.cfg.model, p.cfg.lora, p.cfg.experts, p.pad_id,

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from gs_ray.data import load_samples
-    from gs_ray.serving import ServedRun
+    from gs_ray.serving.pool import ServedRun
 
     if args.threads:
         torch.set_num_threads(args.threads)

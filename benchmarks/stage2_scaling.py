@@ -39,12 +39,12 @@ def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -
     p = prepared
     plan = Stage2Plan.build(p.lengths, p.splits, c)
     start = time.perf_counter()
-    out, timing = run_stage2_ray(
+    out = run_stage2_ray(
         plan, p.samples, c, p.base_path, str(p.run.warmup_adapter), p.pad_id, checkpoint_dir
     )
     total = time.perf_counter() - start
     rows = {}
-    for ps in timing.passes:
+    for ps in out.info["passes"]:
         if ps["phase"] == "val":
             continue
         rows[ps["phase"]] = {
@@ -54,7 +54,7 @@ def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -
             "bytes_per_sample": ps["bytes_in"] / ps["samples"],
         }
     return {"workers": workers, "transport": transport, "total_seconds": total,
-            "labels": out["labels"], "passes": rows}  # fmt: skip
+            "labels": out.labels, "passes": rows}  # fmt: skip
 
 
 def actor_update_cost(
@@ -65,7 +65,7 @@ def actor_update_cost(
     (ledger + per-cluster sums, as with the partial_sums transport)."""
     import numpy as np
 
-    from gs_ray.clustering import (
+    from gs_ray.core.clustering import (
         GradientSpaceClustering,
         cluster_sums,
         cosine_assign,
@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from gs_ray.cli import setup_logging
     from gs_ray.config import Config
-    from gs_ray.pipeline import prepare, warmup_local
+    from gs_ray.prepare import prepare
     from gs_ray.rundir import versions
+    from gs_ray.training.warmup import warmup_local
 
     setup_logging("WARNING")
     tmp = Path(tempfile.mkdtemp(prefix="gsr-bench-"))

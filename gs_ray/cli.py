@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(help_lines()))
         return 0
     if args.command == "show":
-        from gs_ray.report import show
+        from gs_ray.evaluation.show import show
 
         print(show(args.run_dir))
         return 0
@@ -93,8 +93,8 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     from ray import serve
 
     from gs_ray.ray_utils import init_ray
-    from gs_ray.serve_app import APP_NAME, app_for_run, serve_config_for
-    from gs_ray.serving import ServingError
+    from gs_ray.serving.app import APP_NAME, app_for_run, serve_config_for
+    from gs_ray.serving.pool import ServingError
 
     bad = [x for x in rest if x.startswith("--") and not x.startswith("--serve.")]
     if bad:

@@ -18,9 +18,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+# Choices (Literal types, checked when a config loads); each is defined here once.
+Transport = Literal["gradients", "partial_sums"]
+NonFinitePolicy = Literal["fail", "skip"]
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best here
@@ -163,7 +167,12 @@ class Stage2Config:
     cpus_per_worker: float = _f(1, "CPUs per gradient worker (CPU clusters)")
     max_in_flight: int = _f(2, "gradient batches in flight per worker (backpressure)")
     checkpoint_every: int = _f(20, "centroid-actor checkpoint interval, in batches")
-    transport: str = _f("gradients", "gradients (exact) | partial_sums (workers assign, send sums)")
+    transport: Transport = _f(
+        "gradients", "gradients (exact) | partial_sums (workers assign, send sums)"
+    )
+    nonfinite: NonFinitePolicy = _f(
+        "fail", "a NaN/Inf per-sample gradient: fail (name the samples) | skip (leave them out)"
+    )
 
 
 @dataclass

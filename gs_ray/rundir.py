@@ -21,40 +21,25 @@ re-run, resumed or inspected on its own::
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import platform
+import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gs_ray.config import Config
+from gs_ray.io import read_jsonl, write_json, write_jsonl
+
+EXPERT_PREFIX = "expert_"
+EXPERT_RECORD = "expert.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (numpy scalars and arrays become plain numbers and lists)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def expert_name(c: int) -> str:
+    """The name of cluster c's expert: its folder, its training run and its peft adapter."""
+    return f"{EXPERT_PREFIX}{c}"
 
 
 def versions() -> dict[str, str]:
@@ -129,8 +114,30 @@ class RunDir:
     def checkpoint_dir(self) -> Path:
         return self.stage2 / "checkpoint"
 
+    @property
+    def experts_dir(self) -> Path:
+        return self.path / "experts"
+
     def expert(self, k: int) -> Path:
-        return self.path / "experts" / f"expert_{k}"
+        return self.experts_dir / expert_name(k)
+
+    def expert_complete(self, k: int) -> bool:
+        """An expert folder that a resume may keep: the peft files and gs-ray's record."""
+        path = self.expert(k)
+        return all((path / f).exists() for f in ("adapter_config.json", EXPERT_RECORD)) and any(
+            path.glob("adapter_model.*")
+        )
+
+    def expert_records(self) -> list[dict[str, Any]]:
+        """Every expert's ``expert.json``, by cluster."""
+        records = [json.loads(p.read_text()) for p in self.experts_dir.glob(f"*/{EXPERT_RECORD}")]
+        return sorted(records, key=lambda r: r.get("cluster", 0))
+
+    def write_expert_record(self, k: int, record: dict[str, Any]) -> None:
+        write_json(self.expert(k) / EXPERT_RECORD, {"cluster": k, **record})
+
+    def discard_experts(self) -> None:
+        shutil.rmtree(self.experts_dir, ignore_errors=True)
 
     @property
     def router(self) -> Path:
@@ -164,6 +171,22 @@ class RunDir:
         m.setdefault("stages", {})[stage] = {"status": "done", "seconds": round(seconds, 3), **info}
         write_json(self.manifest_path, m)
 
+    def invalidate(self, *stages: str) -> None:
+        """Forget that these stages are done (something they depend on was redone)."""
+        m = self.manifest()
+        for stage in stages:
+            m.get("stages", {}).pop(stage, None)
+        write_json(self.manifest_path, m)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """``with run.stage("warmup") as info:`` times the block and, if it finishes, marks
+        the stage done with whatever the block put into ``info``."""
+        start = time.perf_counter()
+        info: dict[str, Any] = {}
+        yield info
+        self.mark_stage(name, time.perf_counter() - start, **info)
+
     def add_metrics(self, **metrics: Any) -> None:
         path = self.path / "metrics.json"
         current = json.loads(path.read_text()) if path.exists() else {}
@@ -177,12 +200,11 @@ class RunDir:
     # ------------------------------------------------------------------ tables
 
     def write_jsonl(self, path: Path, rows: Iterable[dict[str, Any]]) -> None:
-        atomic_write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
+        write_jsonl(path, rows)
 
     @staticmethod
     def read_jsonl(path: Path) -> list[dict[str, Any]]:
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(path)
 
     def assignments(self) -> list[dict[str, Any]]:
         """Rows of stage2/assignments.jsonl: id, split, cluster, domain."""

@@ -1,4 +1,4 @@
-"""The gs-ray Ray Serve application. It lives in ``gs_ray.serve_app`` (installed on every node,
+"""The gs-ray Ray Serve application. It lives in ``gs_ray.serving.app`` (installed on every node,
 so ``serve/config.yaml`` imports it from there); this module re-exports it for Serve's CLI.
 
     gs-ray serve runs/<run>                             # what most people want
@@ -9,6 +9,6 @@ so ``serve/config.yaml`` imports it from there); this module re-exports it for S
 (``max_batch_size=16``, ``expert_max_replicas=4``, ...).
 """
 
-from gs_ray.serve_app import APP_NAME, app_for_run, build_app
+from gs_ray.serving.app import APP_NAME, app_for_run, build_app
 
 __all__ = ["APP_NAME", "app_for_run", "build_app"]

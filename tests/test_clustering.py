@@ -8,7 +8,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from gs_ray.clustering import DegenerateGradientsError, GradientSpaceClustering, normalize_rows
+from gs_ray.core.clustering import DegenerateGradientsError, GradientSpaceClustering, normalize_rows
 
 
 def planted(seed: int = 0, d: int = 20_000, sizes=(400, 250, 150, 120, 80), noise: float = 0.8):
@@ -203,7 +203,7 @@ def test_state_dict_round_trip_continues_identically(data):
 
 def _external_step(est, memo, step, batch):
     """What a worker and the centroid host do together for one batch (external cache)."""
-    from gs_ray.clustering import cluster_sums, cosine_assign
+    from gs_ray.core.clustering import cluster_sums, cosine_assign
 
     Xn, norms = normalize_rows(batch)
     keep = norms > 0

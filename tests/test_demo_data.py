@@ -1,4 +1,4 @@
-"""Tests for the built-in demo corpus (gs_ray.demo_data): shape, determinism, balance, and that
+"""Tests for the built-in demo corpus (gs_ray.data.demo): shape, determinism, balance, and that
 the generated content is correct (math answers, finance arithmetic, runnable code)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from gs_ray import demo_data
-from gs_ray.demo_data import DOMAINS, build_demo_corpus
+from gs_ray.data import demo as demo_data
+from gs_ray.data.demo import DOMAINS, build_demo_corpus
 
 KEYS = {"id", "instruction", "input", "output", "domain"}
 BASE = ("math", "code", "finance", "stories", "support")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gs_ray.gradients import LoRAGradientEngine, RandomProjection, collate, loop_gradients
+from gs_ray.core.gradients import LoRAGradientEngine, RandomProjection, collate, loop_gradients
 
 
 def _samples(seed: int = 1):
@@ -44,7 +44,7 @@ def test_same_sample_same_gradient_in_different_batches(tiny_peft_model):
 
 def test_sum_of_rows_is_the_batch_gradient(tiny_peft_model):
     """Summing per-sample gradients must give the ordinary gradient of the summed loss."""
-    from gs_ray.gradients import lora_parameters, per_sample_loss
+    from gs_ray.core.gradients import lora_parameters, per_sample_loss
 
     samples = _samples(3)
     engine = LoRAGradientEngine(tiny_peft_model)
@@ -109,7 +109,7 @@ def test_random_projection_preserves_inner_products_roughly():
 
 def test_response_only_head_matches_full_logits(tiny_peft_model, monkeypatch):
     """The fast path (LM head on response positions only) gives the same losses and gradients."""
-    import gs_ray.gradients as gr
+    import gs_ray.core.gradients as gr
 
     batch = collate(_samples(5), pad_id=0)
     engine = LoRAGradientEngine(tiny_peft_model)
@@ -124,7 +124,7 @@ def test_response_only_head_matches_full_logits(tiny_peft_model, monkeypatch):
 
 
 def test_bucketed_computation_keeps_sample_order(tiny_peft_model):
-    from gs_ray.gradients import compute_bucketed
+    from gs_ray.core.gradients import compute_bucketed
 
     samples = _samples(7)
     engine = LoRAGradientEngine(tiny_peft_model)

@@ -1,4 +1,4 @@
-"""Base models, tokenizers and LoRA adapters (gs_ray.models), checked with plain transformers/peft."""
+"""Base models, tokenizers and LoRA adapters (gs_ray.core.models), checked with plain transformers/peft."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gs_ray.config import LoRAConfig, ModelConfig
-from gs_ray.models import (
+from gs_ray.core.models import (
     SMOLLM2,
     add_lora,
     build_tiny_llama,
@@ -57,7 +57,7 @@ def test_tiny_llama_same_seed_same_weights_other_seed_differs(tiny_path, tmp_pat
 
 
 def test_tiny_llama_is_saved_once_and_reused(tiny_path, monkeypatch, tmp_path):
-    import gs_ray.models as models
+    import gs_ray.core.models as models
 
     run = tmp_path / "run"
     first = materialize_base_model(ModelConfig(), run, seed=0)
@@ -253,7 +253,7 @@ def test_smollm2_converts_and_loads_with_plain_transformers():
 
 
 def test_tiny_prompts_start_with_bos(tmp_path):
-    from gs_ray.models import load_tokenizer
+    from gs_ray.core.models import load_tokenizer
 
     tok = load_tokenizer(materialize_base_model(ModelConfig(), tmp_path, seed=0))
     ids = tok("Add 2 and 3.", add_special_tokens=True)["input_ids"]
@@ -272,7 +272,7 @@ def test_relative_output_dir_gives_absolute_paths(tmp_path, monkeypatch):
     """`gs-ray run` defaults to output_dir "runs" (relative); Ray Train workers run elsewhere, so
     the run directory and the base model path handed to them must be absolute."""
     from gs_ray.config import Config
-    from gs_ray.models import materialize_base_model
+    from gs_ray.core.models import materialize_base_model
     from gs_ray.rundir import RunDir
 
     monkeypatch.chdir(tmp_path)

@@ -81,7 +81,7 @@ def test_artifacts_exist_and_load(job_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gs_ray.router import Router
+    from gs_ray.routing.router import Router
 
     run_dir = job_run["dir"]
     m = _manifest(run_dir)
@@ -106,7 +106,7 @@ def test_artifacts_exist_and_load(job_run):
     plots = {p.name for p in (run_dir / "plots").iterdir()}
     assert {"explained_variance.png", "silhouette_vs_k.png", "cluster_domains.png",
             "training_loss.png", "expert_cluster_loss.png"} <= plots  # fmt: skip
-    from gs_ray.report import show
+    from gs_ray.evaluation.show import show
 
     summary = show(run_dir)
     assert "K selection" in summary and "experts" in summary and "router" in summary
@@ -137,7 +137,7 @@ def test_router_is_well_above_chance(job_run):
 
 def test_partial_sums_transport_equals_exact_on_the_embedded_default(job_run, tmp_path):
     """Stage II again on the same run (same warm-up adapter) with partial sums: same clusters."""
-    from gs_ray.pipeline import prepare
+    from gs_ray.prepare import prepare
     from gs_ray.rundir import RunDir
     from gs_ray.stage2 import Stage2Plan, run_stage2_ray
 
@@ -146,10 +146,10 @@ def test_partial_sums_transport_equals_exact_on_the_embedded_default(job_run, tm
     cfg.stage2.transport = "partial_sums"
     p = prepare(cfg, run)
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
-    out, _ = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(run.warmup_adapter), p.pad_id,
+    out = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(run.warmup_adapter), p.pad_id,
                             tmp_path / "checkpoint")  # fmt: skip
     exact = np.array([r["cluster"] for r in run.assignments()])
-    np.testing.assert_array_equal(out["labels"], exact)
+    np.testing.assert_array_equal(out.labels, exact)
 
 
 def test_resume_after_deleting_one_expert_retrains_only_that_expert(job_run):

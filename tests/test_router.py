@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from gs_ray import router as rt
 from gs_ray.config import RouterConfig
-from gs_ray.demo_data import build_demo_corpus
-from gs_ray.router import (
+from gs_ray.data.demo import build_demo_corpus
+from gs_ray.routing import router as rt
+from gs_ray.routing.router import (
     FrozenEncoder,
     Router,
     encode_cached,

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from gs_ray.config import Config
-from gs_ray.serving import ExpertPool, ServedRun, ServingError
+from gs_ray.serving.pool import ExpertPool, ServedRun, ServingError
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
@@ -40,9 +40,9 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A finished-looking run: tiny base, K experts with distinct weights, a trained router."""
-    from gs_ray.demo_data import build_demo_corpus
-    from gs_ray.models import add_lora, load_base_model, materialize_base_model
-    from gs_ray.router import fit_router
+    from gs_ray.core.models import add_lora, load_base_model, materialize_base_model
+    from gs_ray.data.demo import build_demo_corpus
+    from gs_ray.routing.router import fit_router
     from gs_ray.rundir import RunDir
 
     cfg = Config()
@@ -160,7 +160,7 @@ def test_cli_serve_reports_a_bad_run_dir(tmp_path, capsys):
 
 
 def test_serve_overrides_apply(run_dir):
-    from gs_ray.serve_app import serve_config_for
+    from gs_ray.serving.app import serve_config_for
 
     cfg = serve_config_for(str(run_dir), ["--serve.port", "8123", "--serve.batch_wait_s=0.5"])
     assert (cfg.port, cfg.batch_wait_s, cfg.max_batch_size) == (8123, 0.5, 8)
@@ -171,12 +171,12 @@ def test_serve_config_yaml_is_valid_and_builds(run_dir):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from gs_ray.serve_app import build_app
+    from gs_ray.serving.app import build_app
 
     raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (spec,) = schema.applications
-    assert spec.import_path == "gs_ray.serve_app:build_app"
+    assert spec.import_path == "gs_ray.serving.app:build_app"
     args = {**spec.args, "run_dir": str(run_dir)}
     assert build_app(args) is not None
     # serve/app.py (what `serve run serve.app:build_app` imports) is the same builder
@@ -297,7 +297,7 @@ def test_http_burst_is_batched_and_exact(served, reference):
     equals that expert alone, and the experts replica ran batches of more than one request."""
     from ray import serve
 
-    from gs_ray.serve_app import APP_NAME
+    from gs_ray.serving.app import APP_NAME
 
     jobs = [(i % len(PROMPTS), (i // len(PROMPTS)) % K) for i in range(30)]
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from gs_ray.config import load_config
-from gs_ray.pipeline import prepare, warmup_local
+from gs_ray.prepare import prepare
 from gs_ray.stage2 import (
     CentroidHost,
     GradientComputer,
@@ -23,6 +23,7 @@ from gs_ray.stage2 import (
     run_stage2_local,
     run_stage2_ray,
 )
+from gs_ray.training.warmup import warmup_local
 
 pytestmark = pytest.mark.ray
 
@@ -56,10 +57,10 @@ def reference(tmp_path_factory):
     warmup_local(p)
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
     computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
-    host = run_stage2_local(
+    res = run_stage2_local(
         plan, p.samples, computer, CentroidHost(make_clusterer(cfg), len(p.samples))
     )
-    return {"p": p, "plan": plan, "host": host, "tmp": tmp, "config_path": path}
+    return {"p": p, "plan": plan, "res": res, "tmp": tmp, "config_path": path}
 
 
 def _run_ray(ref, tmp_path, **overrides):
@@ -74,15 +75,15 @@ def _run_ray(ref, tmp_path, **overrides):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ray_reproduces_the_reference(ray_session, reference, tmp_path, workers):
-    out, timing = _run_ray(reference, tmp_path, **{"stage2.num_workers": workers})
-    host = reference["host"]
-    assert timing.workers == workers
-    assert (out["labels"] >= 0).all()
-    np.testing.assert_array_equal(out["labels"], host.labels)
+    out = _run_ray(reference, tmp_path, **{"stage2.num_workers": workers})
+    host = reference["res"]
+    assert out.info["workers"] == workers
+    assert (out.labels >= 0).all()
+    np.testing.assert_array_equal(out.labels, host.labels)
     np.testing.assert_allclose(
-        out["clusterer"].cluster_centers_, host.clusterer.cluster_centers_, rtol=0, atol=1e-6
+        out.clusterer.cluster_centers_, host.clusterer.cluster_centers_, rtol=0, atol=1e-6
     )
-    assert out["clusterer"].n_clusters_ == host.clusterer.n_clusters_
+    assert out.clusterer.n_clusters_ == host.clusterer.n_clusters_
     # Every gradient went through the centroid actor, once: val + online epochs + final.
     p = reference["p"]
     n_train, n_all, d = (
@@ -90,44 +91,44 @@ def test_ray_reproduces_the_reference(ray_session, reference, tmp_path, workers)
         len(p.samples),
         host.clusterer.cluster_centers_.shape[1],
     )
-    epochs = out["clusterer"].epoch_
-    assert out["clusterer"].n_samples_seen_ == epochs * n_train
-    assert out["bytes_in"] == 4 * d * (len(p.splits.val) + epochs * n_train + n_all)
+    epochs = out.clusterer.epoch_
+    assert out.clusterer.n_samples_seen_ == epochs * n_train
+    assert out.info["bytes_in"] == 4 * d * (len(p.splits.val) + epochs * n_train + n_all)
     if workers == 2:
-        assert all(b > 0 for b in out["worker_busy_seconds"])
+        assert all(b > 0 for b in out.info["worker_busy_seconds"])
 
 
 def test_killed_gradient_worker_is_replaced_without_losing_or_repeating_samples(
     ray_session, reference, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("GS_RAY_FAULTS", "worker:online:0:3,worker:final:0:5")
-    out, _ = _run_ray(reference, tmp_path, **{"stage2.num_workers": 2})
+    out = _run_ray(reference, tmp_path, **{"stage2.num_workers": 2})
     fired = sorted(f.name for f in (tmp_path / "faults").iterdir())
     assert fired == ["fault-worker-final-0-5", "fault-worker-online-0-3"]
-    np.testing.assert_array_equal(out["labels"], reference["host"].labels)
+    np.testing.assert_array_equal(out.labels, reference["res"].labels)
     p = reference["p"]
-    assert out["clusterer"].n_samples_seen_ == out["clusterer"].epoch_ * len(p.splits.train)
+    assert out.clusterer.n_samples_seen_ == out.clusterer.epoch_ * len(p.splits.train)
 
 
 def test_partial_sums_transport_matches_exact_assignments(ray_session, reference, tmp_path):
-    out, timing = _run_ray(reference, tmp_path, **{"stage2.transport": "partial_sums"})
-    assert timing.transport == "partial_sums"
-    exact = reference["host"]
-    np.testing.assert_array_equal(out["labels"], exact.labels)
+    out = _run_ray(reference, tmp_path, **{"stage2.transport": "partial_sums"})
+    assert out.info["transport"] == "partial_sums"
+    exact = reference["res"]
+    np.testing.assert_array_equal(out.labels, exact.labels)
     np.testing.assert_allclose(
-        out["clusterer"].cluster_centers_, exact.clusterer.cluster_centers_, rtol=0, atol=1e-6
+        out.clusterer.cluster_centers_, exact.clusterer.cluster_centers_, rtol=0, atol=1e-6
     )
-    assert out["clusterer"].n_samples_seen_ == exact.clusterer.n_samples_seen_
-    assert out["recomputed_batches"] == 0
+    assert out.clusterer.n_samples_seen_ == exact.clusterer.n_samples_seen_
+    assert out.info["recomputed_batches"] == 0
 
 
 def test_partial_sums_survives_a_killed_worker(ray_session, reference, tmp_path, monkeypatch):
     """The killed worker held cached rows: they are recomputed when the ledger evicts them."""
     monkeypatch.setenv("GS_RAY_FAULTS", "worker:online:0:4")
-    out, _ = _run_ray(reference, tmp_path, **{"stage2.transport": "partial_sums"})
+    out = _run_ray(reference, tmp_path, **{"stage2.transport": "partial_sums"})
     assert (tmp_path / "faults" / "fault-worker-online-0-4").exists()
-    np.testing.assert_array_equal(out["labels"], reference["host"].labels)
-    assert out["recomputed_batches"] > 0
+    np.testing.assert_array_equal(out.labels, reference["res"].labels)
+    assert out.info["recomputed_batches"] > 0
 
 
 def test_driver_killed_mid_epoch_resumes_from_checkpoint(ray_session, reference, tmp_path):
@@ -152,7 +153,7 @@ def test_driver_killed_mid_epoch_resumes_from_checkpoint(ray_session, reference,
     rows = [json.loads(line) for line in (run_dir / "stage2" / "assignments.jsonl").open()]
     p = reference["p"]
     assert [r["id"] for r in rows] == [s.id for s in p.samples]
-    np.testing.assert_array_equal([r["cluster"] for r in rows], reference["host"].labels)
+    np.testing.assert_array_equal([r["cluster"] for r in rows], reference["res"].labels)
 
 
 def test_reference_pipeline_run_directory(reference):

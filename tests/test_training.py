@@ -17,15 +17,14 @@ import pytest
 import torch
 
 from gs_ray.config import DataConfig, ExpertConfig, LoRAConfig, ModelConfig, TrainingConfig
+from gs_ray.core.gradients import collate, per_sample_loss
+from gs_ray.core.models import add_lora, load_base_model, load_tokenizer, materialize_base_model
 from gs_ray.data import Sample, length_bucketed_batches, load_samples
-from gs_ray.gradients import collate, per_sample_loss
-from gs_ray.models import add_lora, load_base_model, load_tokenizer, materialize_base_model
-from gs_ray.training import (
+from gs_ray.training.loop import mean_loss, planned_steps
+from gs_ray.training.ray_train import (
     AdapterJob,
     _read_attempts,
     deepspeed_config,
-    mean_loss,
-    planned_steps,
     resolve_use_gpu,
     train_many_on_ray,
     train_on_ray,

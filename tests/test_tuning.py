@@ -7,14 +7,15 @@ import json
 import pytest
 
 from gs_ray.config import load_config
-from gs_ray.pipeline import prepare, warmup_local
+from gs_ray.prepare import prepare
+from gs_ray.training.warmup import warmup_local
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tmp_path):
-    from gs_ray import plots
-    from gs_ray.tuning import tune_k
+    from gs_ray.evaluation import plots
+    from gs_ray.training.tuning import tune_k
 
     cfg = load_config(None, [
         "--data.demo_size", "240", "--data.n_val", "48", "--model.tiny_hidden_size", "64",

@@ -99,7 +99,7 @@ def train_demo_tokenizer(vocab_size: int, cache: Path) -> PreTrainedTokenizerFas
     """A byte-level BPE trained on the demo corpus (seed 0), cached by vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    from gs_ray.demo_data import build_demo_corpus
+    from gs_ray.data.demo import build_demo_corpus
 
     corpus = build_demo_corpus(seed=0)
     texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in corpus]

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from gs_ray.routing.router import ROUTER_JSON
 from gs_ray.rundir import RunDir
 
 
@@ -60,16 +61,12 @@ def show(path: str | Path) -> str:
                 + f"  {sum(vals)}"
             )
     metrics = run.metrics()
-    experts = sorted(
-        run.path.glob("experts/expert_*/expert.json"),
-        key=lambda p: int(p.parent.name.split("_")[1]),
-    )
+    experts = run.expert_records()
     ev = metrics.get("evaluation", {})
     own = {row["cluster"]: row for row in ev.get("own_cluster", [])}
     if experts:
         lines.append("experts (held-out loss on their own cluster vs the warm-up adapter):")
-        for path in experts:
-            e = json.loads(path.read_text())
+        for e in experts:
             c = e["cluster"]
             row = own.get(c, {})
             held = (f"{row['expert']:.4f} vs {row['warmup']:.4f}"
@@ -96,6 +93,6 @@ def show(path: str | Path) -> str:
     )
     if plots:
         lines.append("plots: " + ", ".join(plots))
-    if (run.router / "router.json").exists():
+    if (run.router / ROUTER_JSON).exists():
         lines.append(f"serve: gs-ray serve {run.path}")
     return "\n".join(lines)

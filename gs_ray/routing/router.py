@@ -16,7 +16,7 @@ Pieces, each usable on its own:
   the head; the metrics describe exactly the head that is returned.
 * ``Router`` - predict, save, load, latency. In the run directory (``router/``) it is two lines::
 
-      from gs_ray.router import Router
+      from gs_ray.routing.router import Router
       expert = Router.load("runs/my-run/router").predict(["How do I reset my password?"])[0]
 """
 
@@ -37,14 +37,15 @@ import torch
 from torch import nn
 
 from gs_ray.config import RouterConfig
+from gs_ray.core.models import resolve_device
+from gs_ray.io import write_json
 from gs_ray.progress import Progress
-from gs_ray.rundir import write_json
 
 log = logging.getLogger(__name__)
 
 BUNDLED_ENCODER = "all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = (BUNDLED_ENCODER, f"sentence-transformers/{BUNDLED_ENCODER}")
-ROUTER_FORMAT = "gs_ray.router/1"
+ROUTER_FORMAT = "gs_ray.routing.router/1"
 ROUTER_JSON = "router.json"
 HEAD_FILE = "head.safetensors"
 _PROGRESS_MIN_TEXTS = 256  # shorter encodes log nothing
@@ -70,12 +71,6 @@ def resolve_encoder(name: str) -> str:
     return name
 
 
-def _pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class FrozenEncoder:
     """A Hugging Face encoder used as a fixed feature map: eval mode, no gradients, mean pooling.
 
@@ -91,7 +86,7 @@ class FrozenEncoder:
 
         self.name, self.max_length = name, max_length
         self.path = resolve_encoder(name)
-        self.device = _pick_device(device)
+        self.device = resolve_device(device or "auto")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         model = AutoModel.from_pretrained(self.path)
         if getattr(model.config, "is_encoder_decoder", False):

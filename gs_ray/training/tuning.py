@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from gs_ray.config import Config
-from gs_ray.rundir import write_json
+from gs_ray.io import write_json
+from gs_ray.prepare import Prepared
+from gs_ray.rundir import expert_name
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def sample_gradients(
     base_path: str, cfg: Config, adapter: str, pad_id: int, pairs: list
 ) -> np.ndarray:
     """Per-sample gradients of ``pairs`` with the warm-up adapter (run as a Ray task)."""
-    from gs_ray.stage2 import GradientComputer
+    from gs_ray.stage2.computer import GradientComputer
 
     return GradientComputer(base_path, cfg, adapter, pad_id)(pairs)
 
@@ -42,10 +44,10 @@ def k_trial(config: dict[str, Any], *, G_val, G_fit, G_hold, fit_pairs, hold_pai
     import torch
     from ray import tune
 
+    from gs_ray.core.models import load_adapter, load_base_model
     from gs_ray.data import Sample
-    from gs_ray.models import load_adapter, load_base_model
-    from gs_ray.stage2 import make_clusterer
-    from gs_ray.training import TorchEngine, adapter_losses, train_adapter
+    from gs_ray.stage2.executors import make_clusterer
+    from gs_ray.training.loop import TorchEngine, adapter_losses, train_adapter
 
     k = int(config["k"])
     c = Config.from_dict(cfg.to_dict())
@@ -57,21 +59,23 @@ def k_trial(config: dict[str, Any], *, G_val, G_fit, G_hold, fit_pairs, hold_pai
     adapters = {}
     for cluster in range(k):
         members = [Sample(str(i), *fit_pairs[i]) for i in np.flatnonzero(est.labels_ == cluster)]
-        path = f"{folder}/expert_{cluster}"
+        path = f"{folder}/{expert_name(cluster)}"
         model = load_adapter(load_base_model(base_path, c.model), adapter, trainable=True)
         if members:
             torch.manual_seed(c.run.seed + cluster)
             train_adapter(TorchEngine(model, steps_cfg), members, steps_cfg, pad_id, c.run.seed)
         model.save_pretrained(path)
-        adapters[f"expert_{cluster}"] = path
+        adapters[expert_name(cluster)] = path
     losses = adapter_losses(base_path, c.model, adapters, hold_pairs, pad_id)
-    per_sample = np.stack([losses[f"expert_{j}"] for j in range(k)])[routed, np.arange(len(routed))]
+    per_sample = np.stack([losses[expert_name(j)] for j in range(k)])[
+        routed, np.arange(len(routed))
+    ]
     tune.report({"k": k, "val_loss": float(per_sample.mean()), "silhouette": float(est.silhouette_),
                  "n_components": int(est.n_components_),
                  "cluster_sizes": np.bincount(est.labels_, minlength=k).tolist()})  # fmt: skip
 
 
-def tune_k(p) -> int:
+def tune_k(p: Prepared, resume: bool = False) -> int:
     """Run the Tune search over ``tune.k_values`` for a prepared run; returns the best K."""
     import ray
     from ray import tune

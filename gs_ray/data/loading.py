@@ -2,7 +2,7 @@
 
 Sources (``data.source``):
 
-* ``demo`` - the built-in corpus (``gs_ray.demo_data``), generated from the run seed.
+* ``demo`` - the built-in corpus (``gs_ray.data.demo``), generated from the run seed.
 * a ``.jsonl`` / ``.json`` file - read with the standard library, line by line, so that a
   malformed line is reported with its file and line number;
 * a ``.parquet`` file or a Hugging Face dataset name - read with ``datasets``.
@@ -106,7 +106,7 @@ def read_rows(cfg: DataConfig, seed: int = 0) -> tuple[list[dict[str, Any]], str
     """Raw rows (dicts) and a description of the source."""
     src = cfg.source
     if src == "demo":
-        from gs_ray.demo_data import build_demo_corpus
+        from gs_ray.data.demo import build_demo_corpus
 
         return build_demo_corpus(n_samples=cfg.demo_size, seed=seed), f"demo(seed={seed})"
     path = Path(src).expanduser()

@@ -1,6 +1,6 @@
 """The Ray Serve application: an HTTP ingress, the router, and the experts.
 
-Three deployments, each a thin shell over ``gs_ray.serving`` (STYLE: thin actors)::
+Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin actors)::
 
     HTTP -> Ingress (FastAPI) --handle--> RouterDeployment   (frozen encoder + linear head)
                               --handle--> ExpertsDeployment  (base model + K LoRA adapters)
@@ -37,7 +37,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gs_ray.config import Config, ServeConfig, apply_overrides
-from gs_ray.serving import ServedRun, ServingError
+from gs_ray.serving.pool import ServedRun, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class ExpertsDeployment:
     """All K experts on one base model: batched, mixed-expert greedy generation."""
 
     def __init__(self, run_dir: str, cfg: ServeConfig):
-        from gs_ray.models import resolve_device
+        from gs_ray.core.models import resolve_device
 
         _set_threads(cfg.expert_cpus)
         self.pool = ServedRun.open(run_dir).expert_pool(resolve_device(cfg.device))
@@ -236,7 +236,7 @@ def serve_config_for(run_dir: str, overrides: list[str] | None = None) -> ServeC
 
 
 def build_app(args: dict[str, Any]):
-    """Serve's application builder (``serve run gs_ray.serve_app:build_app run_dir=DIR``, or
+    """Serve's application builder (``serve run gs_ray.serving.app:build_app run_dir=DIR``, or
     ``import_path`` in ``serve/config.yaml``): ``run_dir`` plus any ``serve`` field as a key."""
     args = dict(args)
     if "run_dir" not in args:

@@ -1,6 +1,6 @@
 """Inference on a finished run: the router picks one expert per prompt, that expert generates.
 
-Pure torch + peft, no Ray Serve; ``gs_ray.serve_app`` wraps these pieces in Serve deployments,
+Pure torch + peft, no Ray Serve; ``gs_ray.serving.app`` wraps these pieces in Serve deployments,
 and they work as well in a notebook::
 
     run = ServedRun.open("runs/my-run")
@@ -67,7 +67,7 @@ class ExpertPool:
     ):
         from peft import PeftModel
 
-        from gs_ray.models import load_base_model, load_tokenizer, resolve_device
+        from gs_ray.core.models import load_base_model, load_tokenizer, resolve_device
 
         if not expert_paths:
             raise ServingError("an expert pool needs at least one expert adapter")
@@ -204,7 +204,7 @@ class ServedRun:
 
     def base_path(self) -> str:
         """The base model the experts were trained on (tiny-llama: the run's own copy)."""
-        from gs_ray.models import materialize_base_model
+        from gs_ray.core.models import materialize_base_model
 
         return materialize_base_model(self.cfg.model, self.run.path, self.cfg.run.seed)
 
@@ -212,7 +212,7 @@ class ServedRun:
         return [str(self.run.expert(c)) for c in range(self.n_experts)]
 
     def router(self, device: str | None = None):
-        from gs_ray.router import Router
+        from gs_ray.routing.router import Router
 
         return Router.load(self.run.router, device=device)
 

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gs_ray.data.demo import words as W
+
 BASE_DOMAINS: tuple[str, ...] = ("math", "code", "finance", "stories", "support")
 CROSS_DOMAINS: tuple[str, ...] = ("finance_code", "math_story", "code_story")
 DOMAINS: tuple[str, ...] = BASE_DOMAINS + CROSS_DOMAINS
@@ -52,62 +54,6 @@ _WEIGHTS: dict[str, float] = {
 _MAX_RETRIES = 25  # attempts to draw an item whose output is not already in the corpus
 
 Record = dict[str, str]
-
-# --------------------------------------------------------------------------- shared word pools
-
-_NAMES = (
-    "Maya", "Liam", "Aisha", "Noah", "Sofia", "Ethan", "Priya", "Lucas", "Chloe", "Omar",
-    "Hana", "Mateo", "Zoe", "Ravi", "Elena", "Kofi", "Ingrid", "Diego", "Mei", "Samuel",
-    "Leila", "Tomas", "Amara", "Jonah", "Yuki", "Felix", "Nadia", "Arjun", "Grace", "Emeka",
-    "Clara", "Hugo", "Fatima", "Oscar", "Lena", "Kenji", "Rosa", "Malik", "Ivy", "Pablo",
-    "Sana", "Theo", "Beatriz", "Finn", "Anika", "Marcus", "Olga", "Tariq", "Julia", "Rohan",
-)  # fmt: skip
-_ROLES = (
-    "a baker", "a lighthouse keeper", "a librarian", "a young inventor", "a retired sailor",
-    "a street musician", "a beekeeper", "a night-shift nurse", "a clockmaker", "a school teacher",
-    "a mail carrier", "a gardener", "a taxi driver", "a museum guard", "a chef", "a painter",
-    "a farmer", "a park ranger", "a bookseller", "a delivery cyclist", "a tailor",
-    "a marine biologist", "a train conductor", "a potter", "a carpenter",
-)  # fmt: skip
-_PLACES = (
-    "a fishing village", "a busy city market", "a snowy mountain town", "an old train station",
-    "a quiet seaside harbour", "a desert oasis", "a rainy suburb", "a floating market",
-    "a forest cabin", "a small island village", "a rooftop garden", "an abandoned theatre",
-    "a university library", "a riverside cafe", "a mountain monastery", "a bustling airport",
-    "a lantern-lit alley", "a sleepy farming valley", "a canal-side neighbourhood",
-    "a research station in the Arctic",
-)  # fmt: skip
-_OBJECTS = (
-    "a brass key", "an old map", "a cracked pocket watch", "a glowing pebble",
-    "a bundle of letters", "a music box", "a red umbrella", "a torn photograph",
-    "a wooden compass", "a jar of buttons", "a silver locket", "a notebook full of equations",
-    "a paper kite", "a mysterious seed", "a tiny clockwork robot", "a forgotten diary",
-    "a chipped teacup", "a postcard with no stamp", "a copper lantern",
-    "a violin with three strings",
-)  # fmt: skip
-_ANIMALS = (
-    "fox", "tortoise", "crow", "hedgehog", "otter", "owl", "rabbit", "badger", "mouse", "heron",
-    "goat", "squirrel", "bear cub", "frog", "sparrow", "wolf", "lamb", "beaver",
-)  # fmt: skip
-_TIMES = (
-    "One grey morning", "Late one evening", "On the first day of spring", "Just before midnight",
-    "On a stormy afternoon", "Early one Sunday", "In the middle of winter",
-    "On the hottest day of summer", "As the sun came up", "One foggy autumn night",
-)  # fmt: skip
-_FEELINGS = (
-    "curious", "nervous", "delighted", "puzzled", "hopeful", "restless", "determined",
-    "homesick", "amused", "cautious",
-)  # fmt: skip
-_WORDS = (
-    "river", "apple", "quiet", "lantern", "orbit", "maple", "engine", "cloud", "tiger", "velvet",
-    "harbor", "piano", "echo", "garden", "silver", "rocket", "meadow", "pixel", "canyon",
-    "violet", "thunder", "ocean", "pepper", "marble", "window", "falcon", "candle", "summit",
-    "island", "copper", "data", "bird", "sun", "tea", "map", "code", "blue", "moon",
-)  # fmt: skip
-_COMPANIES = (
-    "Northwind Tools", "Bluefin Foods", "Harbor Rail", "Cedar Health", "Lumen Software",
-    "Atlas Freight", "Kestrel Energy", "Maple Retail", "Orion Robotics", "Summit Telecom",
-)  # fmt: skip
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -178,25 +124,13 @@ class _Problem:
     unit: str
 
 
-_SHOP_ITEMS = (
-    ("notebooks", 2, 6), ("pens", 1, 4), ("apples", 1, 3), ("comic books", 3, 9),
-    ("packs of stickers", 2, 5), ("candles", 3, 12), ("bags of rice", 4, 15),
-    ("flower pots", 3, 10), ("tennis balls", 2, 6), ("jars of honey", 5, 14),
-    ("loaves of bread", 2, 6), ("paintbrushes", 2, 8),
-)  # fmt: skip
-_STORES = (
-    "the corner shop", "a farmers' market", "the school fair", "a garden centre", "the bookstore",
-    "a street market", "the hardware store",
-)  # fmt: skip
-
-
 def _m_shopping(rng: random.Random, who: str) -> _Problem:
-    (item1, p_lo, p_hi), (item2, q_lo, q_hi) = rng.sample(_SHOP_ITEMS, 2)
+    (item1, p_lo, p_hi), (item2, q_lo, q_hi) = rng.sample(W.SHOP_ITEMS, 2)
     a, b = rng.randint(2, 9), rng.randint(2, 9)
     p, q = rng.randint(p_lo, p_hi), rng.randint(q_lo, q_hi)
     x, y = a * p, b * q
     setup = (
-        f"At {rng.choice(_STORES)}, {who} buys {a} {item1} for ${p} each "
+        f"At {rng.choice(W.STORES)}, {who} buys {a} {item1} for ${p} each "
         f"and {b} {item2} for ${q} each."
     )
     question = rng.choice(
@@ -212,7 +146,7 @@ def _m_shopping(rng: random.Random, who: str) -> _Problem:
 
 
 def _m_change(rng: random.Random, who: str) -> _Problem:
-    item = rng.choice(_SHOP_ITEMS)
+    item = rng.choice(W.SHOP_ITEMS)
     n, p = rng.randint(2, 12), rng.randint(item[1], item[2])
     cost = n * p
     money = cost + rng.randint(1, 60)
@@ -458,21 +392,6 @@ _MATH_TEMPLATES: tuple[Callable[[random.Random, str], _Problem], ...] = (
     _m_weekly,
 )  # fmt: skip
 
-_MATH_ASKS = (
-    "Solve the following word problem step by step.",
-    "Answer this math question and show your reasoning.",
-    "Work through the problem below and give the final answer.",
-    "Please solve this problem, explaining each step.",
-    "Show the calculation needed to answer this question.",
-    "Solve this grade-school math problem.",
-)
-_MATH_SUFFIXES = (
-    " Show your work.",
-    " Explain step by step.",
-    " Give the final answer at the end.",
-    "",
-)
-
 
 def _format_steps(rng: random.Random, steps: tuple[str, ...]) -> str:
     style = rng.randrange(3)
@@ -489,29 +408,21 @@ def _math_item(
 ) -> tuple[Record, int]:
     """One ``math`` record and its expected final answer (used by the tests)."""
     template = template or rng.choice(_MATH_TEMPLATES)
-    prob = template(rng, rng.choice(_NAMES))
+    prob = template(rng, rng.choice(W.NAMES))
     text = f"{prob.setup} {prob.question}"
-    instruction, input_ = _ask(rng, text, _MATH_ASKS)
+    instruction, input_ = _ask(rng, text, W.MATH_ASKS)
     if not input_:
-        instruction += rng.choice(_MATH_SUFFIXES)
+        instruction += rng.choice(W.MATH_SUFFIXES)
     output = f"{_format_steps(rng, prob.steps)}\nThe answer is {prob.answer}."
     return _record(instruction, input_, output, "math"), prob.answer
 
 
 # =========================================================================== finance
 
-_FIN_ASKS = (
-    "Answer the following personal-finance question and show the calculation.",
-    "Solve this finance problem step by step.",
-    "Work out the numbers for the question below.",
-    "Help with this money question; explain the calculation.",
-)
-_RATES = (2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5, 6, 7)
-
 
 def _f_simple_interest(rng: random.Random) -> tuple[str, str, str]:
-    who = rng.choice(_NAMES)
-    p, r, t = rng.randrange(1000, 20001, 250), rng.choice(_RATES), rng.randint(2, 10)
+    who = rng.choice(W.NAMES)
+    p, r, t = rng.randrange(1000, 20001, 250), rng.choice(W.RATES), rng.randint(2, 10)
     dec = _fmt(r / 100, 4)
     yearly = round(p * float(dec), 2)
     interest = round(yearly * t, 2)
@@ -528,12 +439,12 @@ def _f_simple_interest(rng: random.Random) -> tuple[str, str, str]:
         f"The balance becomes {p} + {_fmt(interest)} = {_fmt(total)}, so the interest is "
         f"{_money(interest)} and the final balance {_money(total)}."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_compound(rng: random.Random) -> tuple[str, str, str]:
-    who = rng.choice(_NAMES)
-    p, r = rng.randrange(1000, 50001, 500), rng.choice(_RATES)
+    who = rng.choice(W.NAMES)
+    p, r = rng.randrange(1000, 50001, 500), rng.choice(W.RATES)
     dec = r / 100
     if rng.random() < 0.4:
         t = rng.randint(1, 10)
@@ -562,14 +473,14 @@ def _f_compound(rng: random.Random) -> tuple[str, str, str]:
         f"so the interest earned is {_fmt(final)} - {p} = {_fmt(gain)}. "
         f"Answer: about {_money(final)}."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_roi(rng: random.Random) -> tuple[str, str, str]:
-    who = rng.choice(_NAMES)
+    who = rng.choice(W.NAMES)
     asset = rng.choice(
         ["shares of an index fund", "a used camera to resell", "a batch of handmade candles",
-         "a vintage guitar", "a small rental trailer", "shares of " + rng.choice(_COMPANIES)]
+         "a vintage guitar", "a small rental trailer", "shares of " + rng.choice(W.COMPANIES)]
     )  # fmt: skip
     cost = rng.randrange(500, 20001, 50)
     value = round(cost * (1 + rng.uniform(-0.3, 0.8)))
@@ -595,7 +506,7 @@ def _f_roi(rng: random.Random) -> tuple[str, str, str]:
         f"Dividing by the cost gives {diff} / {cost} = {ratio}. "
         f"As a percentage, {ratio} * 100 = {pct}. The ROI is {sign}{pct}%, {verdict}."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_loan(rng: random.Random) -> tuple[str, str, str]:
@@ -632,11 +543,11 @@ def _f_loan(rng: random.Random) -> tuple[str, str, str]:
         f"Over the loan you pay {_fmt(pay)} * {n} = {_fmt(total)}, of which "
         f"{_fmt(total)} - {p} = {_fmt(total - p)} is interest. Monthly payment: {_money(pay)}."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_budget_rule(rng: random.Random) -> tuple[str, str, str]:
-    who = rng.choice(_NAMES)
+    who = rng.choice(W.NAMES)
     income = rng.randrange(2000, 9001, 100)
     needs, wants, save = (round(income * k, 2) for k in (0.5, 0.3, 0.2))
     q = rng.choice(
@@ -650,11 +561,11 @@ def _f_budget_rule(rng: random.Random) -> tuple[str, str, str]:
         f"{_fmt(needs)}. Wants: {income} * 0.3 = {_fmt(wants)}. Savings: {income} * 0.2 = "
         f"{_fmt(save)}. It is a starting point; adjust it if rent alone takes more than half."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_monthly_budget(rng: random.Random) -> tuple[str, str, str]:
-    who = rng.choice(_NAMES)
+    who = rng.choice(W.NAMES)
     income = rng.randrange(2500, 7001, 50)
     rent = rng.randrange(int(income * 0.25), int(income * 0.4), 10)
     food, travel, bills = rng.randint(200, 700), rng.randint(50, 400), rng.randint(80, 250)
@@ -672,11 +583,11 @@ def _f_monthly_budget(rng: random.Random) -> tuple[str, str, str]:
         f"kept: {left} / {income} = {ratio}, and {ratio} * 100 = {_fmt(float(ratio) * 100)}. "
         f"So {who} can save about {_money(left)} a month, or {_fmt(float(ratio) * 100)}% of income."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_pe_ratio(rng: random.Random) -> tuple[str, str, str]:
-    company = rng.choice(_COMPANIES)
+    company = rng.choice(W.COMPANIES)
     eps = round(rng.uniform(0.5, 20), 2)
     price = round(eps * rng.uniform(6, 45), 2)
     pe = round(price / eps, 2)
@@ -744,11 +655,11 @@ def _f_inflation(rng: random.Random) -> tuple[str, str, str]:
         f"{_money(future)}. Put the other way, $100 today will buy only 100 / {f} = "
         f"{_fmt(power)} dollars' worth of today's goods."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_savings_goal(rng: random.Random) -> tuple[str, str, str]:
-    who = rng.choice(_NAMES)
+    who = rng.choice(W.NAMES)
     goal_name = rng.choice(["a trip to Japan", "a new laptop", "a house deposit", "a used car",
                             "a wedding", "an emergency cushion"])  # fmt: skip
     m, months, have = rng.randrange(50, 801, 25), rng.randint(4, 36), rng.randrange(0, 2001, 100)
@@ -763,11 +674,11 @@ def _f_savings_goal(rng: random.Random) -> tuple[str, str, str]:
         f"by the monthly saving: {need} / {m} = {months}. So it takes {months} months. "
         "Automating the transfer on payday makes the plan easier to keep."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_dividend(rng: random.Random) -> tuple[str, str, str]:
-    company = rng.choice(_COMPANIES)
+    company = rng.choice(W.COMPANIES)
     price = round(rng.uniform(20, 300), 2)
     div = round(price * rng.uniform(0.01, 0.07), 2)
     shares = rng.randint(10, 500)
@@ -784,7 +695,7 @@ def _f_dividend(rng: random.Random) -> tuple[str, str, str]:
         f"{_fmt(income)} a year, about {_money(income)}. A very high yield can mean the market "
         "doubts the dividend will last."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_rule_of_72(rng: random.Random) -> tuple[str, str, str]:
@@ -809,7 +720,7 @@ def _f_rule_of_72(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _f_emergency_fund(rng: random.Random) -> tuple[str, str, str]:
-    who = rng.choice(_NAMES)
+    who = rng.choice(W.NAMES)
     expenses, k = rng.randrange(1500, 5001, 50), rng.choice([3, 4, 6])
     target = expenses * k
     have = rng.randrange(0, target // 2, 100)
@@ -827,7 +738,7 @@ def _f_emergency_fund(rng: random.Random) -> tuple[str, str, str]:
         f"At {_money(c)} a month, {gap} / {c} = {_fmt(months)} months, so plan for "
         f"{math.ceil(months)} months. Keep it in an easy-access savings account."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_credit_card(rng: random.Random) -> tuple[str, str, str]:
@@ -847,11 +758,11 @@ def _f_credit_card(rng: random.Random) -> tuple[str, str, str]:
         f"that is roughly {_fmt(interest)} * 12 = {_fmt(interest * 12)} if the balance stays. "
         "Paying in full each month avoids it."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 def _f_net_worth(rng: random.Random) -> tuple[str, str, str]:
-    who = rng.choice(_NAMES)
+    who = rng.choice(W.NAMES)
     assets = rng.sample([("savings", 1000, 30000), ("retirement account", 5000, 120000),
                          ("car", 3000, 25000), ("home", 150000, 500000)], 3)  # fmt: skip
     debts = rng.sample([("car loan", 2000, 15000), ("student loan", 5000, 40000),
@@ -898,7 +809,7 @@ def _f_break_even(rng: random.Random) -> tuple[str, str, str]:
         f"Then {fixed} / {margin} = {units}, "
         f"so {_the(biz)} must sell {units} {thing} a month; every sale beyond that is profit."
     )
-    return *_ask(rng, q, _FIN_ASKS), out
+    return *_ask(rng, q, W.FIN_ASKS), out
 
 
 _FINANCE_TEMPLATES: tuple[Callable[[random.Random], tuple[str, str, str]], ...] = (
@@ -937,7 +848,7 @@ class _CodeTask:
 
 
 def _phrase(rng: random.Random, lo: int = 2, hi: int = 5) -> str:
-    return " ".join(rng.sample(_WORDS, rng.randint(lo, hi))).capitalize()
+    return " ".join(rng.sample(W.WORDS, rng.randint(lo, hi))).capitalize()
 
 
 def _ints(rng: random.Random, lo: int, hi: int, n_lo: int = 4, n_hi: int = 8) -> list[int]:
@@ -987,12 +898,6 @@ def _c_reverse_words(rng: random.Random) -> _CodeTask:
     )  # fmt: skip
 
 
-_PALINDROMES = (
-    "Never odd or even", "Step on no pets", "Was it a car or a cat I saw", "No lemon, no melon",
-    "level", "racecar", "rotor", "Top spot", "A Santa at NASA",
-)  # fmt: skip
-
-
 def _c_palindrome(rng: random.Random) -> _CodeTask:
     name = rng.choice(["is_palindrome", "reads_same_backwards", "check_palindrome"])
     p = rng.choice(["text", "phrase", "s"])
@@ -1016,7 +921,7 @@ def _c_palindrome(rng: random.Random) -> _CodeTask:
             "    return True\n"
         )
         how = "It compares characters from both ends, moving inwards, and stops at a mismatch."
-    arg = rng.choice(_PALINDROMES) if rng.random() < 0.5 else _phrase(rng, 1, 3)
+    arg = rng.choice(W.PALINDROMES) if rng.random() < 0.5 else _phrase(rng, 1, 3)
     cleaned = [ch.lower() for ch in arg if ch.isalnum()]
     return _CodeTask(
         "check whether a string is a palindrome, ignoring case, spaces and punctuation",
@@ -1084,7 +989,7 @@ def _c_word_counts(rng: random.Random) -> _CodeTask:
             "    return dict(Counter(text.lower().split()))\n"
         )
         how = "It lets collections.Counter tally the lower-cased words and returns a plain dict."
-    pool = rng.sample(_WORDS, 3)
+    pool = rng.sample(W.WORDS, 3)
     arg = " ".join(rng.choice(pool) for _ in range(rng.randint(5, 8)))
     expected: dict[str, int] = {}
     for w in arg.split():
@@ -1188,7 +1093,7 @@ def _c_dedupe(rng: random.Random) -> _CodeTask:
     if rng.random() < 0.5:
         arg: list[Any] = _ints(rng, 1, 6, 5, 9)
     else:
-        pool = rng.sample(_WORDS, 3)
+        pool = rng.sample(W.WORDS, 3)
         arg = [rng.choice(pool) for _ in range(rng.randint(4, 7))]
     return _CodeTask(
         "remove duplicates from a list while keeping the original order", code, name, (arg,),
@@ -1263,7 +1168,7 @@ def _c_snake_to_camel(rng: random.Random) -> _CodeTask:
         f'    first, *rest = {p}.split("_")\n'
         '    return first + "".join(part.capitalize() for part in rest)\n'
     )
-    parts = rng.sample(_WORDS, rng.randint(2, 3))
+    parts = rng.sample(W.WORDS, rng.randint(2, 3))
     expected = parts[0] + "".join(x.capitalize() for x in parts[1:])
     return _CodeTask(
         "convert a snake_case identifier to camelCase", code, name, ("_".join(parts),), expected,
@@ -1433,37 +1338,13 @@ _CODE_TEMPLATES: tuple[Callable[[random.Random], _CodeTask], ...] = (
     _c_merge_sorted, _c_caesar, _c_mean,
 )  # fmt: skip
 
-_CODE_ASKS = (
-    "Write a Python function `{sig}` that {desc}.",
-    "Implement `{sig}` in Python. It should {goal}.",
-    "I need a Python helper named `{name}` to {goal}. Can you write it?",
-    "Create a Python function called `{name}` which {desc}.",
-    "Using only the standard library, write `{name}` so that it {desc}.",
-    "Write Python code to {goal}. Wrap it in a function named `{name}`.",
-)
-_FIN_CODE_ASKS = (
-    "For a budgeting app, write a Python function `{sig}` that {desc}.",
-    "Write a Python function named `{name}` to {goal}.",
-    "Implement `{sig}` in Python; it should {goal}.",
-    "I'm automating my spreadsheet. Give me a Python function `{name}` that {desc}.",
-)
-_CODE_INTROS = (
-    "Here is a simple implementation.", "Here's a straightforward solution.",
-    "This version uses only built-in Python.", "One clean way to write it:",
-    "Below is a short, readable implementation.", "Sure, here is the function.",
-)  # fmt: skip
-_EXAMPLE_LINES = (
-    "For example, `{call}` returns `{exp}`.", "Example: `{call}` returns `{exp}`.",
-    "Quick check: `{call}` gives `{exp}`.",
-)  # fmt: skip
-
 
 def _fenced(code: str) -> str:
     return f"```python\n{code}```"
 
 
 def _example(rng: random.Random, task: _CodeTask) -> str:
-    return rng.choice(_EXAMPLE_LINES).format(call=task.call, exp=repr(task.expected))
+    return rng.choice(W.EXAMPLE_LINES).format(call=task.call, exp=repr(task.expected))
 
 
 def _code_record(rng: random.Random, task: _CodeTask, domain: str, asks: tuple[str, ...]) -> Record:
@@ -1476,13 +1357,13 @@ def _code_record(rng: random.Random, task: _CodeTask, domain: str, asks: tuple[s
          f"Test it with the arguments {args}.")
     )  # fmt: skip
     output = (
-        f"{rng.choice(_CODE_INTROS)}\n\n{_fenced(task.code)}\n\n{task.how} {_example(rng, task)}"
+        f"{rng.choice(W.CODE_INTROS)}\n\n{_fenced(task.code)}\n\n{task.how} {_example(rng, task)}"
     )
     return _record(instruction, input_, output, domain)
 
 
 def _code_item(rng: random.Random) -> Record:
-    return _code_record(rng, rng.choice(_CODE_TEMPLATES)(rng), "code", _CODE_ASKS)
+    return _code_record(rng, rng.choice(_CODE_TEMPLATES)(rng), "code", W.CODE_ASKS)
 
 
 # =========================================================================== finance_code
@@ -1496,7 +1377,7 @@ def _fc_compound(rng: random.Random) -> _CodeTask:
         "    growth = (1 + rate / periods) ** (periods * years)\n"
         "    return round(principal * growth, 2)\n"
     )
-    p, r, t = rng.randrange(1000, 50001, 500), rng.choice(_RATES) / 100, rng.randint(1, 30)
+    p, r, t = rng.randrange(1000, 50001, 500), rng.choice(W.RATES) / 100, rng.randint(1, 30)
     periods = rng.choice([1, 4, 12])
     args: tuple[Any, ...] = (p, r, t) if periods == 12 else (p, r, t, periods)
     expected = round(p * (1 + r / periods) ** (periods * t), 2)
@@ -1517,7 +1398,11 @@ def _fc_payment(rng: random.Random) -> _CodeTask:
         "        return round(principal / n, 2)\n"
         "    return round(principal * r * (1 + r) ** n / ((1 + r) ** n - 1), 2)\n"
     )
-    p, rate, years = rng.randrange(5000, 400001, 1000), rng.choice(_RATES) / 100, rng.randint(2, 30)
+    p, rate, years = (
+        rng.randrange(5000, 400001, 1000),
+        rng.choice(W.RATES) / 100,
+        rng.randint(2, 30),
+    )
     r, n = rate / 12, years * 12
     expected = round(p * r * (1 + r) ** n / ((1 + r) ** n - 1), 2)
     return _CodeTask(
@@ -1533,7 +1418,7 @@ def _fc_simple(rng: random.Random) -> _CodeTask:
         f"def {name}(principal: float, rate: float, years: float) -> float:\n"
         "    return round(principal * rate * years, 2)\n"
     )
-    p, r, t = rng.randrange(500, 30001, 50), rng.choice(_RATES) / 100, rng.randint(1, 12)
+    p, r, t = rng.randrange(500, 30001, 50), rng.choice(W.RATES) / 100, rng.randint(1, 12)
     return _CodeTask(
         "compute simple interest from principal, annual rate and years", code, name, (p, r, t),
         round(p * r * t, 2),
@@ -1569,7 +1454,7 @@ def _fc_schedule(rng: random.Random) -> _CodeTask:
         "        rows.append((month, interest, balance))\n"
         "    return rows\n"
     )
-    p, rate = rng.randrange(2000, 30001, 500), rng.choice(_RATES) / 100
+    p, rate = rng.randrange(2000, 30001, 500), rng.choice(W.RATES) / 100
     payment, months = round(p * rate / 12 + rng.randint(50, 400), 2), rng.randint(2, 3)
     rows, balance, r = [], p, rate / 12
     for month in range(1, months + 1):
@@ -1592,7 +1477,7 @@ def _fc_annuity(rng: random.Random) -> _CodeTask:
         "        return round(deposit * n, 2)\n"
         "    return round(deposit * ((1 + r) ** n - 1) / r, 2)\n"
     )
-    dep, rate, years = rng.randrange(50, 2001, 25), rng.choice(_RATES) / 100, rng.randint(1, 40)
+    dep, rate, years = rng.randrange(50, 2001, 25), rng.choice(W.RATES) / 100, rng.randint(1, 40)
     r, n = rate / 12, years * 12
     return _CodeTask(
         "compute the future value of equal monthly deposits with monthly compounding", code, name,
@@ -1681,292 +1566,29 @@ _FIN_CODE_TEMPLATES: tuple[Callable[[random.Random], _CodeTask], ...] = (
 
 
 def _finance_code_item(rng: random.Random) -> Record:
-    return _code_record(rng, rng.choice(_FIN_CODE_TEMPLATES)(rng), "finance_code", _FIN_CODE_ASKS)
+    return _code_record(rng, rng.choice(_FIN_CODE_TEMPLATES)(rng), "finance_code", W.FIN_CODE_ASKS)
 
 
 # =========================================================================== stories
 
-_HIDDEN = (
-    "half-buried in the sand", "wedged behind a loose brick", "tucked inside a returned book",
-    "lying on an empty bench", "tangled in a fishing net", "at the bottom of a drawer",
-    "under a pile of autumn leaves", "on the top step of the stairs",
-)  # fmt: skip
-_MAGIC = (
-    "began to hum a tune nobody had heard in years", "glowed faintly in the dark",
-    "pointed stubbornly towards the north", "was warm again by morning",
-    "showed a different picture every hour",
-)  # fmt: skip
-_CLUES = (
-    "muddy paw prints", "sawdust", "drops of blue paint", "grains of sugar", "pine needles",
-    "wet footprints", "a single red thread",
-)  # fmt: skip
-_PLANETS = ("Kepler-9b", "a frozen moon of Saturn", "the red dunes of Mars", "Tau Ceti e",
-            "a drifting comet", "the ocean world Thalassa")  # fmt: skip
-_SHIPS = ("Meridian", "Halcyon", "Wayfarer", "Lodestar", "Perihelion", "Quiet Tide")
-_SEASONS = ("spring", "summer", "autumn", "winter")
-_FIRST_LINES = (
-    "The clock in the square had not struck thirteen in a hundred years.",
-    "Nobody ever answered the phone in the empty shop, until today.",
-    "The letter arrived forty years late.",
-    "On the morning the river ran backwards, {n} was the only one awake.",
-    "Every door in {p} had a number except one.",
-    "The last train of the night stopped where there was no station.",
-)  # fmt: skip
-
-# Virtue, flaw, event (with {a}/{a2}), moral.
-_FABLES = (
-    ("patience", "wanted everything done at once",
-     "The {a} planted a seed and dug it up every morning to check on it, until {an_a2} "
-     "explained that roots grow in the dark.", "Good things grow in their own time."),
-    ("honesty", "told small lies to stay out of trouble",
-     "When the {a} cried for help at the flooded bank, the {a2} remembered the lies and did "
-     "not come at first.", "A single truth is lighter to carry than a hundred lies."),
-    ("generosity", "kept every berry for itself",
-     "A hard frost came, and the {a}'s hoard froze solid, but the {a2} it had once refused "
-     "shared a warm meal anyway.", "What we share comes back to us."),
-    ("humility", "boasted about being the cleverest creature in the wood",
-     "The {a} tried to cross the river on a rotten log to prove it, and the quiet {a2} had "
-     "to pull it out.", "Wisdom listens more than it speaks."),
-    ("courage", "was afraid of the dark river",
-     "When the {a2}'s little one was swept towards the rapids, the {a} swam in without "
-     "stopping to think.", "Courage is fear that keeps walking."),
-    ("teamwork", "insisted on doing every task alone",
-     "The {a} tried to roll a heavy stone from the burrow for three days, until the {a2} "
-     "and its cousins pushed together.", "Many paws make light work."),
-    ("perseverance", "gave up whenever something became hard",
-     "The {a} watched {an_a2} fail to build a dam eleven times and succeed on the twelfth.",
-     "Slow and steady effort wins in the end."),
-)  # fmt: skip
-
-# Each family: (groups, slots). A group pairs instructions with the openings that fit them; after
-# the opening, one alternative is drawn from every slot.
-_StoryFamily = tuple[
-    tuple[tuple[tuple[str, ...], tuple[str, ...]], ...], tuple[tuple[str, ...], ...]
-]
-_STORY_FAMILIES: tuple[_StoryFamily, ...] = (
-    (  # discovery
-        ((("Write a short story about {n}, {r} who finds {o} in {p}.",
-           "Tell a brief story in which {n}, {r}, discovers {o} in {p}.",
-           "Write a piece of flash fiction: {r} named {n} stumbles upon {o} in {p}."),
-          ("{t}, {n}, {r} in {p}, found {o} {hidden}.",
-           "{n} had worked as {r} in {p} for years, but {tl} was the first time {n} found {o} "
-           "{hidden}.")),),
-        (("It felt oddly warm, as if someone had held it a moment ago.",
-          "{n} felt {f} and turned it over twice, looking for a name.",
-          "A scrap of paper tied to it read: 'Return me where the river bends.'",
-          "Nobody nearby had lost it, which made {n} even more {f}."),
-         ("By evening {n} had asked half the neighbourhood, and an old {r2} finally recognised it.",
-          "{n} showed it to {n2}, who went pale and said it had been missing for forty years.",
-          "That night {ot} {magic}.",
-          "Following a faded mark on its side, {n} walked to the edge of town and knocked on "
-          "an unfamiliar door."),
-         ("In the end {ot} found its way home, and {n} gained an unexpected friend.",
-          "{n} decided to keep {ot} safe until its owner came looking, and the waiting became "
-          "its own small adventure.",
-          "When its owner, {n2}, finally held it again, tears and laughter came together.",
-          "{n} never learned the whole story, but from then on every walk felt like a search.")),
-    ),
-    (  # mystery
-        ((("Write a short mystery story in which {ot} goes missing from {p}.",
-           "Write a cozy whodunit: {n}, {r}, must find out who took {ot} from {p}.",
-           "Tell a brief detective story set in {p} about a missing {ob}."),
-          ("{t}, {ot} vanished from its shelf in {p}.",
-           "Nobody in {p} could explain how {ot} had disappeared overnight.")),),
-        (("{n}, {r} with a sharp eye, started asking questions.",
-          "{n}, {r} by day and a puzzle lover by night, took a notebook and began to investigate."),
-         ("The only clue was a trail of {clue} leading to the back door.",
-          "A window had been left open, and there were {clue} on the sill.",
-          "Someone had left {clue} under the table where it used to stand."),
-         ("Suspicion fell on {n2}, who had admired {ot} for weeks.",
-          "Everyone blamed the new {r2}, who had arrived only the day before."),
-         ("But the culprit turned out to be {an_a} building a nest from shiny things.",
-          "In the end {n2} confessed to borrowing it for a surprise and meaning to return it.",
-          "The truth was simpler: {ot} had been moved for cleaning and put in the wrong cupboard."),
-         ("{n} laughed, closed the notebook and went home for tea.",
-          "From then on, {ot} was kept in plain sight, and {p} slept easier.")),
-    ),
-    (  # fable
-        ((("Write a short fable about {an_a} that teaches a lesson about {virtue}.",
-           "Tell an animal fable with a moral about {virtue}. The hero should be {an_a}.",
-           "Write a fable for children featuring {an_a} and {an_a2}, with a moral about {virtue}."),
-          ("Once, at the edge of a {habitat}, there lived {an_a} who {flaw}.",
-           "Long ago, in a {habitat}, a young {a} {flaw}.")),),
-        (("{event}",),
-         ("From that day on, the {a} changed its ways.",
-          "The {a} was quiet for a long time, and then it said thank you.",
-          "Ashamed and grateful, the {a} promised to do better."),
-         ("Moral: {moral}", "And so the {a} learned: {moral}")),
-    ),
-    (  # science fiction
-        ((("Write a short science-fiction story about {n}, a pilot stranded on {planet}.",),
-          ("{n} had been alone on {planet} for {k} days when the radio crackled.",
-           "Stranded on {planet}, {n} had almost stopped listening to the radio, until today.")),
-         (("Write a sci-fi micro-story set aboard the starship {ship}.",
-           "Tell a short space story in which the crew of the {ship} receives a strange signal."),
-          ("The {ship} drifted above {planet} with one engine dark and {n} at the controls.",
-           "Aboard the starship {ship}, {n} was the only one awake when the console lit up.",
-           "The crew of the {ship} had been asleep for {k} days when {n} heard the signal.")),),
-        (("The signal repeated a simple pattern: three short pulses, then silence.",
-          "A voice, thin and patient, asked for {n} by name.",
-          "The sensors showed a structure nearby that had not been there the day before."),
-         ("{n} checked the oxygen, counted {h} hours of reserve and decided to answer.",
-          "Against every rule in the manual, {n} steered towards the source."),
-         ("It was a rescue beacon, built by a crew who had waited years for someone to pass.",
-          "It was {n2}, a friend from flight school, lost on a mission everyone had forgotten.",
-          "It was the ship's own echo from a future that had already gone wrong."),
-         ("That night, for the first time in a long while, {n} did not feel alone.",
-          "{n} logged the contact and set a course for home, carrying two voices instead of one.")),
-    ),
-    (  # bedtime
-        ((("Write a gentle bedtime story about a sleepy {a} who cannot find {ot}.",),
-          ("In {p}, when the lamps were low, a little {a} was searching for {ot}, which it "
-           "always held at bedtime.",
-           "It was bedtime in {p}, but a small {a} could not sleep without {ot}, and {ot} was "
-           "nowhere to be seen.")),
-         (("Tell a calm bedtime story for a five-year-old about {an_a} and the moon.",
-           "Write a short, soothing bedtime story about {an_a} in {p}."),
-          ("The moon rose over {p}, round and silver, and a small {a} was still awake.",
-           "In {p}, when the lamps were low, a little {a} wanted to say goodnight to the moon.")),),
-        (("A kind old {a2} came to keep it company.",
-          "The moon leaned closer and lit the path with a soft glow."),
-         ("Everything it needed was close by, right where it belonged.",
-          "One by one, the stars winked down, as if they were sleepy too."),
-         ("The little {a} curled up, warm and safe, and drifted into dreams.",
-          "And with a tiny smile, the {a} closed its eyes. Goodnight, little {a}.")),
-    ),
-    (  # diary
-        ((("Write a diary entry from the point of view of {n}, {r}, after a surprising day.",
-           "Write a short journal entry by {n}, {r} in {p}, describing an unusual encounter."),
-          ("Dear diary, today did not go as planned.",
-           "Dear diary, I am still {f} as I write this.")),),
-        (("I was doing my usual rounds as {r} in {p} when {n2} appeared with {o}.",
-          "{t}, a stranger stopped me in {p} and asked if I had ever seen {o}."),
-         ("I said no, but then I remembered the one I saw {hidden} years ago.",
-          "We spent the afternoon following directions that made less sense the further we went."),
-         ("By sunset we had found it, and I have rarely seen anyone so relieved.",
-          "We never found it, yet I think we both found something better: a friend."),
-         ("I will sleep well tonight. - {n}", "Tomorrow I will look at {p} with new eyes. - {n}")),
-    ),
-    (  # dialogue
-        ((("Write a short scene, mostly dialogue, between {n} and {n2} in {p}.",
-           "Write a brief conversation-driven story where {n} asks {n2} for {o}."),
-          ("\"You're late,\" said {n}, without looking up.",
-           "\"Did you bring it?\" {n} whispered as {n2} sat down.")),),
-        (("\"I brought {o},\" {n2} said. \"That's what you asked for, isn't it?\"",
-          "\"Only {o}, and a very long story,\" {n2} replied."),
-         ("\"It's exactly what I needed. It belonged to my grandmother,\" said {n}.",
-          "\"Then we still have a chance,\" {n} said, eyes bright."),
-         ("They talked until the lights of {p} came on, planning the next step.",
-          "Outside, the rain stopped, as if it had been listening."),
-         ("\"Same time tomorrow?\" asked {n2}. \"Same time,\" said {n}, smiling.",
-          "Neither of them noticed the {a} watching from the doorway.")),
-    ),
-    (  # twist ending
-        ((("Write a very short story with a twist ending about {n} and {ot}.",),
-          ("For thirty years, {n} had kept {ot} locked away in {p}.",
-           "Everyone in {p} knew that {n} never let {ot} out of sight.")),
-         (("Write a story that ends with a surprise: {r} waits for a visitor in {p}.",),
-          ("{n}, {r}, waited in {p} all afternoon for a visitor who had promised to bring {o}.",
-           "{n}, {r}, had set two cups on the table in {p} and was waiting for a visitor.")),),
-        (("{n} felt {f}, though nobody could have said why.",
-          "Neighbours whispered about it, but {n} only smiled."),
-         ("As the light faded, there was a knock at the door.",
-          "At exactly midnight, the old floorboards creaked."),
-         ("It was {n} -- or rather, a much younger {n}, holding the very same {ob}.",
-          "The visitor had been there the whole time: it was the {a} from the garden.",
-          "On the step lay an envelope with a note in {n}'s own handwriting, dated tomorrow.")),
-    ),
-    (  # first line given
-        ((("Write a short story that begins with the sentence: \"{first}\"",
-           "Continue this opening line into a complete short story: \"{first}\""),
-          ("{first}",)),),
-        (("{n}, {r}, noticed it first and felt {f}.",
-          "In {p}, people pretended not to notice, but {n} could not."),
-         ("{n} followed a faint sound through the streets until it led to {o} {hidden}.",
-          "Together with {n2}, {n} searched until they found {o} {hidden}."),
-         ("When {n} touched it, {ot} {magic}.",
-          "There was a message carved on it, addressed to {n} by name."),
-         ("By morning everything looked normal again, except that {n} could not stop smiling.",
-          "{n} kept the secret, and {p} never quite felt ordinary again.")),
-    ),
-    (  # reunion
-        ((("Write a short story about two old friends, {n} and {n2}, meeting again in {p}.",
-           "Tell a heartwarming story about a reunion in {p}."),
-          ("{n} had not seen {n2} since they were children in {p}.",
-           "After twenty years abroad, {n2} came back to {p} and found {n} waiting.")),),
-        (("At first neither knew what to say, so they laughed instead.",
-          "{n} was {f}; {n2} was holding {o}, the one they had shared as kids."),
-         ("They walked the old streets, pointing at shops that were gone and trees that had grown.",
-          "Over tea they traded stories, and the years folded up like a map."),
-         ("Before parting, they made a promise to meet every {season}.",
-          "They agreed that some friendships only pause; they never end.")),
-    ),
-    (  # quest
-        ((("Write a short fairy tale about {n}, who must carry {o} to a faraway queen.",),
-          ("Long ago, in {p}, lived {n}, {r} with more courage than money, who was asked to "
-           "carry {o} to the old queen beyond the mountains.",)),
-         (("Write a quest story in which {n} sets out from {p} to find {o}.",),
-          ("When the wells of {p} ran dry, {n} set out to find {o}, the only thing that could "
-           "break the drought.",
-           "A wise {a} told {n} that only {o} could save {p}, so {n} packed a bag and set out.")),),
-        (("On the way, {n} shared bread with a hungry {a2}, who later showed a secret pass.",
-          "Three trials stood in the way: a river, a riddle and a storm."),
-         ("At the journey's end, {n} understood that the treasure was the help found on the way.",
-          "When {ot} finally reached its destination, bells rang out across the land."),
-         ("{n} returned home a hero, though {n} only ever called it a long walk.",
-          "And in {p} they still tell the story every {season}.")),
-    ),
-    (  # object point of view
-        ((("Write a short story told from the point of view of {o}.",
-           "Imagine you are {o} in {p}. Tell your story in the first person."),
-          ("I am {o}, and I have lived in {p} longer than anyone remembers.",
-           "Nobody notices me; I am just {o} sitting in {p}.")),),
-        (("People pass me every day, busy and {f}, hardly looking.",
-          "I have heard a thousand secrets and kept every one."),
-         ("Then {n}, {r}, picked me up and held me up to the light.",
-          "One day a child named {n} asked what my story was."),
-         ("For the first time in years, I felt useful again.",
-          "I could not answer, of course, but I think {n} understood."),
-         ("Now I travel in {n}'s pocket, and every day is new.",
-          "Tonight I rest on a windowsill, watching {p} fall asleep.")),
-    ),
-    (  # seasonal vignette
-        ((("Write a short descriptive story about a {season} day in {p}.",
-           "Describe a single {season} afternoon in {p} through the eyes of {n}, {r}."),
-          ("It was {season} in {p}, and the air smelled of rain and woodsmoke.",
-           "{season_cap} arrived in {p} all at once, the way it always did.")),),
-        (("{n}, {r}, opened the shutters and watched the street wake up.",
-          "{n}, {r}, walked the long way to work just to see the light on the water."),
-         ("{Aan_a} crossed the road as if it owned it, and nobody argued.",
-          "Children chased {ot} down the hill, shrieking with joy."),
-         ("By evening the sky turned the colour of apricots.",
-          "When the wind dropped, everything went quiet, as if holding its breath."),
-         ("{n} decided it was, all things considered, a very good day.",
-          "{n} wrote it down, so that one day in {season} would never be forgotten.")),
-    ),
-)  # fmt: skip
-_STORY_SUFFIXES = ("", "", " Keep it short.", " Keep it under 150 words.",
-                   " Use vivid but simple language.", " Aim for one paragraph.")  # fmt: skip
-_HABITATS = ("pine forest", "marsh", "meadow", "river valley", "hillside", "birch wood")
-
 
 def _story_context(rng: random.Random) -> dict[str, str]:
-    n, n2 = rng.sample(_NAMES, 2)
-    role, role2 = rng.sample(_ROLES, 2)
-    obj, place = rng.choice(_OBJECTS), rng.choice(_PLACES)
-    a, a2 = rng.sample(_ANIMALS, 2)
-    t = rng.choice(_TIMES)
-    virtue, flaw, event, moral = rng.choice(_FABLES)
-    season = rng.choice(_SEASONS)
+    n, n2 = rng.sample(W.NAMES, 2)
+    role, role2 = rng.sample(W.ROLES, 2)
+    obj, place = rng.choice(W.OBJECTS), rng.choice(W.PLACES)
+    a, a2 = rng.sample(W.ANIMALS, 2)
+    t = rng.choice(W.TIMES)
+    virtue, flaw, event, moral = rng.choice(W.FABLES)
+    season = rng.choice(W.SEASONS)
     ctx = {
         "n": n, "n2": n2, "r": role, "r2": _bare(role2), "p": place, "o": obj, "ot": _the(obj),
         "ob": _bare(obj), "a": a, "a2": a2, "t": t, "tl": _lc(t),
-        "f": rng.choice(_FEELINGS), "hidden": rng.choice(_HIDDEN),
-        "magic": rng.choice(_MAGIC), "clue": rng.choice(_CLUES), "planet": rng.choice(_PLANETS),
-        "ship": rng.choice(_SHIPS), "k": str(rng.randint(3, 400)),
+        "f": rng.choice(W.FEELINGS), "hidden": rng.choice(W.HIDDEN),
+        "magic": rng.choice(W.MAGIC), "clue": rng.choice(W.CLUES), "planet": rng.choice(W.PLANETS),
+        "ship": rng.choice(W.SHIPS), "k": str(rng.randint(3, 400)),
         "h": str(rng.randint(6, 72)), "season": season,
         "season_cap": _cap(season), "virtue": virtue, "flaw": flaw, "moral": moral,
-        "habitat": rng.choice(_HABITATS), "first": rng.choice(_FIRST_LINES),
+        "habitat": rng.choice(W.HABITATS), "first": rng.choice(W.FIRST_LINES),
     }  # fmt: skip
     for key in ("a", "a2"):
         article = "an" if ctx[key][0] in "aeiou" else "a"
@@ -1977,157 +1599,26 @@ def _story_context(rng: random.Random) -> dict[str, str]:
 
 
 def _story_item(rng: random.Random) -> Record:
-    groups, slots = rng.choice(_STORY_FAMILIES)
+    groups, slots = rng.choice(W.STORY_FAMILIES)
     asks, openers = rng.choice(groups)
     ctx = _story_context(rng)
-    instruction = rng.choice(asks).format(**ctx) + rng.choice(_STORY_SUFFIXES)
+    instruction = rng.choice(asks).format(**ctx) + rng.choice(W.STORY_SUFFIXES)
     sentences = [_cap(rng.choice(slot).format(**ctx)) for slot in (openers, *slots)]
     return _record(instruction, "", " ".join(sentences), "stories")
 
 
 # =========================================================================== support
 
-_PRODUCTS = (
-    "pair of running shoes", "coffee grinder", "desk lamp", "wireless headset", "yoga mat",
-    "hiking backpack", "blender", "winter jacket", "phone case", "set of kitchen knives",
-    "board game", "smart watch", "electric kettle", "bluetooth speaker",
-)  # fmt: skip
-_AGENTS = ("Alex", "Jordan", "Sam", "Taylor", "Robin", "Casey", "Morgan", "Jamie", "Riley")
-_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
-_SUPPORT_ASKS = (
-    "Reply to the following customer support ticket.",
-    "Write a polite, helpful response to this customer message.",
-    "You are a support agent. Resolve the ticket below.",
-    "Draft a reply to this ticket that solves the customer's problem.",
-    "Respond to the customer below in a friendly, professional tone.",
-)
-_GREETINGS = ("Hi {c},", "Hello {c},", "Dear {c},")
-_SIGNOFFS = ("Best regards,\n{agent}, Customer Support", "Kind regards,\n{agent}",
-             "Thanks again for your patience,\n{agent} from the support team")  # fmt: skip
 
 # (ticket alternatives, reply-body alternatives); fields come from _support_context.
-_SUPPORT_FAMILIES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (  # late delivery
-        ("Hi, I ordered a {prod} (order {oid}) {d} days ago and it still hasn't arrived. Tracking "
-         "hasn't changed since {day}. What's going on? - {c}",
-         "Where is my order {oid}? The {prod} was due on {day} and I need it this week. {c}"),
-        ("I'm sorry your {prod} is late. I checked order {oid}: the parcel is held at a regional "
-         "depot after a sorting delay. I've asked the carrier to prioritise it, and it should "
-         "arrive within {d2} business days. I've also refunded your {fee} shipping fee.",
-         "Thanks for your patience, and sorry for the wait. Order {oid} was scanned at the local "
-         "hub on {day} but missed the delivery run. If it hasn't reached you by {day2}, reply "
-         "here and I'll send a replacement {prod} at no cost."),
-    ),
-    (  # damaged item
-        ("My {prod} from order {oid} arrived with a {damage}. I'm really disappointed. {c}",
-         "Hello, order {oid} came today but the {prod} has a {damage}. Can I get a new one? - {c}"),
-        ("I'm very sorry the {prod} arrived with a {damage}. I've shipped a replacement today "
-         "at no charge, and you'll get tracking for it by email. There's no need to return "
-         "the damaged one; please recycle it.",
-         "Thank you for letting us know, and sorry about the {damage}. I've issued a full "
-         "refund of {amount} for order {oid}; it will appear on your statement within {d2} "
-         "business days. If you'd prefer a replacement instead, just reply and I'll arrange it."),
-    ),
-    (  # refund status
-        ("I returned a {prod} {d} days ago but I still haven't received my refund of {amount}. "
-         "Order {oid}. - {c}",
-         "Hi, what's the status of my refund for order {oid}? It was {amount}. Thanks, {c}"),
-        ("Thanks for checking in. Your return for order {oid} reached our warehouse on {day}, "
-         "and I've just approved the refund of {amount}. Banks usually take {d2} business days "
-         "to show it; your reference is RF-{ref}.",
-         "Sorry for the delay. The return was received, but the refund was stuck in review. I've "
-         "released it now: {amount} is on its way to your original payment method and should "
-         "arrive within {d2} business days (reference RF-{ref})."),
-    ),
-    (  # double charge
-        ("I was charged twice for order {oid}, {amount} each time. Please fix this. {c}",
-         "Hello, my card shows two payments of {amount} for the same order ({oid}). - {c}"),
-        ("I'm sorry for the worry. I checked order {oid}: one of the two {amount} charges is a "
-         "temporary authorisation hold, not a real payment. It will drop off automatically "
-         "within {d2} business days. If it is still there after that, reply and I'll escalate it.",
-         "You're right, and I apologise: order {oid} was charged twice because of a payment "
-         "retry. I've refunded the duplicate {amount} today (reference RF-{ref}); it should "
-         "appear within {d2} business days."),
-    ),
-    (  # password reset
-        ("I can't log in and the password reset email never arrives. My account email is "
-         "{email}. {c}",
-         "Locked out of my account ({email}) after too many attempts. Help! - {c}"),
-        ("Sorry you're locked out. I've unlocked the account for {email} and sent a fresh reset "
-         "link, valid for 30 minutes. If you don't see it, check your spam folder and add our "
-         "address to your contacts. Once you're in, consider turning on two-step verification.",
-         "Thanks for reaching out. Our reset emails to {email} were being blocked by your mail "
-         "provider. I've sent a new link from a different server just now; it expires in one "
-         "hour. If it still doesn't arrive, reply and we'll verify you another way."),
-    ),
-    (  # cancel subscription
-        ("Please cancel my {plan} subscription before it renews on {day}. - {c}",
-         "I'd like to stop my {plan} plan. How do I cancel? {c}"),
-        ("Done: your {plan} subscription is cancelled and will not renew. You keep full access "
-         "until the end of the current billing period, and there will be no further charges. "
-         "Your confirmation number is CX-{ref}.",
-         "I've cancelled the {plan} plan for you. You won't be charged again, and your saved "
-         "data stays available for {d2} months in case you change your mind. Confirmation: "
-         "CX-{ref}."),
-    ),
-    (  # wrong size
-        ("The {garment} in order {oid} is size {size}, but I need {size2}. Can I swap it? {c}",
-         "Hi, I ordered the wrong size {garment} ({size}). Could I exchange it for a {size2}? {c}"),
-        ("Of course! I've set up an exchange for order {oid}: a prepaid return label is in your "
-         "inbox, and a size {size2} {garment} is reserved for you. It ships as soon as the "
-         "carrier scans the return.",
-         "Happy to help. I've shipped the {garment} in size {size2} today so you don't have to "
-         "wait, and emailed a free return label for the size {size}. Please send it back within "
-         "{d2} weeks."),
-    ),
-    (  # app crash
-        ("Your app crashes every time I open the {screen} screen on my {device}. {c}",
-         "The app keeps closing when I tap {screen}. Using a {device}. Please fix! - {c}"),
-        ("Thanks for the report, and sorry for the trouble. This is a known issue in the last "
-         "update. Please install version {ver}, which fixes the {screen} crash; if it persists, "
-         "clear the app cache and sign in again. I've logged your {device} details as BUG-{ref}.",
-         "Sorry about the crashes. Until the fix ships next week, you can reach {screen} from "
-         "the website. I've added your {device} to bug BUG-{ref}, and we'll email you as "
-         "soon as version {ver} is available."),
-    ),
-    (  # change address
-        ("I just placed order {oid} and used my old address. Can you change it to {addr}? {c}",
-         "Please update the delivery address on order {oid} to {addr}. Thanks, {c}"),
-        ("Good timing: order {oid} hadn't shipped yet, so I've changed the delivery address to "
-         "{addr}. You'll get an updated confirmation email shortly.",
-         "I've updated order {oid} to ship to {addr}. The parcel was already packed, so "
-         "delivery may take {d2} extra days; I've refunded the shipping fee of {fee} for the "
-         "trouble."),
-    ),
-    (  # promo code
-        ("The code {code} doesn't work at checkout for my {prod}. It says invalid. - {c}",
-         "Why won't {code} apply to my cart? I'm buying a {prod}. {c}"),
-        ("Sorry for the confusion. {code} only applies to orders over {min_spend}, which is why "
-         "it was rejected. As a goodwill gesture I've applied the discount to your cart "
-         "manually; it's valid for the next 48 hours.",
-         "Thanks for flagging this. {code} expired on {day}, but since the email you received "
-         "didn't say so, I've added a {pct}% credit to your account that you can use on the "
-         "{prod} at checkout."),
-    ),
-    (  # missing item
-        ("Order {oid} arrived, but the {prod} was missing from the box. {c}",
-         "Hi, my parcel for {oid} only had part of my order: no {prod}. - {c}"),
-        ("I'm sorry about that. The {prod} from order {oid} was packed separately and is "
-         "still in transit; it should arrive within {d2} business days. Here's its tracking "
-         "number: TRK{ref}.",
-         "Apologies for the mix-up. I've confirmed the {prod} was left out at our warehouse, "
-         "so I've sent it by express delivery today at no cost. You'll receive tracking "
-         "details within the hour."),
-    ),
-)  # fmt: skip
 
 
 def _support_context(rng: random.Random) -> dict[str, str]:
-    c = rng.choice(_NAMES)
+    c = rng.choice(W.NAMES)
     return {
-        "c": c, "agent": rng.choice(_AGENTS), "prod": rng.choice(_PRODUCTS),
+        "c": c, "agent": rng.choice(W.AGENTS), "prod": rng.choice(W.PRODUCTS),
         "oid": f"#{rng.randint(100000, 999999)}", "d": str(rng.randint(5, 21)),
-        "d2": str(rng.randint(2, 6)), "day": rng.choice(_WEEKDAYS), "day2": rng.choice(_WEEKDAYS),
+        "d2": str(rng.randint(2, 6)), "day": rng.choice(W.WEEKDAYS), "day2": rng.choice(W.WEEKDAYS),
         "fee": _money(rng.choice([4.99, 5.95, 6.5, 7.99, 9.99])),
         "amount": _money(rng.randint(1500, 40000) / 100), "ref": str(rng.randint(10000, 99999)),
         "damage": rng.choice(["cracked casing", "broken handle", "torn seam", "dented side",
@@ -2139,7 +1630,7 @@ def _support_context(rng: random.Random) -> dict[str, str]:
         "screen": rng.choice(["Settings", "Checkout", "Order history", "Profile", "Search"]),
         "device": rng.choice(["Pixel 7", "iPhone 13", "Galaxy S22", "iPad Air", "OnePlus 11"]),
         "ver": f"{rng.randint(2, 6)}.{rng.randint(0, 12)}.{rng.randint(0, 9)}",
-        "addr": f"{rng.randint(1, 250)} {rng.choice(_WORDS).capitalize()} "
+        "addr": f"{rng.randint(1, 250)} {rng.choice(W.WORDS).capitalize()} "
                 f"{rng.choice(['Street', 'Road', 'Lane', 'Avenue'])}",
         "code": f"{rng.choice(['SAVE', 'SPRING', 'WELCOME', 'FLASH'])}{rng.randint(10, 40)}",
         "pct": str(rng.choice([10, 15, 20])),
@@ -2148,35 +1639,16 @@ def _support_context(rng: random.Random) -> dict[str, str]:
 
 
 def _support_item(rng: random.Random) -> Record:
-    tickets, replies = rng.choice(_SUPPORT_FAMILIES)
+    tickets, replies = rng.choice(W.SUPPORT_FAMILIES)
     ctx = _support_context(rng)
     output = "\n\n".join(
-        (rng.choice(_GREETINGS).format(**ctx), rng.choice(replies).format(**ctx),
-         rng.choice(_SIGNOFFS).format(**ctx))
+        (rng.choice(W.GREETINGS).format(**ctx), rng.choice(replies).format(**ctx),
+         rng.choice(W.SIGNOFFS).format(**ctx))
     )  # fmt: skip
-    return _record(rng.choice(_SUPPORT_ASKS), rng.choice(tickets).format(**ctx), output, "support")
+    return _record(rng.choice(W.SUPPORT_ASKS), rng.choice(tickets).format(**ctx), output, "support")
 
 
 # =========================================================================== math_story
-
-_MATH_STORY_ASKS = (
-    "Turn this word problem into a short story and weave the solution into it.",
-    "Write a short story in which the character solves the problem below; show the working.",
-    "Tell this math problem as a little story, solving it step by step along the way.",
-)
-_STORY_OPENERS = (
-    "{t}, {n}, {r} in {p}, had a puzzle to solve.",
-    "Nobody in {p} was better with numbers than {n}, {r} by trade.",
-    "{t}, {n} sat down at the kitchen table in {p} with a pencil and a cup of tea.",
-    "{n} was {r} in {p}, and today the numbers would not leave {n} alone.",
-)
-_STORY_THOUGHTS = ("{n} wondered: {q}", "The question on {n}'s mind was simple. {q}",
-                   "\"{q}\" {n} asked out loud.")  # fmt: skip
-_STORY_CLOSINGS = (
-    "{n} smiled and wrote down the result: {a} {u}.",
-    "With that settled, {n} circled {a} {u} in the notebook and went back to work.",
-    "{n} checked it twice, and it still came out as {a} {u}.",
-)
 
 
 def _math_story_item(
@@ -2184,22 +1656,22 @@ def _math_story_item(
 ) -> tuple[Record, int]:
     """One ``math_story`` record and its expected final answer (used by the tests)."""
     template = template or rng.choice(_MATH_TEMPLATES)
-    ctx = {"n": rng.choice(_NAMES), "r": rng.choice(_ROLES), "p": rng.choice(_PLACES),
-           "t": rng.choice(_TIMES)}  # fmt: skip
+    ctx = {"n": rng.choice(W.NAMES), "r": rng.choice(W.ROLES), "p": rng.choice(W.PLACES),
+           "t": rng.choice(W.TIMES)}  # fmt: skip
     prob = template(rng, ctx["n"])
     mids = ["Next, ", "Then "]
     connectors = ["First, "] + [mids[i % 2] for i in range(len(prob.steps) - 2)] + ["Finally, "]
     woven = " ".join(c + _lc(s) for c, s in zip(connectors, prob.steps))
     parts = [
-        rng.choice(_STORY_OPENERS).format(**ctx),
+        rng.choice(W.STORY_OPENERS).format(**ctx),
         prob.setup,
-        rng.choice(_STORY_THOUGHTS).format(q=prob.question, **ctx),
+        rng.choice(W.STORY_THOUGHTS).format(q=prob.question, **ctx),
         woven,
-        rng.choice(_STORY_CLOSINGS).format(a=prob.answer, u=prob.unit, **ctx),
+        rng.choice(W.STORY_CLOSINGS).format(a=prob.answer, u=prob.unit, **ctx),
     ]
     output = " ".join(parts) + f"\nThe answer is {prob.answer}."
     if rng.random() < 0.5:
-        instruction, input_ = rng.choice(_MATH_STORY_ASKS), f"{prob.setup} {prob.question}"
+        instruction, input_ = rng.choice(W.MATH_STORY_ASKS), f"{prob.setup} {prob.question}"
     else:
         instruction = (
             f"Write a short story about {ctx['n']}, {ctx['r']}, that contains a math problem "
@@ -2262,7 +1734,7 @@ def _cs_bedtime(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
 
 
 def _cs_character(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
-    n, role, place = rng.choice(_NAMES), rng.choice(_ROLES), rng.choice(_PLACES)
+    n, role, place = rng.choice(W.NAMES), rng.choice(W.ROLES), rng.choice(W.PLACES)
     instr = rng.choice(
         [f"Write a short story about {n}, {role}, who writes a small Python program to "
          f"{task.goal}. Include the code.",

@@ -1,0 +1,121 @@
+"""Per-sample gradients for Stage II: the base model and the warm-up adapter, loaded once.
+
+``GradientComputer`` turns a batch of samples into a (b, d) gradient matrix (length-sorted
+micro-batches, optional random projection) and checks it where it is computed: a sample whose
+gradient has a NaN or Inf is named by its id. ``stage2.nonfinite`` decides what happens then:
+``fail`` (default) stops the run with ``NonFiniteGradientError``; ``skip`` leaves the sample out of
+clustering (it gets no cluster and trains no expert) and counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gs_ray.config import Config
+from gs_ray.core.gradients import LoRAGradientEngine, RandomProjection, compute_bucketed
+from gs_ray.core.models import load_adapter, load_base_model, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteGradientError(ValueError):
+    """A per-sample gradient holds NaN or Inf (``stage2.nonfinite: fail``)."""
+
+    def __init__(self, ids: Sequence[str]):
+        self.ids = list(ids)
+        shown = ", ".join(self.ids[:10]) + (" ..." if len(self.ids) > 10 else "")
+        super().__init__(
+            f"non-finite (NaN/Inf) gradient for {len(self.ids)} sample(s): {shown}. Check these "
+            "samples (empty or extreme responses) and the model's dtype, or set "
+            "stage2.nonfinite: skip to leave them out of clustering."
+        )
+
+
+@dataclass
+class GradientBatch:
+    """A batch's gradients; rows of ``skipped`` samples are zero and must not be used."""
+
+    G: np.ndarray  # (b, d) float32
+    skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (b,) bool
+
+    def __post_init__(self) -> None:
+        if self.skipped.shape != (len(self.G),):
+            self.skipped = np.zeros(len(self.G), dtype=bool)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.G.nbytes)
+
+    def kept(self) -> np.ndarray:
+        """The rows that take part in clustering."""
+        return self.G[~self.skipped] if self.skipped.any() else self.G
+
+
+def check_finite(G: np.ndarray, ids: Sequence[str], policy: str) -> GradientBatch:
+    """Apply the non-finite policy to a batch of gradients whose rows belong to ``ids``."""
+    bad = ~np.isfinite(G).all(axis=1)
+    if not bad.any():
+        return GradientBatch(G)
+    bad_ids = [str(ids[i]) for i in np.flatnonzero(bad)]
+    if policy != "skip":
+        raise NonFiniteGradientError(bad_ids)
+    log.warning("skipping %d sample(s) with non-finite gradients: %s", len(bad_ids), bad_ids[:10])
+    G = G.copy()
+    G[bad] = 0.0
+    return GradientBatch(G, bad)
+
+
+class GradientComputer:
+    """Base model + warm-up adapter, loaded once; turns samples into per-sample gradients."""
+
+    def __init__(
+        self,
+        base_path: str,
+        cfg: Config,
+        adapter_path: str | Path,
+        pad_id: int,
+        device: torch.device | None = None,
+    ):
+        if cfg.gradients.torch_threads:
+            torch.set_num_threads(cfg.gradients.torch_threads)
+        self.device = device or resolve_device(cfg.model.device)
+        base = load_base_model(base_path, cfg.model, self.device)
+        self.model = load_adapter(base, adapter_path, trainable=True)
+        self.engine = LoRAGradientEngine(self.model)
+        self.pad_id = pad_id
+        self.micro = cfg.gradients.batch_size
+        self.nonfinite = cfg.stage2.nonfinite
+        k = cfg.gradients.projection_dim
+        self.project = RandomProjection(self.engine.dim, k, seed=cfg.run.seed) if k else None
+        self.dim = k or self.engine.dim
+        self.calls = 0  # engine passes (a test counts them)
+
+    def __call__(self, pairs: Sequence[tuple[list[int], list[int]]]) -> np.ndarray:
+        """(b, d) gradients of ``pairs``, unchecked (see ``batch``)."""
+        self.calls += 1
+        G = compute_bucketed(self.engine, pairs, self.pad_id, self.micro)
+        return (self.project(G) if self.project else G).numpy()
+
+    def batch(
+        self, pairs: Sequence[tuple[list[int], list[int]]], ids: Sequence[str]
+    ) -> GradientBatch:
+        """Gradients of ``pairs`` (sample ``ids``) with the non-finite policy applied."""
+        return check_finite(self(pairs), ids, self.nonfinite)
+
+    def layout(self) -> dict[str, Any]:
+        """The gradient layout: parameter names, shapes and offsets (for the run directory)."""
+        e = self.engine
+        return {
+            "param_names": e.param_names,
+            "shapes": [list(s) for s in e.shapes],
+            "offsets": e.offsets.tolist(),
+            "dim": e.dim,
+            "projection_dim": self.project.k if self.project else None,
+        }

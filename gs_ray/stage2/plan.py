@@ -1,0 +1,67 @@
+"""Which samples form which Stage II batch, and in which order: the one plan every executor follows.
+
+The plan lists the validation batches (for K selection), the batches B_t of every possible online
+epoch (a seeded, length-bucketed shuffle per epoch) and the final assignment batches. Executors
+(one process, or Ray workers with any transport) walk the same plan, so results do not depend on
+who ran them; the single-process run is the oracle the distributed ones must equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gs_ray.config import Config
+from gs_ray.data import Splits, length_bucketed_batches
+
+VAL, ONLINE, FINAL = "val", "online", "final"
+_ORDER = {VAL: 0, ONLINE: 1, FINAL: 2}
+
+BatchKey = tuple[str, int, int]  # (phase, epoch, t)
+
+
+def order_key(phase: str, epoch: int, t: int) -> tuple[int, int, int]:
+    """A sortable position in the plan: batches are applied in this order."""
+    return (_ORDER[phase], epoch, t)
+
+
+def phase_label(phase: str, epoch: int) -> str:
+    """``stage2 val``, ``stage2 online epoch 2``, ``stage2 final`` (progress lines)."""
+    return f"stage2 {phase}" + (f" epoch {epoch + 1}" if phase == ONLINE else "")
+
+
+@dataclass
+class Stage2Plan:
+    """The batches of Stage II in their global order (index arrays into the sample list)."""
+
+    val: list[np.ndarray]
+    online: list[list[np.ndarray]]  # one list of batches B_t per possible epoch
+    final: list[np.ndarray]
+
+    @classmethod
+    def build(cls, lengths: np.ndarray, splits: Splits, cfg: Config) -> Stage2Plan:
+        c, g, seed = cfg.clustering, cfg.gradients, cfg.run.seed
+        val = [splits.val[i : i + c.batch_size] for i in range(0, len(splits.val), c.batch_size)]
+        online = [
+            length_bucketed_batches(
+                lengths, splits.train, c.batch_size, g.bucket_window, seed + 101 * (e + 1)
+            )
+            for e in range(c.max_epochs)
+        ]
+        everything = np.sort(np.concatenate([splits.train, splits.test]))
+        final = length_bucketed_batches(
+            lengths, everything, c.batch_size, g.bucket_window, seed + 7
+        )
+        return cls(val=val, online=online, final=final)
+
+    def phases(self) -> list[tuple[str, int, list[np.ndarray]]]:
+        """(phase, epoch, batches) in execution order (the host may stop epochs early)."""
+        out = [(VAL, 0, self.val)]
+        out += [(ONLINE, e, b) for e, b in enumerate(self.online)]
+        out.append((FINAL, 0, self.final))
+        return out
+
+    def online_step(self, epoch: int, t: int) -> int:
+        """Global index of online batch t of epoch ``epoch`` (counts across epochs)."""
+        return sum(len(b) for b in self.online[:epoch]) + t

@@ -1,0 +1,34 @@
+"""What Stage II leaves behind, whichever executor ran it, and how it lands in the run directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gs_ray.core.clustering import GradientSpaceClustering
+
+UNASSIGNED = -1  # not reached by the final pass (a bug if it survives)
+SKIPPED = -2  # left out: non-finite gradient under stage2.nonfinite: skip
+
+
+@dataclass
+class Stage2Result:
+    """The fitted clusterer (without its caches), one label per sample, the validation
+    gradients, the gradient layout and what the executor reports (workers, passes, timings)."""
+
+    clusterer: GradientSpaceClustering
+    labels: np.ndarray  # (n_samples,) cluster, or SKIPPED
+    val_grads: np.ndarray  # (n_val, d) float32
+    layout: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.clusterer.n_clusters_)
+
+    @property
+    def skipped(self) -> np.ndarray:
+        """Indices of the samples left out (non-finite gradients)."""
+        return np.flatnonzero(self.labels == SKIPPED)

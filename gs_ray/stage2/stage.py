@@ -1,0 +1,100 @@
+"""Stage II as a pipeline stage: run an executor on a prepared run and write its outputs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from gs_ray.config import Config
+from gs_ray.core.clustering import within_cluster_variance
+from gs_ray.io import write_json
+from gs_ray.prepare import Prepared
+from gs_ray.stage2.computer import GradientComputer
+from gs_ray.stage2.executors import make_clusterer, run_stage2_local, run_stage2_ray
+from gs_ray.stage2.host import CentroidHost
+from gs_ray.stage2.plan import Stage2Plan
+from gs_ray.stage2.result import SKIPPED, UNASSIGNED, Stage2Result
+
+log = logging.getLogger(__name__)
+
+
+def stage2_config(p: Prepared) -> Config:
+    """The run's config, with K from the Ray Tune stage when K was tuned (a copy)."""
+    cfg = p.cfg
+    if cfg.clustering.k_selection != "tune":
+        return cfg
+    cfg = Config.from_dict(cfg.to_dict())
+    cfg.clustering.n_clusters = p.run.manifest()["stages"]["tune"]["best_k"]
+    return cfg
+
+
+def stage2_local(p: Prepared) -> Stage2Result:
+    """Stage II in this process (reference): gradients, K selection, online epochs, final pass."""
+    with p.run.stage("stage2") as info:
+        cfg = stage2_config(p)
+        if cfg.stage2.transport != "gradients":
+            raise ValueError("the local reference pipeline implements the exact transport only")
+        computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
+        host = CentroidHost(make_clusterer(cfg), len(p.samples))
+        res = run_stage2_local(
+            Stage2Plan.build(p.lengths, p.splits, cfg), p.samples, computer, host
+        )
+        write_stage2_outputs(p, res)
+        info.update(k=res.k, executor="local")
+    return res
+
+
+def stage2_ray(p: Prepared, resume: bool = False) -> Stage2Result:
+    """Stage II on Ray: gradient workers and the centroid actor (``gs_ray.stage2.executors``)."""
+    with p.run.stage("stage2") as info:
+        cfg = stage2_config(p)
+        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+        res = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter),
+                             p.pad_id, p.run.checkpoint_dir, resume=resume)  # fmt: skip
+        write_stage2_outputs(p, res)
+        info.update(k=res.k, **{key: res.info.get(key) for key in
+                                ("executor", "workers", "transport", "resumed_from")})  # fmt: skip
+    return res
+
+
+def write_stage2_outputs(p: Prepared, res: Stage2Result) -> None:
+    """K table, centroids, layout and assignments into the run directory; metrics and plots."""
+    run, c = p.run, res.clusterer
+    summary = c.summary()
+    write_json(run.sub("stage2", "k_selection.json"), {
+        "table": summary["k_selection"],
+        "chosen": {key: summary[key] for key in ("k", "threshold", "n_components", "silhouette")},
+        **{key: summary[key] for key in ("explained_variance_ratio", "singular_values")
+           if key in summary},
+        **{key: summary[key] for key in ("min_cluster_size", "rule") if key in summary},
+    })  # fmt: skip
+    np.save(run.sub("stage2", "centroids.npy"), c.cluster_centers_)
+    write_json(run.sub("stage2", "param_names.json"), res.layout)
+    if (res.labels == UNASSIGNED).any():
+        raise RuntimeError("Stage II finished with unassigned samples")
+    split_of = {int(i): name for name in ("train", "test") for i in getattr(p.splits, name)}
+    rows = [
+        {"id": s.id, "split": split_of[i], "domain": s.domain,
+         **({"cluster": None, "skipped": "non-finite gradient"} if res.labels[i] == SKIPPED
+            else {"cluster": int(res.labels[i])})}
+        for i, s in enumerate(p.samples)
+    ]  # fmt: skip
+    run.write_jsonl(run.assignments_path, rows)
+    train_labels = res.labels[p.splits.train]
+    train_labels = train_labels[train_labels >= 0]
+    online = {key: v for key, v in summary.items()
+              if key not in ("k_selection", "explained_variance_ratio", "singular_values")}  # fmt: skip
+    run.add_metrics(
+        stage2={
+            **online,
+            "cluster_sizes_train": np.bincount(train_labels, minlength=res.k).tolist(),
+            "skipped_ids": [p.samples[i].id for i in res.skipped],
+            "gradient_dim": res.layout.get("projection_dim") or res.layout.get("dim"),
+            "val_variance": within_cluster_variance(res.val_grads, c.predict(res.val_grads)),
+            **res.info,
+        }
+    )
+    from gs_ray.evaluation import plots
+
+    plots.stage2_plots(run)

@@ -1,0 +1,76 @@
+"""The gradient worker: a ``GradientComputer`` in a Ray actor (one per GPU, or per CPU slot)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from gs_ray.config import Config
+from gs_ray.stage2 import faults
+from gs_ray.stage2.computer import GradientBatch, GradientComputer, check_finite
+from gs_ray.stage2.plan import BatchKey
+from gs_ray.stage2.transports import PartialSumsWorker
+
+
+class GradientWorker(PartialSumsWorker):
+    """Computes gradient batches; carries the worker side of the partial-sums transport.
+
+    Two concurrency groups: ``compute`` (gradients, one at a time) and ``io`` (assigning,
+    evicted-row sums), so that a batch can be assigned while the next one is computed.
+    """
+
+    def __init__(self, base_path: str, cfg: Config, adapter_path: str, pad_id: int,
+                 fault_spec: str = "", marker_dir: str = ""):  # fmt: skip
+        self.computer = GradientComputer(base_path, cfg, adapter_path, pad_id)
+        self.faults = faults.parse(fault_spec)
+        self.marker_dir = marker_dir
+        self.busy_seconds = 0.0
+        self.model_lock = threading.Lock()  # the engine's hooks are not thread-safe
+        self._init_partial_sums(reconstructed=_was_reconstructed())
+
+    def raw_gradients(self, pairs: list) -> np.ndarray:
+        with self.model_lock:
+            start = time.perf_counter()
+            G = self.computer(pairs)
+            self.busy_seconds += time.perf_counter() - start
+        return G
+
+    def batch_gradients(self, key: BatchKey, pairs: list, ids: list[str]) -> GradientBatch:
+        """The batch's gradients, checked (non-finite policy); fault injection for tests."""
+        faults.maybe_die(self.faults, "worker", *key, self.marker_dir)
+        return check_finite(self.raw_gradients(pairs), ids, self.computer.nonfinite)
+
+    gradients = batch_gradients  # the exact transport's call
+
+    def stats(self) -> dict[str, float]:
+        return {"busy_seconds": self.busy_seconds, "pid": os.getpid(),
+                "recomputed": self.recomputed, "engine_calls": self.computer.calls}  # fmt: skip
+
+    def layout(self) -> dict[str, Any]:
+        return self.computer.layout()
+
+
+def _was_reconstructed() -> bool:
+    """True inside a Ray actor that has been restarted after a crash."""
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside a Ray actor
+        return False
+
+
+def worker_actor_class():
+    """GradientWorker as a Ray actor class with its two concurrency groups."""
+    import ray
+
+    cls = type("GradientWorker", (GradientWorker,), {})
+    groups = {"gradients": "compute", "compute": "compute", "final_labels": "compute",
+              "reduce": "io", "evict_sums": "io", "stats": "io", "layout": "io"}  # fmt: skip
+    for name, group in groups.items():
+        setattr(cls, name, ray.method(concurrency_group=group)(getattr(GradientWorker, name)))
+    return ray.remote(concurrency_groups={"compute": 1, "io": 1})(cls)

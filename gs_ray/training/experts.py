@@ -1,0 +1,84 @@
+"""Stage III, the experts: one LoRA expert per cluster, from the warm-up adapter, on that
+cluster's training samples; the K trainings run in parallel (Ray Train + DeepSpeed)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+
+from gs_ray.prepare import Prepared
+from gs_ray.rundir import expert_name
+from gs_ray.training.warmup import storage_path, training_summary
+
+log = logging.getLogger(__name__)
+
+
+def expert_job(p: Prepared, labels: np.ndarray, c: int, output_dir: str, name: str = ""):
+    """The training job of expert c: cluster c's training samples, starting from the warm-up
+    adapter, seeded by the cluster (``name`` defaults to the expert's name)."""
+    from gs_ray.training.ray_train import AdapterJob
+
+    train = p.splits.train
+    return AdapterJob(
+        name=name or expert_name(c), base_path=p.base_path, output_dir=output_dir,
+        samples=p.pairs(train[labels[train] == c]), init_adapter=str(p.run.warmup_adapter),
+        seed=p.cfg.run.seed + 1 + c, cluster=c,
+    )  # fmt: skip
+
+
+def experts_ray(p: Prepared, resume: bool = False) -> dict:
+    """Train the experts that are missing. Experts whose folder is complete are kept; a cluster
+    with no training sample gets a copy of the warm-up adapter."""
+    from gs_ray.training.ray_train import discard_run, finished_run, train_many_on_ray
+
+    cfg, run = p.cfg, p.run
+    labels, k = p.assignments()
+    with run.stage("experts") as info:
+        jobs, kept, copied = [], [], []
+        for c in range(k):
+            if run.expert_complete(c):
+                kept.append(c)
+                continue
+            job = expert_job(p, labels, c, str(run.expert(c)))
+            if not job.samples:
+                shutil.rmtree(run.expert(c), ignore_errors=True)
+                shutil.copytree(run.warmup_adapter, run.expert(c))
+                run.write_expert_record(c, {"n_train": 0, "copied_warmup": True})
+                copied.append(c)
+                continue
+            jobs.append(job)
+        for job in jobs:
+            # A resume continues an interrupted training from its checkpoint; an expert whose
+            # run had finished but whose folder is gone (deleted) is trained again from the
+            # warm-up.
+            if not resume or finished_run(storage_path(p), job.name, cfg.experts):
+                discard_run(storage_path(p), job.name)
+        records = {}
+        if jobs:
+            log.info("training %d experts (%s), %s", len(jobs), ", ".join(j.name for j in jobs),
+                     "in parallel" if cfg.experts.parallel else "one after another")  # fmt: skip
+            records = train_many_on_ray(jobs, cfg.model, cfg.lora, cfg.experts, p.pad_id,
+                                        storage_path(p), parallel=cfg.experts.parallel,
+                                        resume=resume)  # fmt: skip
+        failed = [n for n, r in records.items() if not r.get("ok")]
+        if failed:
+            errors = "; ".join(f"{n}: {records[n].get('error')}" for n in failed)
+            raise RuntimeError(f"expert training failed after retries: {errors}")
+        for job in jobs:
+            rec = records[job.name]
+            run.write_expert_record(job.cluster, {
+                "n_train": len(job.samples), **training_summary(rec), "losses": rec["losses"],
+                "train_start": rec.get("train_start"), "train_end": rec.get("train_end"),
+            })  # fmt: skip
+        info.update(trained=sorted(j.cluster for j in jobs), kept=kept, copied_warmup=copied,
+                    engines=sorted({records[j.name]["engine"] for j in jobs}),
+                    parallel=cfg.experts.parallel)  # fmt: skip
+    return records
+
+
+def experts_complete(p: Prepared) -> bool:
+    """Every cluster's expert folder is complete."""
+    _, k = p.assignments()
+    return all(p.run.expert_complete(c) for c in range(k))
