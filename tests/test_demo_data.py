@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gs_ray.data import demo as demo_data
+from gs_ray.data.demo import corpus as demo_data
 from gs_ray.data.demo import DOMAINS, build_demo_corpus
 
 KEYS = {"id", "instruction", "input", "output", "domain"}
