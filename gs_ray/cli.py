@@ -17,17 +17,7 @@ import logging
 import sys
 
 from gs_ray.config import ConfigError, help_lines, load_config
-
-
-def setup_logging(level: str = "INFO") -> None:
-    """Timestamped log lines; quiet the chatty libraries."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for name in ("transformers", "datasets", "urllib3", "filelock", "matplotlib"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+from gs_ray.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gs_ray import logs
 from gs_ray.config import Config
 from gs_ray.evaluation.heldout import evaluate
 from gs_ray.prepare import Prepared, prepare
@@ -79,12 +80,17 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
 
     log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
     p = prepare(cfg, RunDir(resume) if resume else None)
-    for stage in STAGES:
-        if not stage.applies(cfg):
-            continue
-        if not stage.done(p):
+    logs.attach_run(p.run.path)
+    todo = [s for s in STAGES if s.applies(cfg)]
+    for i, stage in enumerate(todo, start=1):
+        if stage.done(p):
+            log.info("[%d/%d] %s: done before, kept", i, len(todo), stage.name)
+        else:
+            log.info("[%d/%d] %s ...", i, len(todo), stage.name)
             stage.run(p, resume is not None)
             invalidate(p.run, *stage.invalidates)
+            seconds = p.run.manifest()["stages"][stage.name]["seconds"]
+            log.info("[%d/%d] %s: done in %.1f s", i, len(todo), stage.name, seconds)
         if cfg.run.until == stage.name:
             return p.run
     plots.pipeline_plots(p.run, p.assignments()[1])
@@ -96,6 +102,7 @@ def run_local(cfg: Config, resume: str | None = None) -> RunDir:
     """The single-process reference pipeline: prepare, warm-up, Stage II (finished stages of a
     resumed run are skipped)."""
     p = prepare(cfg, RunDir(resume) if resume else None)
+    logs.attach_run(p.run.path)
     if not p.run.stage_done("warmup"):
         warmup_local(p)
     if not p.run.stage_done("stage2"):
