@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from gs_ray.data.demo import corpus as demo_data
 from gs_ray.data.demo import DOMAINS, build_demo_corpus
+from gs_ray.data.demo import corpus as demo_data
 
 KEYS = {"id", "instruction", "input", "output", "domain"}
 BASE = ("math", "code", "finance", "stories", "support")
