@@ -147,15 +147,22 @@ class ClusteringConfig:
     """Stage II: the GradientSpace clusterer (SVD + silhouette init, online EMA refinement)."""
 
     n_clusters: int | None = _f(None, "fix K; None: choose K by SVD + silhouette")
-    k_min: int = _f(2, "smallest K tried")
+    k_min: int = _f(1, "smallest K tried (1: a one-cluster answer is possible)")
     k_max: int = _f(8, "largest K tried")
     variance_thresholds: list[float] = _f([0.80, 0.85, 0.90, 0.95], "explained-variance thresholds")
     alpha: int = _f(5, "cluster cache size = alpha * batch_size (paper: 5-10)")
     beta: float = _f(0.9, "EMA factor: c <- beta * c + (1 - beta) * mean(cache)")
     batch_size: int = _f(32, "|B_t|: samples per online update")
     max_epochs: int = _f(3, "online calibration epochs at most")
-    tol: float = _f(1e-3, "stop when the largest centroid shift (1 - cosine) falls below this")
-    kmeans_n_init: int = _f(10, "K-means restarts per candidate")
+    tol: float = _f(
+        0.01, "converged when at most this share of an epoch's samples changed cluster"
+    )
+    kmeans_n_init: int = _f(10, "K-means runs per candidate, each scored by the same rule")
+    min_cluster_size: int = _f(4, "a cluster must have at least this many samples ...")
+    min_cluster_share: float = _f(0.01, "... and at least this share of the samples")
+    min_silhouette: float = _f(
+        0.05, "best cosine silhouette below this means one cluster (needs k_min = 1)"
+    )
     k_selection: str = _f("silhouette", "silhouette (paper, default) | tune (Ray Tune over K)")
 
 

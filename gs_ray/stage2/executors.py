@@ -52,6 +52,9 @@ def make_clusterer(cfg: Config) -> GradientSpaceClustering:
         n_init=c.kmeans_n_init,
         random_state=cfg.run.seed,
         cache=TRANSPORTS[cfg.stage2.transport].cache,
+        min_cluster_size=c.min_cluster_size,
+        min_cluster_share=c.min_cluster_share,
+        min_silhouette=c.min_silhouette,
     )
 
 

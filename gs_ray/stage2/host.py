@@ -107,8 +107,9 @@ class CentroidHost:
     def online_state(self) -> dict[str, Any]:
         """What a worker needs to assign the next batch: the centroids and the oldest batch
         still cached (older rows can be dropped)."""
-        return {"centers": self.clusterer.cluster_centers_.copy(),
-                "oldest_live": self.clusterer.oldest_live_step()}  # fmt: skip
+        c = self.clusterer
+        return {"centers": c.cluster_centers_.copy(), "start_centers": c.epoch_start_centers.copy(),
+                "oldest_live": c.oldest_live_step()}  # fmt: skip
 
     def apply_sums(self, t: int, epoch: int, step: int, out: dict, pairs: list, owner) -> dict:
         """Apply a worker's reduced batch t (global step ``step``): enter it in the ledger,
@@ -118,7 +119,7 @@ class CentroidHost:
                 raise RuntimeError("partial sums need an evicted-sums fetcher")
             start = time.perf_counter()
             c = self.clusterer
-            evictions = c.push_ledger(step, out["labels"], out["keep"])
+            evictions = c.push_ledger(step, out["labels"], out["keep"], out["start_labels"])
             evicted = self.evicted_sums(
                 dict(sorted(evictions.items())), self.owners, self.batch_pairs,
                 c.cluster_centers_.shape,

@@ -138,13 +138,16 @@ class RayEvictedSums:
 # --------------------------------------------------------------------------- worker side
 
 
-def assign_and_sum(Xn: np.ndarray, keep: np.ndarray, centers: np.ndarray) -> dict[str, Any]:
-    """Labels of unit gradients against ``centers``, and the per-cluster sums and counts of
-    the kept (non-zero, not skipped) rows."""
+def assign_and_sum(
+    Xn: np.ndarray, keep: np.ndarray, centers: np.ndarray, start_centers: np.ndarray
+) -> dict[str, Any]:
+    """Labels of unit gradients against ``centers`` (and against the epoch's starting
+    centroids, for the convergence rule), and the per-cluster sums and counts of the kept
+    (non-zero, not skipped) rows."""
     labels = cosine_assign(Xn, centers)
     sums, counts = cluster_sums(Xn, labels, len(centers), keep)
-    return {"labels": labels, "keep": keep, "sums": sums, "counts": counts,
-            "n_zero": int((~keep).sum())}  # fmt: skip
+    return {"labels": labels, "start_labels": cosine_assign(Xn, start_centers), "keep": keep,
+            "sums": sums, "counts": counts, "n_zero": int((~keep).sum())}  # fmt: skip
 
 
 class PartialSumsWorker:
@@ -193,7 +196,7 @@ class PartialSumsWorker:
         with self.lock:
             for old in [s for s in self.memo if oldest is not None and s < oldest and s != step]:
                 self.memo.pop(old, None)
-        return assign_and_sum(Xn, keep, state["centers"])
+        return assign_and_sum(Xn, keep, state["centers"], state["start_centers"])
 
     def evict_sums(self, step: int, entries: list, pairs: list, n_clusters: int) -> np.ndarray:
         """(K, d) sums of rows of batch ``step`` that left the caches."""
