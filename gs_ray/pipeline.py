@@ -22,7 +22,7 @@ import numpy as np
 
 from gs_ray.clustering import GradientSpaceClustering, within_cluster_variance
 from gs_ray.config import Config
-from gs_ray.data import Sample, Splits, load_samples, make_splits
+from gs_ray.data import Sample, Splits, check_inputs, load_samples, make_splits
 from gs_ray.models import (
     add_lora,
     load_base_model,
@@ -460,6 +460,7 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
     from gs_ray import plots
     from gs_ray.ray_utils import init_ray
 
+    check_inputs(cfg)  # config and data, before Ray starts or a run directory exists
     stop = cfg.run.until
     if stop not in (None, *STAGES):
         raise ValueError(f"run.until: expected one of {STAGES}, got {stop!r}")
@@ -507,6 +508,7 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
 def run_local(cfg: Config, resume: str | None = None) -> RunDir:
     """The single-process reference pipeline: prepare, warm-up, Stage II (finished stages of a
     resumed run are skipped)."""
+    check_inputs(cfg)  # config and data, before a run directory exists
     p = prepare(cfg, RunDir(resume) if resume else None)
     if not p.run.stage_done("warmup"):
         warmup_local(p)

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from gs_ray.config import Config
+from gs_ray.config import Config, ConfigError
+from gs_ray.errors import RunDirError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -144,8 +145,28 @@ class RunDir:
 
     # ------------------------------------------------------------------ manifest
 
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory; RunDirError if it is missing or its manifest unreadable."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise RunDirError(f"{run.path}: no such run directory")
+        run.manifest()
+        return run
+
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text())
+        """manifest.json; RunDirError (naming the file) if it is missing or not a JSON object."""
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise RunDirError(
+                f"{self.path} is not a gs-ray run directory (no manifest.json)"
+            ) from None
+        except (ValueError, OSError) as e:  # half-written JSON, bad bytes, unreadable
+            raise RunDirError(f"{self.manifest_path}: unreadable or half-written ({e})") from e
+        if not isinstance(m, dict):
+            raise RunDirError(f"{self.manifest_path}: expected a JSON object")
+        return m
 
     def update_manifest(self, **fields: Any) -> None:
         m = self.manifest()
@@ -153,7 +174,14 @@ class RunDir:
         write_json(self.manifest_path, m)
 
     def config(self) -> Config:
-        return Config.from_dict(self.manifest()["config"])
+        """The run's configuration, from its manifest (checked as on loading)."""
+        m = self.manifest()
+        if "config" not in m:
+            raise RunDirError(f"{self.manifest_path}: has no 'config'")
+        try:
+            return Config.from_dict(m["config"])
+        except ConfigError as e:
+            raise RunDirError(f"{self.manifest_path}: config: {e}") from e
 
     def stage_done(self, stage: str) -> bool:
         return self.manifest().get("stages", {}).get(stage, {}).get("status") == "done"
