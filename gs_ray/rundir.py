@@ -209,8 +209,17 @@ class RunDir:
 
     @staticmethod
     def read_jsonl(path: Path) -> list[dict[str, Any]]:
+        """Rows of a JSONL table; RunDirError naming file and line for a corrupt one."""
+        rows = []
         with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise RunDirError(f"{path}:{lineno}: corrupt line ({e})") from e
+        return rows
 
     def assignments(self) -> list[dict[str, Any]]:
         """Rows of stage2/assignments.jsonl: id, split, cluster, domain."""

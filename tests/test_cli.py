@@ -155,3 +155,14 @@ def test_console_script_exit_status_and_speed(tmp_path):
     verbose = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=env,
                              timeout=120)  # fmt: skip
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
+def test_show_reports_a_half_written_table(tmp_path, capsys):
+    run = tmp_path / "run-2"
+    (run / "stage2").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"created": "x", "seed": 0, "stages": {}}))
+    row = {"id": "a", "split": "train", "cluster": 0, "domain": None}
+    (run / "stage2" / "assignments.jsonl").write_text(json.dumps(row) + '\n{"id": "b", "spl')
+    assert main(["show", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"run directory error: {run / 'stage2' / 'assignments.jsonl'}:2: corrupt line" in err
