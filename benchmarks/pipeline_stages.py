@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from gs_ray import pipeline
-    from gs_ray.logs import setup_logging
     from gs_ray.config import load_config
+    from gs_ray.logs import setup_logging
     from gs_ray.rundir import versions
 
     setup_logging("INFO")

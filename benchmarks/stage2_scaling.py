@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import ray
 
-    from gs_ray.logs import setup_logging
     from gs_ray.config import Config
+    from gs_ray.logs import setup_logging
     from gs_ray.prepare import prepare
     from gs_ray.rundir import versions
     from gs_ray.training.warmup import warmup_local

@@ -15,27 +15,40 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
+from gs_ray import logs
 from gs_ray.config import ConfigError, help_lines, load_config
+from gs_ray.errors import UserError
 from gs_ray.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --verbose is accepted before or after the command: the subcommands' copy defaults to
+    # SUPPRESS so that it does not reset a --verbose given before the command.
+    verbose = {"action": "store_true", "help": "on an error, show the traceback; log at DEBUG"}
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", default=argparse.SUPPRESS, **verbose)
     parser = argparse.ArgumentParser(
         prog="gs-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("-v", "--verbose", default=False, **verbose)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline (any --section.key value overrides config)")
+    run = sub.add_parser(
+        "run", parents=[common], help="run the pipeline (any --section.key value overrides config)"
+    )
     run.add_argument("--config", help="YAML config file")
     run.add_argument("--output-dir", help="where run directories go (default: runs/)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
     run.add_argument("--local", action="store_true", help="single-process reference pipeline")
     run.add_argument("--log-level", default="INFO")
-    show = sub.add_parser("show", help="summarise a run directory")
+    show = sub.add_parser("show", parents=[common], help="summarise a run directory")
     show.add_argument("run_dir")
-    sub.add_parser("config", help="list every configuration key")
+    sub.add_parser("config", parents=[common], help="list every configuration key")
     srv = sub.add_parser(
-        "serve", help="deploy a finished run on Ray Serve (any --serve.key value overrides)"
+        "serve",
+        parents=[common],
+        help="deploy a finished run on Ray Serve (any --serve.key value overrides)",
     )
     srv.add_argument("run_dir")
     srv.add_argument(
@@ -48,30 +61,59 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gs-ray`` console script."""
-    args, rest = _parser().parse_known_args(argv)
+    """Entry point of the ``gs-ray`` console script.
+
+    A user error (bad config, bad data, a missing or corrupt run directory) prints one line that
+    names the file or key and what is wrong, and exits with status 2; ``--verbose`` adds the
+    traceback. Any other exception is a bug and keeps its traceback."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("config", "show") and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return _command(args, rest)
+    except UserError as e:
+        return _report(e, args.verbose, f"gs-ray: {e.label}")
+
+
+def _report(e: Exception, verbose: bool, head: str) -> int:
+    """One plain message on stderr (the traceback only with --verbose); exit status 2."""
+    if verbose:
+        traceback.print_exception(type(e), e, e.__traceback__)
+    print(f"{head}: {e}", file=sys.stderr)
+    return 2
+
+
+def _command(args: argparse.Namespace, rest: list[str]) -> int:
     if args.command == "config":
         print("\n".join(help_lines()))
         return 0
     if args.command == "show":
         from gs_ray.evaluation.show import show
+        from gs_ray.rundir import RunDir
 
+        RunDir.open(args.run_dir)  # a missing or corrupt run directory is a RunDirError
         print(show(args.run_dir))
         return 0
-    setup_logging(args.log_level)
+    if args.command == "serve" or args.verbose:
+        setup_logging("DEBUG" if args.verbose else args.log_level)
     if args.command == "serve":
         return _serve(args, rest)
-    try:
-        cfg = _run_config(args, rest)
-    except ConfigError as e:
-        print(f"gs-ray: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = _run_config(args, rest)
+    # Config and data are checked before the pipeline (torch, Ray) is even imported: bad input
+    # fails in a moment, with no Ray started and no run directory created.
+    from gs_ray.data import check_inputs
+
+    check_inputs(cfg)
     from gs_ray import pipeline
 
-    if args.local:
-        run = pipeline.run_local(cfg, resume=args.resume)
-    else:
-        run = pipeline.run(cfg, resume=args.resume)
+    # The console shows gs-ray's lines; Ray's and the workers' output goes to the run's log
+    # file (--verbose: everything on the console).
+    with logs.capture(quiet=not args.verbose, level=args.log_level):
+        if args.local:
+            run = pipeline.run_local(cfg, resume=args.resume)
+        else:
+            run = pipeline.run(cfg, resume=args.resume)
     print(json.dumps({"run_dir": str(run.path)}))
     return 0
 
@@ -97,9 +139,8 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
             raise ServingError("--detach needs a running cluster (RAY_ADDRESS): a local Ray "
                                "started here would end with this process")  # fmt: skip
         app = app_for_run(args.run_dir, cfg)
-    except (ConfigError, ServingError) as e:
-        print(f"gs-ray serve: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ServingError) as e:
+        return _report(e, args.verbose, "gs-ray serve")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=APP_NAME, route_prefix=cfg.route_prefix)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
@@ -122,7 +163,7 @@ def _run_config(args: argparse.Namespace, rest: list[str]):
     if args.resume:
         from gs_ray.rundir import RunDir
 
-        cfg = RunDir(args.resume).config()
+        cfg = RunDir.open(args.resume).config()
         if args.config:
             raise ConfigError(
                 "--resume takes its configuration from the run directory; drop --config"

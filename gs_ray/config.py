@@ -4,16 +4,28 @@ The same objects drive the Python API, YAML files and the command line:
 
     cfg = load_config("run.yaml", ["--clustering.beta", "0.9", "--model.name", "smollm2-135m"])
 
-Every field carries a one-line help text (``metadata["help"]``) that the CLI prints. Unknown keys,
-in YAML or on the command line, are an error that names the key. Defaults follow the paper where
-it gives a value (LoRA r=32, warm-up 5%, variance thresholds 0.80-0.95, alpha in [5, 10]) and are
-small where a 2-core machine needs it (the embedded default model and corpus).
+Every field carries a one-line help text (``metadata["help"]``) that the CLI prints. Everything is
+checked when the configuration loads (``Config.from_dict``, which ``load_config`` and
+``apply_overrides`` go through), and each error names the key, the value and what is allowed:
+
+* unknown keys, in YAML or on the command line (with a "did you mean");
+* types: a YAML string where a number is wanted is an error; a command-line value is parsed as the
+  field's type (``--lora.r 8`` is the integer 8, ``--run.name 007`` the string "007");
+* choices: a field typed ``Literal[...]`` takes only those values;
+* ranges: a field's ``ge`` / ``gt`` / ``le`` / ``lt`` bounds (and ``pattern``) in its metadata;
+* relations between fields (``k_min <= k_max``, ...) in ``_check_relations``.
+
+Defaults follow the paper where it gives a value (LoRA r=32, warm-up 5%, variance thresholds
+0.80-0.95, alpha in [5, 10]) and are small where a 2-core machine needs it (the embedded default
+model and corpus).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,20 +34,34 @@ from typing import Any, Literal
 
 import yaml
 
+from gs_ray.errors import ConfigError
+
 # Choices (Literal types, checked when a config loads); each is defined here once.
 Transport = Literal["gradients", "partial_sums"]
 NonFinitePolicy = Literal["fail", "skip"]
 
+__all__ = ["Config", "ConfigError", "StageName", "apply_overrides", "help_lines", "load_config"]
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best here
-    """A dataclass field with a default (copied if mutable) and a one-line help text."""
+#: The pipeline's stages in order (``run.until`` takes one of them).
+StageName = Literal["warmup", "tune", "stage2", "experts", "router", "evaluate"]  # pipeline.STAGES
+
+# A torch device as the config names it: auto, cpu, cuda or cuda:N.
+_DEVICE = r"auto|cpu|cuda(:\d+)?"
+
+
+def _f(default: Any, help: str, **check: Any) -> Any:  # noqa: A002 - "help" reads best here
+    """A dataclass field with a default (copied if mutable), a one-line help text and its checks:
+    ``ge`` / ``gt`` / ``le`` / ``lt`` (numbers, or each item of a list), ``pattern`` (a regular
+    expression the whole string must match), ``nonempty`` (a list)."""
+    unknown = set(check) - _CHECKS
+    assert not unknown, f"unknown field checks {unknown}"
+    metadata = {"help": help, **check}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names it."""
+_CHECKS = {"ge", "gt", "le", "lt", "pattern", "nonempty"}
 
 
 @dataclass
@@ -46,7 +72,10 @@ class DataConfig:
         "demo", "'demo' (built-in corpus), a .jsonl/.json/.parquet path, or a HF dataset name"
     )
     hf_split: str = _f("train", "split to read when `source` is a Hugging Face dataset")
-    format: str = _f("auto", "record format: auto | alpaca | prompt_response | messages")
+    format: Literal["auto", "alpaca", "prompt_response", "messages"] = _f(
+        "auto", "record format of the whole source: auto (decided by its first record) | alpaca "
+        "| prompt_response | messages",
+    )  # fmt: skip
     instruction_field: str = _f("instruction", "alpaca format: field with the instruction")
     input_field: str = _f("input", "alpaca format: optional field with extra input")
     output_field: str = _f("output", "alpaca format: field with the target response")
@@ -60,15 +89,19 @@ class DataConfig:
         "### Instruction:\n{prompt}\n\n### Response:\n",
         "prompt template; {prompt} is the instruction (plus input); the loss covers the response only",
     )
-    max_length: int = _f(256, "maximum tokens per sample (prompt + response)")
-    overflow: str = _f("truncate", "over-long samples: 'truncate' the response's tail, or 'drop'")
-    max_samples: int | None = _f(None, "read at most this many rows (None: all)")
-    demo_size: int = _f(2400, "number of samples in the built-in demo corpus")
-    test_fraction: float = _f(0.1, "held-out test split (evaluation only)")
-    warmup_fraction: float = _f(
-        0.05, "share of the training split used for the LoRA warm-up (paper: 5%)"
+    max_length: int = _f(256, "maximum tokens per sample (prompt + response)", ge=8)
+    overflow: Literal["truncate", "drop"] = _f(
+        "truncate", "over-long samples: 'truncate' the response's tail, or 'drop'"
     )
-    n_val: int = _f(256, "validation subset whose gradients choose K and the initial centroids")
+    max_samples: int | None = _f(None, "read at most this many rows (None: all)", ge=1)
+    demo_size: int = _f(2400, "number of samples in the built-in demo corpus", ge=4)
+    test_fraction: float = _f(0.1, "held-out test split (evaluation only)", ge=0, lt=1)
+    warmup_fraction: float = _f(
+        0.05, "share of the training split used for the LoRA warm-up (paper: 5%)", gt=0, lt=1
+    )
+    n_val: int = _f(
+        256, "validation subset whose gradients choose K and the initial centroids", ge=2
+    )
 
 
 @dataclass
@@ -79,42 +112,50 @@ class ModelConfig:
         "tiny-llama",
         "'tiny-llama' (embedded default, random init), 'smollm2-135m', or a HF path / hub id",
     )
-    dtype: str = _f("float32", "weights dtype: float32 | bfloat16 | float16")
-    device: str = _f("auto", "auto | cpu | cuda")
-    attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "weights dtype: float32 | bfloat16 | float16"
+    )
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N", pattern=_DEVICE)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
+        "sdpa", "attention kernel: sdpa | eager | flash_attention_2"
+    )
     cache_dir: str = _f("~/.cache/gs_ray", "where converted models and tokenizers are cached")
-    tiny_hidden_size: int = _f(128, "tiny-llama: hidden size")
-    tiny_num_layers: int = _f(4, "tiny-llama: decoder layers")
-    tiny_num_heads: int = _f(4, "tiny-llama: attention heads")
-    tiny_vocab_size: int = _f(4096, "tiny-llama: BPE vocabulary trained on the demo corpus")
+    tiny_hidden_size: int = _f(128, "tiny-llama: hidden size", ge=1)
+    tiny_num_layers: int = _f(4, "tiny-llama: decoder layers", ge=1)
+    tiny_num_heads: int = _f(4, "tiny-llama: attention heads", ge=1)
+    tiny_vocab_size: int = _f(4096, "tiny-llama: BPE vocabulary trained on the demo corpus", ge=64)
 
 
 @dataclass
 class LoRAConfig:
     """The LoRA adapter (peft) whose parameters span the gradient space."""
 
-    r: int = _f(32, "LoRA rank (paper: 32)")
-    alpha: int = _f(64, "LoRA alpha (scaling = alpha / r)")
-    dropout: float = _f(0.05, "LoRA dropout while training (off when taking gradients)")
-    target_modules: list[str] = _f(["q_proj", "v_proj"], "module names that get adapters")
+    r: int = _f(32, "LoRA rank (paper: 32)", ge=1)
+    alpha: int = _f(64, "LoRA alpha (scaling = alpha / r)", gt=0)
+    dropout: float = _f(0.05, "LoRA dropout while training (off when taking gradients)", ge=0, lt=1)
+    target_modules: list[str] = _f(
+        ["q_proj", "v_proj"], "module names that get adapters", nonempty=True
+    )
 
 
 @dataclass
 class TrainingConfig:
     """One LoRA training run (Ray Train + DeepSpeed)."""
 
-    epochs: int = _f(3, "passes over the training data")
-    max_steps: int | None = _f(None, "stop after this many optimizer steps (None: no limit)")
-    batch_size: int = _f(8, "micro-batch per worker")
-    grad_accum: int = _f(1, "gradient accumulation steps")
-    lr: float = _f(1e-3, "learning rate (AdamW)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (0-2)")
-    num_workers: int = _f(1, "Ray Train workers per run")
-    cpus_per_worker: float = _f(1, "CPUs per Ray Train worker")
-    use_gpu: str = _f("auto", "auto | true | false")
-    log_every: int = _f(10, "log a loss line every N steps")
-    max_failures: int = _f(2, "Ray Train retries of a failed run (the other runs are not redone)")
+    epochs: int = _f(3, "passes over the training data", ge=1)
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (None: no limit)", ge=1)
+    batch_size: int = _f(8, "micro-batch per worker", ge=1)
+    grad_accum: int = _f(1, "gradient accumulation steps", ge=1)
+    lr: float = _f(1e-3, "learning rate (AdamW)", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    zero_stage: Literal[0, 1, 2] = _f(2, "DeepSpeed ZeRO stage: 0 | 1 | 2")
+    num_workers: int = _f(1, "Ray Train workers per run", ge=1)
+    cpus_per_worker: float = _f(1, "CPUs per Ray Train worker", gt=0)
+    use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto | true | false")
+    log_every: int = _f(10, "log a loss line every N steps", ge=1)
+    max_failures: int = _f(
+        2, "Ray Train retries of a failed run (the other runs are not redone)", ge=0
+    )
 
 
 @dataclass
@@ -126,7 +167,7 @@ class WarmupConfig(TrainingConfig):
 class ExpertConfig(TrainingConfig):
     """Stage III: one LoRA expert per cluster, trained from the warm-up adapter."""
 
-    epochs: int = _f(2, "passes over the cluster's data")
+    epochs: int = _f(2, "passes over the cluster's data", ge=1)
     parallel: bool = _f(True, "train the K experts concurrently")
 
 
@@ -134,46 +175,59 @@ class ExpertConfig(TrainingConfig):
 class GradientConfig:
     """The per-sample gradient engine."""
 
-    batch_size: int = _f(16, "samples per forward/backward")
+    batch_size: int = _f(16, "samples per forward/backward", ge=1)
     bucket_window: int = _f(
-        8, "length bucketing: sort by length within windows of this many batches"
+        8, "length bucketing: sort by length within windows of this many batches", ge=1
     )
-    projection_dim: int | None = _f(None, "random projection (ELREA/LESS baseline); None: full dim")
-    torch_threads: int | None = _f(None, "torch threads per gradient worker (None: CPUs it holds)")
+    projection_dim: int | None = _f(
+        None, "random projection (ELREA/LESS baseline); None: full dim", ge=1
+    )
+    torch_threads: int | None = _f(
+        None, "torch threads per gradient worker (None: CPUs it holds)", ge=1
+    )
 
 
 @dataclass
 class ClusteringConfig:
     """Stage II: the GradientSpace clusterer (SVD + silhouette init, online EMA refinement)."""
 
-    n_clusters: int | None = _f(None, "fix K; None: choose K by SVD + silhouette")
-    k_min: int = _f(1, "smallest K tried (1: a one-cluster answer is possible)")
-    k_max: int = _f(8, "largest K tried")
-    variance_thresholds: list[float] = _f([0.80, 0.85, 0.90, 0.95], "explained-variance thresholds")
-    alpha: int = _f(5, "cluster cache size = alpha * batch_size (paper: 5-10)")
-    beta: float = _f(0.9, "EMA factor: c <- beta * c + (1 - beta) * mean(cache)")
-    batch_size: int = _f(32, "|B_t|: samples per online update")
-    max_epochs: int = _f(3, "online calibration epochs at most")
+    n_clusters: int | None = _f(None, "fix K; None: choose K by SVD + silhouette", ge=1)
+    k_min: int = _f(1, "smallest K tried (1: a one-cluster answer is possible)", ge=1)
+    k_max: int = _f(8, "largest K tried (>= k_min)", ge=1)
+    variance_thresholds: list[float] = _f(
+        [0.80, 0.85, 0.90, 0.95], "explained-variance thresholds, each in (0, 1]",
+        gt=0, le=1, nonempty=True,
+    )  # fmt: skip
+    alpha: int = _f(5, "cluster cache size = alpha * batch_size (paper: 5-10)", ge=1)
+    beta: float = _f(0.9, "EMA factor: c <- beta * c + (1 - beta) * mean(cache)", ge=0, lt=1)
+    batch_size: int = _f(32, "|B_t|: samples per online update", ge=1)
+    max_epochs: int = _f(3, "online calibration epochs at most", ge=1)
     tol: float = _f(
-        0.01, "converged when at most this share of an epoch's samples changed cluster"
-    )
-    kmeans_n_init: int = _f(10, "K-means runs per candidate, each scored by the same rule")
-    min_cluster_size: int = _f(4, "a cluster must have at least this many samples ...")
-    min_cluster_share: float = _f(0.01, "... and at least this share of the samples")
+        0.01, "converged when at most this share of an epoch's samples changed cluster",
+        ge=0, le=1,
+    )  # fmt: skip
+    kmeans_n_init: int = _f(10, "K-means runs per candidate, each scored by the same rule", ge=1)
+    min_cluster_size: int = _f(4, "a cluster must have at least this many samples ...", ge=1)
+    min_cluster_share: float = _f(0.01, "... and at least this share of the samples", ge=0, lt=1)
     min_silhouette: float = _f(
-        0.05, "best cosine silhouette below this means one cluster (needs k_min = 1)"
+        0.05, "best cosine silhouette below this means one cluster (needs k_min = 1)",
+        ge=-1, le=1,
+    )  # fmt: skip
+    k_selection: Literal["silhouette", "tune"] = _f(
+        "silhouette", "silhouette (paper, default) | tune (Ray Tune over K)"
     )
-    k_selection: str = _f("silhouette", "silhouette (paper, default) | tune (Ray Tune over K)")
 
 
 @dataclass
 class Stage2Config:
     """Distributed Stage II: gradient workers and the centroid actor."""
 
-    num_workers: int | None = _f(None, "gradient workers (None: one per GPU, else one per CPU)")
-    cpus_per_worker: float = _f(1, "CPUs per gradient worker (CPU clusters)")
-    max_in_flight: int = _f(2, "gradient batches in flight per worker (backpressure)")
-    checkpoint_every: int = _f(20, "centroid-actor checkpoint interval, in batches")
+    num_workers: int | None = _f(
+        None, "gradient workers (None: one per GPU, else one per CPU)", ge=1
+    )
+    cpus_per_worker: float = _f(1, "CPUs per gradient worker (CPU clusters)", gt=0)
+    max_in_flight: int = _f(2, "gradient batches in flight per worker (backpressure)", ge=1)
+    checkpoint_every: int = _f(20, "centroid-actor checkpoint interval, in batches", ge=1)
     transport: Transport = _f(
         "gradients", "gradients (exact) | partial_sums (workers assign, send sums)"
     )
@@ -186,11 +240,15 @@ class Stage2Config:
 class TuneConfig:
     """K chosen with Ray Tune (clustering.k_selection = tune)."""
 
-    k_values: list[int] = _f([2, 3, 4, 5], "candidate K values, one trial each")
-    n_samples: int = _f(600, "training samples whose gradients the trials cluster")
-    holdout_fraction: float = _f(0.25, "share of those held out to score the routed experts")
-    expert_max_steps: int = _f(20, "optimizer steps per expert inside a trial")
-    max_concurrent_trials: int = _f(2, "trials at once")
+    k_values: list[int] = _f(
+        [2, 3, 4, 5], "candidate K values, one trial each", ge=1, nonempty=True
+    )
+    n_samples: int = _f(600, "training samples whose gradients the trials cluster", ge=4)
+    holdout_fraction: float = _f(
+        0.25, "share of those held out to score the routed experts", gt=0, lt=1
+    )
+    expert_max_steps: int = _f(20, "optimizer steps per expert inside a trial", ge=1)
+    max_concurrent_trials: int = _f(2, "trials at once", ge=1)
 
 
 @dataclass
@@ -198,10 +256,12 @@ class RouterConfig:
     """The router: a frozen encoder and a linear head over K."""
 
     encoder: str = _f("all-MiniLM-L6-v2", "encoder: 'all-MiniLM-L6-v2' (bundled) or a HF path / id")
-    max_length: int = _f(128, "encoder max tokens")
-    epochs: int = _f(200, "head training epochs (full batch)")
-    lr: float = _f(1e-2, "head learning rate")
-    holdout_fraction: float = _f(0.2, "share of assigned samples held out for router accuracy")
+    max_length: int = _f(128, "encoder max tokens", ge=1)
+    epochs: int = _f(200, "head training epochs (full batch)", ge=1)
+    lr: float = _f(1e-2, "head learning rate", gt=0)
+    holdout_fraction: float = _f(
+        0.2, "share of assigned samples held out for router accuracy", ge=0, lt=1
+    )
 
 
 @dataclass
@@ -209,22 +269,26 @@ class ServeConfig:
     """Ray Serve deployment of the router and the experts."""
 
     host: str = _f("127.0.0.1", "HTTP host the Serve proxy binds to (0.0.0.0 to expose it)")
-    port: int = _f(8000, "HTTP port")
-    route_prefix: str = _f("/", "URL prefix of the gs-ray application")
-    max_new_tokens: int = _f(64, "generation length when a request names none")
-    max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for")
-    max_batch_size: int = _f(8, "requests the router and each expert replica batch together")
-    batch_wait_s: float = _f(0.01, "how long a replica waits to fill a batch")
-    expert_replicas: int = _f(1, "replicas of the experts deployment (each holds all K adapters)")
+    port: int = _f(8000, "HTTP port", ge=1, le=65535)
+    route_prefix: str = _f("/", "URL prefix of the gs-ray application", pattern=r"/\S*")
+    max_new_tokens: int = _f(64, "generation length when a request names none", ge=1)
+    max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", ge=1)
+    max_batch_size: int = _f(8, "requests the router and each expert replica batch together", ge=1)
+    batch_wait_s: float = _f(0.01, "how long a replica waits to fill a batch", ge=0)
+    expert_replicas: int = _f(
+        1, "replicas of the experts deployment (each holds all K adapters)", ge=1
+    )
     expert_max_replicas: int | None = _f(
-        None, "autoscale the experts deployment up to this many replicas (None: fixed count)"
+        None, "autoscale the experts deployment up to this many replicas (None: fixed count)", ge=1
     )
     expert_gpus: float | None = _f(
-        None, "GPUs per experts replica (None: 1 if the cluster has GPUs)"
+        None, "GPUs per experts replica (None: 1 if the cluster has GPUs)", ge=0
     )
-    expert_cpus: float = _f(1.0, "CPUs per experts replica")
-    router_cpus: float = _f(0.5, "CPUs per router replica")
-    device: str = _f("auto", "torch device of the experts replicas: auto | cpu | cuda")
+    expert_cpus: float = _f(1.0, "CPUs per experts replica", ge=0)
+    router_cpus: float = _f(0.5, "CPUs per router replica", ge=0)
+    device: str = _f(
+        "auto", "torch device of the experts replicas: auto | cpu | cuda | cuda:N", pattern=_DEVICE
+    )
 
 
 @dataclass
@@ -233,13 +297,13 @@ class RunConfig:
 
     output_dir: str = _f("runs", "where run directories go")
     name: str | None = _f(None, "run directory name (None: timestamp)")
-    seed: int = _f(0, "master seed: data splits, initialisation, shuffles")
+    seed: int = _f(0, "master seed: data splits, initialisation, shuffles", ge=0)
     ray_address: str | None = _f(
         None, "Ray cluster address (None: connect if RAY_ADDRESS is set, else local)"
     )
-    num_cpus: int | None = _f(None, "CPUs for a locally started Ray (None: all)")
-    until: str | None = _f(
-        None, "stop after this stage: warmup | stage2 | experts | router (None: all)"
+    num_cpus: int | None = _f(None, "CPUs for a locally started Ray (None: all)", ge=1)
+    until: StageName | None = _f(
+        None, "stop after this stage: warmup | stage2 | experts | router | evaluate (None: all)"
     )
 
 
@@ -270,8 +334,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        """Build from a nested dict; unknown keys and ill-typed values raise ConfigError."""
-        return _build(cls, data, prefix="")
+        """Build from a nested dict, checking every value: unknown keys, ill-typed values, choices,
+        ranges and relations raise ConfigError naming the key, the value and what is allowed."""
+        cfg = _build(cls, data, prefix="")
+        _check_relations(cfg)
+        return cfg
+
+    def validate(self) -> Config:
+        """Check a configuration built in Python (dataclass fields are not checked when set) as
+        loading would; returns the checked copy or raises ConfigError."""
+        return Config.from_dict(self.to_dict())
 
 
 # --------------------------------------------------------------------------- building and checking
@@ -284,12 +356,12 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = _field_types(cls)
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         typ = hints[key]
@@ -297,11 +369,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(typ, value or {}, prefix=f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, typ, f"{prefix}{key}")
+            _check_value(kwargs[key], fields[key].metadata, f"{prefix}{key}")
     return cls(**kwargs)
 
 
+def _choices(allowed: tuple) -> str:
+    return " | ".join(str(a) for a in allowed)
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check `value` against the annotation `typ`; allow int -> float and scalar -> list."""
+    """Check `value` against the annotation `typ` (no string is read as a number: the command
+    line parses its text by the field's type first, see `_parse_cli`); int -> float and
+    scalar -> list are allowed."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
     if origin in (typing.Union, types.UnionType):
@@ -315,15 +394,23 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        also = " (or None)" if type(None) in args else ""
+        raise ConfigError((errors[0] if errors else f"{key}: bad value {value!r}") + also)
+    if origin is Literal:
+        for choice in args:
+            if value == choice and type(value) is type(choice):  # True is not the choice 1
+                return choice
+        if isinstance(value, bool) and str(value).lower() in args:  # YAML reads `true` as bool
+            return str(value).lower()
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {_choices(args)}{hint}")
     if origin in (list, tuple):
         items = value if isinstance(value, (list, tuple)) else [value]
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -331,6 +418,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if typ is str:
@@ -342,8 +431,131 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def _allowed_range(meta: typing.Mapping[str, Any]) -> str:
+    """'in [0, 1)', '>= 1', '> 0' ... from a field's bounds."""
+    lo = ("[", meta["ge"]) if "ge" in meta else ("(", meta["gt"]) if "gt" in meta else None
+    hi = ("]", meta["le"]) if "le" in meta else (")", meta["lt"]) if "lt" in meta else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    return f"{'<=' if hi[0] == ']' else '<'} {hi[1]}"
+
+
+def _check_value(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
+    """The field's checks from its metadata (see `_f`); None (an unset optional) passes."""
+    if value is None:
+        return
+    if isinstance(value, list):
+        if meta.get("nonempty") and not value:
+            raise ConfigError(f"{key}: must not be empty")
+        for i, item in enumerate(value):
+            _check_value(item, meta, f"{key}[{i}]")
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # `not (a >= b)` rather than `a < b`, so that NaN fails too.
+        bad = (
+            ("ge" in meta and not value >= meta["ge"])
+            or ("gt" in meta and not value > meta["gt"])
+            or ("le" in meta and not value <= meta["le"])
+            or ("lt" in meta and not value < meta["lt"])
+        )
+        if bad:
+            raise ConfigError(f"{key}: {value!r} is out of range; must be {_allowed_range(meta)}")
+    if isinstance(value, str) and "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected {meta['help']}")
+
+
+def _check_relations(cfg: Config) -> None:
+    """Checks that involve more than one field."""
+    c = cfg.clustering
+    if c.k_min > c.k_max:
+        raise ConfigError(
+            f"clustering.k_min ({c.k_min}) is larger than clustering.k_max ({c.k_max}); "
+            "allowed: k_min <= k_max"
+        )
+    _check_template(cfg.data.template)
+    s = cfg.serve
+    if s.max_new_tokens > s.max_new_tokens_limit:
+        raise ConfigError(
+            f"serve.max_new_tokens ({s.max_new_tokens}) is larger than "
+            f"serve.max_new_tokens_limit ({s.max_new_tokens_limit})"
+        )
+    if s.expert_max_replicas is not None and s.expert_max_replicas < s.expert_replicas:
+        raise ConfigError(
+            f"serve.expert_max_replicas ({s.expert_max_replicas}) is smaller than "
+            f"serve.expert_replicas ({s.expert_replicas})"
+        )
+    m = cfg.model
+    if m.name == "tiny-llama" and m.tiny_hidden_size % m.tiny_num_heads:
+        raise ConfigError(
+            f"model.tiny_hidden_size ({m.tiny_hidden_size}) must be a multiple of "
+            f"model.tiny_num_heads ({m.tiny_num_heads})"
+        )
+
+
+def _check_template(template: str) -> None:
+    """data.template must hold {prompt} and no other placeholder (literal braces doubled)."""
+    import string
+
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ConfigError(f"data.template: {e} (write {{{{ and }}}} for literal braces)") from e
+    if names != {"prompt"}:
+        other = sorted(names - {"prompt"})
+        what = f"has placeholders {other}" if other else "has no {prompt} placeholder"
+        raise ConfigError(
+            f"data.template {template!r} {what}; it needs {{prompt}} and no other "
+            "(write {{ and }} for literal braces)"
+        )
+
+
+def _leaf_type(parts: list[str]) -> Any:
+    """The annotation of the field at ``section.key`` (None if there is no such field)."""
+    cls: Any = Config
+    for part in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = _field_types(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _parse_cli(raw: str, typ: Any) -> Any:
+    """Command-line text as the field's type; text that does not parse is passed on as it is,
+    so that `_coerce` reports it with the key."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.strip().lower() in ("none", "null", "~", ""):
+            return None
+        arms = [a for a in args if a is not type(None)]
+        return _parse_cli(raw, arms[0]) if len(arms) == 1 else yaml.safe_load(raw)
+    if origin is Literal:
+        if isinstance(args[0], str):  # case is not a typo: TRUE or Tune are meant as written
+            return raw.lower() if raw not in args and raw.lower() in args else raw
+        return _parse_cli(raw, type(args[0]))
+    if typ is str:
+        return raw
+    if typ is bool:
+        flags = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        return flags.get(raw.strip().lower(), raw)
+    if typ in (int, float):
+        try:
+            return typ(raw)
+        except ValueError:
+            return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``--section.key value`` (or ``--section.key=value``) pairs; values parse as YAML."""
+    """Apply ``--section.key value`` (or ``--section.key=value``) pairs; each value is parsed as
+    its field's type (lists as YAML), then everything is checked as in `Config.from_dict`."""
     data = cfg.to_dict()
     i = 0
     while i < len(overrides):
@@ -364,23 +576,22 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"unknown config key '{'.'.join(parts[: depth + 1])}'")
             node = node[part]
-        if parts[-1] not in node:
-            # Let _build produce the error message with a suggestion.
-            node[parts[-1]] = None
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        # An unknown leaf reaches _build, whose error names it with a suggestion.
+        node[parts[-1]] = _parse_cli(raw, _leaf_type(parts))
     return Config.from_dict(data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then command-line overrides."""
+    """Defaults, then the YAML file (if any), then command-line overrides; everything checked."""
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():
+            what = "is a directory, not a YAML file" if path.is_dir() else "not found"
+            raise ConfigError(f"config file {path}: {what}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         try:
             cfg = Config.from_dict(raw)

@@ -41,8 +41,9 @@ _state = _State()
 
 def setup_logging(level: str = "INFO") -> None:
     """Timestamped log lines on stderr; quiet the chatty libraries (verbose mode, tests)."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=_FORMAT,
-                        datefmt="%H:%M:%S")  # fmt: skip
+    number = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=number, format=_FORMAT, datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(number)  # also when logging was configured before
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from gs_ray import logs
-from gs_ray.config import Config
+from gs_ray.config import Config, StageName
+from gs_ray.data import check_inputs
 from gs_ray.evaluation.heldout import evaluate
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.routing.stage import router_stage
@@ -57,6 +58,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", evaluate),
 )  # fmt: skip
 STAGE_NAMES = tuple(s.name for s in STAGES)
+assert get_args(StageName) == STAGE_NAMES, "config.StageName must list pipeline.STAGES in order"
 
 # What a stage's invalidation also removes from the run directory.
 _DISCARD: dict[str, Callable[[RunDir], None]] = {"experts": RunDir.discard_experts}
@@ -78,8 +80,9 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
     from gs_ray.evaluation import plots
     from gs_ray.ray_utils import init_ray
 
+    check_inputs(cfg)  # config and data, before Ray starts or a run directory exists
     log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
-    p = prepare(cfg, RunDir(resume) if resume else None)
+    p = prepare(cfg, RunDir.open(resume) if resume else None)
     logs.attach_run(p.run.path)
     todo = [s for s in STAGES if s.applies(cfg)]
     for i, stage in enumerate(todo, start=1):
@@ -101,7 +104,8 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
 def run_local(cfg: Config, resume: str | None = None) -> RunDir:
     """The single-process reference pipeline: prepare, warm-up, Stage II (finished stages of a
     resumed run are skipped)."""
-    p = prepare(cfg, RunDir(resume) if resume else None)
+    check_inputs(cfg)  # config and data, before a run directory exists
+    p = prepare(cfg, RunDir.open(resume) if resume else None)
     logs.attach_run(p.run.path)
     if not p.run.stage_done("warmup"):
         warmup_local(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -62,7 +63,18 @@ class Prepared:
 def prepare(cfg: Config, run: RunDir | None = None) -> Prepared:
     """Create (or reopen) the run directory, materialise the base model, load and split data."""
     start = time.perf_counter()
-    run = run or RunDir.create(cfg)
+    if run is None:  # a new run: a failed start leaves nothing behind
+        run = RunDir.create(cfg)
+        try:
+            return _prepare(cfg, run, start)
+        except BaseException:
+            if run.created:
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
+    return _prepare(cfg, run, start)
+
+
+def _prepare(cfg: Config, run: RunDir, start: float) -> Prepared:
     seed = cfg.run.seed
     base_path = materialize_base_model(cfg.model, run.path, seed)
     tokenizer = load_tokenizer(base_path)

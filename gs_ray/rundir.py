@@ -30,8 +30,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from gs_ray.config import Config
-from gs_ray.io import read_jsonl, write_json, write_jsonl
+from gs_ray.config import Config, ConfigError
+from gs_ray.errors import RunDirError
+from gs_ray.io import write_json, write_jsonl
 
 EXPERT_PREFIX = "expert_"
 EXPERT_RECORD = "expert.json"
@@ -60,14 +61,17 @@ class RunDir:
     def __init__(self, path: str | Path):
         # Absolute: Ray workers (Train, Tune, Serve) run in other working directories.
         self.path = Path(path).expanduser().resolve()
+        self.created = False  # made by this process (``create``): a failed start may remove it
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:
         """A new run directory under cfg.run.output_dir, named cfg.run.name or by time."""
         name = cfg.run.name or time.strftime("run-%Y%m%d-%H%M%S")
         path = Path(cfg.run.output_dir) / name
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
+        run.created = created
         if not run.manifest_path.exists():
             write_json(
                 run.manifest_path,
@@ -151,8 +155,28 @@ class RunDir:
 
     # ------------------------------------------------------------------ manifest
 
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run directory; RunDirError if it is missing or its manifest unreadable."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise RunDirError(f"{run.path}: no such run directory")
+        run.manifest()
+        return run
+
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text())
+        """manifest.json; RunDirError (naming the file) if it is missing or not a JSON object."""
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise RunDirError(
+                f"{self.path} is not a gs-ray run directory (no manifest.json)"
+            ) from None
+        except (ValueError, OSError) as e:  # half-written JSON, bad bytes, unreadable
+            raise RunDirError(f"{self.manifest_path}: unreadable or half-written ({e})") from e
+        if not isinstance(m, dict):
+            raise RunDirError(f"{self.manifest_path}: expected a JSON object")
+        return m
 
     def update_manifest(self, **fields: Any) -> None:
         m = self.manifest()
@@ -160,7 +184,14 @@ class RunDir:
         write_json(self.manifest_path, m)
 
     def config(self) -> Config:
-        return Config.from_dict(self.manifest()["config"])
+        """The run's configuration, from its manifest (checked as on loading)."""
+        m = self.manifest()
+        if "config" not in m:
+            raise RunDirError(f"{self.manifest_path}: has no 'config'")
+        try:
+            return Config.from_dict(m["config"])
+        except ConfigError as e:
+            raise RunDirError(f"{self.manifest_path}: config: {e}") from e
 
     def stage_done(self, stage: str) -> bool:
         return self.manifest().get("stages", {}).get(stage, {}).get("status") == "done"
@@ -204,7 +235,17 @@ class RunDir:
 
     @staticmethod
     def read_jsonl(path: Path) -> list[dict[str, Any]]:
-        return read_jsonl(path)
+        """Rows of a JSONL table; RunDirError naming file and line for a corrupt one."""
+        rows = []
+        with path.open() as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise RunDirError(f"{path}:{lineno}: corrupt line ({e})") from e
+        return rows
 
     def assignments(self) -> list[dict[str, Any]]:
         """Rows of stage2/assignments.jsonl: id, split, cluster, domain."""

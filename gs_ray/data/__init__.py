@@ -7,12 +7,17 @@ from gs_ray.data.loading import (
     Example,
     Sample,
     Splits,
+    check_inputs,
+    check_source,
     length_bucketed_batches,
     load_samples,
     make_splits,
+    read_examples,
+    unique_ids,
 )
 
 __all__ = [
-    "DataError", "DataReport", "Example", "Sample", "Splits", "length_bucketed_batches",
-    "load_samples", "make_splits",
+    "DataError", "DataReport", "Example", "Sample", "Splits", "check_inputs", "check_source",
+    "length_bucketed_batches",
+    "load_samples", "make_splits", "read_examples", "unique_ids",
 ]  # fmt: skip

@@ -4,10 +4,12 @@ Sources (``data.source``):
 
 * ``demo`` - the built-in corpus (``gs_ray.data.demo``), generated from the run seed.
 * a ``.jsonl`` / ``.json`` file - read with the standard library, line by line, so that a
-  malformed line is reported with its file and line number;
+  malformed line (bad JSON, bytes that are not UTF-8) is reported with its file and line number;
 * a ``.parquet`` file or a Hugging Face dataset name - read with ``datasets``.
 
-Record formats (``data.format``; ``auto`` picks by the fields present):
+Record formats (``data.format``): one source holds one format. ``auto`` takes the format of the
+first record whose fields tell it, and every record is then read in that format, so a record that
+lacks a field is reported as such ("line 7: missing field 'response'"):
 
 * ``alpaca`` - instruction / input (optional) / output;
 * ``prompt_response`` - prompt / response;
@@ -18,43 +20,68 @@ Field names are configurable. The prompt is rendered with ``data.template`` and 
 the response tokens only (prompt tokens get label -100).
 
 Rules for bad input, all counted in ``DataReport`` (kept in the run manifest):
-* a missing required field or a wrong type is an error naming the field and the row;
-* a sample whose prompt or response is empty after stripping whitespace is dropped (``empty``);
+
+* a file that cannot be read, a malformed line, a missing required field or a wrong type is a
+  ``DataError`` naming the file, the line (or row) and the field;
+* a sample whose prompt or response is empty after stripping whitespace is skipped and counted
+  (``dropped["empty"]``, with the first few lines in ``examples``): an empty answer teaches
+  nothing, and one stray row should not stop a run over a large file;
+* ids (a record's ``id``, else its row number) must be unique: a repeated id becomes
+  ``<id>#<n>`` with the smallest n that no record uses, and each renaming is counted
+  (``renamed_ids``, with examples);
 * a sample longer than ``data.max_length`` tokens has its response truncated at the end
   (``truncated``; ``overflow: drop`` drops it instead), unless the prompt alone leaves fewer than
   ``MIN_RESPONSE_TOKENS`` response tokens, in which case it is dropped (``prompt_too_long``).
+
+``check_source`` applies every rule that needs no tokenizer, so that a run can refuse bad data
+before it starts Ray or creates its run directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gs_ray.config import DataConfig
+from gs_ray.config import Config, DataConfig
+from gs_ray.errors import DataError
+
+__all__ = [
+    "DataError",
+    "DataReport",
+    "Example",
+    "Sample",
+    "Splits",
+    "check_inputs",
+    "check_source",
+    "length_bucketed_batches",
+    "load_samples",
+    "make_splits",
+    "read_examples",
+    "read_rows",
+]
 
 log = logging.getLogger(__name__)
 
 MIN_RESPONSE_TOKENS = 4
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, line/row and field."""
+MIN_SAMPLES = 4  # make_splits needs a test, a warm-up and a validation sample at least
+MAX_EXAMPLES = 5  # locations kept per kind of drop or renaming
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 @dataclass
 class Example:
-    """One instruction sample before tokenisation."""
+    """One instruction sample before tokenisation; ``where`` is its file and line (or row)."""
 
     id: str
     prompt: str
     response: str
     domain: str | None = None
+    where: str = ""
 
 
 @dataclass
@@ -77,33 +104,49 @@ class Sample:
 
 @dataclass
 class DataReport:
-    """Counts of rows read, used and dropped (by reason); nothing is silently lost."""
+    """Counts of rows read, used, dropped (by reason) and renamed; nothing is silently lost."""
 
     source: str = ""
+    format: str = ""
     rows_read: int = 0
     used: int = 0
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    renamed_ids: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, where: str = "") -> None:
+        """Count a dropped sample (and remember where, for the first few)."""
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if where:
+            self.note(reason, where)
+
+    def note(self, kind: str, text: str) -> None:
+        """Keep one of the first MAX_EXAMPLES examples of a kind of drop or renaming."""
+        kept = self.examples.setdefault(kind, [])
+        if len(kept) < MAX_EXAMPLES:
+            kept.append(text)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items())) or "none"
-        return (
+        text = (
             f"{self.source}: read {self.rows_read}, used {self.used}, "
             f"truncated {self.truncated}, dropped: {drops}"
         )
+        if self.renamed_ids:
+            text += f", renamed {self.renamed_ids} duplicate ids"
+        return text
 
 
 # --------------------------------------------------------------------------- reading rows
 
 
 def read_rows(cfg: DataConfig, seed: int = 0) -> tuple[list[dict[str, Any]], str]:
-    """Raw rows (dicts) and a description of the source."""
+    """Raw rows (dicts) and a description of the source; a source that cannot be read is a
+    DataError naming the file (and line)."""
     src = cfg.source
     if src == "demo":
         from gs_ray.data.demo import build_demo_corpus
@@ -111,17 +154,22 @@ def read_rows(cfg: DataConfig, seed: int = 0) -> tuple[list[dict[str, Any]], str
         return build_demo_corpus(n_samples=cfg.demo_size, seed=seed), f"demo(seed={seed})"
     path = Path(src).expanduser()
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".parquet") and not path.exists():
+    if path.is_dir():
+        raise DataError(
+            f"{path}: is a directory; data.source must be a {' / '.join(FILE_SUFFIXES)} file, "
+            "'demo' or a Hugging Face dataset name"
+        )
+    if suffix in FILE_SUFFIXES and not path.exists():
         raise DataError(f"data file not found: {path}")
-    if suffix == ".jsonl":
-        return _read_jsonl(path, cfg.max_samples), str(path)
-    if suffix == ".json":
-        return _read_json(path, cfg.max_samples), str(path)
-    if suffix == ".parquet":
-        import datasets
-
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        return _take(ds, cfg.max_samples), str(path)
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path, cfg.max_samples), str(path)
+        if suffix == ".json":
+            return _read_json(path, cfg.max_samples), str(path)
+        if suffix == ".parquet":
+            return _read_parquet(path, cfg.max_samples), str(path)
+    except OSError as e:  # permissions, a file that vanished, an I/O error
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
     if path.exists():
         raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
     import datasets
@@ -138,12 +186,35 @@ def _take(ds, limit: int | None) -> list[dict[str, Any]]:
     return [ds[i] for i in range(n)]
 
 
+def _read_parquet(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:  # pyarrow reports a corrupt file in several types
+        raise DataError(f"{path}: not a readable parquet file: {e}") from e
+    return _take(ds, limit)
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    """One line of a file as UTF-8 text; other bytes are an error naming the file and line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+            "of the line); save the file as UTF-8"
+        ) from None
+    return text.removeprefix("\ufeff") if lineno == 1 else text  # a byte-order mark
+
+
 def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a decoding error then knows its line
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and len(rows) >= limit:
                 break
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -162,8 +233,16 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        lineno = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+        ) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -179,17 +258,33 @@ def _read_json(path: Path, limit: int | None) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- records -> examples
 
 
-def detect_format(row: dict[str, Any], cfg: DataConfig) -> str:
-    """The record format from the fields present (data.format = auto)."""
+def _guess_format(row: dict[str, Any], cfg: DataConfig) -> str | None:
+    """The format a record's fields point to, or None."""
     if cfg.messages_field in row:
         return "messages"
     if cfg.prompt_field in row and cfg.response_field in row:
         return "prompt_response"
     if cfg.instruction_field in row or cfg.output_field in row:
         return "alpaca"
+    if cfg.prompt_field in row or cfg.response_field in row:
+        return "prompt_response"
+    return None
+
+
+def detect_format(rows: list[dict[str, Any]], cfg: DataConfig, source: str) -> tuple[str, str]:
+    """The source's record format and what decided it: ``data.format``, or (auto) the first
+    record whose fields tell it."""
+    if cfg.format != "auto":
+        return cfg.format, "data.format"
+    for i, row in enumerate(rows):
+        fmt = _guess_format(row, cfg)
+        if fmt is not None:
+            line = row.get("__line__")
+            return fmt, f"line {line}" if line is not None else f"row {i}"
+    fields = sorted(k for k in (rows[0] if rows else {}) if k != "__line__")
     raise DataError(
-        f"cannot tell the record format from its fields {sorted(k for k in row if k != '__line__')}: "
-        f"set data.format (alpaca | prompt_response | messages) and the data.*_field names"
+        f"{source}: cannot tell the record format from the fields {fields}: set data.format "
+        "(alpaca | prompt_response | messages) and the data.*_field names"
     )
 
 
@@ -209,10 +304,9 @@ def _field(row: dict[str, Any], name: str, where: str, required: bool = True) ->
     return value
 
 
-def to_example(row: dict[str, Any], index: int, cfg: DataConfig, source: str) -> Example:
-    """Map one raw row to an Example (prompt, response) according to its format."""
+def to_example(row: dict[str, Any], index: int, cfg: DataConfig, source: str, fmt: str) -> Example:
+    """Map one raw row to an Example (prompt, response) in the source's format ``fmt``."""
     where = _where(row, index, source)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(row, cfg)
     if fmt == "alpaca":
         instruction = _field(row, cfg.instruction_field, where)
         extra = _field(row, cfg.input_field, where, required=False)
@@ -227,13 +321,16 @@ def to_example(row: dict[str, Any], index: int, cfg: DataConfig, source: str) ->
         raise DataError(
             f"data.format: unknown format '{fmt}' (alpaca | prompt_response | messages)"
         )
-    rid = row.get("id", f"{index:07d}")
+    rid = row.get("id")
+    rid = f"{index:07d}" if rid is None or rid == "" else str(rid)
     domain = row.get(cfg.domain_field)
-    return Example(str(rid), prompt, response, None if domain is None else str(domain))
+    return Example(rid, prompt, response, None if domain is None else str(domain), where)
 
 
 def _from_messages(row: dict[str, Any], name: str, where: str) -> tuple[str, str]:
     turns = row.get(name)
+    if name not in row:
+        raise DataError(f"{where}: missing field '{name}'")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{name}' must be a non-empty list of turns")
     for j, t in enumerate(turns):
@@ -246,13 +343,91 @@ def _from_messages(row: dict[str, Any], name: str, where: str) -> tuple[str, str
     return prompt, str(turns[last]["content"])
 
 
+def unique_ids(examples: list[Example], report: DataReport) -> None:
+    """Make every id unique, in place: a repeated id becomes ``<id>#<n>`` with the smallest n
+    that neither an original id nor an earlier renaming uses (so a renaming can never clash with
+    a record further down); each renaming is counted in ``report``."""
+    taken = {ex.id for ex in examples}
+    seen: set[str] = set()
+    for ex in examples:
+        if ex.id in seen:
+            n = 1
+            while f"{ex.id}#{n}" in taken:
+                n += 1
+            new = f"{ex.id}#{n}"
+            report.renamed_ids += 1
+            report.note("renamed_id", f"{ex.where}: {ex.id} -> {new}")
+            ex.id = new
+            taken.add(new)
+        seen.add(ex.id)
+
+
+def read_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], DataReport]:
+    """Read the source and map every record in the source's format; skip (and count) empty
+    samples; make the ids unique. Raises DataError naming file, line and field."""
+    rows, source = read_rows(cfg, seed)
+    report = DataReport(source=source, rows_read=len(rows))
+    if not rows:
+        raise DataError(f"{source}: no records")
+    fmt, decided = detect_format(rows, cfg, source)
+    report.format = fmt
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            examples.append(to_example(row, i, cfg, source, fmt))
+        except DataError as e:
+            own = _guess_format(row, cfg)
+            if own is None or own == fmt:
+                raise
+            raise DataError(
+                f"{e} (this record looks like {own}, but the source's format is {fmt}, "
+                f"decided by {decided}; one source holds one format)"
+            ) from None
+    unique_ids(examples, report)
+    if report.renamed_ids:
+        log.warning("%s: renamed %d duplicate ids, e.g. %s", source, report.renamed_ids,
+                    "; ".join(report.examples["renamed_id"]))  # fmt: skip
+    kept = []
+    for ex in examples:
+        if ex.prompt.strip() and ex.response.strip():
+            kept.append(ex)
+        else:
+            report.drop("empty", ex.where)
+    if report.dropped.get("empty"):
+        log.warning("%s: skipped %d samples with an empty prompt or response, e.g. %s", source,
+                    report.dropped["empty"], ", ".join(report.examples["empty"]))  # fmt: skip
+    report.used = len(kept)
+    return kept, report
+
+
+def check_source(cfg: DataConfig, seed: int = 0) -> DataReport:
+    """Read and check every record of the configured source without a tokenizer (run this
+    before starting Ray or creating a run directory). Returns the counts; raises DataError,
+    naming the file, line and field, for anything that would stop the run later."""
+    _, report = read_examples(cfg, seed)
+    if report.used < MIN_SAMPLES:
+        raise DataError(
+            f"{report.source}: {report.used} usable samples, at least {MIN_SAMPLES} needed "
+            f"({report.summary()})"
+        )
+    return report
+
+
+def check_inputs(cfg: Config) -> DataReport:
+    """Everything a run can check before it starts Ray or creates a directory: every config
+    value (as loading does, for a Config built in Python) and every data record. Raises
+    ConfigError or DataError; returns the data counts."""
+    cfg.validate()
+    return check_source(cfg.data, cfg.run.seed)
+
+
 # --------------------------------------------------------------------------- tokenisation
 
 
 def tokenize(ex: Example, tokenizer, cfg: DataConfig, report: DataReport) -> Sample | None:
     """Template + tokenise one example, applying the empty / over-long rules."""
     if not ex.prompt.strip() or not ex.response.strip():
-        report.drop("empty")
+        report.drop("empty", ex.where)
         return None
     prompt_text = cfg.template.format(prompt=ex.prompt)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
@@ -262,11 +437,11 @@ def tokenize(ex: Example, tokenizer, cfg: DataConfig, report: DataReport) -> Sam
     total = len(prompt_ids) + len(response_ids)
     if total > cfg.max_length:
         if cfg.overflow == "drop":
-            report.drop("too_long")
+            report.drop("too_long", ex.where)
             return None
         room = cfg.max_length - len(prompt_ids)
         if room < MIN_RESPONSE_TOKENS:
-            report.drop("prompt_too_long")
+            report.drop("prompt_too_long", ex.where)
             return None
         response_ids = response_ids[:room]
         report.truncated += 1
@@ -277,24 +452,16 @@ def tokenize(ex: Example, tokenizer, cfg: DataConfig, report: DataReport) -> Sam
 
 def load_samples(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[list[Sample], DataReport]:
     """Read, map, template and tokenise the configured data; returns samples and counts."""
-    if cfg.overflow not in ("truncate", "drop"):
-        raise DataError(f"data.overflow: expected truncate | drop, got {cfg.overflow!r}")
-    rows, source = read_rows(cfg, seed)
-    report = DataReport(source=source, rows_read=len(rows))
+    examples, report = read_examples(cfg, seed)
     samples: list[Sample] = []
-    seen: Counter[str] = Counter()
-    for i, row in enumerate(rows):
-        ex = to_example(row, i, cfg, source)
-        seen[ex.id] += 1
-        if seen[ex.id] > 1:  # ids must be unique: they key the assignments
-            ex.id = f"{ex.id}#{seen[ex.id] - 1}"
+    for ex in examples:
         sample = tokenize(ex, tokenizer, cfg, report)
         if sample is not None:
             samples.append(sample)
     report.used = len(samples)
     log.info("data %s", report.summary())
     if not samples:
-        raise DataError(f"{source}: no usable samples ({report.summary()})")
+        raise DataError(f"{report.source}: no usable samples ({report.summary()})")
     return samples, report
 
 
