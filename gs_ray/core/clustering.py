@@ -80,6 +80,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 
 _EPS = 1e-12
 _CHUNK_BYTES = 32 * 2**20  # working-set bound of the chunked passes over an (n, d) input
@@ -320,12 +321,15 @@ class GradientSpaceClustering:
                 )
         rows: list[dict[str, Any]] = []
         fits: dict[tuple[int, int], tuple[dict[str, Any], np.ndarray, np.ndarray]] = {}
-        for threshold in self.variance_thresholds:
-            k_v = int(min(np.searchsorted(ratio, threshold - 1e-9) + 1, len(s)))
-            for K in candidates:
-                if (k_v, K) not in fits:
-                    fits[(k_v, K)] = self._score_candidate(U[:, :k_v] * s[:k_v], dist, K, m)
-                rows.append({"threshold": float(threshold), **fits[(k_v, K)][0]})
+        # Many small K-means fits (n rows, k_v columns): one thread each is faster than a
+        # thread team, and does not stall when other processes hold the cores.
+        with threadpool_limits(limits=1):
+            for threshold in self.variance_thresholds:
+                k_v = int(min(np.searchsorted(ratio, threshold - 1e-9) + 1, len(s)))
+                for K in candidates:
+                    if (k_v, K) not in fits:
+                        fits[(k_v, K)] = self._score_candidate(U[:, :k_v] * s[:k_v], dist, K, m)
+                    rows.append({"threshold": float(threshold), **fits[(k_v, K)][0]})
         self.k_selection_ = rows
 
         one_direction = cos.min() > 1.0 - 1e-6  # any split would be rounding noise
