@@ -49,27 +49,24 @@ def stage2_plots(run: RunDir) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for threshold in sorted({r["threshold"] for r in ks["table"]}):
         rows = [r for r in ks["table"] if r["threshold"] == threshold]
-        ax.plot(
-            [r["k"] for r in rows],
-            [r["silhouette"] for r in rows],
-            marker="o",
-            label=f"{threshold:.2f} ({rows[0]['n_components']} comp.)",
-        )
-    ax.scatter(
-        [chosen["k"]],
-        [chosen["silhouette"]],
-        s=160,
-        facecolors="none",
-        edgecolors="tab:red",
-        lw=2,
-        label=f"chosen K={chosen['k']}",
-        zorder=5,
-    )
-    ax.set(xlabel="K", ylabel="silhouette", title="K selection (SVD + silhouette)")
+        valid = [r for r in rows if not r.get("rejected") and r.get("silhouette") is not None]
+        line = ax.plot([r["k"] for r in valid], [r["silhouette"] for r in valid], marker="o",
+                       label=f"{threshold:.2f} ({rows[0]['n_components']} comp.)")  # fmt: skip
+        rejected = [r for r in rows if r.get("rejected") and r.get("silhouette") is not None]
+        ax.scatter([r["k"] for r in rejected], [r["silhouette"] for r in rejected], marker="x",
+                   color=line[0].get_color())  # fmt: skip
+    if chosen.get("silhouette") is not None:
+        ax.scatter([chosen["k"]], [chosen["silhouette"]], s=160, facecolors="none",
+                   edgecolors="tab:red", lw=2, label=f"chosen K={chosen['k']}", zorder=5)  # fmt: skip
+    else:
+        ax.set_title(f"chosen K={chosen['k']}: {ks.get('single_cluster_reason') or ''}")
+    ax.set(xlabel="K (x: rejected, a cluster under the minimum size)", ylabel="silhouette")
+    if not ax.get_title():
+        ax.set_title("K selection (SVD + silhouette)")
     ax.legend(title="variance threshold", fontsize=8)
     out.append(_save(fig, run, "silhouette_vs_k.png"))
 
-    rows = [r for r in run.assignments() if r["split"] == "train"]
+    rows = [r for r in run.assignments() if r["split"] == "train" and r["cluster"] is not None]
     if rows:
         out.append(cluster_domain_plot(run, rows, chosen["k"]))
     return out

@@ -164,8 +164,10 @@ class CentroidHost:
         converged = self.clusterer.end_epoch()
         self.done_epochs = epoch + 1
         self.finished_online = converged or self.done_epochs >= self.clusterer.max_epochs
-        log.info("online epoch %d: centroid shift %.5f%s", epoch + 1,
-                 self.clusterer.shift_history_[-1], " (converged)" if converged else "")  # fmt: skip
+        c = self.clusterer
+        log.info("online epoch %d: %.2f%% of samples changed cluster, centroid shift %.5f%s",
+                 epoch + 1, 100 * c.changed_share_history_[-1], c.shift_history_[-1],
+                 f" (stopped: {c.stop_reason_})" if self.finished_online else "")  # fmt: skip
         return converged
 
     def centers(self) -> np.ndarray:

@@ -67,7 +67,7 @@ def write_stage2_outputs(p: Prepared, res: Stage2Result) -> None:
         "chosen": {key: summary[key] for key in ("k", "threshold", "n_components", "silhouette")},
         **{key: summary[key] for key in ("explained_variance_ratio", "singular_values")
            if key in summary},
-        **{key: summary[key] for key in ("min_cluster_size", "rule") if key in summary},
+        **{key: summary[key] for key in ("min_cluster_size", "single_cluster_reason")},
     })  # fmt: skip
     np.save(run.sub("stage2", "centroids.npy"), c.cluster_centers_)
     write_json(run.sub("stage2", "param_names.json"), res.layout)
@@ -84,7 +84,8 @@ def write_stage2_outputs(p: Prepared, res: Stage2Result) -> None:
     train_labels = res.labels[p.splits.train]
     train_labels = train_labels[train_labels >= 0]
     online = {key: v for key, v in summary.items()
-              if key not in ("k_selection", "explained_variance_ratio", "singular_values")}  # fmt: skip
+              if key not in ("k_selection", "explained_variance_ratio", "singular_values",
+                             "gradient_dim")}  # fmt: skip
     run.add_metrics(
         stage2={
             **online,
