@@ -195,6 +195,9 @@ class ServeConfig:
     host: str = _f("127.0.0.1", "HTTP host the Serve proxy binds to (0.0.0.0 to expose it)")
     port: int = _f(8000, "HTTP port")
     route_prefix: str = _f("/", "URL prefix of the gs-ray application")
+    api_docs: bool = _f(
+        False, "serve the interactive API docs (/docs, /redoc, /openapi.json); off by default"
+    )
     max_new_tokens: int = _f(64, "generation length when a request names none")
     max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for")
     max_batch_size: int = _f(8, "requests the router and each expert replica batch together")
