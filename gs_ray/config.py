@@ -271,6 +271,9 @@ class ServeConfig:
     host: str = _f("127.0.0.1", "HTTP host the Serve proxy binds to (0.0.0.0 to expose it)")
     port: int = _f(8000, "HTTP port", ge=1, le=65535)
     route_prefix: str = _f("/", "URL prefix of the gs-ray application", pattern=r"/\S*")
+    api_docs: bool = _f(
+        False, "serve the interactive API docs (/docs, /redoc, /openapi.json); off by default"
+    )
     max_new_tokens: int = _f(64, "generation length when a request names none", ge=1)
     max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", ge=1)
     max_batch_size: int = _f(8, "requests the router and each expert replica batch together", ge=1)

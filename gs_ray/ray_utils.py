@@ -78,6 +78,9 @@ class LocalHead:
         self.port = free_port()
         self.dashboard_port = free_port()
         self.client_port = free_port()
+        # Ray's default (52365) is shared by every head on the machine: a second head's job agent
+        # could not bind it, and `ray job submit` answered "No available agent".
+        self.agent_port = free_port()
 
     @property
     def address(self) -> str:
@@ -104,6 +107,7 @@ class LocalHead:
             f"--ray-client-server-port={self.client_port}", "--disable-usage-stats",
             f"--include-dashboard={'true' if self.dashboard else 'false'}",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
         ]  # fmt: skip
         start = time.perf_counter()
         out = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=180)

@@ -1,7 +1,8 @@
 """Serving: the expert pool against each expert loaded alone with plain peft, and the Ray Serve
 application deployed with `ray job submit -- python jobs/serve.py ... --detach` and queried over
 HTTP on 127.0.0.1 (routes equal the router's, answers equal the pool's, bad requests name the
-field, a bounded burst of concurrent requests is batched and answered exactly).
+field, a bounded burst of concurrent requests is batched and answered exactly, a seeded mix of
+long and short, valid and invalid requests gets no 5xx and the answers of one at a time).
 
 The run directory is built here in seconds (a tiny base model, three LoRA experts with distinct
 random weights, a router trained on three domains of the demo corpus), not by the pipeline: what
@@ -11,6 +12,7 @@ is tested is serving, and the pipeline's own run directory is tested in test_pip
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ import pytest
 import torch
 
 from gs_ray.config import Config
-from gs_ray.serving.pool import ExpertPool, ServedRun, ServingError
+from gs_ray.serving.pool import ExpertPool, ServedRun, ServingError, plan_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
@@ -97,6 +99,84 @@ def reference(run_dir) -> dict[tuple[int, int], str]:
     return {(i, k): _alone(run_dir, k, p, 12) for i, p in enumerate(PROMPTS) for k in range(K)}
 
 
+# The tiny base model has 1,024 positions. A prompt of LONG tokens with SPARE new tokens fits
+# alone, as does a short prompt with up to 512; together (one generate call for the batch's
+# longest prompt and largest max_new_tokens) they do not: the issue-8 batch, 872 + 512 > 1,024.
+N_POSITIONS, SPARE = 1024, 152
+LONG = N_POSITIONS - SPARE
+
+
+def _prompt_of_tokens(pool: ExpertPool, n: int, start: int = 0) -> str:
+    """A prompt of demo-corpus words whose rendered form has n (or a few more) tokens."""
+    from gs_ray.demo_data import build_demo_corpus
+
+    words = " ".join(r["instruction"] for r in build_demo_corpus(400, seed=1)[start:]).split()
+    lo, hi = 1, len(words)
+    while lo < hi:  # the fewest words reaching n tokens
+        mid = (lo + hi) // 2
+        if len(pool.tokenizer(pool.render(" ".join(words[:mid])))["input_ids"]) < n:
+            lo = mid + 1
+        else:
+            hi = mid
+    return " ".join(words[:lo])
+
+
+@pytest.fixture(scope="module")
+def long_prompts(pool) -> list[str]:
+    """Four prompts of LONG to LONG + 6 tokens (the issue's 872 on this model)."""
+    assert pool.max_positions == N_POSITIONS
+    out = [_prompt_of_tokens(pool, LONG, start) for start in (0, 7, 13, 21)]
+    for p in out:
+        assert LONG <= len(pool.tokenizer(pool.render(p))["input_ids"]) <= LONG + 6
+    return out
+
+
+# --------------------------------------------------------------------------- batch planning
+
+
+def _assert_plan_ok(plan, lens, limits, max_positions):
+    """Independent check: every row in exactly one sub-batch, and each sub-batch fits."""
+    assert sorted(i for g in plan for i in g) == list(range(len(lens)))
+    for g in plan:
+        assert g, plan
+        assert max(lens[i] for i in g) + max(limits[i] for i in g) <= max_positions, (g, plan)
+
+
+def test_plan_batches_splits_the_issue_batch():
+    lens, limits = [872] * 4 + [24] * 4, [1] * 4 + [512] * 4
+    assert 872 + 512 > 1024  # the batch as one call does not fit
+    plan = plan_batches(lens, limits, 1024)
+    _assert_plan_ok(plan, lens, limits, 1024)
+    assert plan == [[0, 1, 2, 3], [4, 5, 6, 7]]  # two sub-batches, not eight
+    # interleaved the same way, and with no length limit everything is one batch
+    plan = plan_batches([872, 24] * 4, [1, 512] * 4, 1024)
+    assert plan == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert plan_batches(lens, limits, None) == [list(range(8))]
+    assert plan_batches([], [], 1024) == []
+
+
+def test_plan_batches_rejects_a_row_that_does_not_fit_alone():
+    with pytest.raises(ServingError, match="prompt: 1000 tokens \\+ max_new_tokens 30 exceed"):
+        plan_batches([10, 1000], [4, 30], 1024)
+    with pytest.raises(ServingError, match="max_new_tokens values"):
+        plan_batches([10, 20], [4], 1024)
+
+
+def test_plan_batches_random_batches_fit():
+    """Seeded random batches of rows that each fit alone: a partition into fitting sub-batches,
+    one sub-batch whenever the whole batch fits, and never more sub-batches than rows."""
+    rng = random.Random(8)
+    for _ in range(500):
+        max_positions = rng.choice([64, 512, 1024])
+        n = rng.randint(1, 16)
+        lens = [rng.randint(1, max_positions - 1) for _ in range(n)]
+        limits = [rng.randint(1, max_positions - x) for x in lens]
+        plan = plan_batches(lens, limits, max_positions)
+        _assert_plan_ok(plan, lens, limits, max_positions)
+        if max(lens) + max(limits) <= max_positions:
+            assert len(plan) == 1
+
+
 # --------------------------------------------------------------------------- the pool, no Serve
 
 
@@ -135,10 +215,28 @@ def test_pool_rejects_bad_requests_naming_the_field(pool):
     assert pool.generate([], [], 4) == []
 
 
+def test_pool_long_and_short_batch_equals_one_at_a_time(pool, run_dir, long_prompts):
+    """The issue-8 batch: four long prompts with max_new_tokens 1 and four short prompts with
+    512, all for one expert. Each fits alone; together they are split, not refused, and every
+    answer equals the same request alone (and, for two of them, the expert alone in plain peft)."""
+    prompts = long_prompts + PROMPTS[:4]
+    limits = [1] * 4 + [512] * 4
+    gens = pool.generate(prompts, [1] * 8, limits)
+    alone = [pool.generate([p], [1], m)[0] for p, m in zip(prompts, limits, strict=True)]
+    for g, a, m in zip(gens, alone, limits, strict=True):
+        assert (g.text, g.n_new_tokens, g.n_prompt_tokens) == (a.text, a.n_new_tokens,
+                                                               a.n_prompt_tokens)  # fmt: skip
+        assert g.n_new_tokens <= m
+    assert gens[0].text == _alone(run_dir, 1, prompts[0], 1)
+    assert gens[4].text == _alone(run_dir, 1, prompts[4], 512)
+
+
 def test_open_names_what_is_missing(run_dir, tmp_path):
     import shutil
 
-    with pytest.raises(ServingError, match="not a gs-ray run directory"):
+    from gs_ray.errors import RunDirError
+
+    with pytest.raises(RunDirError, match="not a gs-ray run directory"):
         ServedRun.open(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
@@ -192,6 +290,82 @@ def test_serve_config_yaml_is_valid_and_builds(run_dir):
         build_app({})
 
 
+# --------------------------------------------------------------------------- requests, no Serve
+
+
+def test_request_models_are_strict():
+    from gs_ray.serve_app import GenerateRequest, RouteRequest
+    from pydantic import ValidationError
+
+    ok = GenerateRequest.model_validate_json('{"prompt": "hi", "max_new_tokens": 8, "expert": 1}')
+    assert (ok.prompt, ok.max_new_tokens, ok.expert) == ("hi", 8, 1)
+    cases = [
+        ('{"prompt": "hi", "max_new_tokens": "8"}', "max_new_tokens"),
+        ('{"prompt": "hi", "max_new_tokens": true}', "max_new_tokens"),
+        ('{"prompt": "hi", "max_new_tokens": 8.0}', "max_new_tokens"),
+        ('{"prompt": "hi", "expert": true}', "expert"),
+        ('{"prompt": "hi", "expert": "1"}', "expert"),
+        ('{"prompt": " \\n\\t "}', "prompt"),
+        ('{"prompt": "hi", "max_tokens": 8}', "max_tokens"),
+    ]
+    for body, field in cases:
+        with pytest.raises(ValidationError) as e:
+            GenerateRequest.model_validate_json(body)
+        assert field in {str(x) for err in e.value.errors() for x in err["loc"]}, body
+    for prompt in ("  ", "a\ud800"):  # the same checks for python input (not only JSON)
+        with pytest.raises(ValidationError, match="prompt"):
+            RouteRequest(prompt=prompt)
+    # pydantic's JSON parser refuses a lone surrogate (json_invalid) before any validator runs
+    with pytest.raises(ValidationError, match="json_invalid|unicode"):
+        GenerateRequest.model_validate_json('{"prompt": "a\\ud800b"}')
+
+
+def test_validation_error_body_never_fails_to_encode():
+    from gs_ray.serve_app import validation_error_body
+
+    body = validation_error_body(
+        [{"loc": ("body", "\udc00"), "msg": "bad \ud800", "type": "x", "input": "\ud800" * 9}]
+    )
+    text = json.dumps(body, ensure_ascii=False).encode("utf-8").decode()
+    assert "\\udc00" in text and "input" not in text
+
+
+def test_api_docs_only_when_enabled():
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+    from gs_ray.serve_app import Ingress, api
+
+    from gs_ray.config import ServeConfig
+
+    # the class as written (Serve's wrapper around it has an async __del__ for its ASGI app)
+    ingress = next(c for c in Ingress.func_or_class.__mro__ if "docs" in vars(c))
+    request = SimpleNamespace(app=api, scope={"root_path": "/x"})
+    shell = object.__new__(ingress)  # the handlers only read cfg
+    for page in (ingress.openapi, ingress.docs, ingress.redoc):
+        shell.cfg = ServeConfig()
+        with pytest.raises(HTTPException) as e:
+            asyncio.run(page(shell, request))
+        assert e.value.status_code == 404
+        shell.cfg = ServeConfig(api_docs=True)
+        assert asyncio.run(page(shell, request)).status_code == 200
+    schema = json.loads(asyncio.run(ingress.openapi(shell, request)).body)
+    assert "/generate" in schema["paths"] and "/docs" not in schema["paths"]
+    assert b"/x/openapi.json" in asyncio.run(ingress.docs(shell, request)).body
+
+
+def test_serve_binds_loopback_by_default():
+    import yaml
+
+    from gs_ray.config import ServeConfig
+
+    assert ServeConfig().host == "127.0.0.1" and ServeConfig().api_docs is False
+    raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    assert raw["applications"][0]["args"].get("api_docs", False) is False
+
+
 # --------------------------------------------------------------------------- Ray Serve over HTTP
 
 
@@ -202,7 +376,11 @@ def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int,
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:  # a 500 from the framework is plain text
+            return e.code, raw.decode("utf-8", "replace")
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +493,113 @@ def test_http_burst_is_batched_and_exact(served, reference):
         assert out["text"] == reference[i, k], (i, k)
     stats = serve.get_deployment_handle("ExpertsDeployment", APP_NAME).stats.remote().result()
     assert max(stats["batch_sizes"]) > 1 and stats["requests"] >= len(jobs)
+
+
+@pytest.mark.ray
+def test_http_api_docs_are_off_by_default(served):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert _http(f"{served}{path}")[0] == 404, path
+
+
+@pytest.mark.ray
+def test_http_lone_surrogate_is_422(served):
+    """Before: the 422 reply echoed the input and failed to encode it (500)."""
+    for body in ({"prompt": "a\ud800b"}, {"prompt": "hi", "expert": "\udc00"}):
+        status, out = _http(f"{served}/generate", body)  # json.dumps writes "\ud800" as is
+        assert status == 422, out
+        assert out["detail"][0]["loc"][-1] in ("prompt", "expert")
+    status, out = _http(f"{served}/route", {"prompt": "\ud800"})
+    assert status == 422 and "prompt" in json.dumps(out)
+
+
+@pytest.mark.ray
+def test_http_whitespace_prompt_is_422(served):
+    for url in (f"{served}/generate", f"{served}/route"):
+        status, out = _http(url, {"prompt": " \n\t  "})
+        assert status == 422 and out["detail"][0]["loc"] == ["body", "prompt"], out
+        assert "non-whitespace" in out["detail"][0]["msg"]
+
+
+@pytest.mark.ray
+def test_http_string_integer_is_422(served):
+    for field in ("max_new_tokens", "expert"):
+        status, out = _http(f"{served}/generate", {"prompt": "hi", field: "1"})
+        assert status == 422 and out["detail"][0]["loc"] == ["body", field], out
+
+
+@pytest.mark.ray
+def test_http_bool_is_not_an_integer(served):
+    for field in ("max_new_tokens", "expert"):
+        status, out = _http(f"{served}/generate", {"prompt": "hi", field: True})
+        assert status == 422 and out["detail"][0]["loc"] == ["body", field], out
+
+
+def _ask_all(url: str, bodies: list[dict], workers: int = 16) -> list[tuple[int, dict | str]]:
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        return list(ex.map(lambda b: _http(f"{url}/generate", b, timeout=300), bodies))
+
+
+@pytest.mark.ray
+def test_http_long_and_short_batch_all_answered(served, pool, long_prompts):
+    """The issue-8 burst: eight valid requests to one expert sent together (four long prompts with
+    max_new_tokens 1, four short ones with 512) all returned 500; each is answered as alone."""
+    bodies = [{"prompt": p, "expert": 0, "max_new_tokens": 1} for p in long_prompts]
+    bodies += [{"prompt": p, "expert": 0, "max_new_tokens": 512} for p in PROMPTS[:4]]
+    answers = _ask_all(served, bodies, workers=8)
+    for body, (status, out) in zip(bodies, answers, strict=True):
+        assert status == 200, out
+        alone = pool.generate([body["prompt"]], [0], body["max_new_tokens"])[0]
+        assert (out["text"], out["n_new_tokens"]) == (alone.text, alone.n_new_tokens)
+    assert max(out["batch_size"] for _, out in answers) > 1  # they did share a Serve batch
+
+
+@pytest.mark.ray
+def test_http_random_mix_no_5xx_and_answers_as_alone(served, pool, long_prompts):
+    """A seeded mix of 32 concurrent requests: long prompts with few new tokens, short prompts
+    with many, ordinary ones, and invalid ones (whitespace, a lone surrogate, "8", true, a prompt
+    too long, an expert out of range, too many new tokens). No 5xx; every valid request gets the
+    answer it gets alone (the pool, one request at a time); every invalid one a 4xx naming it."""
+    rng = random.Random(2026)
+    invalid = [
+        ({"prompt": "  \n "}, 422, "prompt"),
+        ({"prompt": "x\ud800"}, 422, "prompt"),
+        ({"prompt": "hi", "max_new_tokens": "8"}, 422, "max_new_tokens"),
+        ({"prompt": "hi", "expert": True}, 422, "expert"),
+        ({"prompt": "hi", "max_new_tokens": True}, 422, "max_new_tokens"),
+        ({"prompt": long_prompts[0], "expert": 0, "max_new_tokens": SPARE + 40}, 400, "prompt"),
+        ({"prompt": "word " * 1500, "expert": 1, "max_new_tokens": 2}, 400, "prompt"),
+        ({"prompt": "hi", "expert": K}, 400, "expert"),
+        ({"prompt": "hi", "max_new_tokens": 10_000}, 400, "max_new_tokens"),
+    ]
+    cases: list[tuple[dict, int | None, str | None]] = []
+    for _ in range(32):
+        kind = rng.choice(["long", "long", "short", "short", "plain", "invalid"])
+        k = rng.randrange(K)
+        if kind == "long":
+            m = rng.randint(1, 8)
+            cases.append(({"prompt": rng.choice(long_prompts), "expert": k, "max_new_tokens": m},
+                          200, None))  # fmt: skip
+        elif kind == "short":
+            m = rng.randint(SPARE + 8, 512)  # does not fit with a long prompt
+            cases.append(({"prompt": rng.choice(PROMPTS), "expert": k, "max_new_tokens": m},
+                          200, None))  # fmt: skip
+        elif kind == "plain":
+            m = rng.randint(1, 24)
+            cases.append(({"prompt": rng.choice(PROMPTS), "expert": k, "max_new_tokens": m},
+                          200, None))  # fmt: skip
+        else:
+            cases.append(rng.choice(invalid))
+    kinds = {code for _, code, _ in cases}
+    assert {200, 400, 422} <= kinds  # the seed mixes all three
+    answers = _ask_all(served, [body for body, _, _ in cases])
+    assert all(status < 500 for status, _ in answers), [a for a in answers if a[0] >= 500]
+    for (body, code, field), (status, out) in zip(cases, answers, strict=True):
+        assert status == code, (body, out)
+        if code == 200:
+            alone = pool.generate([body["prompt"]], [body["expert"]], body["max_new_tokens"])[0]
+            assert (out["text"], out["n_new_tokens"]) == (alone.text, alone.n_new_tokens), body
+        else:
+            assert field in json.dumps(out), (body, out)
 
 
 def test_serve_throughput_benchmark_runs(run_dir, tmp_path):

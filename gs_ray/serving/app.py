@@ -16,8 +16,14 @@ Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin a
   multiplexing (one model per replica slot, requests steered by model id) pays off when models
   are too big to hold together; LoRA experts on a shared base are not, so one pool per replica
   keeps every replica able to answer every request and lets one batch serve several experts.
-* Bad requests get HTTP 422 naming the field (pydantic), or 400 with the reason (an expert out of
-  range, a prompt too long for the model); one bad request never fails the others in its batch.
+* Bad requests get HTTP 422 naming the field (pydantic, strict: ``"8"`` or ``true`` is not an
+  integer; a prompt must have a non-space character and be valid Unicode), or 400 with the reason
+  (an expert out of range, a prompt too long for the model). A request that fits the model alone
+  is answered as alone whatever else is in its batch (``serving.plan_batches``), and a bad request
+  never fails the others.
+* The HTTP proxy binds ``serve.host`` (127.0.0.1 by default; there is no authentication), and the
+  interactive API docs (``/docs``, ``/redoc``, ``/openapi.json``) answer only with
+  ``serve.api_docs``.
 
 Start it with ``gs-ray serve RUN_DIR`` (or ``serve run serve/config.yaml``, or
 ``ray job submit -- python jobs/serve.py --run-dir RUN_DIR``); see ``build_app``.
@@ -31,8 +37,11 @@ import logging
 import time
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -128,17 +137,73 @@ class ExpertsDeployment:
 # --------------------------------------------------------------------------- HTTP ingress
 
 
-class GenerateRequest(BaseModel):
-    prompt: str = Field(min_length=1, description="the instruction, without any template")
-    max_new_tokens: int | None = Field(default=None, ge=1, description="default: serve config")
-    expert: int | None = Field(default=None, ge=0, description="force this expert (no routing)")
+def check_prompt(prompt: str) -> str:
+    """A prompt must hold some non-space text and be valid Unicode (JSON lets a lone UTF-16
+    surrogate such as ``"\\ud800"`` through, which no tokenizer or UTF-8 reply can carry)."""
+    if not prompt.strip():
+        raise ValueError("must contain a non-whitespace character")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"is not valid Unicode (a lone surrogate at character {e.start})"
+        ) from None
+    return prompt
 
 
 class RouteRequest(BaseModel):
+    # strict: "8" and true are not integers; forbid: a misspelt field is an error, not a default
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     prompt: str = Field(min_length=1, description="the instruction, without any template")
 
+    _check_prompt = field_validator("prompt")(check_prompt)
 
-api = FastAPI(title="gs-ray", description="GradientSpace: a router and one LoRA expert per cluster")
+
+class GenerateRequest(RouteRequest):
+    max_new_tokens: StrictInt | None = Field(
+        default=None, ge=1, description="default: serve config"
+    )
+    expert: StrictInt | None = Field(
+        default=None, ge=0, description="force this expert (no routing)"
+    )
+
+
+def validation_error_body(errors: Any) -> dict[str, Any]:
+    """The 422 body for pydantic errors: each error's location, message and type, without the
+    request's own input (it may be large, or hold a lone surrogate that UTF-8 cannot encode) and
+    with any string that UTF-8 cannot encode escaped, so the reply itself never fails."""
+
+    def safe(x: Any) -> Any:
+        if isinstance(x, str):
+            return x.encode("utf-8", "backslashreplace").decode("utf-8")
+        return x if isinstance(x, (int, float, bool)) or x is None else safe(str(x))
+
+    return {
+        "detail": [
+            {
+                "loc": [safe(part) for part in e.get("loc", ())],
+                "msg": safe(e.get("msg", "")),
+                "type": safe(e.get("type", "")),
+            }
+            for e in errors
+        ]
+    }
+
+
+# The docs routes are the Ingress's own, answering only with serve.api_docs (see Ingress.docs).
+api = FastAPI(
+    title="gs-ray",
+    description="GradientSpace: a router and one LoRA expert per cluster",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(validation_error_body(exc.errors()), status_code=422)
 
 
 @serve.deployment
@@ -149,6 +214,27 @@ class Ingress:
     def __init__(self, router: DeploymentHandle, experts: DeploymentHandle, info: dict,
                  cfg: ServeConfig):  # fmt: skip
         self.router, self.experts, self.info_, self.cfg = router, experts, info, cfg
+
+    def _docs_allowed(self) -> None:
+        if not self.cfg.api_docs:  # the same reply as any unknown path
+            raise HTTPException(404, "Not Found")
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        self._docs_allowed()
+        return JSONResponse(request.app.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._docs_allowed()
+        url = request.scope.get("root_path", "") + "/openapi.json"
+        return get_swagger_ui_html(openapi_url=url, title="gs-ray")
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> HTMLResponse:
+        self._docs_allowed()
+        url = request.scope.get("root_path", "") + "/openapi.json"
+        return get_redoc_html(openapi_url=url, title="gs-ray")
 
     @api.get("/healthz")
     async def healthz(self) -> str:

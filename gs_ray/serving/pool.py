@@ -16,6 +16,12 @@ with peft's per-row ``adapter_names`` (a batch for one expert as a plain ``gener
 adapter active); decoding is greedy, so an answer does not depend on the
 other prompts in its batch (tested against each expert loaded alone with plain peft).
 
+Every row of one ``generate`` call runs from the batch's padded width for the batch's largest
+``max_new_tokens``, so a batch fits the model only if ``max(prompt) + max(max_new_tokens)`` does.
+``plan_batches`` splits a batch into sub-batches that fit, so every request that fits the model
+alone is answered, with the answer it gets alone (a long prompt with one new token and a short
+prompt with 512 no longer make each other fail).
+
 The prompt is rendered with the run's own ``data.template`` and tokenised as in training, so an
 expert sees at inference exactly the prompt format it was trained on.
 """
@@ -30,13 +36,17 @@ from pathlib import Path
 import torch
 
 from gs_ray.config import Config
-from gs_ray.rundir import RunDir
+from gs_ray.errors import UserError
+from gs_ray.routing.router import ROUTER_JSON
+from gs_ray.rundir import RunDir, expert_name
 
 log = logging.getLogger(__name__)
 
 
-class ServingError(ValueError):
+class ServingError(UserError):
     """A request or a run directory cannot be served; the message says which field or file."""
+
+    label = "serving error"
 
 
 @dataclass
@@ -50,9 +60,49 @@ class Generation:
     finish_reason: str  # "stop" (EOS) or "length" (max_new_tokens reached)
 
 
-def adapter_name(k: int) -> str:
-    """The peft adapter name of expert k inside an ``ExpertPool``."""
-    return f"expert_{k}"
+def check_fits(n_prompt_tokens: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """Reject a prompt whose tokens plus ``max_new_tokens`` exceed the model's positions."""
+    if max_positions is not None and n_prompt_tokens + max_new_tokens > max_positions:
+        raise ServingError(
+            f"prompt: {n_prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the "
+            f"model's {max_positions} positions"
+        )
+
+
+def plan_batches(
+    prompt_lens: Sequence[int], max_new_tokens: Sequence[int], max_positions: int | None
+) -> list[list[int]]:
+    """Split one batch into sub-batches (lists of row indices) that each fit the model.
+
+    A sub-batch fits when ``max(prompt_lens) + max(max_new_tokens)`` over its rows is at most
+    ``max_positions`` (``None``: no limit, one sub-batch). Every row that fits alone lands in a
+    sub-batch that fits. Rows are taken longest prompt first, and a row joins the open sub-batch
+    when the sub-batch still fits with it, else opens the next one: rows of similar length share
+    a sub-batch, which also keeps the left padding short. A row that does not fit even alone
+    raises ``ServingError`` (the caller checks rows before they join a batch).
+    """
+    n = len(prompt_lens)
+    if len(max_new_tokens) != n:
+        raise ServingError(f"{n} prompt lengths but {len(max_new_tokens)} max_new_tokens values")
+    if max_positions is None:
+        return [list(range(n))] if n else []
+    for length, m in zip(prompt_lens, max_new_tokens, strict=True):
+        check_fits(length, m, max_positions)
+    # Longest first: the open sub-batch's width is its first row's length.
+    order = sorted(range(n), key=lambda i: (-prompt_lens[i], i))
+    groups: list[list[int]] = []
+    width = steps = 0
+    for i in order:
+        if groups and width + max(steps, max_new_tokens[i]) <= max_positions:
+            groups[-1].append(i)
+            steps = max(steps, max_new_tokens[i])
+        else:
+            groups.append([i])
+            width, steps = prompt_lens[i], max_new_tokens[i]
+    return [sorted(g) for g in groups]
+
+
+adapter_name = expert_name  # the peft adapter name of expert k inside an ``ExpertPool``
 
 
 class ExpertPool:
@@ -98,15 +148,10 @@ class ExpertPool:
     def validate(self, prompt: str, expert: int, max_new_tokens: int) -> None:
         """``check`` plus the prompt's length: what one request needs before it joins a batch."""
         self.check(expert, max_new_tokens)
-        n = len(self.tokenizer(self.render(prompt), add_special_tokens=True)["input_ids"])
-        self._check_length(n, max_new_tokens)
+        check_fits(self._n_tokens(self.render(prompt)), max_new_tokens, self.max_positions)
 
-    def _check_length(self, n_prompt_tokens: int, max_new_tokens: int) -> None:
-        if self.max_positions is not None and n_prompt_tokens + max_new_tokens > self.max_positions:
-            raise ServingError(
-                f"prompt: {n_prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the "
-                f"model's {self.max_positions} positions"
-            )
+    def _n_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     @torch.no_grad()
     def generate(
@@ -117,9 +162,10 @@ class ExpertPool:
     ) -> list[Generation]:
         """Greedy answers, row i from ``experts[i]``; ``max_new_tokens`` per row or for all.
 
-        One ``generate`` call for the whole batch (the longest request's length; greedy decoding
-        makes a shorter request's answer a prefix of the longer run, so each row is cut to its own
-        limit)."""
+        The batch is split by ``plan_batches`` into sub-batches that fit the model; each runs as
+        one ``generate`` call for its longest request (greedy decoding makes a shorter request's
+        answer a prefix of the longer run, so each row is cut to its own limit). Raises
+        ``ServingError`` if a row cannot be served even alone."""
         n = len(prompts)
         if len(experts) != n:
             raise ServingError(f"{n} prompts but {len(experts)} experts")
@@ -128,20 +174,35 @@ class ExpertPool:
             raise ServingError(f"{n} prompts but {len(limits)} max_new_tokens values")
         for k, m in zip(experts, limits, strict=True):
             self.check(k, m)
-        if n == 0:
-            return []
         texts = [self.render(p) for p in prompts]
+        lens = [self._n_tokens(t) for t in texts]
+        results: list[Generation | None] = [None] * n
+        for group in plan_batches(lens, limits, self.max_positions):
+            gens = self._generate_group(
+                [texts[i] for i in group], [int(experts[i]) for i in group],
+                [limits[i] for i in group],
+            )  # fmt: skip
+            for i, g in zip(group, gens, strict=True):
+                results[i] = g
+        return results  # type: ignore[return-value]  # every row is in exactly one group
+
+    def _generate_group(
+        self, texts: list[str], experts: list[int], limits: list[int]
+    ) -> list[Generation]:
+        """One ``generate`` call over rendered prompts that fit the model together."""
         batch = self.tokenizer(texts, add_special_tokens=True, padding=True, return_tensors="pt")
         prompt_lens = batch["attention_mask"].sum(dim=1).tolist()
         longest = max(limits)
         width = batch["input_ids"].shape[1]
-        self._check_length(width, longest)  # every row runs `longest` steps from column `width`
+        check_fits(
+            width, longest, self.max_positions
+        )  # every row runs `longest` steps from column `width`
         eos = self.tokenizer.eos_token_id
         if len(set(experts)) == 1:  # one expert: the plain forward of the active adapter
-            self.model.set_adapter(adapter_name(int(experts[0])))
+            self.model.set_adapter(adapter_name(experts[0]))
             per_row = {}
         else:  # peft splits each LoRA layer's batch by adapter
-            per_row = {"adapter_names": [adapter_name(int(k)) for k in experts]}
+            per_row = {"adapter_names": [adapter_name(k) for k in experts]}
         out = self.model.generate(
             input_ids=batch["input_ids"].to(self.device),
             attention_mask=batch["attention_mask"].to(self.device),
@@ -152,7 +213,7 @@ class ExpertPool:
             eos_token_id=eos,
         )
         results = []
-        for i in range(n):
+        for i in range(len(texts)):
             new = out[i, width:].tolist()[: limits[i]]
             stop = eos is not None and eos in new
             if stop:
@@ -160,7 +221,7 @@ class ExpertPool:
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             results.append(
                 Generation(
-                    int(experts[i]),
+                    experts[i],
                     text,
                     int(prompt_lens[i]),
                     len(new),
@@ -180,11 +241,9 @@ class ServedRun:
     def open(cls, path: str | Path) -> ServedRun:
         """Check that ``path`` holds a router and all its experts; the error names what is
         missing and how to complete it."""
-        run = RunDir(path)
-        if not run.manifest_path.exists():
-            raise ServingError(f"{run.path}: no manifest.json, not a gs-ray run directory")
+        run = RunDir.open(path)  # RunDirError: missing, or not a run directory
         cfg = run.config()
-        router_json = run.router / "router.json"
+        router_json = run.router / ROUTER_JSON
         resume = f"complete it with `gs-ray run --resume {run.path}`"
         if not router_json.exists():
             raise ServingError(f"{router_json} is missing: the run has no router yet; {resume}")
@@ -192,7 +251,7 @@ class ServedRun:
 
         k = int(json.loads(router_json.read_text())["n_clusters"])
         for c in range(k):
-            if not (run.expert(c) / "adapter_config.json").exists():
+            if not run.expert_complete(c):
                 raise ServingError(
                     f"{run.expert(c)} is missing or incomplete (the router has {k} experts); {resume}"
                 )
