@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from gs_ray.cli import setup_logging
     from gs_ray.config import Config
+    from gs_ray.local_ray import start_local_ray
     from gs_ray.pipeline import prepare, warmup_local
     from gs_ray.rundir import versions
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.run.output_dir, cfg.run.name = str(tmp), "bench"
     prepared = prepare(cfg)
     warmup_local(prepared)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)  # loopback only, reaped with us
     results = []
     try:
         for transport in args.transports.split(","):
