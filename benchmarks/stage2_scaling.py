@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from gs_ray.config import Config
+    from gs_ray.local_ray import start_local_ray
     from gs_ray.logs import setup_logging
     from gs_ray.prepare import prepare
     from gs_ray.rundir import versions
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.run.output_dir, cfg.run.name = str(tmp), "bench"
     prepared = prepare(cfg)
     warmup_local(prepared)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)  # loopback only, reaped with us
     results = []
     try:
         for transport in args.transports.split(","):

@@ -124,7 +124,7 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
 
     from ray import serve
 
-    from gs_ray.ray_utils import init_ray
+    from gs_ray.ray_utils import STARTED_LOCAL, init_ray
     from gs_ray.serving.app import APP_NAME, app_for_run, serve_config_for
     from gs_ray.serving.pool import ServingError
 
@@ -135,7 +135,7 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         cfg = serve_config_for(args.run_dir, rest)
         how = init_ray()
-        if args.detach and how == "started a local Ray":
+        if args.detach and how == STARTED_LOCAL:
             raise ServingError("--detach needs a running cluster (RAY_ADDRESS): a local Ray "
                                "started here would end with this process")  # fmt: skip
         app = app_for_run(args.run_dir, cfg)

@@ -1,4 +1,5 @@
-"""Shared test settings: offline hub, Ray without token auth, one local Ray per test run."""
+"""Shared test settings: offline hub, one local Ray per test run (loopback only, so without
+token auth)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def ray_cluster():
     `ray start --head` on 127.0.0.1 with free ports, so that `ray job submit` can use it too."""
     import ray
 
-    from gs_ray.ray_utils import LocalHead
+    from gs_ray.local_ray import LocalHead
 
     head = LocalHead(num_cpus=2).start()
     try:

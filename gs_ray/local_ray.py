@@ -1,0 +1,251 @@
+"""gs-ray's own single-machine Ray clusters: bound to loopback, and not outliving their driver.
+
+Two kinds: ``start_local_ray`` is what a job run with no cluster does (``ray.init`` in the driver's
+process); ``LocalHead`` is a ``ray start --head`` that tests and benchmarks share and that
+``ray job submit`` can reach. Both run with token authentication off (``RAY_AUTH_MODE=disabled``
+unless the user set it), which is acceptable only because every process of these clusters (GCS,
+raylet, object manager, dashboard and its agent, runtime-env agent, metrics exporters, workers,
+drivers) listens on 127.0.0.1 alone. Joining someone else's cluster is ``ray_utils.init_ray``'s
+other branch and keeps whatever authentication the user configured.
+
+Why an environment variable is needed for loopback: Ray 2.60 replaces a node IP of 127.0.0.1 by
+the machine's external address (``services.resolve_ip_for_localhost``) unless it runs as a
+single-machine cluster, its mode on macOS and Windows, switched on Linux with
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``. With the node IP really 127.0.0.1, Ray's gRPC servers and
+metrics exporters bind to loopback instead of 0.0.0.0 / ``::``.
+
+Why a reaper: when the driver of a ``ray.init`` cluster is killed, the kernel ends the processes the
+driver started (GCS, raylet, dashboard, monitor), but the raylet's children, the dashboard agent
+and the runtime-env agent, first try for 60 s to report the raylet's death to the dead GCS
+(a fixed timeout in Ray) and keep their ports open meanwhile. A small process started with the
+cluster waits for the driver to end and then ends what is left of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gs_ray.ray_utils import free_port
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+# Ray's switch for a single-machine cluster whose node IP may be 127.0.0.1 (see module docstring).
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# What the reaper allows Ray's own clean-up after the driver ends, and SIGTERM before SIGKILL.
+REAPER_GRACE_S = 1.0
+REAPER_TERM_WAIT_S = 3.0
+
+
+def loopback_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a gs-ray-owned loopback cluster (a copy of ``env``, default os.environ).
+
+    Token authentication is off unless the user set RAY_AUTH_MODE: Ray 2.60 would otherwise write
+    ~/.ray/auth_token on a local start and ``ray job submit`` would then need it. That is
+    acceptable only because every listener of such a cluster is on 127.0.0.1.
+    """
+    env = dict(os.environ if env is None else env)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env[SINGLE_MACHINE_ENV] = "0"
+    return env
+
+
+def _use_loopback_env() -> None:
+    os.environ.update(loopback_env())
+    # Ray reads the switch when ray._private.ray_constants is first imported; it may be already.
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Start a single-machine Ray in this process, every listener on 127.0.0.1, reaped on exit.
+
+    ``address="local"`` starts a new cluster even where a ``ray start`` one is running on this
+    machine (plain ``ray.init()`` would join that one, whatever it is bound to).
+    """
+    import psutil
+    import ray
+
+    _use_loopback_env()
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    ray.init(
+        address="local",
+        _node_ip_address=LOOPBACK,
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=log_to_driver,
+    )
+    ray_roots = [p.pid for p in me.children() if p.pid not in before]
+    start_reaper(os.getpid(), ray_roots)
+
+
+def start_reaper(driver_pid: int, root_pids: list[int]) -> subprocess.Popen:
+    """A process that, once ``driver_pid`` ends, ends ``root_pids`` and all their descendants.
+
+    It runs in its own session so that a Ctrl-C meant for the driver does not stop it first.
+    """
+    cmd = [sys.executable, "-m", "gs_ray.local_ray", str(driver_pid), *map(str, root_pids)]
+    env = dict(os.environ)  # gs_ray importable however the driver found it
+    env["PYTHONPATH"] = os.pathsep.join(
+        x for x in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if x
+    )
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def reap(driver_pid: int, root_pids: list[int], poll_s: float = 0.25, rescan_s: float = 1.0):
+    """Wait for the driver to end, then end the roots' process trees (SIGTERM, then SIGKILL).
+
+    The trees are recorded while the driver lives: once the raylet is gone its children belong to
+    init and can no longer be found from it. psutil.Process objects remember their start time,
+    so a reused pid is never signalled.
+    """
+    import psutil
+
+    try:
+        driver = psutil.Process(driver_pid)
+    except psutil.NoSuchProcess:
+        driver = None
+    tracked: dict[int, psutil.Process] = {}
+    for pid in root_pids:
+        with contextlib.suppress(psutil.Error):
+            tracked[pid] = psutil.Process(pid)
+    last_scan = -rescan_s
+    while driver is not None and _alive(driver):
+        if time.monotonic() - last_scan >= rescan_s:
+            for root in list(tracked.values()):
+                for child in _descendants(root):
+                    tracked.setdefault(child.pid, child)
+            last_scan = time.monotonic()
+        time.sleep(poll_s)
+    time.sleep(REAPER_GRACE_S)
+    left = [p for p in tracked.values() if _alive(p)]
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, still = psutil.wait_procs(left, timeout=REAPER_TERM_WAIT_S)
+    for p in still:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _descendants(proc):
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+class LocalHead:
+    """``ray start --head`` on 127.0.0.1 with free ports; ``stop()`` ends only this cluster.
+
+    ``ray stop`` would stop every Ray on the machine; this stops the processes named by this
+    cluster's private temp dir or GCS port, and their children.
+    """
+
+    def __init__(self, num_cpus: int = 2, dashboard: bool = True):
+        self.num_cpus = num_cpus
+        self.dashboard = dashboard
+        self.temp_dir = tempfile.mkdtemp(prefix="gsr-", dir="/tmp")  # short: socket path limit
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.client_port = free_port()
+        # Ray's default (52365) is shared by every head on the machine: a second head's job agent
+        # could not bind it, and `ray job submit` answered "No available agent".
+        self.agent_port = free_port()
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses (ray CLI, jobs) that should talk to this cluster."""
+        env = loopback_env()
+        # Job entrypoints say `python ...`: let that be this environment's interpreter.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def start(self) -> LocalHead:
+        _use_loopback_env()  # this process connects as a driver too
+        ray_cli = str(Path(sys.executable).with_name("ray"))
+        cmd = [
+            ray_cli, "start", "--head", f"--port={self.port}", f"--node-ip-address={LOOPBACK}",
+            f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}",
+            f"--ray-client-server-port={self.client_port}", "--disable-usage-stats",
+            f"--include-dashboard={'true' if self.dashboard else 'false'}",
+            f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={self.agent_port}",
+        ]  # fmt: skip
+        start = time.perf_counter()
+        out = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=180)
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+        log.info("local Ray head at %s (%.1fs)", self.address, time.perf_counter() - start)
+        return self
+
+    def processes(self) -> list:
+        """This cluster's processes (psutil): those started by ``ray start`` and their children."""
+        import psutil
+
+        marks = (self.temp_dir, f":{self.port}")
+        roots = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = p.info.get("cmdline") or []
+            if any(m in arg for arg in cmdline for m in marks):
+                roots.append(p)
+        return list({p.pid: p for r in roots for p in [r, *_descendants(r)]}.values())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate this cluster's processes and their children; kill what lingers."""
+        import psutil
+
+        procs = self.processes()
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=timeout)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+    def __enter__(self) -> LocalHead:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":  # the reaper: python -m gs_ray.local_ray DRIVER_PID ROOT_PID...
+    reap(int(sys.argv[1]), [int(a) for a in sys.argv[2:]])

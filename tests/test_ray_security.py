@@ -1,0 +1,165 @@
+"""gs-ray's own Ray clusters listen on loopback only, and a killed driver's cluster goes away.
+
+The clusters run with token authentication off, which is safe only if nothing listens beyond
+127.0.0.1 / ::1. Each check collects the listening TCP sockets of one cluster's processes (found as
+the process tree of the driver that started it, or of ``ray start``) from the kernel's table
+(psutil.net_connections), so that other Ray instances on the machine do not count.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parents[1]
+# The reaper gives Ray 1 s, then SIGTERM and 3 s before SIGKILL; Ray's agents alone took 60-90 s.
+GONE_WITHIN_S = 30.0
+
+DRIVER = """
+import sys, time
+from gs_ray.ray_utils import init_ray
+print(init_ray(*sys.argv[1:2], num_cpus=1), flush=True)
+import ray
+
+@ray.remote
+def one():
+    return 1
+
+assert ray.get(one.remote()) == 1  # a worker process exists, listening too
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address (::ffff:127.0.0.1)."""
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket owned by ``pids``."""
+    found = []
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            try:
+                name = psutil.Process(c.pid).name()
+            except psutil.Error:
+                name = "?"
+            found.append((c.laddr.ip, c.laddr.port, name))
+    return found
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def start_driver(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A driver process running DRIVER (init_ray, one task), ready when it prints READY."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH")) if x)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *args], env=env, stdout=subprocess.PIPE, text=True
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip() == "READY":
+            return proc
+    proc.wait()
+    raise AssertionError(f"driver exited {proc.returncode}: {''.join(lines)}")
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_driver():
+    """A driver that started gs-ray's own local Ray (init_ray with no address), as `gs-ray run`
+    does; a subprocess, so that it does not meet the shared test cluster."""
+    proc = start_driver()
+    time.sleep(2)  # agents finish binding their ports
+    yield proc
+    if proc.poll() is None:
+        procs = tree(proc.pid)
+        proc.kill()
+        proc.wait()
+        psutil.wait_procs(alive(procs), timeout=GONE_WITHIN_S)
+
+
+def test_own_local_ray_listens_on_loopback_only(local_driver):
+    procs = tree(local_driver.pid)
+    names = {p.name() for p in procs}
+    assert {"gcs_server", "raylet"} <= names, names  # the cluster really is this driver's
+    socks = listening({p.pid for p in procs})
+    listeners = {name for _, _, name in socks}
+    # GCS, raylet (node and object manager), both agents, the worker and the driver all listen:
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= listeners
+    assert listening({local_driver.pid}), "the driver's core worker listens"
+    exposed = [s for s in socks if not is_loopback(s[0])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_own_local_ray_ends_soon_after_its_driver_is_killed(local_driver):
+    procs = tree(local_driver.pid)[1:]
+    ports = {(ip, port) for ip, port, _ in listening({p.pid for p in procs})}
+    assert ports and len(procs) >= 6
+    start = time.monotonic()
+    local_driver.send_signal(signal.SIGKILL)
+    local_driver.wait()
+    left = alive(procs)
+    while left and time.monotonic() - start < GONE_WITHIN_S:
+        time.sleep(0.5)
+        left = alive(procs)
+    took = time.monotonic() - start
+    assert not left, f"alive {took:.0f}s after the driver: {[p.name() for p in left]}"
+    assert not listening({p.pid for p in procs})
+
+
+def test_shared_test_cluster_listens_on_loopback_only(ray_cluster):
+    """LocalHead (`ray start --head`) and a driver joining it with init_ray(address)."""
+    procs = ray_cluster.processes()
+    names = {p.name() for p in procs}
+    assert {"gcs_server", "raylet"} <= names, names
+    socks = listening({p.pid for p in procs})
+    assert len(socks) >= 6
+    exposed = [s for s in socks if not is_loopback(s[0])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+    # A driver that joins it, as a job submitted to it does (with the cluster's environment).
+    driver = start_driver(ray_cluster.address, env=ray_cluster.env())
+    try:
+        mine = listening({driver.pid})
+        assert mine, "the driver's core worker listens"
+        assert all(is_loopback(ip) for ip, _, _ in mine), mine
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+def test_is_loopback():
+    assert is_loopback("127.0.0.1") and is_loopback("127.5.0.1") and is_loopback("::1")
+    assert is_loopback("::ffff:127.0.0.1")
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "192.0.2.2", "::ffff:192.0.2.2"]))
