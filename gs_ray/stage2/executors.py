@@ -76,10 +76,18 @@ def run_stage2_local(
             info = host.initialize()
             log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
         elif phase == ONLINE:
-            host.end_epoch(epoch)
+            log_epoch(host.end_epoch(epoch))
     res = host.result({"executor": "local", "engine_calls": computer.calls})
     res.layout = computer.layout()
     return res
+
+
+def log_epoch(end: dict) -> None:
+    """One line per online epoch: how many samples changed cluster, and why it stops."""
+    changed = end["changed_share"]
+    log.info("online epoch %d: %s of samples changed cluster, centroid shift %.4f%s",
+             end["epoch"] + 1, "?" if changed is None or changed != changed else f"{changed:.2%}",
+             end["shift"], f"; online phase stops ({end['stop']})" if end["stop"] else "")  # fmt: skip
 
 
 def resolve_num_workers(cfg: Config) -> tuple[int, dict[str, float]]:
@@ -178,7 +186,7 @@ def run_stage2_ray(
             info = ray.get(host.initialize.remote())
             log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
         elif phase == ONLINE:
-            ray.get(host.end_epoch.remote(epoch))
+            log_epoch(ray.get(host.end_epoch.remote(epoch)))
         ray.get(host.save_checkpoint.remote(str(checkpoint_dir)))
         status = ray.get(host.status.remote())
         passes.append({

@@ -157,18 +157,17 @@ class CentroidHost:
     def initialized(self) -> bool:
         return hasattr(self.clusterer, "cluster_centers_")
 
-    def end_epoch(self, epoch: int) -> bool:
-        """Close online epoch ``epoch`` (idempotent on replay); True when converged."""
-        if epoch < self.done_epochs:
-            return self.clusterer.converged_
-        converged = self.clusterer.end_epoch()
-        self.done_epochs = epoch + 1
-        self.finished_online = converged or self.done_epochs >= self.clusterer.max_epochs
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Close online epoch ``epoch`` (idempotent on replay); what the epoch's end says:
+        changed share, centroid shift, converged, and why the online phase stops (if it does)."""
         c = self.clusterer
-        log.info("online epoch %d: %.2f%% of samples changed cluster, centroid shift %.5f%s",
-                 epoch + 1, 100 * c.changed_share_history_[-1], c.shift_history_[-1],
-                 f" (stopped: {c.stop_reason_})" if self.finished_online else "")  # fmt: skip
-        return converged
+        if epoch >= self.done_epochs:
+            c.end_epoch()
+            self.done_epochs = epoch + 1
+            self.finished_online = c.converged_ or self.done_epochs >= c.max_epochs
+        return {"epoch": epoch, "changed_share": c.changed_share_history_[epoch],
+                "shift": c.shift_history_[epoch], "converged": bool(c.converged_),
+                "stop": c.stop_reason_ if self.finished_online else None}  # fmt: skip
 
     def centers(self) -> np.ndarray:
         return self.clusterer.cluster_centers_
