@@ -26,13 +26,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-from gs_ray.ray_utils import free_port
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,13 @@ SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # What the reaper allows Ray's own clean-up after the driver ends, and SIGTERM before SIGKILL.
 REAPER_GRACE_S = 1.0
 REAPER_TERM_WAIT_S = 3.0
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 def loopback_env(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -8,7 +8,6 @@ to 127.0.0.1 (``gs_ray.local_ray``, which also has the ``LocalHead`` that tests 
 from __future__ import annotations
 
 import os
-import socket
 
 STARTED_LOCAL = "started a local Ray"
 
@@ -49,10 +48,3 @@ def task_resources(cpus: int = 2) -> dict:
     if cluster_has_gpu():
         return {"num_gpus": 1, "num_cpus": 1}
     return {"num_cpus": max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))}
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -389,7 +389,7 @@ def served(ray_cluster, run_dir):
     keeps serving; shut down at the end of the module (before any Train/Tune test runs)."""
     from ray import serve
 
-    from gs_ray.ray_utils import free_port
+    from gs_ray.local_ray import free_port
 
     port = free_port()
     cmd = [
