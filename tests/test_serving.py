@@ -61,6 +61,7 @@ def run_dir(tmp_path_factory) -> Path:
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=gen))
         model.save_pretrained(str(run.expert(k)))
+        run.write_expert_record(k, {"n_train": 0, "note": "test fixture"})
     rows = [r for r in build_demo_corpus(600, seed=0) if r["domain"] in DOMAINS]
     texts = [r["instruction"] for r in rows]
     labels = [DOMAINS.index(r["domain"]) for r in rows]
@@ -108,7 +109,7 @@ LONG = N_POSITIONS - SPARE
 
 def _prompt_of_tokens(pool: ExpertPool, n: int, start: int = 0) -> str:
     """A prompt of demo-corpus words whose rendered form has n (or a few more) tokens."""
-    from gs_ray.demo_data import build_demo_corpus
+    from gs_ray.data.demo import build_demo_corpus
 
     words = " ".join(r["instruction"] for r in build_demo_corpus(400, seed=1)[start:]).split()
     lo, hi = 1, len(words)
@@ -294,7 +295,7 @@ def test_serve_config_yaml_is_valid_and_builds(run_dir):
 
 
 def test_request_models_are_strict():
-    from gs_ray.serve_app import GenerateRequest, RouteRequest
+    from gs_ray.serving.app import GenerateRequest, RouteRequest
     from pydantic import ValidationError
 
     ok = GenerateRequest.model_validate_json('{"prompt": "hi", "max_new_tokens": 8, "expert": 1}')
@@ -321,7 +322,7 @@ def test_request_models_are_strict():
 
 
 def test_validation_error_body_never_fails_to_encode():
-    from gs_ray.serve_app import validation_error_body
+    from gs_ray.serving.app import validation_error_body
 
     body = validation_error_body(
         [{"loc": ("body", "\udc00"), "msg": "bad \ud800", "type": "x", "input": "\ud800" * 9}]
@@ -335,7 +336,7 @@ def test_api_docs_only_when_enabled():
     from types import SimpleNamespace
 
     from fastapi import HTTPException
-    from gs_ray.serve_app import Ingress, api
+    from gs_ray.serving.app import Ingress, api
 
     from gs_ray.config import ServeConfig
 
