@@ -28,6 +28,7 @@ the result is identical.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -307,10 +308,8 @@ class _Group:
 
         stats = []
         for w in self.workers:
-            try:
+            with contextlib.suppress(Exception):  # a dead worker has no stats
                 stats.append(ray.get(w.collective_stats.remote(), timeout=30))
-            except Exception:  # a dead worker has no stats
-                pass
             ray.kill(w)
         return stats
 
