@@ -14,7 +14,9 @@ every worker
 
 So with |B_t| = W * b the centroids and assignments equal the single-process run with batch size
 W * b (up to the float64 summation order of the sums). The collective layer is
-``torch.distributed`` (gloo on CPU; the same calls run on NCCL for GPU tensors). The centroid actor
+``torch.distributed`` with gloo: the replicas keep their state in NumPy on the host, also on GPU
+nodes (moving the sums onto the GPU and the group onto NCCL is the next step, docs/scaling.md).
+The centroid actor
 (``CollectiveHost``) keeps coordination, the validation pass and initialisation (SVD +
 silhouette), checkpoints (a replica's state, adopted every ``stage2.checkpoint_every`` steps) and
 the final assignment merge.
@@ -343,7 +345,16 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
         return Worker.remote(base_path, wcfg, adapter_path, pad_id, fault_spec, marker_dir,
                              shared, len(samples), factory)  # fmt: skip
 
-    host = ray.remote(CollectiveHost).options(num_cpus=0).remote(make_clusterer(cfg), len(samples))
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # The centroid actor holds the last checkpoint in memory: keep it on the driver's node, so
+    # that losing a worker node costs only gradient workers (the driver's node is the job's).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    host = (
+        ray.remote(CollectiveHost)
+        .options(num_cpus=0, scheduling_strategy=here)
+        .remote(make_clusterer(cfg), len(samples))
+    )
     resumed_from = None
     if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
         resumed_from = tuple(ray.get(host.status.remote())["position"])
