@@ -339,7 +339,11 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
     env = {"env_vars": {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "HF_HOME")}}
     shared = ray.put((plan, [s.pair for s in samples], [s.id for s in samples]))
     factory = _ClustererFactory(cfg)
-    Worker = ray.remote(CollectiveWorker).options(max_restarts=0, runtime_env=env, **resources)
+    # worker_actor_class() marks GradientWorker's methods with its concurrency groups; the
+    # subclass inherits the marks, so it declares the same groups (one thread each).
+    Worker = ray.remote(concurrency_groups={"compute": 1, "io": 1})(CollectiveWorker).options(
+        max_restarts=0, runtime_env=env, **resources
+    )
 
     def make_worker():
         return Worker.remote(base_path, wcfg, adapter_path, pad_id, fault_spec, marker_dir,
