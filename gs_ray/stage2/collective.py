@@ -426,7 +426,7 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
         bar = Progress(phase_label(phase, epoch), total=sum(len(b) for b in batches))
         window: deque = deque()
         start = time.perf_counter()
-        bytes_before = status["bytes_in"]
+        bytes_before, busy_before = status["bytes_in"], status["busy_seconds"]
         if phase != VAL and not loaded:  # every replica starts from the host's state
             state = host.replica_state.remote()
             ray.get([w.load.remote(state) for w in workers])
@@ -471,7 +471,8 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
         status = ray.get(host.status.remote())
         passes.append({"phase": phase, "epoch": epoch, "seconds": round(time.perf_counter() - start, 3),
                        "samples": sum(len(b) for b in batches), "wall_seconds": round(elapsed, 3),
-                       "bytes_in": status["bytes_in"] - bytes_before})  # fmt: skip
+                       "bytes_in": status["bytes_in"] - bytes_before,
+                       "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4)})  # fmt: skip
 
 
 def _drain(window: deque, bar: Progress, steps: list) -> None:
