@@ -11,6 +11,15 @@ each transport, and reports per pass:
     python benchmarks/stage2_scaling.py --json benchmarks/results/stage2_scaling.json
 
 Targets on a 2-core machine: centroid actor busy <= 10% of the pass; 2 workers >= 1.5x one.
+
+The ``collective`` transport runs with 1, 2 and 3 workers (|B_t| = clustering.batch_size split
+over the workers; its assignments must equal the exact transport's) and reports its time per
+online step split into compute, collective and update. A synthetic run at the Llama-2-7B LoRA
+gradient dimension (d = 16,777,216, K = 7; ``--collective-dim``) measures the per-step all-reduce
++ update of the collective transport with real gloo processes and no model, against the centroid
+actor's work per batch of the exact and partial-sums transports at the same d (extrapolated
+linearly from ``--actor-dim``: their exact cache alone would need K * alpha * |B| * d * 4 bytes =
+75 GB at that d).
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -
     c = Config.from_dict(cfg.to_dict())
     c.stage2.num_workers = workers
     c.stage2.transport = transport
-    c.stage2.checkpoint_every = 0
+    c.stage2.cpus_per_worker = min(1.0, 2 / workers)  # 3 collective ranks share 2 cores
+    c.stage2.checkpoint_every = 10_000  # no mid-pass checkpoints in a timing run
     p = prepared
     plan = Stage2Plan.build(p.lengths, p.splits, c)
     start = time.perf_counter()
@@ -54,7 +64,72 @@ def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -
             "bytes_per_sample": ps["bytes_in"] / ps["samples"],
         }
     return {"workers": workers, "transport": transport, "total_seconds": total,
-            "labels": out.labels, "passes": rows}  # fmt: skip
+            "labels": out.labels, "passes": rows,
+            "step_seconds": out.info.get("step_seconds"),
+            "collective_bytes_per_worker": out.info.get("collective_bytes_per_worker")}  # fmt: skip
+
+
+def _collective_rank(rank: int, world: int, port: int, dim: int, k: int, steps: int, queue):
+    """One rank of the synthetic collective step: all-reduce of (K, d) float64 sums + update."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from gs_ray.core.clustering import GradientSpaceClustering
+    from gs_ray.stage2.collective import TorchCollective
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    est = GradientSpaceClustering(n_clusters=k, cache="external")
+    est.n_clusters_ = k
+    est.cluster_centers_ = np.full((k, dim), 1.0 / np.sqrt(dim), dtype=np.float32)
+    est.n_features_in_ = dim
+    est._reset_online_state(dim)
+    comm = TorchCollective()
+    delta = np.full((k, dim), 1e-3, dtype=np.float64)  # stands for (entering - evicted) sums
+    nothing = np.broadcast_to(0.0, delta.shape)
+    times = []
+    for step in range(steps):
+        delta.fill(1e-3 / (step + 1))
+        dist.barrier()
+        t0 = time.perf_counter()
+        total = comm.all_reduce_sum(delta)
+        t1 = time.perf_counter()
+        est.partial_fit_external(total, nothing, 32 * world, 0)
+        t2 = time.perf_counter()
+        times.append((t1 - t0, t2 - t1))
+    dist.destroy_process_group()
+    queue.put((rank, times, comm.bytes // steps))
+
+
+def collective_step_cost(dim: int, k: int = 7, workers: int = 2, steps: int = 4) -> dict:
+    """Per-step collective (all-reduce of K * d float64) and update seconds, and bytes per
+    worker, with ``workers`` gloo processes on this machine and no model (synthetic sums)."""
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    from gs_ray.ray_utils import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_collective_rank, args=(r, workers, port, dim, k, steps, queue))
+             for r in range(workers)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    got = [queue.get(timeout=1800) for _ in procs]
+    for proc in procs:
+        proc.join()
+    per_rank = [np.array(times[1:]) for _, times, _ in got]  # the first step warms up
+    coll = float(max(np.median(t[:, 0]) for t in per_rank))
+    upd = float(max(np.median(t[:, 1]) for t in per_rank))
+    payload = got[0][2]
+    return {"dim": dim, "k": k, "workers": workers, "collective_seconds": coll,
+            "update_seconds": upd, "step_seconds": coll + upd,
+            "allreduce_payload_bytes_per_worker": payload,
+            "ring_bytes_sent_per_worker": int(2 * (workers - 1) / workers * payload)}  # fmt: skip
 
 
 def actor_update_cost(
@@ -102,7 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--samples", type=int, default=1200, help="demo corpus size")
-    parser.add_argument("--transports", default="gradients,partial_sums")
+    parser.add_argument("--transports", default="gradients,partial_sums,collective")
+    parser.add_argument(
+        "--collective-dim", type=int, default=16_777_216,
+        help="gradient dimension of the synthetic collective step (Llama-2-7B LoRA: 16,777,216)",
+    )  # fmt: skip
+    parser.add_argument("--collective-workers", type=int, default=2)
+    parser.add_argument("--only-synthetic", action="store_true", help="skip the Ray runs")
     parser.add_argument(
         "--actor-dim",
         type=int,
@@ -118,10 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
     from gs_ray.local_ray import start_local_ray
     from gs_ray.logs import setup_logging
     from gs_ray.prepare import prepare
-    from gs_ray.rundir import versions
     from gs_ray.training.warmup import warmup_local
 
     setup_logging("WARNING")
+    if args.only_synthetic:
+        return synthetic(args, {})
     tmp = Path(tempfile.mkdtemp(prefix="gsr-bench-"))
     cfg = Config()
     cfg.data.demo_size = args.samples
@@ -133,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     try:
         for transport in args.transports.split(","):
-            for workers in (1, 2):
+            for workers in (1, 2, 3) if transport == "collective" else (1, 2):
                 results.append(
                     measure(prepared, cfg, workers, transport, tmp / f"ckpt-{transport}-{workers}")
                 )
@@ -177,6 +259,30 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in summary.items():
         if k.startswith("same_") or "partial" in k:
             print(f"{k}: {v}")
+    if ("collective", 2) in by:
+        same = all(np.array_equal(exact2["labels"], by[("collective", w)]["labels"])
+                   for w in (1, 2, 3))  # fmt: skip
+        summary["same_assignments_collective"] = same
+        summary["collective_step_seconds"] = {
+            str(w): by[("collective", w)]["step_seconds"] for w in (1, 2, 3)
+        }
+        print(f"same_assignments_collective (1, 2, 3 workers vs exact): {same}")
+        for w in (1, 2, 3):
+            st = by[("collective", w)]["step_seconds"]
+            print(f"collective {w} worker(s), per step: compute {1e3 * st['compute']:.1f} ms, "
+                  f"collective {1e3 * st['collective']:.1f} ms, update {1e3 * st['update']:.1f} ms")  # fmt: skip
+    report = {**summary, "runs": [{k: v for k, v in r.items() if k != "labels"} for r in results],
+              "samples": len(prepared.samples)}  # fmt: skip
+    return synthetic(args, report)
+
+
+def synthetic(args, report: dict) -> dict:
+    """The model-free parts: centroid-host work per batch, the collective step at the 7B d."""
+    import platform as _platform
+
+    from gs_ray.rundir import versions
+
+    summary = report
     cost = actor_update_cost(args.actor_dim)
     per_elem = {c: 1e9 * v / args.actor_dim for c, v in cost.items()}
     print(f"\ncentroid host work per online batch (K=7, |B|=32, alpha=5, d={args.actor_dim:,}): "
@@ -185,8 +291,20 @@ def main(argv: list[str] | None = None) -> dict:
     summary["actor_seconds_per_batch"] = cost
     summary["actor_ns_per_dim_per_batch"] = per_elem
     summary["actor_dim"] = args.actor_dim
-    report = {**summary, "runs": [{k: v for k, v in r.items() if k != "labels"} for r in results],
-              "samples": len(prepared.samples), "cpus": os.cpu_count(), "versions": versions()}  # fmt: skip
+    coll = collective_step_cost(args.collective_dim, workers=args.collective_workers)
+    scale = args.collective_dim / args.actor_dim
+    summary["collective_7b"] = coll
+    summary["collective_step_seconds_7b"] = coll["step_seconds"]
+    summary["actor_seconds_per_batch_7b_extrapolated"] = {c: v * scale for c, v in cost.items()}
+    print(f"\ncollective step at d={args.collective_dim:,}, K=7, {args.collective_workers} gloo "
+          f"workers: all-reduce {coll['collective_seconds']:.2f} s + update "
+          f"{coll['update_seconds']:.2f} s = {coll['step_seconds']:.2f} s per step; "
+          f"{coll['allreduce_payload_bytes_per_worker'] / 1e6:.0f} MB all-reduced per worker "
+          f"({coll['ring_bytes_sent_per_worker'] / 1e6:.0f} MB sent by a ring); centroid actor "
+          f"at the same d (extrapolated): exact {cost['samples'] * scale:.2f} s, partial sums "
+          f"{cost['external'] * scale:.2f} s per batch, plus receiving the batch")  # fmt: skip
+    report = {**summary, "cpus": os.cpu_count(), "machine": _platform.machine(),
+              "date": time.strftime("%Y-%m-%d", time.gmtime()), "versions": versions()}  # fmt: skip
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -37,7 +37,8 @@ import yaml
 from gs_ray.errors import ConfigError
 
 # Choices (Literal types, checked when a config loads); each is defined here once.
-Transport = Literal["gradients", "partial_sums"]
+Transport = Literal["gradients", "partial_sums", "collective"]
+RowDtype = Literal["float32", "bfloat16"]
 NonFinitePolicy = Literal["fail", "skip"]
 
 __all__ = ["Config", "ConfigError", "StageName", "apply_overrides", "help_lines", "load_config"]
@@ -229,7 +230,12 @@ class Stage2Config:
     max_in_flight: int = _f(2, "gradient batches in flight per worker (backpressure)", ge=1)
     checkpoint_every: int = _f(20, "centroid-actor checkpoint interval, in batches", ge=1)
     transport: Transport = _f(
-        "gradients", "gradients (exact) | partial_sums (workers assign, send sums)"
+        "gradients",
+        "gradients (exact) | partial_sums (workers assign, send sums) | collective (replicated "
+        "centroids, one all-reduce per step)",
+    )
+    row_dtype: RowDtype = _f(
+        "float32", "collective: dtype of the cached unit gradients a worker keeps (bfloat16 halves)"
     )
     nonfinite: NonFinitePolicy = _f(
         "fail", "a NaN/Inf per-sample gradient: fail (name the samples) | skip (leave them out)"

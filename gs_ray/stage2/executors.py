@@ -123,6 +123,11 @@ def run_stage2_ray(
     import ray
 
     s2 = cfg.stage2
+    if s2.transport == "collective":  # replicated state: the group runs its own loop
+        from gs_ray.stage2.collective import run_stage2_collective
+
+        return run_stage2_collective(plan, samples, cfg, base_path, adapter_path, pad_id,
+                                     checkpoint_dir, resume=resume)  # fmt: skip
     transport = make_transport(s2.transport)
     n_workers, resources = resolve_num_workers(cfg)
     fault_spec = os.environ.get(faults.ENV, "")

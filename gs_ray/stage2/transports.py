@@ -12,6 +12,9 @@
   assignments as ``gradients`` up to rounding, while the actor holds K * d sums instead of
   K * alpha * |B| * d cached gradients and does K * d work per batch instead of |B| * K * d
   (docs/scaling.md).
+* ``collective`` (``CollectiveTransport``): every worker holds a replica of the centroids, the
+  running sums and the ledger; one all-reduce of per-cluster sums plus an all-gather of labels
+  per step (``gs_ray.stage2.collective``). No actor touches K * d per step.
 
 A transport has a driver side (``submit``: which remote calls one batch becomes) and, where it
 needs one, a worker side (``PartialSumsWorker``, mixed into ``GradientWorker``) and a host-side
@@ -97,7 +100,20 @@ class PartialSumsTransport(Transport):
         return host.apply_labels.remote(t, idx, labels)
 
 
-TRANSPORTS: dict[str, type[Transport]] = {t.name: t for t in (ExactTransport, PartialSumsTransport)}
+class CollectiveTransport(Transport):
+    """Replicated centroid state on the workers, one all-reduce per step
+    (``gs_ray.stage2.collective``). Its online steps are collectives of the whole worker group,
+    so it has its own loop (``run_stage2_collective``), not one remote call per batch."""
+
+    name, cache = "collective", "external"
+
+    def submit(self, key, step, idx, ids, pairs, worker, host):
+        raise NotImplementedError("the collective transport runs in run_stage2_collective")
+
+
+TRANSPORTS: dict[str, type[Transport]] = {
+    t.name: t for t in (ExactTransport, PartialSumsTransport, CollectiveTransport)
+}
 assert set(TRANSPORTS) == set(get_args(TransportName)), "config.Transport and TRANSPORTS differ"
 
 
