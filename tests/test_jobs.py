@@ -21,6 +21,8 @@ def test_cluster_yaml_passes_rays_schema():
     assert types[config["head_node_type"]]["resources"].get("GPU", 0) == 0
     assert config["idle_timeout_minutes"] > 0
     assert any("pip install" in c and "gs-ray" in c for c in config["setup_commands"])
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # job submission = code
 
 
 def test_cluster_yaml_schema_check_is_not_vacuous():
