@@ -295,8 +295,9 @@ def test_serve_config_yaml_is_valid_and_builds(run_dir):
 
 
 def test_request_models_are_strict():
-    from gs_ray.serving.app import GenerateRequest, RouteRequest
     from pydantic import ValidationError
+
+    from gs_ray.serving.app import GenerateRequest, RouteRequest
 
     ok = GenerateRequest.model_validate_json('{"prompt": "hi", "max_new_tokens": 8, "expert": 1}')
     assert (ok.prompt, ok.max_new_tokens, ok.expert) == ("hi", 8, 1)
@@ -336,9 +337,9 @@ def test_api_docs_only_when_enabled():
     from types import SimpleNamespace
 
     from fastapi import HTTPException
-    from gs_ray.serving.app import Ingress, api
 
     from gs_ray.config import ServeConfig
+    from gs_ray.serving.app import Ingress, api
 
     # the class as written (Serve's wrapper around it has an async __del__ for its ASGI app)
     ingress = next(c for c in Ingress.func_or_class.__mro__ if "docs" in vars(c))

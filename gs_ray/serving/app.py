@@ -9,6 +9,13 @@ Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin a
   ``expert`` forces one) and returns the chosen expert, the router's probabilities, the answer and
   timings. ``POST /route {"prompt": ...}`` only routes. ``GET /info`` describes the run and its
   experts; ``GET /healthz`` answers ``ok``.
+* The OpenAI API: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` as
+  server-sent events), ``GET /v1/models`` (``gs-ray`` routed, ``gs-ray/expert-K`` one expert,
+  ``gs-ray/ensemble`` all K weighted by the router's probabilities, ``ExpertPool.ensemble``) and
+  ``POST /v1/route``; errors in OpenAI's shape (``OpenAIError``). Greedy requests share the
+  experts' batches; sampled (``temperature`` > 0, seeded) and ensemble requests run one at a time.
+  With ``serve.api_key`` (or ``GS_RAY_API_KEY``) set, every route but ``/healthz`` needs
+  ``Authorization: Bearer KEY`` (401).
 * Both model deployments batch with ``@serve.batch`` (``serve.max_batch_size``,
   ``serve.batch_wait_s``). An experts replica holds all K adapters (MBs each) on one base model
   and answers a batch that mixes experts in one ``generate`` call; replicas scale out with
@@ -21,7 +28,8 @@ Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin a
   (an expert out of range, a prompt too long for the model). A request that fits the model alone
   is answered as alone whatever else is in its batch (``serving.plan_batches``), and a bad request
   never fails the others.
-* The HTTP proxy binds ``serve.host`` (127.0.0.1 by default; there is no authentication), and the
+* The HTTP proxy binds ``serve.host`` (127.0.0.1 by default; no authentication unless an API key
+  is set), and the
   interactive API docs (``/docs``, ``/redoc``, ``/openapi.json``) answer only with
   ``serve.api_docs``.
 
@@ -37,6 +45,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -305,17 +314,37 @@ def cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+_UNION_MEMBER = re.compile(r"str|int|float|bool|none|.*\[.*\]")
+
+
 def openai_validation_error(errors: Any) -> OpenAIError:
     """A pydantic error list as one OpenAI 400: the first error's field and message."""
     body = validation_error_body(errors)["detail"]
     first = body[0] if body else {"loc": [], "msg": "invalid request", "type": ""}
     if first["type"] == "json_invalid":
         return OpenAIError(400, f"invalid JSON: {first['msg']}", None, "invalid_json")
-    loc = [str(x) for x in first["loc"] if x != "body"]
+    # pydantic names the member of a union it tried ("prompt.str"): keep the fields only
+    loc = [str(x) for x in first["loc"] if x != "body" and not _UNION_MEMBER.fullmatch(str(x))]
     param = ".".join(loc) or None
     return OpenAIError(400, f"{param}: {first['msg']}", param, first["type"] or None)
 
 
+def _sse(chunks: list[dict], out: dict[str, Any]) -> StreamingResponse:
+    """Server-sent events in OpenAI's chunk format, ending ``data: [DONE]``. The answer is
+    generated before the first event (the experts batch whole requests), so a stream carries
+    it as one content chunk; the last chunk also carries ``usage`` and the ``gs_ray`` field."""
+    chunks = [dict(c) for c in chunks]
+    chunks[-1].update(usage=out["usage"], gs_ray=out["gs_ray"])
+
+    async def events():
+        for c in chunks:
+            yield f"data: {json.dumps(c)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# (Defined before Ingress: serve.ingress captures the class's globals when it is decorated.)
 # The docs routes are the Ingress's own, answering only with serve.api_docs (see Ingress.docs).
 api = FastAPI(
     title="gs-ray",
@@ -514,21 +543,6 @@ class Ingress:
                   "logprobs": None, "finish_reason": out["finish_reason"]}  # fmt: skip
         return {**head, "object": "chat.completion", "choices": [choice], "usage": out["usage"],
                 "gs_ray": out["gs_ray"]}  # fmt: skip
-
-
-def _sse(chunks: list[dict], out: dict[str, Any]) -> StreamingResponse:
-    """Server-sent events in OpenAI's chunk format, ending ``data: [DONE]``. The answer is
-    generated before the first event (the experts batch whole requests), so a stream carries
-    it as one content chunk; the last chunk also carries ``usage`` and the ``gs_ray`` field."""
-    chunks = [dict(c) for c in chunks]
-    chunks[-1].update(usage=out["usage"], gs_ray=out["gs_ray"])
-
-    async def events():
-        for c in chunks:
-            yield f"data: {json.dumps(c)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 # --------------------------------------------------------------------------- building the app
