@@ -865,3 +865,25 @@ def test_int8_router_agrees_with_the_float_router(run_dir):
         "quantized" in type(m).__module__
         for m in ServedRun.open(run_dir).router().encoder.model.modules()
     )
+
+
+@pytest.mark.ray
+def test_serve_shuts_down_cleanly(served):
+    """Last in the module: after the load above, serve.shutdown() stops the app and frees the
+    port (no listener left on 127.0.0.1) within 60 s."""
+    import socket
+
+    from ray import serve
+
+    port = int(served.rsplit(":", 1)[1])
+    assert _http(f"{served}/healthz")[0] == 200
+    serve.shutdown()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as s:
+            s.settimeout(1)
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(1)
+    else:
+        pytest.fail(f"port {port} still accepts connections 60 s after serve.shutdown()")
