@@ -887,3 +887,29 @@ def test_serve_shuts_down_cleanly(served):
         time.sleep(1)
     else:
         pytest.fail(f"port {port} still accepts connections 60 s after serve.shutdown()")
+
+
+def test_chat_uses_the_models_chat_template_else_the_runs(pool):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+    assert pool.tokenizer.chat_template is None  # the tiny model has none: the run's template
+    assert pool.render(msgs) == pool.cfg.data.template.format(prompt=f"Be brief.\n\n{PROMPTS[0]}")
+    template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    pool.tokenizer.chat_template = template
+    try:
+        text = f"<|system|>Be brief.\n<|user|>{PROMPTS[0]}\n<|assistant|>"
+        assert pool.render(msgs) == text
+        got = pool.generate([msgs], [1], 6)[0]
+        ids = pool.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            pool.model.set_adapter("expert_1")
+            out = pool.model.generate(**ids, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=pool.tokenizer.pad_token_id)  # fmt: skip
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
+        eos = pool.tokenizer.eos_token_id
+        new = new[: new.index(eos)] if eos in new else new
+        assert got.text == pool.tokenizer.decode(new, skip_special_tokens=True)
+    finally:
+        pool.tokenizer.chat_template = None

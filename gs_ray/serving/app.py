@@ -59,7 +59,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gs_ray.config import Config, ServeConfig, apply_overrides
-from gs_ray.serving.pool import ServedRun, ServingError
+from gs_ray.serving.pool import ServedRun, ServingError, chat_instruction
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +301,9 @@ class ChatRequest(_OpenAIRequest):
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The instruction a chat becomes: the messages' contents in order, a blank line apart
-    (rendered with the run's ``data.template``, the format the experts were trained on; the
-    tiny and demo base models have no chat template of their own)."""
-    return "\n\n".join(m.content for m in messages if m.content.strip())
+    """The instruction a chat becomes for the router (and for the experts when the model has no
+    chat template, ``ExpertPool.render``): the contents in order, a blank line apart."""
+    return chat_instruction([{"role": m.role, "content": m.content} for m in messages])
 
 
 def cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
@@ -472,7 +471,9 @@ class Ingress:
         self._auth(request)
         return await self.route(req, request)
 
-    async def _complete(self, req: _OpenAIRequest, prompt: str) -> dict[str, Any]:
+    async def _complete(
+        self, req: _OpenAIRequest, prompt: str, chat: list[dict[str, str]] | None = None
+    ) -> dict[str, Any]:
         """Route (or not), generate, cut at stop: the shared body of both OpenAI routes."""
         if req.model not in self._models():
             raise OpenAIError(404, f"model: {req.model!r} does not exist; GET /v1/models lists "
@@ -494,7 +495,9 @@ class Ingress:
             mode, expert = ("ensemble", probs), -1
         elif req.temperature > 0:
             mode = ("sample", float(req.temperature), float(req.top_p), req.seed)
-        out = await self.experts.generate.remote((prompt, expert, m, mode))
+        # a chat goes to the experts as messages (their chat template, if any); the router sees
+        # the instruction
+        out = await self.experts.generate.remote((chat or prompt, expert, m, mode))
         if "error" in out:
             code = "context_length_exceeded" if "exceed" in out["error"] else None
             raise OpenAIError(400, out["error"], out["error"].split(":")[0], code)
@@ -530,7 +533,8 @@ class Ingress:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatRequest, request: Request) -> Any:
         self._auth(request)
-        out = await self._complete(req, chat_prompt(req.messages))
+        chat = [{"role": m.role, "content": m.content} for m in req.messages]
+        out = await self._complete(req, chat_prompt(req.messages), chat)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": req.model}  # fmt: skip
         if req.stream:

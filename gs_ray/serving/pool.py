@@ -102,6 +102,12 @@ def plan_batches(
     return [sorted(g) for g in groups]
 
 
+def chat_instruction(messages: Sequence[dict[str, str]]) -> str:
+    """A chat as one instruction, for a model without a chat template: the messages' non-blank
+    contents in order, a blank line apart."""
+    return "\n\n".join(m["content"] for m in messages if m["content"].strip())
+
+
 adapter_name = expert_name  # the peft adapter name of expert k inside an ``ExpertPool``
 
 
@@ -134,8 +140,18 @@ class ExpertPool:
         self.n_experts = len(expert_paths)
         self.max_positions = getattr(base.config, "max_position_embeddings", None)
 
-    def render(self, prompt: str) -> str:
-        """The prompt as the experts saw prompts in training (``data.template``)."""
+    def render(self, prompt: str | Sequence[dict[str, str]]) -> str:
+        """The prompt as the experts saw prompts in training (``data.template``). A chat (a list
+        of ``{"role", "content"}`` messages) goes through the tokenizer's chat template where the
+        model has one, else becomes one instruction (the contents, a blank line apart) in
+        ``data.template``."""
+        if not isinstance(prompt, str):
+            messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            if getattr(self.tokenizer, "chat_template", None):
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            prompt = chat_instruction(messages)
         return self.template.format(prompt=prompt)
 
     def check(self, expert: int, max_new_tokens: int) -> None:
