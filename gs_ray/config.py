@@ -280,6 +280,11 @@ class ServeConfig:
     api_docs: bool = _f(
         False, "serve the interactive API docs (/docs, /redoc, /openapi.json); off by default"
     )
+    api_key: str | None = _f(
+        None,
+        "bearer API key every route but /healthz requires (None: the GS_RAY_API_KEY environment "
+        "variable, else no key)",
+    )
     max_new_tokens: int = _f(64, "generation length when a request names none", ge=1)
     max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", ge=1)
     max_batch_size: int = _f(8, "requests the router and each expert replica batch together", ge=1)
@@ -295,6 +300,9 @@ class ServeConfig:
     )
     expert_cpus: float = _f(1.0, "CPUs per experts replica", ge=0)
     router_cpus: float = _f(0.5, "CPUs per router replica", ge=0)
+    router_int8: bool = _f(
+        False, "route with the encoder's linear layers quantised to int8 (CPU; ~2.5x faster)"
+    )
     device: str = _f(
         "auto", "torch device of the experts replicas: auto | cpu | cuda | cuda:N", pattern=_DEVICE
     )

@@ -620,3 +620,296 @@ def test_serve_throughput_benchmark_runs(run_dir, tmp_path):
     out = json.loads(out_file.read_text())
     assert out["identical_answers"] is True and out["requests"] == 9
     assert out["speedup_mixed_vs_one"] > 0 and out["speedup_mixed_vs_grouped"] > 0
+
+
+# --------------------------------------------------------------------------- issue 13: OpenAI API
+
+
+def test_ensemble_equals_a_hand_computation(pool, run_dir, reference):
+    """The ensemble (greedy over sum_k w_k softmax(logits_k)) against the same mixture computed
+    by hand from the K experts loaded alone with plain peft; one-hot weights give that expert."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # one-hot: exactly the expert alone (12 tokens, the reference)
+    assert pool.ensemble(PROMPTS[0], [0.0, 1.0, 0.0], 12).text == reference[0, 1]
+    weights = [0.5, 0.3, 0.2]
+    got = pool.ensemble(PROMPTS[3], weights, 6)
+    tok = AutoTokenizer.from_pretrained(run_dir / "base_model")
+    models = [
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(run_dir / "base_model"),
+            run_dir / "experts" / f"expert_{k}",
+        ).eval()
+        for k in range(K)
+    ]
+    ids = tok(ServedRun.open(run_dir).cfg.data.template.format(prompt=PROMPTS[3]),
+              return_tensors="pt")["input_ids"]  # fmt: skip
+    new = []
+    with torch.no_grad():
+        for _ in range(6):
+            mix = sum(w * torch.softmax(m(input_ids=ids).logits[0, -1], -1)
+                      for w, m in zip(weights, models, strict=True))  # fmt: skip
+            t = int(mix.argmax())
+            new.append(t)
+            if t == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+    if tok.eos_token_id in new:
+        new = new[: new.index(tok.eos_token_id)]
+    assert got.text == tok.decode(new, skip_special_tokens=True)
+    assert got.n_new_tokens == len(new)
+    # and the mixture differs from each expert alone here (a real mixture, not a copy)
+    singles = {pool.generate([PROMPTS[3]], [k], 6)[0].text for k in range(K)}
+    assert got.text not in singles or len(singles) < K
+
+
+def test_sampling_is_reproducible_with_a_seed(pool):
+    a = pool.sample(PROMPTS[1], 0, 10, 1.0, 0.9, seed=7)
+    b = pool.sample(PROMPTS[1], 0, 10, 1.0, 0.9, seed=7)
+    others = {pool.sample(PROMPTS[1], 0, 10, 1.0, 0.9, seed=s).text for s in range(8, 12)}
+    assert a == b
+    assert len(others | {a.text}) > 1  # it does sample
+
+
+def _client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.ray
+def test_openai_client_completions_chat_stream_models(served, run_dir, reference, pool):
+    """The official openai client against the app: answers equal each expert alone (plain
+    peft), routed like the router; streaming joins to the same text; models lists them all."""
+    client = _client(served)
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {"gs-ray", "gs-ray/ensemble"} | {f"gs-ray/expert-{k}" for k in range(K)}
+    router = ServedRun.open(run_dir).router()
+    probs = router.predict_proba(PROMPTS)
+    for i in (0, 1, 2):
+        k = int(probs[i].argmax())
+        r = client.completions.create(model="gs-ray", prompt=PROMPTS[i], max_tokens=12,
+                                      temperature=0)  # fmt: skip
+        assert r.choices[0].text == reference[i, k], i
+        assert r.model_extra["gs_ray"]["expert"] == k
+        assert r.model_extra["gs_ray"]["probs"] == pytest.approx(probs[i].tolist(), abs=1e-5)
+        assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 0
+        c = client.chat.completions.create(
+            model="gs-ray", messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=12,
+            temperature=0,
+        )  # fmt: skip
+        assert c.choices[0].message.content == reference[i, k] and c.object == "chat.completion"
+    r = client.completions.create(model="gs-ray/expert-2", prompt=PROMPTS[0], max_tokens=12,
+                                  temperature=0)  # fmt: skip
+    assert r.choices[0].text == reference[0, 2] and r.model_extra["gs_ray"]["expert"] == 2
+    # streaming, both routes
+    k = int(probs[1].argmax())
+    chunks = list(client.completions.create(model="gs-ray", prompt=PROMPTS[1], max_tokens=12,
+                                            temperature=0, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == reference[1, k]
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    chunks = list(client.chat.completions.create(
+        model="gs-ray/expert-0", messages=[{"role": "user", "content": PROMPTS[2]}],
+        max_tokens=12, temperature=0, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference[2, 0]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    # stop sequences cut the text; a seed makes sampling reproducible
+    full = reference[0, 1]
+    stop = full.strip()[2:4]
+    r = client.completions.create(model="gs-ray/expert-1", prompt=PROMPTS[0], max_tokens=12,
+                                  temperature=0, stop=[stop])  # fmt: skip
+    assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+    a, b = (client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1], max_tokens=8,
+                                      temperature=1.0, top_p=0.9, seed=5) for _ in range(2))  # fmt: skip
+    assert a.choices[0].text == b.choices[0].text
+    assert a.choices[0].text == pool.sample(PROMPTS[1], 0, 8, 1.0, 0.9, 5).text
+    # the ensemble: all experts weighted by the router's probabilities
+    e = client.completions.create(model="gs-ray/ensemble", prompt=PROMPTS[3], max_tokens=6,
+                                  temperature=0)  # fmt: skip
+    w = e.model_extra["gs_ray"]["probs"]
+    assert e.choices[0].text == pool.ensemble(PROMPTS[3], w, 6).text
+    assert e.model_extra["gs_ray"]["routed_by"] == "ensemble"
+    # /v1/route
+    status, out = _http(f"{served}/v1/route", {"prompt": PROMPTS[0]})
+    assert status == 200 and out["expert"] == int(probs[0].argmax())
+
+
+def _raw(url: str, data: bytes, timeout: float = 60) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw.decode("utf-8", "replace")
+
+
+def _assert_openai_error(status, out, code, param):
+    assert status == code, out
+    assert set(out) == {"error"} and set(out["error"]) == {"message", "type", "param", "code"}
+    assert out["error"]["param"] == param, out
+
+
+OPENAI_BAD = [  # (route, body, status, param)
+    ("completions", {"model": "gs-ray", "prompt": ""}, 400, "prompt"),
+    ("completions", {"model": "gs-ray"}, 400, "prompt"),
+    ("completions", {"model": "gs-ray", "prompt": "  \n"}, 400, "prompt"),
+    ("completions", {"model": "gs-ray", "prompt": 5}, 400, "prompt"),
+    ("completions", {"model": "gs-ray", "prompt": "hi", "max_tokens": "8"}, 400, "max_tokens"),
+    ("completions", {"model": "gs-ray", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"model": "gs-ray", "prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
+    ("completions", {"model": "gs-ray", "prompt": "hi", "temperature": 3}, 400, "temperature"),
+    ("completions", {"model": "gs-ray", "prompt": "hi", "n": 2}, 400, "n"),
+    ("completions", {"model": "gs-ray", "prompt": "word " * 2000}, 400, "prompt"),
+    ("completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("completions", {"model": f"gs-ray/expert-{K}", "prompt": "hi"}, 404, "model"),
+    ("chat/completions", {"model": "gs-ray", "messages": []}, 400, "messages"),
+    (
+        "chat/completions",
+        {"model": "gs-ray", "messages": [{"role": "user"}]},
+        400,
+        "messages.0.content",
+    ),
+    ("chat/completions", {"model": "gs-ray", "messages": "hi"}, 400, "messages"),
+]
+
+
+@pytest.mark.ray
+def test_openai_bad_inputs_get_4xx_in_openai_shape(served):
+    import openai
+
+    for route, body, code, param in OPENAI_BAD:
+        status, out = _http(f"{served}/v1/{route}", body)
+        _assert_openai_error(status, out, code, param)
+    for route in ("completions", "chat/completions"):
+        status, out = _raw(f"{served}/v1/{route}", b'{"model": "gs-ray", "prompt": ')
+        _assert_openai_error(status, out, 400, None)
+        assert out["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.NotFoundError):
+        _client(served).completions.create(model="nope", prompt="hi")
+    with pytest.raises(openai.BadRequestError):
+        _client(served).completions.create(model="gs-ray", prompt="hi", max_tokens=0)
+
+
+@pytest.mark.ray
+def test_openai_bounded_load_no_5xx_nothing_lost(served, pool):
+    """200 requests at concurrency 8 (completions, chat, models, route, bad ones), 240 s cap:
+    no 5xx, every valid answer equals the pool's answer for its own prompt (so none is lost,
+    swapped or duplicated), every bad one its 4xx."""
+    rng = random.Random(13)
+    cases = []
+    for j in range(200):
+        kind = rng.choice(["cmpl", "cmpl", "chat", "models", "route", "bad"])
+        k = rng.randrange(K)
+        prompt = f"{PROMPTS[j % len(PROMPTS)]} (request {j})"
+        if kind == "cmpl":
+            cases.append((kind, "completions", {"model": f"gs-ray/expert-{k}", "prompt": prompt,
+                                                "max_tokens": 4, "temperature": 0}, k))  # fmt: skip
+        elif kind == "chat":
+            cases.append((kind, "chat/completions", {"model": f"gs-ray/expert-{k}", "max_tokens": 4,
+                          "messages": [{"role": "user", "content": prompt}],
+                          "temperature": 0}, k))  # fmt: skip
+        elif kind == "route":
+            cases.append((kind, "route", {"prompt": prompt}, None))
+        elif kind == "models":
+            cases.append((kind, "models", None, None))
+        else:
+            cases.append((kind, *rng.choice(OPENAI_BAD)[:2], None))
+
+    def ask(case):
+        return _http(f"{served}/v1/{case[1]}", case[2], timeout=120)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        answers = list(ex.map(ask, cases))
+    assert time.perf_counter() - start < 240
+    assert all(status < 500 for status, _ in answers), [a for a in answers if a[0] >= 500]
+    gen = [(c, a) for c, a in zip(cases, answers, strict=True) if c[0] in ("cmpl", "chat")]
+    prompts = [c[2].get("prompt") or c[2]["messages"][0]["content"] for c, _ in gen]
+    expected = pool.generate(prompts, [c[3] for c, _ in gen], 4)
+    ids = set()
+    for ((kind, _, _, k), (status, out)), want in zip(gen, expected, strict=True):
+        assert status == 200, out
+        text = out["choices"][0]["text"] if kind == "cmpl" else (
+            out["choices"][0]["message"]["content"])  # fmt: skip
+        assert text == want.text and out["gs_ray"]["expert"] == k
+        ids.add(out["id"])
+    assert len(ids) == len(gen)
+    for (kind, _, _, _), (status, out) in zip(cases, answers, strict=True):
+        if kind == "bad":
+            assert 400 <= status < 500 and "error" in out, out
+        elif kind in ("models", "route"):
+            assert status == 200, out
+
+
+def test_int8_router_agrees_with_the_float_router(run_dir):
+    """serve.router_int8: the quantised encoder routes (nearly) as the float one on 150 held-out
+    demo prompts (the served router's three domains), with probabilities close."""
+    from gs_ray.data.demo import build_demo_corpus
+
+    rows = [r for r in build_demo_corpus(900, seed=5) if r["domain"] in DOMAINS][:150]
+    texts = [r["instruction"] for r in rows]
+    float_p = ServedRun.open(run_dir).router().predict_proba(texts)
+    int8 = ServedRun.open(run_dir).router().quantize()
+    int8_p = int8.predict_proba(texts)
+    agree = (float_p.argmax(1) == int8_p.argmax(1)).mean()
+    assert agree >= 0.98, agree
+    assert abs(float_p - int8_p).max() < 0.2
+    assert any("quantized" in type(m).__module__ for m in int8.encoder.model.modules())
+    # the shared float encoder is untouched
+    assert not any(
+        "quantized" in type(m).__module__
+        for m in ServedRun.open(run_dir).router().encoder.model.modules()
+    )
+
+
+@pytest.mark.ray
+def test_serve_shuts_down_cleanly(served):
+    """Last in the module: after the load above, serve.shutdown() stops the app and frees the
+    port (no listener left on 127.0.0.1) within 60 s."""
+    import socket
+
+    from ray import serve
+
+    port = int(served.rsplit(":", 1)[1])
+    assert _http(f"{served}/healthz")[0] == 200
+    serve.shutdown()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with socket.socket() as s:
+            s.settimeout(1)
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(1)
+    else:
+        pytest.fail(f"port {port} still accepts connections 60 s after serve.shutdown()")
+
+
+def test_chat_uses_the_models_chat_template_else_the_runs(pool):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+    assert pool.tokenizer.chat_template is None  # the tiny model has none: the run's template
+    assert pool.render(msgs) == pool.cfg.data.template.format(prompt=f"Be brief.\n\n{PROMPTS[0]}")
+    template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    pool.tokenizer.chat_template = template
+    try:
+        text = f"<|system|>Be brief.\n<|user|>{PROMPTS[0]}\n<|assistant|>"
+        assert pool.render(msgs) == text
+        got = pool.generate([msgs], [1], 6)[0]
+        ids = pool.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            pool.model.set_adapter("expert_1")
+            out = pool.model.generate(**ids, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=pool.tokenizer.pad_token_id)  # fmt: skip
+        new = out[0, ids["input_ids"].shape[1] :].tolist()
+        eos = pool.tokenizer.eos_token_id
+        new = new[: new.index(eos)] if eos in new else new
+        assert got.text == pool.tokenizer.decode(new, skip_special_tokens=True)
+    finally:
+        pool.tokenizer.chat_template = None

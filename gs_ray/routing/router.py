@@ -396,6 +396,26 @@ class Router:
             self.head.to(enc.device)
         return self._encoder
 
+    def quantize(self) -> Router:
+        """Swap in a copy of the encoder with its linear layers quantised to int8 (torch dynamic
+        quantisation, CPU): on this project's 2-core CPU at batch 1 it routes about 2.5x faster
+        (MiniLM, 1 thread, quiet-ish machine: 13.8 -> 5.2 ms p50) and agreed with the float
+        router on 99.75% of 400 held-out demo prompts (benchmarks/README.md). The shared float
+        encoder (``load_encoder``) is left as it is. Returns ``self``."""
+        import copy
+        import warnings
+
+        enc = copy.copy(self.encoder)
+        with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice
+            warnings.simplefilter("ignore")
+            enc.model = torch.ao.quantization.quantize_dynamic(
+                enc.model.cpu(), {nn.Linear}, dtype=torch.qint8
+            )
+        enc.device = torch.device("cpu")
+        self._encoder = enc
+        self.head.cpu()
+        return self
+
     def proba_from_features(self, features: np.ndarray) -> np.ndarray:
         """p(k | x) for precomputed encoder features, ``(n, K)`` float32."""
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))

@@ -9,6 +9,13 @@ Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin a
   ``expert`` forces one) and returns the chosen expert, the router's probabilities, the answer and
   timings. ``POST /route {"prompt": ...}`` only routes. ``GET /info`` describes the run and its
   experts; ``GET /healthz`` answers ``ok``.
+* The OpenAI API: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` as
+  server-sent events), ``GET /v1/models`` (``gs-ray`` routed, ``gs-ray/expert-K`` one expert,
+  ``gs-ray/ensemble`` all K weighted by the router's probabilities, ``ExpertPool.ensemble``) and
+  ``POST /v1/route``; errors in OpenAI's shape (``OpenAIError``). Greedy requests share the
+  experts' batches; sampled (``temperature`` > 0, seeded) and ensemble requests run one at a time.
+  With ``serve.api_key`` (or ``GS_RAY_API_KEY``) set, every route but ``/healthz`` needs
+  ``Authorization: Bearer KEY`` (401).
 * Both model deployments batch with ``@serve.batch`` (``serve.max_batch_size``,
   ``serve.batch_wait_s``). An experts replica holds all K adapters (MBs each) on one base model
   and answers a batch that mixes experts in one ``generate`` call; replicas scale out with
@@ -21,7 +28,8 @@ Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin a
   (an expert out of range, a prompt too long for the model). A request that fits the model alone
   is answered as alone whatever else is in its batch (``serving.plan_batches``), and a bad request
   never fails the others.
-* The HTTP proxy binds ``serve.host`` (127.0.0.1 by default; there is no authentication), and the
+* The HTTP proxy binds ``serve.host`` (127.0.0.1 by default; no authentication unless an API key
+  is set), and the
   interactive API docs (``/docs``, ``/redoc``, ``/openapi.json``) answer only with
   ``serve.api_docs``.
 
@@ -33,20 +41,25 @@ Start it with ``gs-ray serve RUN_DIR`` (or ``serve run serve/config.yaml``, or
 # (with string annotations under @serve.ingress, it took the body for a query parameter).
 import asyncio
 import collections
+import hmac
+import json
 import logging
+import os
+import re
 import time
-from typing import Any
+import uuid
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gs_ray.config import Config, ServeConfig, apply_overrides
-from gs_ray.serving.pool import ServedRun, ServingError
+from gs_ray.serving.pool import ServedRun, ServingError, chat_instruction
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +82,8 @@ class RouterDeployment:
     def __init__(self, run_dir: str, cfg: ServeConfig):
         _set_threads(cfg.router_cpus)
         self.router = ServedRun.open(run_dir).router()
+        if cfg.router_int8:
+            self.router.quantize()
         self.router.predict(["warm-up"])  # load the encoder now, not on the first request
         self.route.set_max_batch_size(cfg.max_batch_size)
         self.route.set_batch_wait_timeout_s(cfg.batch_wait_s)
@@ -96,24 +111,46 @@ class ExpertsDeployment:
 
     def _problem(self, prompt: str, expert: int, max_new_tokens: int) -> str | None:
         try:
-            self.pool.validate(prompt, expert, max_new_tokens)
+            self.pool.validate(prompt, max(expert, 0), max_new_tokens)
         except ServingError as e:
             return str(e)
         return None
 
+    def _one(self, prompt: str, expert: int, m: int, mode: tuple) -> dict[str, Any]:
+        """A request that does not join the greedy batch: sampled, or the ensemble."""
+        start = time.perf_counter()
+        try:
+            if mode[0] == "sample":
+                g = self.pool.sample(prompt, expert, m, *mode[1:])
+            else:  # ("ensemble", weights)
+                g = self.pool.ensemble(prompt, mode[1], m)
+        except ServingError as e:
+            return {"error": str(e)}
+        return {"text": g.text, "n_prompt_tokens": g.n_prompt_tokens,
+                "n_new_tokens": g.n_new_tokens, "finish_reason": g.finish_reason,
+                "batch_size": 1, "generate_ms": 1000 * (time.perf_counter() - start)}  # fmt: skip
+
     @serve.batch
-    async def generate(self, requests: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    async def generate(self, requests: list[tuple]) -> list[dict[str, Any]]:
+        """Rows ``(prompt, expert, max_new_tokens[, mode])``; ``mode`` None is greedy (batched
+        with the other greedy rows), ``("sample", temperature, top_p, seed)`` or
+        ``("ensemble", weights)`` run one at a time after the batch."""
         self.batch_sizes.append(len(requests))
         self.n_batches += 1
         self.n_requests += len(requests)
         out: list[dict[str, Any]] = [{} for _ in requests]
-        ok = []
-        for i, (prompt, expert, m) in enumerate(requests):
+        ok, single = [], []
+        for i, (prompt, expert, m, *rest) in enumerate(requests):
             problem = self._problem(prompt, expert, m)
             if problem:
                 out[i] = {"error": problem}
+            elif rest and rest[0] is not None:
+                single.append(i)
             else:
                 ok.append(i)
+        for i in single:
+            prompt, expert, m, mode = requests[i]
+            out[i] = await asyncio.to_thread(self._one, prompt, expert, m, mode)
         if ok:
             start = time.perf_counter()
             # One batch at a time (serve.batch's default), in a thread: the event loop stays free.
@@ -191,6 +228,122 @@ def validation_error_body(errors: Any) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- the OpenAI API
+
+MODEL = APP_NAME  # the routed model; "gs-ray/expert-K" names one expert, "gs-ray/ensemble" all
+ENSEMBLE_MODEL = f"{APP_NAME}/ensemble"
+API_KEY_ENV = "GS_RAY_API_KEY"
+
+
+def expert_model(k: int) -> str:
+    """The OpenAI model name of expert k (naming it bypasses the router)."""
+    return f"{APP_NAME}/expert-{k}"
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type_: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = (
+            status, message, param, code, type_,
+        )  # fmt: skip
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}  # fmt: skip
+        return JSONResponse(body, status_code=self.status)
+
+
+class _OpenAIRequest(BaseModel):
+    # strict types as the rest of the API; unknown OpenAI fields (user, logprobs...) are ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0, le=2)
+    top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("must be one string (a list of exactly one)")
+            v = v[0]
+        return check_prompt(v)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class ChatRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _has_text(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        check_prompt("".join(m.content for m in v))
+        return v
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """The instruction a chat becomes for the router (and for the experts when the model has no
+    chat template, ``ExpertPool.render``): the contents in order, a blank line apart."""
+    return chat_instruction([{"role": m.role, "content": m.content} for m in messages])
+
+
+def cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
+    """``text`` up to the first occurrence of any stop string, and whether one was found."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    cut = min((i for i in (text.find(x) for x in stops if x) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+_UNION_MEMBER = re.compile(r"str|int|float|bool|none|.*\[.*\]")
+
+
+def openai_validation_error(errors: Any) -> OpenAIError:
+    """A pydantic error list as one OpenAI 400: the first error's field and message."""
+    body = validation_error_body(errors)["detail"]
+    first = body[0] if body else {"loc": [], "msg": "invalid request", "type": ""}
+    if first["type"] == "json_invalid":
+        return OpenAIError(400, f"invalid JSON: {first['msg']}", None, "invalid_json")
+    # pydantic names the member of a union it tried ("prompt.str"): keep the fields only
+    loc = [str(x) for x in first["loc"] if x != "body" and not _UNION_MEMBER.fullmatch(str(x))]
+    param = ".".join(loc) or None
+    return OpenAIError(400, f"{param}: {first['msg']}", param, first["type"] or None)
+
+
+def _sse(chunks: list[dict], out: dict[str, Any]) -> StreamingResponse:
+    """Server-sent events in OpenAI's chunk format, ending ``data: [DONE]``. The answer is
+    generated before the first event (the experts batch whole requests), so a stream carries
+    it as one content chunk; the last chunk also carries ``usage`` and the ``gs_ray`` field."""
+    chunks = [dict(c) for c in chunks]
+    chunks[-1].update(usage=out["usage"], gs_ray=out["gs_ray"])
+
+    async def events():
+        for c in chunks:
+            yield f"data: {json.dumps(c)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# (Defined before Ingress: serve.ingress captures the class's globals when it is decorated.)
 # The docs routes are the Ingress's own, answering only with serve.api_docs (see Ingress.docs).
 api = FastAPI(
     title="gs-ray",
@@ -203,7 +356,14 @@ api = FastAPI(
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if "/v1/" in request.url.path:  # the OpenAI routes answer in OpenAI's shape
+        return openai_validation_error(exc.errors()).response()
     return JSONResponse(validation_error_body(exc.errors()), status_code=422)
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    return exc.response()
 
 
 @serve.deployment
@@ -214,6 +374,22 @@ class Ingress:
     def __init__(self, router: DeploymentHandle, experts: DeploymentHandle, info: dict,
                  cfg: ServeConfig):  # fmt: skip
         self.router, self.experts, self.info_, self.cfg = router, experts, info, cfg
+
+    def _key(self) -> str | None:
+        return self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def _auth(self, request: Request) -> None:
+        """With an API key set, a request must carry ``Authorization: Bearer KEY`` (401)."""
+        key = self._key()
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), key.encode()
+        ):
+            raise OpenAIError(401, "missing or wrong API key (Authorization: Bearer KEY)", None,
+                              "invalid_api_key", "authentication_error")  # fmt: skip
 
     def _docs_allowed(self) -> None:
         if not self.cfg.api_docs:  # the same reply as any unknown path
@@ -241,17 +417,20 @@ class Ingress:
         return "ok"
 
     @api.get("/info")
-    async def info(self) -> dict:
+    async def info(self, request: Request) -> dict:
+        self._auth(request)
         return self.info_
 
     @api.post("/route")
-    async def route(self, req: RouteRequest) -> dict:
+    async def route(self, req: RouteRequest, request: Request) -> dict:
+        self._auth(request)
         start = time.perf_counter()
         out = await self.router.route.remote(req.prompt)
         return {**out, "route_ms": 1000 * (time.perf_counter() - start)}
 
     @api.post("/generate")
-    async def generate(self, req: GenerateRequest) -> dict:
+    async def generate(self, req: GenerateRequest, request: Request) -> dict:
+        self._auth(request)
         k_total = self.info_["n_experts"]
         m = req.max_new_tokens or self.cfg.max_new_tokens
         if m > self.cfg.max_new_tokens_limit:
@@ -272,6 +451,102 @@ class Ingress:
         total_ms = 1000 * (time.perf_counter() - start)
         return {"expert": expert, "routed_by": by, "probs": probs, **out,
                 "route_ms": route_ms, "total_ms": total_ms}  # fmt: skip
+
+    # ------------------------------------------------------------------ OpenAI-compatible routes
+
+    def _models(self) -> list[str]:
+        return [MODEL, ENSEMBLE_MODEL] + [expert_model(k) for k in range(self.info_["n_experts"])]
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        created = 0
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": created, "owned_by": APP_NAME}
+            for m in self._models()
+        ]}  # fmt: skip
+
+    @api.post("/v1/route")
+    async def v1_route(self, req: RouteRequest, request: Request) -> dict:
+        self._auth(request)
+        return await self.route(req, request)
+
+    async def _complete(
+        self, req: _OpenAIRequest, prompt: str, chat: list[dict[str, str]] | None = None
+    ) -> dict[str, Any]:
+        """Route (or not), generate, cut at stop: the shared body of both OpenAI routes."""
+        if req.model not in self._models():
+            raise OpenAIError(404, f"model: {req.model!r} does not exist; GET /v1/models lists "
+                                   f"them", "model", "model_not_found")  # fmt: skip
+        m = req.max_tokens or self.cfg.max_new_tokens
+        if m > self.cfg.max_new_tokens_limit:
+            raise OpenAIError(400, f"max_tokens: {m} is over the limit "
+                                   f"{self.cfg.max_new_tokens_limit}", "max_tokens")  # fmt: skip
+        start = time.perf_counter()
+        probs = None
+        if req.model == MODEL or req.model == ENSEMBLE_MODEL:
+            routed = await self.router.route.remote(prompt)
+            expert, probs = routed["expert"], routed["probs"]
+        else:
+            expert = int(req.model.rsplit("-", 1)[1])
+        route_ms = 1000 * (time.perf_counter() - start)
+        mode: tuple | None = None
+        if req.model == ENSEMBLE_MODEL:
+            mode, expert = ("ensemble", probs), -1
+        elif req.temperature > 0:
+            mode = ("sample", float(req.temperature), float(req.top_p), req.seed)
+        # a chat goes to the experts as messages (their chat template, if any); the router sees
+        # the instruction
+        out = await self.experts.generate.remote((chat or prompt, expert, m, mode))
+        if "error" in out:
+            code = "context_length_exceeded" if "exceed" in out["error"] else None
+            raise OpenAIError(400, out["error"], out["error"].split(":")[0], code)
+        text, stopped = cut_at_stop(out["text"], req.stop)
+        return {
+            "text": text,
+            "finish_reason": "stop" if stopped else out["finish_reason"],
+            "usage": {"prompt_tokens": out["n_prompt_tokens"],
+                      "completion_tokens": out["n_new_tokens"],
+                      "total_tokens": out["n_prompt_tokens"] + out["n_new_tokens"]},
+            "gs_ray": {"expert": None if expert < 0 else expert, "probs": probs,
+                       "routed_by": "router" if req.model == MODEL else (
+                           "ensemble" if expert < 0 else "request"),
+                       "route_ms": route_ms,
+                       "total_ms": 1000 * (time.perf_counter() - start)},
+        }  # fmt: skip
+
+    @api.post("/v1/completions")
+    async def completions(self, req: CompletionRequest, request: Request) -> Any:
+        self._auth(request)
+        out = await self._complete(req, req.prompt)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": req.model}  # fmt: skip
+        if req.stream:
+            chunks = [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": None},
+                      {"index": 0, "text": "", "logprobs": None,
+                       "finish_reason": out["finish_reason"]}]  # fmt: skip
+            return _sse([{**head, "choices": [c]} for c in chunks], out)
+        choice = {"index": 0, "text": out["text"], "logprobs": None,
+                  "finish_reason": out["finish_reason"]}  # fmt: skip
+        return {**head, "choices": [choice], "usage": out["usage"], "gs_ray": out["gs_ray"]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatRequest, request: Request) -> Any:
+        self._auth(request)
+        chat = [{"role": m.role, "content": m.content} for m in req.messages]
+        out = await self._complete(req, chat_prompt(req.messages), chat)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": req.model}  # fmt: skip
+        if req.stream:
+            deltas = [({"role": "assistant", "content": ""}, None),
+                      ({"content": out["text"]}, None), ({}, out["finish_reason"])]  # fmt: skip
+            return _sse([{**head, "object": "chat.completion.chunk",
+                          "choices": [{"index": 0, "delta": d, "logprobs": None,
+                                       "finish_reason": f}]} for d, f in deltas], out)  # fmt: skip
+        choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                  "logprobs": None, "finish_reason": out["finish_reason"]}  # fmt: skip
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": out["usage"],
+                "gs_ray": out["gs_ray"]}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- building the app

@@ -102,6 +102,12 @@ def plan_batches(
     return [sorted(g) for g in groups]
 
 
+def chat_instruction(messages: Sequence[dict[str, str]]) -> str:
+    """A chat as one instruction, for a model without a chat template: the messages' non-blank
+    contents in order, a blank line apart."""
+    return "\n\n".join(m["content"] for m in messages if m["content"].strip())
+
+
 adapter_name = expert_name  # the peft adapter name of expert k inside an ``ExpertPool``
 
 
@@ -134,8 +140,18 @@ class ExpertPool:
         self.n_experts = len(expert_paths)
         self.max_positions = getattr(base.config, "max_position_embeddings", None)
 
-    def render(self, prompt: str) -> str:
-        """The prompt as the experts saw prompts in training (``data.template``)."""
+    def render(self, prompt: str | Sequence[dict[str, str]]) -> str:
+        """The prompt as the experts saw prompts in training (``data.template``). A chat (a list
+        of ``{"role", "content"}`` messages) goes through the tokenizer's chat template where the
+        model has one, else becomes one instruction (the contents, a blank line apart) in
+        ``data.template``."""
+        if not isinstance(prompt, str):
+            messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            if getattr(self.tokenizer, "chat_template", None):
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            prompt = chat_instruction(messages)
         return self.template.format(prompt=prompt)
 
     def check(self, expert: int, max_new_tokens: int) -> None:
@@ -186,6 +202,71 @@ class ExpertPool:
                 results[i] = g
         return results  # type: ignore[return-value]  # every row is in exactly one group
 
+    @torch.no_grad()
+    def sample(
+        self,
+        prompt: str,
+        expert: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> Generation:
+        """One sampled answer (``temperature`` > 0, nucleus ``top_p``); the same ``seed`` gives
+        the same answer (the global torch RNG is seeded: a pool runs one call at a time)."""
+        self.check(expert, max_new_tokens)
+        text = self.render(prompt)
+        check_fits(self._n_tokens(text), max_new_tokens, self.max_positions)
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.model.set_adapter(adapter_name(expert))
+        ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt").to(self.device)
+        out = self.model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+            top_p=top_p, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )  # fmt: skip
+        return self._finish(expert, out[0, ids["input_ids"].shape[1] :].tolist(),
+                            ids["input_ids"].shape[1], max_new_tokens)  # fmt: skip
+
+    @torch.no_grad()
+    def ensemble(self, prompt: str, weights: Sequence[float], max_new_tokens: int) -> Generation:
+        """The ensemble of all K experts: at each step the next token is
+        ``ensemble_next_token`` over the K experts' logits for the sequence so far (greedy over
+        the mixture ``sum_k w_k softmax(logits_k)``), until EOS or ``max_new_tokens``. Each step
+        runs the K adapters on the whole sequence (no KV cache): K times the cost of one expert,
+        at least."""
+        if len(weights) != self.n_experts:
+            raise ServingError(f"weights: {len(weights)} values for {self.n_experts} experts")
+        self.check(0, max_new_tokens)
+        text = self.render(prompt)
+        ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"]
+        check_fits(ids.shape[1], max_new_tokens, self.max_positions)
+        ids = ids.to(self.device)
+        n_prompt = ids.shape[1]
+        eos = self.tokenizer.eos_token_id
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = []
+            for k in range(self.n_experts):
+                self.model.set_adapter(adapter_name(k))
+                logits.append(self.model(input_ids=ids).logits[0, -1])
+            token = ensemble_next_token(logits, weights)
+            new.append(token)
+            if token == eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
+        return self._finish(-1, new, n_prompt, max_new_tokens)
+
+    def _finish(self, expert: int, new: list[int], n_prompt: int, limit: int) -> Generation:
+        new = new[:limit]
+        eos = self.tokenizer.eos_token_id
+        stop = eos is not None and eos in new
+        if stop:
+            new = new[: new.index(eos)]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Generation(expert, text, n_prompt, len(new), "stop" if stop else "length")
+
     def _generate_group(
         self, texts: list[str], experts: list[int], limits: list[int]
     ) -> list[Generation]:
@@ -229,6 +310,15 @@ class ExpertPool:
                 )  # fmt: skip
             )
         return results
+
+
+def ensemble_next_token(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> int:
+    """The ensemble's greedy step: ``argmax_v sum_k w_k softmax(logits_k)_v`` (ELREA-style: the
+    experts' next-token distributions mixed with the router's probabilities as weights)."""
+    mix = sum(
+        float(w) * torch.softmax(x.float(), dim=-1) for x, w in zip(logits, weights, strict=True)
+    )
+    return int(torch.argmax(mix))
 
 
 class ServedRun:

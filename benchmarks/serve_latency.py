@@ -1,0 +1,143 @@
+"""Serving latency over HTTP of a finished run: the router at batch 1, completions through the
+OpenAI route at concurrency 1 and 8, and the ensemble against the routed single expert.
+
+One process starts a local Ray (127.0.0.1), deploys the app with ``serve.run`` and measures:
+
+* ``router_p50_ms`` / ``router_p99_ms``: the router in process, one prompt at a time, float
+  encoder; ``router_int8_p50_ms`` / ``router_int8_p99_ms`` and ``router_int8_agreement`` (share
+  of prompts routed as the float router) with ``serve.router_int8``'s quantised encoder;
+* ``completion_p50_ms`` / ``completion_p99_ms`` / ``completion_rps`` at concurrency 1, and the
+  same with ``_c8`` at concurrency 8 (``POST /v1/completions``, model ``gs-ray``, greedy);
+* ``ensemble_over_single_latency``: p50 of ``gs-ray/ensemble`` over p50 of ``gs-ray`` at
+  concurrency 1; ``errors_5xx``: 5xx answers seen in all of it (expected 0).
+
+    python benchmarks/serve_latency.py --run-dir runs/<run> --json benchmarks/results/latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def _post(url: str, body: dict, timeout: float = 300) -> tuple[int, float]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    return status, 1000 * (time.perf_counter() - start)
+
+
+def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[int], list[float], float]:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as ex:
+        out = list(ex.map(lambda b: _post(url, b), bodies))
+    wall = time.perf_counter() - start
+    return [s for s, _ in out], [ms for _, ms in out], wall
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", required=True, help="a finished gs-ray run")
+    parser.add_argument("--requests", type=int, default=32, help="completions per setting")
+    parser.add_argument("--router-prompts", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    import ray
+    import torch
+    from ray import serve
+
+    from gs_ray.data import load_samples
+    from gs_ray.ray_utils import free_port
+    from gs_ray.serving.app import APP_NAME, app_for_run, serve_config_for
+    from gs_ray.serving.pool import ServedRun
+
+    run = ServedRun.open(args.run_dir)
+    from gs_ray.core.models import load_tokenizer
+
+    samples, _ = load_samples(run.cfg.data, load_tokenizer(run.base_path()), run.cfg.run.seed)
+    rng = random.Random(args.seed)
+    prompts = [s.prompt for s in rng.sample(samples, min(len(samples), args.router_prompts))]
+
+    # the router, in process, one prompt at a time, on one thread (the router replica's share)
+    torch.set_num_threads(1)
+    results: dict = {}
+    for label, router in (("router", run.router()), ("router_int8", run.router().quantize())):
+        for p in prompts[:5]:
+            router.predict_proba([p])
+        times, routes = [], []
+        for p in prompts:
+            start = time.perf_counter()
+            routes.append(int(router.predict_proba([p])[0].argmax()))
+            times.append(1000 * (time.perf_counter() - start))
+        results[f"{label}_p50_ms"] = statistics.median(times)
+        results[f"{label}_p99_ms"] = _pct(times, 0.99)
+        results[f"{label}_routes"] = routes
+    a, b = results.pop("router_routes"), results.pop("router_int8_routes")
+    results["router_int8_agreement"] = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+    port = free_port()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = serve_config_for(args.run_dir)
+        serve.run(app_for_run(args.run_dir, cfg), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        bodies = [{"model": "gs-ray", "prompt": p, "max_tokens": args.max_tokens,
+                   "temperature": 0} for p in prompts[: args.requests]]  # fmt: skip
+        _load(url, bodies[:2], 1)  # warm-up
+        statuses: list[int] = []
+        for c, suffix in ((1, ""), (8, "_c8")):
+            st, ms, wall = _load(url, bodies, c)
+            statuses += st
+            results[f"completion_p50_ms{suffix}"] = statistics.median(ms)
+            results[f"completion_p99_ms{suffix}"] = _pct(ms, 0.99)
+            results[f"completion_rps{suffix}"] = len(bodies) / wall
+        ens = [{**b, "model": "gs-ray/ensemble"} for b in bodies[: max(4, args.requests // 4)]]
+        st, ms, _ = _load(url, ens, 1)
+        statuses += st
+        results["ensemble_p50_ms"] = statistics.median(ms)
+        results["ensemble_over_single_latency"] = (
+            results["ensemble_p50_ms"] / results["completion_p50_ms"]
+        )
+        results["errors_5xx"] = sum(s >= 500 for s in statuses)
+        results["non_200"] = sum(s != 200 for s in statuses)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    results.update(requests=args.requests, max_tokens=args.max_tokens,
+                   n_experts=run.n_experts, cpus=os.cpu_count())  # fmt: skip
+    print(json.dumps(results, indent=2))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The OpenAI-compatible API's pure parts, no Serve: the ensemble's step on a hand-computed case,
+stop sequences, the error shape, and the API key (401). The routes themselves are tested over
+HTTP with the official openai client in test_serving.py (one deployment for both)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gs_ray.config import ServeConfig
+from gs_ray.serving.app import (
+    CompletionRequest,
+    Ingress,
+    OpenAIError,
+    chat_prompt,
+    cut_at_stop,
+    expert_model,
+    openai_validation_error,
+)
+from gs_ray.serving.pool import ensemble_next_token
+
+
+def test_ensemble_step_by_hand():
+    """Two experts, three tokens. Expert 0 prefers token 0 strongly, expert 1 token 2 mildly:
+    p0 = softmax([2, 0, 0]) = [0.787, 0.107, 0.107], p1 = softmax([0, 0, 0.5]) =
+    [0.274, 0.274, 0.452]. With weights (0.3, 0.7): mixture [0.428, 0.224, 0.348] -> token 0;
+    with (0.1, 0.9): [0.326, 0.257, 0.418] -> token 2. An average of logits would differ:
+    0.3*[2,0,0] + 0.7*[0,0,.5] = [0.6, 0, 0.35] -> 0 as well, but (0.2, 0.8) separates them."""
+    a, b = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.5])
+    e = [math.exp(2), 1, 1]
+    p0 = [x / sum(e) for x in e]
+    f = [1, 1, math.exp(0.5)]
+    p1 = [x / sum(f) for x in f]
+    for w0 in (0.3, 0.1, 0.2, 0.25):
+        mix = [w0 * x + (1 - w0) * y for x, y in zip(p0, p1, strict=True)]
+        assert ensemble_next_token([a, b], [w0, 1 - w0]) == mix.index(max(mix)), w0
+    assert ensemble_next_token([a, b], [0.3, 0.7]) == 0
+    assert ensemble_next_token([a, b], [0.1, 0.9]) == 2
+    # probabilities, not logits: at (0.2, 0.8) mixed logits [0.4, 0, 0.4] tie, the mixture not
+    assert ensemble_next_token([a, b], [0.2, 0.8]) == 2  # [0.377, 0.241, 0.383]
+
+
+def test_cut_at_stop_and_chat_prompt():
+    assert cut_at_stop("abc.def\nx", ["\n", "."]) == ("abc", True)
+    assert cut_at_stop("abc", "z") == ("abc", False)
+    assert cut_at_stop("abc", None) == ("abc", False)
+    assert cut_at_stop("abc", ["", "c"]) == ("ab", True)
+    from gs_ray.serving.app import ChatMessage
+
+    msgs = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
+    assert chat_prompt(msgs) == "Be brief.\n\nHi"
+    assert expert_model(2) == "gs-ray/expert-2"
+
+
+def test_openai_error_shape():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate_json('{"model": "gs-ray", "prompt": "hi", "seed": "1"}')
+    err = openai_validation_error(e.value.errors())
+    body = json.loads(err.response().body)
+    assert err.status == 400 and body["error"]["param"] == "seed"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate_json('{"model": "gs-ray", "prompt": ["a", "b"]}')
+    assert openai_validation_error(e.value.errors()).param == "prompt"
+
+
+def test_api_key_gives_401_without_it(monkeypatch):
+    ingress = next(c for c in Ingress.func_or_class.__mro__ if "_auth" in vars(c))
+    shell = object.__new__(ingress)
+
+    def req(header=None):
+        return SimpleNamespace(headers={} if header is None else {"authorization": header})
+
+    monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
+    shell.cfg = ServeConfig()
+    shell._auth(req())  # no key set: open (loopback only by default)
+    for cfg, env in ((ServeConfig(api_key="s3cret"), None), (ServeConfig(), "s3cret")):
+        if env:
+            monkeypatch.setenv("GS_RAY_API_KEY", env)
+        shell.cfg = cfg
+        for bad in (None, "s3cret", "Bearer nope", "Basic s3cret", "Bearer "):
+            with pytest.raises(OpenAIError) as e:
+                shell._auth(req(bad))
+            assert e.value.status == 401 and e.value.type == "authentication_error"
+        shell._auth(req("Bearer s3cret"))
+    # every route but health calls _auth first
+    shell.cfg = ServeConfig(api_key="k")
+    shell.info_ = {"n_experts": 3}
+    with pytest.raises(OpenAIError):
+        asyncio.run(ingress.models(shell, req()))
+    with pytest.raises(OpenAIError):
+        asyncio.run(ingress.info(shell, req()))
+    assert asyncio.run(ingress.healthz(shell)) == "ok"
