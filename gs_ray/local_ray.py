@@ -141,12 +141,18 @@ def reap(driver_pid: int, root_pids: list[int], poll_s: float = 0.25, rescan_s: 
             last_scan = time.monotonic()
         time.sleep(poll_s)
     time.sleep(REAPER_GRACE_S)
-    left = [p for p in tracked.values() if _alive(p)]
-    for p in left:
+    terminate([p for p in tracked.values() if _alive(p)], REAPER_TERM_WAIT_S)
+
+
+def terminate(procs: list, timeout: float) -> None:
+    """SIGTERM these processes, wait up to ``timeout`` seconds, SIGKILL what is left."""
+    import psutil
+
+    for p in procs:
         with contextlib.suppress(psutil.Error):
             p.terminate()
-    _, still = psutil.wait_procs(left, timeout=REAPER_TERM_WAIT_S)
-    for p in still:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
 
@@ -235,16 +241,7 @@ class LocalHead:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate this cluster's processes and their children; kill what lingers."""
-        import psutil
-
-        procs = self.processes()
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+        terminate(self.processes(), timeout)
 
     def __enter__(self) -> LocalHead:
         return self.start()

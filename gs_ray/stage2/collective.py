@@ -321,22 +321,22 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
                           checkpoint_dir: str | Path, resume: bool = False) -> Stage2Result:  # fmt: skip
     """Stage II with the collective transport (see the module docstring). ``info`` holds the
     group restarts and, per online pass, compute / collective / update seconds per step."""
-    import os
 
     import ray
 
-    from gs_ray.stage2.executors import make_clusterer, resolve_num_workers
+    from gs_ray.stage2.executors import WorkerSetup, make_clusterer
 
     s2 = cfg.stage2
-    n_workers, resources = resolve_num_workers(cfg)
-    fault_spec = os.environ.get(faults.ENV, "")
-    driver_faults = faults.parse(fault_spec)
-    marker_dir = str(Path(checkpoint_dir).parent / "faults")
-    wcfg = Config.from_dict(cfg.to_dict())
-    wcfg.gradients.torch_threads = cfg.gradients.torch_threads or max(
-        1, int(resources.get("num_cpus", 1))
+    ws = WorkerSetup.resolve(cfg, checkpoint_dir)
+    n_workers, resources, fault_spec, driver_faults, marker_dir, wcfg, env = (
+        ws.n_workers,
+        ws.resources,
+        ws.fault_spec,
+        ws.driver_faults,
+        ws.marker_dir,
+        ws.cfg,
+        ws.env,
     )
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "HF_HOME")}}
     shared = ray.put((plan, [s.pair for s in samples], [s.id for s in samples]))
     factory = _ClustererFactory(cfg)
     # worker_actor_class() marks GradientWorker's methods with its concurrency groups; the

@@ -20,7 +20,9 @@ import logging
 import os
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gs_ray.config import Config
 from gs_ray.core.clustering import GradientSpaceClustering
@@ -104,6 +106,33 @@ def resolve_num_workers(cfg: Config) -> tuple[int, dict[str, float]]:
     return n, {"num_cpus": per}
 
 
+@dataclass
+class WorkerSetup:
+    """What every Ray executor needs to start its gradient workers: how many, their resources
+    and config (torch threads = their CPUs), fault injection and the runtime environment."""
+
+    n_workers: int
+    resources: dict[str, float]
+    fault_spec: str
+    driver_faults: Any
+    marker_dir: str
+    cfg: Config
+    env: dict[str, Any]
+
+    @classmethod
+    def resolve(cls, cfg: Config, checkpoint_dir: str | Path) -> WorkerSetup:
+        n_workers, resources = resolve_num_workers(cfg)
+        fault_spec = os.environ.get(faults.ENV, "")
+        wcfg = Config.from_dict(cfg.to_dict())
+        wcfg.gradients.torch_threads = cfg.gradients.torch_threads or max(
+            1, int(resources.get("num_cpus", 1))
+        )
+        forwarded = ("HF_HUB_OFFLINE", "HF_HOME")
+        env = {"env_vars": {k: v for k, v in os.environ.items() if k in forwarded}}
+        return cls(n_workers, resources, fault_spec, faults.parse(fault_spec),
+                   str(Path(checkpoint_dir).parent / "faults"), wcfg, env)  # fmt: skip
+
+
 def run_stage2_ray(
     plan: Stage2Plan,
     samples: Sequence[Sample],
@@ -129,15 +158,16 @@ def run_stage2_ray(
         return run_stage2_collective(plan, samples, cfg, base_path, adapter_path, pad_id,
                                      checkpoint_dir, resume=resume)  # fmt: skip
     transport = make_transport(s2.transport)
-    n_workers, resources = resolve_num_workers(cfg)
-    fault_spec = os.environ.get(faults.ENV, "")
-    driver_faults = faults.parse(fault_spec)
-    marker_dir = str(Path(checkpoint_dir).parent / "faults")
-    wcfg = Config.from_dict(cfg.to_dict())
-    wcfg.gradients.torch_threads = cfg.gradients.torch_threads or max(
-        1, int(resources.get("num_cpus", 1))
+    ws = WorkerSetup.resolve(cfg, checkpoint_dir)
+    n_workers, resources, fault_spec, driver_faults, marker_dir, wcfg, env = (
+        ws.n_workers,
+        ws.resources,
+        ws.fault_spec,
+        ws.driver_faults,
+        ws.marker_dir,
+        ws.cfg,
+        ws.env,
     )
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "HF_HOME")}}
     Worker = worker_actor_class().options(
         max_restarts=-1, max_task_retries=-1, runtime_env=env, **resources
     )
