@@ -14,6 +14,7 @@ from gs_ray.config import Config
 from gs_ray.core.models import load_tokenizer, materialize_base_model, model_card
 from gs_ray.data import Sample, Splits, load_samples, make_splits
 from gs_ray.rundir import RunDir
+from gs_ray.stage2.result import SKIPPED
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Prepared:
                 raise RuntimeError(
                     f"{self.run.assignments_path} does not match the data: re-run stage 2"
                 )
-            labels = np.array([-2 if r["cluster"] is None else r["cluster"] for r in rows])
+            labels = np.array([SKIPPED if r["cluster"] is None else r["cluster"] for r in rows])
             chosen = json.loads((self.run.stage2 / "k_selection.json").read_text())["chosen"]
             self._assignments = (labels.astype(np.int64), int(chosen["k"]))
         return self._assignments

@@ -34,6 +34,7 @@ from gs_ray.config import Config, ConfigError
 from gs_ray.errors import RunDirError
 from gs_ray.io import write_json, write_jsonl
 
+WARMUP = "warmup"  # the Stage I stage, its folder and its adapter's name
 EXPERT_PREFIX = "expert_"
 EXPERT_RECORD = "expert.json"
 
@@ -104,7 +105,11 @@ class RunDir:
 
     @property
     def warmup_adapter(self) -> Path:
-        return self.path / "warmup" / "adapter"
+        return self.path / WARMUP / "adapter"
+
+    @property
+    def warmup_losses(self) -> Path:
+        return self.path / WARMUP / "losses.json"
 
     @property
     def stage2(self) -> Path:

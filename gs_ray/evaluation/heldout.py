@@ -8,11 +8,9 @@ import numpy as np
 
 from gs_ray.prepare import Prepared
 from gs_ray.ray_utils import task_resources
-from gs_ray.rundir import expert_name
+from gs_ray.rundir import WARMUP, expert_name
 
 log = logging.getLogger(__name__)
-
-WARMUP = "warmup"
 
 
 def _evaluate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder, prompts):

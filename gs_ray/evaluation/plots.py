@@ -114,7 +114,7 @@ def pipeline_plots(run: RunDir, k: int) -> list[str]:
     """Training loss curves of the warm-up and the experts; expert x cluster held-out losses."""
     out = []
     curves = {}
-    warm = run.path / "warmup" / "losses.json"
+    warm = run.warmup_losses
     if warm.exists():
         curves["warm-up"] = json.loads(warm.read_text())["train_loss"]
     for c in range(k):

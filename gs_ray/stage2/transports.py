@@ -59,13 +59,19 @@ class Transport(ABC):
         returns the object ref whose completion means the host has applied it."""
 
 
+def send_gradients(key: BatchKey, idx: np.ndarray, ids: list[str], pairs: list, worker, host):
+    """The worker computes the batch's gradients; the host applies them (worker -> object
+    store -> actor, never through the driver)."""
+    return host.apply.remote(*key, idx, worker.gradients.remote(key, pairs, ids))
+
+
 class ExactTransport(Transport):
     """Every per-sample gradient goes to the centroid actor."""
 
     name, cache = "gradients", "samples"
 
     def submit(self, key, step, idx, ids, pairs, worker, host):
-        return host.apply.remote(*key, idx, worker.gradients.remote(key, pairs, ids))
+        return send_gradients(key, idx, ids, pairs, worker, host)
 
 
 class PartialSumsTransport(Transport):
@@ -88,8 +94,8 @@ class PartialSumsTransport(Transport):
 
     def submit(self, key, step, idx, ids, pairs, worker, host):
         phase, epoch, t = key
-        if phase == VAL:
-            return host.apply.remote(*key, idx, worker.gradients.remote(key, pairs, ids))
+        if phase == VAL:  # validation gradients travel whole, as in the exact transport
+            return send_gradients(key, idx, ids, pairs, worker, host)
         if phase == ONLINE:
             # Gradients start at once; the assignment waits for the centroids after t-1.
             worker.compute.remote(key, step, pairs, ids)

@@ -13,11 +13,10 @@ from typing import Any
 from gs_ray.core.models import add_lora, load_base_model
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
+from gs_ray.rundir import WARMUP
 from gs_ray.training.loop import TorchEngine, mean_loss, train_adapter
 
 log = logging.getLogger(__name__)
-
-WARMUP = "warmup"
 
 
 def storage_path(p: Prepared) -> str:
@@ -46,7 +45,7 @@ def warmup_local(p: Prepared) -> Path:
                                cfg.run.seed)  # fmt: skip
         after = mean_loss(model, warm, p.pad_id)
         model.save_pretrained(str(p.run.warmup_adapter))
-        write_json(p.run.sub(WARMUP, "losses.json"), {"train_loss": losses})
+        write_json(p.run.warmup_losses, {"train_loss": losses})
         p.run.add_metrics(warmup={"loss_before": before, "loss_after": after, "steps": len(losses)})
         log.info("warm-up: %d steps, loss %.3f -> %.3f", len(losses), before, after)
         info.update(engine="torch")
@@ -62,7 +61,7 @@ def warmup_ray(p: Prepared, resume: bool = False) -> Path:
         job = AdapterJob(name=WARMUP, base_path=p.base_path, output_dir=str(p.run.warmup_adapter),
                          samples=p.pairs(p.splits.warmup), seed=cfg.run.seed)  # fmt: skip
         rec = train_on_ray(job, cfg.model, cfg.lora, cfg.warmup, p.pad_id, storage_path(p), resume)
-        write_json(p.run.sub(WARMUP, "losses.json"), {"train_loss": rec["losses"]})
+        write_json(p.run.warmup_losses, {"train_loss": rec["losses"]})
         p.run.add_metrics(warmup=training_summary(rec))
         info.update(engine=rec["engine"], zero_stage=rec["zero_stage"],
                     world_size=rec["world_size"])  # fmt: skip
