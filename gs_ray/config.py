@@ -65,13 +65,48 @@ def _f(default: Any, help: str, **check: Any) -> Any:  # noqa: A002 - "help" rea
 _CHECKS = {"ge", "gt", "le", "lt", "pattern", "nonempty"}
 
 
+#: Record formats of one source. ``text``: a plain-text file cut into documents at ``separator``
+#: (fields ``text``, ``head`` = its first sentence, ``tail`` = the rest); ``lines``: one record per
+#: line, split at ``separator`` into ``columns``.
+SourceFormat = Literal["auto", "alpaca", "prompt_response", "messages", "text", "lines"]
+
+
+@dataclass
+class MixSource:
+    """One source of a data mix (``data.source: mix``): where, how to read it, how many rows."""
+
+    source: str = _f("", "a .jsonl/.json/.parquet/.txt path or a HF dataset name", pattern=r".+")
+    domain: str = _f("", "the source's label (evaluation and reports only)", pattern=r"[\w.-]+")
+    format: SourceFormat = _f(
+        "auto", "auto | alpaca | prompt_response | messages (field names as in data.*_field) | "
+        "text | lines"
+    )  # fmt: skip
+    prompt: str | None = _f(
+        None, "prompt built from the record's fields, e.g. '{question}' (None: from the format)"
+    )
+    response: str | None = _f(
+        None, "response built from the record's fields, e.g. '{answer}' (None: from the format)"
+    )
+    separator: str = _f(
+        "\n\n", "text: the string between documents; lines: the string between columns"
+    )
+    columns: list[str] = _f(["text"], "lines: the field names of the columns, in order")
+    encoding: str = _f("utf-8", "text encoding of a .txt file (e.g. iso-8859-1)")
+    hf_split: str = _f("train", "split to read when `source` is a Hugging Face dataset")
+    max_samples: int | None = _f(
+        None, "take this many records, drawn at random by the run seed (None: all)", ge=1
+    )
+
+
 @dataclass
 class DataConfig:
     """Where the instruction data comes from, how it is templated and split."""
 
     source: str = _f(
-        "demo", "'demo' (built-in corpus), a .jsonl/.json/.parquet path, or a HF dataset name"
-    )
+        "demo", "'demo' (built-in corpus), a .jsonl/.json/.parquet path, a HF dataset name, or "
+        "'mix' (the sources listed in data.mix)"
+    )  # fmt: skip
+    mix: list[MixSource] = _f([], "data.source 'mix': the sources, each with its domain label")
     hf_split: str = _f("train", "split to read when `source` is a Hugging Face dataset")
     format: Literal["auto", "alpaca", "prompt_response", "messages"] = _f(
         "auto", "record format of the whole source: auto (decided by its first record) | alpaca "
@@ -424,6 +459,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not one of {_choices(args)}{hint}")
     if origin in (list, tuple):
         items = value if isinstance(value, (list, tuple)) else [value]
+        if dataclasses.is_dataclass(args[0]):
+            return [_build(args[0], v, prefix=f"{key}[{i}].") for i, v in enumerate(items)]
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
     if typ is bool:
         if isinstance(value, bool):
@@ -492,6 +529,7 @@ def _check_relations(cfg: Config) -> None:
             "allowed: k_min <= k_max"
         )
     _check_template(cfg.data.template)
+    _check_mix(cfg.data)
     s = cfg.serve
     if s.max_new_tokens > s.max_new_tokens_limit:
         raise ConfigError(
@@ -509,6 +547,31 @@ def _check_relations(cfg: Config) -> None:
             f"model.tiny_hidden_size ({m.tiny_hidden_size}) must be a multiple of "
             f"model.tiny_num_heads ({m.tiny_num_heads})"
         )
+
+
+def _check_mix(d: DataConfig) -> None:
+    """data.source 'mix' needs data.mix and data.mix needs 'mix'; domains are unique; a source's
+    prompt and response templates go together."""
+    if d.source == "mix" and not d.mix:
+        raise ConfigError("data.source is 'mix' but data.mix lists no source")
+    if d.mix and d.source != "mix":
+        raise ConfigError(
+            f"data.mix lists {len(d.mix)} sources but data.source is {d.source!r}; "
+            "set data.source: mix to read them"
+        )
+    seen: set[str] = set()
+    for i, m in enumerate(d.mix):
+        if m.domain in seen:
+            raise ConfigError(f"data.mix[{i}].domain: {m.domain!r} is used by an earlier source")
+        seen.add(m.domain)
+        if (m.prompt is None) != (m.response is None):
+            raise ConfigError(f"data.mix[{i}]: set both prompt and response templates, or neither")
+        if m.format in ("text", "lines") and m.prompt is None:
+            raise ConfigError(
+                f"data.mix[{i}]: format {m.format!r} needs prompt and response templates"
+            )
+        if not m.separator:
+            raise ConfigError(f"data.mix[{i}].separator: must not be empty")
 
 
 def _check_template(template: str) -> None:

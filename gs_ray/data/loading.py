@@ -5,7 +5,9 @@ Sources (``data.source``):
 * ``demo`` - the built-in corpus (``gs_ray.data.demo``), generated from the run seed.
 * a ``.jsonl`` / ``.json`` file - read with the standard library, line by line, so that a
   malformed line (bad JSON, bytes that are not UTF-8) is reported with its file and line number;
-* a ``.parquet`` file or a Hugging Face dataset name - read with ``datasets``.
+* a ``.parquet`` file or a Hugging Face dataset name - read with ``datasets``;
+* ``mix`` - several sources, each with its own format and domain label (``data.mix``; see
+  ``gs_ray.data.mix``).
 
 Record formats (``data.format``): one source holds one format. ``auto`` takes the format of the
 first record whose fields tell it, and every record is then read in that format, so a record that
@@ -362,9 +364,8 @@ def unique_ids(examples: list[Example], report: DataReport) -> None:
         seen.add(ex.id)
 
 
-def read_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], DataReport]:
-    """Read the source and map every record in the source's format; skip (and count) empty
-    samples; make the ids unique. Raises DataError naming file, line and field."""
+def _read_single(cfg: DataConfig, seed: int) -> tuple[list[Example], DataReport]:
+    """The examples of one source in one format (``data.source`` other than 'mix')."""
     rows, source = read_rows(cfg, seed)
     report = DataReport(source=source, rows_read=len(rows))
     if not rows:
@@ -383,6 +384,20 @@ def read_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], DataRe
                 f"{e} (this record looks like {own}, but the source's format is {fmt}, "
                 f"decided by {decided}; one source holds one format)"
             ) from None
+    return examples, report
+
+
+def read_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], DataReport]:
+    """Read the source and map every record in the source's format; skip (and count) empty
+    samples; make the ids unique. Raises DataError naming file, line and field."""
+    if cfg.source == "mix":
+        from gs_ray.data.mix import read_mix
+
+        examples, source, n_read = read_mix(cfg, seed)
+        report = DataReport(source=source, rows_read=n_read, format="mix")
+    else:
+        examples, report = _read_single(cfg, seed)
+        source = report.source
     unique_ids(examples, report)
     if report.renamed_ids:
         log.warning("%s: renamed %d duplicate ids, e.g. %s", source, report.renamed_ids,
