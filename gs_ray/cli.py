@@ -111,9 +111,9 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
     # file (--verbose: everything on the console).
     with logs.capture(quiet=not args.verbose, level=args.log_level):
         if args.local:
-            run = pipeline.run_local(cfg, resume=args.resume)
+            run = pipeline.run_local(cfg, resume=args.resume, checked=True)
         else:
-            run = pipeline.run(cfg, resume=args.resume)
+            run = pipeline.run(cfg, resume=args.resume, checked=True)
     print(json.dumps({"run_dir": str(run.path)}))
     return 0
 

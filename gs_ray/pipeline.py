@@ -72,15 +72,17 @@ def invalidate(run: RunDir, *stages: str) -> None:
             _DISCARD[name](run)
 
 
-def run(cfg: Config, resume: str | None = None) -> RunDir:
+def run(cfg: Config, resume: str | None = None, checked: bool = False) -> RunDir:
     """Every stage on Ray: warm-up, (K with Tune), Stage II, experts, router, evaluation.
 
     Connects to the cluster (inside ``ray job submit`` or with RAY_ADDRESS / run.ray_address),
-    or starts a local Ray. With ``resume``, stages whose outputs are complete are skipped."""
+    or starts a local Ray. With ``resume``, stages whose outputs are complete are skipped.
+    ``checked``: the caller has run ``check_inputs`` on this config already (the CLI does)."""
     from gs_ray.evaluation import plots
     from gs_ray.ray_utils import init_ray
 
-    check_inputs(cfg)  # config and data, before Ray starts or a run directory exists
+    if not checked:
+        check_inputs(cfg)  # config and data, before Ray starts or a run directory exists
     log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
     p = prepare(cfg, RunDir.open(resume) if resume else None)
     logs.attach_run(p.run.path)
@@ -101,10 +103,11 @@ def run(cfg: Config, resume: str | None = None) -> RunDir:
     return p.run
 
 
-def run_local(cfg: Config, resume: str | None = None) -> RunDir:
+def run_local(cfg: Config, resume: str | None = None, checked: bool = False) -> RunDir:
     """The single-process reference pipeline: prepare, warm-up, Stage II (finished stages of a
-    resumed run are skipped)."""
-    check_inputs(cfg)  # config and data, before a run directory exists
+    resumed run are skipped). ``checked`` as for ``run``."""
+    if not checked:
+        check_inputs(cfg)  # config and data, before a run directory exists
     p = prepare(cfg, RunDir.open(resume) if resume else None)
     logs.attach_run(p.run.path)
     if not p.run.stage_done("warmup"):
