@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
     run.add_argument("--local", action="store_true", help="single-process reference pipeline")
     run.add_argument("--log-level", default="INFO")
+    ev = sub.add_parser(
+        "eval", parents=[common],
+        help="compare a finished run with the baselines on its held-out split (--eval.* overrides)",
+    )  # fmt: skip
+    ev.add_argument("run_dir")
+    ev.add_argument("--log-level", default="INFO")
     show = sub.add_parser("show", parents=[common], help="summarise a run directory")
     show.add_argument("run_dir")
     sub.add_parser("config", parents=[common], help="list every configuration key")
@@ -99,6 +105,8 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
         setup_logging("DEBUG" if args.verbose else args.log_level)
     if args.command == "serve":
         return _serve(args, rest)
+    if args.command == "eval":
+        return _eval(args, rest)
     cfg = _run_config(args, rest)
     # Config and data are checked before the pipeline (torch, Ray) is even imported: bad input
     # fails in a moment, with no Ray started and no run directory created.
@@ -115,6 +123,19 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
         else:
             run = pipeline.run(cfg, resume=args.resume, checked=True)
     print(json.dumps({"run_dir": str(run.path)}))
+    return 0
+
+
+def _eval(args: argparse.Namespace, rest: list[str]) -> int:
+    """Compare the run with the baselines; print the table; eval.json in the run directory."""
+    from gs_ray.evaluation.baselines import evaluate_run
+    from gs_ray.rundir import RunDir
+
+    run = RunDir.open(args.run_dir)  # a missing or corrupt run directory is a RunDirError
+    with logs.capture(quiet=not args.verbose, level=args.log_level):
+        logs.attach_run(run.path)
+        evaluate_run(run.path, rest)
+    print(json.dumps({"eval": str(run.eval_json)}))
     return 0
 
 

@@ -43,6 +43,12 @@ NonFinitePolicy = Literal["fail", "skip"]
 
 __all__ = ["Config", "ConfigError", "StageName", "apply_overrides", "help_lines", "load_config"]
 
+#: What ``gs-ray eval`` compares (docs/evaluation.md says what each one is).
+EvalMethod = Literal[
+    "base", "warmup", "single_lora", "random_clusters", "embedding_kmeans", "merged", "elrea",
+    "gradientspace", "gradientspace_oracle", "gradientspace_ensemble",
+]  # fmt: skip
+
 #: The pipeline's stages in order (``run.until`` takes one of them).
 StageName = Literal["warmup", "tune", "stage2", "experts", "router", "evaluate"]  # pipeline.STAGES
 
@@ -293,6 +299,25 @@ class TuneConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``gs-ray eval``: GradientSpace against the baselines on the run's held-out split."""
+
+    methods: list[EvalMethod] = _f(
+        list(typing.get_args(EvalMethod)), "methods to compare (see docs/evaluation.md)",
+        nonempty=True,
+    )  # fmt: skip
+    seeds: int = _f(1, "seeds per trained method (3 on cheap runs: the spread is shown)", ge=1)
+    elrea_projection_dim: int = _f(8192, "ELREA: random projection of the gradients", ge=1)
+    elrea_temperature: float = _f(0.1, "ELREA: softmax temperature over cosine similarity", gt=0)
+    max_generate: int = _f(
+        48, "checkable test items answered by greedy generation, per method (0: no exact match)",
+        ge=0,
+    )  # fmt: skip
+    max_new_tokens: int = _f(96, "generation length for the exact-match items", ge=1)
+    latency_samples: int = _f(16, "test queries timed at batch 1 for the inference cost", ge=1)
+
+
+@dataclass
 class RouterConfig:
     """The router: a frozen encoder and a linear head over K."""
 
@@ -372,6 +397,7 @@ class Config:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     run: RunConfig = field(default_factory=RunConfig)

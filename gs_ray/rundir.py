@@ -15,6 +15,8 @@ re-run, resumed or inspected on its own::
     stage2/checkpoint/        centroid-actor checkpoints (resume)
     experts/expert_<k>/       Stage III LoRA experts (peft format)
     router/                   the router head and its settings
+    eval/eval.json            gs-ray eval: every method's held-out numbers (and partitions.json,
+                              adapters/seed<i>/<method>/..., routers/<method>/)
     metrics.json              metrics gathered by all stages
     plots/*.png               figures
 """
@@ -151,6 +153,26 @@ class RunDir:
     @property
     def router(self) -> Path:
         return self.path / "router"
+
+    @property
+    def eval_dir(self) -> Path:
+        """``gs-ray eval``'s outputs: eval.json, partitions.json, the baselines' adapters."""
+        return self.path / "eval"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.eval_dir / "eval.json"
+
+    @property
+    def eval_partitions(self) -> Path:
+        return self.eval_dir / "partitions.json"
+
+    def eval_adapter(self, seed_index: int, method: str, name: str) -> Path:
+        """A baseline's adapter trained by ``gs-ray eval`` (``name``: an expert or "single")."""
+        return self.eval_dir / "adapters" / f"seed{seed_index}" / method / name
+
+    def eval_router(self, method: str, seed_index: int = 0) -> Path:
+        return self.eval_dir / "routers" / f"seed{seed_index}" / method
 
     @property
     def plots(self) -> Path:

@@ -91,34 +91,34 @@ def _plain_head(model: nn.Module):
         return None
 
 
-def per_sample_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Each sample's mean next-token loss over its response tokens, shape (batch,)."""
+def response_token_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss of every response token in the batch: ``(loss, row)``, both of shape
+    (n_tokens,), ``row[j]`` the sample token j belongs to; tokens in order within a sample."""
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    counts = keep.sum(-1).clamp(min=1)
     inputs = dict(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=position_ids(batch.attention_mask),
         use_cache=False,
     )
+    rows, cols = keep.nonzero(as_tuple=True)
     parts = _plain_head(model)
     if parts is not None:
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state[:, :-1]
-        rows, cols = keep.nonzero(as_tuple=True)
         logits = head(hidden[rows, cols]).float()
-        token_loss = nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
-        sums = torch.zeros(len(counts), dtype=token_loss.dtype, device=token_loss.device)
-        return sums.index_add(0, rows, token_loss) / counts
-    logits = model(**inputs).logits[:, :-1].float()
-    token_loss = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(targets.shape)
-    return token_loss.sum(-1) / counts
+    else:
+        logits = model(**inputs).logits[:, :-1].float()[rows, cols]
+    return nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none"), rows
+
+
+def per_sample_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Each sample's mean next-token loss over its response tokens, shape (batch,)."""
+    token_loss, rows = response_token_loss(model, batch)
+    counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    sums = torch.zeros(len(counts), dtype=token_loss.dtype, device=token_loss.device)
+    return sums.index_add(0, rows, token_loss) / counts
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -10,7 +10,8 @@ from gs_ray.ray_utils import task_resources
 log = logging.getLogger(__name__)
 
 
-def _fit_router_task(texts, labels, k, cfg, seed, cache_path, folder) -> dict:
+def fit_and_save_router(texts, labels, k, cfg, seed, cache_path, folder) -> dict:
+    """Fit a router on the prompts' cluster labels and save it in ``folder`` (a Ray task)."""
     from gs_ray.routing.router import fit_router
 
     router, metrics = fit_router(texts, labels, k, cfg, seed, cache_path=cache_path)
@@ -29,7 +30,7 @@ def router_stage(p: Prepared, resume: bool = False) -> dict:
         train = p.splits.train
         train = train[labels[train] >= 0]
         texts = [p.samples[i].prompt for i in train]
-        task = ray.remote(_fit_router_task).options(**task_resources())
+        task = ray.remote(fit_and_save_router).options(**task_resources())
         metrics = ray.get(task.remote(texts, labels[train], k, p.cfg.router, p.cfg.run.seed,
                                       str(p.run.sub("router", "features_train.npy")),
                                       str(p.run.router)))  # fmt: skip

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gs_ray.config import ModelConfig, TrainingConfig
-from gs_ray.core.gradients import collate, per_sample_loss
+from gs_ray.core.gradients import collate, per_sample_loss, response_token_loss
 from gs_ray.core.models import load_base_model, resolve_device
 from gs_ray.data import Sample, length_bucketed_batches
 
@@ -116,6 +116,41 @@ def mean_loss(
     return total / max(1, n)
 
 
+def load_adapters(base_path: str, model_cfg: ModelConfig, adapters: dict[str, str]):
+    """One base model with the named peft adapters loaded side by side (``set_adapter`` switches
+    between them; ``disable_adapter()`` gives the base model), in eval mode."""
+    from peft import PeftModel
+
+    base = load_base_model(base_path, model_cfg, resolve_device(model_cfg.device))
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+@torch.no_grad()
+def token_losses(
+    model: torch.nn.Module,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int = 16,
+) -> list[np.ndarray]:
+    """The model's next-token loss on each response token of each sample (float64 arrays, one
+    per sample, in sample order); batches are sorted by length to keep padding low."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+    out: list[np.ndarray] = [np.empty(0)] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate([pairs[i] for i in chunk], pad_id).to(device)
+        loss, rows = response_token_loss(model, batch)
+        loss, rows = loss.double().cpu().numpy(), rows.cpu().numpy()
+        for j, i in enumerate(chunk):
+            out[i] = loss[rows == j]
+    return out
+
+
 def adapter_losses(
     base_path: str,
     model_cfg: ModelConfig,
@@ -126,24 +161,10 @@ def adapter_losses(
 ) -> dict[str, np.ndarray]:
     """Per-sample mean response loss of each named adapter on the same samples: one base model,
     the adapters loaded side by side with peft and switched with ``set_adapter``."""
-    from peft import PeftModel
-
-    base = load_base_model(base_path, model_cfg, resolve_device(model_cfg.device))
-    names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+    model = load_adapters(base_path, model_cfg, adapters)
     out = {}
-    with torch.no_grad():
-        for name in names:
-            model.set_adapter(name)
-            losses = np.empty(len(pairs))
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                batch = collate([pairs[i] for i in chunk], pad_id).to(device)
-                losses[chunk] = per_sample_loss(model, batch).float().cpu().numpy()
-            out[name] = losses
+    for name in adapters:
+        model.set_adapter(name)
+        losses = token_losses(model, pairs, pad_id, batch_size)
+        out[name] = np.array([t.mean() if len(t) else 0.0 for t in losses])
     return out

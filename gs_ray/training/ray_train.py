@@ -68,6 +68,8 @@ class AdapterJob:
     """LoRA initialisation and batch order (epoch e uses seed + e, as ``train_adapter``)."""
     cluster: int | None = None
     """The cluster an expert is trained for (None for the warm-up)."""
+    max_steps: int | None = None
+    """This job's step limit in place of the training config's (None: the config's)."""
     fail_once_at_step: int | None = None
     """Fault injection for tests: the first attempt's rank-0 worker process dies (``os._exit``)
     after this optimizer step; a marker file under the run folder keeps the retry alive."""
@@ -379,6 +381,8 @@ def _train_attempt(config: dict[str, Any], rank: int, world: int, attempt: int) 
     job: AdapterJob = config["job"]
     model_cfg: ModelConfig = config["model_cfg"]
     train_cfg: TrainingConfig = config["train_cfg"]
+    if job.max_steps is not None:
+        train_cfg = replace(train_cfg, max_steps=job.max_steps)
     pad_id: int = config["pad_id"]
     markers = Path(config["markers"])
     device = ray.train.torch.get_device()

@@ -1,0 +1,522 @@
+"""``gs-ray eval RUN_DIR``: GradientSpace against the usual ways, on the run's held-out split.
+
+Every method is scored on exactly the same test rows (the run's test split, less samples left
+out of clustering) and every trained method sees the same training budget: each training sample
+``experts.epochs`` times, from the warm-up adapter, with the experts' optimiser settings (one
+LoRA on everything takes as many sample passes as the K experts together). Methods
+(docs/evaluation.md):
+
+* ``base`` - the base model; ``warmup`` - the warm-up adapter alone;
+* ``single_lora`` - one LoRA on all the training data;
+* ``random_clusters`` - the run's cluster sizes, samples dealt at random; K LoRAs + a router;
+* ``embedding_kmeans`` - K-means (K of the run) on the router encoder's prompt embeddings; K
+  LoRAs + a router ("Mixture of LoRA");
+* ``merged`` - the run's K experts averaged into one adapter (the mean of their B A updates);
+* ``elrea`` - K-means on randomly projected gradients; at inference all K experts, weighted by
+  the softmax of the query's gradient similarity to each cluster;
+* ``gradientspace`` (routed by the run's router), ``gradientspace_oracle`` (routed by the
+  gradient assignment, which needs the answer: a bound, not a deployable system) and
+  ``gradientspace_ensemble`` (all K experts weighted by the router's probabilities).
+
+The baselines' trainings run on Ray Train, in parallel, like the experts; an interrupted eval
+run again keeps every finished adapter. Outputs: ``eval/eval.json`` (every number),
+``eval/partitions.json`` (each partition over the run's samples, -1 outside the train split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gs_ray.config import Config, apply_overrides
+from gs_ray.errors import ConfigError, RunDirError
+from gs_ray.evaluation.compare import answer_key, by_domain, is_correct, random_partition, spread
+from gs_ray.io import write_json
+from gs_ray.prepare import Prepared, prepare
+from gs_ray.ray_utils import task_resources
+from gs_ray.rundir import WARMUP, RunDir, expert_name
+
+log = logging.getLogger(__name__)
+
+PARTITIONED = ("random_clusters", "embedding_kmeans", "elrea")  # K experts trained here
+ROUTED = ("random_clusters", "embedding_kmeans")  # ... and a router trained here
+SINGLE = "single"
+RAY_TRAIN_FOLDER = "ray_train_eval"
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def _train_test(p: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(labels, train rows, test rows, K): the rows every method shares."""
+    labels, k = p.assignments()
+    train, test = p.splits.train, p.splits.test
+    return labels, train[labels[train] >= 0], test[labels[test] >= 0], k
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # cosine geometry
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)
+
+
+def _on_train(n: int, train: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = np.full(n, -1, dtype=np.int64)
+    out[train] = values
+    return out
+
+
+def _prompt_pair(pair: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """The prompt alone as a language-modelling sample (what a query has at inference)."""
+    ids, labels = pair
+    n = next((i for i, lab in enumerate(labels) if lab != -100), len(ids))
+    return list(ids[:n]), list(ids[:n])
+
+
+def _elrea_task(base_path, cfg, adapter, pad_id, train_pairs, query_pairs, n_timed):
+    """ELREA's gradients, projected: the training samples' (response loss) and every query's
+    (its prompt's own LM loss: no answer at inference), plus seconds per query gradient."""
+    from gs_ray.stage2.computer import GradientComputer
+
+    computer = GradientComputer(base_path, cfg, adapter, pad_id)
+    g_train = computer(train_pairs)
+    g_query = computer(query_pairs)
+    start = time.perf_counter()
+    for pair in query_pairs[:n_timed]:
+        computer([pair])
+    seconds = (time.perf_counter() - start) / max(1, min(n_timed, len(query_pairs)))
+    return g_train, g_query, seconds
+
+
+def _encode_task(texts, router_cfg, cache_path):
+    from gs_ray.routing.router import encode_cached
+
+    return encode_cached(texts, router_cfg.encoder, cache_path, router_cfg.max_length)
+
+
+def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Each partitioned method's labels over the run's samples (-1 outside train), and what
+    ELREA needs at inference (test weights over its clusters, seconds per query gradient)."""
+    import ray
+
+    cfg, ec = p.cfg, p.cfg.eval
+    labels, train, test, k = _train_test(p)
+    n, seed = len(p.samples), cfg.run.seed + 1000 * seed_index
+    out: dict[str, np.ndarray] = {"gradientspace": _on_train(n, train, labels[train])}
+    extra: dict[str, Any] = {}
+    want = set(ec.methods)
+    if "random_clusters" in want:
+        out["random_clusters"] = random_partition(out["gradientspace"], seed)
+    remote = ray.remote
+    if "embedding_kmeans" in want:
+        cache = str(p.run.eval_dir / "features_prompts.npy")
+        prompts = [p.samples[i].prompt for i in train]
+        feats = ray.get(remote(_encode_task).options(**task_resources())
+                        .remote(prompts, cfg.router, cache))  # fmt: skip
+        out["embedding_kmeans"] = _on_train(n, train, _kmeans(feats, k, seed))
+    if "elrea" in want:
+        from gs_ray.core.ensemble import gradient_similarity_probs
+
+        gcfg = dataclasses.replace(
+            cfg, gradients=dataclasses.replace(cfg.gradients,
+                                               projection_dim=ec.elrea_projection_dim))  # fmt: skip
+        queries = [_prompt_pair(p.samples[i].pair) for i in np.concatenate([train, test])]
+        g_train, g_query, grad_s = ray.get(remote(_elrea_task).options(**task_resources()).remote(
+            p.base_path, gcfg, str(p.run.warmup_adapter), p.pad_id, p.pairs(train), queries,
+            ec.latency_samples,
+        ))  # fmt: skip
+        part = _kmeans(g_train, k, seed)
+        out["elrea"] = _on_train(n, train, part)
+        # A cluster's inference centroid: the mean unit prompt-gradient of its members, so that
+        # queries (prompts only) are compared with what they can be compared with.
+        unit = g_query / np.maximum(np.linalg.norm(g_query, axis=1, keepdims=True), 1e-12)
+        centroids = np.stack([unit[: len(train)][part == c].mean(0) for c in range(k)])
+        extra["elrea_weights"] = gradient_similarity_probs(
+            g_query[len(train) :], centroids, ec.elrea_temperature
+        )
+        extra["elrea_gradient_ms"] = 1000 * grad_s
+    return out, extra
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "adapter_config.json").exists() and any(folder.glob("adapter_model.*"))
+
+
+def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
+    """The adapters this seed still needs: one LoRA on everything, K per partitioned method,
+    and (for seeds after the first) the GradientSpace experts again."""
+    from gs_ray.training.ray_train import AdapterJob
+
+    labels, train, _, k = _train_test(p)
+    methods = set(p.cfg.eval.methods)
+    base_seed = p.cfg.run.seed + 1000 * seed_index
+    wanted: list[tuple[str, str, np.ndarray, int]] = []
+    if "single_lora" in methods:
+        wanted.append(("single_lora", SINGLE, train, base_seed))
+    # With a step limit per expert, one LoRA on everything gets the K experts' steps together.
+    limit = p.cfg.experts.max_steps
+    retrain = ["gradientspace"] if seed_index > 0 else []
+    for method in [m for m in PARTITIONED if m in methods] + retrain:
+        for c in range(k):
+            rows = train[parts[method][train] == c]
+            wanted.append((method, expert_name(c), rows, base_seed + 1 + c))
+    jobs = []
+    for method, name, rows, seed in wanted:
+        out = p.run.eval_adapter(seed_index, method, name)
+        if _complete(out) or len(rows) == 0:
+            continue
+        jobs.append(AdapterJob(
+            name=f"eval-s{seed_index}-{method}-{name}", base_path=p.base_path,
+            output_dir=str(out), samples=p.pairs(rows), init_adapter=str(p.run.warmup_adapter),
+            seed=seed, max_steps=limit * k if limit and name == SINGLE else None,
+        ))  # fmt: skip
+    return jobs
+
+
+def train_baselines(p: Prepared, jobs: list) -> dict[str, dict]:
+    """Train the jobs on Ray Train in parallel (the experts' settings); each record is kept
+    next to its adapter. Raises when a training failed after its retries."""
+    from gs_ray.training.ray_train import train_many_on_ray
+
+    if not jobs:
+        return {}
+    log.info("eval: training %d adapters (%s)", len(jobs), ", ".join(j.name for j in jobs))
+    storage = str((p.run.path / RAY_TRAIN_FOLDER).resolve())
+    records = train_many_on_ray(jobs, p.cfg.model, p.cfg.lora, p.cfg.experts, p.pad_id, storage,
+                                parallel=p.cfg.experts.parallel, resume=True)  # fmt: skip
+    failed = {n: r.get("error") for n, r in records.items() if not r.get("ok")}
+    if failed:
+        raise RuntimeError(f"eval: training failed after retries: {failed}")
+    for job in jobs:
+        rec = records[job.name]
+        write_json(Path(job.output_dir) / "train.json", {
+            "n_train": len(job.samples), "steps": len(rec.get("losses", [])),
+            "seconds": rec.get("seconds"), "losses": rec.get("losses"),
+        })  # fmt: skip
+    return records
+
+
+def _train_record(folder: Path) -> dict:
+    path = folder / "train.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _fit_routers(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> None:
+    """The same kind of router as GradientSpace's, on each routed baseline's partition."""
+    import ray
+
+    from gs_ray.routing.stage import fit_and_save_router
+
+    _, train, _, k = _train_test(p)
+    prompts = [p.samples[i].prompt for i in train]
+    cache = str(p.run.eval_dir / "features_prompts.npy")
+    pending = []
+    for method in ROUTED:
+        folder = p.run.eval_router(method, seed_index)
+        if method in parts and not (folder / "router.json").exists():
+            task = ray.remote(fit_and_save_router).options(**task_resources())
+            pending.append(task.remote(prompts, parts[method][train], k, p.cfg.router,
+                                       p.cfg.run.seed + seed_index, cache, str(folder)))  # fmt: skip
+    ray.get(pending)
+
+
+def _route_task(folders: dict[str, str], prompts: list[str]) -> tuple[dict, dict]:
+    """Each router's p(k | prompt) on the test prompts, and its latency per prompt (ms)."""
+    from gs_ray.routing.router import Router
+
+    probs, latency = {}, {}
+    for key, folder in folders.items():
+        router = Router.load(folder)
+        probs[key] = router.predict_proba(prompts)
+        latency[key] = router.route_latency_ms(prompts[:20])
+    return probs, latency
+
+
+def _score_task(base_path, model_cfg, adapters, merges, pairs, pad_id, plans, gen_prompts,
+                max_new_tokens, eos_id, n_timed):  # fmt: skip
+    """In one process, one base model: per-token test losses of the base model (key None) and of
+    every adapter (merged ones built here), greedy generations of ``gen_prompts`` for every
+    plan (adapter names, weights), and the milliseconds of one forward of a query."""
+    import torch
+
+    from gs_ray.evaluation.generate import greedy_mixture, using
+    from gs_ray.training.loop import load_adapters, token_losses
+
+    model = load_adapters(base_path, model_cfg, adapters)
+    for name, parts in merges.items():
+        # combination "cat" stacks the adapters' A and B: its update sum_k w_k B_k A_k is exactly
+        # the weighted mean of the experts' updates when w_k = 1/K ("linear" averages A and B
+        # separately, which is not the mean of the products).
+        model.add_weighted_adapter(parts, [1.0 / len(parts)] * len(parts), name,
+                                   combination_type="cat")  # fmt: skip
+    model.eval()
+    losses = {}
+    for name in [None, *adapters, *merges]:
+        with using(model, name):
+            losses[name] = token_losses(model, pairs, pad_id)
+    generated = {}
+    for key, (names, weights) in plans.items():
+        generated[key] = greedy_mixture(model, names, weights, gen_prompts, max_new_tokens,
+                                        eos_id, pad_id)  # fmt: skip
+    timed = [_prompt_pair(pair)[0] for pair in pairs[:n_timed]]
+    model.set_adapter(next(iter(adapters)))
+    with torch.no_grad():
+        for ids in timed[:2]:  # untimed warm-up calls
+            model(input_ids=torch.tensor([ids]))
+        start = time.perf_counter()
+        for ids in timed:
+            model(input_ids=torch.tensor([ids]))
+    forward_ms = 1000 * (time.perf_counter() - start) / max(1, len(timed))
+    return losses, generated, forward_ms
+
+
+# --------------------------------------------------------------------------- the whole comparison
+
+
+@dataclasses.dataclass
+class Plan:
+    """How one method answers each test query: adapters (None: the base model) and weights
+    (n_test, len(adapters)); its cost in forward passes; what it adds to a forward's latency."""
+
+    adapters: list[str | None]
+    weights: np.ndarray
+    forward_passes: int
+    extra_ms: float = 0.0
+    deployable: bool = True
+
+
+def _gs_experts(seed_index: int, k: int) -> list[str]:
+    """GradientSpace's experts: the run's own for the first seed, retrained ones after."""
+    if seed_index == 0:
+        return [expert_name(c) for c in range(k)]
+    return [f"s{seed_index}/gradientspace/{expert_name(c)}" for c in range(k)]
+
+
+def _adapter_path(run: RunDir, name: str) -> Path:
+    """Where an adapter named in a plan lives: the warm-up, a run expert, or an eval adapter
+    ("s<i>/<method>/<name>")."""
+    if name == WARMUP:
+        return run.warmup_adapter
+    if "/" in name:
+        seed, method, expert = name.split("/")
+        return run.eval_adapter(int(seed.removeprefix("s")), method, expert)
+    return run.expert(int(name.removeprefix(expert_name(0)[:-1])))
+
+
+def _response_text(p: Prepared, row: int) -> str:
+    """A sample's reference response as the model was trained on it (after truncation)."""
+    s = p.samples[row]
+    return p.tokenizer.decode([t for t in s.labels if t != -100], skip_special_tokens=True)
+
+
+def _one_hot(index: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros((len(index), k))
+    out[np.arange(len(index)), index] = 1.0
+    return out
+
+
+def _plans(p: Prepared, seed_index: int, parts: dict, extra: dict, probs: dict,
+           router_ms: dict) -> dict[str, Plan]:  # fmt: skip
+    """Every method's plan for this seed."""
+    labels, _, test, k = _train_test(p)
+    n = len(test)
+    ones = np.ones((n, 1))
+    i = seed_index
+
+    def experts(method: str) -> list[str]:
+        if method == "gradientspace":
+            return _gs_experts(i, k)
+        return [f"s{i}/{method}/{expert_name(c)}" for c in range(k)]
+
+    gs_probs = probs["gradientspace"]
+    plans = {
+        "base": Plan([None], ones, 1),
+        "warmup": Plan([WARMUP], ones, 1),
+        "single_lora": Plan([f"s{i}/single_lora/{SINGLE}"], ones, 1),
+        "merged": Plan([f"s{i}/merged"], ones, 1),
+        "gradientspace": Plan(experts("gradientspace"), _one_hot(gs_probs.argmax(1), k), 1,
+                              router_ms["gradientspace"]),
+        "gradientspace_oracle": Plan(experts("gradientspace"), _one_hot(labels[test], k), 1,
+                                     deployable=False),
+        "gradientspace_ensemble": Plan(experts("gradientspace"), gs_probs, k,
+                                       router_ms["gradientspace"]),
+    }  # fmt: skip
+    for method in ROUTED:
+        if method in parts:
+            key = f"{method}@{i}"
+            plans[method] = Plan(experts(method), _one_hot(probs[key].argmax(1), k), 1,
+                                 router_ms[key])  # fmt: skip
+    if "elrea" in parts:
+        plans["elrea"] = Plan(experts("elrea"), extra["elrea_weights"], k + 1,
+                              extra["elrea_gradient_ms"])  # fmt: skip
+    return {m: plan for m, plan in plans.items() if m in p.cfg.eval.methods}
+
+
+def _eval_config(run: RunDir, overrides: list[str]) -> Config:
+    bad = [o for o in overrides if o.startswith("--") and not o.startswith("--eval.")]
+    if bad:
+        raise ConfigError(f"gs-ray eval takes only --eval.* overrides, not {bad[0]}")
+    return apply_overrides(run.config(), overrides)
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Compare GradientSpace with the baselines on the run's held-out split; writes
+    ``eval/eval.json`` and ``eval/partitions.json`` and returns the numbers."""
+    import ray
+
+    from gs_ray.core.ensemble import mixture_nll
+    from gs_ray.ray_utils import init_ray
+
+    run = RunDir.open(run_dir)
+    cfg = _eval_config(run, overrides or [])
+    missing = [s for s in ("warmup", "stage2", "experts", "router") if not run.stage_done(s)]
+    if missing:
+        raise RunDirError(f"{run.path}: stages {missing} are not done; finish the run first "
+                          f"(gs-ray run --resume {run.path})")  # fmt: skip
+    init_ray(cfg.run.ray_address, cfg.run.num_cpus)
+    started = time.time()
+    p = prepare(cfg, run)
+    ec = cfg.eval
+    labels, train, test, k = _train_test(p)
+    test_ids = [p.samples[i].id for i in test]
+    log.info("eval: %d methods, %d seed(s), K=%d, %d train / %d test samples",
+             len(ec.methods), ec.seeds, k, len(train), len(test))  # fmt: skip
+
+    seeds = []
+    for i in range(ec.seeds):
+        parts, extra = partitions(p, i)
+        if i == 0:
+            write_json(run.eval_partitions, {m: v.tolist() for m, v in parts.items()})
+        train_baselines(p, _jobs(p, parts, i))
+        _fit_routers(p, parts, i)
+        seeds.append((parts, extra))
+
+    # Routers' probabilities on the test prompts (GradientSpace's, then each baseline's).
+    folders = {"gradientspace": str(run.router)}
+    for i, (parts, _) in enumerate(seeds):
+        folders.update({f"{m}@{i}": str(run.eval_router(m, i)) for m in ROUTED if m in parts})
+    prompts = [p.samples[j].prompt for j in test]
+    probs, router_ms = ray.get(ray.remote(_route_task).options(**task_resources())
+                               .remote(folders, prompts))  # fmt: skip
+
+    plans = {i: _plans(p, i, parts, extra, probs, router_ms) for i, (parts, extra) in
+             enumerate(seeds)}  # fmt: skip
+    merges = {f"s{i}/merged": _gs_experts(i, k) for i, mp in plans.items() if "merged" in mp}
+    names = {a for mp in plans.values() for plan in mp.values() for a in plan.adapters}
+    names |= {a for parts in merges.values() for a in parts}
+    adapters = {WARMUP: str(run.warmup_adapter)}  # first: the one the latency is timed with
+    adapters.update({a: str(_adapter_path(run, a)) for a in sorted(names - set(merges) - {None})})
+
+    # Exact match: checkable test items, capped; every method answers the same items.
+    checkable = [j for j, row in enumerate(test) if answer_key(_response_text(p, row))]
+    gen_rows = checkable[: ec.max_generate]
+    gen_prompts = [_prompt_pair(p.samples[test[j]].pair)[0] for j in gen_rows]
+    gen_plans = {(m, i): (plan.adapters, plan.weights[gen_rows])
+                 for i, mp in plans.items() for m, plan in mp.items()} if gen_rows else {}  # fmt: skip
+    log.info("eval: scoring %d adapters on %d test samples; %d checkable items generated per "
+             "method", len(adapters) + len(merges), len(test), len(gen_rows))  # fmt: skip
+    token_nll, generated, forward_ms = ray.get(
+        ray.remote(_score_task).options(**task_resources()).remote(
+            p.base_path, cfg.model, adapters, merges, p.pairs(test), p.pad_id, gen_plans,
+            gen_prompts, ec.max_new_tokens, p.tokenizer.eos_token_id, ec.latency_samples,
+        ))  # fmt: skip
+
+    domains = [p.samples[j].domain for j in test]
+    references = [_response_text(p, test[j]) for j in gen_rows]
+    gen_domains = [domains[j] for j in gen_rows]
+    methods: dict[str, Any] = {}
+    for method in ec.methods:
+        if method not in plans[0]:
+            continue
+        per_seed, losses_by_seed = [], []
+        for i, mp in plans.items():
+            plan = mp[method]
+            losses = np.array([
+                mixture_nll(np.stack([token_nll[a][j] for a in plan.adapters]), plan.weights[j])
+                for j in range(len(test))
+            ])  # fmt: skip
+            losses_by_seed.append(losses)
+            correct = None
+            if gen_rows:
+                texts = [p.tokenizer.decode(t, skip_special_tokens=True)
+                         for t in generated[(method, i)]]  # fmt: skip
+                correct = np.array([is_correct(r, t) for r, t in zip(references, texts)])
+            per_seed.append({
+                "seed_index": i, "test_loss": float(losses.mean()),
+                "exact_match": float(correct.mean()) if correct is not None else None,
+                "exact_match_by_domain": by_domain(correct, gen_domains) if correct is not None
+                else {},
+            })  # fmt: skip
+        plan0 = plans[0][method]
+        loss_mean, loss_std = spread([s["test_loss"] for s in per_seed])
+        em_mean, em_std = spread([s["exact_match"] for s in per_seed])
+        trained = _training_cost(run, method, plans, k)
+        methods[method] = {
+            "test_loss": loss_mean, "test_loss_std": loss_std,
+            "test_loss_by_domain": by_domain(np.mean(losses_by_seed, axis=0), domains),
+            "exact_match": em_mean, "exact_match_std": em_std,
+            "exact_match_by_domain": per_seed[0]["exact_match_by_domain"],
+            "forward_passes_per_query": plan0.forward_passes,
+            "latency_ms_per_query": (plan0.extra_ms + forward_ms * (plan0.forward_passes
+                                     - (1 if method == "elrea" else 0))) if plan0.deployable
+            else None,
+            "deployable": plan0.deployable, "k": len(plan0.adapters) if len(plan0.adapters) > 1
+            else None, **trained, "per_seed": per_seed,
+        }  # fmt: skip
+    out = {
+        "run_dir": str(run.path), "n_test": len(test),
+        "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
+        "n_train": len(train), "k": k, "seeds": [cfg.run.seed + 1000 * i for i in range(ec.seeds)],
+        "budget": {"epochs": cfg.experts.epochs, "rule": "every trained method sees each training "
+                   "sample experts.epochs times, from the warm-up adapter, with the experts' "
+                   "optimiser settings"},
+        "n_exact_match_items": len(gen_rows), "forward_ms": forward_ms,
+        "router_ms": router_ms.get("gradientspace"), "config": dataclasses.asdict(ec),
+        "seconds": time.time() - started, "methods": methods,
+    }  # fmt: skip
+    write_json(run.eval_json, out)
+    log.info("eval: written %s\n%s", run.eval_json, table(out))
+    return out
+
+
+def _training_cost(run: RunDir, method: str, plans: dict, k: int) -> dict[str, Any]:
+    """Optimizer steps and seconds of a method's trainings (first seed)."""
+    if method in ("base", "warmup", "merged", "gradientspace_oracle"):
+        return {"train_steps": 0, "train_seconds": 0.0}
+    if method.startswith("gradientspace"):
+        recs = run.expert_records()
+        return {"train_steps": sum(r.get("steps", 0) or 0 for r in recs),
+                "train_seconds": sum(r.get("seconds", 0) or 0 for r in recs)}  # fmt: skip
+    names = [SINGLE] if method == "single_lora" else [expert_name(c) for c in range(k)]
+    recs = [_train_record(run.eval_adapter(0, method, n)) for n in names]
+    return {"train_steps": sum(r.get("steps", 0) for r in recs),
+            "train_seconds": sum(r.get("seconds") or 0 for r in recs)}  # fmt: skip
+
+
+def table(out: dict[str, Any]) -> str:
+    """The comparison as a plain-text table (console, docs)."""
+
+    def fmt(x, std=None, digits=4):
+        if x is None:
+            return "-"
+        return f"{x:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    head = f"{'method':24s} {'test loss':>18s} {'exact match':>16s} {'passes':>6s} {'ms/query':>9s}"
+    lines = [head, "-" * len(head)]
+    for name, m in out["methods"].items():
+        lines.append(f"{name:24s} {fmt(m['test_loss'], m['test_loss_std']):>18s} "
+                     f"{fmt(m['exact_match'], m['exact_match_std'], 3):>16s} "
+                     f"{m['forward_passes_per_query']:>6d} "
+                     f"{fmt(m['latency_ms_per_query'], digits=1):>9s}")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""Pure pieces of the comparison with the baselines (``gs-ray eval``): answers that can be checked,
+per-domain tables, spreads over seeds, and the baselines' partitions.
+
+Checkable answers (``answer_key``), tried in order on the reference response:
+
+* ``#### N`` (GSM8K) - the number after the marks;
+* ``The answer is N`` (the demo's arithmetic) - that number;
+* a short label (at most ``MAX_LABEL_WORDS`` words, no digit: FinancialPhraseBank's
+  positive / negative / neutral) - the words, lower-cased;
+* a last sentence with a dollar amount (the demo's finance answers) - the last such amount.
+
+Anything else (code, stories, derivations) is not checked: it has no single right answer. A
+generated text is read with the same rule as its reference, so "The answer is 16." and
+"#### 16" are both right for 16, and a label must be the generation's first words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+MAX_LABEL_WORDS = 3
+KeyKind = Literal["final_number", "answer_is", "label", "amount"]
+
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+_FINAL = re.compile(r"####\s*(" + _NUMBER + ")")
+_ANSWER_IS = re.compile(r"[Tt]he answer is:?\s*(" + _NUMBER + ")")
+_AMOUNT = re.compile(r"-?\$\d[\d,]*(?:\.\d+)?")
+_WORD = re.compile(r"[A-Za-z']+")
+
+
+def _number(text: str) -> str:
+    """A number as a canonical string: no $ or thousands commas, no trailing zeros."""
+    value = float(text.replace("$", "").replace(",", ""))
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def answer_key(reference: str) -> tuple[KeyKind, str] | None:
+    """How a reference response can be checked and its canonical answer, or None."""
+    m = _FINAL.search(reference)
+    if m:
+        return "final_number", _number(m.group(1))
+    m = _ANSWER_IS.findall(reference)
+    if m:
+        return "answer_is", _number(m[-1])
+    text = reference.strip()
+    if text and not any(ch.isdigit() for ch in text):
+        words = _WORD.findall(text.lower())
+        if 0 < len(words) <= MAX_LABEL_WORDS:
+            return "label", " ".join(words)
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    if sentences:
+        amounts = _AMOUNT.findall(sentences[-1])
+        if amounts:
+            return "amount", _number(amounts[-1])
+    return None
+
+
+def read_answer(kind: KeyKind, generated: str, n_words: int = 1) -> str | None:
+    """The answer a generated text gives, read the way its reference is (``kind``); a label is
+    the generation's first ``n_words`` words."""
+    if kind == "final_number":
+        m = _FINAL.search(generated)
+        return _number(m.group(1)) if m else None
+    if kind == "answer_is":
+        m = _ANSWER_IS.findall(generated)
+        return _number(m[0]) if m else None
+    if kind == "label":
+        words = _WORD.findall(generated.lower())[:n_words]
+        return " ".join(words) if words else None
+    amounts = _AMOUNT.findall(generated)
+    return _number(amounts[-1]) if amounts else None
+
+
+def is_correct(reference: str, generated: str) -> bool | None:
+    """Whether a generated answer matches the reference's; None where it cannot be checked."""
+    key = answer_key(reference)
+    if key is None:
+        return None
+    kind, want = key
+    return read_answer(kind, generated, len(want.split())) == want
+
+
+def by_domain(values: np.ndarray, domains: Sequence[str | None]) -> dict[str, float]:
+    """Mean of ``values`` per domain (samples without a domain under "unlabelled")."""
+    values = np.asarray(values, dtype=np.float64)
+    names = np.array([d if d is not None else "unlabelled" for d in domains], dtype=object)
+    return {str(d): float(values[names == d].mean()) for d in sorted(set(names))}
+
+
+def spread(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation over seeds (None when fewer than two values)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+def random_partition(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A random partition with exactly the cluster sizes of ``labels``: the labels shuffled
+    over the same samples (entries < 0, samples outside every cluster, stay where they are)."""
+    labels = np.asarray(labels)
+    out = labels.copy()
+    inside = np.flatnonzero(labels >= 0)
+    out[inside] = labels[inside][np.random.default_rng(seed).permutation(len(inside))]
+    return out
