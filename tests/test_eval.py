@@ -1,0 +1,240 @@
+"""gs-ray eval: the pure pieces against hand computations, merging and generation against peft
+and transformers, and the whole comparison on a small run (same rows, same budget, resumable)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gs_ray.core.ensemble import gradient_similarity_probs, mixture_nll
+from gs_ray.evaluation.compare import (
+    answer_key,
+    by_domain,
+    is_correct,
+    random_partition,
+    spread,
+)
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_gradient_similarity_probs_by_hand():
+    g = np.array([[1.0, 0.0], [1.0, 1.0]])
+    c = np.array([[2.0, 0.0], [0.0, 3.0]])
+    p = gradient_similarity_probs(g, c, temperature=0.5)
+    # cosines: row 0 -> (1, 0); row 1 -> (1/sqrt2, 1/sqrt2)
+    e = math.exp(1 / 0.5)
+    assert p[0] == pytest.approx([e / (e + 1), 1 / (e + 1)])
+    assert p[1] == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="temperature"):
+        gradient_similarity_probs(g, c, temperature=0)
+
+
+def test_mixture_nll_by_hand():
+    nll = np.array([[0.1, 2.0, 0.5], [1.0, 0.2, 3.0]])
+    w = np.array([0.25, 0.75])
+    want = np.mean([-math.log(0.25 * math.exp(-a) + 0.75 * math.exp(-b)) for a, b in nll.T])
+    assert mixture_nll(nll, w) == pytest.approx(want)
+    # one-hot weights: exactly that expert's mean loss (routing)
+    assert mixture_nll(nll, np.array([0.0, 1.0])) == pytest.approx(nll[1].mean())
+    # very large losses do not underflow to inf
+    assert math.isfinite(mixture_nll(nll + 2000.0, w))
+
+
+@pytest.mark.parametrize(
+    ("reference", "generated", "kind", "correct"),
+    [
+        ("She has 3 left.\n#### 1,234", "so... #### 1234", "final_number", True),
+        ("x\n#### 72", "#### 27", "final_number", False),
+        ("20 * 18 = 360 dollars.\nThe answer is 360.", "The answer is 360.00!", "answer_is", True),
+        ("The answer is 360.", "the answer was 360", "answer_is", False),
+        ("positive", "Positive. The profit rose", "label", True),
+        ("neutral", "negative", "label", False),
+        ("... so the payment is $1,404.75.", "Monthly payment: $1404.75.", "amount", True),
+        ("def f(x):\n    return x + 1", "def f(x): return x", None, None),
+        ("Once upon a time there was a fox.", "A fox.", None, None),
+    ],
+)
+def test_answer_keys_and_exact_match(reference, generated, kind, correct):
+    key = answer_key(reference)
+    assert (key[0] if key else None) == kind
+    assert is_correct(reference, generated) is correct
+
+
+def test_random_partition_keeps_sizes_and_outsiders():
+    labels = np.array([0, 0, 1, -1, 2, 2, 2, -2, 1])
+    out = random_partition(labels, seed=3)
+    assert (out[labels < 0] == labels[labels < 0]).all()
+    assert np.bincount(out[out >= 0]).tolist() == np.bincount(labels[labels >= 0]).tolist()
+    assert not (out == labels).all() or len(set(labels)) == 1
+    assert (random_partition(labels, 3) == out).all()
+
+
+def test_by_domain_and_spread():
+    assert by_domain(np.array([1.0, 3.0, 5.0]), ["a", None, "a"]) == {"a": 3.0, "unlabelled": 3.0}
+    assert spread([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert spread([2.0]) == (2.0, None) and spread([None]) == (None, None)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.fixture
+def two_adapters(tiny_peft_model, tmp_path):
+    """The conftest model with two saved adapters (different non-zero B) loaded side by side."""
+    from peft import PeftModel
+
+    model = tiny_peft_model
+    paths = []
+    for i in range(2):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.2, generator=torch.Generator().manual_seed(10 * i + len(name)))
+        model.save_pretrained(tmp_path / f"a{i}")
+        paths.append(tmp_path / f"a{i}")
+    base = model.get_base_model()
+    peft = PeftModel.from_pretrained(base, paths[0], adapter_name="a0")
+    peft.load_adapter(paths[1], adapter_name="a1")
+    return peft.eval()
+
+
+def test_merged_adapter_is_the_mean_of_the_experts_updates(two_adapters):
+    """What gs-ray eval builds for 'merged' (combination 'cat', weights 1/K): each layer's
+    update equals the mean of the experts' B A (times the LoRA scaling), by hand."""
+    model = two_adapters
+    model.add_weighted_adapter(["a0", "a1"], [0.5, 0.5], "merged", combination_type="cat")
+    checked = 0
+    for module in model.modules():
+        if hasattr(module, "lora_A") and "merged" in module.lora_A:
+            def delta(name, m=module):
+                a, b = m.lora_A[name].weight, m.lora_B[name].weight
+                return (b @ a) * m.scaling[name]
+
+            want = (delta("a0") + delta("a1")) / 2
+            torch.testing.assert_close(delta("merged"), want, rtol=1e-5, atol=1e-6)
+            checked += 1
+    assert checked == 4  # q and v in two layers
+
+
+def test_token_losses_match_a_plain_forward(two_adapters):
+    from gs_ray.core.gradients import collate, per_sample_loss
+    from gs_ray.training.loop import token_losses
+
+    model = two_adapters
+    model.set_adapter("a1")
+    pairs = [([1, 5, 9, 4, 7], [-100, -100, 9, 4, 7]), ([3, 8, 2], [-100, 8, 2])]
+    got = token_losses(model, pairs, pad_id=0)
+    for (ids, labels), losses in zip(pairs, got):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+        keep = torch.tensor(labels[1:]) != -100
+        np.testing.assert_allclose(losses, nll[keep].double().numpy(), rtol=1e-5)
+    batch = collate(pairs, 0)
+    with torch.no_grad():
+        means = per_sample_loss(model, batch).numpy()
+    np.testing.assert_allclose([g.mean() for g in got], means, rtol=1e-5)
+
+
+def test_greedy_mixture_routes_like_generate_and_mixes_by_hand(two_adapters):
+    from gs_ray.evaluation.generate import greedy_mixture, using
+
+    model = two_adapters
+    prompts = [[1, 5, 9], [3, 8, 2, 11, 6]]
+    one_hot = np.array([[0.0, 1.0], [1.0, 0.0]])
+    got = greedy_mixture(model, ["a0", "a1"], one_hot, prompts, 6, eos_id=None, pad_id=0)
+    for prompt, name, tokens in zip(prompts, ["a1", "a0"], got):
+        model.set_adapter(name)
+        with torch.no_grad():
+            ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6,
+                                 do_sample=False, pad_token_id=0)  # fmt: skip
+        assert tokens == ref[0, len(prompt) :].tolist()
+    # A soft mixture, first token by hand: argmax of 0.3 p_base + 0.7 p_a0.
+    w = np.array([[0.3, 0.7]])
+    first = greedy_mixture(model, [None, "a0"], w, prompts[:1], 1, eos_id=None, pad_id=0)[0][0]
+    probs = []
+    for name in (None, "a0"):
+        with using(model, name), torch.no_grad():
+            probs.append(torch.softmax(model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
+                                       .double(), -1))  # fmt: skip
+    assert first == int((0.3 * probs[0] + 0.7 * probs[1]).argmax())
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_eval_compares_every_method_on_the_same_rows(ray_session, tmp_path):
+    from gs_ray.cli import main
+    from gs_ray.evaluation import baselines
+    from gs_ray.prepare import prepare
+    from gs_ray.rundir import RunDir
+
+    small = [
+        "--data.demo_size", "240", "--data.n_val", "48", "--model.tiny_hidden_size", "64",
+        "--model.tiny_num_layers", "2", "--lora.r", "8", "--lora.alpha", "16",
+        "--clustering.batch_size", "16", "--clustering.max_epochs", "1",
+        "--clustering.n_clusters", "2", "--experts.max_steps", "3",
+        "--run.output_dir", str(tmp_path), "--run.name", "r",
+    ]  # fmt: skip
+    assert main(["run", *small]) == 0
+    run = RunDir(tmp_path / "r")
+    out = baselines.evaluate_run(run.path, ["--eval.max_generate", "4",
+                                            "--eval.max_new_tokens", "4"])  # fmt: skip
+    saved = json.loads(run.eval_json.read_text())
+    assert saved["methods"].keys() == out["methods"].keys()
+    assert set(out["methods"]) == set(json.loads(json.dumps(run.config().eval.methods)))
+
+    # Exactly the rows of the run's own evaluation, and the same numbers where methods coincide.
+    heldout = run.metrics()["evaluation"]
+    assert out["n_test"] == heldout["n_test"]
+    m = out["methods"]
+    assert m["gradientspace"]["test_loss"] == pytest.approx(heldout["test_loss_routed"], rel=1e-6)
+    assert m["gradientspace_oracle"]["test_loss"] == pytest.approx(heldout["test_loss_oracle"],
+                                                                   rel=1e-6)  # fmt: skip
+    assert m["warmup"]["test_loss"] == pytest.approx(heldout["test_loss_warmup"], rel=1e-6)
+    p = prepare(run.config(), run)
+    labels, k = p.assignments()
+    test = p.splits.test[labels[p.splits.test] >= 0]
+    import hashlib
+
+    ids = "\n".join(p.samples[i].id for i in test)
+    assert out["test_ids_sha256"] == hashlib.sha256(ids.encode()).hexdigest()
+
+    # The partitions: same K; random has GradientSpace's sizes; all only on train rows.
+    parts = {name: np.array(v) for name, v in json.loads(run.eval_partitions.read_text()).items()}
+    gs = parts["gradientspace"]
+    assert (gs[p.splits.test] == -1).all()
+    for name in ("random_clusters", "embedding_kmeans", "elrea"):
+        assert ((parts[name] >= 0) == (gs >= 0)).all(), name
+        assert set(parts[name][gs >= 0]) <= set(range(k)), name
+    assert np.bincount(parts["random_clusters"][gs >= 0]).tolist() == np.bincount(gs[gs >= 0]).tolist()
+
+    # Every trained method really trained, at the same budget.
+    assert m["single_lora"]["train_steps"] == 3 * k
+    for name in ("random_clusters", "embedding_kmeans", "elrea"):
+        assert m[name]["train_steps"] == 3 * k, name
+        assert m[name]["test_loss"] < m["base"]["test_loss"], name
+    assert m["single_lora"]["test_loss"] != m["warmup"]["test_loss"]
+    assert m["gradientspace_ensemble"]["forward_passes_per_query"] == k
+    assert m["elrea"]["forward_passes_per_query"] == k + 1
+    assert m["gradientspace_oracle"]["latency_ms_per_query"] is None
+    assert all(v["exact_match"] is not None for v in m.values()) == (out["n_exact_match_items"] > 0)
+
+    # A second eval keeps every adapter (nothing to train) and gives the same numbers.
+    assert baselines._jobs(p, {n: parts[n] for n in parts}, 0) == []
+    again = baselines.evaluate_run(run.path, ["--eval.max_generate", "4",
+                                              "--eval.max_new_tokens", "4"])  # fmt: skip
+    for name, v in again["methods"].items():
+        assert v["test_loss"] == pytest.approx(m[name]["test_loss"], rel=1e-6), name
+
+    # Only --eval.* overrides; an unfinished run is refused with a plain message.
+    assert main(["eval", str(run.path), "--lora.r", "4"]) == 2
+    run.invalidate("experts")
+    assert main(["eval", str(run.path)]) == 2
