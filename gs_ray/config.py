@@ -166,6 +166,17 @@ class ModelConfig:
     tiny_num_layers: int = _f(4, "tiny-llama: decoder layers", ge=1)
     tiny_num_heads: int = _f(4, "tiny-llama: attention heads", ge=1)
     tiny_vocab_size: int = _f(4096, "tiny-llama: BPE vocabulary trained on the demo corpus", ge=64)
+    tiny_pretrain_steps: int = _f(
+        400, "tiny-llama: full-parameter pretraining steps on a disjoint part of the demo corpus, "
+        "once, cached (0: random weights)", ge=0,
+    )  # fmt: skip
+    tiny_pretrain_records: int = _f(
+        8000, "tiny-llama: demo records generated for pretraining (before removing any that the "
+        "instruction corpus holds)", ge=16,
+    )  # fmt: skip
+    tiny_pretrain_batch_size: int = _f(16, "tiny-llama: pretraining batch size", ge=1)
+    tiny_pretrain_lr: float = _f(3e-3, "tiny-llama: pretraining learning rate (AdamW)", gt=0)
+    tiny_pretrain_max_length: int = _f(256, "tiny-llama: pretraining tokens per text", ge=8)
 
 
 @dataclass

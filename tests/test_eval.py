@@ -111,6 +111,7 @@ def test_merged_adapter_is_the_mean_of_the_experts_updates(two_adapters):
     checked = 0
     for module in model.modules():
         if hasattr(module, "lora_A") and "merged" in module.lora_A:
+
             def delta(name, m=module):
                 a, b = m.lora_A[name].weight, m.lora_B[name].weight
                 return (b @ a) * m.scaling[name]
@@ -178,7 +179,7 @@ def test_eval_compares_every_method_on_the_same_rows(ray_session, tmp_path):
 
     small = [
         "--data.demo_size", "240", "--data.n_val", "48", "--model.tiny_hidden_size", "64",
-        "--model.tiny_num_layers", "2", "--lora.r", "8", "--lora.alpha", "16",
+        "--model.tiny_num_layers", "2", "--model.tiny_pretrain_steps", "0", "--lora.r", "8", "--lora.alpha", "16",
         "--clustering.batch_size", "16", "--clustering.max_epochs", "1",
         "--clustering.n_clusters", "2", "--experts.max_steps", "3",
         "--run.output_dir", str(tmp_path), "--run.name", "r",
@@ -214,7 +215,9 @@ def test_eval_compares_every_method_on_the_same_rows(ray_session, tmp_path):
     for name in ("random_clusters", "embedding_kmeans", "elrea"):
         assert ((parts[name] >= 0) == (gs >= 0)).all(), name
         assert set(parts[name][gs >= 0]) <= set(range(k)), name
-    assert np.bincount(parts["random_clusters"][gs >= 0]).tolist() == np.bincount(gs[gs >= 0]).tolist()
+    assert (
+        np.bincount(parts["random_clusters"][gs >= 0]).tolist() == np.bincount(gs[gs >= 0]).tolist()
+    )
 
     # Every trained method really trained, at the same budget.
     assert m["single_lora"]["train_steps"] == 3 * k

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.ray
 
 SMALL = {
     "data": {"demo_size": 300, "n_val": 64},
-    "model": {"tiny_hidden_size": 64, "tiny_num_layers": 2},
+    "model": {"tiny_hidden_size": 64, "tiny_num_layers": 2, "tiny_pretrain_steps": 0},
     "lora": {"r": 8, "alpha": 16},
     "warmup": {"epochs": 2},
     "clustering": {"batch_size": 16, "max_epochs": 2, "k_max": 5},

@@ -19,7 +19,7 @@ def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tm
 
     cfg = load_config(None, [
         "--data.demo_size", "240", "--data.n_val", "48", "--model.tiny_hidden_size", "64",
-        "--model.tiny_num_layers", "2", "--lora.r", "4", "--warmup.epochs", "1",
+        "--model.tiny_num_layers", "2", "--model.tiny_pretrain_steps", "0", "--lora.r", "4", "--warmup.epochs", "1",
         "--clustering.batch_size", "16", "--clustering.max_epochs", "1",
         "--tune.k_values", "[2, 3]", "--tune.n_samples", "96", "--tune.expert_max_steps", "3",
         "--run.output_dir", str(tmp_path), "--run.name", "tune",

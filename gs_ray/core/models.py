@@ -2,9 +2,10 @@
 
 Three kinds of model name:
 
-* ``tiny-llama`` - the embedded default: a small Llama-architecture model built from a config with
-  random initialisation (seeded), and a byte-level BPE tokenizer trained deterministically on the
-  built-in demo corpus. A 4,096-token vocabulary keeps the output layer cheap: with SmolLM2's
+* ``tiny-llama`` - the embedded default: a small Llama-architecture model built from a config
+  (seeded; pretrained once on a disjoint part of the demo corpus by ``training.pretrain``, or
+  random with ``tiny_pretrain_steps: 0``), and a byte-level BPE tokenizer trained
+  deterministically on the built-in demo corpus. A 4,096-token vocabulary keeps the output layer cheap: with SmolLM2's
   49,152-token vocabulary the LM head alone made a forward+backward 5x slower on this machine.
   It is saved once into the run directory so every stage and worker loads the same weights.
 * ``smollm2-135m`` - SmolLM2-135M-Instruct, the one real pretrained LM that installs offline
@@ -192,11 +193,15 @@ def convert_smollm2(cfg: ModelConfig) -> Path:
 # --------------------------------------------------------------------------- any model
 
 
-def materialize_base_model(cfg: ModelConfig, run_dir: Path | None, seed: int) -> str:
+def materialize_base_model(
+    cfg: ModelConfig, run_dir: Path | None, seed: int, source: Path | None = None
+) -> str:
     """Return a path or hub id that ``load_base_model`` can load on any worker.
 
-    tiny-llama is saved into ``run_dir/base_model`` (it exists nowhere else); smollm2-135m is
-    converted into the cache; any other name is returned unchanged.
+    tiny-llama is saved into ``run_dir/base_model`` (it exists nowhere else): copied from
+    ``source`` (the pretrained model, see ``training.pretrain``) or, without one, built with
+    random weights; smollm2-135m is converted into the cache; any other name is returned
+    unchanged.
     """
     if cfg.name == TINY:
         if run_dir is None:
@@ -205,9 +210,12 @@ def materialize_base_model(cfg: ModelConfig, run_dir: Path | None, seed: int) ->
         made_with = {"seed": seed, **{k: v for k, v in vars(cfg).items() if k.startswith("tiny_")}}
         stamp = target / "gs_ray_tiny.json"
         if not (target / "config.json").exists():
-            model, tokenizer = build_tiny_llama(cfg, seed)
-            model.save_pretrained(str(target))
-            tokenizer.save_pretrained(str(target))
+            if source is not None:
+                shutil.copytree(source, target)
+            else:
+                model, tokenizer = build_tiny_llama(cfg, seed)
+                model.save_pretrained(str(target))
+                tokenizer.save_pretrained(str(target))
             stamp.write_text(json.dumps(made_with))
         elif stamp.exists() and json.loads(stamp.read_text()) != made_with:
             raise ValueError(

@@ -83,17 +83,25 @@ def _prompt_pair(pair: tuple[list[int], list[int]]) -> tuple[list[int], list[int
 
 def _elrea_task(base_path, cfg, adapter, pad_id, train_pairs, query_pairs, n_timed):
     """ELREA's gradients, projected: the training samples' (response loss) and every query's
-    (its prompt's own LM loss: no answer at inference), plus seconds per query gradient."""
+    (its prompt's own LM loss: no answer at inference), and the milliseconds of one query's
+    gradient at batch 1 (the projection is not timed: a deployment keeps it stored or
+    structured, while here it is regenerated from its seed in chunks)."""
+    import torch
+
+    from gs_ray.core.gradients import compute_bucketed
     from gs_ray.stage2.computer import GradientComputer
 
     computer = GradientComputer(base_path, cfg, adapter, pad_id)
-    g_train = computer(train_pairs)
-    g_query = computer(query_pairs)
+    engine, micro = computer.engine, computer.micro
+    G = torch.cat([compute_bucketed(engine, train_pairs, pad_id, micro),
+                   compute_bucketed(engine, query_pairs, pad_id, micro)])  # fmt: skip
+    timed = query_pairs[:n_timed]
     start = time.perf_counter()
-    for pair in query_pairs[:n_timed]:
-        computer([pair])
-    seconds = (time.perf_counter() - start) / max(1, min(n_timed, len(query_pairs)))
-    return g_train, g_query, seconds
+    for pair in timed:
+        compute_bucketed(engine, [pair], pad_id, 1)
+    ms = 1000 * (time.perf_counter() - start) / max(1, len(timed))
+    G = (computer.project(G) if computer.project else G).numpy()  # one pass over the matrix
+    return G[: len(train_pairs)], G[len(train_pairs) :], ms
 
 
 def _encode_task(texts, router_cfg, cache_path):
@@ -129,7 +137,9 @@ def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dic
             cfg, gradients=dataclasses.replace(cfg.gradients,
                                                projection_dim=ec.elrea_projection_dim))  # fmt: skip
         queries = [_prompt_pair(p.samples[i].pair) for i in np.concatenate([train, test])]
-        g_train, g_query, grad_s = ray.get(remote(_elrea_task).options(**task_resources()).remote(
+        log.info("eval: ELREA gradients of %d training samples and %d queries (projected to "
+                 "%d)", len(train), len(queries), ec.elrea_projection_dim)  # fmt: skip
+        g_train, g_query, grad_ms = ray.get(remote(_elrea_task).options(**task_resources()).remote(
             p.base_path, gcfg, str(p.run.warmup_adapter), p.pad_id, p.pairs(train), queries,
             ec.latency_samples,
         ))  # fmt: skip
@@ -142,7 +152,7 @@ def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dic
         extra["elrea_weights"] = gradient_similarity_probs(
             g_query[len(train) :], centroids, ec.elrea_temperature
         )
-        extra["elrea_gradient_ms"] = 1000 * grad_s
+        extra["elrea_gradient_ms"] = grad_ms
     return out, extra
 
 

@@ -12,12 +12,20 @@ from gs_ray.rundir import WARMUP, expert_name
 
 log = logging.getLogger(__name__)
 
+BASE = "base"  # the base model with no adapter, in the per-sample losses
+
 
 def _evaluate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder, prompts):
+    from gs_ray.evaluation.generate import using
     from gs_ray.routing.router import Router
-    from gs_ray.training.loop import adapter_losses
+    from gs_ray.training.loop import load_adapters, token_losses
 
-    losses = adapter_losses(base_path, model_cfg, adapters, pairs, pad_id)
+    model = load_adapters(base_path, model_cfg, adapters)
+    losses = {}
+    for name in [None, *adapters]:  # None: the base model, adapters off
+        with using(model, name):
+            per_sample = token_losses(model, pairs, pad_id)
+        losses[name or BASE] = np.array([t.mean() if len(t) else 0.0 for t in per_sample])
     router = Router.load(router_folder)
     return losses, router.predict(prompts), router.route_latency_ms(prompts[:20])
 
@@ -42,9 +50,9 @@ def evaluate(p: Prepared, resume: bool = False) -> dict:
         out = heldout_table(per_sample, routed, labels[test], k)
         out["router_latency_ms"] = latency
         p.run.add_metrics(evaluation=out)
-    log.info("held-out loss: warm-up %.4f, routed experts %.4f (oracle routing %.4f); "
-             "router agrees with the gradient clusters on %.1f%% of test prompts",
-             out["test_loss_warmup"], out["test_loss_routed"], out["test_loss_oracle"],
+    log.info("held-out loss: base model %.4f, warm-up %.4f, routed experts %.4f (oracle routing "
+             "%.4f); router agrees with the gradient clusters on %.1f%% of test prompts",
+             out["test_loss_base"], out["test_loss_warmup"], out["test_loss_routed"], out["test_loss_oracle"],
              100 * out["router_test_accuracy"])  # fmt: skip
     return out
 
@@ -52,7 +60,8 @@ def evaluate(p: Prepared, resume: bool = False) -> dict:
 def heldout_table(per_sample: dict[str, np.ndarray], routed: np.ndarray, oracle: np.ndarray,
                   k: int) -> dict:  # fmt: skip
     """Losses per adapter and routing (router vs gradient assignment), and the expert x
-    cluster loss matrix, from per-sample losses of the warm-up and every expert."""
+    cluster loss matrix, from per-sample losses of the warm-up, every expert and (when given)
+    the base model."""
     rows = np.arange(len(oracle))
     experts = np.stack([per_sample[expert_name(c)] for c in range(k)])  # (k, n_test)
     warm = per_sample[WARMUP]
@@ -63,6 +72,7 @@ def heldout_table(per_sample: dict[str, np.ndarray], routed: np.ndarray, oracle:
     matrix = [[mean(experts[e], oracle == c) for c in range(k)] for e in range(k)]
     return {
         "n_test": len(oracle),
+        "test_loss_base": float(per_sample[BASE].mean()) if BASE in per_sample else None,
         "test_loss_warmup": float(warm.mean()),
         "test_loss_routed": float(experts[routed, rows].mean()),
         "test_loss_oracle": float(experts[oracle, rows].mean()),

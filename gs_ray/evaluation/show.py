@@ -78,7 +78,9 @@ def show(path: str | Path) -> str:
         lines.append(f"router: holdout accuracy {r.get('holdout_accuracy')} "
                      f"(chance {r.get('chance_accuracy')})")  # fmt: skip
     if ev:
-        lines.append(f"held-out loss: warm-up {ev['test_loss_warmup']:.4f}, routed experts "
+        base = ev.get("test_loss_base")
+        lines.append((f"held-out loss: base model {base:.4f}, " if base is not None else
+                      "held-out loss: ") + f"warm-up {ev['test_loss_warmup']:.4f}, routed experts "
                      f"{ev['test_loss_routed']:.4f}, oracle routing {ev['test_loss_oracle']:.4f}; "
                      f"router latency {ev.get('router_latency_ms', 0):.1f} ms/prompt")  # fmt: skip
     if metrics:
@@ -93,6 +95,13 @@ def show(path: str | Path) -> str:
     )
     if plots:
         lines.append("plots: " + ", ".join(plots))
+    if run.eval_json.exists():
+        from gs_ray.evaluation.baselines import table
+
+        lines.append(f"gs-ray eval ({run.eval_json}):")
+        lines += ["  " + line for line in table(json.loads(run.eval_json.read_text())).split("\n")]
+    elif (run.router / ROUTER_JSON).exists():
+        lines.append(f"compare with the baselines: gs-ray eval {run.path}")
     if (run.router / ROUTER_JSON).exists():
         lines.append(f"serve: gs-ray serve {run.path}")
     return "\n".join(lines)

@@ -70,6 +70,9 @@ class AdapterJob:
     """The cluster an expert is trained for (None for the warm-up)."""
     max_steps: int | None = None
     """This job's step limit in place of the training config's (None: the config's)."""
+    full_model: bool = False
+    """Train every weight of the base model (pretraining) instead of a LoRA adapter; the output
+    folder is then a whole model (``load_base_model`` loads it)."""
     fail_once_at_step: int | None = None
     """Fault injection for tests: the first attempt's rank-0 worker process dies (``os._exit``)
     after this optimizer step; a marker file under the run folder keeps the retry alive."""
@@ -399,11 +402,18 @@ def _train_attempt(config: dict[str, Any], rank: int, world: int, attempt: int) 
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = json.loads((Path(folder) / _STATE_FILE).read_text())
-            model = load_adapter(base, Path(folder) / _ADAPTER_DIR, trainable=True)
+            if job.full_model:
+                model = load_base_model(str(Path(folder) / _ADAPTER_DIR), load_cfg, device)
+            else:
+                model = load_adapter(base, Path(folder) / _ADAPTER_DIR, trainable=True)
+    elif job.full_model:
+        model = base
     elif job.init_adapter:
         model = load_adapter(base, job.init_adapter, trainable=True)
     else:
         model = add_lora(base, config["lora_cfg"], job.seed)
+    if job.full_model:
+        model.requires_grad_(True)
     resumed_from = int(state["epoch"])
     losses: list[float] = list(state["losses"])
 
@@ -411,6 +421,8 @@ def _train_attempt(config: dict[str, Any], rank: int, world: int, attempt: int) 
     planned = planned_steps(len(samples), train_cfg, world)
     if rank == 0:
         origin = f"checkpoint (epoch {resumed_from})" if checkpoint else job.init_adapter
+        if job.full_model and not checkpoint:
+            origin = f"every weight of {job.base_path}"
         log.info(
             "%s: attempt %d, %s ZeRO-%d, world size %d on %s, from %s, %d steps planned "
             "(DeepSpeed init %.1fs)",

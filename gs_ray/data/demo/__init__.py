@@ -1,5 +1,13 @@
 """The built-in demo corpus: generators (``corpus``) and their word tables (``words``)."""
 
-from gs_ray.data.demo.corpus import BASE_DOMAINS, CROSS_DOMAINS, DOMAINS, build_demo_corpus
+from gs_ray.data.demo.corpus import (
+    BASE_DOMAINS,
+    CROSS_DOMAINS,
+    DOMAINS,
+    build_demo_corpus,
+    pretraining_texts,
+)
 
-__all__ = ["BASE_DOMAINS", "CROSS_DOMAINS", "DOMAINS", "build_demo_corpus"]
+__all__ = [
+    "BASE_DOMAINS", "CROSS_DOMAINS", "DOMAINS", "build_demo_corpus", "pretraining_texts",
+]  # fmt: skip

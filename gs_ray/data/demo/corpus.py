@@ -1825,3 +1825,23 @@ def build_demo_corpus(n_samples: int = 2400, seed: int = 0) -> list[dict]:
             records.append(rec)
     random.Random(f"gs_ray-demo:{seed}:shuffle").shuffle(records)
     return [{"id": f"demo-{i:05d}", **rec} for i, rec in enumerate(records)]
+
+
+PRETRAIN_SEED_OFFSET = 1_000_003  # the pretraining part's streams: no instruction run seed is near
+
+
+def pretraining_texts(n_records: int, seed: int, instruction_corpus: list[dict]) -> list[str]:
+    """Plain texts to pretrain the embedded default's base model on: ``n_records`` demo records
+    from other random streams (seed + PRETRAIN_SEED_OFFSET), less every record whose output or
+    whose prompt (instruction and input) occurs in ``instruction_corpus``, so that no
+    instruction sample is ever seen in pretraining. A text is the instruction, the input and the
+    output as paragraphs, with no template: the base model learns the language of the domains,
+    not the instruction format."""
+    outputs = {r["output"] for r in instruction_corpus}
+    prompts = {(r["instruction"], r["input"]) for r in instruction_corpus}
+    texts = []
+    for r in build_demo_corpus(n_records, seed + PRETRAIN_SEED_OFFSET):
+        if r["output"] in outputs or (r["instruction"], r["input"]) in prompts:
+            continue
+        texts.append("\n\n".join(x for x in (r["instruction"], r["input"], r["output"]) if x))
+    return texts

@@ -1,0 +1,123 @@
+"""A base model that has learned something: the embedded default's tiny Llama, pretrained once.
+
+tiny-llama starts from random weights (chance: ln 4096 = 8.3 nats per token), so every loss of
+a run on it would measure nothing but noise. Before its first use, gs-ray pretrains it, every
+weight, on a pretraining part of the demo corpus that no instruction sample occurs in
+(``data.demo.pretraining_texts``): plain text, loss on every token, ``model.tiny_pretrain_steps``
+AdamW steps. On Ray (``gs-ray run``) it is a Ray Train + DeepSpeed run like the warm-up and the
+experts; without Ray (``run_local``, notebooks) the same loop runs in this process.
+
+The result is cached under ``model.cache_dir`` (``models/tiny-llama-pretrained-<key>``), keyed by
+the seed, every ``tiny_*`` field and the pretraining texts, and published atomically: later
+runs with the same settings copy it (about a second) instead of training again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from gs_ray.config import Config, TrainingConfig
+from gs_ray.core.models import _publish, build_tiny_llama, cache_dir
+
+log = logging.getLogger(__name__)
+
+STAMP = "gs_ray_pretrain.json"
+
+
+def pretraining_pairs(cfg: Config, tokenizer, seed: int) -> list[tuple[list[int], list[int]]]:
+    """The pretraining texts as (ids, labels) pairs with the loss on every token."""
+    from gs_ray.data.demo import build_demo_corpus, pretraining_texts
+
+    m = cfg.model
+    instruction = build_demo_corpus(cfg.data.demo_size, seed)
+    texts = pretraining_texts(m.tiny_pretrain_records, seed, instruction)
+    pairs = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][
+            : m.tiny_pretrain_max_length - 1
+        ]
+        ids = ids + [tokenizer.eos_token_id]
+        pairs.append((ids, list(ids)))
+    return pairs
+
+
+def training_config(cfg: Config) -> TrainingConfig:
+    """The pretraining run's settings: one pass at most, ``tiny_pretrain_steps`` steps, one
+    worker with two CPUs (the whole of the embedded default's local Ray: nothing else runs yet)."""
+    m = cfg.model
+    return TrainingConfig(
+        epochs=1, max_steps=m.tiny_pretrain_steps, batch_size=m.tiny_pretrain_batch_size,
+        lr=m.tiny_pretrain_lr, zero_stage=cfg.warmup.zero_stage, num_workers=1,
+        cpus_per_worker=max(2.0, cfg.warmup.cpus_per_worker), use_gpu=cfg.warmup.use_gpu, log_every=50,
+        max_failures=cfg.warmup.max_failures,
+    )  # fmt: skip
+
+
+def cache_key(cfg: Config, seed: int, pairs: list) -> str:
+    """What the pretrained weights depend on: seed, tiny_* settings, the texts' tokens."""
+    tiny = {k: v for k, v in asdict(cfg.model).items() if k.startswith("tiny_")}
+    digest = hashlib.sha256(json.dumps([seed, tiny, [p[0] for p in pairs]]).encode())
+    return digest.hexdigest()[:16]
+
+
+def pretrained_tiny(cfg: Config, seed: int) -> Path:
+    """The pretrained tiny Llama's folder in the cache (model and tokenizer), trained first
+    if it is not there yet."""
+    model, tokenizer = build_tiny_llama(cfg.model, seed)
+    pairs = pretraining_pairs(cfg, tokenizer, seed)
+    key = cache_key(cfg, seed, pairs)
+    target = cache_dir(cfg.model) / "models" / f"tiny-llama-pretrained-{key}"
+    if (target / STAMP).exists():
+        return target
+    log.info("pretraining the tiny base model (once; cached in %s): %d texts, %d steps",
+             target, len(pairs), cfg.model.tiny_pretrain_steps)  # fmt: skip
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="gs-ray-pretrain-") as tmp:
+        init = Path(tmp) / "init"
+        model.save_pretrained(str(init))
+        tokenizer.save_pretrained(str(init))
+        trained = Path(tmp) / "trained"
+        losses, engine = _train(cfg, str(init), str(trained), pairs, seed, tokenizer.pad_token_id)
+        tokenizer.save_pretrained(str(trained))
+        record = {"key": key, "seed": seed, "texts": len(pairs), "steps": len(losses),
+                  "first_loss": losses[0], "last_loss": losses[-1], "engine": engine,
+                  "seconds": time.time() - start}  # fmt: skip
+        (trained / STAMP).write_text(json.dumps(record))
+        _publish(target, lambda folder: shutil.copytree(trained, folder))
+    log.info("pretrained the tiny base model in %.0f s: loss %.2f -> %.2f (%s)",
+             record["seconds"], record["first_loss"], record["last_loss"], engine)  # fmt: skip
+    return target
+
+
+def _train(cfg: Config, init: str, output: str, pairs: list, seed: int, pad_id: int):
+    """Full-parameter training: Ray Train + DeepSpeed where Ray runs, else this process."""
+    import ray
+
+    train_cfg = training_config(cfg)
+    if ray.is_initialized():
+        from gs_ray.training.ray_train import AdapterJob, train_on_ray
+
+        with tempfile.TemporaryDirectory(prefix="gs-ray-pretrain-ray-") as storage:
+            job = AdapterJob(name="pretrain", base_path=init, output_dir=output, samples=pairs,
+                             seed=seed, full_model=True)  # fmt: skip
+            record = train_on_ray(job, cfg.model, cfg.lora, train_cfg, pad_id, storage)
+        return record["losses"], f"Ray Train ({record.get('engine')})"
+    import torch
+
+    from gs_ray.core.models import load_base_model
+    from gs_ray.data import Sample
+    from gs_ray.training.loop import TorchEngine, train_adapter
+
+    model = load_base_model(init, cfg.model, torch.device("cpu")).requires_grad_(True)
+    engine = TorchEngine(model, train_cfg)
+    samples = [Sample(str(i), ids, labels) for i, (ids, labels) in enumerate(pairs)]
+    losses = train_adapter(engine, samples, train_cfg, pad_id, seed)
+    model.save_pretrained(output)
+    return losses, "this process (torch)"
