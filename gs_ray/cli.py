@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     ev.add_argument("run_dir")
     ev.add_argument("--log-level", default="INFO")
+    rep = sub.add_parser(
+        "report", parents=[common], help="(re)build the run's HTML report (report/report.html)"
+    )
+    rep.add_argument("run_dir")
     show = sub.add_parser("show", parents=[common], help="summarise a run directory")
     show.add_argument("run_dir")
     sub.add_parser("config", parents=[common], help="list every configuration key")
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     traceback. Any other exception is a bug and keeps its traceback."""
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("config", "show") and rest:
+    if args.command in ("config", "show", "report") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return _command(args, rest)
@@ -100,6 +104,11 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
 
         RunDir.open(args.run_dir)  # a missing or corrupt run directory is a RunDirError
         print(show(args.run_dir))
+        return 0
+    if args.command == "report":
+        from gs_ray.evaluation.report import build_report
+
+        print(json.dumps({"report": str(build_report(args.run_dir))}))
         return 0
     if args.command == "serve" or args.verbose:
         setup_logging("DEBUG" if args.verbose else args.log_level)

@@ -23,6 +23,7 @@ from gs_ray import logs
 from gs_ray.config import Config, StageName
 from gs_ray.data import check_inputs
 from gs_ray.evaluation.heldout import evaluate
+from gs_ray.evaluation.report import build_report
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.routing.stage import router_stage
 from gs_ray.rundir import RunDir
@@ -99,7 +100,7 @@ def run(cfg: Config, resume: str | None = None, checked: bool = False) -> RunDir
         if cfg.run.until == stage.name:
             return p.run
     plots.pipeline_plots(p.run, p.assignments()[1])
-    log.info("done: %s", p.run.path)
+    log.info("done: %s; report: %s", p.run.path, build_report(p.run.path))
     return p.run
 
 

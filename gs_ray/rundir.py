@@ -18,6 +18,7 @@ re-run, resumed or inspected on its own::
     eval/eval.json            gs-ray eval: every method's held-out numbers (and partitions.json,
                               adapters/seed<i>/<method>/..., routers/<method>/)
     metrics.json              metrics gathered by all stages
+    report/report.html        the report: every table and figure in one file (and report.json)
     plots/*.png               figures
 """
 
@@ -173,6 +174,15 @@ class RunDir:
 
     def eval_router(self, method: str, seed_index: int = 0) -> Path:
         return self.eval_dir / "routers" / f"seed{seed_index}" / method
+
+    @property
+    def report_html(self) -> Path:
+        """The self-contained HTML report (``evaluation/report.py``)."""
+        return self.path / "report" / "report.html"
+
+    @property
+    def report_json(self) -> Path:
+        return self.path / "report" / "report.json"
 
     @property
     def plots(self) -> Path:

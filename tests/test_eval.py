@@ -169,13 +169,14 @@ def test_greedy_mixture_routes_like_generate_and_mixes_by_hand(two_adapters):
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_eval_compares_every_method_on_the_same_rows(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def evaluated(ray_cluster, tmp_path_factory):
+    """A small finished run, then gs-ray eval on it: (run, eval output)."""
     from gs_ray.cli import main
     from gs_ray.evaluation import baselines
-    from gs_ray.prepare import prepare
     from gs_ray.rundir import RunDir
+
+    tmp_path = tmp_path_factory.mktemp("eval")
 
     small = [
         "--data.demo_size", "240", "--data.n_val", "48", "--model.tiny_hidden_size", "64",
@@ -188,6 +189,17 @@ def test_eval_compares_every_method_on_the_same_rows(ray_session, tmp_path):
     run = RunDir(tmp_path / "r")
     out = baselines.evaluate_run(run.path, ["--eval.max_generate", "4",
                                             "--eval.max_new_tokens", "4"])  # fmt: skip
+    return run, out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_eval_compares_every_method_on_the_same_rows(evaluated):
+    from gs_ray.cli import main
+    from gs_ray.evaluation import baselines
+    from gs_ray.prepare import prepare
+
+    run, out = evaluated
     saved = json.loads(run.eval_json.read_text())
     assert saved["methods"].keys() == out["methods"].keys()
     assert set(out["methods"]) == set(json.loads(json.dumps(run.config().eval.methods)))
@@ -241,3 +253,57 @@ def test_eval_compares_every_method_on_the_same_rows(ray_session, tmp_path):
     assert main(["eval", str(run.path), "--lora.r", "4"]) == 2
     run.invalidate("experts")
     assert main(["eval", str(run.path)]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_report_renders_in_headless_chromium(evaluated, tmp_path):
+    """The report eval rebuilt: self-contained (every figure a data URI that decodes to a PNG),
+    and a real browser renders it with its tables and figures."""
+    import base64
+    import re
+    import shutil
+    import subprocess
+
+    run, out = evaluated
+    page = run.report_html.read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 3
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
+    assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
+    assert (
+        json.loads(run.report_json.read_text())["eval"]["methods"].keys() == out["methods"].keys()
+    )
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip(
+            "headless Chromium is not installed (Debian: apt-get install chromium; "
+            ".ci/setup does it where apt-get is available)"
+        )
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*flags, "--window-size=1200,3000", f"--screenshot={shot}", run.report_html.as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    dom = subprocess.run([*flags, "--dump-dom", run.report_html.as_uri()], check=True,
+                         capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    for text in (
+        "GradientSpace against the baselines",
+        "single_lora",
+        "embedding_kmeans",
+        "Held-out loss per domain",
+        "What ran, where, how long",
+        f"{out['n_test']} held-out",
+    ):
+        assert text in dom, text
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("RGB"))
+    assert img.shape[:2] == (3000, 1200)
+    # Rendered figures: many distinct colours (a page of text and tables has a handful).
+    colours = len(np.unique(img.reshape(-1, 3), axis=0))
+    assert colours > 500, colours

@@ -496,7 +496,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         "seconds": time.time() - started, "methods": methods,
     }  # fmt: skip
     write_json(run.eval_json, out)
-    log.info("eval: written %s\n%s", run.eval_json, table(out))
+    from gs_ray.evaluation.report import build_report
+
+    log.info("eval: written %s; report: %s\n%s", run.eval_json, build_report(run.path), table(out))
     return out
 
 

@@ -102,6 +102,8 @@ def show(path: str | Path) -> str:
         lines += ["  " + line for line in table(json.loads(run.eval_json.read_text())).split("\n")]
     elif (run.router / ROUTER_JSON).exists():
         lines.append(f"compare with the baselines: gs-ray eval {run.path}")
+    if run.report_html.exists():
+        lines.append(f"report: {run.report_html} (open it in a browser)")
     if (run.router / ROUTER_JSON).exists():
         lines.append(f"serve: gs-ray serve {run.path}")
     return "\n".join(lines)

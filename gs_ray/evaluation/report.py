@@ -1,0 +1,167 @@
+"""One self-contained HTML report of a run (plots embedded), and one JSON with every number.
+
+``build_report(run_dir)`` reads what the run directory holds: the manifest (configuration,
+versions, data counts, what ran where and for how long), metrics (warm-up, K selection, Stage II,
+experts, router, held-out evaluation), ``gs-ray eval``'s ``eval/eval.json`` when it exists, and
+every figure under ``plots/``. It writes ``report/report.html`` (no external file: images are
+base64 data URIs, so the file can be mailed or attached to a ticket) and ``report/report.json``.
+``gs-ray run`` and ``gs-ray eval`` rebuild it at their end; ``gs-ray report RUN_DIR`` on demand.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from gs_ray.io import write_json
+from gs_ray.rundir import RunDir
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: .92em; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f3f3f3; } tr.best td { background: #e8f5e9; font-weight: 600; }
+figure { display: inline-block; margin: .5em; vertical-align: top; }
+figure img { max-width: 520px; border: 1px solid #ddd; }
+figcaption { font-size: .85em; color: #555; } pre { background: #f7f7f7; padding: .8em;
+overflow-x: auto; font-size: .8em; max-height: 28em; } .note { color: #555; font-size: .9em; }
+"""
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return html.escape(str(x))
+
+
+def _table(header: list[str], rows: list[list[Any]], best: int | None = None) -> str:
+    """An HTML table; ``best``: the index of the row to highlight."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cells = "".join(f"<td>{c if isinstance(c, _Raw) else _num(c)}</td>" for c in row)
+        body.append(f"<tr{' class=best' if i == best else ''}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+class _Raw(str):
+    """Text that is already HTML."""
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _stages(manifest: dict) -> str:
+    rows = []
+    for name, info in manifest.get("stages", {}).items():
+        extra = {k: v for k, v in info.items() if k not in ("done", "seconds", "finished")}
+        rows.append([name, "done" if info.get("done") else "not done", info.get("seconds"),
+                     _Raw(html.escape(json.dumps(extra)[:160]))])  # fmt: skip
+    return _table(["stage", "status", "seconds", "details"], rows)
+
+
+def _eval_section(ev: dict) -> str:
+    methods = ev["methods"]
+    names = list(methods)
+    losses = [m["test_loss"] for m in methods.values()]
+    deployable = [i for i, m in enumerate(methods.values()) if m.get("deployable", True)]
+    best = min(deployable, key=lambda i: losses[i]) if deployable else None
+    rows = []
+    for name, m in methods.items():
+        loss = _num(m["test_loss"]) + (f" ± {m['test_loss_std']:.4f}" if m.get("test_loss_std")
+                                       else "")  # fmt: skip
+        em = m.get("exact_match")
+        rows.append([name, _Raw(loss), None if em is None else round(em, 3),
+                     m.get("forward_passes_per_query"), m.get("latency_ms_per_query"),
+                     m.get("train_steps"), m.get("train_seconds")])  # fmt: skip
+    out = [_table(["method", "held-out loss", "exact match", "forward passes / query",
+                   "ms / query", "train steps", "train s"], rows, best)]  # fmt: skip
+    domains = sorted({d for m in methods.values() for d in m.get("test_loss_by_domain", {})})
+    if domains:
+        rows = [[n, *[methods[n]["test_loss_by_domain"].get(d) for d in domains]] for n in names]
+        out.append("<h3>Held-out loss per domain</h3>" + _table(["method", *domains], rows))
+    out.append(f"<p class=note>{ev['n_test']} held-out samples (sha256 "
+               f"{ev['test_ids_sha256'][:12]}...), {ev['n_exact_match_items']} checkable items "
+               f"generated per method, seeds {ev['seeds']}. Budget: {html.escape(ev['budget']['rule'])}"
+               f". Highlighted: the lowest loss of a deployable method. Eval took "
+               f"{ev['seconds']:.0f} s.</p>")  # fmt: skip
+    return "\n".join(out)
+
+
+def _figures(run: RunDir) -> str:
+    out = []
+    for png in sorted((run.path / "plots").glob("*.png")):
+        data = base64.b64encode(png.read_bytes()).decode()
+        caption = png.stem.replace("_", " ")
+        out.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+                   f'{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')  # fmt: skip
+    return "\n".join(out) or "<p class=note>No figures yet.</p>"
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write ``report/report.html`` and ``report/report.json`` for the run; return the HTML."""
+    run = RunDir.open(run_dir)
+    manifest, metrics = run.manifest(), run.metrics()
+    ev = _read_json(run.eval_json)
+    k_sel = _read_json(run.stage2 / "k_selection.json")
+    numbers = {"manifest": manifest, "metrics": metrics, "eval": ev, "k_selection": k_sel}
+    write_json(run.report_json, numbers)
+
+    parts = [f"<h1>gs-ray run: {html.escape(run.path.name)}</h1>",
+             f"<p class=note>{html.escape(str(run.path))} · report built "
+             f"{dt.datetime.now().isoformat(timespec='seconds')}</p>"]  # fmt: skip
+    held = metrics.get("evaluation")
+    if held:
+        parts.append("<h2>Held-out loss</h2>")
+        parts.append(_table(["", "loss"], [
+            ["base model (no adapter)", held.get("test_loss_base")],
+            ["warm-up adapter", held.get("test_loss_warmup")],
+            ["GradientSpace, routed", held.get("test_loss_routed")],
+            ["GradientSpace, oracle routing", held.get("test_loss_oracle")],
+        ]))  # fmt: skip
+        parts.append(f"<p class=note>{held.get('n_test')} held-out samples; the router agrees with "
+                     f"the gradient clusters on {100 * held.get('router_test_accuracy', 0):.1f}% "
+                     f"of them.</p>")  # fmt: skip
+        own = held.get("own_cluster", [])
+        if own:
+            parts.append(
+                _table(
+                    ["cluster", "samples", "its expert", "warm-up"],
+                    [[o["cluster"], o["n"], o["expert"], o["warmup"]] for o in own],
+                )
+            )
+    parts.append("<h2>GradientSpace against the baselines (gs-ray eval)</h2>")
+    parts.append(_eval_section(ev) if ev else
+                 f"<p class=note>Not run yet: <code>gs-ray eval {html.escape(str(run.path))}</code>"
+                 "</p>")  # fmt: skip
+    if k_sel:
+        chosen = k_sel.get("chosen", {})
+        parts.append(f"<h2>Clusters</h2><p>K = {chosen.get('k')} (silhouette "
+                     f"{_num(chosen.get('silhouette'))}, {chosen.get('n_components')} SVD "
+                     f"components at variance threshold {chosen.get('threshold')}).</p>")  # fmt: skip
+    parts.append("<h2>Figures</h2>" + _figures(run))
+    parts.append("<h2>What ran, where, how long</h2>" + _stages(manifest))
+    parts.append("<h2>Data</h2><pre>" + html.escape(json.dumps(manifest.get("data"), indent=1))
+                 + "</pre>")  # fmt: skip
+    parts.append("<h2>Configuration</h2><pre>" + html.escape(
+        json.dumps(manifest.get("config"), indent=1)) + "</pre>")  # fmt: skip
+    parts.append(
+        "<h2>Versions</h2><pre>"
+        + html.escape(json.dumps(manifest.get("versions"), indent=1))
+        + "</pre>"
+    )
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>gs-ray: "
+            f"{html.escape(run.path.name)}</title><style>{_STYLE}</style></head><body>"
+            + "\n".join(parts) + "</body></html>")  # fmt: skip
+    run.report_html.parent.mkdir(parents=True, exist_ok=True)
+    run.report_html.write_text(page, encoding="utf-8")
+    return run.report_html
