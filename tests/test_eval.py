@@ -307,3 +307,41 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
     # Rendered figures: many distinct colours (a page of text and tables has a handful).
     colours = len(np.unique(img.reshape(-1, 3), axis=0))
     assert colours > 500, colours
+
+
+# --------------------------------------------------------------------------- analyses
+
+
+def test_theorem2_variance_by_hand_and_on_a_planted_partition():
+    from gs_ray.evaluation.compare import within_cluster_variance
+
+    # Two unit vectors per cluster, by hand: cluster 0 = {e1, e1}, cluster 1 = {e2, -e2}.
+    G = np.array([[2.0, 0.0], [5.0, 0.0], [0.0, 1.0], [0.0, -3.0]])
+    out = within_cluster_variance(G, np.array([0, 0, 1, 1]))
+    assert out["clusters"][0]["variance"] == pytest.approx(0.0)
+    assert out["clusters"][1]["variance"] == pytest.approx(1.0)
+    assert out["within"] == pytest.approx(0.5)
+    # whole set: mean (0.5, 0); squared distances 0.25, 0.25, 1.25, 1.25 -> 0.75
+    assert out["total"] == pytest.approx(0.75) and out["ratio"] == pytest.approx(0.5 / 0.75)
+
+    # Planted directions: the planted partition is far tighter than a random one.
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 50))
+    planted = np.repeat(np.arange(3), 40)
+    X = centres[planted] + 0.2 * rng.normal(size=(120, 50))
+    good = within_cluster_variance(X, planted)["ratio"]
+    bad = within_cluster_variance(X, rng.permutation(planted))["ratio"]
+    assert good < 0.1 < 0.8 < bad
+
+
+def test_domain_counts_and_top_terms_on_known_text():
+    from gs_ray.evaluation.compare import domain_counts, top_terms
+
+    labels = np.array([0, 0, 1, 1, -1])
+    assert domain_counts(labels, ["math", "code", "code", "code", "math"]) == {
+        "0": {"code": 1, "math": 1}, "1": {"code": 2}}  # fmt: skip
+    # Each cluster's own words lead (a word of one text of a cluster scores half its weight).
+    texts = ["the loan mortgage", "mortgage on the loan rate", "a python function",
+             "the function in python", "ignored text"]  # fmt: skip
+    terms = top_terms(texts, labels, n_terms=2)
+    assert set(terms["0"]) == {"mortgage", "loan"} and set(terms["1"]) == {"python", "function"}

@@ -37,7 +37,16 @@ import numpy as np
 
 from gs_ray.config import Config, apply_overrides
 from gs_ray.errors import ConfigError, RunDirError
-from gs_ray.evaluation.compare import answer_key, by_domain, is_correct, random_partition, spread
+from gs_ray.evaluation.compare import (
+    answer_key,
+    by_domain,
+    domain_counts,
+    is_correct,
+    random_partition,
+    spread,
+    top_terms,
+    within_cluster_variance,
+)
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.ray_utils import task_resources
@@ -153,6 +162,7 @@ def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dic
             g_query[len(train) :], centroids, ec.elrea_temperature
         )
         extra["elrea_gradient_ms"] = grad_ms
+        extra["train_gradients"] = g_train  # projected: Theorem 2's variances (analyses)
     return out, extra
 
 
@@ -408,6 +418,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         parts, extra = partitions(p, i)
         if i == 0:
             write_json(run.eval_partitions, {m: v.tolist() for m, v in parts.items()})
+            analyses = analyse(p, parts, extra.pop("train_gradients", None))
         train_baselines(p, _jobs(p, parts, i))
         _fit_routers(p, parts, i)
         seeds.append((parts, extra))
@@ -493,12 +504,29 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
                    "optimiser settings"},
         "n_exact_match_items": len(gen_rows), "forward_ms": forward_ms,
         "router_ms": router_ms.get("gradientspace"), "config": dataclasses.asdict(ec),
-        "seconds": time.time() - started, "methods": methods,
+        "seconds": time.time() - started, "methods": methods, "analyses": analyses,
     }  # fmt: skip
     write_json(run.eval_json, out)
     from gs_ray.evaluation.report import build_report
 
     log.info("eval: written %s; report: %s\n%s", run.eval_json, build_report(run.path), table(out))
+    return out
+
+
+def analyse(p: Prepared, parts: dict[str, np.ndarray], G: np.ndarray | None) -> dict[str, Any]:
+    """The paper's analyses of each partition of the training samples: clusters by source
+    domain (Fig. 5), top TF-IDF terms per cluster (Table 2) and, with the training samples'
+    gradients (ELREA's, projected), Theorem 2's within-cluster variance against the whole set's."""
+    _, train, _, _ = _train_test(p)
+    domains = [p.samples[i].domain for i in train]
+    texts = [p.samples[i].prompt for i in train]
+    out = {}
+    for name, labels in parts.items():
+        lab = labels[train]
+        entry = {"domains": domain_counts(lab, domains), "top_terms": top_terms(texts, lab)}
+        if G is not None:
+            entry["theorem2"] = within_cluster_variance(G, lab)
+        out[name] = entry
     return out
 
 

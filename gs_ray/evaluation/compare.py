@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -106,4 +106,57 @@ def random_partition(labels: np.ndarray, seed: int) -> np.ndarray:
     out = labels.copy()
     inside = np.flatnonzero(labels >= 0)
     out[inside] = labels[inside][np.random.default_rng(seed).permutation(len(inside))]
+    return out
+
+
+# --------------------------------------------------------------------------- the paper's analyses
+
+
+def within_cluster_variance(G: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Theorem 2's quantity: the variance of the unit gradients inside each cluster (mean squared
+    distance to the cluster's mean) against the variance of the whole set. A partition by
+    gradient direction should leave each cluster's variance well under the whole set's."""
+    X = np.asarray(G, dtype=np.float64)
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    labels = np.asarray(labels)
+
+    def var(rows: np.ndarray) -> float:
+        return float(((rows - rows.mean(0)) ** 2).sum(1).mean()) if len(rows) else 0.0
+
+    total = var(X)
+    clusters = [{"cluster": int(c), "n": int((labels == c).sum()), "variance": var(X[labels == c])}
+                for c in sorted(set(labels.tolist())) if c >= 0]  # fmt: skip
+    n = sum(c["n"] for c in clusters)
+    pooled = sum(c["n"] * c["variance"] for c in clusters) / max(1, n)
+    return {"total": total, "within": pooled, "ratio": pooled / total if total else None,
+            "clusters": clusters}  # fmt: skip
+
+
+def domain_counts(labels: np.ndarray, domains: Sequence[str | None]) -> dict[str, dict[str, int]]:
+    """Cluster -> {domain: samples} (paper Fig. 5), for the samples with a cluster."""
+    out: dict[str, dict[str, int]] = {}
+    for c, d in zip(np.asarray(labels).tolist(), domains):
+        if c >= 0:
+            row = out.setdefault(str(c), {})
+            key = d if d is not None else "unlabelled"
+            row[key] = row.get(key, 0) + 1
+    return {c: dict(sorted(v.items())) for c, v in sorted(out.items(), key=lambda kv: int(kv[0]))}
+
+
+def top_terms(texts: Sequence[str], labels: np.ndarray, n_terms: int = 8) -> dict[str, list[str]]:
+    """Cluster -> its top TF-IDF terms (paper Table 2): the terms with the highest mean TF-IDF
+    weight over the cluster's texts (English stop words and numbers left out)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    labels = np.asarray(labels)
+    vec = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]+\b",
+                          max_features=20000, sublinear_tf=True)  # fmt: skip
+    X = vec.fit_transform(texts)
+    vocab = np.array(vec.get_feature_names_out())
+    out = {}
+    for c in sorted(set(labels.tolist())):
+        if c < 0:
+            continue
+        mean = np.asarray(X[labels == c].mean(axis=0)).ravel()
+        out[str(c)] = vocab[np.argsort(-mean, kind="stable")[:n_terms]].tolist()
     return out

@@ -97,6 +97,27 @@ def _eval_section(ev: dict) -> str:
     return "\n".join(out)
 
 
+def _analyses(an: dict) -> str:
+    """Theorem 2 (variance within clusters vs the whole set), clusters by domain (Fig. 5), top
+    TF-IDF terms per cluster (Table 2), for each partition."""
+    out = []
+    rows = [[name, a["theorem2"]["within"], a["theorem2"]["total"], a["theorem2"]["ratio"]]
+            for name, a in an.items() if "theorem2" in a]  # fmt: skip
+    if rows:
+        out.append("<h3>Theorem 2: gradient variance within clusters</h3>" + _table(
+            ["partition", "within clusters (pooled)", "whole set", "ratio"], rows,
+            best=min(range(len(rows)), key=lambda i: rows[i][3] or 1)) +
+            "<p class=note>Variance of the unit training gradients (ELREA's random projection, "
+            "which keeps squared distances in expectation). Lower is tighter.</p>")  # fmt: skip
+    for name, a in an.items():
+        domains = sorted({d for row in a["domains"].values() for d in row})
+        table = _table(["cluster", *domains, "top TF-IDF terms"], [
+            [c, *[row.get(d, 0) for d in domains], _Raw(html.escape(", ".join(
+                a["top_terms"].get(c, []))))] for c, row in a["domains"].items()])  # fmt: skip
+        out.append(f"<h3>{html.escape(name)}: clusters by domain, top terms</h3>{table}")
+    return "\n".join(out)
+
+
 def _figures(run: RunDir) -> str:
     out = []
     for png in sorted((run.path / "plots").glob("*.png")):
@@ -143,6 +164,8 @@ def build_report(run_dir: str | Path) -> Path:
     parts.append(_eval_section(ev) if ev else
                  f"<p class=note>Not run yet: <code>gs-ray eval {html.escape(str(run.path))}</code>"
                  "</p>")  # fmt: skip
+    if ev and ev.get("analyses"):
+        parts.append("<h2>The paper's analyses</h2>" + _analyses(ev["analyses"]))
     if k_sel:
         chosen = k_sel.get("chosen", {})
         parts.append(f"<h2>Clusters</h2><p>K = {chosen.get('k')} (silhouette "
