@@ -231,10 +231,16 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated):
         np.bincount(parts["random_clusters"][gs >= 0]).tolist() == np.bincount(gs[gs >= 0]).tolist()
     )
 
-    # Every trained method really trained, at the same budget.
+    # Every trained method really trained, at the same budget: each expert its cluster's steps
+    # (at most experts.max_steps = 3), one LoRA on everything K times the limit.
+    from gs_ray.training.loop import planned_steps
+
+    cfg = run.config()
+    train = p.splits.train
     assert m["single_lora"]["train_steps"] == 3 * k
     for name in ("random_clusters", "embedding_kmeans", "elrea"):
-        assert m[name]["train_steps"] == 3 * k, name
+        sizes = np.bincount(parts[name][train][parts[name][train] >= 0], minlength=k)
+        assert m[name]["train_steps"] == sum(planned_steps(n, cfg.experts) for n in sizes), name
         assert m[name]["test_loss"] < m["base"]["test_loss"], name
     assert m["single_lora"]["test_loss"] != m["warmup"]["test_loss"]
     assert m["gradientspace_ensemble"]["forward_passes_per_query"] == k
