@@ -327,6 +327,9 @@ class EvalConfig:
     )  # fmt: skip
     max_new_tokens: int = _f(96, "generation length for the exact-match items", ge=1)
     latency_samples: int = _f(16, "test queries timed at batch 1 for the inference cost", ge=1)
+    max_parallel_trainings: int = _f(
+        3, "baseline trainings at once (each is a Ray Train run: processes and memory)", ge=1
+    )
 
 
 @dataclass

@@ -214,7 +214,8 @@ def train_baselines(p: Prepared, jobs: list) -> dict[str, dict]:
     log.info("eval: training %d adapters (%s)", len(jobs), ", ".join(j.name for j in jobs))
     storage = str((p.run.path / RAY_TRAIN_FOLDER).resolve())
     records = train_many_on_ray(jobs, p.cfg.model, p.cfg.lora, p.cfg.experts, p.pad_id, storage,
-                                parallel=p.cfg.experts.parallel, resume=True)  # fmt: skip
+                                parallel=p.cfg.experts.parallel, resume=True,
+                                max_concurrent=p.cfg.eval.max_parallel_trainings)  # fmt: skip
     failed = {n: r.get("error") for n, r in records.items() if not r.get("ok")}
     if failed:
         raise RuntimeError(f"eval: training failed after retries: {failed}")

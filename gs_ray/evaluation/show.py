@@ -38,8 +38,10 @@ def show(path: str | Path) -> str:
     if ks_path.exists():
         ks = json.loads(ks_path.read_text())
         ch = ks["chosen"]
+        sil = ch.get("silhouette")
         lines.append(
-            f"K selection: K={ch['k']} silhouette {ch['silhouette']:.3f} at threshold "
+            f"K selection: K={ch['k']} silhouette "
+            f"{'- (no K >= 2 passed)' if sil is None else f'{sil:.3f}'} at threshold "
             f"{ch['threshold']:.2f} ({ch['n_components']} components)"
         )
     if run.assignments_path.exists():

@@ -67,9 +67,10 @@ def cache_key(cfg: Config, seed: int, pairs: list) -> str:
     return digest.hexdigest()[:16]
 
 
-def pretrained_tiny(cfg: Config, seed: int) -> Path:
+def pretrained_tiny(cfg: Config, seed: int, on_ray: bool | None = None) -> Path:
     """The pretrained tiny Llama's folder in the cache (model and tokenizer), trained first
-    if it is not there yet."""
+    if it is not there yet: on Ray Train (``on_ray``; None: when Ray is initialised) or in
+    this process."""
     model, tokenizer = build_tiny_llama(cfg.model, seed)
     pairs = pretraining_pairs(cfg, tokenizer, seed)
     key = cache_key(cfg, seed, pairs)
@@ -84,7 +85,12 @@ def pretrained_tiny(cfg: Config, seed: int) -> Path:
         model.save_pretrained(str(init))
         tokenizer.save_pretrained(str(init))
         trained = Path(tmp) / "trained"
-        losses, engine = _train(cfg, str(init), str(trained), pairs, seed, tokenizer.pad_token_id)
+        if on_ray is None:
+            import ray
+
+            on_ray = ray.is_initialized()
+        losses, engine = _train(cfg, str(init), str(trained), pairs, seed, tokenizer.pad_token_id,
+                                on_ray)  # fmt: skip
         tokenizer.save_pretrained(str(trained))
         record = {"key": key, "seed": seed, "texts": len(pairs), "steps": len(losses),
                   "first_loss": losses[0], "last_loss": losses[-1], "engine": engine,
@@ -96,12 +102,11 @@ def pretrained_tiny(cfg: Config, seed: int) -> Path:
     return target
 
 
-def _train(cfg: Config, init: str, output: str, pairs: list, seed: int, pad_id: int):
-    """Full-parameter training: Ray Train + DeepSpeed where Ray runs, else this process."""
-    import ray
-
+def _train(cfg: Config, init: str, output: str, pairs: list, seed: int, pad_id: int,
+           on_ray: bool):  # fmt: skip
+    """Full-parameter training: Ray Train + DeepSpeed, or the plain loop in this process."""
     train_cfg = training_config(cfg)
-    if ray.is_initialized():
+    if on_ray:
         from gs_ray.training.ray_train import AdapterJob, train_on_ray
 
         with tempfile.TemporaryDirectory(prefix="gs-ray-pretrain-ray-") as storage:
