@@ -47,6 +47,11 @@ def expert_name(c: int) -> str:
     return f"{EXPERT_PREFIX}{c}"
 
 
+def adapter_complete(folder: Path) -> bool:
+    """A peft adapter folder with its config and its weights (a finished export)."""
+    return (folder / "adapter_config.json").exists() and any(folder.glob("adapter_model.*"))
+
+
 def versions() -> dict[str, str]:
     """Versions of the stack, for the manifest."""
     out = {"python": platform.python_version()}
@@ -135,10 +140,7 @@ class RunDir:
 
     def expert_complete(self, k: int) -> bool:
         """An expert folder that a resume may keep: the peft files and gs-ray's record."""
-        path = self.expert(k)
-        return all((path / f).exists() for f in ("adapter_config.json", EXPERT_RECORD)) and any(
-            path.glob("adapter_model.*")
-        )
+        return adapter_complete(self.expert(k)) and (self.expert(k) / EXPERT_RECORD).exists()
 
     def expert_records(self) -> list[dict[str, Any]]:
         """Every expert's ``expert.json``, by cluster."""

@@ -50,7 +50,7 @@ from gs_ray.evaluation.compare import (
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.ray_utils import task_resources
-from gs_ray.rundir import WARMUP, RunDir, expert_name
+from gs_ray.rundir import WARMUP, RunDir, adapter_complete, expert_name
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +169,6 @@ def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dic
 # --------------------------------------------------------------------------- training
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / "adapter_config.json").exists() and any(folder.glob("adapter_model.*"))
-
-
 def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
     """The adapters this seed still needs: one LoRA on everything, K per partitioned method,
     and (for seeds after the first) the GradientSpace experts again."""
@@ -194,7 +190,7 @@ def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
     jobs = []
     for method, name, rows, seed in wanted:
         out = p.run.eval_adapter(seed_index, method, name)
-        if _complete(out) or len(rows) == 0:
+        if adapter_complete(out) or len(rows) == 0:
             continue
         jobs.append(AdapterJob(
             name=f"eval-s{seed_index}-{method}-{name}", base_path=p.base_path,
