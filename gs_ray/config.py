@@ -38,6 +38,7 @@ from gs_ray.errors import ConfigError
 
 # Choices (Literal types, checked when a config loads); each is defined here once.
 Transport = Literal["gradients", "partial_sums", "collective"]
+ProjectionKind = Literal["rademacher", "countsketch"]  # core.gradients.RandomProjection
 RowDtype = Literal["float32", "bfloat16"]
 NonFinitePolicy = Literal["fail", "skip"]
 
@@ -236,6 +237,9 @@ class GradientConfig:
     projection_dim: int | None = _f(
         None, "random projection (ELREA/LESS baseline); None: full dim", ge=1
     )
+    projection_kind: ProjectionKind = _f(
+        "rademacher", "random projection: dense +-1 ('rademacher') or sparse ('countsketch')"
+    )
     torch_threads: int | None = _f(
         None, "torch threads per gradient worker (None: CPUs it holds)", ge=1
     )
@@ -320,6 +324,9 @@ class EvalConfig:
     )  # fmt: skip
     seeds: int = _f(1, "seeds per trained method (3 on cheap runs: the spread is shown)", ge=1)
     elrea_projection_dim: int = _f(8192, "ELREA: random projection of the gradients", ge=1)
+    elrea_projection_kind: ProjectionKind = _f(
+        "countsketch", "ELREA's projection: 'countsketch' (n*d work) or dense 'rademacher' (n*d*k)"
+    )
     elrea_temperature: float = _f(0.1, "ELREA: softmax temperature over cosine similarity", gt=0)
     max_generate: int = _f(
         48, "checkable test items answered by greedy generation, per method (0: no exact match)",
@@ -330,6 +337,15 @@ class EvalConfig:
     max_parallel_trainings: int = _f(
         3, "baseline trainings at once (each is a Ray Train run: processes and memory)", ge=1
     )
+    k_ablation: list[int] = _f(
+        [2, 4], "K ablation (paper Fig. 6): K values clustered (GradientSpace, K fixed), trained "
+        "and scored besides the run's own K; [] for none", ge=2,
+    )  # fmt: skip
+    sts: str | None = _f(
+        None, "STS benchmark file (tab-separated: genre, file, year, id, score, s1, s2) for the "
+        "gradient- vs embedding-similarity analysis (paper Fig. 4); None: skipped",
+    )  # fmt: skip
+    sts_pairs: int = _f(500, "sentence pairs drawn from eval.sts (the paper: 500)", ge=2)
 
 
 @dataclass

@@ -187,9 +187,56 @@ def evaluated(ray_cluster, tmp_path_factory):
     ]  # fmt: skip
     assert main(["run", *small]) == 0
     run = RunDir(tmp_path / "r")
+    sts = tmp_path / "sts.csv"
+    sts.write_text("\n".join(STS_ROWS * 4) + "\n")
     out = baselines.evaluate_run(run.path, ["--eval.max_generate", "4",
-                                            "--eval.max_new_tokens", "4"])  # fmt: skip
+                                            "--eval.max_new_tokens", "4", "--eval.sts", str(sts),
+                                            "--eval.sts_pairs", "8"])  # fmt: skip
     return run, out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_eval_analyses_routers_k_ablation_sts(evaluated):
+    """Table 3, Fig. 6 and Fig. 4 on the small run: every router scored on the test rows (the
+    trained router's agreement is the run's own router accuracy), the ablation's K really
+    clustered, trained and scored, the STS pairs correlated; each drawn in the report."""
+    run, out = evaluated
+    an = out["analyses"]
+    routers = {r["router"]: r for r in an["routers"]}
+    assert set(routers) == {"keyword", "embedding", "gradient", "trained"}
+    assert all(0 <= r["agreement"] <= 1 and r["latency_ms"] > 0 for r in routers.values())
+    held = run.metrics()["evaluation"]
+    assert routers["trained"]["agreement"] == pytest.approx(held["router_test_accuracy"])
+
+    rows = {r["k"]: r for r in an["k_ablation"]}
+    assert sorted(rows) == [1, 2, 4]  # one LoRA, the run (K=2), the ablation's K=4
+    assert rows[1]["test_loss_routed"] == pytest.approx(out["methods"]["single_lora"]["test_loss"])
+    assert rows[2]["source"] == "run"
+    assert rows[2]["test_loss_routed"] == pytest.approx(
+        out["methods"]["gradientspace"]["test_loss"]
+    )
+    k4 = rows[4]
+    assert k4["source"] == "ablation" and len(k4["cluster_sizes"]) == 4
+    assert sum(k4["cluster_sizes"]) == out["n_train"]
+    assert -1 <= k4["silhouette"] <= 1 and -1 <= rows[2]["silhouette"] <= 1
+    assert k4["test_loss_oracle"] < out["methods"]["base"]["test_loss"]
+    from gs_ray.rundir import adapter_complete, expert_name
+
+    for c in range(4):
+        if k4["cluster_sizes"][c]:
+            assert adapter_complete(run.eval_adapter(0, "k4", expert_name(c)))
+
+    sts = an["sts"]
+    assert sts["n_pairs"] == 8 and len(sts["pairs"]) == 8
+    r = sts["gradient_vs_embedding"]
+    assert r["pearson"] is not None and -1 <= r["pearson"] <= 1
+    assert all(-1 - 1e-6 <= q["gradient_cosine"] <= 1 + 1e-6 for q in sts["pairs"])
+    assert (run.plots / "eval_k_ablation.png").exists()
+    assert (run.plots / "eval_sts_similarity.png").exists()
+    page = run.report_html.read_text()
+    for text in ("Routers compared", "K ablation", "Gradient vs input-embedding similarity"):
+        assert text in page, text
 
 
 @pytest.mark.slow
@@ -351,3 +398,78 @@ def test_domain_counts_and_top_terms_on_known_text():
              "the function in python", "ignored text"]  # fmt: skip
     terms = top_terms(texts, labels, n_terms=2)
     assert set(terms["0"]) == {"mortgage", "loan"} and set(terms["1"]) == {"python", "function"}
+
+
+def test_routers_compared_pure_parts_by_hand():
+    from gs_ray.evaluation.compare import (
+        KeywordRouter,
+        agreement,
+        nearest_centroid,
+        unit_centroids,
+    )
+
+    X = np.array([[2.0, 0.0], [1.0, 0.1], [0.0, 3.0], [0.1, 1.0]])
+    labels = np.array([0, 0, 1, 1])
+    C = unit_centroids(X, labels, 3)
+    assert np.allclose(np.linalg.norm(C[:2], axis=1), 1.0) and np.allclose(C[2], 0.0)
+    assert C[0, 0] > 0.99 and C[1, 1] > 0.99
+    assert nearest_centroid(np.array([[5.0, 1.0], [-0.1, 2.0]]), C).tolist() == [0, 1]
+    assert agreement(np.array([0, 1, 1]), np.array([0, 1, 0])) == pytest.approx(2 / 3)
+
+    texts = ["compute the integral of x", "integral of the sine", "write a python function",
+             "python function that sorts", "python function for integral"]  # fmt: skip
+    router = KeywordRouter(texts, np.array([0, 0, 1, 1, 1]), n_terms=3)
+    assert "integral" in router.terms[0] and "python" in router.terms[1]
+    assert router.predict(["the integral please", "a python sorts", "nothing shared"]).tolist() == [
+        0, 1, 1]  # no overlap: the larger cluster  # fmt: skip
+
+
+def test_correlations_and_cosine_silhouette_match_references():
+    from sklearn.metrics import silhouette_score
+
+    from gs_ray.evaluation.compare import correlations, cosine_silhouette
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    y = 0.5 * x + rng.normal(size=50)
+    r = correlations(x, y)
+    assert r["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert r["spearman"] == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1])
+    assert correlations(x, np.ones(50))["pearson"] is None
+
+    G = np.concatenate([rng.normal(size=(20, 30)) + 3 * np.eye(30)[0],
+                        rng.normal(size=(25, 30)) + 3 * np.eye(30)[1]])  # fmt: skip
+    lab = np.array([0] * 20 + [1] * 25)
+    assert cosine_silhouette(G, lab) == pytest.approx(silhouette_score(G, lab, metric="cosine"),
+                                                      abs=1e-5)  # fmt: skip
+    assert cosine_silhouette(G, np.zeros(45, dtype=int)) is None
+
+
+STS_ROWS = [
+    "main-captions\tMSRvid\t2012test\t0001\t5.000\tA man is playing a flute.\tA man plays a flute.",
+    "main-news\theadlines\t2013\t0002\t0.400\tThe cat sat.\tStocks fell on Monday.\textra\tcols",
+    'main-forums\tans\t2015\t0003\t2.5\tShe reads "books".\tHe reads a paper.',
+]
+
+
+def test_read_sts_pairs_and_plain_errors(tmp_path):
+    from gs_ray.data.sts import read_sts, sample_pairs
+    from gs_ray.errors import DataError
+
+    path = tmp_path / "sts.csv"
+    path.write_text("\n".join(STS_ROWS) + "\n")
+    pairs = read_sts(path)
+    assert [p.score for p in pairs] == [5.0, 0.4, 2.5]
+    assert pairs[2].first == 'She reads "books".' and pairs[1].line == 2
+    assert sample_pairs(pairs, 2, seed=0) == sample_pairs(pairs, 2, seed=0)
+    assert len(sample_pairs(pairs, 2, seed=0)) == 2 and sample_pairs(pairs, 9, 0) == pairs
+    for bad, match in [("a\tb\tc", r"sts.csv:2: 3 tab-separated fields"),
+                       ("g\tf\ty\ti\tfive\ts1\ts2", r"sts.csv:2: field 5 \(score\) is 'five'"),
+                       ("g\tf\ty\ti\t7\ts1\ts2", r"sts.csv:2: field 5 \(score\) 7.0 is outside"),
+                       ("g\tf\ty\ti\t1\ts1\t ", r"sts.csv:2: field 7 \(sentence\) is empty")]:  # fmt: skip
+        path.write_text(STS_ROWS[0] + "\n" + bad + "\n")
+        with pytest.raises(DataError, match=match):
+            read_sts(path)
+    with pytest.raises(DataError, match="no such STS file"):
+        read_sts(tmp_path / "missing.csv")

@@ -131,3 +131,23 @@ def test_bucketed_computation_keeps_sample_order(tiny_peft_model):
     reference = loop_gradients(tiny_peft_model, samples, pad_id=0)
     G = compute_bucketed(engine, samples, pad_id=0, micro_batch=2)
     assert _rel_err(G, reference).max() < 1e-4
+
+
+def test_countsketch_projection_is_the_sparse_matrix_it_says():
+    """Count sketch: every coordinate lands in exactly one bucket with sign +-1 (a hand check of
+    the (d, k) matrix), and it keeps inner products roughly like the dense projection."""
+    proj = RandomProjection(300, 16, seed=3, chunk=70, kind="countsketch")
+    R = proj.matrix()
+    assert R.shape == (300, 16)
+    assert torch.equal((R != 0).sum(1), torch.ones(300, dtype=torch.long))
+    assert set(R[R != 0].tolist()) <= {-1.0, 1.0}
+    X = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(proj(X), X @ R, atol=1e-5)
+    big = RandomProjection(5000, 2048, seed=1, chunk=1000, kind="countsketch")
+    X = torch.randn(20, 5000, generator=torch.Generator().manual_seed(0))
+    P = big(X)
+    cos_full = torch.nn.functional.cosine_similarity(X[:, None], X[None], dim=-1)
+    cos_proj = torch.nn.functional.cosine_similarity(P[:, None], P[None], dim=-1)
+    assert (cos_full - cos_proj).abs().max() < 0.12
+    with pytest.raises(ValueError, match="projection kind"):
+        RandomProjection(10, 2, kind="gaussian")

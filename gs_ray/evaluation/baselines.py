@@ -37,7 +37,15 @@ import numpy as np
 
 from gs_ray.config import Config, apply_overrides
 from gs_ray.errors import ConfigError, RunDirError
+from gs_ray.evaluation.analyses import (
+    ablation_ks,
+    gradients,
+    prompt_pair,
+    router_table,
+    sts_similarity,
+)
 from gs_ray.evaluation.compare import (
+    agreement,
     answer_key,
     by_domain,
     domain_counts,
@@ -83,46 +91,24 @@ def _on_train(n: int, train: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _prompt_pair(pair: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
-    """The prompt alone as a language-modelling sample (what a query has at inference)."""
-    ids, labels = pair
-    n = next((i for i, lab in enumerate(labels) if lab != -100), len(ids))
-    return list(ids[:n]), list(ids[:n])
-
-
-def _elrea_task(base_path, cfg, adapter, pad_id, train_pairs, query_pairs, n_timed):
-    """ELREA's gradients, projected: the training samples' (response loss) and every query's
-    (its prompt's own LM loss: no answer at inference), and the milliseconds of one query's
-    gradient at batch 1 (the projection is not timed: a deployment keeps it stored or
-    structured, while here it is regenerated from its seed in chunks)."""
-    import torch
-
-    from gs_ray.core.gradients import compute_bucketed
-    from gs_ray.stage2.computer import GradientComputer
-
-    computer = GradientComputer(base_path, cfg, adapter, pad_id)
-    engine, micro = computer.engine, computer.micro
-    G = torch.cat([compute_bucketed(engine, train_pairs, pad_id, micro),
-                   compute_bucketed(engine, query_pairs, pad_id, micro)])  # fmt: skip
-    timed = query_pairs[:n_timed]
-    start = time.perf_counter()
-    for pair in timed:
-        compute_bucketed(engine, [pair], pad_id, 1)
-    ms = 1000 * (time.perf_counter() - start) / max(1, len(timed))
-    G = (computer.project(G) if computer.project else G).numpy()  # one pass over the matrix
-    return G[: len(train_pairs)], G[len(train_pairs) :], ms
-
-
 def _encode_task(texts, router_cfg, cache_path):
     from gs_ray.routing.router import encode_cached
 
     return encode_cached(texts, router_cfg.encoder, cache_path, router_cfg.max_length)
 
 
+def ablation_method(k: int) -> str:
+    """The K ablation's partition with ``k`` clusters, named like a method."""
+    return f"k{k}"
+
+
 def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Each partitioned method's labels over the run's samples (-1 outside train), and what
-    ELREA needs at inference (test weights over its clusters, seconds per query gradient)."""
+    the rest needs: ELREA's test weights and seconds per query gradient; for the first seed the
+    analysis pass (``analyses.Gradients``) and the K ablation's partitions and test labels."""
     import ray
+
+    from gs_ray.core.ensemble import gradient_similarity_probs
 
     cfg, ec = p.cfg, p.cfg.eval
     labels, train, test, k = _train_test(p)
@@ -132,37 +118,34 @@ def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dic
     want = set(ec.methods)
     if "random_clusters" in want:
         out["random_clusters"] = random_partition(out["gradientspace"], seed)
-    remote = ray.remote
     if "embedding_kmeans" in want:
         cache = str(p.run.eval_dir / "features_prompts.npy")
         prompts = [p.samples[i].prompt for i in train]
-        feats = ray.get(remote(_encode_task).options(**task_resources())
+        feats = ray.get(ray.remote(_encode_task).options(**task_resources())
                         .remote(prompts, cfg.router, cache))  # fmt: skip
         out["embedding_kmeans"] = _on_train(n, train, _kmeans(feats, k, seed))
+    if "elrea" not in want and seed_index > 0:
+        return out, extra
+    ks = ablation_ks(cfg, k) if seed_index == 0 else []
+    grads = gradients(p, train, test, labels[train], ks)
+    if seed_index == 0:
+        extra["gradients"] = grads
+        extra["ablation"] = {}
+        for kk, fit in grads.ablation.items():
+            out[ablation_method(kk)] = _on_train(n, train, fit["train"])
+            extra["ablation"][kk] = fit
     if "elrea" in want:
-        from gs_ray.core.ensemble import gradient_similarity_probs
-
-        gcfg = dataclasses.replace(
-            cfg, gradients=dataclasses.replace(cfg.gradients,
-                                               projection_dim=ec.elrea_projection_dim))  # fmt: skip
-        queries = [_prompt_pair(p.samples[i].pair) for i in np.concatenate([train, test])]
-        log.info("eval: ELREA gradients of %d training samples and %d queries (projected to "
-                 "%d)", len(train), len(queries), ec.elrea_projection_dim)  # fmt: skip
-        g_train, g_query, grad_ms = ray.get(remote(_elrea_task).options(**task_resources()).remote(
-            p.base_path, gcfg, str(p.run.warmup_adapter), p.pad_id, p.pairs(train), queries,
-            ec.latency_samples,
-        ))  # fmt: skip
-        part = _kmeans(g_train, k, seed)
+        part = _kmeans(grads.train, k, seed)
         out["elrea"] = _on_train(n, train, part)
         # A cluster's inference centroid: the mean unit prompt-gradient of its members, so that
         # queries (prompts only) are compared with what they can be compared with.
-        unit = g_query / np.maximum(np.linalg.norm(g_query, axis=1, keepdims=True), 1e-12)
+        unit = grads.queries / np.maximum(np.linalg.norm(grads.queries, axis=1, keepdims=True),
+                                          1e-12)  # fmt: skip
         centroids = np.stack([unit[: len(train)][part == c].mean(0) for c in range(k)])
         extra["elrea_weights"] = gradient_similarity_probs(
-            g_query[len(train) :], centroids, ec.elrea_temperature
+            grads.queries[len(train) :], centroids, ec.elrea_temperature
         )
-        extra["elrea_gradient_ms"] = grad_ms
-        extra["train_gradients"] = g_train  # projected: Theorem 2's variances (analyses)
+        extra["elrea_gradient_ms"] = grads.query_ms
     return out, extra
 
 
@@ -183,8 +166,9 @@ def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
     # With a step limit per expert, one LoRA on everything gets the K experts' steps together.
     limit = p.cfg.experts.max_steps
     retrain = ["gradientspace"] if seed_index > 0 else []
-    for method in [m for m in PARTITIONED if m in methods] + retrain:
-        for c in range(k):
+    ablation = [m for m in parts if _is_ablation(m)]
+    for method in [m for m in PARTITIONED if m in methods] + retrain + ablation:
+        for c in range(_n_clusters(parts[method], train)):
             rows = train[parts[method][train] == c]
             wanted.append((method, expert_name(c), rows, base_seed + 1 + c))
     jobs = []
@@ -198,6 +182,14 @@ def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
             seed=seed, max_steps=limit * k if limit and name == SINGLE else None,
         ))  # fmt: skip
     return jobs
+
+
+def _is_ablation(method: str) -> bool:
+    return method[:1] == "k" and method[1:].isdigit()
+
+
+def _n_clusters(part: np.ndarray, train: np.ndarray) -> int:
+    return int(part[train].max()) + 1 if len(train) else 0
 
 
 def train_baselines(p: Prepared, jobs: list) -> dict[str, dict]:
@@ -235,15 +227,16 @@ def _fit_routers(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> 
 
     from gs_ray.routing.stage import fit_and_save_router
 
-    _, train, _, k = _train_test(p)
+    _, train, _, _ = _train_test(p)
     prompts = [p.samples[i].prompt for i in train]
     cache = str(p.run.eval_dir / "features_prompts.npy")
     pending = []
-    for method in ROUTED:
+    for method in [m for m in parts if m in ROUTED or _is_ablation(m)]:
         folder = p.run.eval_router(method, seed_index)
-        if method in parts and not (folder / "router.json").exists():
+        if not (folder / "router.json").exists():
             task = ray.remote(fit_and_save_router).options(**task_resources())
-            pending.append(task.remote(prompts, parts[method][train], k, p.cfg.router,
+            pending.append(task.remote(prompts, parts[method][train],
+                                       _n_clusters(parts[method], train), p.cfg.router,
                                        p.cfg.run.seed + seed_index, cache, str(folder)))  # fmt: skip
     ray.get(pending)
 
@@ -286,7 +279,7 @@ def _score_task(base_path, model_cfg, adapters, merges, pairs, pad_id, plans, ge
     for key, (names, weights) in plans.items():
         generated[key] = greedy_mixture(model, names, weights, gen_prompts, max_new_tokens,
                                         eos_id, pad_id)  # fmt: skip
-    timed = [_prompt_pair(pair)[0] for pair in pairs[:n_timed]]
+    timed = [prompt_pair(pair)[0] for pair in pairs[:n_timed]]
     model.set_adapter(next(iter(adapters)))
     with torch.no_grad():
         for ids in timed[:2]:  # untimed warm-up calls
@@ -380,6 +373,53 @@ def _plans(p: Prepared, seed_index: int, parts: dict, extra: dict, probs: dict,
     return {m: plan for m, plan in plans.items() if m in p.cfg.eval.methods}
 
 
+def _ablation_plans(ablation: dict[int, dict], probs: dict) -> dict[tuple[int, str], Plan]:
+    """The K ablation's plans (first seed): each K's experts routed by its own router, and by
+    the test rows' gradient assignment (oracle)."""
+    out = {}
+    for kk, fit in ablation.items():
+        experts = [f"s0/{ablation_method(kk)}/{expert_name(c)}" for c in range(kk)]
+        out[(kk, "routed")] = Plan(experts, _one_hot(probs[f"{ablation_method(kk)}@0"].argmax(1),
+                                                     kk), 1)  # fmt: skip
+        out[(kk, "oracle")] = Plan(experts, _one_hot(fit["test"], kk), 1, deployable=False)
+    return out
+
+
+def _ablation_rows(ablation, ab_plans, nll, methods, probs, k, grads) -> list[dict[str, Any]]:
+    """The paper's Fig. 6 as rows: per K, the cosine silhouette of the training gradients'
+    partition (full dimension) and the held-out loss, routed and oracle; K = 1 is one LoRA on
+    everything, the run's K is the run itself (online clustering, its own experts and router)."""
+    rows = []
+    if "single_lora" in methods:
+        rows.append({"k": 1, "source": "single_lora", "silhouette": None,
+                     "test_loss_routed": methods["single_lora"]["per_seed"][0]["test_loss"],
+                     "test_loss_oracle": methods["single_lora"]["per_seed"][0]["test_loss"]})  # fmt: skip
+    if "gradientspace" in methods and grads is not None:
+        oracle = methods.get("gradientspace_oracle", {}).get("per_seed", [{}])[0]
+        rows.append({"k": k, "source": "run", "silhouette": grads.run_silhouette,
+                     "test_loss_routed": methods["gradientspace"]["per_seed"][0]["test_loss"],
+                     "test_loss_oracle": oracle.get("test_loss")})  # fmt: skip
+    for kk, fit in ablation.items():
+        rows.append({
+            "k": kk, "source": "ablation", "silhouette": fit["silhouette"],
+            "test_loss_routed": float(nll(ab_plans[(kk, "routed")]).mean()),
+            "test_loss_oracle": float(nll(ab_plans[(kk, "oracle")]).mean()),
+            "router_agreement": agreement(probs[f"{ablation_method(kk)}@0"].argmax(1),
+                                          fit["test"]),
+            "cluster_sizes": np.bincount(fit["train"], minlength=kk).tolist(),
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: r["k"])
+
+
+def _analysis_plots(run: RunDir, analyses: dict[str, Any]) -> None:
+    from gs_ray.evaluation.plots import k_ablation_plot, sts_plot
+
+    if len(analyses.get("k_ablation") or []) > 1:
+        k_ablation_plot(run, analyses["k_ablation"])
+    if analyses.get("sts"):
+        sts_plot(run, analyses["sts"])
+
+
 def _eval_config(run: RunDir, overrides: list[str]) -> Config:
     bad = [o for o in overrides if o.startswith("--") and not o.startswith("--eval.")]
     if bad:
@@ -415,7 +455,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         parts, extra = partitions(p, i)
         if i == 0:
             write_json(run.eval_partitions, {m: v.tolist() for m, v in parts.items()})
-            analyses = analyse(p, parts, extra.pop("train_gradients", None))
+            grads = extra.get("gradients")
+            analyses = analyse(p, {m: v for m, v in parts.items() if not _is_ablation(m)},
+                               grads.train if grads is not None else None)  # fmt: skip
         train_baselines(p, _jobs(p, parts, i))
         _fit_routers(p, parts, i)
         seeds.append((parts, extra))
@@ -423,7 +465,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     # Routers' probabilities on the test prompts (GradientSpace's, then each baseline's).
     folders = {"gradientspace": str(run.router)}
     for i, (parts, _) in enumerate(seeds):
-        folders.update({f"{m}@{i}": str(run.eval_router(m, i)) for m in ROUTED if m in parts})
+        folders.update({f"{m}@{i}": str(run.eval_router(m, i)) for m in parts
+                        if m in ROUTED or _is_ablation(m)})  # fmt: skip
     prompts = [p.samples[j].prompt for j in test]
     probs, router_ms = ray.get(ray.remote(_route_task).options(**task_resources())
                                .remote(folders, prompts))  # fmt: skip
@@ -431,15 +474,18 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     plans = {i: _plans(p, i, parts, extra, probs, router_ms) for i, (parts, extra) in
              enumerate(seeds)}  # fmt: skip
     merges = {f"s{i}/merged": _gs_experts(i, k) for i, mp in plans.items() if "merged" in mp}
+    ablation = seeds[0][1].get("ablation", {})
+    ab_plans = _ablation_plans(ablation, probs)
     names = {a for mp in plans.values() for plan in mp.values() for a in plan.adapters}
     names |= {a for parts in merges.values() for a in parts}
+    names |= {a for plan in ab_plans.values() for a in plan.adapters}
     adapters = {WARMUP: str(run.warmup_adapter)}  # first: the one the latency is timed with
     adapters.update({a: str(_adapter_path(run, a)) for a in sorted(names - set(merges) - {None})})
 
     # Exact match: checkable test items, capped; every method answers the same items.
     checkable = [j for j, row in enumerate(test) if answer_key(_response_text(p, row))]
     gen_rows = checkable[: ec.max_generate]
-    gen_prompts = [_prompt_pair(p.samples[test[j]].pair)[0] for j in gen_rows]
+    gen_prompts = [prompt_pair(p.samples[test[j]].pair)[0] for j in gen_rows]
     gen_plans = {(m, i): (plan.adapters, plan.weights[gen_rows])
                  for i, mp in plans.items() for m, plan in mp.items()} if gen_rows else {}  # fmt: skip
     log.info("eval: scoring %d adapters on %d test samples; %d checkable items generated per "
@@ -453,6 +499,11 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     domains = [p.samples[j].domain for j in test]
     references = [_response_text(p, test[j]) for j in gen_rows]
     gen_domains = [domains[j] for j in gen_rows]
+
+    def nll(plan: Plan) -> np.ndarray:
+        return np.array([mixture_nll(np.stack([token_nll[a][j] for a in plan.adapters]),
+                                     plan.weights[j]) for j in range(len(test))])  # fmt: skip
+
     methods: dict[str, Any] = {}
     for method in ec.methods:
         if method not in plans[0]:
@@ -460,10 +511,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         per_seed, losses_by_seed = [], []
         for i, mp in plans.items():
             plan = mp[method]
-            losses = np.array([
-                mixture_nll(np.stack([token_nll[a][j] for a in plan.adapters]), plan.weights[j])
-                for j in range(len(test))
-            ])  # fmt: skip
+            losses = nll(plan)
             losses_by_seed.append(losses)
             correct = None
             if gen_rows:
@@ -492,6 +540,13 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
             "deployable": plan0.deployable, "k": len(plan0.adapters) if len(plan0.adapters) > 1
             else None, **trained, "per_seed": per_seed,
         }  # fmt: skip
+    analyses["routers"] = router_table(
+        p, train, test, labels, k, seeds[0][1].get("gradients"),
+        (probs["gradientspace"].argmax(1), router_ms["gradientspace"]))  # fmt: skip
+    analyses["k_ablation"] = _ablation_rows(ablation, ab_plans, nll, methods, probs, k,
+                                            seeds[0][1].get("gradients"))  # fmt: skip
+    analyses["sts"] = sts_similarity(p)
+    _analysis_plots(run, analyses)
     out = {
         "run_dir": str(run.path), "n_test": len(test),
         "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),

@@ -160,3 +160,86 @@ def top_terms(texts: Sequence[str], labels: np.ndarray, n_terms: int = 8) -> dic
         mean = np.asarray(X[labels == c].mean(axis=0)).ravel()
         out[str(c)] = vocab[np.argsort(-mean, kind="stable")[:n_terms]].tolist()
     return out
+
+
+# --------------------------------------------------------------------------- routers compared
+
+
+def unit_centroids(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, d): each cluster's mean unit vector (rows of ``X`` with ``labels`` == c), unit-norm
+    again; a cluster without rows gets a zero centroid (never chosen over a real one)."""
+    X = np.asarray(X, dtype=np.float64)
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    labels = np.asarray(labels)
+    C = np.zeros((k, X.shape[1]))
+    for c in range(k):
+        if (labels == c).any():
+            m = X[labels == c].mean(0)
+            C[c] = m / max(np.linalg.norm(m), 1e-12)
+    return C
+
+
+def nearest_centroid(X: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """argmax_c cos(x, centroid_c) for each row (the embedding- and gradient-similarity
+    routers of the paper's Table 3)."""
+    X = np.asarray(X, dtype=np.float64)
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    return (X @ np.asarray(centroids).T).argmax(1).astype(np.int64)
+
+
+class KeywordRouter:
+    """The paper's keyword-similarity router: each cluster's metadata is its top TF-IDF terms
+    (``top_terms`` over its training prompts); a prompt goes to the cluster whose terms it
+    shares most (ties: the larger cluster, then the lower index)."""
+
+    def __init__(self, texts: Sequence[str], labels: np.ndarray, n_terms: int = 20):
+        labels = np.asarray(labels)
+        terms = top_terms(texts, labels, n_terms)
+        self.k = int(labels.max()) + 1
+        self.terms = [set(terms.get(str(c), [])) for c in range(self.k)]
+        self.sizes = np.bincount(labels[labels >= 0], minlength=self.k)
+
+    def predict(self, texts: str | Sequence[str]) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = []
+        for text in texts:
+            words = set(_WORD.findall(text.lower()))
+            overlap = [len(words & t) for t in self.terms]
+            out.append(max(range(self.k), key=lambda c: (overlap[c], self.sizes[c], -c)))
+        return np.array(out, dtype=np.int64)
+
+
+def agreement(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows where a router's choice equals the gradient assignment."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    return float((pred == labels).mean()) if len(labels) else float("nan")
+
+
+# --------------------------------------------------------------------------- Fig. 4 and Fig. 6
+
+
+def correlations(x: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
+    """Pearson and Spearman correlation of two paired series (None where one is constant)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"pearson": None, "spearman": None, "n": int(len(x))}
+    return {"pearson": float(pearsonr(x, y)[0]), "spearman": float(spearmanr(x, y)[0]),
+            "n": int(len(x))}  # fmt: skip
+
+
+def cosine_silhouette(X: np.ndarray, labels: np.ndarray) -> float | None:
+    """The cosine silhouette of a partition (scikit-learn's, on the rows' Gram matrix, so that
+    d can be millions), None for fewer than two clusters."""
+    from sklearn.metrics import silhouette_score
+
+    labels = np.asarray(labels)
+    if len(set(labels.tolist())) < 2 or len(set(labels.tolist())) >= len(labels):
+        return None
+    X = np.asarray(X, dtype=np.float32)
+    gram = (X @ X.T).astype(np.float64)  # n x n: no normalised copy of the (n, d) rows
+    norms = np.sqrt(np.maximum(np.diag(gram), 1e-24))
+    D = np.clip(1.0 - gram / np.outer(norms, norms), 0.0, 2.0)
+    np.fill_diagonal(D, 0.0)
+    return float(silhouette_score(D, labels, metric="precomputed"))

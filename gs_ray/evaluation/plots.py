@@ -166,3 +166,48 @@ def tune_plot(run: RunDir, table: list[dict]) -> str:
     ax.legend(loc="upper left", fontsize=8)
     ax2.legend(loc="upper right", fontsize=8)
     return _save(fig, run, "tune_k.png")
+
+
+def k_ablation_plot(run: RunDir, rows: list[dict]) -> str:
+    """The paper's Fig. 6: cluster cohesion (cosine silhouette) and held-out loss against K."""
+    rows = sorted(rows, key=lambda r: r["k"])
+    ks = [r["k"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ks, [r["test_loss_routed"] for r in rows], "o-", label="held-out loss, routed")
+    ax.plot(ks, [r["test_loss_oracle"] for r in rows], "s--", label="held-out loss, oracle")
+    for r in rows:
+        if r["source"] != "ablation":
+            ax.annotate("one LoRA" if r["k"] == 1 else "the run", (r["k"], r["test_loss_routed"]),
+                        textcoords="offset points", xytext=(4, 6), fontsize=8)  # fmt: skip
+    ax.set(xlabel="K (number of clusters)", ylabel="held-out loss (nats / token)",
+           title="K ablation (paper Fig. 6)")  # fmt: skip
+    ax.set_xticks(ks)
+    sil = [(r["k"], r["silhouette"]) for r in rows if r.get("silhouette") is not None]
+    if sil:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*sil), "^:", color="tab:green", label="silhouette (cosine)")
+        ax2.set_ylabel("silhouette of the training gradients", color="tab:green")
+        lines = ax.get_legend_handles_labels()
+        more = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
+    else:
+        ax.legend(fontsize=8)
+    return _save(fig, run, "eval_k_ablation.png")
+
+
+def sts_plot(run: RunDir, sts: dict) -> str:
+    """The paper's Fig. 4: input-embedding similarity against gradient similarity over STS
+    sentence pairs, coloured by the human score."""
+    pairs = sts["pairs"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    pts = ax.scatter([q["embedding_cosine"] for q in pairs], [q["gradient_cosine"] for q in pairs],
+                     c=[q["score"] for q in pairs], cmap="viridis", s=10, alpha=0.8)  # fmt: skip
+    fig.colorbar(pts, ax=ax, label="human similarity (0-5)")
+    r = sts["gradient_vs_embedding"]
+    title = f"STS pairs: gradient vs embedding similarity (n={sts['n_pairs']}"
+    if r.get("pearson") is not None:
+        title += f", Pearson {r['pearson']:.2f}, Spearman {r['spearman']:.2f}"
+    ax.set(xlabel="cosine of the sentence embeddings", ylabel="cosine of the LoRA gradients",
+           title=title + ")")  # fmt: skip
+    ax.title.set_fontsize(9)
+    return _save(fig, run, "eval_sts_similarity.png")

@@ -98,18 +98,50 @@ def _eval_section(ev: dict) -> str:
 
 
 def _analyses(an: dict) -> str:
-    """Theorem 2 (variance within clusters vs the whole set), clusters by domain (Fig. 5), top
-    TF-IDF terms per cluster (Table 2), for each partition."""
+    """Theorem 2 (variance within clusters vs the whole set), routers compared (Table 3), the K
+    ablation (Fig. 6), gradient vs embedding similarity (Fig. 4), clusters by domain (Fig. 5) and
+    top TF-IDF terms per cluster (Table 2) for each partition."""
     out = []
     rows = [[name, a["theorem2"]["within"], a["theorem2"]["total"], a["theorem2"]["ratio"]]
-            for name, a in an.items() if "theorem2" in a]  # fmt: skip
+            for name, a in an.items() if isinstance(a, dict) and "theorem2" in a]  # fmt: skip
     if rows:
         out.append("<h3>Theorem 2: gradient variance within clusters</h3>" + _table(
             ["partition", "within clusters (pooled)", "whole set", "ratio"], rows,
             best=min(range(len(rows)), key=lambda i: rows[i][3] or 1)) +
             "<p class=note>Variance of the unit training gradients (ELREA's random projection, "
             "which keeps squared distances in expectation). Lower is tighter.</p>")  # fmt: skip
+    routers = an.get("routers")
+    if routers:
+        rows = [[r["description"], r["agreement"], r["latency_ms"]] for r in routers]
+        out.append("<h3>Routers compared (paper Table 3)</h3>" + _table(
+            ["router", "agreement with the gradient assignment", "ms / prompt (batch 1)"],
+            rows, best=max(range(len(rows)), key=lambda i: rows[i][1] or 0)) +
+            "<p class=note>On the held-out rows: how often each router picks the cluster that the "
+            "query's own gradient (with its answer) is assigned to.</p>")  # fmt: skip
+    ablation = an.get("k_ablation")
+    if ablation:
+        rows = [[r["k"], {"single_lora": "one LoRA on everything", "run": "the run (online)",
+                          "ablation": "K fixed"}.get(r["source"], r["source"]),
+                 r.get("silhouette"), r["test_loss_routed"], r["test_loss_oracle"],
+                 r.get("router_agreement")] for r in ablation]  # fmt: skip
+        out.append("<h3>K ablation (paper Fig. 6)</h3>" + _table(
+            ["K", "partition", "silhouette (cosine, training gradients)", "held-out loss, routed",
+             "held-out loss, oracle", "router agreement"], rows,
+            best=min(range(len(rows)), key=lambda i: rows[i][3])))  # fmt: skip
+    sts = an.get("sts")
+    if sts:
+        rows = [[name.replace("_", " "), sts[key]["pearson"], sts[key]["spearman"]]
+                for key, name in (("gradient_vs_embedding", "gradient vs embedding"),
+                                  ("gradient_vs_human", "gradient vs human score"),
+                                  ("embedding_vs_human", "embedding vs human score"))]  # fmt: skip
+        out.append("<h3>Gradient vs input-embedding similarity (paper Fig. 4)</h3>" + _table(
+            ["correlation over sentence pairs", "Pearson", "Spearman"], rows) +
+            f"<p class=note>{sts['n_pairs']} pairs of {html.escape(sts['file'])}: cosine of the "
+            "two sentences' LoRA gradients (warm-up adapter) and of their encoder embeddings."
+            "</p>")  # fmt: skip
     for name, a in an.items():
+        if name in ("routers", "k_ablation", "sts"):
+            continue
         domains = sorted({d for row in a["domains"].values() for d in row})
         table = _table(["cluster", *domains, "top TF-IDF terms"], [
             [c, *[row.get(d, 0) for d in domains], _Raw(html.escape(", ".join(

@@ -93,7 +93,8 @@ class GradientComputer:
         self.micro = cfg.gradients.batch_size
         self.nonfinite = cfg.stage2.nonfinite
         k = cfg.gradients.projection_dim
-        self.project = RandomProjection(self.engine.dim, k, seed=cfg.run.seed) if k else None
+        self.project = (RandomProjection(self.engine.dim, k, seed=cfg.run.seed,
+                                         kind=cfg.gradients.projection_kind) if k else None)  # fmt: skip
         self.dim = k or self.engine.dim
         self.calls = 0  # engine passes (a test counts them)
 
