@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -473,3 +474,16 @@ def test_read_sts_pairs_and_plain_errors(tmp_path):
             read_sts(path)
     with pytest.raises(DataError, match="no such STS file"):
         read_sts(tmp_path / "missing.csv")
+
+
+STS_DEV = Path(__file__).resolve().parents[2] / "shared/data/sts/stsbenchmark/sts-dev.csv"
+
+
+@pytest.mark.skipif(not STS_DEV.is_file(), reason=f"the shared STS benchmark is not at {STS_DEV}")
+def test_the_shared_sts_benchmark_reads_whole():
+    from gs_ray.data.sts import read_sts
+
+    pairs = read_sts(STS_DEV)
+    assert len(pairs) == 1500  # MANIFEST: 1,500 dev pairs
+    scores = np.array([p.score for p in pairs])
+    assert scores.min() >= 0 and scores.max() <= 5 and scores.std() > 1
