@@ -487,3 +487,31 @@ def test_the_shared_sts_benchmark_reads_whole():
     assert len(pairs) == 1500  # MANIFEST: 1,500 dev pairs
     scores = np.array([p.score for p in pairs])
     assert scores.min() >= 0 and scores.max() <= 5 and scores.std() > 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_eval_seeds_show_the_spread(evaluated, tmp_path):
+    """--eval.seeds 2 on a copy of the evaluated run: seed 0's adapters are kept, seed 1 trains
+    its own (GradientSpace's experts again too), and the table shows mean ± std over both."""
+    import shutil
+
+    from gs_ray.evaluation import baselines
+
+    run, out = evaluated
+    copy = tmp_path / "r"
+    shutil.copytree(run.path, copy)
+    two = baselines.evaluate_run(copy, [
+        "--eval.seeds", "2", "--eval.methods", "[single_lora, random_clusters, gradientspace]",
+        "--eval.k_ablation", "[]", "--eval.max_generate", "0"])  # fmt: skip
+    m = two["methods"]
+    assert set(m) == {"single_lora", "random_clusters", "gradientspace"}
+    for name, v in m.items():
+        seeds = [s["test_loss"] for s in v["per_seed"]]
+        assert len(seeds) == 2
+        assert seeds[0] == pytest.approx(out["methods"][name]["test_loss"], rel=1e-6), name
+        assert v["test_loss"] == pytest.approx(np.mean(seeds))
+        assert v["test_loss_std"] == pytest.approx(np.std(seeds, ddof=1))
+    assert m["gradientspace"]["per_seed"][1]["test_loss"] != m["gradientspace"]["per_seed"][0][
+        "test_loss"]  # retrained experts: another seed  # fmt: skip
+    assert "±" in baselines.table(two)

@@ -38,6 +38,7 @@ import numpy as np
 from gs_ray.config import Config, apply_overrides
 from gs_ray.errors import ConfigError, RunDirError
 from gs_ray.evaluation.analyses import (
+    Gradients,
     ablation_ks,
     gradients,
     prompt_pair,
@@ -102,10 +103,12 @@ def ablation_method(k: int) -> str:
     return f"k{k}"
 
 
-def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def partitions(p: Prepared, seed_index: int, grads: Gradients | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:  # fmt: skip
     """Each partitioned method's labels over the run's samples (-1 outside train), and what
     the rest needs: ELREA's test weights and seconds per query gradient; for the first seed the
-    analysis pass (``analyses.Gradients``) and the K ablation's partitions and test labels."""
+    analysis pass (``analyses.Gradients``: later seeds reuse it, the warm-up adapter is the same)
+    and the K ablation's partitions and test labels."""
     import ray
 
     from gs_ray.core.ensemble import gradient_similarity_probs
@@ -126,8 +129,8 @@ def partitions(p: Prepared, seed_index: int) -> tuple[dict[str, np.ndarray], dic
         out["embedding_kmeans"] = _on_train(n, train, _kmeans(feats, k, seed))
     if "elrea" not in want and seed_index > 0:
         return out, extra
-    ks = ablation_ks(cfg, k) if seed_index == 0 else []
-    grads = gradients(p, train, test, labels[train], ks)
+    if grads is None:
+        grads = gradients(p, train, test, labels[train], ablation_ks(cfg, k))
     if seed_index == 0:
         extra["gradients"] = grads
         extra["ablation"] = {}
@@ -452,7 +455,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
 
     seeds = []
     for i in range(ec.seeds):
-        parts, extra = partitions(p, i)
+        parts, extra = partitions(p, i, seeds[0][1].get("gradients") if seeds else None)
         if i == 0:
             write_json(run.eval_partitions, {m: v.tolist() for m, v in parts.items()})
             grads = extra.get("gradients")
