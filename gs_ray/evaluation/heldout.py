@@ -16,16 +16,10 @@ BASE = "base"  # the base model with no adapter, in the per-sample losses
 
 
 def _evaluate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder, prompts):
-    from gs_ray.evaluation.generate import using
     from gs_ray.routing.router import Router
-    from gs_ray.training.loop import load_adapters, token_losses
+    from gs_ray.training.loop import adapter_losses
 
-    model = load_adapters(base_path, model_cfg, adapters)
-    losses = {}
-    for name in [None, *adapters]:  # None: the base model, adapters off
-        with using(model, name):
-            per_sample = token_losses(model, pairs, pad_id)
-        losses[name or BASE] = np.array([t.mean() if len(t) else 0.0 for t in per_sample])
+    losses = adapter_losses(base_path, model_cfg, adapters, pairs, pad_id, base_key=BASE)
     router = Router.load(router_folder)
     return losses, router.predict(prompts), router.route_latency_ms(prompts[:20])
 

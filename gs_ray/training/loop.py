@@ -158,13 +158,21 @@ def adapter_losses(
     pairs: Sequence[tuple[list[int], list[int]]],
     pad_id: int,
     batch_size: int = 16,
+    base_key: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-sample mean response loss of each named adapter on the same samples: one base model,
-    the adapters loaded side by side with peft and switched with ``set_adapter``."""
+    the adapters loaded side by side with peft and switched with ``set_adapter``; with
+    ``base_key``, also the base model itself (adapters off) under that key."""
     model = load_adapters(base_path, model_cfg, adapters)
+
+    def mean(losses: list[np.ndarray]) -> np.ndarray:
+        return np.array([t.mean() if len(t) else 0.0 for t in losses])
+
     out = {}
+    if base_key is not None:
+        with model.disable_adapter():
+            out[base_key] = mean(token_losses(model, pairs, pad_id, batch_size))
     for name in adapters:
         model.set_adapter(name)
-        losses = token_losses(model, pairs, pad_id, batch_size)
-        out[name] = np.array([t.mean() if len(t) else 0.0 for t in losses])
+        out[name] = mean(token_losses(model, pairs, pad_id, batch_size))
     return out

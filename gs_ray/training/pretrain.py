@@ -31,17 +31,22 @@ log = logging.getLogger(__name__)
 STAMP = "gs_ray_pretrain.json"
 
 
-def pretraining_pairs(cfg: Config, tokenizer, seed: int) -> list[tuple[list[int], list[int]]]:
-    """The pretraining texts as (ids, labels) pairs with the loss on every token."""
+def pretraining_corpus(cfg: Config, seed: int) -> list[str]:
+    """The pretraining texts (no instruction sample among them)."""
     from gs_ray.data.demo import build_demo_corpus, pretraining_texts
 
-    m = cfg.model
     instruction = build_demo_corpus(cfg.data.demo_size, seed)
-    texts = pretraining_texts(m.tiny_pretrain_records, seed, instruction)
+    return pretraining_texts(cfg.model.tiny_pretrain_records, seed, instruction)
+
+
+def pretraining_pairs(
+    cfg: Config, tokenizer, texts: list[str]
+) -> list[tuple[list[int], list[int]]]:
+    """The pretraining texts as (ids, labels) pairs with the loss on every token."""
     pairs = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"][
-            : m.tiny_pretrain_max_length - 1
+            : cfg.model.tiny_pretrain_max_length - 1
         ]
         ids = ids + [tokenizer.eos_token_id]
         pairs.append((ids, list(ids)))
@@ -60,10 +65,11 @@ def training_config(cfg: Config) -> TrainingConfig:
     )  # fmt: skip
 
 
-def cache_key(cfg: Config, seed: int, pairs: list) -> str:
-    """What the pretrained weights depend on: seed, tiny_* settings, the texts' tokens."""
+def cache_key(cfg: Config, seed: int, texts: list[str]) -> str:
+    """What the pretrained weights depend on: seed, tiny_* settings (the tokenizer and the model
+    follow from them and the seed), the texts."""
     tiny = {k: v for k, v in asdict(cfg.model).items() if k.startswith("tiny_")}
-    digest = hashlib.sha256(json.dumps([seed, tiny, [p[0] for p in pairs]]).encode())
+    digest = hashlib.sha256(json.dumps([seed, tiny, texts]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -71,12 +77,13 @@ def pretrained_tiny(cfg: Config, seed: int, on_ray: bool | None = None) -> Path:
     """The pretrained tiny Llama's folder in the cache (model and tokenizer), trained first
     if it is not there yet: on Ray Train (``on_ray``; None: when Ray is initialised) or in
     this process."""
-    model, tokenizer = build_tiny_llama(cfg.model, seed)
-    pairs = pretraining_pairs(cfg, tokenizer, seed)
-    key = cache_key(cfg, seed, pairs)
+    texts = pretraining_corpus(cfg, seed)
+    key = cache_key(cfg, seed, texts)
     target = cache_dir(cfg.model) / "models" / f"tiny-llama-pretrained-{key}"
     if (target / STAMP).exists():
-        return target
+        return target  # no model built, no tokenizer trained
+    model, tokenizer = build_tiny_llama(cfg.model, seed)
+    pairs = pretraining_pairs(cfg, tokenizer, texts)
     log.info("pretraining the tiny base model (once; cached in %s): %d texts, %d steps",
              target, len(pairs), cfg.model.tiny_pretrain_steps)  # fmt: skip
     start = time.time()
