@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from gs_ray.prepare import Prepared
-from gs_ray.ray_utils import task_resources
+from gs_ray.ray_utils import task_resources, use_assigned_cpus
 from gs_ray.rundir import WARMUP, expert_name
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,7 @@ def _evaluate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder,
     from gs_ray.routing.router import Router
     from gs_ray.training.loop import adapter_losses
 
+    use_assigned_cpus()
     losses = adapter_losses(base_path, model_cfg, adapters, pairs, pad_id, base_key=BASE)
     router = Router.load(router_folder)
     return losses, router.predict(prompts), router.route_latency_ms(prompts[:20])
