@@ -41,6 +41,12 @@ Transport = Literal["gradients", "partial_sums", "collective"]
 ProjectionKind = Literal["rademacher", "countsketch"]  # core.gradients.RandomProjection
 RowDtype = Literal["float32", "bfloat16"]
 NonFinitePolicy = Literal["fail", "skip"]
+#: G-SNR utility (docs/selection.md): ``energy`` ||mean g||^2 / mean ||g_m - mean||^2 (default),
+#: ``coordinate`` the mean over coordinates of mu_j^2 / var_j.
+GSNRForm = Literal["energy", "coordinate"]
+#: ``gs-ray spectra``: subset B's responses as read (``as_is``), or only the text after the last
+#: "####" (``final_answer``: GSM8K's bare answer without the worked reasoning).
+SpectraResponse = Literal["as_is", "final_answer"]
 
 __all__ = ["Config", "ConfigError", "StageName", "apply_overrides", "help_lines", "load_config"]
 
@@ -400,6 +406,36 @@ class ServeConfig:
 
 
 @dataclass
+class SpectraConfig:
+    """``gs-ray spectra``: layer-wise gradient spectra of the base weights (arXiv 2504.10766)."""
+
+    modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "projections measured in every layer",
+        nonempty=True,
+    )  # fmt: skip
+    batch_size: int = _f(8, "samples per forward/backward (length-sorted micro-batches)", ge=1)
+    max_samples: int | None = _f(None, "measure at most this many samples per subset", ge=1)
+    label_a: str = _f("A", "name of the --data subset in tables and plots", pattern=r"\S.*")
+    label_b: str = _f("B", "name of the --subset-b subset in tables and plots", pattern=r"\S.*")
+    b_response: SpectraResponse = _f(
+        "as_is", "subset B's responses: as_is | final_answer (only the text after the last '####')"
+    )
+
+
+@dataclass
+class GSNRConfig(TrainingConfig):
+    """G-SNR (GradFiltering, arXiv 2601.13697): a LoRA ensemble on a small proxy model, trained
+    briefly (these training fields), and the per-example utility over its members."""
+
+    members: int = _f(4, "ensemble members M (seeds and data orders differ)", ge=2)
+    form: GSNRForm = _f("energy", "G-SNR form: energy | coordinate (docs/selection.md)")
+    eps: float = _f(1e-12, "added to the spread across members (no division by zero)", gt=0)
+    epochs: int = _f(1, "passes over the data per member", ge=1)
+    max_steps: int | None = _f(30, "optimizer steps per member (None: all epochs)", ge=1)
+    parallel: bool = _f(True, "train the members concurrently (Ray Train runs)")
+
+
+@dataclass
 class RunConfig:
     """The run as a whole."""
 
@@ -431,6 +467,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    spectra: SpectraConfig = field(default_factory=SpectraConfig)
+    gsnr: GSNRConfig = field(default_factory=GSNRConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -289,3 +289,68 @@ class RunDir:
     def assignments(self) -> list[dict[str, Any]]:
         """Rows of stage2/assignments.jsonl: id, split, cluster, domain."""
         return self.read_jsonl(self.assignments_path)
+
+
+# --------------------------------------------------------------------------- selection outputs
+# Folders named on the command line (not run directories); their layouts are defined here too.
+
+MEMBER_PREFIX = "member_"
+
+
+def member_name(m: int) -> str:
+    """The name of G-SNR ensemble member m: its folder and its training run."""
+    return f"{MEMBER_PREFIX}{m}"
+
+
+class SpectraDir:
+    """``gs-ray spectra --out DIR``::
+
+    spectra.jsonl        one line per sample: id, subset, n_tokens, loss, and per projection the
+                         nuclear norm and effective rank of every layer (lists in layer order)
+    spectra.csv          the same in long form: one row per (sample, layer, projection)
+    summary.json         per subset, projection and layer: mean and std of both metrics; the
+                         B - A gaps; throughput (samples/s)
+    layer_curves.png     mean metric per layer, one line per subset (the two-subset comparison)
+    distributions.png    per-sample metric averaged over layers, one histogram per subset
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def jsonl(self) -> Path:
+        return self.path / "spectra.jsonl"
+
+    @property
+    def csv(self) -> Path:
+        return self.path / "spectra.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def layer_curves(self) -> Path:
+        return self.path / "layer_curves.png"
+
+    @property
+    def distributions(self) -> Path:
+        return self.path / "distributions.png"
+
+
+class EnsembleDir:
+    """The G-SNR ensemble's work folder::
+
+    members/member_<m>/  the member's LoRA adapter (peft format)
+    ray_train/           Ray Train's run folders (absolute path: every node must reach it)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+
+    def member(self, m: int) -> Path:
+        return self.path / "members" / member_name(m)
+
+    @property
+    def storage(self) -> Path:
+        return self.path / "ray_train"
