@@ -7,11 +7,13 @@ gs-ray run --resume runs/run-...  continue a run, skipping finished stages
 gs-ray show runs/run-...          summary of a run directory
 gs-ray serve runs/run-...         Ray Serve: the router and the experts over HTTP (127.0.0.1:8000)
 gs-ray config                     every configuration key with its default and help
+gs-ray spectra --data a.jsonl [--subset-b b.jsonl] --out DIR   layer-wise gradient spectra
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -67,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
         help="deploy and return (on a cluster the app keeps running); default: serve until Ctrl-C",
     )
     srv.add_argument("--log-level", default="INFO")
+    spec = sub.add_parser(
+        "spectra", parents=[common],
+        help="layer-wise gradient spectra (nuclear norm, effective rank) of the attention "
+        "projections per sample (--model.*, --data.*, --spectra.* overrides)",
+    )  # fmt: skip
+    spec.add_argument("--data", required=True, help="JSONL/JSON/parquet file of subset A")
+    spec.add_argument("--subset-b", help="a second file to compare with (subset B)")
+    spec.add_argument("--out", required=True, help="output folder (table, summary, plots)")
+    spec.add_argument("--config", help="YAML config file")
+    spec.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -116,6 +128,8 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
         return _serve(args, rest)
     if args.command == "eval":
         return _eval(args, rest)
+    if args.command == "spectra":
+        return _spectra(args, rest)
     cfg = _run_config(args, rest)
     # Config and data are checked before the pipeline (torch, Ray) is even imported: bad input
     # fails in a moment, with no Ray started and no run directory created.
@@ -145,6 +159,21 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
         logs.attach_run(run.path)
         evaluate_run(run.path, rest)
     print(json.dumps({"eval": str(run.eval_json)}))
+    return 0
+
+
+def _spectra(args: argparse.Namespace, rest: list[str]) -> int:
+    """Measure the spectra; print where the outputs went and the throughput."""
+    from gs_ray.data import check_source
+
+    cfg = load_config(args.config, rest)
+    for path in filter(None, (args.data, args.subset_b)):  # bad data fails before the model loads
+        check_source(dataclasses.replace(cfg.data, source=path, mix=[]), cfg.run.seed)
+    from gs_ray.selection.spectra import run_spectra
+
+    summary = run_spectra(cfg, args.data, args.out, args.subset_b)
+    rates = {k: round(v["samples_per_s"], 3) for k, v in summary["subsets"].items()}
+    print(json.dumps({"out": args.out, "samples_per_s": rates}))
     return 0
 
 

@@ -312,6 +312,7 @@ class SpectraDir:
                          B - A gaps; throughput (samples/s)
     layer_curves.png     mean metric per layer, one line per subset (the two-subset comparison)
     distributions.png    per-sample metric averaged over layers, one histogram per subset
+    base_model/          tiny-llama only: the base model measured (it exists nowhere else)
     """
 
     def __init__(self, path: str | Path):
@@ -336,6 +337,10 @@ class SpectraDir:
     @property
     def distributions(self) -> Path:
         return self.path / "distributions.png"
+
+    @property
+    def base_model(self) -> Path:
+        return self.path / "base_model"
 
 
 class EnsembleDir:

@@ -184,3 +184,77 @@ def test_select_top():
     assert select_top(scores, 0.01).tolist() == [2]
     with pytest.raises(ValueError):
         select_top(scores, 0)
+
+
+# --------------------------------------------------------------------------- gs-ray spectra
+
+_TINY = ["--model.tiny_hidden_size", "32", "--model.tiny_num_layers", "2",
+         "--model.tiny_num_heads", "2", "--spectra.batch_size", "4"]  # fmt: skip
+
+
+def _write_jsonl(path: Path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_spectra_command_two_subsets(tmp_path, capsys):
+    """Synthetic worked answers against their bare final answers: the table has one row per
+    sample (and per sample, layer and projection in the CSV), the summary the B - A gaps,
+    and both figures are written."""
+    import csv
+    import json
+
+    from gs_ray.cli import main
+    from gs_ray.io import read_jsonl
+
+    rows = [{"prompt": f"What is {a} plus {b}?",
+             "response": f"We add {a} and {b}: {a} + {b} = {a + b}.\n#### {a + b}"}
+            for a, b in [(3, 4), (10, 7), (21, 5), (8, 8), (13, 2)]]  # fmt: skip
+    data = _write_jsonl(tmp_path / "a.jsonl", rows)
+    out = tmp_path / "out"
+    argv = ["spectra", "--data", data, "--subset-b", data, "--out", str(out),
+            "--spectra.label_a", "worked", "--spectra.label_b", "bare",
+            "--spectra.b_response", "final_answer", *_TINY]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed["samples_per_s"]) == {"worked", "bare"}
+    table = read_jsonl(out / "spectra.jsonl")
+    assert len(table) == 10 and {r["subset"] for r in table} == {"worked", "bare"}
+    worked = {r["id"]: r for r in table if r["subset"] == "worked"}
+    bare = {r["id"]: r for r in table if r["subset"] == "bare"}
+    assert all(bare[i]["n_tokens"] < worked[i]["n_tokens"] for i in worked)
+    assert len(table[0]["effective_rank"]["q_proj"]) == 2
+    with (out / "spectra.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 10 * 2 * 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["gap_b_minus_a"]) == {"nuclear_norm", "effective_rank"}
+    assert (out / "layer_curves.png").stat().st_size > 0
+    assert (out / "distributions.png").stat().st_size > 0
+
+
+def test_spectra_command_bad_choice_is_one_line(tmp_path, capsys):
+    from gs_ray.cli import main
+
+    data = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": "p", "response": "r"}] * 4)
+    argv = ["spectra", "--data", data, "--out", str(tmp_path / "o"), "--spectra.b_response", "x"]
+    assert main(argv) == 2
+    assert "spectra.b_response" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason=f"{GSM8K} is absent (shared data not laid out)")
+def test_spectra_on_gsm8k_worked_vs_bare(tmp_path):
+    """Real GSM8K (read in place): the worked answers against the bare final answers on the tiny
+    model; the paper reports higher effective ranks for the reasoning answers."""
+    from gs_ray.config import load_config
+    from gs_ray.selection.spectra import run_spectra
+
+    cfg = load_config(None, [*_TINY, "--data.format", "prompt_response",
+                             "--data.prompt_field", "question", "--data.response_field", "answer",
+                             "--spectra.max_samples", "8", "--spectra.b_response", "final_answer"])  # fmt: skip
+    summary = run_spectra(cfg, str(GSM8K), str(tmp_path), str(GSM8K))
+    a, b = summary["subsets"]["A"], summary["subsets"]["B"]
+    assert a["n"] == b["n"] == 8 and a["mean_tokens"] > b["mean_tokens"]
+    gap = np.array([summary["gap_b_minus_a"]["effective_rank"][k] for k in ATTENTION_PROJECTIONS])
+    assert (gap < 0).mean() > 0.5  # bare answers: lower effective rank in most (layer, projection)

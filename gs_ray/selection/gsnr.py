@@ -72,7 +72,9 @@ class GSNRAccumulator:
             self.mean_ = np.zeros_like(g)
             self.sq_dev_ = np.zeros(len(g)) if self.form == "energy" else np.zeros_like(g)
         if g.shape != self.mean_.shape:
-            raise ValueError(f"member gradients {g.shape} differ from the first's {self.mean_.shape}")
+            raise ValueError(
+                f"member gradients {g.shape} differ from the first's {self.mean_.shape}"
+            )
         self.n_members_ += 1
         before = g - self.mean_
         self.mean_ += before / self.n_members_

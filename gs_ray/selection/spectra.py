@@ -85,7 +85,9 @@ def attention_projections(model: nn.Module, kinds: Sequence[str]) -> list[Projec
         if isinstance(base, nn.Linear) and match:
             found.append(Projection(name, int(match.group(1)), kind, base))
     if not found:
-        raise ValueError(f"the model has no Linear layers named {list(kinds)} inside numbered layers")
+        raise ValueError(
+            f"the model has no Linear layers named {list(kinds)} inside numbered layers"
+        )
     order = {k: i for i, k in enumerate(kinds)}
     return sorted(found, key=lambda p: (p.layer, order[p.kind]))
 
@@ -211,3 +213,204 @@ def compute_spectra(
         out.loss[chunk] = s.loss
         out.n_tokens[chunk] = s.n_tokens
     return out
+
+
+# =========================================================================== gs-ray spectra
+
+
+@dataclass
+class Subset:
+    """One measured subset: its label, samples and spectra, and the seconds they took."""
+
+    label: str
+    samples: list
+    spectra: Spectra
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return len(self.samples) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def final_answer(response: str) -> str:
+    """The text after the last '####' (GSM8K's bare answer); the response itself without one."""
+    return response.rsplit("####", 1)[-1].strip() if "####" in response else response
+
+
+def load_subset(cfg, source: str, tokenizer, bare: bool = False) -> list:
+    """The tokenised samples of one file read with ``cfg.data``'s format settings (at most
+    ``spectra.max_samples``, the first ones); ``bare``: responses cut to ``final_answer``."""
+    from dataclasses import replace
+
+    from gs_ray.data.loading import DataReport, read_examples, tokenize
+    from gs_ray.errors import DataError
+
+    data = replace(cfg.data, source=source, mix=[])
+    examples, report = read_examples(data, cfg.run.seed)
+    examples = examples[: cfg.spectra.max_samples]
+    if bare:
+        for ex in examples:
+            ex.response = final_answer(ex.response)
+    report = DataReport(source=report.source)
+    samples = [s for ex in examples if (s := tokenize(ex, tokenizer, data, report)) is not None]
+    if not samples:
+        raise DataError(f"{source}: no usable samples ({report.summary()})")
+    return samples
+
+
+def run_spectra(cfg, data: str, out: str, subset_b: str | None = None) -> dict:
+    """``gs-ray spectra``: the spectra of every sample of ``data`` (and ``subset_b``) on
+    ``cfg.model``; writes the table, the summary and the plots into ``out`` (``rundir.SpectraDir``)
+    and returns the summary."""
+    import time
+
+    from gs_ray.core.models import (
+        TINY,
+        load_base_model,
+        load_tokenizer,
+        materialize_base_model,
+        resolve_device,
+    )
+    from gs_ray.rundir import SpectraDir
+
+    folder = SpectraDir(out)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    source = None
+    if cfg.model.name == TINY and cfg.model.tiny_pretrain_steps:
+        from gs_ray.training.pretrain import pretrained_tiny
+
+        source = pretrained_tiny(cfg, cfg.run.seed)
+    # tiny-llama is saved into the output folder (materialize_base_model puts it in base_model/)
+    base_path = materialize_base_model(cfg.model, folder.path, cfg.run.seed, source)
+    tokenizer = load_tokenizer(base_path)
+    device = resolve_device(cfg.model.device)
+    model = load_base_model(base_path, cfg.model, device)
+    engine = SpectraEngine(model, cfg.spectra.modules)
+    wanted = [(cfg.spectra.label_a, data, False)]
+    if subset_b is not None:
+        wanted.append((cfg.spectra.label_b, subset_b, cfg.spectra.b_response == "final_answer"))
+    subsets = []
+    for label, path, bare in wanted:
+        samples = load_subset(cfg, path, tokenizer, bare)
+        start = time.perf_counter()
+        spectra = compute_spectra(
+            engine, [s.pair for s in samples], int(tokenizer.pad_token_id), cfg.spectra.batch_size
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        subsets.append(Subset(label, samples, spectra, time.perf_counter() - start))
+    summary = summarise(subsets)
+    summary.update(model=cfg.model.name, base_path=base_path, device=str(device),
+                   dtype=cfg.model.dtype, batch_size=cfg.spectra.batch_size)  # fmt: skip
+    write_outputs(folder, subsets, summary)
+    return summary
+
+
+def summarise(subsets: Sequence[Subset]) -> dict:
+    """Per subset: counts, throughput and, per projection and layer, mean and std of both
+    metrics; with two subsets, the B - A gaps of the layer means (the paper's comparison)."""
+    out: dict = {"subsets": {}}
+    for sub in subsets:
+        s = sub.spectra
+        entry = {"n": len(sub.samples), "seconds": sub.seconds, "samples_per_s": sub.samples_per_s,
+                 "mean_tokens": float(s.n_tokens.mean()), "layers": s.layers}  # fmt: skip
+        for metric in ("nuclear_norm", "effective_rank"):
+            values = getattr(s, metric)
+            entry[metric] = {
+                kind: {"mean": values[:, :, k].mean(0).tolist(), "std": values[:, :, k].std(0).tolist()}
+                for k, kind in enumerate(s.kinds)
+            }  # fmt: skip
+        out["subsets"][sub.label] = entry
+    if len(subsets) == 2:
+        a, b = (out["subsets"][s.label] for s in subsets)
+        out["gap_b_minus_a"] = {
+            metric: {
+                kind: (np.array(b[metric][kind]["mean"]) - a[metric][kind]["mean"]).tolist()
+                for kind in subsets[0].spectra.kinds
+            }
+            for metric in ("nuclear_norm", "effective_rank")
+        }
+    return out
+
+
+def write_outputs(folder, subsets: Sequence[Subset], summary: dict) -> None:
+    """The per-sample table (JSONL and long CSV), the summary and the two figures."""
+    import csv
+    import io
+
+    from gs_ray.io import atomic_write_text, write_json, write_jsonl
+
+    rows, lines = [], io.StringIO()
+    table = csv.writer(lines)
+    table.writerow(["id", "subset", "n_tokens", "loss", "layer", "module",
+                    "nuclear_norm", "effective_rank"])  # fmt: skip
+    for sub in subsets:
+        s = sub.spectra
+        for i, sample in enumerate(sub.samples):
+            rows.append({
+                "id": sample.id, "subset": sub.label, "n_tokens": int(s.n_tokens[i]),
+                "loss": float(s.loss[i]), "layers": s.layers,
+                "nuclear_norm": {k: s.nuclear_norm[i, :, j].tolist() for j, k in enumerate(s.kinds)},
+                "effective_rank": {k: s.effective_rank[i, :, j].tolist() for j, k in enumerate(s.kinds)},
+            })  # fmt: skip
+            for li, layer in enumerate(s.layers):
+                for j, kind in enumerate(s.kinds):
+                    table.writerow([sample.id, sub.label, int(s.n_tokens[i]), f"{s.loss[i]:.6g}",
+                                    layer, kind, f"{s.nuclear_norm[i, li, j]:.8g}",
+                                    f"{s.effective_rank[i, li, j]:.8g}"])  # fmt: skip
+    write_jsonl(folder.jsonl, rows)
+    atomic_write_text(folder.csv, lines.getvalue())
+    write_json(folder.summary, summary)
+    plot_layer_curves(subsets, folder.layer_curves)
+    plot_distributions(subsets, folder.distributions)
+
+
+_METRICS = (("nuclear_norm", "nuclear norm"), ("effective_rank", "effective rank"))
+
+
+def plot_layer_curves(subsets: Sequence[Subset], path) -> None:
+    """One panel per (metric, projection): the mean over samples per layer, one line per subset
+    with a band of one standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = subsets[0].spectra.kinds
+    fig, axes = plt.subplots(2, len(kinds), figsize=(3.2 * len(kinds), 5.6), squeeze=False)
+    for r, (metric, title) in enumerate(_METRICS):
+        for k, kind in enumerate(kinds):
+            ax = axes[r][k]
+            for sub in subsets:
+                v = getattr(sub.spectra, metric)[:, :, k]
+                mean, se = v.mean(0), v.std(0) / max(1, len(v)) ** 0.5
+                ax.plot(sub.spectra.layers, mean, marker="o", ms=3, label=sub.label)
+                ax.fill_between(sub.spectra.layers, mean - se, mean + se, alpha=0.2)
+            ax.set_title(f"{kind}: {title}", fontsize=9)
+            ax.set_xlabel("layer", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_distributions(subsets: Sequence[Subset], path) -> None:
+    """Per metric, the histogram of each sample's value averaged over layers and projections."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (metric, title) in zip(axes, _METRICS):
+        values = [getattr(sub.spectra, metric).mean(axis=(1, 2)) for sub in subsets]
+        bins = np.histogram_bin_edges(np.concatenate(values), bins=30)
+        for sub, v in zip(subsets, values):
+            ax.hist(v, bins=bins, alpha=0.55, label=f"{sub.label} (n={len(v)})")
+        ax.set_title(f"{title}, mean over layers and projections", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
