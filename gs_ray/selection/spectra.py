@@ -239,6 +239,7 @@ class Subset:
     samples: list
     spectra: Spectra
     seconds: float
+    cpu_seconds: float
 
     @property
     def samples_per_s(self) -> float:
@@ -307,13 +308,14 @@ def run_spectra(cfg, data: str, out: str, subset_b: str | None = None) -> dict:
     subsets = []
     for label, path, bare in wanted:
         samples = load_subset(cfg, path, tokenizer, bare)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         spectra = compute_spectra(
             engine, [s.pair for s in samples], int(tokenizer.pad_token_id), cfg.spectra.batch_size
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
-        subsets.append(Subset(label, samples, spectra, time.perf_counter() - start))
+        elapsed = (time.perf_counter() - start, time.process_time() - cpu)
+        subsets.append(Subset(label, samples, spectra, *elapsed))
     summary = summarise(subsets)
     summary.update(model=cfg.model.name, base_path=base_path, device=str(device),
                    dtype=cfg.model.dtype, batch_size=cfg.spectra.batch_size)  # fmt: skip
@@ -328,6 +330,7 @@ def summarise(subsets: Sequence[Subset]) -> dict:
     for sub in subsets:
         s = sub.spectra
         entry = {"n": len(sub.samples), "seconds": sub.seconds, "samples_per_s": sub.samples_per_s,
+                 "cpu_seconds": sub.cpu_seconds,
                  "mean_tokens": float(s.n_tokens.mean()), "layers": s.layers}  # fmt: skip
         for metric in ("nuclear_norm", "effective_rank"):
             values = getattr(s, metric)
@@ -390,6 +393,7 @@ def plot_layer_curves(subsets: Sequence[Subset], path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     kinds = subsets[0].spectra.kinds
     fig, axes = plt.subplots(2, len(kinds), figsize=(3.2 * len(kinds), 5.6), squeeze=False)
@@ -403,6 +407,7 @@ def plot_layer_curves(subsets: Sequence[Subset], path) -> None:
                 ax.fill_between(sub.spectra.layers, mean - se, mean + se, alpha=0.2)
             ax.set_title(f"{kind}: {title}", fontsize=9)
             ax.set_xlabel("layer", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.tick_params(labelsize=7)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
