@@ -299,3 +299,15 @@ def test_gsnr_ensemble_end_to_end_on_ray(tmp_path, ray_session):
     local = member_scores(cfg, base, result.members, [s.pair for s in samples],
                           [s.id for s in samples], pad)  # fmt: skip
     assert np.allclose(local, result.scores, rtol=1e-5)
+
+
+def test_choices_are_checked_when_the_config_loads():
+    from gs_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="did you mean 'energy'"):
+        load_config(None, ["--gsnr.form", "energi"])
+    with pytest.raises(ConfigError, match="gsnr.members"):
+        load_config(None, ["--gsnr.members", "1"])
+    cfg = load_config(None, ["--gsnr.form", "coordinate", "--spectra.modules", "[q_proj]"])
+    assert cfg.gsnr.form == "coordinate" and cfg.spectra.modules == ["q_proj"]
+    assert cfg.gsnr.max_steps == 30 and cfg.gsnr.parallel
