@@ -251,9 +251,11 @@ def test_spectra_on_gsm8k_worked_vs_bare(tmp_path):
     from gs_ray.config import load_config
     from gs_ray.selection.spectra import run_spectra
 
-    cfg = load_config(None, [*_TINY, "--data.format", "prompt_response",
-                             "--data.prompt_field", "question", "--data.response_field", "answer",
-                             "--spectra.max_samples", "8", "--spectra.b_response", "final_answer"])  # fmt: skip
+    cfg = load_config(None, [
+        *_TINY, "--data.format", "prompt_response", "--data.prompt_field", "question",
+        "--data.response_field", "answer", "--spectra.max_samples", "8",
+        "--spectra.b_response", "final_answer",
+    ])  # fmt: skip
     summary = run_spectra(cfg, str(GSM8K), str(tmp_path), str(GSM8K))
     a, b = summary["subsets"]["A"], summary["subsets"]["B"]
     assert a["n"] == b["n"] == 8 and a["mean_tokens"] > b["mean_tokens"]

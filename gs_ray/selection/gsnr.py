@@ -132,8 +132,8 @@ def ensemble_jobs(cfg: Config, train_samples: Sequence, base_path: str, work_dir
         seed = cfg.run.seed + 1000 + m
         order = np.random.default_rng(seed).permutation(len(train_samples))
         pairs = [getattr(s, "pair", s) for s in (train_samples[i] for i in order)]
-        jobs.append(AdapterJob(name=member_name(m), base_path=base_path,
-                               output_dir=str(out.member(m)), samples=pairs, seed=seed))  # fmt: skip
+        job = AdapterJob(member_name(m), base_path, str(out.member(m)), pairs, seed=seed)
+        jobs.append(job)
     return jobs
 
 
@@ -223,6 +223,7 @@ def gsnr_scores(
     scores = ray.get(task.remote(cfg, base_path, adapters, pairs, ids, pad_id))
     done = time.perf_counter()
     log.info("G-SNR (%s) of %d samples under %d members: training %.1fs, scoring %.1fs",
-             cfg.gsnr.form, len(samples), len(adapters), trained - start, done - trained)  # fmt: skip
+             cfg.gsnr.form, len(samples), len(adapters),
+             trained - start, done - trained)  # fmt: skip
     return GSNRScores(scores, cfg.gsnr.form, adapters, records,
                       {"training": trained - start, "scoring": done - trained})  # fmt: skip

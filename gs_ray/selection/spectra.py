@@ -335,9 +335,12 @@ def summarise(subsets: Sequence[Subset]) -> dict:
         for metric in ("nuclear_norm", "effective_rank"):
             values = getattr(s, metric)
             entry[metric] = {
-                kind: {"mean": values[:, :, k].mean(0).tolist(), "std": values[:, :, k].std(0).tolist()}
+                kind: {
+                    "mean": values[:, :, k].mean(0).tolist(),
+                    "std": values[:, :, k].std(0).tolist(),
+                }
                 for k, kind in enumerate(s.kinds)
-            }  # fmt: skip
+            }
         out["subsets"][sub.label] = entry
     if len(subsets) == 2:
         a, b = (out["subsets"][s.label] for s in subsets)
@@ -365,12 +368,12 @@ def write_outputs(folder, subsets: Sequence[Subset], summary: dict) -> None:
     for sub in subsets:
         s = sub.spectra
         for i, sample in enumerate(sub.samples):
-            rows.append({
-                "id": sample.id, "subset": sub.label, "n_tokens": int(s.n_tokens[i]),
-                "loss": float(s.loss[i]), "layers": s.layers,
-                "nuclear_norm": {k: s.nuclear_norm[i, :, j].tolist() for j, k in enumerate(s.kinds)},
-                "effective_rank": {k: s.effective_rank[i, :, j].tolist() for j, k in enumerate(s.kinds)},
-            })  # fmt: skip
+            per_kind = {
+                metric: {k: getattr(s, metric)[i, :, j].tolist() for j, k in enumerate(s.kinds)}
+                for metric in ("nuclear_norm", "effective_rank")
+            }
+            rows.append({"id": sample.id, "subset": sub.label, "n_tokens": int(s.n_tokens[i]),
+                         "loss": float(s.loss[i]), "layers": s.layers, **per_kind})  # fmt: skip
             for li, layer in enumerate(s.layers):
                 for j, kind in enumerate(s.kinds):
                     table.writerow([sample.id, sub.label, int(s.n_tokens[i]), f"{s.loss[i]:.6g}",
