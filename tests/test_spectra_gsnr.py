@@ -49,12 +49,12 @@ def tiny_base_model():
     return model
 
 
-def _explicit(model, sample, name: str) -> torch.Tensor:
+def _explicit(model, sample, name: str, pad_id: int = 0) -> torch.Tensor:
     """Singular values of the sample's gradient of one base weight, by autograd (batch 1)."""
     weight = dict(model.named_modules())[name].weight
     weight.requires_grad_(True)
     try:
-        loss = per_sample_loss(model.eval(), collate([sample], pad_id=0)).sum()
+        loss = per_sample_loss(model.eval(), collate([sample], pad_id=pad_id)).sum()
         (grad,) = torch.autograd.grad(loss, [weight])
     finally:
         weight.requires_grad_(False)
@@ -82,6 +82,34 @@ def test_spectra_equal_explicit_svd_every_projection(tiny_base_model, side):
                         _rel(out.effective_rank[i, li, ki], effective_rank(s)))  # fmt: skip
     assert worst < 1e-4
     assert (out.n_tokens == [9, 23, 14]).all()
+
+
+def test_spectra_equal_explicit_svd_on_the_embedded_tiny_llama():
+    """The embedded default's tiny Llama (core.models, 4 layers, hidden 128) on three tokenised
+    samples of different lengths, padded: every q/k/v/o of every layer against autograd + SVD."""
+    from gs_ray.config import DataConfig, ModelConfig
+    from gs_ray.core.models import build_tiny_llama
+    from gs_ray.data.loading import DataReport, Example, tokenize
+
+    model, tokenizer = build_tiny_llama(ModelConfig(), seed=0)
+    model = model.double().requires_grad_(False)
+    texts = [("What is 12 plus 7?", "12 + 7 = 19.\n#### 19"), ("Name a colour.", "Blue."),
+             ("Write a line about the sea.", "The sea keeps every secret the rivers bring it.")]  # fmt: skip
+    report = DataReport()
+    samples = [tokenize(Example(str(i), p, r), tokenizer, DataConfig(), report).pair
+               for i, (p, r) in enumerate(texts)]  # fmt: skip
+    pad = int(tokenizer.pad_token_id)
+    engine = SpectraEngine(model)
+    assert engine.layers == [0, 1, 2, 3] and len(engine.projections) == 16
+    out = engine.compute(collate(samples, pad_id=pad))
+    worst = 0.0
+    for p in engine.projections:
+        li, ki = engine.layers.index(p.layer), engine.kinds.index(p.kind)
+        for i, sample in enumerate(samples):
+            s = _explicit(model, sample, p.name, pad)
+            worst = max(worst, _rel(out.nuclear_norm[i, li, ki], nuclear_norm(s)),
+                        _rel(out.effective_rank[i, li, ki], effective_rank(s)))  # fmt: skip
+    assert worst < 1e-4
 
 
 def test_spectra_float32_model_and_bucketed_order(tiny_base_model):
