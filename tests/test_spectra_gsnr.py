@@ -112,6 +112,17 @@ def test_spectra_equal_explicit_svd_on_the_embedded_tiny_llama():
     assert worst < 1e-4
 
 
+def test_same_sample_same_spectra_in_different_batches(tiny_base_model):
+    """Padding and batch-mates change nothing (rank-deficient and zero-padded rows give no
+    spurious singular values)."""
+    samples = _samples(2)
+    engine = SpectraEngine(tiny_base_model)
+    alone = engine.compute(collate([samples[0]], pad_id=0))
+    padded = engine.compute(collate([samples[1], samples[0]], pad_id=0, side="left"))
+    assert np.allclose(padded.nuclear_norm[1], alone.nuclear_norm[0], rtol=1e-9)
+    assert np.allclose(padded.effective_rank[1], alone.effective_rank[0], rtol=1e-9)
+
+
 def test_spectra_float32_model_and_bucketed_order(tiny_base_model):
     """In float32 the factored route still matches the float64 reference closely, and the
     length-sorted micro-batches put each sample's row back in its place."""

@@ -60,7 +60,7 @@ def factored_singular_values(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     ``X X^T = U diag(lambda) U^T`` (T x T Gram matrices; the out x in gradient is never formed).
     In float64 a squared singular value is exact to about 1e-16 s_max^2, so singular values are
     exact to 1e-4 down to about 1e-6 s_max, and smaller ones weigh next to nothing in the nuclear
-    norm and the effective rank. (An SVD after thin QR factorisations of D^T and X^T is the
+    norm and the effective rank; squared values under k * eps * s_max^2 are set to 0. (An SVD after thin QR factorisations of D^T and X^T is the
     backward-stable route; it agreed to 1e-15 and took up to 2x the CPU time, docs/selection.md.)
     """
     D, X = D.double(), X.double()
@@ -72,7 +72,11 @@ def factored_singular_values(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         lam, U = torch.linalg.eigh(X @ X.transpose(-1, -2))
         S = U * lam.clamp_min(0).sqrt().unsqueeze(-2)
         C = S.transpose(-1, -2) @ (D @ D.transpose(-1, -2)) @ S
-    return torch.linalg.eigvalsh(C).clamp_min(0).sqrt()
+    lam = torch.linalg.eigvalsh(C)
+    # Below k * eps * lambda_max an eigenvalue is rounding noise (zero padding, rank deficiency):
+    # set it to 0 rather than let hundreds of such values add entropy to the effective rank.
+    floor = lam[..., -1:] * lam.shape[-1] * torch.finfo(lam.dtype).eps
+    return torch.where(lam > floor, lam, 0).sqrt()
 
 
 @dataclass
