@@ -188,6 +188,14 @@ def member_scores(
     return out
 
 
+def _member_scores_task(*args) -> np.ndarray:
+    """``member_scores`` as a Ray task, with torch on the CPUs Ray assigned it."""
+    from gs_ray.ray_utils import use_assigned_cpus
+
+    use_assigned_cpus()
+    return member_scores(*args)
+
+
 def gsnr_scores(
     cfg: Config,
     samples: Sequence,
@@ -219,7 +227,7 @@ def gsnr_scores(
     trained = time.perf_counter()
     pairs = [s.pair for s in samples]
     ids = [s.id for s in samples]
-    task = ray.remote(**task_resources())(member_scores)
+    task = ray.remote(**task_resources())(_member_scores_task)
     scores = ray.get(task.remote(cfg, base_path, adapters, pairs, ids, pad_id))
     done = time.perf_counter()
     log.info("G-SNR (%s) of %d samples under %d members: training %.1fs, scoring %.1fs",
