@@ -278,13 +278,14 @@ def test_layers_of_projected_gradients_are_refused_before_the_pass():
 # --------------------------------------------------------------------------- gs-ray select
 
 TINY = [
-    "--data.demo_size", "160", "--data.n_val", "16", "--data.max_length", "512",
+    "--data.demo_size", "64", "--data.n_val", "8", "--data.max_length", "160",
     "--model.tiny_hidden_size", "32", "--model.tiny_num_layers", "1",
-    "--model.tiny_vocab_size", "512", "--lora.r", "4", "--lora.alpha", "8",
+    "--model.tiny_vocab_size", "2048", "--lora.r", "4", "--lora.alpha", "8",
     "--warmup.epochs", "1", "--gradients.batch_size", "16",
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_select_end_to_end_on_the_demo(tmp_path, capsys):
     from gs_ray.cli import main
     from gs_ray.data.demo import build_demo_corpus
@@ -298,7 +299,7 @@ def test_select_end_to_end_on_the_demo(tmp_path, capsys):
     run = RunDir.open(out["run_dir"])
     ranked = RunDir.read_jsonl(run.selection_ranked("gist"))
     selected = RunDir.read_jsonl(run.selection_selected("gist"))
-    pool = build_demo_corpus(n_samples=160, seed=0)
+    pool = build_demo_corpus(n_samples=64, seed=0)
     assert len(ranked) == len(pool) and len(selected) == math.ceil(0.05 * len(pool))
     assert selected == ranked[: len(selected)]
     assert set(selected[0]) == set(pool[0])  # the input's own record format
