@@ -169,7 +169,6 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
 def _select(args: argparse.Namespace, rest: list[str]) -> int:
     """Targeted selection; prints where the selected records are."""
     from gs_ray.config import apply_overrides
-    from gs_ray.data import check_source
     from gs_ray.rundir import RunDir
 
     if args.run_dir:
@@ -183,9 +182,9 @@ def _select(args: argparse.Namespace, rest: list[str]) -> int:
              "selection.budget": args.budget, "data.source": args.data,
              "run.output_dir": args.output_dir}  # fmt: skip
     cfg = apply_overrides(cfg, [f"--{k}={v}" for k, v in flags.items() if v is not None])
-    check_source(cfg.data, cfg.run.seed)  # the pool, before a model is loaded
-    from gs_ray.selection.select import select
+    from gs_ray.selection.select import check_select_inputs, select
 
+    check_select_inputs(cfg)  # config, budget, pool and target: before any model is loaded
     with logs.capture(quiet=not args.verbose, level=args.log_level):
         run = select(cfg, args.run_dir)
     name = cfg.selection.method

@@ -277,6 +277,29 @@ def test_layers_of_projected_gradients_are_refused_before_the_pass():
 
 # --------------------------------------------------------------------------- gs-ray select
 
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--method", "oracle"], "selection.method"),
+        (["--budget", "150%"], "selection.budget"),
+        (["--budget", "five"], "selection.budget"),
+        (["--target", "missing.jsonl"], "missing.jsonl"),
+    ],
+)
+def test_select_user_errors_are_one_message_before_any_model(tmp_path, capsys, args, words):
+    from gs_ray.cli import main
+
+    target = tmp_path / "t.jsonl"
+    target.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    argv = ["select", "--target", str(target), "--output-dir", str(tmp_path / "runs"),
+            "--data.demo_size", "8", *args]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing was made
+
+
 TINY = [
     "--data.demo_size", "64", "--data.n_val", "8", "--data.max_length", "160",
     "--model.tiny_hidden_size", "32", "--model.tiny_num_layers", "1",

@@ -18,7 +18,7 @@ import numpy as np
 
 from gs_ray.config import Config, ConfigError
 from gs_ray.core.models import load_tokenizer, materialize_base_model
-from gs_ray.data import Sample, load_samples, rows_by_id
+from gs_ray.data import Sample, check_source, load_samples, read_examples, rows_by_id
 from gs_ray.errors import DataError
 from gs_ray.io import write_json
 from gs_ray.prepare import prepare
@@ -46,11 +46,29 @@ class Pool:
     target: list[Sample]
 
 
+def target_config(cfg: Config):
+    """The data settings that read the target: the pool's, with the target as the source."""
+    return dataclasses.replace(cfg.data, source=cfg.selection.target, max_samples=None)
+
+
+def check_select_inputs(cfg: Config) -> None:
+    """What can be checked before a model is loaded: the config, the budget, the pool's records
+    and the target's (ConfigError / DataError naming the key or the file)."""
+    cfg.validate()
+    if not cfg.selection.target:
+        raise ConfigError("selection.target: a target set is needed (gs-ray select --target FILE)")
+    try:
+        budget_count(cfg.selection.budget, 1)
+    except ValueError as e:
+        raise ConfigError(f"selection.{e}") from None
+    check_source(cfg.data, cfg.run.seed)
+    read_examples(target_config(cfg), cfg.run.seed)
+
+
 def open_pool(cfg: Config, run_dir: str | None = None) -> Pool:
     """The run directory with a warm-up adapter (warmed up here if it has none), the pool
     (``data.*``) and the target (``selection.target``), tokenised alike."""
-    if not cfg.selection.target:
-        raise ConfigError("selection.target: a target set is needed (gs-ray select --target FILE)")
+    check_select_inputs(cfg)
     run = RunDir.open(run_dir) if run_dir else None
     if run is not None and run.stage_done(WARMUP):
         seed = cfg.run.seed
@@ -65,8 +83,7 @@ def open_pool(cfg: Config, run_dir: str | None = None) -> Pool:
         log.info("select: warming up on %d pool samples", len(p.splits.warmup))
         warmup_local(p)
         run, base_path, tokenizer, pool = p.run, p.base_path, p.tokenizer, p.samples
-    target_cfg = dataclasses.replace(cfg.data, source=cfg.selection.target, max_samples=None)
-    target, _ = load_samples(target_cfg, tokenizer, cfg.run.seed)
+    target, _ = load_samples(target_config(cfg), tokenizer, cfg.run.seed)
     return Pool(run, base_path, int(tokenizer.pad_token_id), pool, target)
 
 
