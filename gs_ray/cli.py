@@ -186,7 +186,7 @@ def _select(args: argparse.Namespace, rest: list[str]) -> int:
 
     check_select_inputs(cfg)  # config, budget, pool and target: before any model is loaded
     with logs.capture(quiet=not args.verbose, level=args.log_level):
-        run = select(cfg, args.run_dir)
+        run = select(cfg, args.run_dir, checked=True)
     name = cfg.selection.method
     print(json.dumps({"run_dir": str(run.path), "selected": str(run.selection_selected(name)),
                       "ranked": str(run.selection_ranked(name))}))  # fmt: skip

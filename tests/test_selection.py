@@ -339,3 +339,18 @@ def test_select_end_to_end_on_the_demo(tmp_path, capsys):
     assert run.manifest()["stages"]["warmup"]["seconds"] == warmup_seconds
     calls = json.loads(run.selection_summary("random").read_text())["engine_calls"]
     assert calls == 1 + math.ceil(len(pool) / 16)  # the target once, the pool once
+
+    # The pipeline's Stage II with a GIST consumer: outputs and metrics in the run directory.
+    from gs_ray.config import apply_overrides
+    from gs_ray.prepare import prepare
+    from gs_ray.stage2 import GradientComputer
+    from gs_ray.stage2.stage import stage2_local
+
+    cfg = apply_overrides(run.config(), ["--clustering.max_epochs", "1", "--clustering.k_max", "3"])
+    p = prepare(cfg, run)
+    computer = GradientComputer(p.base_path, cfg, run.warmup_adapter, p.pad_id)
+    T = computer([s.pair for s in p.samples[:4]])  # a stand-in target: four pool samples
+    res = stage2_local(p, consumers=[GistSelector.from_target(T, SelectionConfig(), 0)])
+    assert sorted(res.consumers[0].ids_) == sorted(s.id for s in p.samples)  # each once
+    assert run.metrics()["consumers"]["gist"]["n_pool"] == len(pool)
+    assert len(RunDir.read_jsonl(run.selection_scores("gist"))) == len(pool)

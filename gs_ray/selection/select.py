@@ -68,7 +68,6 @@ def check_select_inputs(cfg: Config) -> None:
 def open_pool(cfg: Config, run_dir: str | None = None) -> Pool:
     """The run directory with a warm-up adapter (warmed up here if it has none), the pool
     (``data.*``) and the target (``selection.target``), tokenised alike."""
-    check_select_inputs(cfg)
     run = RunDir.open(run_dir) if run_dir else None
     if run is not None and run.stage_done(WARMUP):
         seed = cfg.run.seed
@@ -124,10 +123,13 @@ def write_records(run: RunDir, name: str, cfg: Config, ranked_ids: list[str]) ->
     return {"budget": cfg.selection.budget, "n_selected": n}
 
 
-def select(cfg: Config, run_dir: str | None = None) -> RunDir:
+def select(cfg: Config, run_dir: str | None = None, checked: bool = False) -> RunDir:
     """Score the pool for the target with ``selection.method``; outputs in
-    ``RUN_DIR/selection/<method>/`` (scores, summary, ranked and selected records)."""
+    ``RUN_DIR/selection/<method>/`` (scores, summary, ranked and selected records).
+    ``checked``: the caller has run ``check_select_inputs`` on this config (the CLI does)."""
     sel = cfg.selection
+    if not checked:
+        check_select_inputs(cfg)
     pool = open_pool(cfg, run_dir)
     run = pool.run
     with run.stage(STAGE) as info:
