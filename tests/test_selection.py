@@ -238,6 +238,11 @@ def test_consumer_resumes_from_a_stage2_checkpoint(tmp_path):
     fresh = CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T))
     assert fresh.load_checkpoint(tmp_path)
     assert len(fresh.consumers.consumers[0].ids_) == 2 * 16  # GIST's projections came back
+    late = CentroidHost(
+        make_clusterer(cfg), N_POOL, consumers=[*selectors(T), RandomSelector(1, "late")]
+    )
+    with pytest.raises(RuntimeError, match="no state for consumer 'late'"):
+        late.load_checkpoint(tmp_path)  # joining mid-pass would miss batches
     rest = CountingComputer(G)
     res = run_stage2_local(plan, samples, rest, fresh)
     assert rest.calls == 4  # only the final batches not applied before the crash

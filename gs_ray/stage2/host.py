@@ -220,7 +220,16 @@ class CentroidHost:
         self.skipped = set(state.get("skipped", ()))
         self.batch_pairs = dict(state["batch_pairs"])
         self.owners = {}
-        self.consumers.load_state(state.get("consumers", {}))
+        saved = state.get("consumers", {})
+        for c in self.consumers:
+            if c.name not in saved and any(
+                order_key(ph, 0, 0) <= order_key(*self.position) for ph in c.phases
+            ):
+                raise RuntimeError(
+                    f"the checkpoint at {self.position} has no state for consumer {c.name!r}, "
+                    "which would miss batches already applied: run Stage II afresh"
+                )
+        self.consumers.load_state(saved)
 
     def save_checkpoint(self, folder: str | Path) -> str:
         """Pickle the state atomically to folder/centroids.ckpt; returns the path."""
