@@ -56,6 +56,9 @@ EvalMethod = Literal[
     "gradientspace", "gradientspace_oracle", "gradientspace_ensemble",
 ]  # fmt: skip
 
+#: How ``gs-ray select`` scores the pool (docs/selection.md): GIST, a LESS-style baseline, random.
+SelectionMethod = Literal["gist", "less", "random"]  # selection.consumers.SELECTORS
+
 #: The pipeline's stages in order (``run.until`` takes one of them).
 StageName = Literal["warmup", "tune", "stage2", "experts", "router", "evaluate"]  # pipeline.STAGES
 
@@ -436,6 +439,28 @@ class GSNRConfig(TrainingConfig):
 
 
 @dataclass
+class SelectionConfig:
+    """``gs-ray select``: targeted data selection from the pool's LoRA gradients."""
+
+    method: SelectionMethod = _f(
+        "gist", "gist (target subspace, arXiv 2602.18584) | less (8,192-dim random projection, "
+        "cosine to the target's mean) | random"
+    )  # fmt: skip
+    target: str | None = _f(None, "the target set: a .jsonl/.json/.parquet file of records")
+    budget: str = _f(
+        "5%", "how much of the pool to select: a percentage (5%) or a count (120)",
+        pattern=r"\s*\d+(\.\d+)?\s*%?\s*",
+    )  # fmt: skip
+    gist_rank: int | None = _f(
+        None, "GIST: fixed subspace dimension k (None: by gist_energy)", ge=1
+    )
+    gist_energy: float = _f(
+        0.9, "GIST: smallest k whose squared singular values hold this share", gt=0, le=1
+    )
+    less_dim: int = _f(8192, "LESS: random projection dimension", ge=1)
+
+
+@dataclass
 class RunConfig:
     """The run as a whole."""
 
@@ -469,6 +494,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     spectra: SpectraConfig = field(default_factory=SpectraConfig)
     gsnr: GSNRConfig = field(default_factory=GSNRConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:

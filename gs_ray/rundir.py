@@ -14,6 +14,10 @@ re-run, resumed or inspected on its own::
     stage2/assignments.jsonl  one line per sample: id, split, cluster, domain
     stage2/checkpoint/        centroid-actor checkpoints (resume)
     experts/expert_<k>/       Stage III LoRA experts (peft format)
+    selection/<name>/         a selection consumer's outputs (gist | less | random, or its own
+                              name): scores.jsonl (id, score, rank; best first), summary.json,
+                              and from gs-ray select ranked.jsonl / selected.jsonl (the input
+                              records, best first / the budget's top)
     router/                   the router head and its settings
     eval/eval.json            gs-ray eval: every method's held-out numbers (and partitions.json,
                               adapters/seed<i>/<method>/..., routers/<method>/)
@@ -152,6 +156,24 @@ class RunDir:
 
     def discard_experts(self) -> None:
         shutil.rmtree(self.experts_dir, ignore_errors=True)
+
+    def selection(self, name: str) -> Path:
+        """A selection consumer's folder (``gs_ray.selection``), named by the consumer."""
+        return self.path / "selection" / name
+
+    def selection_scores(self, name: str) -> Path:
+        return self.selection(name) / "scores.jsonl"
+
+    def selection_summary(self, name: str) -> Path:
+        return self.selection(name) / "summary.json"
+
+    def selection_ranked(self, name: str) -> Path:
+        """``gs-ray select``: the whole pool's input records, best first."""
+        return self.selection(name) / "ranked.jsonl"
+
+    def selection_selected(self, name: str) -> Path:
+        """``gs-ray select``: the records within the budget, best first."""
+        return self.selection(name) / "selected.jsonl"
 
     @property
     def router(self) -> Path:
