@@ -664,6 +664,23 @@ def test_ensemble_equals_a_hand_computation(pool, run_dir, reference):
     assert got.text not in singles or len(singles) < K
 
 
+def test_stream_joins_to_the_answers_of_generate_sample_and_ensemble(pool):
+    """ExpertPool.stream: pieces, then the Generation that generate / sample / ensemble give."""
+    for i, k in ((0, 0), (1, 2), (3, 1)):
+        *pieces, done = pool.stream(PROMPTS[i], k, 12)
+        want = pool.generate([PROMPTS[i]], [k], 12)[0]
+        assert done == want and "".join(pieces) == want.text and len(pieces) > 1
+    *pieces, done = pool.stream(PROMPTS[1], 0, 8, sampling=(1.0, 0.9, 5))
+    assert done == pool.sample(PROMPTS[1], 0, 8, 1.0, 0.9, 5) and "".join(pieces) == done.text
+    w = [0.2, 0.5, 0.3]
+    *pieces, done = pool.stream(PROMPTS[3], -1, 6, weights=w)
+    assert done == pool.ensemble(PROMPTS[3], w, 6) and "".join(pieces) == done.text
+    with pytest.raises(ServingError, match="expert"):
+        next(pool.stream(PROMPTS[0], K, 4))
+    *_, done = pool.stream(PROMPTS[0], 0, 3)  # a stream ended early leaves the pool usable
+    assert done.n_new_tokens <= 3 and pool.generate([PROMPTS[0]], [0], 3)[0] == done
+
+
 def test_sampling_is_reproducible_with_a_seed(pool):
     a = pool.sample(PROMPTS[1], 0, 10, 1.0, 0.9, seed=7)
     b = pool.sample(PROMPTS[1], 0, 10, 1.0, 0.9, seed=7)
@@ -733,6 +750,46 @@ def test_openai_client_completions_chat_stream_models(served, run_dir, reference
     # /v1/route
     status, out = _http(f"{served}/v1/route", {"prompt": PROMPTS[0]})
     assert status == 200 and out["expert"] == int(probs[0].argmax())
+
+
+@pytest.mark.ray
+def test_openai_stream_is_token_by_token(served, reference):
+    """Streaming sends the answer as it is generated: several text chunks (about one per
+    token) that join to the non-streamed greedy answer, usage on the finish chunk (and on a
+    chunk of its own with stream_options.include_usage), stop strings cut as without streaming;
+    and the first text arrives long before the last on a long answer."""
+    client = _client(served)
+    for i, k in ((1, 0), (2, 1), (4, 2)):
+        chunks = list(client.completions.create(model=f"gs-ray/expert-{k}", prompt=PROMPTS[i],
+                                                max_tokens=12, temperature=0, stream=True))  # fmt: skip
+        texts = [c.choices[0].text for c in chunks if c.choices[0].text]
+        assert "".join(texts) == reference[i, k] and len(texts) >= 4, texts
+        assert chunks[-1].usage.completion_tokens <= 12 and chunks[-1].choices[0].finish_reason
+    chunks = list(client.chat.completions.create(
+        model="gs-ray/expert-1", messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens > 0
+    texts = [c.choices[0].delta.content for c in chunks[:-1] if c.choices[0].delta.content]
+    assert "".join(texts) == reference[0, 1] and len(texts) >= 4
+    full = reference[0, 1]
+    stop = full.strip()[2:4]
+    chunks = list(client.completions.create(model="gs-ray/expert-1", prompt=PROMPTS[0],
+                                            max_tokens=12, temperature=0, stop=[stop],
+                                            stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == full[: full.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # arrival times of the text chunks of a long answer, read off the wire
+    body = {"model": "gs-ray/expert-0", "prompt": PROMPTS[2], "max_tokens": 160,
+            "temperature": 0, "stream": True}  # fmt: skip
+    req = urllib.request.Request(f"{served}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    start, arrivals = time.perf_counter(), []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                arrivals.append(time.perf_counter() - start)
+    assert len(arrivals) >= 20, len(arrivals)
+    assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
 
 
 def _raw(url: str, data: bytes, timeout: float = 60) -> tuple[int, dict | str]:
