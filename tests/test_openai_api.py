@@ -1,6 +1,7 @@
 """The OpenAI-compatible API's pure parts, no Serve: the ensemble's step on a hand-computed case,
-stop sequences, the error shape, and the API key (401). The routes themselves are tested over
-HTTP with the official openai client in test_serving.py (one deployment for both)."""
+stop sequences (whole and streamed), streamed text pieces, the error shape, and the API key
+(401). The routes themselves are tested over HTTP with the official openai client in
+test_serving.py (one deployment for all, plus an ingress with an API key on the same replicas)."""
 
 from __future__ import annotations
 

@@ -371,9 +371,13 @@ def test_serve_binds_loopback_by_default():
 # --------------------------------------------------------------------------- Ray Serve over HTTP
 
 
-def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
+def _http(
+    url: str, body: dict | None = None, timeout: float = 60, headers: dict | None = None
+) -> tuple[int, dict | str]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -922,6 +926,67 @@ def test_int8_router_agrees_with_the_float_router(run_dir):
         "quantized" in type(m).__module__
         for m in ServedRun.open(run_dir).router().encoder.model.modules()
     )
+
+
+KEY = "s3cret-test-key"
+
+
+@pytest.fixture
+def keyed(served, run_dir):
+    """A second ingress on the running Serve, at /keyed, with serve.api_key set: it reuses the
+    served app's router and experts replicas (their handles), so no model loads twice. Deleted
+    after its test (test_serve_shuts_down_cleanly stops Serve altogether)."""
+    from ray import serve
+
+    from gs_ray.config import ServeConfig
+    from gs_ray.serving.app import APP_NAME, Ingress
+
+    handles = [serve.get_deployment_handle(d, APP_NAME)
+               for d in ("RouterDeployment", "ExpertsDeployment")]  # fmt: skip
+    app = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
+        *handles, ServedRun.open(run_dir).info(), ServeConfig(api_key=KEY)
+    )
+    serve.run(app, name="gs-ray-keyed", route_prefix="/keyed")
+    yield f"{served}/keyed"
+    serve.delete("gs-ray-keyed")
+
+
+@pytest.mark.ray
+def test_http_api_key_401_without_it(keyed):
+    """With serve.api_key set: no key, a wrong key or another scheme get 401 in OpenAI's shape
+    on every route; the right key is served (the openai client included); /healthz stays open."""
+    import openai
+
+    bodies = {
+        "/v1/models": None, "/info": None, "/route": {"prompt": PROMPTS[0]},
+        "/v1/route": {"prompt": PROMPTS[0]},
+        "/generate": {"prompt": PROMPTS[0], "max_new_tokens": 2},
+        "/v1/completions": {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 2},
+        "/v1/chat/completions": {"model": "gs-ray", "max_tokens": 2,
+                                 "messages": [{"role": "user", "content": PROMPTS[0]}]},
+    }  # fmt: skip
+    for path, body in bodies.items():
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": KEY}):  # fmt: skip
+            status, out = _http(f"{keyed}{path}", body, headers=headers)
+            _assert_openai_error(status, out, 401, None)
+            assert out["error"]["type"] == "authentication_error", out
+            assert out["error"]["code"] == "invalid_api_key", out
+        status, out = _http(f"{keyed}{path}", body, headers={"Authorization": f"Bearer {KEY}"})
+        assert status == 200, (path, out)
+    assert _http(f"{keyed}/healthz") == (200, "ok")
+    client = openai.OpenAI(base_url=f"{keyed}/v1", api_key=KEY, max_retries=0, timeout=120)
+    r = client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1], max_tokens=4,
+                                  temperature=0)  # fmt: skip
+    assert r.choices[0].text and r.model_extra["gs_ray"]["expert"] == 0
+    chunks = list(client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1],
+                                            max_tokens=4, temperature=0, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    bad = openai.OpenAI(base_url=f"{keyed}/v1", api_key="wrong", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="gs-ray", prompt=PROMPTS[1], max_tokens=4, stream=True)
 
 
 @pytest.mark.ray
