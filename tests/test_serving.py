@@ -921,6 +921,12 @@ def test_int8_router_agrees_with_the_float_router(run_dir):
     assert agree >= 0.98, agree
     assert abs(float_p - int8_p).max() < 0.2
     assert any("quantized" in type(m).__module__ for m in int8.encoder.model.modules())
+    # keep_float: the layers it names stay float, the others are quantised
+    partial = ServedRun.open(run_dir).router().quantize(r"layer\.\d+\.output\.dense")
+    mods = dict(partial.encoder.model.named_modules())
+    assert type(mods["encoder.layer.0.output.dense"]) is torch.nn.Linear
+    assert "quantized" in type(mods["encoder.layer.0.intermediate.dense"]).__module__
+    assert "quantized" in type(mods["encoder.layer.0.attention.output.dense"]).__module__
     # the shared float encoder is untouched
     assert not any(
         "quantized" in type(m).__module__
