@@ -782,6 +782,11 @@ def test_openai_stream_is_token_by_token(served, reference):
                                             stream=True))  # fmt: skip
     assert "".join(c.choices[0].text for c in chunks) == full[: full.find(stop)]
     assert chunks[-1].choices[0].finish_reason == "stop"
+    # a streamed request that cannot be served gets its 400 before any event
+    status, out = _http(f"{served}/v1/completions", {"model": "gs-ray/expert-0", "stream": True,
+                                                     "prompt": "word " * 2000})  # fmt: skip
+    _assert_openai_error(status, out, 400, "prompt")
+    assert out["error"]["code"] == "context_length_exceeded"
     # arrival times of the text chunks of a long answer, read off the wire
     body = {"model": "gs-ray/expert-0", "prompt": PROMPTS[2], "max_tokens": 160,
             "temperature": 0, "stream": True}  # fmt: skip
