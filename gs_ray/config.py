@@ -401,7 +401,9 @@ class ServeConfig:
     expert_cpus: float = _f(1.0, "CPUs per experts replica", ge=0)
     router_cpus: float = _f(0.5, "CPUs per router replica", ge=0)
     router_int8: bool = _f(
-        False, "route with the encoder's linear layers quantised to int8 (CPU; ~2.5x faster)"
+        False,
+        "route with the encoder's linear layers quantised to int8 (CPU; ~2.5x faster, ~1.3 "
+        "points less agreement with the gradient clusters: benchmarks/README.md)",
     )
     device: str = _f(
         "auto", "torch device of the experts replicas: auto | cpu | cuda | cuda:N", pattern=_DEVICE
