@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gs_ray.core.gradients import Batch, per_sample_loss
+from gs_ray.core.gradients import Batch, input_and_output_grad_hook, per_sample_loss
 
 #: The attention projections the paper measures (Llama-family names).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -140,18 +140,6 @@ class SpectraEngine:
 
     @contextlib.contextmanager
     def _hooks(self, store: dict[str, list], embedded: list[torch.Tensor]):
-        def make_hook(name: str):
-            def hook(module, inputs, output):
-                entry = [inputs[0].detach(), None]
-                store[name].append(entry)
-
-                def keep_grad(grad):
-                    entry[1] = grad.detach()
-
-                output.register_hook(keep_grad)
-
-            return hook
-
         def embed_hook(module, inputs, output):
             # The base weights are frozen: make the graph start at the embeddings so that the
             # gradient reaches every layer's output without any weight requiring grad.
@@ -162,7 +150,9 @@ class SpectraEngine:
         handles = [self._embeddings.register_forward_hook(embed_hook)]
         for p in self.projections:
             store[p.name] = []
-            handles.append(p.module.register_forward_hook(make_hook(p.name)))
+            handles.append(
+                p.module.register_forward_hook(input_and_output_grad_hook(store[p.name]))
+            )
         try:
             yield
         finally:
