@@ -7,6 +7,7 @@ gs-ray run --resume runs/run-...  continue a run, skipping finished stages
 gs-ray show runs/run-...          summary of a run directory
 gs-ray select --target target.jsonl [--method gist|less|random] [--data pool.jsonl]
               [--budget 5%] [--run-dir runs/run-...]   targeted data selection (GIST)
+gs-ray select --method gsnr [--data pool.jsonl] [--budget 5%]   G-SNR filtering (no target)
 gs-ray serve runs/run-...         Ray Serve: the router and the experts over HTTP (127.0.0.1:8000)
 gs-ray config                     every configuration key with its default and help
 gs-ray spectra --data a.jsonl [--subset-b b.jsonl] --out DIR   layer-wise gradient spectra
@@ -60,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         "select", parents=[common],
         help="rank a data pool for a target set and keep the best (--selection.* overrides)",
     )  # fmt: skip
-    sel.add_argument("--target", required=True, help="the target set (.jsonl/.json/.parquet)")
-    sel.add_argument("--method", help="gist (default) | less | random")
+    sel.add_argument("--target", help="the target set (.jsonl/.json/.parquet; not for gsnr)")
+    sel.add_argument("--method", help="gist (default) | less | random | gsnr")
     sel.add_argument("--data", help="the pool (default: the run's data, else the demo corpus)")
     sel.add_argument("--budget", help="a percentage (5%%) or a count (default 5%%)")
     sel.add_argument(

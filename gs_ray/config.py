@@ -57,7 +57,7 @@ EvalMethod = Literal[
 ]  # fmt: skip
 
 #: How ``gs-ray select`` scores the pool (docs/selection.md): GIST, a LESS-style baseline, random.
-SelectionMethod = Literal["gist", "less", "random"]  # selection.consumers.SELECTORS
+SelectionMethod = Literal["gist", "less", "random", "gsnr"]  # selection.consumers.SELECTORS
 
 #: The pipeline's stages in order (``run.until`` takes one of them).
 StageName = Literal["warmup", "tune", "stage2", "experts", "router", "evaluate"]  # pipeline.STAGES
@@ -446,7 +446,8 @@ class SelectionConfig:
 
     method: SelectionMethod = _f(
         "gist", "gist (target subspace, arXiv 2602.18584) | less (8,192-dim random projection, "
-        "cosine to the target's mean) | random"
+        "cosine to the target's mean) | random | gsnr (G-SNR under a LoRA ensemble, arXiv "
+        "2601.13697: no target; settings under gsnr.*)"
     )  # fmt: skip
     target: str | None = _f(None, "the target set: a .jsonl/.json/.parquet file of records")
     budget: str = _f(

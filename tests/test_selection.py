@@ -359,3 +359,39 @@ def test_select_end_to_end_on_the_demo(tmp_path, capsys):
     assert sorted(res.consumers[0].ids_) == sorted(s.id for s in p.samples)  # each once
     assert run.metrics()["consumers"]["gist"]["n_pool"] == len(pool)
     assert len(RunDir.read_jsonl(run.selection_scores("gist"))) == len(pool)
+
+
+def test_select_gsnr_ranks_by_the_ensemble_scores(tmp_path, capsys, monkeypatch):
+    """gs-ray select --method gsnr: no target, no warm-up; the pool ranked by its G-SNR (the
+    ensemble itself is tested in test_spectra_gsnr.py; here its scores are given), a sample
+    with a non-finite score last, the records in the input's format."""
+    from gs_ray.cli import main
+    from gs_ray.selection import gsnr
+
+    seen = {}
+
+    def fake_scores(cfg, samples, base_path, pad_id, work_dir, train_samples=None):
+        seen["n"], seen["work_dir"] = len(samples), str(work_dir)
+        scores = np.arange(len(samples), dtype=np.float64)  # the last sample best ...
+        scores[-1] = np.nan  # ... unless it has no finite score
+        return gsnr.GSNRScores(scores, "energy", ["m0", "m1"], {}, {"training": 1.0})
+
+    monkeypatch.setattr(gsnr, "gsnr_scores", fake_scores)
+    assert main(["select", "--target", str(tmp_path / "missing.jsonl"), "--method", "gist",
+                 "--output-dir", str(tmp_path / "r0"), *TINY]) == 2  # fmt: skip
+    assert main(["select", "--method", "gist", "--output-dir", str(tmp_path / "r1"), *TINY]) == 2
+    assert "selection.target" in capsys.readouterr().err
+    assert main(["select", "--method", "gsnr", "--budget", "5", "--output-dir",
+                 str(tmp_path / "runs"), *TINY]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = RunDir.open(out["run_dir"])
+    assert not run.stage_done("warmup") and run.stage_done("select")
+    ranked = RunDir.read_jsonl(run.selection_ranked("gsnr"))
+    n = seen["n"]
+    assert len(ranked) == n and seen["work_dir"].startswith(str(run.selection("gsnr")))
+    scores = RunDir.read_jsonl(run.selection_scores("gsnr"))
+    assert [r["score"] for r in scores[:3]] == [n - 2, n - 3, n - 4]
+    assert scores[-1]["score"] is None  # not a number: JSON null, ranked last
+    assert RunDir.read_jsonl(run.selection_selected("gsnr")) == ranked[:5]
+    summary = json.loads(run.selection_summary("gsnr").read_text())
+    assert summary["members"] == 2 and summary["target"] is None

@@ -58,7 +58,10 @@ class Selector(GradientConsumer):
         ids, scores = self.ranking()
         run.write_jsonl(
             run.selection_scores(self.name),
-            ({"id": i, "score": float(s), "rank": r} for r, (i, s) in enumerate(zip(ids, scores))),
+            (
+                {"id": i, "score": float(s) if np.isfinite(s) else None, "rank": r}
+                for r, (i, s) in enumerate(zip(ids, scores))
+            ),  # fmt: skip
         )
         summary = {"method": self.method, "n_pool": len(ids),
                    "stored_bytes": self.stored_bytes(), **self.info()}  # fmt: skip
@@ -200,10 +203,40 @@ class RandomSelector(Selector):
         self.ids_ = list(state["ids"])
 
 
+class ScoredSelector(Selector):
+    """Scores computed outside the gradient stream (G-SNR: every sample under each member of a
+    LoRA ensemble, ``selection.gsnr``), ranked and written like every selector's."""
+
+    method = "gsnr"
+
+    def __init__(self, ids: list[str], scores: np.ndarray, info: dict[str, Any]):
+        super().__init__()
+        self.ids_, self._scores, self._info = list(ids), np.asarray(scores, np.float64), info
+
+    def consume(self, batch: StreamBatch) -> None:
+        raise TypeError("G-SNR scores come from its ensemble, not from the Stage II stream")
+
+    def scores(self) -> np.ndarray:
+        # NaN (a non-finite gradient under some member) ranks last
+        return np.where(np.isnan(self._scores), -np.inf, self._scores)
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    def state(self) -> dict[str, Any]:
+        return {"ids": list(self.ids_), "scores": self._scores}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.ids_, self._scores = list(state["ids"]), np.asarray(state["scores"])
+
+
 SELECTORS: dict[str, type[Selector]] = {
     c.method: c for c in (GistSelector, LessSelector, RandomSelector)
-}
-assert set(SELECTORS) == set(get_args(SelectionMethod)), "config.SelectionMethod and SELECTORS"
+}  # consumers of the stream, built from the target's gradients
+ENSEMBLE_SELECTORS: dict[str, type[Selector]] = {ScoredSelector.method: ScoredSelector}
+assert set(SELECTORS) | set(ENSEMBLE_SELECTORS) == set(get_args(SelectionMethod)), (
+    "config.SelectionMethod and the selectors"
+)
 
 
 def make_selector(method: str, T: np.ndarray, cfg: SelectionConfig, seed: int) -> Selector:

@@ -24,7 +24,7 @@ from gs_ray.io import write_json
 from gs_ray.prepare import prepare
 from gs_ray.progress import Progress
 from gs_ray.rundir import WARMUP, RunDir
-from gs_ray.selection.consumers import make_selector
+from gs_ray.selection.consumers import ENSEMBLE_SELECTORS, ScoredSelector, make_selector
 from gs_ray.selection.ranking import budget_count
 from gs_ray.stage2.computer import GradientComputer, check_finite
 from gs_ray.stage2.consumers import ConsumerSet
@@ -55,21 +55,25 @@ def check_select_inputs(cfg: Config) -> None:
     """What can be checked before a model is loaded: the config, the budget, the pool's records
     and the target's (ConfigError / DataError naming the key or the file)."""
     cfg.validate()
-    if not cfg.selection.target:
-        raise ConfigError("selection.target: a target set is needed (gs-ray select --target FILE)")
+    targeted = cfg.selection.method not in ENSEMBLE_SELECTORS
+    if targeted and not cfg.selection.target:
+        raise ConfigError(f"selection.target: {cfg.selection.method} needs a target set "
+                          "(gs-ray select --target FILE)")  # fmt: skip
     try:
         budget_count(cfg.selection.budget, 1)
     except ValueError as e:
         raise ConfigError(f"selection.{e}") from None
     check_source(cfg.data, cfg.run.seed)
-    read_examples(target_config(cfg), cfg.run.seed)
+    if cfg.selection.target:
+        read_examples(target_config(cfg), cfg.run.seed)
 
 
-def open_pool(cfg: Config, run_dir: str | None = None) -> Pool:
-    """The run directory with a warm-up adapter (warmed up here if it has none), the pool
-    (``data.*``) and the target (``selection.target``), tokenised alike."""
+def open_pool(cfg: Config, run_dir: str | None = None, warm: bool = True) -> Pool:
+    """The run directory with a warm-up adapter (warmed up here if it has none and ``warm``:
+    G-SNR trains its own ensemble instead), the pool (``data.*``) and the target
+    (``selection.target``), tokenised alike."""
     run = RunDir.open(run_dir) if run_dir else None
-    if run is not None and run.stage_done(WARMUP):
+    if run is not None and (run.stage_done(WARMUP) or not warm):
         seed = cfg.run.seed
         base_path = materialize_base_model(cfg.model, run.path, seed)
         tokenizer = load_tokenizer(base_path)
@@ -79,10 +83,13 @@ def open_pool(cfg: Config, run_dir: str | None = None) -> Pool:
         from gs_ray.training.warmup import warmup_local
 
         p = prepare(cfg, run)
-        log.info("select: warming up on %d pool samples", len(p.splits.warmup))
-        warmup_local(p)
+        if warm:
+            log.info("select: warming up on %d pool samples", len(p.splits.warmup))
+            warmup_local(p)
         run, base_path, tokenizer, pool = p.run, p.base_path, p.tokenizer, p.samples
-    target, _ = load_samples(target_config(cfg), tokenizer, cfg.run.seed)
+    target = []
+    if cfg.selection.target:
+        target, _ = load_samples(target_config(cfg), tokenizer, cfg.run.seed)
     return Pool(run, base_path, int(tokenizer.pad_token_id), pool, target)
 
 
@@ -123,6 +130,18 @@ def write_records(run: RunDir, name: str, cfg: Config, ranked_ids: list[str]) ->
     return {"budget": cfg.selection.budget, "n_selected": n}
 
 
+def gsnr_selector(cfg: Config, pool: Pool) -> ScoredSelector:
+    """G-SNR of every pool sample under a LoRA ensemble of the run's base model (the proxy),
+    trained briefly on the pool itself on Ray (``selection.gsnr.gsnr_scores``)."""
+    from gs_ray.selection.gsnr import gsnr_scores
+
+    res = gsnr_scores(cfg, pool.pool, pool.base_path, pool.pad_id,
+                      pool.run.selection(ScoredSelector.method) / "ensemble")  # fmt: skip
+    info = {"form": res.form, "members": len(res.members), "seconds": res.seconds,
+            "stored_bytes_per_sample": 0}  # fmt: skip
+    return ScoredSelector([s.id for s in pool.pool], res.scores, info)
+
+
 def select(cfg: Config, run_dir: str | None = None, checked: bool = False) -> RunDir:
     """Score the pool for the target with ``selection.method``; outputs in
     ``RUN_DIR/selection/<method>/`` (scores, summary, ranked and selected records).
@@ -130,18 +149,23 @@ def select(cfg: Config, run_dir: str | None = None, checked: bool = False) -> Ru
     sel = cfg.selection
     if not checked:
         check_select_inputs(cfg)
-    pool = open_pool(cfg, run_dir)
+    pool = open_pool(cfg, run_dir, warm=sel.method not in ENSEMBLE_SELECTORS)
     run = pool.run
     with run.stage(STAGE) as info:
-        computer = GradientComputer(pool.base_path, cfg, run.warmup_adapter, pool.pad_id)
-        T = target_gradients(computer, pool.target)
-        selector = make_selector(sel.method, T, sel, cfg.run.seed)
-        stream_pool(computer, pool.pool, ConsumerSet([selector]), cfg.gradients.batch_size)
+        if sel.method in ENSEMBLE_SELECTORS:
+            selector, calls = gsnr_selector(cfg, pool), None
+        else:
+            computer = GradientComputer(pool.base_path, cfg, run.warmup_adapter, pool.pad_id)
+            T = target_gradients(computer, pool.target)
+            selector = make_selector(sel.method, T, sel, cfg.run.seed)
+            stream_pool(computer, pool.pool, ConsumerSet([selector]), cfg.gradients.batch_size)
+            calls = computer.calls
         summary = selector.write(run)
         ranked_ids, _ = selector.ranking()
         summary.update(write_records(run, selector.name, cfg, ranked_ids),
-                       n_target=len(pool.target), target=str(Path(sel.target)),
-                       engine_calls=computer.calls)  # fmt: skip
+                       n_target=len(pool.target),
+                       target=str(Path(sel.target)) if sel.target else None,
+                       engine_calls=calls)  # fmt: skip
         write_json(run.selection_summary(selector.name), summary)
         run.add_metrics(selection={**run.metrics().get("selection", {}), selector.name: summary})
         info.update(method=sel.method, n_selected=summary["n_selected"])
