@@ -1,7 +1,8 @@
 """The router at batch 1: latency and agreement with the gradient clusters, per variant.
 
 For a finished run, each variant of the served router (float or int8 encoder, int8 with the FFN
-output layers kept float, ``router.max_length`` as trained or shorter) routes prompts its head never trained on (the run's ``test`` split and the
+output layers kept float, ``router.max_length`` as trained or shorter; ``router.kind: tfidf`` fitted
+on the same training prompts) routes prompts its head never trained on (the run's ``test`` split and the
 router's own hold-out, all clustered by their gradients in Stage II) and is scored by:
 
 * ``agreement_test`` / ``agreement_holdout`` / ``agreement_all``: share of prompts sent to the
@@ -60,6 +61,27 @@ def held_out_prompts(run_dir: str) -> dict[str, tuple[list[str], list[int]]]:
     }
 
 
+def tfidf_router(run_dir: str):
+    """``router.kind: tfidf`` fitted as the router stage fits a router: on the run's clustered
+    training prompts with its seed and ``holdout_fraction`` (so its hold-out is the same)."""
+    import dataclasses
+
+    from gs_ray.core.models import load_tokenizer
+    from gs_ray.data import load_samples
+    from gs_ray.routing.router import TfidfRouter
+    from gs_ray.serving.pool import ServedRun
+
+    run = ServedRun.open(run_dir)
+    samples, _ = load_samples(run.cfg.data, load_tokenizer(run.base_path()), run.cfg.run.seed)
+    by_id = {s.id: s for s in samples}
+    train = [r for r in run.run.assignments() if r["cluster"] is not None and r["split"] == "train"]
+    cfg = dataclasses.replace(run.cfg.router, kind="tfidf")
+    router, _ = TfidfRouter.fit([by_id[r["id"]].prompt for r in train],
+                                [int(r["cluster"]) for r in train], run.n_experts, cfg,
+                                run.cfg.run.seed)  # fmt: skip
+    return router
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", required=True, help="a finished gs-ray run")
@@ -91,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             if kind != "float":
                 router.quantize(FFN_OUTPUT if kind == "int8-ffnout-float" else None)
             variants[f"{kind}@{length}"] = router
+    variants["tfidf"] = tfidf_router(args.run_dir)
     tokens = [len(x) for x in run.router().encoder.tokenizer(prompts)["input_ids"]]
     routes = {name: [] for name in variants}
     times = {name: [] for name in variants}

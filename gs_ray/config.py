@@ -39,6 +39,7 @@ from gs_ray.errors import ConfigError
 # Choices (Literal types, checked when a config loads); each is defined here once.
 Transport = Literal["gradients", "partial_sums", "collective"]
 ProjectionKind = Literal["rademacher", "countsketch"]  # core.gradients.RandomProjection
+RouterKind = Literal["encoder", "tfidf"]  # routing.router.ROUTERS
 RowDtype = Literal["float32", "bfloat16"]
 NonFinitePolicy = Literal["fail", "skip"]
 #: G-SNR utility (docs/selection.md): ``energy`` ||mean g||^2 / mean ||g_m - mean||^2 (default),
@@ -359,8 +360,13 @@ class EvalConfig:
 
 @dataclass
 class RouterConfig:
-    """The router: a frozen encoder and a linear head over K."""
+    """The router: a frozen encoder and a linear head over K (``kind: encoder``, the paper's), or
+    character n-gram TF-IDF features and a logistic-regression head (``kind: tfidf``)."""
 
+    kind: RouterKind = _f(
+        "encoder", "encoder (frozen transformer + linear head) | tfidf (char n-gram TF-IDF + "
+        "logistic regression: sub-millisecond on a CPU; benchmarks/README.md)"
+    )  # fmt: skip
     encoder: str = _f("all-MiniLM-L6-v2", "encoder: 'all-MiniLM-L6-v2' (bundled) or a HF path / id")
     max_length: int = _f(128, "encoder max tokens", ge=1)
     epochs: int = _f(200, "head training epochs (full batch)", ge=1)
@@ -368,6 +374,9 @@ class RouterConfig:
     holdout_fraction: float = _f(
         0.2, "share of assigned samples held out for router accuracy", ge=0, lt=1
     )
+    tfidf_ngrams: list[int] = _f([2, 5], "tfidf: character n-gram range [min, max]", ge=1)
+    tfidf_max_features: int = _f(50000, "tfidf: vocabulary size at most", ge=1)
+    tfidf_c: float = _f(10.0, "tfidf: inverse L2 regularisation of the logistic regression", gt=0)
 
 
 @dataclass
@@ -654,6 +663,9 @@ def _check_relations(cfg: Config) -> None:
         )
     _check_template(cfg.data.template)
     _check_mix(cfg.data)
+    n = cfg.router.tfidf_ngrams
+    if len(n) != 2 or n[0] > n[1]:
+        raise ConfigError(f"router.tfidf_ngrams: expected [min, max] with min <= max, got {n}")
     s = cfg.serve
     if s.max_new_tokens > s.max_new_tokens_limit:
         raise ConfigError(

@@ -246,11 +246,11 @@ def _fit_routers(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> 
 
 def _route_task(folders: dict[str, str], prompts: list[str]) -> tuple[dict, dict]:
     """Each router's p(k | prompt) on the test prompts, and its latency per prompt (ms)."""
-    from gs_ray.routing.router import Router
+    from gs_ray.routing.router import load_router
 
     probs, latency = {}, {}
     for key, folder in folders.items():
-        router = Router.load(folder)
+        router = load_router(folder)
         probs[key] = router.predict_proba(prompts)
         latency[key] = router.route_latency_ms(prompts[:20])
     return probs, latency

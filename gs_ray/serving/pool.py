@@ -519,9 +519,9 @@ class ServedRun:
         return [str(self.run.expert(c)) for c in range(self.n_experts)]
 
     def router(self, device: str | None = None):
-        from gs_ray.routing.router import Router
+        from gs_ray.routing.router import load_router
 
-        return Router.load(self.run.router, device=device)
+        return load_router(self.run.router, device=device)
 
     def expert_pool(self, device: str | torch.device | None = None) -> ExpertPool:
         return ExpertPool(self.base_path(), self.cfg, self.expert_paths(), device)
