@@ -364,8 +364,9 @@ class RouterConfig:
     character n-gram TF-IDF features and a logistic-regression head (``kind: tfidf``)."""
 
     kind: RouterKind = _f(
-        "encoder", "encoder (frozen transformer + linear head) | tfidf (char n-gram TF-IDF + "
-        "logistic regression: sub-millisecond on a CPU; benchmarks/README.md)"
+        "tfidf", "tfidf (char n-gram TF-IDF + logistic regression: ~2 ms on a loaded CPU, as "
+        "accurate on three runs; benchmarks/README.md) | encoder (the paper's: frozen "
+        "transformer + linear head)"
     )  # fmt: skip
     encoder: str = _f("all-MiniLM-L6-v2", "encoder: 'all-MiniLM-L6-v2' (bundled) or a HF path / id")
     max_length: int = _f(128, "encoder max tokens", ge=1)

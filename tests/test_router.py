@@ -59,7 +59,7 @@ def demo(tmp_path_factory):
 
 
 def demo_cfg(**kw) -> RouterConfig:
-    return RouterConfig(max_length=DEMO_MAX_LENGTH, **kw)
+    return RouterConfig(**{"kind": "encoder", "max_length": DEMO_MAX_LENGTH, **kw})
 
 
 # --------------------------------------------------------------------------- encoder

@@ -912,31 +912,41 @@ def test_openai_bounded_load_no_5xx_nothing_lost(served, pool):
             assert status == 200, out
 
 
-def test_int8_router_agrees_with_the_float_router(run_dir):
-    """serve.router_int8: the quantised encoder routes (nearly) as the float one on 150 held-out
-    demo prompts (the served router's three domains), with probabilities close."""
+def test_int8_router_agrees_with_the_float_router(tmp_path):
+    """serve.router_int8 (router.kind: encoder): the quantised encoder routes (nearly) as the
+    float one on 150 held-out demo prompts of three domains, with probabilities close."""
+    from gs_ray.config import RouterConfig
     from gs_ray.data.demo import build_demo_corpus
+    from gs_ray.routing.router import fit_router, load_router
 
-    rows = [r for r in build_demo_corpus(900, seed=5) if r["domain"] in DOMAINS][:150]
-    texts = [r["instruction"] for r in rows]
-    float_p = ServedRun.open(run_dir).router().predict_proba(texts)
-    int8 = ServedRun.open(run_dir).router().quantize()
+    def domain_rows(seed, n):
+        return [r for r in build_demo_corpus(900, seed=seed) if r["domain"] in DOMAINS][:n]
+
+    train = domain_rows(6, 300)
+    fitted, _ = fit_router([r["instruction"] for r in train],
+                           [DOMAINS.index(r["domain"]) for r in train], len(DOMAINS),
+                           RouterConfig(kind="encoder"), 0)  # fmt: skip
+    fitted.save(tmp_path / "router")
+
+    def router():
+        return load_router(tmp_path / "router")
+
+    texts = [r["instruction"] for r in domain_rows(5, 150)]
+    float_p = router().predict_proba(texts)
+    int8 = router().quantize()
     int8_p = int8.predict_proba(texts)
     agree = (float_p.argmax(1) == int8_p.argmax(1)).mean()
     assert agree >= 0.98, agree
     assert abs(float_p - int8_p).max() < 0.2
     assert any("quantized" in type(m).__module__ for m in int8.encoder.model.modules())
     # keep_float: the layers it names stay float, the others are quantised
-    partial = ServedRun.open(run_dir).router().quantize(r"layer\.\d+\.output\.dense")
+    partial = router().quantize(r"layer\.\d+\.output\.dense")
     mods = dict(partial.encoder.model.named_modules())
     assert type(mods["encoder.layer.0.output.dense"]) is torch.nn.Linear
     assert "quantized" in type(mods["encoder.layer.0.intermediate.dense"]).__module__
     assert "quantized" in type(mods["encoder.layer.0.attention.output.dense"]).__module__
     # the shared float encoder is untouched
-    assert not any(
-        "quantized" in type(m).__module__
-        for m in ServedRun.open(run_dir).router().encoder.model.modules()
-    )
+    assert not any("quantized" in type(m).__module__ for m in router().encoder.model.modules())
 
 
 KEY = "s3cret-test-key"

@@ -2,7 +2,7 @@
 
 Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin actors)::
 
-    HTTP -> Ingress (FastAPI) --handle--> RouterDeployment   (frozen encoder + linear head)
+    HTTP -> Ingress (FastAPI) --handle--> RouterDeployment   (the run's router: TF-IDF or encoder)
                               --handle--> ExpertsDeployment  (base model + K LoRA adapters)
 
 * ``POST /generate {"prompt": ..., "max_new_tokens"?: n, "expert"?: k}`` routes the prompt (unless
