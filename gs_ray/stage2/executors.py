@@ -118,6 +118,7 @@ class WorkerSetup:
     marker_dir: str
     cfg: Config
     env: dict[str, Any]
+    placement: dict[str, Any]  # extra actor options: the custom resource, the soft node label
 
     @classmethod
     def resolve(cls, cfg: Config, checkpoint_dir: str | Path) -> WorkerSetup:
@@ -130,7 +131,32 @@ class WorkerSetup:
         forwarded = ("HF_HUB_OFFLINE", "HF_HOME")
         env = {"env_vars": {k: v for k, v in os.environ.items() if k in forwarded}}
         return cls(n_workers, resources, fault_spec, faults.parse(fault_spec),
-                   str(Path(checkpoint_dir).parent / "faults"), wcfg, env)  # fmt: skip
+                   str(Path(checkpoint_dir).parent / "faults"), wcfg, env,
+                   worker_placement(cfg))  # fmt: skip
+
+
+def worker_placement(cfg: Config) -> dict[str, Any]:
+    """Actor options that place gradient workers: one unit of ``stage2.worker_resource`` (hard:
+    an autoscaler adds a node that has it) and a soft preference for nodes labelled
+    ``stage2.prefer_node_label`` (a worker restarted after its node was lost goes elsewhere)."""
+    s2, out = cfg.stage2, {}
+    if s2.worker_resource:
+        out["resources"] = {s2.worker_resource: 1}
+    if s2.prefer_node_label:
+        from ray.util.scheduling_strategies import In, NodeLabelSchedulingStrategy
+
+        key, value = s2.prefer_node_label.split("=", 1)
+        out["scheduling_strategy"] = NodeLabelSchedulingStrategy(hard={}, soft={key: In(value)})
+    return out
+
+
+def driver_node_affinity():
+    """Soft affinity to the driver's node: where the centroid actor lives, so that losing a
+    worker node costs only gradient workers (the driver's node is the job's own)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
 
 
 def run_stage2_ray(
@@ -169,7 +195,7 @@ def run_stage2_ray(
         ws.env,
     )
     Worker = worker_actor_class().options(
-        max_restarts=-1, max_task_retries=-1, runtime_env=env, **resources
+        max_restarts=-1, max_task_retries=-1, runtime_env=env, **resources, **ws.placement
     )
     workers = [
         Worker.remote(base_path, wcfg, str(adapter_path), pad_id, fault_spec, marker_dir)
@@ -177,7 +203,7 @@ def run_stage2_ray(
     ]
     host = (
         ray.remote(CentroidHost)
-        .options(num_cpus=0)
+        .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
         .remote(make_clusterer(cfg), len(samples), transport.host_helper(workers))
     )
     resumed_from = None

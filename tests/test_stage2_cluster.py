@@ -1,0 +1,104 @@
+"""Stage II on a local multi-node Ray: a whole worker node is lost mid-pass and the job still
+finishes with the assignments of an undisturbed run.
+
+The worker node is a second raylet on 127.0.0.1 joined to the test run's shared head
+(``LocalHead.add_node``), labelled so that the gradient workers prefer it (a soft preference:
+``stage2.prefer_node_label``). A planned ``stall`` fault holds one worker mid-pass; the test then
+SIGKILLs every process of that node at once."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from gs_ray.config import load_config
+from gs_ray.stage2 import (
+    CentroidHost,
+    GradientComputer,
+    Stage2Plan,
+    make_clusterer,
+    run_stage2_local,
+    run_stage2_ray,
+)
+from gs_ray.training.warmup import warmup_local
+from tests.test_stage2 import small_config
+
+B = 6  # rows per worker per step (collective): |B_t| = 2 * B
+LABEL = "gs-ray/stage2=preferred"
+STALL = ("online", 0, 5)  # a worker hangs on online batch 5: checkpoints exist after 1 and 3
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory):
+    """A warmed-up small run and its single-process reference (batch size 2 * B): the labels
+    an undisturbed run gives (tests/test_stage2*.py check that equality for every transport)."""
+    from gs_ray.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    small = {"clustering.batch_size": 2 * B, "data.demo_size": 200, "warmup.epochs": 1}
+    cfg, path = small_config(tmp, "ref", **small)
+    p = prepare(cfg)
+    warmup_local(p)
+    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+    computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
+    ref = run_stage2_local(
+        plan, p.samples, computer, CentroidHost(make_clusterer(cfg), len(p.samples))
+    )
+    return {"p": p, "path": path, "ref": ref}
+
+
+def _kill_node_when_stalled(node, marker, seen: dict, stop: threading.Event):
+    """Wait for the stalled worker's marker, note where the gradient workers run, kill the node."""
+    from ray.util.state import list_actors
+
+    while not marker.exists():
+        if stop.wait(0.2):  # the run ended (failed) before the stall
+            return
+    alive = list_actors(
+        address=node.head.dashboard_url, filters=[("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )  # fmt: skip
+    seen["workers"] = [a.node_id for a in alive if a.class_name.endswith("Worker")]
+    seen["hosts"] = [a.node_id for a in alive if a.class_name.endswith("Host")]
+    node.kill()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["collective", "gradients"])
+def test_lost_worker_node_resumes_with_the_same_assignments(
+    ray_session, warmed, tmp_path, monkeypatch, transport
+):
+    p = warmed["p"]
+    node = ray_session.add_node(num_cpus=2, labels=dict([LABEL.split("=")]))
+    monkeypatch.setenv("GS_RAY_FAULTS", "stall:{}:{}:{}".format(*STALL))
+    marker = tmp_path / "faults" / "fault-stall-{}-{}-{}".format(*STALL)
+    seen: dict = {}
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_node_when_stalled, args=(node, marker, seen, stop))
+    killer.start()
+    try:
+        args = {"stage2.transport": transport, "stage2.num_workers": 2,
+                "stage2.cpus_per_worker": 1, "stage2.prefer_node_label": LABEL}  # fmt: skip
+        cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
+        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+        out = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter),
+                             p.pad_id, tmp_path / "checkpoint")  # fmt: skip
+    finally:
+        stop.set()
+        killer.join(timeout=60)
+        node.kill()
+    # both gradient workers ran on the lost node, the centroid actor on the head
+    assert seen["workers"] == [node.node_id] * 2, seen
+    assert seen["hosts"] and node.node_id not in seen["hosts"]
+    ref = warmed["ref"]
+    np.testing.assert_array_equal(out.labels, ref.labels)
+    np.testing.assert_allclose(
+        out.clusterer.cluster_centers_, ref.clusterer.cluster_centers_, rtol=0, atol=1e-6
+    )
+    assert out.clusterer.n_samples_seen_ == ref.clusterer.n_samples_seen_
+    if transport == "collective":  # the group restarted from the checkpoint after batch 3
+        assert out.info["group_restarts"] == 1
+        assert out.info["recomputed_batches"] > 0
