@@ -192,7 +192,12 @@ def render_fake(spec: ClusterSpec = SPEC, *, gcs_address: str | None = None,
     nodes go after ``idle_timeout_minutes``. ``gcs_address`` is where fake nodes join (the
     head's 127.0.0.1 port; Ray's default would be the machine's address on port 6379).
     """
-    provider: dict[str, Any] = {"type": "fake_multinode"}
+    # Every fake node reports 127.0.0.1: the autoscaler must tell them apart by node id, or it
+    # sees no node as used and ends them all after the idle timeout. No SSH updaters run, and
+    # the launch config cannot be checked (there is none).
+    provider: dict[str, Any] = {"type": "fake_multinode", "use_node_id_as_ip": True,
+                                "disable_node_updaters": True,
+                                "disable_launch_config_check": True}  # fmt: skip
     if gcs_address:
         provider["gcs_address"] = gcs_address
     types: dict[str, Any] = {

@@ -24,6 +24,7 @@ cluster waits for the driver to end and then ends what is left of it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -211,8 +212,21 @@ class LocalHead:
 
     def start(self) -> LocalHead:
         _use_loopback_env()  # this process connects as a driver too
+        start = time.perf_counter()
+        out = subprocess.run(self._start_cmd(), env=self._start_env(), capture_output=True,
+                             text=True, timeout=180)  # fmt: skip
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+        log.info("local Ray head at %s (%.1fs)", self.address, time.perf_counter() - start)
+        return self
+
+    def _start_env(self) -> dict[str, str]:
+        return self.env()
+
+    def _start_cmd(self) -> list[str]:
         ray_cli = str(Path(sys.executable).with_name("ray"))
-        cmd = [
+        return [
             ray_cli, "start", "--head", f"--port={self.port}", f"--node-ip-address={LOOPBACK}",
             f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}",
             f"--ray-client-server-port={self.client_port}", "--disable-usage-stats",
@@ -220,13 +234,6 @@ class LocalHead:
             f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
             f"--dashboard-agent-listen-port={self.agent_port}",
         ]  # fmt: skip
-        start = time.perf_counter()
-        out = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=180)
-        if out.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
-        log.info("local Ray head at %s (%.1fs)", self.address, time.perf_counter() - start)
-        return self
 
     def processes(self) -> list:
         """This cluster's processes (psutil): those started by ``ray start`` and their children."""
@@ -258,6 +265,43 @@ class LocalHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LocalAutoscalingCluster(LocalHead):
+    """A ``LocalHead`` whose autoscaler adds and removes worker nodes as local processes
+    (Ray's ``fake_multinode`` provider), from a config such as ``cluster_config.render_fake``.
+
+    It starts with the head alone; resource demand that the head cannot meet (a custom GPU-like
+    resource) makes the autoscaler launch nodes, which join this head on 127.0.0.1 and are
+    terminated after the config's idle timeout. ``stop()`` ends this cluster's processes only:
+    Ray's own ``AutoscalingCluster`` helper runs ``ray stop --force``, which would end every Ray
+    on the machine. The config's ``provider.gcs_address`` is set to this head.
+    """
+
+    def __init__(self, config: dict, num_cpus: int = 1, update_interval_s: int = 1):
+        super().__init__(num_cpus=num_cpus, dashboard=True)
+        self.config = json.loads(json.dumps(config))
+        self.config["provider"]["gcs_address"] = self.address
+        self.update_interval_s = update_interval_s
+        self.config_path = Path(self.temp_dir) / "autoscaling.json"
+
+    def _start_env(self) -> dict[str, str]:
+        env = self.env()
+        # RAY_FAKE_CLUSTER: the provider refuses to run without it, and the head takes the node
+        # id the provider gives its head.
+        env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S=str(self.update_interval_s))
+        return env
+
+    def _start_cmd(self) -> list[str]:
+        self.config_path.write_text(json.dumps(self.config))
+        return [*super()._start_cmd(), f"--autoscaling-config={self.config_path}"]
+
+    def alive_nodes(self) -> list:
+        """The nodes the head lists as alive (through its dashboard: no driver connection)."""
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=self.dashboard_url, raise_on_missing_output=False)
+        return [n for n in nodes if n.state == "ALIVE"]
 
 
 class LocalNode:
@@ -293,8 +337,6 @@ class LocalNode:
 
     def start(self, timeout: float = 120.0) -> LocalNode:
         """Launch the node and wait until the head lists it (this process must be connected)."""
-        import json
-
         import ray
 
         cmd = [sys.executable, "-m", "gs_ray.local_ray", "node", json.dumps(self.spec())]
@@ -360,15 +402,18 @@ def run_node(spec: dict) -> None:
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    Node(RayParams(**spec), head=False, shutdown_at_exit=False, spawn_reaper=False)
+    try:
+        Node(RayParams(**spec), head=False, shutdown_at_exit=False, spawn_reaper=False)
+    except Exception as err:  # noqa: BLE001
+        # Ray waits a fixed 30 s for the raylet to register; on a loaded machine it may take
+        # longer. Its processes run on: LocalNode.start decides, with its own timeout.
+        print(f"node start: {err}; waiting for the raylet anyway", file=sys.stderr, flush=True)
     while True:
         signal.pause()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "node":  # python -m gs_ray.local_ray node SPEC_JSON
-        import json
-
         run_node(json.loads(sys.argv[2]))
     else:  # the reaper: python -m gs_ray.local_ray DRIVER_PID ROOT_PID...
         reap(int(sys.argv[1]), [int(a) for a in sys.argv[2:]])

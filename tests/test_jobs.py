@@ -58,5 +58,6 @@ def test_fake_config_scales_the_same_node_types():
         assert fake_types[w.name]["resources"][FAKE_GPU] == real_types[w.name]["resources"]["GPU"]
         assert fake_types[w.name]["min_workers"] == real_types[w.name]["min_workers"]
         assert fake_types[w.name]["max_workers"] == min(2, real_types[w.name]["max_workers"])
-    assert fake["provider"] == {"type": "fake_multinode", "gcs_address": "127.0.0.1:1234"}
+    assert fake["provider"]["type"] == "fake_multinode"
+    assert fake["provider"]["gcs_address"] == "127.0.0.1:1234"
     assert fake["upscaling_speed"] == real["upscaling_speed"]

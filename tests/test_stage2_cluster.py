@@ -1,14 +1,23 @@
-"""Stage II on a local multi-node Ray: a whole worker node is lost mid-pass and the job still
-finishes with the assignments of an undisturbed run.
+"""Stage II on local multi-node Rays: a whole worker node is lost mid-pass and the job still
+finishes with the assignments of an undisturbed run; an autoscaler adds the GPU-like nodes Stage
+II asks for and removes them once idle.
 
 The worker node is a second raylet on 127.0.0.1 joined to the test run's shared head
 (``LocalHead.add_node``), labelled so that the gradient workers prefer it (a soft preference:
 ``stage2.prefer_node_label``). A planned ``stall`` fault holds one worker mid-pass; the test then
-SIGKILLs every process of that node at once."""
+SIGKILLs every process of that node at once.
+
+The autoscaling cluster is a head of its own (``LocalAutoscalingCluster``) with Ray's fake
+multi-node provider and the node types of cluster.yaml (``cluster_config.render_fake``); its
+driver is a subprocess, since this process is connected to the shared head."""
 
 from __future__ import annotations
 
+import pickle
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -102,3 +111,69 @@ def test_lost_worker_node_resumes_with_the_same_assignments(
     if transport == "collective":  # the group restarted from the checkpoint after batch 3
         assert out.info["group_restarts"] == 1
         assert out.info["recomputed_batches"] > 0
+
+
+_DRIVER = """
+import pickle, sys, ray
+from gs_ray.stage2 import run_stage2_ray
+ray.init(address=sys.argv[2], log_to_driver=False)
+out = run_stage2_ray(*pickle.load(open(sys.argv[1], "rb")))
+pickle.dump((out.labels, out.clusterer.cluster_centers_), open(sys.argv[3], "wb"))
+"""
+
+
+def _watch_nodes(cluster, seen: list, stop: threading.Event) -> None:
+    """Record the alive nodes (id, total resources) every half second."""
+    while not stop.wait(0.5):
+        try:
+            nodes = cluster.alive_nodes()
+        except Exception:  # the dashboard is busy or starting: try again
+            continue
+        seen.append({n.node_id: dict(n.resources_total) for n in nodes})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_autoscaler_adds_gpu_nodes_for_stage2_and_removes_them_when_idle(warmed, tmp_path):
+    from gs_ray.cluster_config import FAKE_GPU, SPEC, render_fake
+    from gs_ray.local_ray import LocalAutoscalingCluster
+
+    gpu_type = next(w for w in SPEC.workers if w.gpus)
+    config = render_fake(max_workers=2, cpus_per_node=1, head_cpus=1, idle_timeout_minutes=0.1)
+    cluster = LocalAutoscalingCluster(config, num_cpus=1).start()
+    seen: list = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_nodes, args=(cluster, seen, stop))
+    try:
+        assert len(cluster.alive_nodes()) == 1  # the head alone: no worker node yet
+        watcher.start()
+        p = warmed["p"]
+        args = {"stage2.num_workers": 2, "stage2.cpus_per_worker": 1,
+                "stage2.worker_resource": FAKE_GPU}  # fmt: skip
+        cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
+        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+        call = (plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
+                tmp_path / "checkpoint")  # fmt: skip
+        (tmp_path / "args.pkl").write_bytes(pickle.dumps(call))
+        cmd = [sys.executable, "-c", _DRIVER, str(tmp_path / "args.pkl"), cluster.address,
+               str(tmp_path / "out.pkl")]  # fmt: skip
+        run = subprocess.run(cmd, env=cluster.env(), capture_output=True, text=True, timeout=420)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        labels, centers = pickle.loads((tmp_path / "out.pkl").read_bytes())
+        ref = warmed["ref"]
+        np.testing.assert_array_equal(labels, ref.labels)
+        np.testing.assert_allclose(centers, ref.clusterer.cluster_centers_, rtol=0, atol=1e-6)
+        # the autoscaler added GPU-like worker nodes: one per gradient worker
+        added = {i: r for snap in seen for i, r in snap.items() if r.get(FAKE_GPU)}
+        assert len(added) == 2, seen[-3:]
+        assert all(r[FAKE_GPU] == gpu_type.gpus for r in added.values())
+        # ... and removes them once idle (idle_timeout_minutes 0.1)
+        deadline = time.monotonic() + 120
+        while len(cluster.alive_nodes()) > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert len(cluster.alive_nodes()) == 1
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(timeout=30)
+        cluster.stop()

@@ -151,12 +151,14 @@ def worker_placement(cfg: Config) -> dict[str, Any]:
 
 
 def driver_node_affinity():
-    """Soft affinity to the driver's node: where the centroid actor lives, so that losing a
-    worker node costs only gradient workers (the driver's node is the job's own)."""
+    """Hard affinity to the driver's node: where the centroid actor lives, so that losing a
+    worker node costs only gradient workers. Hard, because Ray placed zero-CPU actors with a
+    soft affinity on other nodes (3 of 4 on a two-node cluster); the driver dies with its own
+    node anyway."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def run_stage2_ray(
