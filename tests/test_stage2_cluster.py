@@ -58,6 +58,21 @@ def warmed(tmp_path_factory):
     return {"p": p, "path": path, "ref": ref}
 
 
+def test_worker_placement_follows_the_config():
+    from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy
+
+    from gs_ray.config import Config, apply_overrides
+    from gs_ray.stage2.executors import worker_placement
+
+    assert worker_placement(Config()) == {}
+    overrides = ["--stage2.worker_resource", "fake_gpu", "--stage2.prefer_node_label", LABEL]
+    out = worker_placement(apply_overrides(Config(), overrides))
+    assert out["resources"] == {"fake_gpu": 1}
+    strategy = out["scheduling_strategy"]
+    assert isinstance(strategy, NodeLabelSchedulingStrategy)
+    assert not strategy.hard and strategy.soft  # soft: a restarted worker may go elsewhere
+
+
 def _kill_node_when_stalled(node, marker, seen: dict, stop: threading.Event):
     """Wait for the stalled worker's marker, note where the gradient workers run, kill the node."""
     from ray.util.state import list_actors
