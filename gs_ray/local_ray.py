@@ -255,7 +255,9 @@ class LocalHead:
 
     def add_node(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
                  labels: dict[str, str] | None = None) -> LocalNode:  # fmt: skip
-        """A worker node joined to this head (``ray start --address``, on 127.0.0.1)."""
+        """A worker node joined to this head, on 127.0.0.1 (see ``LocalNode``); ``stop()`` kills
+        it too. Its launcher's command line names this head's port, so a ``stop()`` after a
+        crash of this process finds it as well."""
         node = LocalNode(self, num_cpus, resources or {}, labels or {}).start()
         self.nodes.append(node)
         return node
@@ -364,7 +366,7 @@ class LocalNode:
         return None
 
     def processes(self) -> list:
-        """The node's processes: ``ray start``, its children and the raylet's descendants."""
+        """The node's processes: the launcher and its descendants (raylet, workers, agents)."""
         import psutil
 
         if self.proc is None:
@@ -404,7 +406,7 @@ def run_node(spec: dict) -> None:
 
     try:
         Node(RayParams(**spec), head=False, shutdown_at_exit=False, spawn_reaper=False)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         # Ray waits a fixed 30 s for the raylet to register; on a loaded machine it may take
         # longer. Its processes run on: LocalNode.start decides, with its own timeout.
         print(f"node start: {err}; waiting for the raylet anyway", file=sys.stderr, flush=True)
