@@ -36,6 +36,7 @@ from tests.test_stage2 import small_config
 
 B = 6  # rows per worker per step (collective): |B_t| = 2 * B
 LABEL = "gs-ray/stage2=preferred"
+WORKERS, HOSTS = {"GradientWorker", "CollectiveWorker"}, {"CentroidHost", "CollectiveHost"}
 STALL = ("online", 0, 5)  # a worker hangs on online batch 5: checkpoints exist after 1 and 3
 
 
@@ -84,8 +85,8 @@ def _kill_node_when_stalled(node, marker, seen: dict, stop: threading.Event):
         address=node.head.dashboard_url, filters=[("state", "=", "ALIVE")],
         raise_on_missing_output=False,
     )  # fmt: skip
-    seen["workers"] = [a.node_id for a in alive if a.class_name.endswith("Worker")]
-    seen["hosts"] = [a.node_id for a in alive if a.class_name.endswith("Host")]
+    seen["workers"] = [a.node_id for a in alive if a.class_name in WORKERS]
+    seen["hosts"] = [a.node_id for a in alive if a.class_name in HOSTS]
     node.kill()
 
 
