@@ -138,14 +138,20 @@ pickle.dump((out.labels, out.clusterer.cluster_centers_), open(sys.argv[3], "wb"
 """
 
 
-def _watch_nodes(cluster, seen: list, stop: threading.Event) -> None:
-    """Record the alive nodes (id, total resources) every half second."""
+def _watch_nodes(cluster, seen: list, exposed: list, stop: threading.Event) -> None:
+    """Record the alive nodes (id, total resources) every half second, and any socket of the
+    cluster's processes (the fake nodes included) listening beyond loopback."""
+    from tests.test_ray_security import is_loopback, listening
+
     while not stop.wait(0.5):
         try:
             nodes = cluster.alive_nodes()
         except Exception:  # the dashboard is busy or starting: try again
             continue
         seen.append({n.node_id: dict(n.resources_total) for n in nodes})
+        if len(nodes) > 1:
+            socks = listening({p.pid for p in cluster.processes()})
+            exposed.extend(x for x in socks if not is_loopback(x[0]))
 
 
 @pytest.mark.ray
@@ -158,8 +164,9 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_removes_them_when_idle(warmed,
     config = render_fake(max_workers=2, cpus_per_node=1, head_cpus=1, idle_timeout_minutes=0.1)
     cluster = LocalAutoscalingCluster(config, num_cpus=1).start()
     seen: list = []
+    exposed: list = []
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch_nodes, args=(cluster, seen, stop))
+    watcher = threading.Thread(target=_watch_nodes, args=(cluster, seen, exposed, stop))
     try:
         assert len(cluster.alive_nodes()) == 1  # the head alone: no worker node yet
         watcher.start()
@@ -183,6 +190,7 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_removes_them_when_idle(warmed,
         added = {i: r for snap in seen for i, r in snap.items() if r.get(FAKE_GPU)}
         assert len(added) == 2, seen[-3:]
         assert all(r[FAKE_GPU] == gpu_type.gpus for r in added.values())
+        assert not exposed, f"listening beyond loopback: {exposed}"
         # ... and removes them once idle (idle_timeout_minutes 0.1)
         deadline = time.monotonic() + 120
         while len(cluster.alive_nodes()) > 1 and time.monotonic() < deadline:
