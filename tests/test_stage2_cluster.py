@@ -74,6 +74,23 @@ def test_worker_placement_follows_the_config():
     assert not strategy.hard and strategy.soft  # soft: a restarted worker may go elsewhere
 
 
+def test_cuda_workers_ask_for_gpus_before_any_gpu_node_is_up(monkeypatch):
+    """On an autoscaling cluster with no GPU node yet, model.device cuda still plans GPU workers
+    (they wait, the autoscaler adds nodes); auto falls back to CPU workers."""
+    import ray
+
+    from gs_ray.config import Config, apply_overrides
+    from gs_ray.stage2.executors import resolve_num_workers
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    cuda = apply_overrides(Config(), ["--model.device", "cuda", "--stage2.num_workers", "4"])
+    assert resolve_num_workers(cuda) == (4, {"num_gpus": 1, "num_cpus": 1})
+    assert resolve_num_workers(apply_overrides(Config(), ["--model.device", "cuda"]))[0] == 1
+    assert resolve_num_workers(Config()) == (8, {"num_cpus": 1})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert resolve_num_workers(Config()) == (2, {"num_gpus": 1, "num_cpus": 1})
+
+
 def _kill_node_when_stalled(node, marker, seen: dict, stop: threading.Event):
     """Wait for the stalled worker's marker, note where the gradient workers run, kill the node."""
     from ray.util.state import list_actors

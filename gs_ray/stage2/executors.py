@@ -98,8 +98,10 @@ def resolve_num_workers(cfg: Config) -> tuple[int, dict[str, float]]:
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if gpus and cfg.model.device != "cpu":
-        n = cfg.stage2.num_workers or gpus
+    # model.device cuda asks for GPUs even when none is up yet: an autoscaler adds GPU nodes
+    # for the waiting workers (counting only present GPUs would plan CPU workers on the head).
+    if (gpus and cfg.model.device != "cpu") or cfg.model.device.startswith("cuda"):
+        n = cfg.stage2.num_workers or gpus or 1
         return n, {"num_gpus": 1, "num_cpus": 1}
     per = cfg.stage2.cpus_per_worker
     n = cfg.stage2.num_workers or max(1, int(resources.get("CPU", 1) // per))
