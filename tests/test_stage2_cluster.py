@@ -143,6 +143,7 @@ def test_lost_worker_node_resumes_with_the_same_assignments(
     assert out.clusterer.n_samples_seen_ == ref.clusterer.n_samples_seen_
     if transport == "collective":  # the group restarted from the checkpoint after batch 3
         assert out.info["group_restarts"] == 1
+        assert out.info["restarted_from"] == [["online", 0, 3]]
         assert out.info["recomputed_batches"] > 0
 
 

@@ -361,7 +361,7 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
         log.info("stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir)
     log.info("stage2 on Ray: %d workers %s, transport collective", n_workers, resources)
     ckpt = str(checkpoint_dir)
-    restarts, stats, passes, steps = 0, [], [], []
+    restarts, stats, passes, steps, restarted_from = 0, [], [], [], []
     while True:
         group = _Group(make_worker, n_workers)
         try:
@@ -376,12 +376,14 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
             if restarts > MAX_GROUP_RESTARTS:
                 raise
             position = ray.get(host.status.remote())["position"]
+            restarted_from.append(list(position))  # the checkpoint the new group starts from
             log.warning("stage2: collective group failed (%s); restart %d from %s",
                         type(err).__name__, restarts, position)  # fmt: skip
     steps_arr = {k: [s[k] for s in steps if k in s] for k in ("compute", "collective", "update")}
     info = {
         "executor": "ray", "workers": n_workers, "transport": "collective", "passes": passes,
         "resumed_from": resumed_from, "group_restarts": restarts,
+        "restarted_from": restarted_from,
         "bytes_in": ray.get(host.status.remote())["bytes_in"],
         "step_seconds": {k: round(float(np.mean(v)), 6) if v else 0.0
                          for k, v in steps_arr.items()},
