@@ -8,6 +8,8 @@ One process starts a local Ray (127.0.0.1), deploys the app with ``serve.run`` a
   of prompts routed as the float router) with ``serve.router_int8``'s quantised encoder;
 * ``completion_p50_ms`` / ``completion_p99_ms`` / ``completion_rps`` at concurrency 1, and the
   same with ``_c8`` at concurrency 8 (``POST /v1/completions``, model ``gs-ray``, greedy);
+* ``stream_first_chunk_p50_ms`` / ``stream_total_p50_ms``: the same completions streamed
+  (``stream: true``) one at a time, time to the first text chunk and to the end;
 * ``ensemble_over_single_latency``: p50 of ``gs-ray/ensemble`` over p50 of ``gs-ray`` at
   concurrency 1; ``errors_5xx``: 5xx answers seen in all of it (expected 0).
 
@@ -48,6 +50,25 @@ def _post(url: str, body: dict, timeout: float = 300) -> tuple[int, float]:
     return status, 1000 * (time.perf_counter() - start)
 
 
+def _stream(url: str, body: dict, timeout: float = 300) -> tuple[int, float, float]:
+    """A streamed completion: status, ms to the first text chunk, ms to ``data: [DONE]``."""
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    start, first = time.perf_counter(), None
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            for line in r:
+                chunk = json.loads(line[6:]) if line.startswith(b"data: {") else {}
+                if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                    first = 1000 * (time.perf_counter() - start)
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    total = 1000 * (time.perf_counter() - start)
+    return status, total if first is None else first, total
+
+
 def _load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[int], list[float], float]:
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as ex:
@@ -71,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     from gs_ray.data import load_samples
-    from gs_ray.ray_utils import free_port
+    from gs_ray.local_ray import free_port
     from gs_ray.serving.app import APP_NAME, app_for_run, serve_config_for
     from gs_ray.serving.pool import ServedRun
 
@@ -116,6 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
             results[f"completion_p50_ms{suffix}"] = statistics.median(ms)
             results[f"completion_p99_ms{suffix}"] = _pct(ms, 0.99)
             results[f"completion_rps{suffix}"] = len(bodies) / wall
+        streamed = [_stream(url, {**b, "stream": True}) for b in bodies[: args.requests // 2]]
+        statuses += [st for st, _, _ in streamed]
+        results["stream_first_chunk_p50_ms"] = statistics.median(f for _, f, _ in streamed)
+        results["stream_total_p50_ms"] = statistics.median(t for _, _, t in streamed)
         ens = [{**b, "model": "gs-ray/ensemble"} for b in bodies[: max(4, args.requests // 4)]]
         st, ms, _ = _load(url, ens, 1)
         statuses += st

@@ -5,13 +5,18 @@ gs-ray run --local               the single-process reference pipeline (no Ray)
 gs-ray run --config run.yaml --clustering.beta 0.95 --model.name smollm2-135m
 gs-ray run --resume runs/run-...  continue a run, skipping finished stages
 gs-ray show runs/run-...          summary of a run directory
+gs-ray select --target target.jsonl [--method gist|less|random] [--data pool.jsonl]
+              [--budget 5%] [--run-dir runs/run-...]   targeted data selection (GIST)
+gs-ray select --method gsnr [--data pool.jsonl] [--budget 5%]   G-SNR filtering (no target)
 gs-ray serve runs/run-...         Ray Serve: the router and the experts over HTTP (127.0.0.1:8000)
 gs-ray config                     every configuration key with its default and help
+gs-ray spectra --data a.jsonl [--subset-b b.jsonl] --out DIR   layer-wise gradient spectra
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -52,6 +57,20 @@ def _parser() -> argparse.ArgumentParser:
         "report", parents=[common], help="(re)build the run's HTML report (report/report.html)"
     )
     rep.add_argument("run_dir")
+    sel = sub.add_parser(
+        "select", parents=[common],
+        help="rank a data pool for a target set and keep the best (--selection.* overrides)",
+    )  # fmt: skip
+    sel.add_argument("--target", help="the target set (.jsonl/.json/.parquet; not for gsnr)")
+    sel.add_argument("--method", help="gist (default) | less | random | gsnr")
+    sel.add_argument("--data", help="the pool (default: the run's data, else the demo corpus)")
+    sel.add_argument("--budget", help="a percentage (5%%) or a count (default 5%%)")
+    sel.add_argument(
+        "--run-dir", help="reuse this run's warm-up adapter (and config); default: a new run"
+    )
+    sel.add_argument("--config", help="YAML config file (new runs only)")
+    sel.add_argument("--output-dir", help="where a new run directory goes (default: runs/)")
+    sel.add_argument("--log-level", default="INFO")
     show = sub.add_parser("show", parents=[common], help="summarise a run directory")
     show.add_argument("run_dir")
     sub.add_parser("config", parents=[common], help="list every configuration key")
@@ -67,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
         help="deploy and return (on a cluster the app keeps running); default: serve until Ctrl-C",
     )
     srv.add_argument("--log-level", default="INFO")
+    spec = sub.add_parser(
+        "spectra", parents=[common],
+        help="layer-wise gradient spectra (nuclear norm, effective rank) of the attention "
+        "projections per sample (--model.*, --data.*, --spectra.* overrides)",
+    )  # fmt: skip
+    spec.add_argument("--data", required=True, help="JSONL/JSON/parquet file of subset A")
+    spec.add_argument("--subset-b", help="a second file to compare with (subset B)")
+    spec.add_argument("--out", required=True, help="output folder (table, summary, plots)")
+    spec.add_argument("--config", help="YAML config file")
+    spec.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -116,6 +145,10 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
         return _serve(args, rest)
     if args.command == "eval":
         return _eval(args, rest)
+    if args.command == "spectra":
+        return _spectra(args, rest)
+    if args.command == "select":
+        return _select(args, rest)
     cfg = _run_config(args, rest)
     # Config and data are checked before the pipeline (torch, Ray) is even imported: bad input
     # fails in a moment, with no Ray started and no run directory created.
@@ -145,6 +178,48 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
         logs.attach_run(run.path)
         evaluate_run(run.path, rest)
     print(json.dumps({"eval": str(run.eval_json)}))
+    return 0
+
+
+def _spectra(args: argparse.Namespace, rest: list[str]) -> int:
+    """Measure the spectra; print where the outputs went and the throughput."""
+    from gs_ray.data import check_source
+
+    cfg = load_config(args.config, rest)
+    for path in filter(None, (args.data, args.subset_b)):  # bad data fails before the model loads
+        check_source(dataclasses.replace(cfg.data, source=path, mix=[]), cfg.run.seed)
+    from gs_ray.selection.spectra import run_spectra
+
+    summary = run_spectra(cfg, args.data, args.out, args.subset_b)
+    rates = {k: round(v["samples_per_s"], 3) for k, v in summary["subsets"].items()}
+    print(json.dumps({"out": args.out, "samples_per_s": rates}))
+    return 0
+
+
+def _select(args: argparse.Namespace, rest: list[str]) -> int:
+    """Targeted selection; prints where the selected records are."""
+    from gs_ray.config import apply_overrides
+    from gs_ray.rundir import RunDir
+
+    if args.run_dir:
+        if args.config:
+            raise ConfigError("--run-dir takes its configuration from the run directory; drop "
+                              "--config")  # fmt: skip
+        cfg = apply_overrides(RunDir.open(args.run_dir).config(), rest)
+    else:
+        cfg = load_config(args.config, rest)
+    flags = {"selection.method": args.method, "selection.target": args.target,
+             "selection.budget": args.budget, "data.source": args.data,
+             "run.output_dir": args.output_dir}  # fmt: skip
+    cfg = apply_overrides(cfg, [f"--{k}={v}" for k, v in flags.items() if v is not None])
+    from gs_ray.selection.select import check_select_inputs, select
+
+    check_select_inputs(cfg)  # config, budget, pool and target: before any model is loaded
+    with logs.capture(quiet=not args.verbose, level=args.log_level):
+        run = select(cfg, args.run_dir, checked=True)
+    name = cfg.selection.method
+    print(json.dumps({"run_dir": str(run.path), "selected": str(run.selection_selected(name)),
+                      "ranked": str(run.selection_ranked(name))}))  # fmt: skip
     return 0
 
 

@@ -39,8 +39,15 @@ from gs_ray.errors import ConfigError
 # Choices (Literal types, checked when a config loads); each is defined here once.
 Transport = Literal["gradients", "partial_sums", "collective"]
 ProjectionKind = Literal["rademacher", "countsketch"]  # core.gradients.RandomProjection
+RouterKind = Literal["encoder", "tfidf"]  # routing.router.ROUTERS
 RowDtype = Literal["float32", "bfloat16"]
 NonFinitePolicy = Literal["fail", "skip"]
+#: G-SNR utility (docs/selection.md): ``energy`` ||mean g||^2 / mean ||g_m - mean||^2 (default),
+#: ``coordinate`` the mean over coordinates of mu_j^2 / var_j.
+GSNRForm = Literal["energy", "coordinate"]
+#: ``gs-ray spectra``: subset B's responses as read (``as_is``), or only the text after the last
+#: "####" (``final_answer``: GSM8K's bare answer without the worked reasoning).
+SpectraResponse = Literal["as_is", "final_answer"]
 
 __all__ = ["Config", "ConfigError", "StageName", "apply_overrides", "help_lines", "load_config"]
 
@@ -49,6 +56,9 @@ EvalMethod = Literal[
     "base", "warmup", "single_lora", "random_clusters", "embedding_kmeans", "merged", "elrea",
     "gradientspace", "gradientspace_oracle", "gradientspace_ensemble",
 ]  # fmt: skip
+
+#: How ``gs-ray select`` scores the pool (docs/selection.md): GIST, a LESS-style baseline, random.
+SelectionMethod = Literal["gist", "less", "random", "gsnr"]  # selection.consumers.SELECTORS
 
 #: The pipeline's stages in order (``run.until`` takes one of them).
 StageName = Literal["warmup", "tune", "stage2", "experts", "router", "evaluate"]  # pipeline.STAGES
@@ -362,8 +372,13 @@ class EvalConfig:
 
 @dataclass
 class RouterConfig:
-    """The router: a frozen encoder and a linear head over K."""
+    """The router: a frozen encoder and a linear head over K (``kind: encoder``, the paper's), or
+    character n-gram TF-IDF features and a logistic-regression head (``kind: tfidf``)."""
 
+    kind: RouterKind = _f(
+        "encoder", "encoder (frozen transformer + linear head) | tfidf (char n-gram TF-IDF + "
+        "logistic regression: sub-millisecond on a CPU; benchmarks/README.md)"
+    )  # fmt: skip
     encoder: str = _f("all-MiniLM-L6-v2", "encoder: 'all-MiniLM-L6-v2' (bundled) or a HF path / id")
     max_length: int = _f(128, "encoder max tokens", ge=1)
     epochs: int = _f(200, "head training epochs (full batch)", ge=1)
@@ -371,6 +386,9 @@ class RouterConfig:
     holdout_fraction: float = _f(
         0.2, "share of assigned samples held out for router accuracy", ge=0, lt=1
     )
+    tfidf_ngrams: list[int] = _f([2, 5], "tfidf: character n-gram range [min, max]", ge=1)
+    tfidf_max_features: int = _f(50000, "tfidf: vocabulary size at most", ge=1)
+    tfidf_c: float = _f(10.0, "tfidf: inverse L2 regularisation of the logistic regression", gt=0)
 
 
 @dataclass
@@ -404,11 +422,66 @@ class ServeConfig:
     expert_cpus: float = _f(1.0, "CPUs per experts replica", ge=0)
     router_cpus: float = _f(0.5, "CPUs per router replica", ge=0)
     router_int8: bool = _f(
-        False, "route with the encoder's linear layers quantised to int8 (CPU; ~2.5x faster)"
+        False,
+        "route with the encoder's linear layers quantised to int8 (CPU; ~2.5x faster, ~1.3 "
+        "points less agreement with the gradient clusters: benchmarks/README.md)",
     )
     device: str = _f(
         "auto", "torch device of the experts replicas: auto | cpu | cuda | cuda:N", pattern=_DEVICE
     )
+
+
+@dataclass
+class SpectraConfig:
+    """``gs-ray spectra``: layer-wise gradient spectra of the base weights (arXiv 2504.10766)."""
+
+    modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "projections measured in every layer",
+        nonempty=True,
+    )  # fmt: skip
+    batch_size: int = _f(8, "samples per forward/backward (length-sorted micro-batches)", ge=1)
+    max_samples: int | None = _f(None, "measure at most this many samples per subset", ge=1)
+    label_a: str = _f("A", "name of the --data subset in tables and plots", pattern=r"\S.*")
+    label_b: str = _f("B", "name of the --subset-b subset in tables and plots", pattern=r"\S.*")
+    b_response: SpectraResponse = _f(
+        "as_is", "subset B's responses: as_is | final_answer (only the text after the last '####')"
+    )
+
+
+@dataclass
+class GSNRConfig(TrainingConfig):
+    """G-SNR (GradFiltering, arXiv 2601.13697): a LoRA ensemble on a small proxy model, trained
+    briefly (these training fields), and the per-example utility over its members."""
+
+    members: int = _f(4, "ensemble members M (seeds and data orders differ)", ge=2)
+    form: GSNRForm = _f("energy", "G-SNR form: energy | coordinate (docs/selection.md)")
+    eps: float = _f(1e-12, "added to the spread across members (no division by zero)", gt=0)
+    epochs: int = _f(1, "passes over the data per member", ge=1)
+    max_steps: int | None = _f(30, "optimizer steps per member (None: all epochs)", ge=1)
+    parallel: bool = _f(True, "train the members concurrently (Ray Train runs)")
+
+
+@dataclass
+class SelectionConfig:
+    """``gs-ray select``: targeted data selection from the pool's LoRA gradients."""
+
+    method: SelectionMethod = _f(
+        "gist", "gist (target subspace, arXiv 2602.18584) | less (8,192-dim random projection, "
+        "cosine to the target's mean) | random | gsnr (G-SNR under a LoRA ensemble, arXiv "
+        "2601.13697: no target; settings under gsnr.*)"
+    )  # fmt: skip
+    target: str | None = _f(None, "the target set: a .jsonl/.json/.parquet file of records")
+    budget: str = _f(
+        "5%", "how much of the pool to select: a percentage (5%) or a count (120)",
+        pattern=r"\s*\d+(\.\d+)?\s*%?\s*",
+    )  # fmt: skip
+    gist_rank: int | None = _f(
+        None, "GIST: fixed subspace dimension k (None: by gist_energy)", ge=1
+    )
+    gist_energy: float = _f(
+        0.9, "GIST: smallest k whose squared singular values hold this share", gt=0, le=1
+    )
+    less_dim: int = _f(8192, "LESS: random projection dimension", ge=1)
 
 
 @dataclass
@@ -443,6 +516,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    spectra: SpectraConfig = field(default_factory=SpectraConfig)
+    gsnr: GSNRConfig = field(default_factory=GSNRConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -599,6 +675,9 @@ def _check_relations(cfg: Config) -> None:
         )
     _check_template(cfg.data.template)
     _check_mix(cfg.data)
+    n = cfg.router.tfidf_ngrams
+    if len(n) != 2 or n[0] > n[1]:
+        raise ConfigError(f"router.tfidf_ngrams: expected [min, max] with min <= max, got {n}")
     s = cfg.serve
     if s.max_new_tokens > s.max_new_tokens_limit:
         raise ConfigError(

@@ -48,3 +48,15 @@ def task_resources(cpus: int = 2) -> dict:
     if cluster_has_gpu():
         return {"num_gpus": 1, "num_cpus": 1}
     return {"num_cpus": max(1, min(cpus, int(ray.cluster_resources().get("CPU", 1))))}
+
+
+def use_assigned_cpus() -> int:
+    """Inside a Ray task or actor: let torch use as many threads as the CPUs Ray assigned it (a
+    task started with ``task_resources()`` may otherwise run on one thread). Returns them."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    return threads

@@ -14,6 +14,10 @@ re-run, resumed or inspected on its own::
     stage2/assignments.jsonl  one line per sample: id, split, cluster, domain
     stage2/checkpoint/        centroid-actor checkpoints (resume)
     experts/expert_<k>/       Stage III LoRA experts (peft format)
+    selection/<name>/         a selection consumer's outputs (gist | less | random, or its own
+                              name): scores.jsonl (id, score, rank; best first), summary.json,
+                              and from gs-ray select ranked.jsonl / selected.jsonl (the input
+                              records, best first / the budget's top)
     router/                   the router head and its settings
     eval/eval.json            gs-ray eval: every method's held-out numbers (and partitions.json,
                               adapters/seed<i>/<method>/..., routers/<method>/)
@@ -153,6 +157,24 @@ class RunDir:
     def discard_experts(self) -> None:
         shutil.rmtree(self.experts_dir, ignore_errors=True)
 
+    def selection(self, name: str) -> Path:
+        """A selection consumer's folder (``gs_ray.selection``), named by the consumer."""
+        return self.path / "selection" / name
+
+    def selection_scores(self, name: str) -> Path:
+        return self.selection(name) / "scores.jsonl"
+
+    def selection_summary(self, name: str) -> Path:
+        return self.selection(name) / "summary.json"
+
+    def selection_ranked(self, name: str) -> Path:
+        """``gs-ray select``: the whole pool's input records, best first."""
+        return self.selection(name) / "ranked.jsonl"
+
+    def selection_selected(self, name: str) -> Path:
+        """``gs-ray select``: the records within the budget, best first."""
+        return self.selection(name) / "selected.jsonl"
+
     @property
     def router(self) -> Path:
         return self.path / "router"
@@ -289,3 +311,73 @@ class RunDir:
     def assignments(self) -> list[dict[str, Any]]:
         """Rows of stage2/assignments.jsonl: id, split, cluster, domain."""
         return self.read_jsonl(self.assignments_path)
+
+
+# --------------------------------------------------------------------------- selection outputs
+# Folders named on the command line (not run directories); their layouts are defined here too.
+
+MEMBER_PREFIX = "member_"
+
+
+def member_name(m: int) -> str:
+    """The name of G-SNR ensemble member m: its folder and its training run."""
+    return f"{MEMBER_PREFIX}{m}"
+
+
+class SpectraDir:
+    """``gs-ray spectra --out DIR``::
+
+    spectra.jsonl        one line per sample: id, subset, n_tokens, loss, and per projection the
+                         nuclear norm and effective rank of every layer (lists in layer order)
+    spectra.csv          the same in long form: one row per (sample, layer, projection)
+    summary.json         per subset, projection and layer: mean and std of both metrics; the
+                         B - A gaps; throughput (samples/s)
+    layer_curves.png     mean metric per layer, one line per subset (the two-subset comparison)
+    distributions.png    per-sample metric averaged over layers, one histogram per subset
+    base_model/          tiny-llama only: the base model measured (it exists nowhere else)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def jsonl(self) -> Path:
+        return self.path / "spectra.jsonl"
+
+    @property
+    def csv(self) -> Path:
+        return self.path / "spectra.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def layer_curves(self) -> Path:
+        return self.path / "layer_curves.png"
+
+    @property
+    def distributions(self) -> Path:
+        return self.path / "distributions.png"
+
+    @property
+    def base_model(self) -> Path:
+        return self.path / "base_model"
+
+
+class EnsembleDir:
+    """The G-SNR ensemble's work folder::
+
+    members/member_<m>/  the member's LoRA adapter (peft format)
+    ray_train/           Ray Train's run folders (absolute path: every node must reach it)
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+
+    def member(self, m: int) -> Path:
+        return self.path / "members" / member_name(m)
+
+    @property
+    def storage(self) -> Path:
+        return self.path / "ray_train"

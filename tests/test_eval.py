@@ -156,6 +156,15 @@ def test_greedy_mixture_routes_like_generate_and_mixes_by_hand(two_adapters):
             ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6,
                                  do_sample=False, pad_token_id=0)  # fmt: skip
         assert tokens == ref[0, len(prompt) :].tolist()
+    # The KV-cached routed path gives the step-by-step mixture's tokens (EOS cut included).
+    many = [[1, 5, 9], [3, 8, 2, 11, 6], [7], [4, 4, 10, 2], [12, 3]]
+    routes = np.eye(3)[[0, 2, 1, 2, 0]]
+    for eos in (None, got[0][2]):
+        fast = greedy_mixture(model, [None, "a0", "a1"], routes, many, 7, eos_id=eos, pad_id=0,
+                              batch_size=2)  # fmt: skip
+        slow = greedy_mixture(model, [None, "a0", "a1"], routes, many, 7, eos_id=eos, pad_id=0,
+                              batch_size=2, cached=False)  # fmt: skip
+        assert fast == slow
     # A soft mixture, first token by hand: argmax of 0.3 p_base + 0.7 p_a0.
     w = np.array([[0.3, 0.7]])
     first = greedy_mixture(model, [None, "a0"], w, prompts[:1], 1, eos_id=None, pad_id=0)[0][0]

@@ -1,6 +1,7 @@
 """The OpenAI-compatible API's pure parts, no Serve: the ensemble's step on a hand-computed case,
-stop sequences, the error shape, and the API key (401). The routes themselves are tested over
-HTTP with the official openai client in test_serving.py (one deployment for both)."""
+stop sequences (whole and streamed), streamed text pieces, the error shape, and the API key
+(401). The routes themselves are tested over HTTP with the official openai client in
+test_serving.py (one deployment for all, plus an ingress with an API key on the same replicas)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from gs_ray.serving.app import (
     CompletionRequest,
     Ingress,
     OpenAIError,
+    StopCutter,
     chat_prompt,
     cut_at_stop,
     expert_model,
     openai_validation_error,
 )
-from gs_ray.serving.pool import ensemble_next_token
+from gs_ray.serving.pool import TextDeltas, ensemble_next_token
 
 
 def test_ensemble_step_by_hand():
@@ -99,3 +101,38 @@ def test_api_key_gives_401_without_it(monkeypatch):
     with pytest.raises(OpenAIError):
         asyncio.run(ingress.info(shell, req()))
     assert asyncio.run(ingress.healthz(shell)) == "ok"
+
+
+def test_stop_cutter_joins_to_cut_at_stop():
+    """Streamed text cut at stop strings, in random pieces, joins to the whole text's cut; no
+    piece is sent that a later stop string would have removed."""
+    import random
+
+    rng = random.Random(0)
+    words = ["ab", "c", ".", "\n", "END", "E", "N", "D", "x y", "stop"]
+    for _ in range(300):
+        text = "".join(rng.choice(words) for _ in range(rng.randrange(0, 12)))
+        stop = rng.choice([None, "END", ["\n", "."], ["ND", "stop"], "", ["c."]])
+        cutter = StopCutter(stop)
+        cuts = sorted(rng.sample(range(len(text) + 1), min(3, len(text) + 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        sent = "".join(cutter.feed(x) for x in pieces) + cutter.finish()
+        assert (sent, cutter.stopped) == cut_at_stop(text, stop), (text, stop, pieces)
+
+
+class _CharTokenizer:
+    """Token i is a byte; decoding replaces a cut UTF-8 character with U+FFFD, as BPE
+    tokenizers do."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+def test_text_deltas_join_to_the_decoded_text():
+    tok = _CharTokenizer()
+    ids = list("héllo → wörld ✓".encode()) + [300]  # 300: a special token, skipped
+    deltas = TextDeltas(tok)
+    pieces = [deltas.add(i) for i in ids] + [deltas.finish()]
+    assert "".join(pieces) == tok.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(bool(p) for p in pieces) > 5  # text goes out as it comes

@@ -371,9 +371,13 @@ def test_serve_binds_loopback_by_default():
 # --------------------------------------------------------------------------- Ray Serve over HTTP
 
 
-def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict | str]:
+def _http(
+    url: str, body: dict | None = None, timeout: float = 60, headers: dict | None = None
+) -> tuple[int, dict | str]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -664,6 +668,23 @@ def test_ensemble_equals_a_hand_computation(pool, run_dir, reference):
     assert got.text not in singles or len(singles) < K
 
 
+def test_stream_joins_to_the_answers_of_generate_sample_and_ensemble(pool):
+    """ExpertPool.stream: pieces, then the Generation that generate / sample / ensemble give."""
+    for i, k in ((0, 0), (1, 2), (3, 1)):
+        *pieces, done = pool.stream(PROMPTS[i], k, 12)
+        want = pool.generate([PROMPTS[i]], [k], 12)[0]
+        assert done == want and "".join(pieces) == want.text and len(pieces) > 1
+    *pieces, done = pool.stream(PROMPTS[1], 0, 8, sampling=(1.0, 0.9, 5))
+    assert done == pool.sample(PROMPTS[1], 0, 8, 1.0, 0.9, 5) and "".join(pieces) == done.text
+    w = [0.2, 0.5, 0.3]
+    *pieces, done = pool.stream(PROMPTS[3], -1, 6, weights=w)
+    assert done == pool.ensemble(PROMPTS[3], w, 6) and "".join(pieces) == done.text
+    with pytest.raises(ServingError, match="expert"):
+        next(pool.stream(PROMPTS[0], K, 4))
+    *_, done = pool.stream(PROMPTS[0], 0, 3)  # a stream ended early leaves the pool usable
+    assert done.n_new_tokens <= 3 and pool.generate([PROMPTS[0]], [0], 3)[0] == done
+
+
 def test_sampling_is_reproducible_with_a_seed(pool):
     a = pool.sample(PROMPTS[1], 0, 10, 1.0, 0.9, seed=7)
     b = pool.sample(PROMPTS[1], 0, 10, 1.0, 0.9, seed=7)
@@ -733,6 +754,51 @@ def test_openai_client_completions_chat_stream_models(served, run_dir, reference
     # /v1/route
     status, out = _http(f"{served}/v1/route", {"prompt": PROMPTS[0]})
     assert status == 200 and out["expert"] == int(probs[0].argmax())
+
+
+@pytest.mark.ray
+def test_openai_stream_is_token_by_token(served, reference):
+    """Streaming sends the answer as it is generated: several text chunks (about one per
+    token) that join to the non-streamed greedy answer, usage on the finish chunk (and on a
+    chunk of its own with stream_options.include_usage), stop strings cut as without streaming;
+    and the first text arrives long before the last on a long answer."""
+    client = _client(served)
+    for i, k in ((1, 0), (2, 1), (4, 2)):
+        chunks = list(client.completions.create(model=f"gs-ray/expert-{k}", prompt=PROMPTS[i],
+                                                max_tokens=12, temperature=0, stream=True))  # fmt: skip
+        texts = [c.choices[0].text for c in chunks if c.choices[0].text]
+        assert "".join(texts) == reference[i, k] and len(texts) >= 4, texts
+        assert chunks[-1].usage.completion_tokens <= 12 and chunks[-1].choices[0].finish_reason
+    chunks = list(client.chat.completions.create(
+        model="gs-ray/expert-1", messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens > 0
+    texts = [c.choices[0].delta.content for c in chunks[:-1] if c.choices[0].delta.content]
+    assert "".join(texts) == reference[0, 1] and len(texts) >= 4
+    full = reference[0, 1]
+    stop = full.strip()[2:4]
+    chunks = list(client.completions.create(model="gs-ray/expert-1", prompt=PROMPTS[0],
+                                            max_tokens=12, temperature=0, stop=[stop],
+                                            stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == full[: full.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # a streamed request that cannot be served gets its 400 before any event
+    status, out = _http(f"{served}/v1/completions", {"model": "gs-ray/expert-0", "stream": True,
+                                                     "prompt": "word " * 2000})  # fmt: skip
+    _assert_openai_error(status, out, 400, "prompt")
+    assert out["error"]["code"] == "context_length_exceeded"
+    # arrival times of the text chunks of a long answer, read off the wire
+    body = {"model": "gs-ray/expert-0", "prompt": PROMPTS[2], "max_tokens": 160,
+            "temperature": 0, "stream": True}  # fmt: skip
+    req = urllib.request.Request(f"{served}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    start, arrivals = time.perf_counter(), []
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                arrivals.append(time.perf_counter() - start)
+    assert len(arrivals) >= 20, len(arrivals)
+    assert arrivals[0] < 0.5 * arrivals[-1], (arrivals[0], arrivals[-1])
 
 
 def _raw(url: str, data: bytes, timeout: float = 60) -> tuple[int, dict | str]:
@@ -860,11 +926,78 @@ def test_int8_router_agrees_with_the_float_router(run_dir):
     assert agree >= 0.98, agree
     assert abs(float_p - int8_p).max() < 0.2
     assert any("quantized" in type(m).__module__ for m in int8.encoder.model.modules())
+    # keep_float: the layers it names stay float, the others are quantised
+    partial = ServedRun.open(run_dir).router().quantize(r"layer\.\d+\.output\.dense")
+    mods = dict(partial.encoder.model.named_modules())
+    assert type(mods["encoder.layer.0.output.dense"]) is torch.nn.Linear
+    assert "quantized" in type(mods["encoder.layer.0.intermediate.dense"]).__module__
+    assert "quantized" in type(mods["encoder.layer.0.attention.output.dense"]).__module__
     # the shared float encoder is untouched
     assert not any(
         "quantized" in type(m).__module__
         for m in ServedRun.open(run_dir).router().encoder.model.modules()
     )
+
+
+KEY = "s3cret-test-key"
+
+
+@pytest.fixture
+def keyed(served, run_dir):
+    """A second ingress on the running Serve, at /keyed, with serve.api_key set: it reuses the
+    served app's router and experts replicas (their handles), so no model loads twice. Deleted
+    after its test (test_serve_shuts_down_cleanly stops Serve altogether)."""
+    from ray import serve
+
+    from gs_ray.config import ServeConfig
+    from gs_ray.serving.app import APP_NAME, Ingress
+
+    handles = [serve.get_deployment_handle(d, APP_NAME)
+               for d in ("RouterDeployment", "ExpertsDeployment")]  # fmt: skip
+    app = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
+        *handles, ServedRun.open(run_dir).info(), ServeConfig(api_key=KEY)
+    )
+    serve.run(app, name="gs-ray-keyed", route_prefix="/keyed")
+    yield f"{served}/keyed"
+    serve.delete("gs-ray-keyed")
+
+
+@pytest.mark.ray
+def test_http_api_key_401_without_it(keyed):
+    """With serve.api_key set: no key, a wrong key or another scheme get 401 in OpenAI's shape
+    on every route; the right key is served (the openai client included); /healthz stays open."""
+    import openai
+
+    bodies = {
+        "/v1/models": None, "/info": None, "/route": {"prompt": PROMPTS[0]},
+        "/v1/route": {"prompt": PROMPTS[0]},
+        "/generate": {"prompt": PROMPTS[0], "max_new_tokens": 2},
+        "/v1/completions": {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 2},
+        "/v1/chat/completions": {"model": "gs-ray", "max_tokens": 2,
+                                 "messages": [{"role": "user", "content": PROMPTS[0]}]},
+    }  # fmt: skip
+    for path, body in bodies.items():
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": KEY}):  # fmt: skip
+            status, out = _http(f"{keyed}{path}", body, headers=headers)
+            _assert_openai_error(status, out, 401, None)
+            assert out["error"]["type"] == "authentication_error", out
+            assert out["error"]["code"] == "invalid_api_key", out
+        status, out = _http(f"{keyed}{path}", body, headers={"Authorization": f"Bearer {KEY}"})
+        assert status == 200, (path, out)
+    assert _http(f"{keyed}/healthz") == (200, "ok")
+    client = openai.OpenAI(base_url=f"{keyed}/v1", api_key=KEY, max_retries=0, timeout=120)
+    r = client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1], max_tokens=4,
+                                  temperature=0)  # fmt: skip
+    assert r.choices[0].text and r.model_extra["gs_ray"]["expert"] == 0
+    chunks = list(client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1],
+                                            max_tokens=4, temperature=0, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    bad = openai.OpenAI(base_url=f"{keyed}/v1", api_key="wrong", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="gs-ray", prompt=PROMPTS[1], max_tokens=4, stream=True)
 
 
 @pytest.mark.ray

@@ -63,13 +63,13 @@ def reference(tmp_path_factory):
     return {"p": p, "plan": plan, "res": res, "tmp": tmp, "config_path": path}
 
 
-def _run_ray(ref, tmp_path, **overrides):
+def _run_ray(ref, tmp_path, consumers=(), **overrides):
     p = ref["p"]
     cfg = load_config(ref["config_path"], [f"--{k}={v}" for k, v in overrides.items()])
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
     return run_stage2_ray(
         plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
-        tmp_path / "checkpoint",
+        tmp_path / "checkpoint", consumers=consumers,
     )  # fmt: skip
 
 
@@ -164,3 +164,28 @@ def test_reference_pipeline_run_directory(reference):
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(p.run.warmup_adapter)).r == 8
+
+
+def test_consumers_read_the_stream_inside_the_centroid_actor(ray_session, reference, tmp_path):
+    """GIST and random selection ride the Ray run: same labels, no extra gradient computation,
+    every final-pass sample once, GIST's projections equal to those of local gradients."""
+    from gs_ray.config import SelectionConfig
+    from gs_ray.selection.consumers import make_selector
+
+    exact, p, plan = reference["res"], reference["p"], reference["plan"]
+    T = exact.val_grads[:24]  # a target: some validation gradients
+    cfg = SelectionConfig()
+    consumers = [make_selector(m, T, cfg, seed=0) for m in ("gist", "random")]
+    out = _run_ray(reference, tmp_path, consumers=consumers, **{"stage2.num_workers": 2})
+    np.testing.assert_array_equal(out.labels, exact.labels)
+    assert out.info["engine_calls"] == exact.info["engine_calls"]  # one gradient pass
+    gist, rnd = out.consumers
+    final_ids = [p.samples[i].id for b in plan.final for i in b]
+    assert gist.ids_ == final_ids and rnd.ids_ == final_ids
+    computer = GradientComputer(p.base_path, reference["p"].cfg, p.run.warmup_adapter, p.pad_id)
+    first = plan.final[0]
+    G = computer([p.samples[i].pair for i in first])
+    coords, _ = gist.subspace.project(G)
+    np.testing.assert_allclose(gist.projections()[0][: len(first)], coords, atol=1e-4)
+    with pytest.raises(ValueError, match="transport: gradients"):
+        _run_ray(reference, tmp_path, consumers=consumers, **{"stage2.transport": "partial_sums"})

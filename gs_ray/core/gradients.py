@@ -129,6 +129,23 @@ def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def input_and_output_grad_hook(entries: list):
+    """A forward hook that appends ``[input, None]`` to ``entries`` on each call and fills in the
+    gradient of the module's output on the backward pass: the two factors of a linear layer's
+    per-sample weight gradient (the LoRA engine here, the spectra of ``selection/spectra.py``)."""
+
+    def hook(module, inputs, output):
+        entry = [inputs[0].detach(), None]
+        entries.append(entry)
+
+        def keep_grad(grad):
+            entry[1] = grad.detach()
+
+        output.register_hook(keep_grad)
+
+    return hook
+
+
 class LoRAGradientEngine:
     """Per-sample LoRA gradients of a peft model by forward/backward hooks.
 
@@ -165,22 +182,9 @@ class LoRAGradientEngine:
     @contextlib.contextmanager
     def _hooks(self, store: dict[str, list]):
         handles = []
-
-        def make_hook(name: str):
-            def hook(module, inputs, output):
-                entry = [inputs[0].detach(), None]
-                store[name].append(entry)
-
-                def keep_grad(grad):
-                    entry[1] = grad.detach()
-
-                output.register_hook(keep_grad)
-
-            return hook
-
         for name, module in self._modules.items():
             store[name] = []
-            handles.append(module.register_forward_hook(make_hook(name)))
+            handles.append(module.register_forward_hook(input_and_output_grad_hook(store[name])))
         try:
             yield
         finally:

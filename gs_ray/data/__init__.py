@@ -13,11 +13,12 @@ from gs_ray.data.loading import (
     load_samples,
     make_splits,
     read_examples,
+    rows_by_id,
     unique_ids,
 )
 
 __all__ = [
     "DataError", "DataReport", "Example", "Sample", "Splits", "check_inputs", "check_source",
     "length_bucketed_batches",
-    "load_samples", "make_splits", "read_examples", "unique_ids",
+    "load_samples", "make_splits", "read_examples", "rows_by_id", "unique_ids",
 ]  # fmt: skip

@@ -415,6 +415,21 @@ def read_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], DataRe
     return kept, report
 
 
+def rows_by_id(cfg: DataConfig, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Each source record as read, keyed by the id its sample gets (``gs-ray select`` writes the
+    chosen records back in the input's own format). A mix has no single input format: its
+    records are given as ``{id, prompt, response, domain}``."""
+    if cfg.source == "mix":
+        examples, _ = read_examples(cfg, seed)
+        return {ex.id: {"id": ex.id, "prompt": ex.prompt, "response": ex.response,
+                        "domain": ex.domain} for ex in examples}  # fmt: skip
+    rows, source = read_rows(cfg, seed)
+    fmt, _ = detect_format(rows, cfg, source)
+    examples = [to_example(row, i, cfg, source, fmt) for i, row in enumerate(rows)]
+    unique_ids(examples, DataReport(source=source, rows_read=len(rows)))  # as read_examples does
+    return {ex.id: row for ex, row in zip(examples, rows)}
+
+
 def check_source(cfg: DataConfig, seed: int = 0) -> DataReport:
     """Read and check every record of the configured source without a tokenizer (run this
     before starting Ray or creating a run directory). Returns the counts; raises DataError,

@@ -35,7 +35,7 @@ from gs_ray.evaluation.compare import (
     unit_centroids,
 )
 from gs_ray.prepare import Prepared
-from gs_ray.ray_utils import task_resources
+from gs_ray.ray_utils import task_resources, use_assigned_cpus
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def _gradients_task(base_path, cfg, adapter, pad_id, train_pairs, test_pairs, qu
     from gs_ray.stage2.computer import GradientComputer
     from gs_ray.stage2.executors import make_clusterer
 
+    use_assigned_cpus()
     computer = GradientComputer(base_path, cfg, adapter, pad_id)
     engine, micro = computer.engine, computer.micro
     project = computer.project or (lambda g: g)
@@ -194,6 +195,7 @@ def _sts_task(base_path, cfg, adapter, pad_id, pairs, encoder, max_length):
     from gs_ray.routing.router import load_encoder
     from gs_ray.stage2.computer import GradientComputer
 
+    use_assigned_cpus()
     computer = GradientComputer(base_path, cfg, adapter, pad_id)
     grad_cos = []
     step = CHUNK // 2

@@ -58,7 +58,7 @@ from gs_ray.evaluation.compare import (
 )
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared, prepare
-from gs_ray.ray_utils import task_resources
+from gs_ray.ray_utils import task_resources, use_assigned_cpus
 from gs_ray.rundir import WARMUP, RunDir, adapter_complete, expert_name
 
 log = logging.getLogger(__name__)
@@ -246,11 +246,11 @@ def _fit_routers(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> 
 
 def _route_task(folders: dict[str, str], prompts: list[str]) -> tuple[dict, dict]:
     """Each router's p(k | prompt) on the test prompts, and its latency per prompt (ms)."""
-    from gs_ray.routing.router import Router
+    from gs_ray.routing.router import load_router
 
     probs, latency = {}, {}
     for key, folder in folders.items():
-        router = Router.load(folder)
+        router = load_router(folder)
         probs[key] = router.predict_proba(prompts)
         latency[key] = router.route_latency_ms(prompts[:20])
     return probs, latency
@@ -266,6 +266,7 @@ def _score_task(base_path, model_cfg, adapters, merges, pairs, pad_id, plans, ge
     from gs_ray.evaluation.generate import greedy_mixture, using
     from gs_ray.training.loop import load_adapters, token_losses
 
+    use_assigned_cpus()
     model = load_adapters(base_path, model_cfg, adapters)
     for name, parts in merges.items():
         # combination "cat" stacks the adapters' A and B: its update sum_k w_k B_k A_k is exactly

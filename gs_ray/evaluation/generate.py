@@ -49,14 +49,22 @@ def greedy_mixture(
     eos_id: int | None,
     pad_id: int,
     batch_size: int = 16,
+    cached: bool = True,
 ) -> list[list[int]]:
     """The generated token ids of each prompt (without the prompt, up to and without EOS).
 
-    ``weights``: (n_prompts, len(names)), each row non-negative and summing to 1."""
+    ``weights``: (n_prompts, len(names)), each row non-negative and summing to 1. When every row
+    is one-hot (routing) and ``cached``, each adapter's prompts go through ``generate`` with a KV
+    cache; otherwise every step recomputes the prefix under each adapter with weight."""
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (len(prompts), len(names)):
         raise ValueError(f"weights {weights.shape} != ({len(prompts)}, {len(names)})")
     device = next(model.parameters()).device
+    if (
+        cached and (weights.max(1) == 1.0).all()
+    ):  # every prompt routed to one adapter: KV-cached generate
+        return _greedy_routed(model, names, weights.argmax(1), prompts, max_new_tokens, eos_id,
+                              pad_id, batch_size, device)  # fmt: skip
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         seqs = [list(p) for p in prompts[start : start + batch_size]]
@@ -91,4 +99,28 @@ def greedy_mixture(
                 still.append(j)
             active = still
         out += gen
+    return out
+
+
+def _greedy_routed(model, names, chosen, prompts, max_new_tokens, eos_id, pad_id, batch_size,
+                   device) -> list[list[int]]:  # fmt: skip
+    """Greedy generation where each prompt uses one adapter: transformers' ``generate`` with its
+    KV cache, prompts grouped by adapter (the same tokens as the step-by-step mixture, which
+    recomputes the whole prefix at every step)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for a, name in enumerate(names):
+        rows = np.flatnonzero(chosen == a)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            ids, mask = _left_pad([list(prompts[i]) for i in chunk], pad_id)
+            with using(model, name):
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=eos_id, pad_token_id=pad_id, top_p=None,
+                                     top_k=None, temperature=None)  # fmt: skip
+            for j, i in enumerate(chunk):
+                tokens = gen[j, ids.shape[1] :].tolist()
+                if eos_id is not None and eos_id in tokens:
+                    tokens = tokens[: tokens.index(eos_id)]
+                out[i] = tokens
     return out

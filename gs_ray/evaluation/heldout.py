@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from gs_ray.prepare import Prepared
-from gs_ray.ray_utils import task_resources
+from gs_ray.ray_utils import task_resources, use_assigned_cpus
 from gs_ray.rundir import WARMUP, expert_name
 
 log = logging.getLogger(__name__)
@@ -16,11 +16,12 @@ BASE = "base"  # the base model with no adapter, in the per-sample losses
 
 
 def _evaluate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder, prompts):
-    from gs_ray.routing.router import Router
+    from gs_ray.routing.router import load_router
     from gs_ray.training.loop import adapter_losses
 
+    use_assigned_cpus()
     losses = adapter_losses(base_path, model_cfg, adapters, pairs, pad_id, base_key=BASE)
-    router = Router.load(router_folder)
+    router = load_router(router_folder)
     return losses, router.predict(prompts), router.route_latency_ms(prompts[:20])
 
 

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gs_ray.config import RouterConfig
+from gs_ray.config import RouterConfig, RouterKind
 from gs_ray.core.models import resolve_device
 from gs_ray.io import write_json
 from gs_ray.progress import Progress
@@ -48,6 +49,7 @@ _BUNDLED_ALIASES = (BUNDLED_ENCODER, f"sentence-transformers/{BUNDLED_ENCODER}")
 ROUTER_FORMAT = "gs_ray.routing.router/1"
 ROUTER_JSON = "router.json"
 HEAD_FILE = "head.safetensors"
+TFIDF_FILE = "tfidf.npz"
 _PROGRESS_MIN_TEXTS = 256  # shorter encodes log nothing
 
 
@@ -275,6 +277,12 @@ def _metrics(
 ) -> dict[str, Any]:
     with torch.no_grad():
         pred = head(torch.from_numpy(feats)).argmax(1).numpy()
+    return _pred_metrics(pred, labels, train_idx, hold_idx, n_clusters)
+
+
+def _pred_metrics(pred: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
+                  hold_idx: np.ndarray, n_clusters: int) -> dict[str, Any]:  # fmt: skip
+    """Holdout, train and per-cluster accuracy of a router's choices ``pred`` (every sample)."""
     y_hold = labels[hold_idx]
     per_cluster = [
         _accuracy(pred[hold_idx][y_hold == k], y_hold[y_hold == k]) for k in range(n_clusters)
@@ -396,21 +404,29 @@ class Router:
             self.head.to(enc.device)
         return self._encoder
 
-    def quantize(self) -> Router:
+    def quantize(self, keep_float: str | None = None) -> Router:
         """Swap in a copy of the encoder with its linear layers quantised to int8 (torch dynamic
         quantisation, CPU): on this project's 2-core CPU at batch 1 it routes about 2.5x faster
-        (MiniLM, 1 thread, quiet-ish machine: 13.8 -> 5.2 ms p50) and agreed with the float
-        router on 99.75% of 400 held-out demo prompts (benchmarks/README.md). The shared float
-        encoder (``load_encoder``) is left as it is. Returns ``self``."""
+        (MiniLM, 1 thread, quiet-ish machine: 13.8 -> 5.2 ms p50); see benchmarks/README.md for
+        its agreement with the gradient clusters. ``keep_float``: a regular expression; linear
+        layers whose module name it matches stay float (MiniLM's FFN outputs,
+        ``layer.N.output.dense``, carry the activations int8 rounds worst). Dynamic quantisation scales
+        activations per tensor, so an int8 route can depend on the other prompts of its batch.
+        The shared float encoder (``load_encoder``) is left as it is. Returns ``self``."""
         import copy
+        import re
         import warnings
 
         enc = copy.copy(self.encoder)
+        model = copy.deepcopy(self.encoder.model).cpu()
+        spec = {
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not (keep_float and re.search(keep_float, name))
+        }
         with warnings.catch_warnings():  # torch.ao.quantization's deprecation notice
             warnings.simplefilter("ignore")
-            enc.model = torch.ao.quantization.quantize_dynamic(
-                enc.model.cpu(), {nn.Linear}, dtype=torch.qint8
-            )
+            enc.model = torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
         enc.device = torch.device("cpu")
         self._encoder = enc
         self.head.cpu()
@@ -484,6 +500,136 @@ class Router:
         return cls(head, meta["encoder"], int(meta["max_length"]), meta.get("metrics"), device)
 
 
+class TfidfRouter:
+    """Character n-gram TF-IDF features and a multinomial logistic-regression head
+    (``router.kind: tfidf``): the same interface as ``Router``, no neural encoder, well under a
+    millisecond per prompt on a CPU. Measured against the encoder router on three runs
+    (benchmarks/README.md): the same agreement with the gradient clusters or better."""
+
+    kind = "tfidf"
+
+    def __init__(self, vectorizer, head, metrics: dict[str, Any] | None = None):
+        self.vectorizer, self.head = vectorizer, head
+        self.metrics = dict(metrics or {})
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.metrics.get("n_clusters") or len(self.head.coef_))
+
+    @staticmethod
+    def _vectorizer(cfg: RouterConfig):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        return TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(cfg.tfidf_ngrams),
+                               sublinear_tf=True, max_features=cfg.tfidf_max_features,
+                               dtype=np.float32)  # fmt: skip
+
+    @classmethod
+    def fit(cls, texts: Sequence[str], labels: Sequence[int] | np.ndarray, n_clusters: int,
+            cfg: RouterConfig, seed: int = 0) -> tuple[TfidfRouter, dict[str, Any]]:  # fmt: skip
+        """Fit on the prompts' cluster labels; ``cfg.holdout_fraction`` of each cluster is held
+        out (``stratified_split``) and measured, as for the encoder router."""
+        from sklearn.linear_model import LogisticRegression
+
+        y = np.asarray(labels, dtype=np.int64)
+        if len(y) == 0 or len(y) != len(texts):
+            raise ValueError(
+                f"{len(texts)} texts and {len(y)} labels: nothing to fit or a mismatch"
+            )
+        train_idx, hold_idx = stratified_split(y, cfg.holdout_fraction, seed)
+        vec = cls._vectorizer(cfg)
+        X = vec.fit_transform([texts[i] for i in train_idx])
+        if len(set(y[train_idx].tolist())) < 2:
+            head = _ConstantHead(int(y[train_idx][0]) if len(train_idx) else 0, n_clusters)
+        else:
+            head = LogisticRegression(C=cfg.tfidf_c, max_iter=2000).fit(X, y[train_idx])
+        router = cls(vec, head, {"n_clusters": n_clusters})
+        pred = router.predict(list(texts))
+        metrics = _pred_metrics(pred, y, train_idx, hold_idx, n_clusters)
+        metrics.update(kind=cls.kind, n_clusters=n_clusters, n_features=len(vec.vocabulary_),
+                       seed=seed)  # fmt: skip
+        router.metrics = metrics
+        log.info("router (tfidf): holdout accuracy %s (chance %s), %d features",
+                 _fmt(metrics["holdout_accuracy"]), _fmt(metrics["chance_accuracy"]),
+                 metrics["n_features"])  # fmt: skip
+        return router, metrics
+
+    def predict_proba(self, texts: str | Sequence[str]) -> np.ndarray:
+        """p(k | x) for each prompt, ``(n, K)`` (clusters without training samples: 0)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        p = self.head.predict_proba(self.vectorizer.transform(texts))
+        out = np.zeros((len(texts), self.n_clusters), dtype=np.float32)
+        out[:, np.asarray(self.head.classes_, dtype=np.int64)] = p
+        return out
+
+    def predict(self, texts: str | Sequence[str]) -> np.ndarray:
+        return self.predict_proba(texts).argmax(axis=1).astype(np.int64)
+
+    route_latency_ms = Router.route_latency_ms
+
+    def quantize(self, keep_float: str | None = None) -> TfidfRouter:
+        """Nothing to quantise (no neural encoder)."""
+        return self
+
+    def save(self, folder: str | Path) -> Path:
+        """``router.json`` (format, kind, vectorizer settings, metrics) and ``tfidf.npz``
+        (vocabulary, idf, coefficients, intercepts, classes): plain arrays, no pickle."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab = sorted(self.vectorizer.vocabulary_, key=self.vectorizer.vocabulary_.get)
+        np.savez(folder / TFIDF_FILE, vocabulary=np.array(vocab, dtype=object).astype(str),
+                 idf=self.vectorizer.idf_, coef=self.head.coef_, intercept=self.head.intercept_,
+                 classes=np.asarray(self.head.classes_))  # fmt: skip
+        write_json(folder / ROUTER_JSON, {
+            "format": ROUTER_FORMAT, "kind": self.kind, "n_clusters": self.n_clusters,
+            "ngram_range": list(self.vectorizer.ngram_range),
+            "max_features": self.vectorizer.max_features, "metrics": self.metrics,
+        })  # fmt: skip
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, meta: dict[str, Any]) -> TfidfRouter:
+        from sklearn.linear_model import LogisticRegression
+
+        z = np.load(Path(folder) / TFIDF_FILE, allow_pickle=False)
+        cfg = RouterConfig(tfidf_ngrams=list(meta["ngram_range"]),
+                           tfidf_max_features=int(meta["max_features"]))  # fmt: skip
+        vec = cls._vectorizer(cfg)
+        vec.vocabulary_ = {str(t): i for i, t in enumerate(z["vocabulary"])}
+        vec.idf_ = z["idf"]
+        head = LogisticRegression()
+        head.coef_, head.intercept_, head.classes_ = z["coef"], z["intercept"], z["classes"]
+        if len(head.classes_) == 1:
+            head = _ConstantHead(int(head.classes_[0]), int(meta["n_clusters"]))
+        return cls(vec, head, {**meta.get("metrics", {}), "n_clusters": meta["n_clusters"]})
+
+
+class _ConstantHead:
+    """A head for a router trained on a single cluster: always that cluster."""
+
+    def __init__(self, label: int, n_clusters: int):
+        self.classes_ = np.array([label])
+        self.coef_ = np.zeros((1, 0))
+        self.intercept_ = np.zeros(1)
+
+    def predict_proba(self, X) -> np.ndarray:
+        return np.ones((X.shape[0], 1))
+
+
+ROUTERS: dict[str, type] = {"encoder": Router, TfidfRouter.kind: TfidfRouter}
+assert set(ROUTERS) == set(typing.get_args(RouterKind)), "config.RouterKind and ROUTERS differ"
+
+
+def load_router(folder: str | Path, device: str | None = None) -> Router | TfidfRouter:
+    """A router saved by ``save``, of whichever kind it is."""
+    meta = json.loads((Path(folder) / ROUTER_JSON).read_text())
+    if meta.get("format") != ROUTER_FORMAT:
+        raise ValueError(f"{Path(folder) / ROUTER_JSON}: not a {ROUTER_FORMAT} router")
+    if meta.get("kind") == TfidfRouter.kind:
+        return TfidfRouter.load(folder, meta)
+    return Router.load(folder, device)
+
+
 def fit_router(
     texts: Sequence[str],
     labels: Sequence[int] | np.ndarray,
@@ -491,9 +637,11 @@ def fit_router(
     cfg: RouterConfig,
     seed: int = 0,
     cache_path: str | Path | None = None,
-) -> tuple[Router, dict[str, Any]]:
+) -> tuple[Router | TfidfRouter, dict[str, Any]]:
     """Encode the prompts (through the feature cache when ``cache_path`` is given) and train the
-    router on them: the whole of router training in one call."""
+    router on them: the whole of router training in one call (``cfg.kind`` picks the router)."""
+    if cfg.kind == TfidfRouter.kind:
+        return TfidfRouter.fit(texts, labels, n_clusters, cfg, seed)
     if cache_path is not None:
         feats = encode_cached(texts, cfg.encoder, cache_path, cfg.max_length)
     else:

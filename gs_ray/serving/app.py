@@ -9,11 +9,13 @@ Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin a
   ``expert`` forces one) and returns the chosen expert, the router's probabilities, the answer and
   timings. ``POST /route {"prompt": ...}`` only routes. ``GET /info`` describes the run and its
   experts; ``GET /healthz`` answers ``ok``.
-* The OpenAI API: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream`` as
-  server-sent events), ``GET /v1/models`` (``gs-ray`` routed, ``gs-ray/expert-K`` one expert,
+* The OpenAI API: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``: server-sent
+  events, one chunk per piece of text as the expert generates it, ``stream_options.include_usage``
+  honoured), ``GET /v1/models`` (``gs-ray`` routed, ``gs-ray/expert-K`` one expert,
   ``gs-ray/ensemble`` all K weighted by the router's probabilities, ``ExpertPool.ensemble``) and
   ``POST /v1/route``; errors in OpenAI's shape (``OpenAIError``). Greedy requests share the
-  experts' batches; sampled (``temperature`` > 0, seeded) and ensemble requests run one at a time.
+  experts' batches; sampled (``temperature`` > 0, seeded), ensemble and streamed requests run one
+  at a time.
   With ``serve.api_key`` (or ``GS_RAY_API_KEY``) set, every route but ``/healthz`` needs
   ``Authorization: Bearer KEY`` (401).
 * Both model deployments batch with ``@serve.batch`` (``serve.max_batch_size``,
@@ -48,6 +50,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
@@ -59,7 +62,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gs_ray.config import Config, ServeConfig, apply_overrides
-from gs_ray.serving.pool import ServedRun, ServingError, chat_instruction
+from gs_ray.serving.pool import Generation, ServedRun, ServingError, chat_instruction
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,41 @@ class ExpertsDeployment:
                           "batch_size": len(ok), "generate_ms": ms}  # fmt: skip
         return out
 
+    async def stream(self, prompt: Any, expert: int, m: int, mode: tuple | None):
+        """One answer as it is generated (``ExpertPool.stream``): ``{"text": piece}`` items,
+        then ``{"done": ...}`` (token counts, finish reason), or one ``{"error": message}`` for a
+        request that cannot be served. Streams do not join the greedy batches: the pool runs
+        one generation at a time, so a stream and a batch take turns."""
+        kwargs: dict[str, Any] = {}
+        if mode is not None and mode[0] == "sample":
+            kwargs["sampling"] = tuple(mode[1:])
+        elif mode is not None:  # ("ensemble", weights)
+            kwargs["weights"], expert = mode[1], -1
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        def run() -> None:  # one thread from first token to last: it holds the pool's lock
+            try:
+                for item in self.pool.stream(prompt, expert, m, **kwargs):
+                    loop.call_soon_threadsafe(items.put_nowait, item)
+            except ServingError as e:
+                loop.call_soon_threadsafe(items.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(items.put_nowait, end)
+
+        self.n_requests += 1
+        worker = loop.run_in_executor(None, run)
+        while (item := await items.get()) is not end:
+            if isinstance(item, ServingError):
+                yield {"error": str(item)}
+            elif isinstance(item, Generation):
+                yield {"done": True, "n_prompt_tokens": item.n_prompt_tokens,
+                       "n_new_tokens": item.n_new_tokens, "finish_reason": item.finish_reason}  # fmt: skip
+            else:
+                yield {"text": item}
+        await worker
+
     def stats(self) -> dict[str, Any]:
         """Batches and requests served so far, and the sizes of the latest 1,024 batches."""
         return {"batches": self.n_batches, "requests": self.n_requests,
@@ -256,6 +294,14 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = Field(
+        default=False, description="one more chunk after the last: no choices, the usage"
+    )
+
+
 class _OpenAIRequest(BaseModel):
     # strict types as the rest of the API; unknown OpenAI fields (user, logprobs...) are ignored
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -268,6 +314,7 @@ class _OpenAIRequest(BaseModel):
     seed: StrictInt | None = None
     n: Literal[1] = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -328,19 +375,45 @@ def openai_validation_error(errors: Any) -> OpenAIError:
     return OpenAIError(400, f"{param}: {first['msg']}", param, first["type"] or None)
 
 
-def _sse(chunks: list[dict], out: dict[str, Any]) -> StreamingResponse:
-    """Server-sent events in OpenAI's chunk format, ending ``data: [DONE]``. The answer is
-    generated before the first event (the experts batch whole requests), so a stream carries
-    it as one content chunk; the last chunk also carries ``usage`` and the ``gs_ray`` field."""
-    chunks = [dict(c) for c in chunks]
-    chunks[-1].update(usage=out["usage"], gs_ray=out["gs_ray"])
+class StopCutter:
+    """Stop strings over text that arrives in pieces: ``feed`` returns what may be sent now,
+    holding back a tail that could still begin a stop string; ``finish`` the rest. The pieces
+    join to ``cut_at_stop(whole text, stop)[0]``, and ``stopped`` tells whether one was found."""
 
-    async def events():
-        for c in chunks:
-            yield f"data: {json.dumps(c)}\n\n"
+    def __init__(self, stop: str | list[str] | None):
+        self.stops = [x for x in ([stop] if isinstance(stop, str) else list(stop or [])) if x]
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.buffer, self.stopped = "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buffer += piece
+        text, self.stopped = cut_at_stop(self.buffer, self.stops)
+        if self.stopped:
+            self.buffer = ""
+            return text
+        n = len(self.buffer) - self.hold
+        if n <= 0:
+            return ""
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def finish(self) -> str:
+        out, self.buffer = ("" if self.stopped else self.buffer), ""
+        return out
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events in OpenAI's chunk format, one ``data:`` line per chunk, ending
+    ``data: [DONE]``."""
+
+    async def body():
+        async for chunk in events:
+            yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 # (Defined before Ingress: serve.ingress captures the class's globals when it is decorated.)
@@ -471,10 +544,8 @@ class Ingress:
         self._auth(request)
         return await self.route(req, request)
 
-    async def _complete(
-        self, req: _OpenAIRequest, prompt: str, chat: list[dict[str, str]] | None = None
-    ) -> dict[str, Any]:
-        """Route (or not), generate, cut at stop: the shared body of both OpenAI routes."""
+    async def _plan(self, req: _OpenAIRequest, prompt: str) -> dict[str, Any]:
+        """Check the model and length, route (or not): what both generation paths share."""
         if req.model not in self._models():
             raise OpenAIError(404, f"model: {req.model!r} does not exist; GET /v1/models lists "
                                    f"them", "model", "model_not_found")  # fmt: skip
@@ -495,37 +566,101 @@ class Ingress:
             mode, expert = ("ensemble", probs), -1
         elif req.temperature > 0:
             mode = ("sample", float(req.temperature), float(req.top_p), req.seed)
-        # a chat goes to the experts as messages (their chat template, if any); the router sees
-        # the instruction
-        out = await self.experts.generate.remote((chat or prompt, expert, m, mode))
-        if "error" in out:
-            code = "context_length_exceeded" if "exceed" in out["error"] else None
-            raise OpenAIError(400, out["error"], out["error"].split(":")[0], code)
-        text, stopped = cut_at_stop(out["text"], req.stop)
+        return {"start": start, "m": m, "expert": expert, "probs": probs, "mode": mode,
+                "route_ms": route_ms}  # fmt: skip
+
+    @staticmethod
+    def _generation_error(message: str) -> OpenAIError:
+        code = "context_length_exceeded" if "exceed" in message else None
+        return OpenAIError(400, message, message.split(":")[0], code)
+
+    def _result(self, req: _OpenAIRequest, plan: dict, out: dict, text: str,
+                stopped: bool) -> dict[str, Any]:  # fmt: skip
+        expert = plan["expert"]
         return {
             "text": text,
             "finish_reason": "stop" if stopped else out["finish_reason"],
             "usage": {"prompt_tokens": out["n_prompt_tokens"],
                       "completion_tokens": out["n_new_tokens"],
                       "total_tokens": out["n_prompt_tokens"] + out["n_new_tokens"]},
-            "gs_ray": {"expert": None if expert < 0 else expert, "probs": probs,
+            "gs_ray": {"expert": None if expert < 0 else expert, "probs": plan["probs"],
                        "routed_by": "router" if req.model == MODEL else (
                            "ensemble" if expert < 0 else "request"),
-                       "route_ms": route_ms,
-                       "total_ms": 1000 * (time.perf_counter() - start)},
+                       "route_ms": plan["route_ms"],
+                       "total_ms": 1000 * (time.perf_counter() - plan["start"])},
         }  # fmt: skip
+
+    async def _complete(
+        self, req: _OpenAIRequest, prompt: str, chat: list[dict[str, str]] | None = None
+    ) -> dict[str, Any]:
+        """Route (or not), generate, cut at stop: the non-streamed body of both OpenAI routes."""
+        plan = await self._plan(req, prompt)
+        # a chat goes to the experts as messages (their chat template, if any); the router sees
+        # the instruction
+        out = await self.experts.generate.remote((chat or prompt, plan["expert"], plan["m"],
+                                                  plan["mode"]))  # fmt: skip
+        if "error" in out:
+            raise self._generation_error(out["error"])
+        text, stopped = cut_at_stop(out["text"], req.stop)
+        return self._result(req, plan, out, text, stopped)
+
+    async def _stream(
+        self,
+        req: _OpenAIRequest,
+        prompt: str,
+        chat: list[dict[str, str]] | None,
+        head: dict[str, Any],
+        choice: Callable[[str, str | None], dict[str, Any]],
+        opening: dict[str, Any] | None = None,
+    ) -> StreamingResponse:
+        """The streamed body of both OpenAI routes: chunks as the expert generates (``choice(
+        text, finish_reason)`` shapes one; ``opening``, the chat's role, goes first).
+        The first piece is awaited before the response starts, so a request that cannot be
+        served still gets its 400. The finish chunk carries ``usage`` and ``gs_ray``; with
+        ``stream_options.include_usage`` one more chunk with no choices carries ``usage``."""
+        plan = await self._plan(req, prompt)
+        pieces = self.experts.options(stream=True).stream.remote(
+            chat or prompt, plan["expert"], plan["m"], plan["mode"]
+        )
+        first = await pieces.__anext__()
+        if "error" in first:
+            raise self._generation_error(first["error"])
+
+        async def chunks() -> AsyncIterator[dict]:
+            cutter = StopCutter(req.stop)
+            if opening is not None:
+                yield {**head, "choices": [opening]}
+            item, sent = first, []
+            while "done" not in item:
+                text = cutter.feed(item["text"])
+                if text:
+                    sent.append(text)
+                    yield {**head, "choices": [choice(text, None)]}
+                item = await pieces.__anext__()
+            rest = cutter.finish()
+            if rest:
+                sent.append(rest)
+                yield {**head, "choices": [choice(rest, None)]}
+            out = self._result(req, plan, item, "".join(sent), cutter.stopped)
+            yield {**head, "choices": [choice("", out["finish_reason"])],
+                   "usage": out["usage"], "gs_ray": out["gs_ray"]}  # fmt: skip
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield {**head, "choices": [], "usage": out["usage"]}
+
+        return _sse(chunks())
 
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest, request: Request) -> Any:
         self._auth(request)
-        out = await self._complete(req, req.prompt)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": req.model}  # fmt: skip
         if req.stream:
-            chunks = [{"index": 0, "text": out["text"], "logprobs": None, "finish_reason": None},
-                      {"index": 0, "text": "", "logprobs": None,
-                       "finish_reason": out["finish_reason"]}]  # fmt: skip
-            return _sse([{**head, "choices": [c]} for c in chunks], out)
+
+            def choice(text: str, finish: str | None) -> dict[str, Any]:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+            return await self._stream(req, req.prompt, None, head, choice)
+        out = await self._complete(req, req.prompt)
         choice = {"index": 0, "text": out["text"], "logprobs": None,
                   "finish_reason": out["finish_reason"]}  # fmt: skip
         return {**head, "choices": [choice], "usage": out["usage"], "gs_ray": out["gs_ray"]}
@@ -534,15 +669,20 @@ class Ingress:
     async def chat_completions(self, req: ChatRequest, request: Request) -> Any:
         self._auth(request)
         chat = [{"role": m.role, "content": m.content} for m in req.messages]
-        out = await self._complete(req, chat_prompt(req.messages), chat)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": req.model}  # fmt: skip
         if req.stream:
-            deltas = [({"role": "assistant", "content": ""}, None),
-                      ({"content": out["text"]}, None), ({}, out["finish_reason"])]  # fmt: skip
-            return _sse([{**head, "object": "chat.completion.chunk",
-                          "choices": [{"index": 0, "delta": d, "logprobs": None,
-                                       "finish_reason": f}]} for d, f in deltas], out)  # fmt: skip
+
+            def delta(text: str, finish: str | None) -> dict[str, Any]:
+                d = {"content": text} if text else {}
+                return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}  # fmt: skip
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+            return await self._stream(req, chat_prompt(req.messages), chat, chunk_head, delta,
+                                      role)  # fmt: skip
+        out = await self._complete(req, chat_prompt(req.messages), chat)
         choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
                   "logprobs": None, "finish_reason": out["finish_reason"]}  # fmt: skip
         return {**head, "object": "chat.completion", "choices": [choice], "usage": out["usage"],

@@ -29,7 +29,9 @@ expert sees at inference exactly the prompt format it was trained on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +113,64 @@ def chat_instruction(messages: Sequence[dict[str, str]]) -> str:
 adapter_name = expert_name  # the peft adapter name of expert k inside an ``ExpertPool``
 
 
+def _locked(method):
+    """Run ``method`` holding the pool's lock (see ``ExpertPool.lock``)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class TextDeltas:
+    """Token ids in, text out as it becomes final: ``add`` returns the text the new token adds
+    (held back while the decoded text ends in an incomplete character, or would rewrite text
+    already given out), ``finish`` the rest. The pieces join to ``decode(all ids)``, the text a
+    non-streamed answer has."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self._text()
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def finish(self) -> str:
+        text = self._text()
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+
+class _TokenQueue:
+    """A ``generate`` streamer (transformers' ``put`` / ``end`` protocol) that hands the new
+    token ids of a batch-1 generation to another thread."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.queue.put(int(token))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+
 class ExpertPool:
     """The base model once, with the K experts as named LoRA adapters; greedy generation."""
 
@@ -139,6 +199,9 @@ class ExpertPool:
         self.model = model.eval()
         self.n_experts = len(expert_paths)
         self.max_positions = getattr(base.config, "max_position_embeddings", None)
+        # The active adapter is the model's state: one generation at a time (a batch, a sampled
+        # or ensemble answer, or a stream from its first token to its last).
+        self.lock = threading.RLock()
 
     def render(self, prompt: str | Sequence[dict[str, str]]) -> str:
         """The prompt as the experts saw prompts in training (``data.template``). A chat (a list
@@ -169,6 +232,7 @@ class ExpertPool:
     def _n_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    @_locked
     @torch.no_grad()
     def generate(
         self,
@@ -202,6 +266,7 @@ class ExpertPool:
                 results[i] = g
         return results  # type: ignore[return-value]  # every row is in exactly one group
 
+    @_locked
     @torch.no_grad()
     def sample(
         self,
@@ -229,34 +294,127 @@ class ExpertPool:
         return self._finish(expert, out[0, ids["input_ids"].shape[1] :].tolist(),
                             ids["input_ids"].shape[1], max_new_tokens)  # fmt: skip
 
-    @torch.no_grad()
+    @_locked
     def ensemble(self, prompt: str, weights: Sequence[float], max_new_tokens: int) -> Generation:
         """The ensemble of all K experts: at each step the next token is
         ``ensemble_next_token`` over the K experts' logits for the sequence so far (greedy over
         the mixture ``sum_k w_k softmax(logits_k)``), until EOS or ``max_new_tokens``. Each step
         runs the K adapters on the whole sequence (no KV cache): K times the cost of one expert,
         at least."""
+        ids = self._ensemble_ids(prompt, weights, max_new_tokens)
+        new = list(self._ensemble_tokens(ids, weights, max_new_tokens))
+        return self._finish(-1, new, ids.shape[1], max_new_tokens)
+
+    def _ensemble_ids(
+        self, prompt: str | Sequence[dict[str, str]], weights: Sequence[float], max_new_tokens: int
+    ) -> torch.Tensor:
         if len(weights) != self.n_experts:
             raise ServingError(f"weights: {len(weights)} values for {self.n_experts} experts")
         self.check(0, max_new_tokens)
         text = self.render(prompt)
         ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"]
         check_fits(ids.shape[1], max_new_tokens, self.max_positions)
-        ids = ids.to(self.device)
-        n_prompt = ids.shape[1]
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def _ensemble_tokens(
+        self, ids: torch.Tensor, weights: Sequence[float], max_new_tokens: int
+    ) -> Iterator[int]:
+        """The ensemble's tokens one by one (EOS included when it comes); hold ``lock``."""
         eos = self.tokenizer.eos_token_id
-        new: list[int] = []
         for _ in range(max_new_tokens):
             logits = []
             for k in range(self.n_experts):
                 self.model.set_adapter(adapter_name(k))
                 logits.append(self.model(input_ids=ids).logits[0, -1])
             token = ensemble_next_token(logits, weights)
-            new.append(token)
+            yield token
             if token == eos:
-                break
+                return
             ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
-        return self._finish(-1, new, n_prompt, max_new_tokens)
+
+    def stream(
+        self,
+        prompt: str | Sequence[dict[str, str]],
+        expert: int,
+        max_new_tokens: int,
+        sampling: tuple[float, float, int | None] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> Iterator[str | Generation]:
+        """One answer as it is generated: text pieces (``str``) as tokens come, then the
+        ``Generation`` (the whole text, token counts, finish reason). Greedy by default (the
+        answer ``generate`` gives, piece by piece), ``sampling`` = (temperature, top_p, seed) as
+        ``sample``, or ``weights`` for the ensemble of all experts as ``ensemble``. A request
+        that cannot be served raises ``ServingError`` before anything is yielded. The pool's
+        lock is held from the first token to the last (batches wait for a stream), so consume
+        the whole iterator in one thread."""
+        if weights is not None:
+            ids = self._ensemble_ids(prompt, weights, max_new_tokens)
+            n_prompt, expert = ids.shape[1], -1
+        else:
+            self.validate(prompt, expert, max_new_tokens)
+            text = self.render(prompt)
+            ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"]
+            n_prompt = ids.shape[1]
+        eos = self.tokenizer.eos_token_id
+        deltas = TextDeltas(self.tokenizer)
+        new: list[int] = []
+        stop = False
+        with self.lock:
+            for token in self._stream_tokens(ids, expert, max_new_tokens, sampling, weights):
+                if eos is not None and token == eos:
+                    stop = True
+                    break
+                if len(new) == max_new_tokens:
+                    break
+                new.append(token)
+                piece = deltas.add(token)
+                if piece:
+                    yield piece
+        rest = deltas.finish()
+        if rest:
+            yield rest
+        yield Generation(expert, deltas.sent, n_prompt, len(new), "stop" if stop else "length")
+
+    def _stream_tokens(self, ids, expert, max_new_tokens, sampling, weights) -> Iterator[int]:
+        """New token ids of one generation as they come (``generate`` runs in a thread and
+        hands them over through a ``_TokenQueue``); hold ``lock``."""
+        if weights is not None:
+            yield from self._ensemble_tokens(ids.to(self.device), weights, max_new_tokens)
+            return
+        self.model.set_adapter(adapter_name(expert))
+        if sampling is None:
+            how: dict = {"do_sample": False}
+        else:
+            temperature, top_p, seed = sampling
+            if seed is not None:
+                torch.manual_seed(seed)
+            how = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        streamer = _TokenQueue()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    self.model.generate(
+                        input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(
+                            self.device), max_new_tokens=max_new_tokens, streamer=streamer,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=self.tokenizer.eos_token_id, **how,
+                    )  # fmt: skip
+            except BaseException as e:  # handed to the consumer, raised there
+                failure.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="gs-ray-stream", daemon=True)
+        worker.start()
+        try:
+            while (token := streamer.queue.get()) is not None:
+                yield token
+        finally:
+            worker.join()  # a consumer that stops early still waits for generate to end
+        if failure:
+            raise failure[0]
 
     def _finish(self, expert: int, new: list[int], n_prompt: int, limit: int) -> Generation:
         new = new[:limit]
@@ -361,9 +519,9 @@ class ServedRun:
         return [str(self.run.expert(c)) for c in range(self.n_experts)]
 
     def router(self, device: str | None = None):
-        from gs_ray.routing.router import Router
+        from gs_ray.routing.router import load_router
 
-        return Router.load(self.run.router, device=device)
+        return load_router(self.run.router, device=device)
 
     def expert_pool(self, device: str | torch.device | None = None) -> ExpertPool:
         return ExpertPool(self.base_path(), self.cfg, self.expert_paths(), device)

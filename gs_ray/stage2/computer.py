@@ -44,6 +44,7 @@ class GradientBatch:
 
     G: np.ndarray  # (b, d) float32
     skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (b,) bool
+    ids: list[str] = field(default_factory=list)  # the samples' ids, in row order (if known)
 
     def __post_init__(self) -> None:
         if self.skipped.shape != (len(self.G),):
@@ -62,14 +63,14 @@ def check_finite(G: np.ndarray, ids: Sequence[str], policy: str) -> GradientBatc
     """Apply the non-finite policy to a batch of gradients whose rows belong to ``ids``."""
     bad = ~np.isfinite(G).all(axis=1)
     if not bad.any():
-        return GradientBatch(G)
+        return GradientBatch(G, ids=list(ids))
     bad_ids = [str(ids[i]) for i in np.flatnonzero(bad)]
     if policy != "skip":
         raise NonFiniteGradientError(bad_ids)
     log.warning("skipping %d sample(s) with non-finite gradients: %s", len(bad_ids), bad_ids[:10])
     G = G.copy()
     G[bad] = 0.0
-    return GradientBatch(G, bad)
+    return GradientBatch(G, bad, list(ids))
 
 
 class GradientComputer:

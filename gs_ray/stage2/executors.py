@@ -12,6 +12,11 @@ submission order, so the driver submits each worker result straight into the cen
 flight (backpressure), and relies on Ray's actor restarts and task retries for failed workers.
 The ``partial_sums`` transport also needs per-batch centroid versions passed to the workers,
 which a map_batches UDF cannot express cleanly.
+
+Other consumers of the gradient stream (``gs_ray.stage2.consumers``) ride in the same host, so
+one gradient computation serves all of them: in this process for the local executor, inside the
+centroid actor for the Ray executor (exact transport only: the other transports never move whole
+gradients to the host).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from gs_ray.data import Sample
 from gs_ray.progress import Progress
 from gs_ray.stage2 import faults
 from gs_ray.stage2.computer import GradientComputer
+from gs_ray.stage2.consumers import GradientConsumer
 from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.plan import ONLINE, VAL, Stage2Plan, order_key, phase_label
 from gs_ray.stage2.result import Stage2Result
@@ -63,7 +69,10 @@ def make_clusterer(cfg: Config) -> GradientSpaceClustering:
 def run_stage2_local(
     plan: Stage2Plan, samples: Sequence[Sample], computer: GradientComputer, host: CentroidHost
 ) -> Stage2Result:
-    """The reference Stage II loop in one process (exact transport): the oracle."""
+    """The reference Stage II loop in one process (exact transport): the oracle. The host's
+    consumers read the same batches (``CentroidHost(..., consumers=[...])``)."""
+    if len(host.consumers):
+        host.set_layout(computer.layout())
     for phase, epoch, batches in plan.phases():
         if phase == ONLINE and host.finished_online:
             continue
@@ -172,16 +181,24 @@ def run_stage2_ray(
     pad_id: int,
     checkpoint_dir: str | Path,
     resume: bool = False,
+    consumers: Sequence[GradientConsumer] = (),
 ) -> Stage2Result:
     """Stage II on Ray: sharded gradient workers feeding one centroid actor.
 
     With ``resume`` the centroid actor restarts from ``checkpoint_dir`` and batches it has
     already applied are neither recomputed nor re-applied. ``info`` of the result holds the
     workers, the transport and, per pass, wall time, centroid busy time and bytes moved.
+    ``consumers`` read the gradient stream inside the centroid actor (their final state comes
+    back in ``result.consumers``); they need the exact transport (``gradients``).
     """
     import ray
 
     s2 = cfg.stage2
+    if consumers and s2.transport != "gradients":
+        raise ValueError(
+            f"gradient consumers need stage2.transport: gradients (the {s2.transport} transport "
+            "never sends whole gradients to the centroid actor)"
+        )
     if s2.transport == "collective":  # replicated state: the group runs its own loop
         from gs_ray.stage2.collective import run_stage2_collective
 
@@ -208,8 +225,11 @@ def run_stage2_ray(
     host = (
         ray.remote(CentroidHost)
         .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
-        .remote(make_clusterer(cfg), len(samples), transport.host_helper(workers))
+        .remote(make_clusterer(cfg), len(samples), transport.host_helper(workers), list(consumers))
     )
+    layout = ray.get(workers[0].layout.remote())
+    if consumers:
+        ray.get(host.set_layout.remote(layout))
     resumed_from = None
     if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
         resumed_from = tuple(ray.get(host.status.remote())["position"])
@@ -269,7 +289,7 @@ def run_stage2_ray(
         "engine_calls": sum(w["engine_calls"] for w in worker_stats),
     }  # fmt: skip
     result: Stage2Result = ray.get(host.result.remote(info))
-    result.layout = ray.get(workers[0].layout.remote())
+    result.layout = layout
     for actor in [*workers, host]:
         ray.kill(actor)
     return result

@@ -1,6 +1,8 @@
 """The centroid host: the clusterer plus its position in the plan (what the centroid actor hosts).
 
-Free of Ray: batches arrive through method calls in plan order, whoever sends them. The
+Free of Ray: batches arrive through method calls in plan order, whoever sends them. The host is
+where the gradient stream is read: the clusterer first, then any other consumers
+(``gs_ray.stage2.consumers``) on the phases they read, from the same gradients. The
 ``partial_sums`` transport needs the sums of the rows its cluster caches evict; those rows live
 on the gradient workers, so the host is given a fetcher (``EvictedSums``) that gets them.
 """
@@ -19,6 +21,7 @@ import numpy as np
 from gs_ray.core.clustering import GradientSpaceClustering
 from gs_ray.io import atomic_write_text
 from gs_ray.stage2.computer import GradientBatch
+from gs_ray.stage2.consumers import ConsumerSet, GradientConsumer
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, order_key
 from gs_ray.stage2.result import SKIPPED, UNASSIGNED, Stage2Result
 
@@ -47,8 +50,10 @@ class CentroidHost:
         clusterer: GradientSpaceClustering,
         n_samples: int,
         evicted_sums: EvictedSums | None = None,
+        consumers: list[GradientConsumer] | tuple[GradientConsumer, ...] = (),
     ):
         self.clusterer = clusterer
+        self.consumers = ConsumerSet(consumers)
         self.labels = np.full(n_samples, UNASSIGNED, dtype=np.int64)
         self.val_grads: list[np.ndarray] = []
         self.position: tuple[str, int, int] = (VAL, 0, -1)  # last applied batch
@@ -99,8 +104,16 @@ class CentroidHost:
             self.labels[idx[batch.skipped]] = SKIPPED
             if len(kept):
                 self.labels[idx[~batch.skipped]] = self.clusterer.predict(kept)
+        if len(self.consumers):
+            if len(batch.ids) != len(batch.G):
+                raise ValueError("gradient consumers need the batch's sample ids")
+            self.consumers.feed(phase, epoch, t, idx, batch.G, batch.skipped, batch.ids)
         self.busy_seconds += time.perf_counter() - start
         return True
+
+    def set_layout(self, layout: dict[str, Any]) -> None:
+        """The gradient layout, for consumers that read per-layer pieces (before any batch)."""
+        self.consumers.set_layout(layout)
 
     # ------------------------------------------------------------------ partial sums
 
@@ -194,6 +207,7 @@ class CentroidHost:
             "finished_online": self.finished_online,
             "skipped": sorted(self.skipped),
             "batch_pairs": dict(self.batch_pairs),  # owners are actor handles: not kept
+            "consumers": self.consumers.state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -206,6 +220,16 @@ class CentroidHost:
         self.skipped = set(state.get("skipped", ()))
         self.batch_pairs = dict(state["batch_pairs"])
         self.owners = {}
+        saved = state.get("consumers", {})
+        for c in self.consumers:
+            if c.name not in saved and any(
+                order_key(ph, 0, 0) <= order_key(*self.position) for ph in c.phases
+            ):
+                raise RuntimeError(
+                    f"the checkpoint at {self.position} has no state for consumer {c.name!r}, "
+                    "which would miss batches already applied: run Stage II afresh"
+                )
+        self.consumers.load_state(saved)
 
     def save_checkpoint(self, folder: str | Path) -> str:
         """Pickle the state atomically to folder/centroids.ckpt; returns the path."""
@@ -232,4 +256,5 @@ class CentroidHost:
         """The Stage II result (the clusterer travels without its caches)."""
         val = np.concatenate(self.val_grads) if self.val_grads else np.zeros((0, 0), np.float32)
         info = {**(info or {}), "n_skipped": len(self.skipped)}
-        return Stage2Result(self.clusterer.without_caches(), self.labels.copy(), val, {}, info)
+        return Stage2Result(self.clusterer.without_caches(), self.labels.copy(), val, {}, info,
+                            list(self.consumers))  # fmt: skip

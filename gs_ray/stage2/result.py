@@ -16,13 +16,15 @@ SKIPPED = -2  # left out: non-finite gradient under stage2.nonfinite: skip
 @dataclass
 class Stage2Result:
     """The fitted clusterer (without its caches), one label per sample, the validation
-    gradients, the gradient layout and what the executor reports (workers, passes, timings)."""
+    gradients, the gradient layout, what the executor reports (workers, passes, timings) and
+    the other consumers of the gradient stream, with their final state."""
 
     clusterer: GradientSpaceClustering
     labels: np.ndarray  # (n_samples,) cluster, or SKIPPED
     val_grads: np.ndarray  # (n_val, d) float32
     layout: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    consumers: list[Any] = field(default_factory=list)  # the stream's other consumers, fed
 
     @property
     def k(self) -> int:

@@ -1,8 +1,10 @@
-"""Stage II as a pipeline stage: run an executor on a prepared run and write its outputs."""
+"""Stage II as a pipeline stage: run an executor on a prepared run and write its outputs (the
+clusterer's, and those of any other consumers of the gradient stream)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -11,6 +13,7 @@ from gs_ray.core.clustering import within_cluster_variance
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
 from gs_ray.stage2.computer import GradientComputer
+from gs_ray.stage2.consumers import ConsumerSet, GradientConsumer
 from gs_ray.stage2.executors import make_clusterer, run_stage2_local, run_stage2_ray
 from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.plan import Stage2Plan
@@ -29,14 +32,15 @@ def stage2_config(p: Prepared) -> Config:
     return cfg
 
 
-def stage2_local(p: Prepared) -> Stage2Result:
-    """Stage II in this process (reference): gradients, K selection, online epochs, final pass."""
+def stage2_local(p: Prepared, consumers: Sequence[GradientConsumer] = ()) -> Stage2Result:
+    """Stage II in this process (reference): gradients, K selection, online epochs, final pass;
+    ``consumers`` read the same gradients."""
     with p.run.stage("stage2") as info:
         cfg = stage2_config(p)
         if cfg.stage2.transport != "gradients":
             raise ValueError("the local reference pipeline implements the exact transport only")
         computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
-        host = CentroidHost(make_clusterer(cfg), len(p.samples))
+        host = CentroidHost(make_clusterer(cfg), len(p.samples), consumers=consumers)
         res = run_stage2_local(
             Stage2Plan.build(p.lengths, p.splits, cfg), p.samples, computer, host
         )
@@ -45,13 +49,17 @@ def stage2_local(p: Prepared) -> Stage2Result:
     return res
 
 
-def stage2_ray(p: Prepared, resume: bool = False) -> Stage2Result:
-    """Stage II on Ray: gradient workers and the centroid actor (``gs_ray.stage2.executors``)."""
+def stage2_ray(
+    p: Prepared, resume: bool = False, consumers: Sequence[GradientConsumer] = ()
+) -> Stage2Result:
+    """Stage II on Ray: gradient workers and the centroid actor (``gs_ray.stage2.executors``);
+    ``consumers`` read the same gradients inside the centroid actor."""
     with p.run.stage("stage2") as info:
         cfg = stage2_config(p)
         plan = Stage2Plan.build(p.lengths, p.splits, cfg)
         res = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter),
-                             p.pad_id, p.run.checkpoint_dir, resume=resume)  # fmt: skip
+                             p.pad_id, p.run.checkpoint_dir, resume=resume,
+                             consumers=consumers)  # fmt: skip
         write_stage2_outputs(p, res)
         info.update(k=res.k, **{key: res.info.get(key) for key in
                                 ("executor", "workers", "transport", "resumed_from")})  # fmt: skip
@@ -96,6 +104,8 @@ def write_stage2_outputs(p: Prepared, res: Stage2Result) -> None:
             **res.info,
         }
     )
+    if res.consumers:
+        run.add_metrics(consumers=ConsumerSet(res.consumers).write(run))
     from gs_ray.evaluation import plots
 
     plots.stage2_plots(run)
