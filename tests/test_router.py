@@ -302,6 +302,7 @@ def test_tfidf_router_learns_demo_domains_and_round_trips(demo, tmp_path):
     assert not list((tmp_path / "r").glob("*.pkl"))
     loaded = load_router(tmp_path / "r")
     assert isinstance(loaded, TfidfRouter) and loaded.n_clusters == len(domains)
+    assert isinstance(rt.Router.load(tmp_path / "r"), TfidfRouter)  # older callers keep working
     np.testing.assert_allclose(loaded.predict_proba(texts[:20]), p, atol=1e-6)
     assert loaded.metrics["holdout_accuracy"] == m["holdout_accuracy"]
     assert loaded.route_latency_ms(texts[:5]) > 0

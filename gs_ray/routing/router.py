@@ -487,14 +487,18 @@ class Router:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | None = None) -> Router:
-        """A router saved by ``save``; the encoder loads on the first prediction."""
+    def load(cls, folder: str | Path, device: str | None = None) -> Router | TfidfRouter:
+        """A router saved by ``save``; the encoder loads on the first prediction. A TF-IDF
+        router's folder gives a ``TfidfRouter`` (the same interface), so older code that calls
+        ``Router.load`` keeps working."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         meta = json.loads((folder / ROUTER_JSON).read_text())
         if meta.get("format") != ROUTER_FORMAT:
             raise ValueError(f"{folder / ROUTER_JSON}: not a {ROUTER_FORMAT} router")
+        if meta.get("kind") == TfidfRouter.kind:
+            return TfidfRouter.load(folder, meta)
         head = nn.Linear(int(meta["feature_dim"]), int(meta["n_clusters"]))
         head.load_state_dict(load_file(str(folder / meta.get("head", HEAD_FILE))))
         return cls(head, meta["encoder"], int(meta["max_length"]), meta.get("metrics"), device)
@@ -622,11 +626,6 @@ assert set(ROUTERS) == set(typing.get_args(RouterKind)), "config.RouterKind and 
 
 def load_router(folder: str | Path, device: str | None = None) -> Router | TfidfRouter:
     """A router saved by ``save``, of whichever kind it is."""
-    meta = json.loads((Path(folder) / ROUTER_JSON).read_text())
-    if meta.get("format") != ROUTER_FORMAT:
-        raise ValueError(f"{Path(folder) / ROUTER_JSON}: not a {ROUTER_FORMAT} router")
-    if meta.get("kind") == TfidfRouter.kind:
-        return TfidfRouter.load(folder, meta)
     return Router.load(folder, device)
 
 
