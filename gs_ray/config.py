@@ -307,6 +307,18 @@ class Stage2Config:
     nonfinite: NonFinitePolicy = _f(
         "fail", "a NaN/Inf per-sample gradient: fail (name the samples) | skip (leave them out)"
     )
+    worker_resource: str = _f(
+        "",
+        "a custom Ray resource each gradient worker also asks one unit of (a node type's "
+        "GPU-like resource in cluster_config; the autoscaler adds nodes for it); empty: none",
+        pattern=r"([\w.-]+)?",
+    )
+    prefer_node_label: str = _f(
+        "",
+        "key=value: gradient workers prefer nodes with this Ray label (soft: elsewhere when "
+        "none has room, e.g. the restarted workers after a lost node); empty: no preference",
+        pattern=r"([\w./-]+=[\w.-]+)?",
+    )
 
 
 @dataclass

@@ -158,6 +158,8 @@ def test_every_choice_is_checked_at_load_time(key, allowed):
         (["--serve.max_new_tokens", "600"], r"serve.max_new_tokens \(600\) is larger than serve.max_new_tokens_limit"),
         (["--data.template", "Q: {question}"], r"data.template .* has placeholders \['question'\]"),
         (["--run.seed", "-1"], r"run.seed: -1 is out of range; must be >= 0"),
+        (["--stage2.prefer_node_label", "gpu"], r"stage2.prefer_node_label: 'gpu' is not allowed; expected key=value"),
+        (["--stage2.worker_resource", "a b"], r"stage2.worker_resource: 'a b' is not allowed"),
     ],
 )  # fmt: skip
 def test_ranges_and_choices_name_key_value_and_allowed(overrides, message):

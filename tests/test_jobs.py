@@ -33,3 +33,31 @@ def test_cluster_yaml_schema_check_is_not_vacuous():
     config["available_node_types"]["worker.gpu"]["min_workerz"] = 1
     with pytest.raises(jsonschema.ValidationError, match="min_workerz"):
         validate_config(prepare_config(config))
+
+
+def test_cluster_yaml_is_the_rendering_of_the_one_spec():
+    """cluster.yaml is generated (python -m gs_ray.cluster_config --write), never hand-edited."""
+    from gs_ray.cluster_config import CLUSTER_YAML, main, render_aws
+
+    assert CLUSTER_YAML == ROOT / "cluster.yaml"
+    assert CLUSTER_YAML.read_text() == render_aws()
+    assert main(["--check"]) == 0
+
+
+def test_fake_config_scales_the_same_node_types():
+    from ray.autoscaler._private.util import validate_config
+
+    from gs_ray.cluster_config import FAKE_GPU, FAKE_HEAD_TYPE, SPEC, render_fake
+
+    fake = render_fake(gcs_address="127.0.0.1:1234", max_workers=2)
+    validate_config(fake)  # prepare_config would read a defaults file this wheel lacks
+    real = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    fake_types, real_types = fake["available_node_types"], real["available_node_types"]
+    assert set(fake_types) - {FAKE_HEAD_TYPE} == set(real_types) - {real["head_node_type"]}
+    for w in SPEC.workers:
+        assert fake_types[w.name]["resources"][FAKE_GPU] == real_types[w.name]["resources"]["GPU"]
+        assert fake_types[w.name]["min_workers"] == real_types[w.name]["min_workers"]
+        assert fake_types[w.name]["max_workers"] == min(2, real_types[w.name]["max_workers"])
+    assert fake["provider"]["type"] == "fake_multinode"
+    assert fake["provider"]["gcs_address"] == "127.0.0.1:1234"
+    assert fake["upscaling_speed"] == real["upscaling_speed"]

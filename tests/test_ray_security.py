@@ -163,3 +163,29 @@ def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("127.5.0.1") and is_loopback("::1")
     assert is_loopback("::ffff:127.0.0.1")
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.0.2.2", "::ffff:192.0.2.2"]))
+
+
+def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session):
+    """LocalHead.add_node(): a second raylet on 127.0.0.1 (its own launcher, not `ray start`);
+    kill() leaves none of its processes."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray_session.add_node(num_cpus=1)
+    try:
+
+        @ray.remote(num_cpus=1)
+        def where():
+            return ray.get_runtime_context().get_node_id()
+
+        on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+        assert ray.get(where.options(scheduling_strategy=on_node).remote()) == node.node_id
+        procs = node.processes()
+        assert "raylet" in {p.name() for p in procs}
+        socks = listening({p.pid for p in procs})
+        assert len(socks) >= 3
+        exposed = [s for s in socks if not is_loopback(s[0])]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+    finally:
+        node.kill()
+    assert not alive(procs)

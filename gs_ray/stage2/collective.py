@@ -324,7 +324,7 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
 
     import ray
 
-    from gs_ray.stage2.executors import WorkerSetup, make_clusterer
+    from gs_ray.stage2.executors import WorkerSetup, driver_node_affinity, make_clusterer
 
     s2 = cfg.stage2
     ws = WorkerSetup.resolve(cfg, checkpoint_dir)
@@ -342,21 +342,17 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
     # worker_actor_class() marks GradientWorker's methods with its concurrency groups; the
     # subclass inherits the marks, so it declares the same groups (one thread each).
     Worker = ray.remote(concurrency_groups={"compute": 1, "io": 1})(CollectiveWorker).options(
-        max_restarts=0, runtime_env=env, **resources
+        max_restarts=0, runtime_env=env, **resources, **ws.placement
     )
 
     def make_worker():
         return Worker.remote(base_path, wcfg, adapter_path, pad_id, fault_spec, marker_dir,
                              shared, len(samples), factory)  # fmt: skip
 
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    # The centroid actor holds the last checkpoint in memory: keep it on the driver's node, so
-    # that losing a worker node costs only gradient workers (the driver's node is the job's).
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    # The centroid actor holds the last checkpoint in memory: keep it on the driver's node.
     host = (
         ray.remote(CollectiveHost)
-        .options(num_cpus=0, scheduling_strategy=here)
+        .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
         .remote(make_clusterer(cfg), len(samples))
     )
     resumed_from = None
@@ -365,7 +361,7 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
         log.info("stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir)
     log.info("stage2 on Ray: %d workers %s, transport collective", n_workers, resources)
     ckpt = str(checkpoint_dir)
-    restarts, stats, passes, steps = 0, [], [], []
+    restarts, stats, passes, steps, restarted_from = 0, [], [], [], []
     while True:
         group = _Group(make_worker, n_workers)
         try:
@@ -380,12 +376,14 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
             if restarts > MAX_GROUP_RESTARTS:
                 raise
             position = ray.get(host.status.remote())["position"]
+            restarted_from.append(list(position))  # the checkpoint the new group starts from
             log.warning("stage2: collective group failed (%s); restart %d from %s",
                         type(err).__name__, restarts, position)  # fmt: skip
     steps_arr = {k: [s[k] for s in steps if k in s] for k in ("compute", "collective", "update")}
     info = {
         "executor": "ray", "workers": n_workers, "transport": "collective", "passes": passes,
         "resumed_from": resumed_from, "group_restarts": restarts,
+        "restarted_from": restarted_from,
         "bytes_in": ray.get(host.status.remote())["bytes_in"],
         "step_seconds": {k: round(float(np.mean(v)), 6) if v else 0.0
                          for k, v in steps_arr.items()},

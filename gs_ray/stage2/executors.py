@@ -107,8 +107,10 @@ def resolve_num_workers(cfg: Config) -> tuple[int, dict[str, float]]:
 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if gpus and cfg.model.device != "cpu":
-        n = cfg.stage2.num_workers or gpus
+    # model.device cuda asks for GPUs even when none is up yet: an autoscaler adds GPU nodes
+    # for the waiting workers (counting only present GPUs would plan CPU workers on the head).
+    if (gpus and cfg.model.device != "cpu") or cfg.model.device.startswith("cuda"):
+        n = cfg.stage2.num_workers or gpus or 1
         return n, {"num_gpus": 1, "num_cpus": 1}
     per = cfg.stage2.cpus_per_worker
     n = cfg.stage2.num_workers or max(1, int(resources.get("CPU", 1) // per))
@@ -127,6 +129,7 @@ class WorkerSetup:
     marker_dir: str
     cfg: Config
     env: dict[str, Any]
+    placement: dict[str, Any]  # extra actor options: the custom resource, the soft node label
 
     @classmethod
     def resolve(cls, cfg: Config, checkpoint_dir: str | Path) -> WorkerSetup:
@@ -139,7 +142,34 @@ class WorkerSetup:
         forwarded = ("HF_HUB_OFFLINE", "HF_HOME")
         env = {"env_vars": {k: v for k, v in os.environ.items() if k in forwarded}}
         return cls(n_workers, resources, fault_spec, faults.parse(fault_spec),
-                   str(Path(checkpoint_dir).parent / "faults"), wcfg, env)  # fmt: skip
+                   str(Path(checkpoint_dir).parent / "faults"), wcfg, env,
+                   worker_placement(cfg))  # fmt: skip
+
+
+def worker_placement(cfg: Config) -> dict[str, Any]:
+    """Actor options that place gradient workers: one unit of ``stage2.worker_resource`` (hard:
+    an autoscaler adds a node that has it) and a soft preference for nodes labelled
+    ``stage2.prefer_node_label`` (a worker restarted after its node was lost goes elsewhere)."""
+    s2, out = cfg.stage2, {}
+    if s2.worker_resource:
+        out["resources"] = {s2.worker_resource: 1}
+    if s2.prefer_node_label:
+        from ray.util.scheduling_strategies import In, NodeLabelSchedulingStrategy
+
+        key, value = s2.prefer_node_label.split("=", 1)
+        out["scheduling_strategy"] = NodeLabelSchedulingStrategy(hard={}, soft={key: In(value)})
+    return out
+
+
+def driver_node_affinity():
+    """Hard affinity to the driver's node: where the centroid actor lives, so that losing a
+    worker node costs only gradient workers. Hard, because Ray placed zero-CPU actors with a
+    soft affinity on other nodes (3 of 4 on a two-node cluster); the driver dies with its own
+    node anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def run_stage2_ray(
@@ -186,7 +216,7 @@ def run_stage2_ray(
         ws.env,
     )
     Worker = worker_actor_class().options(
-        max_restarts=-1, max_task_retries=-1, runtime_env=env, **resources
+        max_restarts=-1, max_task_retries=-1, runtime_env=env, **resources, **ws.placement
     )
     workers = [
         Worker.remote(base_path, wcfg, str(adapter_path), pad_id, fault_spec, marker_dir)
@@ -194,7 +224,7 @@ def run_stage2_ray(
     ]
     host = (
         ray.remote(CentroidHost)
-        .options(num_cpus=0)
+        .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
         .remote(make_clusterer(cfg), len(samples), transport.host_helper(workers), list(consumers))
     )
     layout = ray.get(workers[0].layout.remote())

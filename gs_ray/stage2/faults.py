@@ -4,11 +4,16 @@
 online epoch 0, batch 5 call ``os._exit(1)``, and the driver exit after submitting final batch
 3. Each fault fires once per run directory (a marker file remembers it), so the restarted worker
 or the resumed run goes through. Unset, nothing happens.
+
+``stall:online:0:5`` makes that worker write its marker and then hang instead of exiting: a test
+waits for the marker and removes the worker's whole node (``LocalNode.kill``), so the node is
+lost while the pass is certainly in progress.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 ENV = "GS_RAY_FAULTS"
@@ -25,12 +30,22 @@ def parse(spec: str | None = None) -> list[tuple[str, str, int, int]]:
 
 
 def maybe_die(faults, who: str, phase: str, epoch: int, t: int, marker_dir: str | Path) -> None:
-    """Exit the process now if (who, phase, epoch, t) is planned and has not fired yet."""
+    """Exit the process now if (who, phase, epoch, t) is planned and has not fired yet; a
+    worker with ``stall`` planned there hangs instead (until its node is killed)."""
+    if _fire(faults, who, phase, epoch, t, marker_dir):
+        os._exit(1)
+    if who == "worker" and _fire(faults, "stall", phase, epoch, t, marker_dir):
+        while True:
+            time.sleep(1)
+
+
+def _fire(faults, who: str, phase: str, epoch: int, t: int, marker_dir: str | Path) -> bool:
+    """True once per run directory for a planned fault (its marker file records it)."""
     if (who, phase, epoch, t) not in faults:
-        return
+        return False
     marker = Path(marker_dir) / f"fault-{who}-{phase}-{epoch}-{t}"
     if marker.exists():
-        return
+        return False
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("fired\n")
-    os._exit(1)
+    return True

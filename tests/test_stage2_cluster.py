@@ -1,0 +1,221 @@
+"""Stage II on local multi-node Rays: a whole worker node is lost mid-pass and the job still
+finishes with the assignments of an undisturbed run; an autoscaler adds the GPU-like nodes Stage
+II asks for and removes them once idle.
+
+The worker node is a second raylet on 127.0.0.1 joined to the test run's shared head
+(``LocalHead.add_node``), labelled so that the gradient workers prefer it (a soft preference:
+``stage2.prefer_node_label``). A planned ``stall`` fault holds one worker mid-pass; the test then
+SIGKILLs every process of that node at once.
+
+The autoscaling cluster is a head of its own (``LocalAutoscalingCluster``) with Ray's fake
+multi-node provider and the node types of cluster.yaml (``cluster_config.render_fake``); its
+driver is a subprocess, since this process is connected to the shared head."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from gs_ray.config import load_config
+from gs_ray.stage2 import (
+    CentroidHost,
+    GradientComputer,
+    Stage2Plan,
+    make_clusterer,
+    run_stage2_local,
+    run_stage2_ray,
+)
+from gs_ray.training.warmup import warmup_local
+from tests.test_stage2 import small_config
+
+B = 6  # rows per worker per step (collective): |B_t| = 2 * B
+LABEL = "gs-ray/stage2=preferred"
+WORKERS, HOSTS = {"GradientWorker", "CollectiveWorker"}, {"CentroidHost", "CollectiveHost"}
+STALL = ("online", 0, 5)  # a worker hangs on online batch 5: checkpoints exist after 1 and 3
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory):
+    """A warmed-up small run and its single-process reference (batch size 2 * B): the labels
+    an undisturbed run gives (tests/test_stage2*.py check that equality for every transport)."""
+    from gs_ray.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    small = {"clustering.batch_size": 2 * B, "data.demo_size": 200, "warmup.epochs": 1}
+    cfg, path = small_config(tmp, "ref", **small)
+    p = prepare(cfg)
+    warmup_local(p)
+    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+    computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
+    ref = run_stage2_local(
+        plan, p.samples, computer, CentroidHost(make_clusterer(cfg), len(p.samples))
+    )
+    return {"p": p, "path": path, "ref": ref}
+
+
+def test_worker_placement_follows_the_config():
+    from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy
+
+    from gs_ray.config import Config, apply_overrides
+    from gs_ray.stage2.executors import worker_placement
+
+    assert worker_placement(Config()) == {}
+    overrides = ["--stage2.worker_resource", "fake_gpu", "--stage2.prefer_node_label", LABEL]
+    out = worker_placement(apply_overrides(Config(), overrides))
+    assert out["resources"] == {"fake_gpu": 1}
+    strategy = out["scheduling_strategy"]
+    assert isinstance(strategy, NodeLabelSchedulingStrategy)
+    assert not strategy.hard and strategy.soft  # soft: a restarted worker may go elsewhere
+
+
+def test_cuda_workers_ask_for_gpus_before_any_gpu_node_is_up(monkeypatch):
+    """On an autoscaling cluster with no GPU node yet, model.device cuda still plans GPU workers
+    (they wait, the autoscaler adds nodes); auto falls back to CPU workers."""
+    import ray
+
+    from gs_ray.config import Config, apply_overrides
+    from gs_ray.stage2.executors import resolve_num_workers
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    cuda = apply_overrides(Config(), ["--model.device", "cuda", "--stage2.num_workers", "4"])
+    assert resolve_num_workers(cuda) == (4, {"num_gpus": 1, "num_cpus": 1})
+    assert resolve_num_workers(apply_overrides(Config(), ["--model.device", "cuda"]))[0] == 1
+    assert resolve_num_workers(Config()) == (8, {"num_cpus": 1})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert resolve_num_workers(Config()) == (2, {"num_gpus": 1, "num_cpus": 1})
+
+
+def _kill_node_when_stalled(node, marker, seen: dict, stop: threading.Event):
+    """Wait for the stalled worker's marker, note where the gradient workers run, kill the node."""
+    from ray.util.state import list_actors
+
+    while not marker.exists():
+        if stop.wait(0.2):  # the run ended (failed) before the stall
+            return
+    alive = list_actors(
+        address=node.head.dashboard_url, filters=[("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )  # fmt: skip
+    seen["workers"] = [a.node_id for a in alive if a.class_name in WORKERS]
+    seen["hosts"] = [a.node_id for a in alive if a.class_name in HOSTS]
+    node.kill()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["collective", "gradients"])
+def test_lost_worker_node_resumes_with_the_same_assignments(
+    ray_session, warmed, tmp_path, monkeypatch, transport
+):
+    p = warmed["p"]
+    node = ray_session.add_node(num_cpus=2, labels=dict([LABEL.split("=")]))
+    monkeypatch.setenv("GS_RAY_FAULTS", "stall:{}:{}:{}".format(*STALL))
+    marker = tmp_path / "faults" / "fault-stall-{}-{}-{}".format(*STALL)
+    seen: dict = {}
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_node_when_stalled, args=(node, marker, seen, stop))
+    killer.start()
+    try:
+        args = {"stage2.transport": transport, "stage2.num_workers": 2,
+                "stage2.cpus_per_worker": 1, "stage2.prefer_node_label": LABEL}  # fmt: skip
+        cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
+        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+        out = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter),
+                             p.pad_id, tmp_path / "checkpoint")  # fmt: skip
+    finally:
+        stop.set()
+        killer.join(timeout=60)
+        node.kill()
+    # both gradient workers ran on the lost node, the centroid actor on the head
+    assert seen["workers"] == [node.node_id] * 2, seen
+    assert seen["hosts"] and node.node_id not in seen["hosts"]
+    ref = warmed["ref"]
+    np.testing.assert_array_equal(out.labels, ref.labels)
+    np.testing.assert_allclose(
+        out.clusterer.cluster_centers_, ref.clusterer.cluster_centers_, rtol=0, atol=1e-6
+    )
+    assert out.clusterer.n_samples_seen_ == ref.clusterer.n_samples_seen_
+    if transport == "collective":  # the group restarted from the checkpoint after batch 3
+        assert out.info["group_restarts"] == 1
+        assert out.info["restarted_from"] == [["online", 0, 3]]
+        assert out.info["recomputed_batches"] > 0
+
+
+_DRIVER = """
+import pickle, sys, ray
+from gs_ray.stage2 import run_stage2_ray
+ray.init(address=sys.argv[2], log_to_driver=False)
+out = run_stage2_ray(*pickle.load(open(sys.argv[1], "rb")))
+pickle.dump((out.labels, out.clusterer.cluster_centers_), open(sys.argv[3], "wb"))
+"""
+
+
+def _watch_nodes(cluster, seen: list, exposed: list, stop: threading.Event) -> None:
+    """Record the alive nodes (id, total resources) every half second, and any socket of the
+    cluster's processes (the fake nodes included) listening beyond loopback."""
+    from tests.test_ray_security import is_loopback, listening
+
+    while not stop.wait(0.5):
+        try:
+            nodes = cluster.alive_nodes()
+        except Exception:  # the dashboard is busy or starting: try again
+            continue
+        seen.append({n.node_id: dict(n.resources_total) for n in nodes})
+        if len(nodes) > 1:
+            socks = listening({p.pid for p in cluster.processes()})
+            exposed.extend(x for x in socks if not is_loopback(x[0]))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_autoscaler_adds_gpu_nodes_for_stage2_and_removes_them_when_idle(warmed, tmp_path):
+    from gs_ray.cluster_config import FAKE_GPU, SPEC, render_fake
+    from gs_ray.local_ray import LocalAutoscalingCluster
+
+    gpu_type = next(w for w in SPEC.workers if w.gpus)
+    config = render_fake(max_workers=2, cpus_per_node=1, head_cpus=1, idle_timeout_minutes=0.1)
+    cluster = LocalAutoscalingCluster(config, num_cpus=1).start()
+    seen: list = []
+    exposed: list = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_nodes, args=(cluster, seen, exposed, stop))
+    try:
+        assert len(cluster.alive_nodes()) == 1  # the head alone: no worker node yet
+        watcher.start()
+        p = warmed["p"]
+        args = {"stage2.num_workers": 2, "stage2.cpus_per_worker": 1,
+                "stage2.worker_resource": FAKE_GPU}  # fmt: skip
+        cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
+        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+        call = (plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
+                tmp_path / "checkpoint")  # fmt: skip
+        (tmp_path / "args.pkl").write_bytes(pickle.dumps(call))
+        cmd = [sys.executable, "-c", _DRIVER, str(tmp_path / "args.pkl"), cluster.address,
+               str(tmp_path / "out.pkl")]  # fmt: skip
+        run = subprocess.run(cmd, env=cluster.env(), capture_output=True, text=True, timeout=420)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        labels, centers = pickle.loads((tmp_path / "out.pkl").read_bytes())
+        ref = warmed["ref"]
+        np.testing.assert_array_equal(labels, ref.labels)
+        np.testing.assert_allclose(centers, ref.clusterer.cluster_centers_, rtol=0, atol=1e-6)
+        # the autoscaler added GPU-like worker nodes: one per gradient worker
+        added = {i: r for snap in seen for i, r in snap.items() if r.get(FAKE_GPU)}
+        assert len(added) == 2, seen[-3:]
+        assert all(r[FAKE_GPU] == gpu_type.gpus for r in added.values())
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        # ... and removes them once idle (idle_timeout_minutes 0.1)
+        deadline = time.monotonic() + 120
+        while len(cluster.alive_nodes()) > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert len(cluster.alive_nodes()) == 1
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(timeout=30)
+        cluster.stop()
