@@ -117,6 +117,7 @@ def main(argv=None) -> dict:
     cfg = Config()
     cfg.model.name = args.model
     cfg.model.device = args.device
+    cfg.model.tiny_pretrain_steps = 0  # the weights' values do not change the cost
     micro = args.micro_batch or cfg.gradients.batch_size
     device = resolve_device(args.device)
 

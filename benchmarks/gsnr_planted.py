@@ -29,9 +29,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from gs_ray.config import load_config  # noqa: E402
-from gs_ray.core.models import load_tokenizer, materialize_base_model  # noqa: E402
+from gs_ray.core.models import load_tokenizer  # noqa: E402
 from gs_ray.data import Sample, load_samples  # noqa: E402
 from gs_ray.selection.gsnr import gsnr_scores, member_scores, select_top  # noqa: E402
+from gs_ray.training.pretrain import base_model_for  # noqa: E402
 
 
 def swap_responses(samples: list[Sample], fraction: float, seed: int) -> np.ndarray:
@@ -75,7 +76,7 @@ def main() -> int:
         "--run.seed", str(args.seed), *args.overrides,
     ])  # fmt: skip
     work = tempfile.mkdtemp(prefix="gsnr-planted-")
-    base = materialize_base_model(cfg.model, work, cfg.run.seed)
+    base = base_model_for(cfg, work)
     tokenizer = load_tokenizer(base)
     samples, _ = load_samples(cfg.data, tokenizer, cfg.run.seed)
     noisy = swap_responses(samples, args.noisy, args.seed)

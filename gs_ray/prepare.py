@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gs_ray.config import Config
-from gs_ray.core.models import TINY, load_tokenizer, materialize_base_model, model_card
+from gs_ray.core.models import load_tokenizer, model_card
 from gs_ray.data import Sample, Splits, load_samples, make_splits
 from gs_ray.rundir import RunDir
 from gs_ray.stage2.result import SKIPPED
+from gs_ray.training.pretrain import base_model_for
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,7 @@ def prepare(cfg: Config, run: RunDir | None = None) -> Prepared:
 
 def _prepare(cfg: Config, run: RunDir, start: float) -> Prepared:
     seed = cfg.run.seed
-    source = None
-    if cfg.model.name == TINY and cfg.model.tiny_pretrain_steps:
-        from gs_ray.training.pretrain import pretrained_tiny
-
-        source = pretrained_tiny(cfg, seed)
-    base_path = materialize_base_model(cfg.model, run.path, seed, source)
+    base_path = base_model_for(cfg, run.path)
     tokenizer = load_tokenizer(base_path)
     samples, report = load_samples(cfg.data, tokenizer, seed)
     splits = make_splits(len(samples), cfg.data, seed)

@@ -30,6 +30,14 @@ TEXTS = [
     "```python\nprint(mean([1, 2, 3]))  # 2.0\n```\n\n\nThe answer is 2.",
     "it 's a , b . don 't   (spaces)  é ü 😀 – end\n",
 ]
+RANDOM = ModelConfig(tiny_pretrain_steps=0)  # tiny-llama with random weights (no pretraining)
+
+
+def test_tiny_llama_with_pretraining_asks_for_its_weights(tmp_path):
+    """materialize_base_model does not pass random weights off as the pretrained base model."""
+    with pytest.raises(ValueError, match="tiny_pretrain_steps 400 needs its pretrained weights"):
+        materialize_base_model(ModelConfig(), tmp_path, seed=0)
+    assert not (tmp_path / "base_model").exists()
 
 
 def _load(path: str) -> AutoModelForCausalLM:
@@ -39,15 +47,15 @@ def _load(path: str) -> AutoModelForCausalLM:
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> str:
     """tiny-llama materialised once for the module (seed 0); the tokenizer comes from the cache."""
-    return materialize_base_model(ModelConfig(), tmp_path_factory.mktemp("run0"), seed=0)
+    return materialize_base_model(RANDOM, tmp_path_factory.mktemp("run0"), seed=0)
 
 
 # --------------------------------------------------------------------------- tiny-llama
 
 
 def test_tiny_llama_same_seed_same_weights_other_seed_differs(tiny_path, tmp_path):
-    again = materialize_base_model(ModelConfig(), tmp_path / "same", seed=0)
-    other = materialize_base_model(ModelConfig(), tmp_path / "other", seed=1)
+    again = materialize_base_model(RANDOM, tmp_path / "same", seed=0)
+    other = materialize_base_model(RANDOM, tmp_path / "other", seed=1)
     a, b, c = (_load(p).state_dict() for p in (tiny_path, again, other))
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -60,15 +68,15 @@ def test_tiny_llama_is_saved_once_and_reused(tiny_path, monkeypatch, tmp_path):
     import gs_ray.core.models as models
 
     run = tmp_path / "run"
-    first = materialize_base_model(ModelConfig(), run, seed=0)
+    first = materialize_base_model(RANDOM, run, seed=0)
 
     def no_build(*a, **k):
         raise AssertionError("the model was built again")
 
     monkeypatch.setattr(models, "build_tiny_llama", no_build)
-    assert materialize_base_model(ModelConfig(), run, seed=0) == first
+    assert materialize_base_model(RANDOM, run, seed=0) == first
     with pytest.raises(ValueError, match="run directory"):
-        materialize_base_model(ModelConfig(), None, seed=0)
+        materialize_base_model(RANDOM, None, seed=0)
 
 
 def test_tiny_llama_config_follows_model_config(tiny_path):
@@ -255,17 +263,17 @@ def test_smollm2_converts_and_loads_with_plain_transformers():
 def test_tiny_prompts_start_with_bos(tmp_path):
     from gs_ray.core.models import load_tokenizer
 
-    tok = load_tokenizer(materialize_base_model(ModelConfig(), tmp_path, seed=0))
+    tok = load_tokenizer(materialize_base_model(RANDOM, tmp_path, seed=0))
     ids = tok("Add 2 and 3.", add_special_tokens=True)["input_ids"]
     assert ids[0] == tok.bos_token_id
     assert tok("Add 2 and 3.", add_special_tokens=False)["input_ids"] == ids[1:]
 
 
 def test_tiny_base_model_refuses_a_different_seed(tmp_path):
-    materialize_base_model(ModelConfig(), tmp_path, seed=0)
-    materialize_base_model(ModelConfig(), tmp_path, seed=0)  # reuse is fine
+    materialize_base_model(RANDOM, tmp_path, seed=0)
+    materialize_base_model(RANDOM, tmp_path, seed=0)  # reuse is fine
     with pytest.raises(ValueError, match="new run directory"):
-        materialize_base_model(ModelConfig(), tmp_path, seed=1)
+        materialize_base_model(RANDOM, tmp_path, seed=1)
 
 
 def test_relative_output_dir_gives_absolute_paths(tmp_path, monkeypatch):
@@ -277,6 +285,7 @@ def test_relative_output_dir_gives_absolute_paths(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     cfg = Config()
+    cfg.model.tiny_pretrain_steps = 0
     cfg.run.output_dir, cfg.run.name = "runs", "rel"
     run = RunDir.create(cfg)
     assert run.path == tmp_path / "runs" / "rel"

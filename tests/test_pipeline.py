@@ -56,10 +56,12 @@ def _metrics(run_dir: Path) -> dict:
 def test_every_stage_ran_on_ray_within_budget(job_run):
     m = _manifest(job_run["dir"])
     assert list(m["stages"]) == ["prepare", "warmup", "stage2", "experts", "router", "evaluate"]
+    assert m["base_model"]["pretrained"]["steps"] == 400  # the default base model has learned
     assert m["stages"]["stage2"]["executor"] == "ray"
     assert m["stages"]["stage2"]["workers"] == 2  # one gradient worker per CPU
     assert m["data"]["used"] >= 2000 and m["data"]["splits"]["test"] > 0
-    assert sum(s["seconds"] for s in m["stages"].values()) < 15 * 60
+    # minutes, including the base model's pretraining (the first run on a machine only)
+    assert sum(s["seconds"] for s in m["stages"].values()) < 20 * 60
     assert "stage2 online epoch 1" in job_run["log"]  # progress lines reach the job log
 
 
@@ -131,8 +133,20 @@ def test_experts_specialise(job_run):
 
 
 def test_router_is_well_above_chance(job_run):
+    """At least 40% of the way from chance (the largest cluster's share) to perfect: the
+    pretrained demo's clusters are weak (silhouette ~0.05), its router agrees on ~65% at K = 8."""
     metrics = _metrics(job_run["dir"])["router"]
-    assert metrics["holdout_accuracy"] >= max(0.8, metrics["chance_accuracy"] + 0.3)
+    chance = metrics["chance_accuracy"]
+    assert (metrics["holdout_accuracy"] - chance) / (1 - chance) >= 0.4, metrics
+
+
+def test_every_stage_is_below_the_base_model(job_run):
+    """The default base model has learned something (held-out loss far below chance, ln 4096 =
+    8.3 nats), and the warm-up and the routed experts are measurably below it."""
+    ev = _metrics(job_run["dir"])["evaluation"]
+    base, warmup, routed = ev["test_loss_base"], ev["test_loss_warmup"], ev["test_loss_routed"]
+    assert base < 4.0, ev
+    assert warmup < base - 0.1 and routed < base - 0.1, ev
 
 
 def test_partial_sums_transport_equals_exact_on_the_embedded_default(job_run, tmp_path):

@@ -27,12 +27,22 @@ def test_pretraining_texts_never_hold_an_instruction_sample():
 
     corpus = build_demo_corpus(600, seed=0)
     texts = pretraining_texts(1000, 0, corpus)
-    assert 800 < len(texts) <= 1000
+    assert 700 < len(texts) <= 1000
     for r in corpus:
         # neither the response nor the prompt of any instruction sample appears in any text
         assert not any(r["output"] in t for t in texts)
     assert texts == pretraining_texts(1000, 0, corpus)  # deterministic
     assert texts != pretraining_texts(1000, 1, corpus)
+    # the same texts for every demo size up to PRETRAIN_EXCLUDE_SIZE: one pretrained base model
+    assert texts == pretraining_texts(1000, 0, build_demo_corpus(40, seed=0))
+    assert texts == pretraining_texts(1000, 0, [])
+    # an instruction corpus beyond that size is left out as well
+    from gs_ray.data.demo.corpus import PRETRAIN_SEED_OFFSET
+
+    drawn = build_demo_corpus(1000, PRETRAIN_SEED_OFFSET)  # seed 0's pretraining draws
+    kept = next(r for r in drawn if r["output"] in texts[0] and r["instruction"] in texts[0])
+    without = pretraining_texts(1000, 0, [{**kept, "instruction": "another prompt"}])
+    assert texts[0] not in without and len(without) == len(texts) - 1
 
 
 def _heldout_loss(folder, cfg) -> float:

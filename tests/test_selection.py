@@ -309,7 +309,7 @@ TINY = [
     "--data.demo_size", "64", "--data.n_val", "8", "--data.max_length", "160",
     "--model.tiny_hidden_size", "32", "--model.tiny_num_layers", "1",
     "--model.tiny_vocab_size", "2048", "--lora.r", "4", "--lora.alpha", "8",
-    "--warmup.epochs", "1", "--gradients.batch_size", "16",
+    "--warmup.epochs", "1", "--gradients.batch_size", "16", "--model.tiny_pretrain_steps", "0",
 ]  # fmt: skip
 
 

@@ -51,6 +51,7 @@ def run_dir(tmp_path_factory) -> Path:
     cfg.run.output_dir = str(tmp_path_factory.mktemp("served"))
     cfg.run.name = "served"
     cfg.lora.r, cfg.lora.alpha = 8, 16
+    cfg.model.tiny_pretrain_steps = 0  # random base weights: the experts' B matrices are random
     run = RunDir.create(cfg)
     base_path = materialize_base_model(cfg.model, run.path, cfg.run.seed)
     for k in range(K):

@@ -318,6 +318,7 @@ def test_gsnr_ensemble_end_to_end_on_ray(tmp_path, ray_session):
 
     cfg = load_config(None, [
         "--model.tiny_hidden_size", "64", "--model.tiny_num_layers", "2",
+        "--model.tiny_pretrain_steps", "0",
         "--lora.r", "8", "--lora.alpha", "16", "--lora.dropout", "0",
         "--data.demo_size", "24", "--gsnr.members", "2", "--gsnr.max_steps", "3",
         "--gsnr.batch_size", "8", "--gsnr.lr", "5e-3", "--gsnr.zero_stage", "1",

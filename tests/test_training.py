@@ -30,7 +30,7 @@ from gs_ray.training.ray_train import (
     train_on_ray,
 )
 
-MODEL = ModelConfig(tiny_hidden_size=64, tiny_num_layers=2)
+MODEL = ModelConfig(tiny_hidden_size=64, tiny_num_layers=2, tiny_pretrain_steps=0)
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.0)
 N_WARMUP, N_EXPERT = 64, 24
 WARMUP_CFG = TrainingConfig(

@@ -50,6 +50,8 @@ SPECIAL_TOKENS = {
     "unk_token": "<unk>",
 }
 
+PRETRAIN_STAMP = "gs_ray_pretrain.json"  # training.pretrain's record in a pretrained folder
+
 
 def cache_dir(cfg: ModelConfig) -> Path:
     """The gs-ray cache folder (converted models, trained tokenizers)."""
@@ -199,8 +201,8 @@ def materialize_base_model(
     """Return a path or hub id that ``load_base_model`` can load on any worker.
 
     tiny-llama is saved into ``run_dir/base_model`` (it exists nowhere else): copied from
-    ``source`` (the pretrained model, see ``training.pretrain``) or, without one, built with
-    random weights; smollm2-135m is converted into the cache; any other name is returned
+    ``source`` (the pretrained model, see ``training.pretrain.base_model_for``) or, with
+    ``tiny_pretrain_steps`` 0, built with random weights; smollm2-135m is converted into the cache; any other name is returned
     unchanged.
     """
     if cfg.name == TINY:
@@ -210,6 +212,12 @@ def materialize_base_model(
         made_with = {"seed": seed, **{k: v for k, v in vars(cfg).items() if k.startswith("tiny_")}}
         stamp = target / "gs_ray_tiny.json"
         if not (target / "config.json").exists():
+            if source is None and cfg.tiny_pretrain_steps:
+                raise ValueError(
+                    f"tiny-llama with tiny_pretrain_steps {cfg.tiny_pretrain_steps} needs its "
+                    "pretrained weights (training.pretrain.base_model_for builds or reuses "
+                    "them); set model.tiny_pretrain_steps 0 for random weights"
+                )
             if source is not None:
                 shutil.copytree(source, target)
             else:
@@ -269,10 +277,13 @@ def load_adapter(model, adapter_path: str | Path, trainable: bool = True) -> Pef
 
 
 def model_card(path: str) -> dict:
-    """A few facts about a base model for the manifest."""
+    """A few facts about a base model for the manifest (and its pretraining, for tiny-llama)."""
     cfg_file = Path(path) / "config.json"
     if cfg_file.exists():
         c = json.loads(cfg_file.read_text())
         keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-        return {"path": path, **{k: c.get(k) for k in keys}}
+        card = {"path": path, **{k: c.get(k) for k in keys}}
+        stamp = Path(path) / PRETRAIN_STAMP
+        card["pretrained"] = json.loads(stamp.read_text()) if stamp.exists() else None
+        return card
     return {"path": path}

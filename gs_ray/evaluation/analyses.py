@@ -60,55 +60,64 @@ class Gradients:
     run_silhouette: float | None  # the run's partition, same full-dimensional training rows
 
 
-def _gradients_task(base_path, cfg, adapter, pad_id, train_pairs, test_pairs, query_pairs,
-                    n_timed, ablation_ks, run_labels):  # fmt: skip
-    """The analysis pass in one process (see the module docstring)."""
-    from gs_ray.core.gradients import compute_bucketed
-    from gs_ray.stage2.computer import GradientComputer
-    from gs_ray.stage2.executors import make_clusterer
+class AnalysisPass:
+    """The analysis pass's model, in one Ray actor (see the module docstring): the driver feeds
+    it chunks and shows progress; the full-dimensional rows the K ablation needs stay here."""
 
-    use_assigned_cpus()
-    computer = GradientComputer(base_path, cfg, adapter, pad_id)
-    engine, micro = computer.engine, computer.micro
-    project = computer.project or (lambda g: g)
+    def __init__(self, base_path, cfg, adapter, pad_id):
+        from gs_ray.stage2.computer import GradientComputer
 
-    def grads(pairs, keep_full):
-        proj, full = [], []
-        for start in range(0, len(pairs), CHUNK):
-            G = compute_bucketed(engine, pairs[start : start + CHUNK], pad_id, micro)
-            proj.append(project(G).numpy())
-            if keep_full:
-                full.append(G.numpy())
-        cat = lambda xs: np.concatenate(xs) if xs else np.zeros((0, computer.dim), np.float32)  # noqa: E731
-        return cat(proj), (cat(full) if keep_full else None)
+        use_assigned_cpus()
+        self.cfg, self.pad_id = cfg, pad_id
+        self.computer = GradientComputer(base_path, cfg, adapter, pad_id)
+        self.project = self.computer.project or (lambda g: g)
+        self.proj: dict[str, list[np.ndarray]] = {}
+        self.full: dict[str, list[np.ndarray]] = {}
 
-    want_full = bool(ablation_ks)
-    g_train, f_train = grads(train_pairs, want_full)
-    g_query, _ = grads(query_pairs, False)
-    timed = query_pairs[:n_timed]
-    start = time.perf_counter()
-    for pair in timed:
-        compute_bucketed(engine, [pair], pad_id, 1)
-    ms = 1000 * (time.perf_counter() - start) / max(1, len(timed))
+    def add(self, part: str, pairs, keep_full: bool) -> int:
+        """Gradients of ``pairs``: projected rows kept under ``part``, full rows if asked."""
+        from gs_ray.core.gradients import compute_bucketed
 
-    ablation, run_sil = {}, None
-    if want_full:
-        _, f_test = grads(test_pairs, True)
-        run_sil = cosine_silhouette(f_train, run_labels)
-        for k in ablation_ks:
-            est = make_clusterer(cfg)
-            est.n_clusters, est.k_range = k, (k, k)
-            est.fit(f_train)
-            ablation[k] = {"train": est.labels_, "test": est.predict(f_test),
-                           "silhouette": cosine_silhouette(f_train, est.labels_)}  # fmt: skip
-        del f_train, f_test
-    return Gradients(g_train, g_query, ms, ablation, run_sil)
+        G = compute_bucketed(self.computer.engine, pairs, self.pad_id, self.computer.micro)
+        self.proj.setdefault(part, []).append(self.project(G).numpy())
+        if keep_full:
+            self.full.setdefault(part, []).append(G.numpy())
+        return len(pairs)
+
+    def query_ms(self, pairs) -> float:
+        """One query's gradient at batch 1, milliseconds (projection not timed)."""
+        from gs_ray.core.gradients import compute_bucketed
+
+        start = time.perf_counter()
+        for pair in pairs:
+            compute_bucketed(self.computer.engine, [pair], self.pad_id, 1)
+        return 1000 * (time.perf_counter() - start) / max(1, len(pairs))
+
+    def projected(self, part: str) -> np.ndarray:
+        xs = self.proj.get(part, [])
+        return np.concatenate(xs) if xs else np.zeros((0, self.computer.dim), np.float32)
+
+    def run_silhouette(self, run_labels: np.ndarray) -> float:
+        return cosine_silhouette(np.concatenate(self.full["train"]), run_labels)
+
+    def ablate(self, k: int) -> dict[str, Any]:
+        """GradientSpace's estimator with K = k on the full-dimensional training rows."""
+        from gs_ray.stage2.executors import make_clusterer
+
+        f_train = np.concatenate(self.full["train"])
+        est = make_clusterer(self.cfg)
+        est.n_clusters, est.k_range = k, (k, k)
+        est.fit(f_train)
+        return {"train": est.labels_, "test": est.predict(np.concatenate(self.full["test"])),
+                "silhouette": cosine_silhouette(f_train, est.labels_)}  # fmt: skip
 
 
 def gradients(p: Prepared, train: np.ndarray, test: np.ndarray, run_labels: np.ndarray,
               ablation_ks: list[int]) -> Gradients:  # fmt: skip
-    """The analysis pass, in a Ray task (on a GPU where there is one)."""
+    """The analysis pass, in a Ray actor (on a GPU where there is one), with progress lines."""
     import ray
+
+    from gs_ray.progress import Progress
 
     ec = p.cfg.eval
     gcfg = dataclasses.replace(p.cfg, gradients=dataclasses.replace(
@@ -118,10 +127,35 @@ def gradients(p: Prepared, train: np.ndarray, test: np.ndarray, run_labels: np.n
     log.info("eval: gradients of %d training samples and %d queries (projected to %d by %s)%s",
              len(train), len(queries), ec.elrea_projection_dim, ec.elrea_projection_kind,
              f"; K ablation {ablation_ks} on the full dimension" if ablation_ks else "")  # fmt: skip
-    task = ray.remote(_gradients_task).options(**task_resources())
-    return ray.get(task.remote(p.base_path, gcfg, str(p.run.warmup_adapter), p.pad_id,
-                               p.pairs(train), p.pairs(test), queries, ec.latency_samples,
-                               ablation_ks, run_labels))  # fmt: skip
+    actor = (
+        ray.remote(AnalysisPass)
+        .options(**task_resources())
+        .remote(p.base_path, gcfg, str(p.run.warmup_adapter), p.pad_id)
+    )
+    want_full = bool(ablation_ks)
+    parts = [("train", p.pairs(train), want_full), ("queries", queries, False)]
+    if want_full:
+        parts.append(("test", p.pairs(test), True))
+    try:
+        bar = Progress("eval: analysis gradients", total=sum(len(x[1]) for x in parts))
+        for part, pairs, keep_full in parts:
+            for start in range(0, len(pairs), CHUNK):
+                bar.update(ray.get(actor.add.remote(part, pairs[start : start + CHUNK], keep_full)))
+        bar.close()
+        ms = ray.get(actor.query_ms.remote(queries[: ec.latency_samples]))
+        ablation, run_sil = {}, None
+        if want_full:
+            run_sil = ray.get(actor.run_silhouette.remote(run_labels))
+            for k in ablation_ks:
+                start = time.perf_counter()
+                ablation[k] = ray.get(actor.ablate.remote(k))
+                log.info("eval: K ablation K=%d clustered in %.0f s (silhouette %.3f)", k,
+                         time.perf_counter() - start, ablation[k]["silhouette"])  # fmt: skip
+        g_train, g_query = ray.get([actor.projected.remote("train"),
+                                    actor.projected.remote("queries")])  # fmt: skip
+    finally:
+        ray.kill(actor)
+    return Gradients(g_train, g_query, ms, ablation, run_sil)
 
 
 # --------------------------------------------------------------------------- Table 3

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray.config import Config, ConfigError
-from gs_ray.core.models import load_tokenizer, materialize_base_model
+from gs_ray.core.models import load_tokenizer
 from gs_ray.data import Sample, check_source, load_samples, read_examples, rows_by_id
 from gs_ray.errors import DataError
 from gs_ray.io import write_json
@@ -29,6 +29,7 @@ from gs_ray.selection.ranking import budget_count
 from gs_ray.stage2.computer import GradientComputer, check_finite
 from gs_ray.stage2.consumers import ConsumerSet
 from gs_ray.stage2.plan import FINAL
+from gs_ray.training.pretrain import base_model_for
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def open_pool(cfg: Config, run_dir: str | None = None, warm: bool = True) -> Poo
     run = RunDir.open(run_dir) if run_dir else None
     if run is not None and (run.stage_done(WARMUP) or not warm):
         seed = cfg.run.seed
-        base_path = materialize_base_model(cfg.model, run.path, seed)
+        base_path = base_model_for(cfg, run.path)
         tokenizer = load_tokenizer(base_path)
         pool, _ = load_samples(cfg.data, tokenizer, seed)
         log.info("select: the warm-up adapter of %s", run.path)

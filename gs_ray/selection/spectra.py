@@ -272,26 +272,16 @@ def run_spectra(cfg, data: str, out: str, subset_b: str | None = None) -> dict:
     and returns the summary."""
     import time
 
-    from gs_ray.core.models import (
-        TINY,
-        load_base_model,
-        load_tokenizer,
-        materialize_base_model,
-        resolve_device,
-    )
+    from gs_ray.core.models import load_base_model, load_tokenizer, resolve_device
     from gs_ray.rundir import SpectraDir
+    from gs_ray.training.pretrain import base_model_for
 
     if cfg.gradients.torch_threads:  # on a busy machine, 1 thread can be 100x faster for LAPACK
         torch.set_num_threads(cfg.gradients.torch_threads)
     folder = SpectraDir(out)
     folder.path.mkdir(parents=True, exist_ok=True)
-    source = None
-    if cfg.model.name == TINY and cfg.model.tiny_pretrain_steps:
-        from gs_ray.training.pretrain import pretrained_tiny
-
-        source = pretrained_tiny(cfg, cfg.run.seed)
     # tiny-llama is saved into the output folder (materialize_base_model puts it in base_model/)
-    base_path = materialize_base_model(cfg.model, folder.path, cfg.run.seed, source)
+    base_path = base_model_for(cfg, folder.path)
     tokenizer = load_tokenizer(base_path)
     device = resolve_device(cfg.model.device)
     model = load_base_model(base_path, cfg.model, device)

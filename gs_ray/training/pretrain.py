@@ -24,18 +24,37 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gs_ray.config import Config, TrainingConfig
-from gs_ray.core.models import _publish, build_tiny_llama, cache_dir
+from gs_ray.core.models import (
+    PRETRAIN_STAMP,
+    TINY,
+    _publish,
+    build_tiny_llama,
+    cache_dir,
+    materialize_base_model,
+)
+
+STAMP = PRETRAIN_STAMP
 
 log = logging.getLogger(__name__)
 
-STAMP = "gs_ray_pretrain.json"
+
+def base_model_for(cfg: Config, folder: str | Path) -> str:
+    """The base model of a run (or spectra) folder, as ``materialize_base_model`` returns it:
+    for tiny-llama with ``tiny_pretrain_steps``, the pretrained weights (trained once, then
+    from the cache), unless the folder already holds its base model."""
+    seed, source = cfg.run.seed, None
+    saved = (Path(folder) / "base_model" / "config.json").exists()
+    if cfg.model.name == TINY and cfg.model.tiny_pretrain_steps and not saved:
+        source = pretrained_tiny(cfg, seed)
+    return materialize_base_model(cfg.model, folder, seed, source)
 
 
 def pretraining_corpus(cfg: Config, seed: int) -> list[str]:
-    """The pretraining texts (no instruction sample among them)."""
+    """The pretraining texts (no instruction sample among them; the same for every demo size
+    up to ``PRETRAIN_EXCLUDE_SIZE``, so one pretrained model serves them all)."""
     from gs_ray.data.demo import build_demo_corpus, pretraining_texts
 
-    instruction = build_demo_corpus(cfg.data.demo_size, seed)
+    instruction = build_demo_corpus(cfg.data.demo_size, seed) if cfg.data.source == "demo" else []
     return pretraining_texts(cfg.model.tiny_pretrain_records, seed, instruction)
 
 

@@ -1828,17 +1828,24 @@ def build_demo_corpus(n_samples: int = 2400, seed: int = 0) -> list[dict]:
 
 
 PRETRAIN_SEED_OFFSET = 1_000_003  # the pretraining part's streams: no instruction run seed is near
+# The pretraining texts leave out every record of the demo corpus of this size (and of the run's
+# own, if larger): a demo corpus of n records is, domain by domain, the first draws of the same
+# streams, so one exclusion serves every demo_size up to it and the pretrained base model (cached
+# by its texts) is the same for all of them.
+PRETRAIN_EXCLUDE_SIZE = 20_000
 
 
 def pretraining_texts(n_records: int, seed: int, instruction_corpus: list[dict]) -> list[str]:
     """Plain texts to pretrain the embedded default's base model on: ``n_records`` demo records
     from other random streams (seed + PRETRAIN_SEED_OFFSET), less every record whose output or
-    whose prompt (instruction and input) occurs in ``instruction_corpus``, so that no
-    instruction sample is ever seen in pretraining. A text is the instruction, the input and the
-    output as paragraphs, with no template: the base model learns the language of the domains,
-    not the instruction format."""
-    outputs = {r["output"] for r in instruction_corpus}
-    prompts = {(r["instruction"], r["input"]) for r in instruction_corpus}
+    whose prompt (instruction and input) occurs in ``instruction_corpus`` or in the demo corpus
+    of ``PRETRAIN_EXCLUDE_SIZE`` records of this seed, so that no instruction sample is ever seen
+    in pretraining, and the texts do not depend on the instruction corpus's size. A text is the
+    instruction, the input and the output as paragraphs, with no template: the base model learns
+    the language of the domains, not the instruction format."""
+    excluded = [*build_demo_corpus(PRETRAIN_EXCLUDE_SIZE, seed), *instruction_corpus]
+    outputs = {r["output"] for r in excluded}
+    prompts = {(r["instruction"], r["input"]) for r in excluded}
     texts = []
     for r in build_demo_corpus(n_records, seed + PRETRAIN_SEED_OFFSET):
         if r["output"] in outputs or (r["instruction"], r["input"]) in prompts:
