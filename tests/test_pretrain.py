@@ -64,7 +64,7 @@ def test_local_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
 
     cfg = _cfg(tmp_path)
     folder = pretrain.pretrained_tiny(cfg, seed=0, on_ray=False)
-    record = __import__("json").loads((folder / pretrain.STAMP).read_text())
+    record = __import__("json").loads((folder / pretrain.PRETRAIN_STAMP).read_text())
     assert record["steps"] == 60 and record["engine"].startswith("this process")
     assert record["last_loss"] < record["first_loss"] - 2
 
@@ -111,7 +111,7 @@ def test_pretraining_runs_on_ray_train_with_deepspeed(ray_session, tmp_path):
 
     cfg = _cfg(tmp_path, "--model.tiny_pretrain_steps", "20")
     folder = pretrain.pretrained_tiny(cfg, seed=0, on_ray=True)
-    record = __import__("json").loads((folder / pretrain.STAMP).read_text())
+    record = __import__("json").loads((folder / pretrain.PRETRAIN_STAMP).read_text())
     assert record["engine"] == "Ray Train (DeepSpeedEngine)" and record["steps"] == 20
     assert record["last_loss"] < record["first_loss"] - 1
     model = load_base_model(str(folder), cfg.model, torch.device("cpu"))

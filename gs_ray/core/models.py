@@ -53,6 +53,11 @@ SPECIAL_TOKENS = {
 PRETRAIN_STAMP = "gs_ray_pretrain.json"  # training.pretrain's record in a pretrained folder
 
 
+def tiny_base_dir(run_dir: str | Path) -> Path:
+    """Where a run (or spectra) folder keeps its tiny-llama base model."""
+    return Path(run_dir) / "base_model"
+
+
 def cache_dir(cfg: ModelConfig) -> Path:
     """The gs-ray cache folder (converted models, trained tokenizers)."""
     path = Path(os.path.expanduser(cfg.cache_dir))
@@ -202,13 +207,13 @@ def materialize_base_model(
 
     tiny-llama is saved into ``run_dir/base_model`` (it exists nowhere else): copied from
     ``source`` (the pretrained model, see ``training.pretrain.base_model_for``) or, with
-    ``tiny_pretrain_steps`` 0, built with random weights; smollm2-135m is converted into the cache; any other name is returned
-    unchanged.
+    ``tiny_pretrain_steps`` 0, built with random weights; smollm2-135m is converted into the
+    cache; any other name is returned unchanged.
     """
     if cfg.name == TINY:
         if run_dir is None:
             raise ValueError("tiny-llama needs a run directory to save its weights into")
-        target = Path(run_dir) / "base_model"
+        target = tiny_base_dir(run_dir)
         made_with = {"seed": seed, **{k: v for k, v in vars(cfg).items() if k.startswith("tiny_")}}
         stamp = target / "gs_ray_tiny.json"
         if not (target / "config.json").exists():

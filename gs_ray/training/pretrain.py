@@ -31,9 +31,8 @@ from gs_ray.core.models import (
     build_tiny_llama,
     cache_dir,
     materialize_base_model,
+    tiny_base_dir,
 )
-
-STAMP = PRETRAIN_STAMP
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def base_model_for(cfg: Config, folder: str | Path) -> str:
     for tiny-llama with ``tiny_pretrain_steps``, the pretrained weights (trained once, then
     from the cache), unless the folder already holds its base model."""
     seed, source = cfg.run.seed, None
-    saved = (Path(folder) / "base_model" / "config.json").exists()
+    saved = (tiny_base_dir(folder) / "config.json").exists()
     if cfg.model.name == TINY and cfg.model.tiny_pretrain_steps and not saved:
         source = pretrained_tiny(cfg, seed)
     return materialize_base_model(cfg.model, folder, seed, source)
@@ -99,7 +98,7 @@ def pretrained_tiny(cfg: Config, seed: int, on_ray: bool | None = None) -> Path:
     texts = pretraining_corpus(cfg, seed)
     key = cache_key(cfg, seed, texts)
     target = cache_dir(cfg.model) / "models" / f"tiny-llama-pretrained-{key}"
-    if (target / STAMP).exists():
+    if (target / PRETRAIN_STAMP).exists():
         return target  # no model built, no tokenizer trained
     model, tokenizer = build_tiny_llama(cfg.model, seed)
     pairs = pretraining_pairs(cfg, tokenizer, texts)
@@ -121,7 +120,7 @@ def pretrained_tiny(cfg: Config, seed: int, on_ray: bool | None = None) -> Path:
         record = {"key": key, "seed": seed, "texts": len(pairs), "steps": len(losses),
                   "first_loss": losses[0], "last_loss": losses[-1], "engine": engine,
                   "seconds": time.time() - start}  # fmt: skip
-        (trained / STAMP).write_text(json.dumps(record))
+        (trained / PRETRAIN_STAMP).write_text(json.dumps(record))
         _publish(target, lambda folder: shutil.copytree(trained, folder))
     log.info("pretrained the tiny base model in %.0f s: loss %.2f -> %.2f (%s)",
              record["seconds"], record["first_loss"], record["last_loss"], engine)  # fmt: skip
