@@ -59,6 +59,9 @@ EvalMethod = Literal[
 
 #: How ``gs-ray select`` scores the pool (docs/selection.md): GIST, a LESS-style baseline, random.
 SelectionMethod = Literal["gist", "less", "random", "gsnr"]  # selection.consumers.SELECTORS
+#: The selectors that can ride Stage II's gradient stream (``stage2.consumers``): those that read
+#: the run's own LoRA gradients (G-SNR needs an ensemble's, so it runs only as ``gs-ray select``).
+StreamSelector = Literal["gist", "less", "random"]
 
 #: The pipeline's stages in order (``run.until`` takes one of them).
 StageName = Literal["warmup", "tune", "stage2", "experts", "router", "evaluate"]  # pipeline.STAGES
@@ -320,6 +323,12 @@ class Stage2Config:
         "none has room, e.g. the restarted workers after a lost node); empty: no preference",
         pattern=r"([\w./-]+=[\w.-]+)?",
     )
+    consumers: list[StreamSelector] = _f(
+        [],
+        "selectors that read the same gradients on the final pass, next to the clusterer "
+        "(gist | less | random; each needs selection.target and the gradients transport): "
+        "outputs in selection/<method>/, as gs-ray select writes them",
+    )  # fmt: skip
 
 
 @dataclass
@@ -691,11 +700,33 @@ def _check_relations(cfg: Config) -> None:
             f"serve.expert_max_replicas ({s.expert_max_replicas}) is smaller than "
             f"serve.expert_replicas ({s.expert_replicas})"
         )
+    _check_stream_consumers(cfg)
     m = cfg.model
     if m.name == "tiny-llama" and m.tiny_hidden_size % m.tiny_num_heads:
         raise ConfigError(
             f"model.tiny_hidden_size ({m.tiny_hidden_size}) must be a multiple of "
             f"model.tiny_num_heads ({m.tiny_num_heads})"
+        )
+
+
+def _check_stream_consumers(cfg: Config) -> None:
+    """stage2.consumers: each at most once, a target set to score against, the exact transport
+    (the other transports keep the gradients on the workers)."""
+    names = cfg.stage2.consumers
+    if not names:
+        return
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"stage2.consumers: {twice} listed more than once")
+    if not cfg.selection.target:
+        raise ConfigError(
+            f"stage2.consumers {names} score the run's samples for a target set: "
+            "set selection.target (a .jsonl/.json/.parquet file of records)"
+        )
+    if cfg.stage2.transport != "gradients":
+        raise ConfigError(
+            f"stage2.consumers {names} read the gradients at the centroid actor: they need "
+            f"stage2.transport: gradients (got {cfg.stage2.transport!r})"
         )
 
 

@@ -27,6 +27,11 @@ from gs_ray.evaluation.report import build_report
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.routing.stage import router_stage
 from gs_ray.rundir import RunDir
+from gs_ray.selection.select import (
+    record_stream_selections,
+    stream_selections_complete,
+    stream_selectors,
+)
 from gs_ray.stage2.stage import stage2_local, stage2_ray
 from gs_ray.training.experts import experts_complete, experts_ray
 from gs_ray.training.tuning import tune_k
@@ -49,11 +54,19 @@ class Stage:
         return p.run.stage_done(self.name) and (self.complete is None or self.complete(p))
 
 
+def stage2_stage(p: Prepared, resume: bool) -> None:
+    """Stage II on Ray, with the selectors of ``stage2.consumers`` (if any) reading the same
+    gradients on its final pass; their ranked and selected records in ``selection/<method>/``."""
+    res = stage2_ray(p, resume, consumers=stream_selectors(p))
+    record_stream_selections(p, res.consumers)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("warmup", warmup_ray, invalidates=("tune", "stage2")),
     Stage("tune", tune_k, invalidates=("stage2",),
           applies=lambda cfg: cfg.clustering.k_selection == "tune"),
-    Stage("stage2", stage2_ray, invalidates=("experts", "router", "evaluate")),
+    Stage("stage2", stage2_stage, invalidates=("experts", "router", "evaluate"),
+          complete=stream_selections_complete),
     Stage("experts", experts_ray, invalidates=("evaluate",), complete=experts_complete),
     Stage("router", router_stage, invalidates=("evaluate",)),
     Stage("evaluate", evaluate),
@@ -113,6 +126,7 @@ def run_local(cfg: Config, resume: str | None = None, checked: bool = False) -> 
     logs.attach_run(p.run.path)
     if not p.run.stage_done("warmup"):
         warmup_local(p)
-    if not p.run.stage_done("stage2"):
-        stage2_local(p)
+    if not (p.run.stage_done("stage2") and stream_selections_complete(p)):
+        res = stage2_local(p, consumers=stream_selectors(p))
+        record_stream_selections(p, res.consumers)
     return p.run

@@ -160,6 +160,10 @@ def test_every_choice_is_checked_at_load_time(key, allowed):
         (["--run.seed", "-1"], r"run.seed: -1 is out of range; must be >= 0"),
         (["--stage2.prefer_node_label", "gpu"], r"stage2.prefer_node_label: 'gpu' is not allowed; expected key=value"),
         (["--stage2.worker_resource", "a b"], r"stage2.worker_resource: 'a b' is not allowed"),
+        (["--stage2.consumers", "gsnr", "--selection.target", "t.jsonl"], r"stage2.consumers\[0\]: 'gsnr' is not one of gist \| less \| random"),
+        (["--stage2.consumers", "gist"], r"stage2.consumers \['gist'\] score .* set selection.target"),
+        (["--stage2.consumers", "[gist, gist]", "--selection.target", "t.jsonl"], r"stage2.consumers: \['gist'\] listed more than once"),
+        (["--stage2.consumers", "less", "--selection.target", "t.jsonl", "--stage2.transport", "partial_sums"], r"need stage2.transport: gradients \(got 'partial_sums'\)"),
     ],
 )  # fmt: skip
 def test_ranges_and_choices_name_key_value_and_allowed(overrides, message):

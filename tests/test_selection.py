@@ -345,20 +345,28 @@ def test_select_end_to_end_on_the_demo(tmp_path, capsys):
     calls = json.loads(run.selection_summary("random").read_text())["engine_calls"]
     assert calls == 1 + math.ceil(len(pool) / 16)  # the target once, the pool once
 
-    # The pipeline's Stage II with a GIST consumer: outputs and metrics in the run directory.
+    # The pipeline's switch (stage2.consumers): GIST and random ride Stage II's final pass on the
+    # same run; GIST's scores equal those of gs-ray select alone (same adapter, same target).
     from gs_ray.config import apply_overrides
-    from gs_ray.prepare import prepare
-    from gs_ray.stage2 import GradientComputer
-    from gs_ray.stage2.stage import stage2_local
+    from gs_ray.pipeline import run_local
 
-    cfg = apply_overrides(run.config(), ["--clustering.max_epochs", "1", "--clustering.k_max", "3"])
-    p = prepare(cfg, run)
-    computer = GradientComputer(p.base_path, cfg, run.warmup_adapter, p.pad_id)
-    T = computer([s.pair for s in p.samples[:4]])  # a stand-in target: four pool samples
-    res = stage2_local(p, consumers=[GistSelector.from_target(T, SelectionConfig(), 0)])
-    assert sorted(res.consumers[0].ids_) == sorted(s.id for s in p.samples)  # each once
-    assert run.metrics()["consumers"]["gist"]["n_pool"] == len(pool)
-    assert len(RunDir.read_jsonl(run.selection_scores("gist"))) == len(pool)
+    cfg = apply_overrides(run.config(), [
+        "--clustering.max_epochs", "1", "--clustering.k_max", "3",
+        "--stage2.consumers", "[gist, random]", "--selection.target", str(target),
+    ])  # fmt: skip
+    alone = {r["id"]: r["score"] for r in RunDir.read_jsonl(run.selection_scores("gist"))}
+    run.selection_selected("gist").unlink()  # so that the switch's outputs are new
+    run_local(cfg, resume=str(run.path))
+    assert run.stage_done("stage2") and run.assignments_path.exists()
+    riding = {r["id"]: r["score"] for r in RunDir.read_jsonl(run.selection_scores("gist"))}
+    assert riding.keys() == alone.keys()  # every sample once
+    ids = sorted(alone)
+    assert np.allclose([riding[i] for i in ids], [alone[i] for i in ids], rtol=1e-4, atol=1e-7)
+    summary = json.loads(run.selection_summary("gist").read_text())
+    assert summary["pool"].startswith("stage2") and summary["n_selected"] == len(selected)
+    assert RunDir.read_jsonl(run.selection_selected("gist"))[0]["id"] in alone
+    assert len(RunDir.read_jsonl(run.selection_selected("random"))) == len(selected)
+    assert set(run.metrics()["consumers"]) == {"gist", "random"}
 
 
 def test_select_gsnr_ranks_by_the_ensemble_scores(tmp_path, capsys, monkeypatch):
@@ -395,3 +403,25 @@ def test_select_gsnr_ranks_by_the_ensemble_scores(tmp_path, capsys, monkeypatch)
     assert RunDir.read_jsonl(run.selection_selected("gsnr")) == ranked[:5]
     summary = json.loads(run.selection_summary("gsnr").read_text())
     assert summary["members"] == 2 and summary["target"] is None
+
+
+def test_stage2_consumers_check_their_target_before_anything_runs(tmp_path):
+    """gs-ray run with stage2.consumers reads the target set in check_inputs (before Ray or a
+    run directory): a missing file or a bad line is named there."""
+    from gs_ray.config import apply_overrides
+    from gs_ray.data import check_inputs
+    from gs_ray.errors import DataError
+
+    def cfg(target):
+        return apply_overrides(Config(), ["--stage2.consumers", "gist", "--selection.target",
+                                          str(target), "--data.demo_size", "8"])  # fmt: skip
+
+    with pytest.raises(DataError, match="missing.jsonl"):
+        check_inputs(cfg(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p"\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+        check_inputs(cfg(bad))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "p", "response": "r"}\n')
+    assert check_inputs(cfg(good)).rows_read == 8  # the report is the pool's

@@ -14,11 +14,13 @@ from gs_ray.data.loading import (
     make_splits,
     read_examples,
     rows_by_id,
+    target_data_config,
     unique_ids,
 )
 
 __all__ = [
     "DataError", "DataReport", "Example", "Sample", "Splits", "check_inputs", "check_source",
     "length_bucketed_batches",
-    "load_samples", "make_splits", "read_examples", "rows_by_id", "unique_ids",
+    "load_samples", "make_splits", "read_examples", "rows_by_id", "target_data_config",
+    "unique_ids",
 ]  # fmt: skip

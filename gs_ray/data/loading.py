@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -448,7 +448,16 @@ def check_inputs(cfg: Config) -> DataReport:
     value (as loading does, for a Config built in Python) and every data record. Raises
     ConfigError or DataError; returns the data counts."""
     cfg.validate()
-    return check_source(cfg.data, cfg.run.seed)
+    report = check_source(cfg.data, cfg.run.seed)
+    if cfg.stage2.consumers:  # the selectors riding Stage II read a target set
+        read_examples(target_data_config(cfg), cfg.run.seed)
+    return report
+
+
+def target_data_config(cfg: Config) -> DataConfig:
+    """The data settings that read ``selection.target``: the pool's, with the target as the
+    source and no sample cap."""
+    return replace(cfg.data, source=cfg.selection.target, max_samples=None)
 
 
 # --------------------------------------------------------------------------- tokenisation

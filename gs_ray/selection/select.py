@@ -18,13 +18,25 @@ import numpy as np
 
 from gs_ray.config import Config, ConfigError
 from gs_ray.core.models import load_tokenizer
-from gs_ray.data import Sample, check_source, load_samples, read_examples, rows_by_id
+from gs_ray.data import (
+    Sample,
+    check_source,
+    load_samples,
+    read_examples,
+    rows_by_id,
+    target_data_config,
+)
 from gs_ray.errors import DataError
 from gs_ray.io import write_json
-from gs_ray.prepare import prepare
+from gs_ray.prepare import Prepared, prepare
 from gs_ray.progress import Progress
 from gs_ray.rundir import WARMUP, RunDir
-from gs_ray.selection.consumers import ENSEMBLE_SELECTORS, ScoredSelector, make_selector
+from gs_ray.selection.consumers import (
+    ENSEMBLE_SELECTORS,
+    ScoredSelector,
+    Selector,
+    make_selector,
+)
 from gs_ray.selection.ranking import budget_count
 from gs_ray.stage2.computer import GradientComputer, check_finite
 from gs_ray.stage2.consumers import ConsumerSet
@@ -47,11 +59,6 @@ class Pool:
     target: list[Sample]
 
 
-def target_config(cfg: Config):
-    """The data settings that read the target: the pool's, with the target as the source."""
-    return dataclasses.replace(cfg.data, source=cfg.selection.target, max_samples=None)
-
-
 def check_select_inputs(cfg: Config) -> None:
     """What can be checked before a model is loaded: the config, the budget, the pool's records
     and the target's (ConfigError / DataError naming the key or the file)."""
@@ -66,7 +73,7 @@ def check_select_inputs(cfg: Config) -> None:
         raise ConfigError(f"selection.{e}") from None
     check_source(cfg.data, cfg.run.seed)
     if cfg.selection.target:
-        read_examples(target_config(cfg), cfg.run.seed)
+        read_examples(target_data_config(cfg), cfg.run.seed)
 
 
 def open_pool(cfg: Config, run_dir: str | None = None, warm: bool = True) -> Pool:
@@ -90,7 +97,7 @@ def open_pool(cfg: Config, run_dir: str | None = None, warm: bool = True) -> Poo
         run, base_path, tokenizer, pool = p.run, p.base_path, p.tokenizer, p.samples
     target = []
     if cfg.selection.target:
-        target, _ = load_samples(target_config(cfg), tokenizer, cfg.run.seed)
+        target, _ = load_samples(target_data_config(cfg), tokenizer, cfg.run.seed)
     return Pool(run, base_path, int(tokenizer.pad_token_id), pool, target)
 
 
@@ -131,6 +138,49 @@ def write_records(run: RunDir, name: str, cfg: Config, ranked_ids: list[str]) ->
     return {"budget": cfg.selection.budget, "n_selected": n}
 
 
+def record_selection(run: RunDir, cfg: Config, selector, **facts: Any) -> dict[str, Any]:
+    """A fed selector's outputs: scores and summary (``Selector.write``), the pool's records
+    ranked and the budget's selection, and the summary in metrics.json under ``selection``."""
+    summary = selector.write(run)
+    ranked_ids, _ = selector.ranking()
+    summary.update(write_records(run, selector.name, cfg, ranked_ids),
+                   target=str(Path(cfg.selection.target)) if cfg.selection.target else None,
+                   **facts)  # fmt: skip
+    write_json(run.selection_summary(selector.name), summary)
+    run.add_metrics(selection={**run.metrics().get("selection", {}), selector.name: summary})
+    return summary
+
+
+# ---------------------------------------------------------------- selectors riding Stage II
+
+
+def stream_selectors(p: Prepared) -> list[Selector]:
+    """The selectors of ``stage2.consumers``, fitted to the target's gradients under the run's
+    warm-up adapter (one small pass, in this process), to read Stage II's final pass: every train
+    and test sample's gradient, computed once for the clusterer and for them."""
+    cfg = p.cfg
+    if not cfg.stage2.consumers:
+        return []
+    target, _ = load_samples(target_data_config(cfg), p.tokenizer, cfg.run.seed)
+    computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
+    T = target_gradients(computer, target)
+    log.info("stage2: %s score the run's samples for %d target samples (%s)",
+             "+".join(cfg.stage2.consumers), len(target), cfg.selection.target)  # fmt: skip
+    return [make_selector(m, T, cfg.selection, cfg.run.seed) for m in cfg.stage2.consumers]
+
+
+def record_stream_selections(p: Prepared, selectors: list) -> None:
+    """Ranked and selected records of each selector fed by Stage II (``stream_selectors``)."""
+    for selector in selectors:
+        if isinstance(selector, Selector):
+            record_selection(p.run, p.cfg, selector, pool="stage2 final pass (train + test)")
+
+
+def stream_selections_complete(p: Prepared) -> bool:
+    """Every selector of ``stage2.consumers`` has its selected records in the run directory."""
+    return all(p.run.selection_selected(m).exists() for m in p.cfg.stage2.consumers)
+
+
 def gsnr_selector(cfg: Config, pool: Pool) -> ScoredSelector:
     """G-SNR of every pool sample under a LoRA ensemble of the run's base model (the proxy),
     trained briefly on the pool itself on Ray (``selection.gsnr.gsnr_scores``)."""
@@ -161,14 +211,8 @@ def select(cfg: Config, run_dir: str | None = None, checked: bool = False) -> Ru
             selector = make_selector(sel.method, T, sel, cfg.run.seed)
             stream_pool(computer, pool.pool, ConsumerSet([selector]), cfg.gradients.batch_size)
             calls = computer.calls
-        summary = selector.write(run)
-        ranked_ids, _ = selector.ranking()
-        summary.update(write_records(run, selector.name, cfg, ranked_ids),
-                       n_target=len(pool.target),
-                       target=str(Path(sel.target)) if sel.target else None,
-                       engine_calls=calls)  # fmt: skip
-        write_json(run.selection_summary(selector.name), summary)
-        run.add_metrics(selection={**run.metrics().get("selection", {}), selector.name: summary})
+        summary = record_selection(run, cfg, selector, n_target=len(pool.target),
+                                   engine_calls=calls, pool="gs-ray select")  # fmt: skip
         info.update(method=sel.method, n_selected=summary["n_selected"])
         log.info("select: %s kept %d of %d pool samples -> %s", sel.method,
                  summary["n_selected"], summary["n_pool"],
