@@ -225,6 +225,45 @@ def test_consumers_with_the_clusterer_equal_each_alone_in_one_gradient_pass():
     assert res.consumers[3].sums_ == pytest.approx(solo[3].sums_)
 
 
+def test_the_clusterer_is_a_consumer_like_the_others(tmp_path):
+    """The host feeds the clusterer through the same interface as the selectors: it is the
+    stream's first consumer; its state is what the checkpoint keeps; restored from a checkpoint
+    taken after the online epochs and fed the final pass outside any host (as ``gs-ray select``
+    feeds a selector), it assigns every sample as the whole Stage II did."""
+    from gs_ray.stage2.consumers import ClusteringConsumer
+
+    T, G, cfg, plan, samples = stage2_setup()
+    whole = run_stage2_local(plan, samples, CountingComputer(G),
+                             CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T)))  # fmt: skip
+    host = CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T))
+    first = host.stream.consumers[0]
+    assert isinstance(first, ClusteringConsumer) and isinstance(first, GradientConsumer)
+    assert [c.name for c in host.stream] == ["clustering", "gist", "less", "random", "layer_norms"]
+    with pytest.raises(ValueError, match="unique"):
+        CentroidHost(make_clusterer(cfg), N_POOL, consumers=[RandomSelector(0, "clustering")])
+    first_final = 2 + 2 * 6 + 1  # after the validation batches and both online epochs
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_stage2_local(plan, samples, CountingComputer(G, fail_at=first_final), host)
+    assert host.position == ("online", 1, 5) and host.done_epochs == 2
+    host.save_checkpoint(tmp_path)
+
+    import pickle
+
+    state = pickle.loads((tmp_path / "centroids.ckpt").read_bytes())
+    clustering = ClusteringConsumer(make_clusterer(cfg), N_POOL)
+    clustering.load_state(state)  # the checkpoint's top level is the clusterer's state
+    assert (clustering.labels_ == -1).all()
+    stream = ConsumerSet([clustering])
+    for t, idx in enumerate(plan.final):
+        b = CountingComputer(G).batch([samples[i].pair for i in idx], [samples[i].id for i in idx])
+        stream.feed(FINAL, 0, t, idx, b.G, b.skipped, b.ids)
+    assert np.array_equal(clustering.labels_, whole.labels)
+    summary = clustering.write(RunDir(tmp_path / "run"))
+    assert summary["k"] == whole.k
+    assert np.allclose(np.load(tmp_path / "run" / "stage2" / "centroids.npy"),
+                       whole.clusterer.cluster_centers_)  # fmt: skip
+
+
 def test_consumer_resumes_from_a_stage2_checkpoint(tmp_path):
     T, G, cfg, plan, samples = stage2_setup()
     whole = run_stage2_local(plan, samples, CountingComputer(G),

@@ -1,13 +1,14 @@
 """Consumers of the Stage II gradient stream: one gradient pass, any number of readers.
 
-Stage II computes every sample's LoRA gradient once. The GradientSpace clusterer (hosted by
-``CentroidHost``) is the stream's built-in consumer: it decides the plan (validation batches,
-online epochs, the final assignment pass). Any other consumer (GIST and LESS scorers, random
-selection, later the spectra and G-SNR of ``gs_ray.selection``) reads the same batches where
-they arrive, in the host, after the clusterer: on the final pass by default (every train and
-test sample exactly once), or on the phases it names. It keeps its own state, hands it to
-Stage II's checkpoints and takes it back on a resume, and writes its outputs into the run
-directory.
+Stage II computes every sample's LoRA gradient once. Every reader of it is a
+``GradientConsumer``. The GradientSpace clusterer is one (``ClusteringConsumer``): it reads all
+three phases (validation gradients for K, the online epochs, the final assignment) and, being the
+one whose plan the pass follows, is always first and is asked by the host to initialise and to
+close epochs. Any other consumer (the GIST, LESS and random selectors of ``gs_ray.selection``)
+reads the same batches where they arrive, in the host, after the clusterer: on the final pass by
+default (every train and test sample exactly once), or on the phases it names. Each keeps its own
+state, hands it to Stage II's checkpoints and takes it back on a resume, and writes its outputs
+into the run directory.
 
 Free of Ray and of any model: a consumer sees plain arrays, the sample ids and, when it asks for
 them, the per-layer pieces of each row cut by the gradient layout (``GradientComputer.layout``).
@@ -22,8 +23,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from gs_ray.core.clustering import GradientSpaceClustering
+from gs_ray.io import write_json
 from gs_ray.rundir import RunDir
-from gs_ray.stage2.plan import FINAL
+from gs_ray.stage2.plan import FINAL, ONLINE, VAL
+from gs_ray.stage2.result import SKIPPED, UNASSIGNED
 
 
 @dataclass
@@ -92,6 +96,66 @@ class GradientConsumer(ABC):
     @abstractmethod
     def write(self, run: RunDir) -> dict[str, Any]:
         """Write the outputs into the run directory; returns a summary for metrics.json."""
+
+
+class ClusteringConsumer(GradientConsumer):
+    """The GradientSpace clusterer as a reader of the stream (exact transport).
+
+    Validation batches: kept for K selection (SVD + silhouette when the phase ends, ``initialize``
+    by the host); online batches: ``partial_fit`` (cosine assignment, FIFO cache, EMA); the final
+    pass: one label per sample (``SKIPPED`` for a non-finite gradient). Learned state: the
+    clusterer, ``labels_`` and ``val_grads_``. The partial-sums and collective transports update
+    the same clusterer from reduced sums instead of rows (``CentroidHost.apply_sums``,
+    ``stage2.collective``); only what reaches the host as rows passes through ``consume``."""
+
+    name = "clustering"
+    phases: ClassVar[frozenset[str]] = frozenset({VAL, ONLINE, FINAL})
+
+    def __init__(self, clusterer: GradientSpaceClustering, n_samples: int):
+        self.clusterer = clusterer
+        self.labels_ = np.full(n_samples, UNASSIGNED, dtype=np.int64)
+        self.val_grads_: list[np.ndarray] = []
+
+    def consume(self, batch: StreamBatch) -> None:
+        rows = batch.G[~batch.skipped] if batch.skipped.any() else batch.G
+        if batch.phase == VAL:
+            self.val_grads_.append(np.asarray(rows, dtype=np.float32))
+        elif batch.phase == ONLINE:
+            if len(rows):
+                self.clusterer.partial_fit(rows)
+        else:
+            self.labels_[batch.idx[batch.skipped]] = SKIPPED
+            if len(rows):
+                self.labels_[batch.idx[~batch.skipped]] = self.clusterer.predict(rows)
+
+    def initialize(self) -> None:
+        """K by SVD + silhouette on the validation gradients read so far (once)."""
+        if not hasattr(self.clusterer, "cluster_centers_"):
+            self.clusterer.initialize(np.concatenate(self.val_grads_))
+
+    def state(self) -> dict[str, Any]:
+        return {"clusterer": self.clusterer.state_dict(), "labels": self.labels_.copy(),
+                "val_grads": [g.copy() for g in self.val_grads_]}  # fmt: skip
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.clusterer.load_state_dict(state["clusterer"])
+        self.labels_ = state["labels"].copy()
+        self.val_grads_ = list(state["val_grads"])
+
+    def write(self, run: RunDir) -> dict[str, Any]:
+        """The clusterer's own outputs: the K-selection table (stage2/k_selection.json) and the
+        centroids (stage2/centroids.npy); returns its summary. The assignments, which need the
+        run's splits, are written by ``stage2.stage``."""
+        summary = self.clusterer.summary()
+        write_json(run.sub("stage2", "k_selection.json"), {
+            "table": summary["k_selection"],
+            "chosen": {key: summary[key] for key in ("k", "threshold", "n_components", "silhouette")},
+            **{key: summary[key] for key in ("explained_variance_ratio", "singular_values")
+               if key in summary},
+            **{key: summary[key] for key in ("min_cluster_size", "single_cluster_reason")},
+        })  # fmt: skip
+        np.save(run.sub("stage2", "centroids.npy"), self.clusterer.cluster_centers_)
+        return summary
 
 
 class ConsumerSet:

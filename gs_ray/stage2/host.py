@@ -1,8 +1,9 @@
-"""The centroid host: the clusterer plus its position in the plan (what the centroid actor hosts).
+"""The centroid host: the stream's consumers plus its position in the plan (what the centroid
+actor hosts).
 
 Free of Ray: batches arrive through method calls in plan order, whoever sends them. The host is
-where the gradient stream is read: the clusterer first, then any other consumers
-(``gs_ray.stage2.consumers``) on the phases they read, from the same gradients. The
+where the gradient stream is read: by the clusterer (``ClusteringConsumer``) first, then by any
+other consumers (``gs_ray.stage2.consumers``) on the phases they read, from the same batch. The
 ``partial_sums`` transport needs the sums of the rows its cluster caches evict; those rows live
 on the gradient workers, so the host is given a fetcher (``EvictedSums``) that gets them.
 """
@@ -21,9 +22,9 @@ import numpy as np
 from gs_ray.core.clustering import GradientSpaceClustering
 from gs_ray.io import atomic_write_text
 from gs_ray.stage2.computer import GradientBatch
-from gs_ray.stage2.consumers import ConsumerSet, GradientConsumer
+from gs_ray.stage2.consumers import ClusteringConsumer, ConsumerSet, GradientConsumer
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, order_key
-from gs_ray.stage2.result import SKIPPED, UNASSIGNED, Stage2Result
+from gs_ray.stage2.result import SKIPPED, Stage2Result
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,11 @@ class EvictedSums(Protocol):
 
 
 class CentroidHost:
-    """The clusterer plus its position in the plan.
+    """The stream's consumers (the clusterer first) plus their position in the plan.
 
     Batches must arrive in plan order (phase, epoch, t). A batch at or before the position is a
     replay (after a restart) and is skipped; a batch that leaves a gap is an error.
+    ``consumers`` are the other consumers (``self.consumers``); ``self.stream`` is all of them.
     """
 
     def __init__(
@@ -52,10 +54,9 @@ class CentroidHost:
         evicted_sums: EvictedSums | None = None,
         consumers: list[GradientConsumer] | tuple[GradientConsumer, ...] = (),
     ):
-        self.clusterer = clusterer
+        self.clustering = ClusteringConsumer(clusterer, n_samples)
         self.consumers = ConsumerSet(consumers)
-        self.labels = np.full(n_samples, UNASSIGNED, dtype=np.int64)
-        self.val_grads: list[np.ndarray] = []
+        self.stream = ConsumerSet([self.clustering, *consumers])
         self.position: tuple[str, int, int] = (VAL, 0, -1)  # last applied batch
         self.done_epochs = 0
         self.finished_online = False
@@ -66,6 +67,19 @@ class CentroidHost:
         self.evicted_sums = evicted_sums
         self.owners: dict[int, Any] = {}
         self.batch_pairs: dict[int, list] = {}
+
+    @property
+    def clusterer(self) -> GradientSpaceClustering:
+        return self.clustering.clusterer
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(n_samples,) the final pass's labels so far (UNASSIGNED where not reached)."""
+        return self.clustering.labels_
+
+    @property
+    def val_grads(self) -> list[np.ndarray]:
+        return self.clustering.val_grads_
 
     # ------------------------------------------------------------------ order
 
@@ -94,26 +108,15 @@ class CentroidHost:
         start = time.perf_counter()
         self.bytes_in += batch.nbytes
         self._note_skipped(idx, batch.skipped)
-        kept = batch.kept()
-        if phase == VAL:
-            self.val_grads.append(np.asarray(kept, dtype=np.float32))
-        elif phase == ONLINE:
-            if len(kept):
-                self.clusterer.partial_fit(kept)
-        else:
-            self.labels[idx[batch.skipped]] = SKIPPED
-            if len(kept):
-                self.labels[idx[~batch.skipped]] = self.clusterer.predict(kept)
-        if len(self.consumers):
-            if len(batch.ids) != len(batch.G):
-                raise ValueError("gradient consumers need the batch's sample ids")
-            self.consumers.feed(phase, epoch, t, idx, batch.G, batch.skipped, batch.ids)
+        if len(self.consumers) and len(batch.ids) != len(batch.G):
+            raise ValueError("gradient consumers need the batch's sample ids")
+        self.stream.feed(phase, epoch, t, idx, batch.G, batch.skipped, batch.ids)
         self.busy_seconds += time.perf_counter() - start
         return True
 
     def set_layout(self, layout: dict[str, Any]) -> None:
         """The gradient layout, for consumers that read per-layer pieces (before any batch)."""
-        self.consumers.set_layout(layout)
+        self.stream.set_layout(layout)
 
     # ------------------------------------------------------------------ partial sums
 
@@ -161,8 +164,7 @@ class CentroidHost:
     def initialize(self) -> dict[str, Any]:
         """SVD + silhouette on the collected validation gradients (once)."""
         start = time.perf_counter()
-        if not self.initialized:
-            self.clusterer.initialize(np.concatenate(self.val_grads))
+        self.clustering.initialize()
         self.busy_seconds += time.perf_counter() - start
         return {"k": self.clusterer.n_clusters_, "silhouette": self.clusterer.silhouette_}
 
@@ -198,10 +200,9 @@ class CentroidHost:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict[str, Any]:
+        """The clusterer's state (top level), the position, and the other consumers' states."""
         return {
-            "clusterer": self.clusterer.state_dict(),
-            "labels": self.labels.copy(),
-            "val_grads": [g.copy() for g in self.val_grads],
+            **self.clustering.state(),
             "position": self.position,
             "done_epochs": self.done_epochs,
             "finished_online": self.finished_online,
@@ -211,9 +212,7 @@ class CentroidHost:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.clusterer.load_state_dict(state["clusterer"])
-        self.labels = state["labels"].copy()
-        self.val_grads = list(state["val_grads"])
+        self.clustering.load_state(state)
         self.position = tuple(state["position"])
         self.done_epochs = state["done_epochs"]
         self.finished_online = state["finished_online"]

@@ -13,7 +13,7 @@ from gs_ray.core.clustering import within_cluster_variance
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
 from gs_ray.stage2.computer import GradientComputer
-from gs_ray.stage2.consumers import ConsumerSet, GradientConsumer
+from gs_ray.stage2.consumers import ClusteringConsumer, ConsumerSet, GradientConsumer
 from gs_ray.stage2.executors import make_clusterer, run_stage2_local, run_stage2_ray
 from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.plan import Stage2Plan
@@ -69,15 +69,7 @@ def stage2_ray(
 def write_stage2_outputs(p: Prepared, res: Stage2Result) -> None:
     """K table, centroids, layout and assignments into the run directory; metrics and plots."""
     run, c = p.run, res.clusterer
-    summary = c.summary()
-    write_json(run.sub("stage2", "k_selection.json"), {
-        "table": summary["k_selection"],
-        "chosen": {key: summary[key] for key in ("k", "threshold", "n_components", "silhouette")},
-        **{key: summary[key] for key in ("explained_variance_ratio", "singular_values")
-           if key in summary},
-        **{key: summary[key] for key in ("min_cluster_size", "single_cluster_reason")},
-    })  # fmt: skip
-    np.save(run.sub("stage2", "centroids.npy"), c.cluster_centers_)
+    summary = ClusteringConsumer(c, len(res.labels)).write(run)
     write_json(run.sub("stage2", "param_names.json"), res.layout)
     if (res.labels == UNASSIGNED).any():
         raise RuntimeError("Stage II finished with unassigned samples")
