@@ -85,6 +85,17 @@ def _f(default: Any, help: str, **check: Any) -> Any:  # noqa: A002 - "help" rea
 _CHECKS = {"ge", "gt", "le", "lt", "pattern", "nonempty"}
 
 
+def _worker_resource(who: str) -> Any:
+    """A custom Ray resource that each of ``who`` also asks one unit of (hard): the node type's
+    GPU-like resource in ``cluster_config``, which the autoscaler adds nodes for."""
+    return _f(
+        "",
+        f"a custom Ray resource each {who} also asks one unit of (a node type's GPU-like "
+        "resource in cluster_config; the autoscaler adds nodes for it); empty: none",
+        pattern=r"([\w.-]+)?",
+    )
+
+
 #: Record formats of one source. ``text``: a plain-text file cut into documents at ``separator``
 #: (fields ``text``, ``head`` = its first sentence, ``tail`` = the rest); ``lines``: one record per
 #: line, split at ``separator`` into ``columns``.
@@ -220,6 +231,7 @@ class TrainingConfig:
     num_workers: int = _f(1, "Ray Train workers per run", ge=1)
     cpus_per_worker: float = _f(1, "CPUs per Ray Train worker", gt=0)
     use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto | true | false")
+    worker_resource: str = _worker_resource("Ray Train worker")
     log_every: int = _f(10, "log a loss line every N steps", ge=1)
     max_failures: int = _f(
         2, "Ray Train retries of a failed run (the other runs are not redone)", ge=0
@@ -311,12 +323,7 @@ class Stage2Config:
     nonfinite: NonFinitePolicy = _f(
         "fail", "a NaN/Inf per-sample gradient: fail (name the samples) | skip (leave them out)"
     )
-    worker_resource: str = _f(
-        "",
-        "a custom Ray resource each gradient worker also asks one unit of (a node type's "
-        "GPU-like resource in cluster_config; the autoscaler adds nodes for it); empty: none",
-        pattern=r"([\w.-]+)?",
-    )
+    worker_resource: str = _worker_resource("gradient worker")
     prefer_node_label: str = _f(
         "",
         "key=value: gradient workers prefer nodes with this Ray label (soft: elsewhere when "

@@ -44,6 +44,46 @@ REAPER_GRACE_S = 1.0
 REAPER_TERM_WAIT_S = 3.0
 
 
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address (::ffff:127.0.0.1)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+# The rendezvous stores this process hosts on loopback, with their sockets: torch keeps only a
+# weak reference to a multi-tenant store's server, so they are held here for the process's life.
+_LOOPBACK_STORES: list = []
+
+
+def host_loopback_store(world_size: int, timeout_s: float) -> int:
+    """Host a ``torch.distributed`` rendezvous store (a TCPStore server) in this process,
+    listening on 127.0.0.1 alone, on a free port; returns the port.
+
+    torch's own TCPStore listens on every interface (``::``) whatever address it is given, so a
+    process group on gs-ray's loopback cluster would open a port to the network. The store
+    created here listens on a socket bound to loopback (``master_listen_fd``) and is
+    multi-tenant: ``init_process_group(init_method="tcp://127.0.0.1:PORT")`` in this process
+    then uses this server instead of starting its own. Call it in rank 0's process, before
+    every rank joins."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(
+        LOOPBACK, port, world_size, True, timedelta(seconds=timeout_s),
+        wait_for_workers=False, multi_tenant=True, master_listen_fd=sock.fileno(),
+    )  # fmt: skip
+    _LOOPBACK_STORES.append((sock, store))
+    return port
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as sock:

@@ -8,7 +8,6 @@ the process tree of the driver that started it, or of ``ray start``) from the ke
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from gs_ray.local_ray import is_loopback
 
 pytestmark = pytest.mark.ray
 
@@ -39,14 +40,6 @@ assert ray.get(one.remote()) == 1  # a worker process exists, listening too
 print("READY", flush=True)
 time.sleep(600)
 """
-
-
-def is_loopback(ip: str) -> bool:
-    """127.0.0.0/8 or ::1, also as an IPv4-mapped IPv6 address (::ffff:127.0.0.1)."""
-    addr = ipaddress.ip_address(ip.split("%")[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
 
 
 def listening(pids: set[int]) -> list[tuple[str, int, str]]:
@@ -157,6 +150,49 @@ def test_shared_test_cluster_listens_on_loopback_only(ray_cluster):
     finally:
         driver.kill()
         driver.wait()
+
+
+def test_training_process_group_listens_on_loopback_only(ray_session, tmp_path):
+    """A Ray Train run of two gloo ranks with gs-ray's torch config on the loopback cluster:
+    the rendezvous store (rank 0) and gloo's sockets listen on loopback alone. torch's own
+    store would listen on every interface (``::``) for the whole training."""
+    import json
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from gs_ray.training.process_group import LoopbackTorchConfig
+
+    def _record_listeners(config: dict) -> None:  # nested: Ray pickles it by value
+        """Once the group is up, write this rank's listening sockets to a file."""
+        import json
+        import os
+
+        import psutil
+        import torch
+        import torch.distributed as dist
+
+        t = torch.ones(1)
+        dist.all_reduce(t)  # the group is up (and gloo's pairs are connected)
+        socks = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.pid == os.getpid()]  # fmt: skip
+        out = {"socks": socks, "master_port": int(os.environ["MASTER_PORT"]), "sum": t.item()}
+        Path(config["out"], f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+        dist.barrier()  # each rank records while the other is still in the group
+
+    trainer = TorchTrainer(
+        _record_listeners, train_loop_config={"out": str(tmp_path)},
+        torch_config=LoopbackTorchConfig(),
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name="loopback", storage_path=str(tmp_path / "storage")),
+    )  # fmt: skip
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["sum"] for r in ranks] == [2.0, 2.0]
+    socks = [tuple(s) for r in ranks for s in r["socks"]]
+    assert ("127.0.0.1", ranks[0]["master_port"]) in socks  # the store, on loopback
+    exposed = [s for s in socks if not is_loopback(s[0])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
 
 def test_is_loopback():

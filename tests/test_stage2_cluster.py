@@ -13,7 +13,6 @@ driver is a subprocess, since this process is connected to the shared head."""
 
 from __future__ import annotations
 
-import pickle
 import subprocess
 import sys
 import threading
@@ -147,19 +146,11 @@ def test_lost_worker_node_resumes_with_the_same_assignments(
         assert out.info["recomputed_batches"] > 0
 
 
-_DRIVER = """
-import pickle, sys, ray
-from gs_ray.stage2 import run_stage2_ray
-ray.init(address=sys.argv[2], log_to_driver=False)
-out = run_stage2_ray(*pickle.load(open(sys.argv[1], "rb")))
-pickle.dump((out.labels, out.clusterer.cluster_centers_), open(sys.argv[3], "wb"))
-"""
-
-
 def _watch_nodes(cluster, seen: list, exposed: list, stop: threading.Event) -> None:
     """Record the alive nodes (id, total resources) every half second, and any socket of the
     cluster's processes (the fake nodes included) listening beyond loopback."""
-    from tests.test_ray_security import is_loopback, listening
+    from gs_ray.local_ray import is_loopback
+    from tests.test_ray_security import listening
 
     while not stop.wait(0.5):
         try:
@@ -174,12 +165,28 @@ def _watch_nodes(cluster, seen: list, exposed: list, stop: threading.Event) -> N
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_autoscaler_adds_gpu_nodes_for_stage2_and_removes_them_when_idle(warmed, tmp_path):
+def test_autoscaler_adds_gpu_nodes_for_stage2_and_experts_and_removes_them_when_idle(
+    warmed, tmp_path
+):
+    """The job, as ``ray job submit`` runs it (``jobs/gradientspace.py --resume``, a driver of
+    its own on the autoscaling head), on a copy of the warmed run: Stage II's gradient workers
+    and the experts' Ray Train workers ask for the GPU-like resource, the autoscaler adds nodes
+    that offer it, the labels equal the reference, and the idle nodes go away."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from ray.util.state import list_actors
+
     from gs_ray.cluster_config import FAKE_GPU, SPEC, render_fake
     from gs_ray.local_ray import LocalAutoscalingCluster
+    from gs_ray.rundir import RunDir
+    from gs_ray.stage2.result import SKIPPED
 
     gpu_type = next(w for w in SPEC.workers if w.gpus)
     config = render_fake(max_workers=2, cpus_per_node=1, head_cpus=1, idle_timeout_minutes=0.1)
+    run_dir = tmp_path / "run"
+    shutil.copytree(warmed["p"].run.path, run_dir)
     cluster = LocalAutoscalingCluster(config, num_cpus=1).start()
     seen: list = []
     exposed: list = []
@@ -188,26 +195,38 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_removes_them_when_idle(warmed,
     try:
         assert len(cluster.alive_nodes()) == 1  # the head alone: no worker node yet
         watcher.start()
-        p = warmed["p"]
         args = {"stage2.num_workers": 2, "stage2.cpus_per_worker": 1,
-                "stage2.worker_resource": FAKE_GPU}  # fmt: skip
-        cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
-        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
-        call = (plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
-                tmp_path / "checkpoint")  # fmt: skip
-        (tmp_path / "args.pkl").write_bytes(pickle.dumps(call))
-        cmd = [sys.executable, "-c", _DRIVER, str(tmp_path / "args.pkl"), cluster.address,
-               str(tmp_path / "out.pkl")]  # fmt: skip
-        run = subprocess.run(cmd, env=cluster.env(), capture_output=True, text=True, timeout=420)
+                "stage2.worker_resource": FAKE_GPU, "experts.worker_resource": FAKE_GPU,
+                "experts.cpus_per_worker": 1, "run.until": "experts"}  # fmt: skip
+        job = Path(__file__).resolve().parents[1] / "jobs" / "gradientspace.py"
+        cmd = [sys.executable, str(job), "--resume", str(run_dir),
+               *(f"--{k}={v}" for k, v in args.items())]  # fmt: skip
+        env = {**cluster.env(), "RAY_ADDRESS": cluster.address}  # as ray job submit sets it
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-        labels, centers = pickle.loads((tmp_path / "out.pkl").read_bytes())
+        said = [json.loads(x) for x in run.stdout.splitlines() if x.startswith('{"run_dir"')]
+        assert said == [{"run_dir": str(run_dir)}], run.stdout[-2000:]
+        actors = list_actors(address=cluster.dashboard_url, limit=10_000, detail=True,
+                             raise_on_missing_output=False)  # fmt: skip
+        out = RunDir.open(run_dir)
+        labels = [SKIPPED if r["cluster"] is None else r["cluster"] for r in out.assignments()]
         ref = warmed["ref"]
         np.testing.assert_array_equal(labels, ref.labels)
-        np.testing.assert_allclose(centers, ref.clusterer.cluster_centers_, rtol=0, atol=1e-6)
-        # the autoscaler added GPU-like worker nodes: one per gradient worker
-        added = {i: r for snap in seen for i, r in snap.items() if r.get(FAKE_GPU)}
-        assert len(added) == 2, seen[-3:]
-        assert all(r[FAKE_GPU] == gpu_type.gpus for r in added.values())
+        k = int(ref.labels.max()) + 1
+        assert all(out.expert_complete(c) for c in range(k))
+        assert out.stage_done("experts")
+        # the autoscaler added GPU-like worker nodes, and both stages' workers ran on them
+        # (nodes idle between the two stages may go and be added again: at most 2 at a time)
+        gpu_nodes = {i: r for snap in seen for i, r in snap.items() if r.get(FAKE_GPU)}
+        assert gpu_nodes and max(sum(map(bool, (r.get(FAKE_GPU) for r in snap.values())))
+                                 for snap in seen) <= 2, seen[-3:]  # fmt: skip
+        assert all(r[FAKE_GPU] == gpu_type.gpus for r in gpu_nodes.values())
+        where = {}
+        for a in actors:
+            where.setdefault(a.class_name, set()).add(a.node_id)
+        assert where.get("GradientWorker") and where["GradientWorker"] <= set(gpu_nodes), where
+        trainers = where.get("RayTrainWorker")
+        assert trainers and trainers <= set(gpu_nodes), where
         assert not exposed, f"listening beyond loopback: {exposed}"
         # ... and removes them once idle (idle_timeout_minutes 0.1)
         deadline = time.monotonic() + 120

@@ -73,6 +73,19 @@ def test_use_gpu_setting_and_argument_checks(tmp_path):
         train_many_on_ray([job, job], MODEL, LORA, TrainingConfig(), 0, str(tmp_path))
 
 
+def test_workers_ask_for_cpus_a_gpu_and_the_configured_resource():
+    from gs_ray.config import Config, apply_overrides
+    from gs_ray.training.ray_train import worker_resources
+
+    assert worker_resources(TrainingConfig(cpus_per_worker=2), use_gpu=False) == {"CPU": 2.0}
+    assert worker_resources(TrainingConfig(), use_gpu=True) == {"CPU": 1.0, "GPU": 1.0}
+    cfg = apply_overrides(Config(), ["--experts.worker_resource", "fake_gpu"])
+    assert worker_resources(cfg.experts, use_gpu=False) == {"CPU": 1.0, "fake_gpu": 1.0}
+    assert cfg.warmup.worker_resource == ""  # per training section
+    with pytest.raises(Exception, match="experts.worker_resource"):
+        apply_overrides(Config(), ["--experts.worker_resource", "two words"])
+
+
 def test_attempt_history_is_read_per_attempt(tmp_path):
     log = tmp_path / "attempts.jsonl"
     log.write_text(

@@ -45,6 +45,7 @@ import numpy as np
 from gs_ray.config import Config
 from gs_ray.core.clustering import cluster_sums, cosine_assign, normalize_rows
 from gs_ray.data import Sample
+from gs_ray.local_ray import LOOPBACK, host_loopback_store, is_loopback
 from gs_ray.progress import Progress
 from gs_ray.stage2 import faults
 from gs_ray.stage2.computer import check_finite
@@ -232,11 +233,15 @@ class CollectiveWorker(GradientWorker):
         self.row_dtype = cfg.stage2.row_dtype
         self.replica: Replica | None = None
 
-    def address(self) -> tuple[str, int]:
-        """Where rank 0 listens for the group's rendezvous (this node, a free port)."""
+    def address(self, world: int) -> tuple[str, int]:
+        """Where rank 0 listens for the group's rendezvous (this node, a free port). On a
+        loopback node (gs-ray's own local Ray) this process hosts the store itself, listening
+        on 127.0.0.1 alone (torch's would listen on every interface)."""
         import ray
 
         ip = ray.util.get_node_ip_address()
+        if is_loopback(ip):
+            return LOOPBACK, host_loopback_store(world, COLLECTIVE_TIMEOUT_S)
         with socket.socket() as s:
             s.bind((ip, 0))
             return ip, s.getsockname()[1]
@@ -247,7 +252,7 @@ class CollectiveWorker(GradientWorker):
 
         import torch.distributed as dist
 
-        if ip.startswith("127.") and "GLOO_SOCKET_IFNAME" not in os.environ:
+        if is_loopback(ip) and "GLOO_SOCKET_IFNAME" not in os.environ:
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: talk over loopback
         dist.init_process_group("gloo", init_method=f"tcp://{ip}:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
@@ -302,7 +307,7 @@ class _Group:
         import ray
 
         self.workers = [make_worker() for _ in range(n)]
-        ip, port = ray.get(self.workers[0].address.remote())
+        ip, port = ray.get(self.workers[0].address.remote(n))
         ray.get([w.join.remote(ip, port, r, n) for r, w in enumerate(self.workers)])
 
     def stop(self) -> list[dict]:

@@ -180,6 +180,15 @@ def resolve_use_gpu(train_cfg: TrainingConfig) -> bool:
     return cluster_has_gpu()
 
 
+def worker_resources(train_cfg: TrainingConfig, use_gpu: bool) -> dict[str, float]:
+    """What each Ray Train worker of a run asks for: its CPUs, a GPU when ``use_gpu``, and one
+    unit of ``worker_resource`` when set (a node type's resource: the autoscaler adds nodes)."""
+    out = {"CPU": float(train_cfg.cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
+    if train_cfg.worker_resource:
+        out[train_cfg.worker_resource] = 1.0
+    return out
+
+
 def deepspeed_config(
     train_cfg: TrainingConfig, model_cfg: ModelConfig, world_size: int, cuda: bool
 ) -> dict[str, Any]:
@@ -252,6 +261,8 @@ def _run_job(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from gs_ray.training.process_group import LoopbackTorchConfig
+
     _check_storage_path(storage_path)
     _ensure_ray()
     use_gpu = resolve_use_gpu(train_cfg)
@@ -262,7 +273,7 @@ def _run_job(
         shutil.rmtree(markers, ignore_errors=True)
     markers.mkdir(parents=True, exist_ok=True)
     (markers / _ATTEMPTS_LOG).write_text("")  # the attempts of this call
-    resources = {"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = worker_resources(train_cfg, use_gpu)
     loop_config = {
         "job": job,
         "model_cfg": model_cfg,
@@ -275,6 +286,7 @@ def _run_job(
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
+        torch_config=LoopbackTorchConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=train_cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

@@ -1,0 +1,68 @@
+"""Ray Train's torch process group, kept on loopback where the cluster is gs-ray's own.
+
+Ray Train starts a run's process group with a rendezvous store (torch's TCPStore) in rank 0's
+process. torch's store listens on every interface (``::``) whatever address it is given, so on
+gs-ray's local Ray, where every other listener is on 127.0.0.1 and token authentication is off
+(``local_ray``), each training would open a port to the network for its whole length.
+``LoopbackTorchConfig`` is Ray's ``TorchConfig`` with one difference: when rank 0's node IP is
+a loopback address, rank 0 first hosts the store on 127.0.0.1 alone
+(``local_ray.host_loopback_store``) and the ranks join it there, gloo's own sockets on the
+loopback interface too. On any other node (a real cluster) it is Ray's set-up, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend
+
+from gs_ray.local_ray import LOOPBACK, host_loopback_store, is_loopback
+
+log = logging.getLogger(__name__)
+
+
+def _use_loopback(addr: str, port: int) -> None:
+    """In a worker: the group's address, and gloo's sockets on the loopback interface."""
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+        try:  # Ray's own steps of the set-up; an older Ray without them gets Ray's set-up
+            from ray.train.torch.config import (
+                _set_torch_distributed_env_vars,
+                _setup_torch_process_group,
+            )
+        except ImportError:
+            return super().on_start(worker_group, backend_config)
+        if not is_loopback(worker_group.execute_single(0, ray.util.get_node_ip_address)):
+            return super().on_start(worker_group, backend_config)
+        n = len(worker_group)
+        backend = backend_config.backend or (
+            "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) else "gloo"
+        )
+        timeout_s = backend_config.timeout_s
+        port = worker_group.execute_single(0, host_loopback_store, n, timeout_s)
+        worker_group.execute(_use_loopback, LOOPBACK, port)
+        worker_group.execute(_set_torch_distributed_env_vars)
+        url = f"tcp://{LOOPBACK}:{port}"
+        ray.get([
+            worker_group.execute_single_async(
+                i, _setup_torch_process_group, backend=backend, world_rank=i, world_size=n,
+                init_method=url, timeout_s=timeout_s,
+            )
+            for i in range(n)
+        ])  # fmt: skip
+        log.debug("process group of %d on %s (%s)", n, url, backend)
+
+
+class LoopbackTorchConfig(TorchConfig):
+    """``TorchConfig`` whose process group stays on 127.0.0.1 on a loopback node."""
+
+    @property
+    def backend_cls(self):
+        return _LoopbackTorchBackend
