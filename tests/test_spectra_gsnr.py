@@ -89,7 +89,8 @@ def test_spectra_equal_explicit_svd_on_the_embedded_tiny_llama():
     samples of different lengths, padded: every q/k/v/o of every layer against autograd + SVD."""
     from gs_ray.config import DataConfig, ModelConfig
     from gs_ray.core.models import build_tiny_llama
-    from gs_ray.data.loading import DataReport, Example, tokenize
+    from gs_ray.data import DataReport, Example
+    from gs_ray.data.loading import tokenize
 
     model, tokenizer = build_tiny_llama(ModelConfig(), seed=0)
     model = model.double().requires_grad_(False)

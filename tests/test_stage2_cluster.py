@@ -62,7 +62,7 @@ def test_worker_placement_follows_the_config():
     from ray.util.scheduling_strategies import NodeLabelSchedulingStrategy
 
     from gs_ray.config import Config, apply_overrides
-    from gs_ray.stage2.executors import worker_placement
+    from gs_ray.stage2.launch import worker_placement
 
     assert worker_placement(Config()) == {}
     overrides = ["--stage2.worker_resource", "fake_gpu", "--stage2.prefer_node_label", LABEL]
@@ -79,7 +79,7 @@ def test_cuda_workers_ask_for_gpus_before_any_gpu_node_is_up(monkeypatch):
     import ray
 
     from gs_ray.config import Config, apply_overrides
-    from gs_ray.stage2.executors import resolve_num_workers
+    from gs_ray.stage2.launch import resolve_num_workers
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     cuda = apply_overrides(Config(), ["--model.device", "cuda", "--stage2.num_workers", "4"])

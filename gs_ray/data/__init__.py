@@ -4,7 +4,6 @@ built-in demo corpus (``demo``)."""
 from gs_ray.data.loading import (
     DataError,
     DataReport,
-    Example,
     Sample,
     Splits,
     check_inputs,
@@ -17,6 +16,7 @@ from gs_ray.data.loading import (
     target_data_config,
     unique_ids,
 )
+from gs_ray.data.records import Example
 
 __all__ = [
     "DataError", "DataReport", "Example", "Sample", "Splits", "check_inputs", "check_source",

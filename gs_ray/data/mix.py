@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gs_ray.config import DataConfig, MixSource
+from gs_ray.data.records import Example, detect_format, read_rows, to_example
 from gs_ray.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".csv", ".tsv")
@@ -99,8 +100,6 @@ def read_mix(cfg: DataConfig, seed: int) -> tuple[list, str, int]:
     """Every mix entry's examples (each labelled with its domain, ids prefixed by it), a
     description of the mix (records taken / records in the source, per domain) and the number
     of records taken."""
-    from gs_ray.data.loading import Example, detect_format, read_rows, to_example
-
     examples: list[Example] = []
     described, total = [], 0
     for i, entry in enumerate(cfg.mix):

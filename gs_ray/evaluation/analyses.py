@@ -102,7 +102,7 @@ class AnalysisPass:
 
     def ablate(self, k: int) -> dict[str, Any]:
         """GradientSpace's estimator with K = k on the full-dimensional training rows."""
-        from gs_ray.stage2.executors import make_clusterer
+        from gs_ray.stage2.launch import make_clusterer
 
         f_train = np.concatenate(self.full["train"])
         est = make_clusterer(self.cfg)

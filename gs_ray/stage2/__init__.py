@@ -9,8 +9,9 @@ and ``stage`` (Stage II inside the pipeline).
 
 from gs_ray.stage2.computer import GradientBatch, GradientComputer, NonFiniteGradientError
 from gs_ray.stage2.consumers import ConsumerSet, GradientConsumer, StreamBatch
-from gs_ray.stage2.executors import make_clusterer, run_stage2_local, run_stage2_ray
+from gs_ray.stage2.executors import run_stage2_local, run_stage2_ray
 from gs_ray.stage2.host import CentroidHost
+from gs_ray.stage2.launch import make_clusterer
 from gs_ray.stage2.plan import Stage2Plan
 from gs_ray.stage2.result import Stage2Result
 

@@ -329,7 +329,7 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
 
     import ray
 
-    from gs_ray.stage2.executors import WorkerSetup, driver_node_affinity, make_clusterer
+    from gs_ray.stage2.launch import WorkerSetup, driver_node_affinity, make_clusterer
 
     s2 = cfg.stage2
     ws = WorkerSetup.resolve(cfg, checkpoint_dir)
@@ -410,7 +410,7 @@ class _ClustererFactory:
         self.cfg = cfg.to_dict()
 
     def __call__(self):
-        from gs_ray.stage2.executors import make_clusterer
+        from gs_ray.stage2.launch import make_clusterer
 
         return make_clusterer(Config.from_dict(self.cfg))
 

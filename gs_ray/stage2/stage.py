@@ -14,8 +14,9 @@ from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
 from gs_ray.stage2.computer import GradientComputer
 from gs_ray.stage2.consumers import ClusteringConsumer, ConsumerSet, GradientConsumer
-from gs_ray.stage2.executors import make_clusterer, run_stage2_local, run_stage2_ray
+from gs_ray.stage2.executors import run_stage2_local, run_stage2_ray
 from gs_ray.stage2.host import CentroidHost
+from gs_ray.stage2.launch import make_clusterer
 from gs_ray.stage2.plan import Stage2Plan
 from gs_ray.stage2.result import SKIPPED, UNASSIGNED, Stage2Result
 

@@ -46,7 +46,7 @@ def k_trial(config: dict[str, Any], *, G_val, G_fit, G_hold, fit_pairs, hold_pai
 
     from gs_ray.core.models import load_adapter, load_base_model
     from gs_ray.data import Sample
-    from gs_ray.stage2.executors import make_clusterer
+    from gs_ray.stage2.launch import make_clusterer
     from gs_ray.training.loop import TorchEngine, adapter_losses, train_adapter
 
     k = int(config["k"])
