@@ -131,6 +131,39 @@ def test_own_local_ray_ends_soon_after_its_driver_is_killed(local_driver):
     assert not listening({p.pid for p in procs})
 
 
+def test_reaper_tracks_descendants_and_forgets_ended_processes():
+    """track_descendants: children and grandchildren of a root are found, an orphan whose
+    parent ended stays tracked, and ended processes are dropped (the table stays small)."""
+    from gs_ray.local_ray import track_descendants
+
+    # root (sh) -> middle (sh) -> leaf (sleep); killing the middle orphans the leaf
+    root = subprocess.Popen(["sh", "-c", "sh -c 'sleep 60 & wait' & sleep 60; true"])
+    try:
+        tracked = {root.pid: psutil.Process(root.pid)}
+        deadline = time.monotonic() + 10
+        while len(tracked) < 4 and time.monotonic() < deadline:  # root, middle, 2 sleeps
+            track_descendants(tracked)
+            time.sleep(0.1)
+        names = sorted(p.name() for p in tracked.values())
+        assert names == ["sh", "sh", "sleep", "sleep"], names
+        middle = next(p for p in psutil.Process(root.pid).children() if p.name() == "sh")
+        leaf = middle.children()[0]
+        middle.kill()
+        middle.wait(5)
+        track_descendants(tracked)
+        assert middle.pid not in tracked  # ended: forgotten
+        assert leaf.pid in tracked and leaf.is_running()  # orphaned: still tracked
+        leaf.kill()
+        leaf.wait(5)
+        track_descendants(tracked)
+        assert leaf.pid not in tracked
+    finally:
+        for p in psutil.Process(root.pid).children(recursive=True):
+            p.kill()
+        root.kill()
+        root.wait()
+
+
 def test_shared_test_cluster_listens_on_loopback_only(ray_cluster):
     """LocalHead (`ray start --head`) and a driver joining it with init_ray(address)."""
     procs = ray_cluster.processes()
