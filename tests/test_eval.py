@@ -165,6 +165,18 @@ def test_greedy_mixture_routes_like_generate_and_mixes_by_hand(two_adapters):
         slow = greedy_mixture(model, [None, "a0", "a1"], routes, many, 7, eos_id=eos, pad_id=0,
                               batch_size=2, cached=False)  # fmt: skip
         assert fast == slow
+    # A soft mixture, one KV cache per adapter (rows with zero weight for some adapters, one
+    # row one-hot): the step-by-step mixture's tokens, EOS cut included.
+    soft = np.array([[0.2, 0.5, 0.3], [0.0, 0.6, 0.4], [1.0, 0.0, 0.0], [0.1, 0.0, 0.9],
+                     [0.5, 0.5, 0.0]])  # fmt: skip
+    plain = greedy_mixture(model, [None, "a0", "a1"], soft, many, 7, eos_id=None, pad_id=0,
+                           batch_size=3, cached=False)  # fmt: skip
+    for eos in (None, plain[0][2], plain[3][0]):
+        fast = greedy_mixture(model, [None, "a0", "a1"], soft, many, 7, eos_id=eos, pad_id=0,
+                              batch_size=3)  # fmt: skip
+        slow = greedy_mixture(model, [None, "a0", "a1"], soft, many, 7, eos_id=eos, pad_id=0,
+                              batch_size=3, cached=False)  # fmt: skip
+        assert fast == slow, eos
     # A soft mixture, first token by hand: argmax of 0.3 p_base + 0.7 p_a0.
     w = np.array([[0.3, 0.7]])
     first = greedy_mixture(model, [None, "a0"], w, prompts[:1], 1, eos_id=None, pad_id=0)[0][0]

@@ -256,43 +256,84 @@ def _route_task(folders: dict[str, str], prompts: list[str]) -> tuple[dict, dict
     return probs, latency
 
 
-def _score_task(base_path, model_cfg, adapters, merges, pairs, pad_id, plans, gen_prompts,
-                max_new_tokens, eos_id, n_timed):  # fmt: skip
-    """In one process, one base model: per-token test losses of the base model (key None) and of
-    every adapter (merged ones built here), greedy generations of ``gen_prompts`` for every
-    plan (adapter names, weights), and the milliseconds of one forward of a query."""
-    import torch
+class Scorer:
+    """One base model with every adapter (merged ones built here) in one process: per-token test
+    losses of the base model (name None) or an adapter, greedy generations for a plan (adapter
+    names, weights), and the milliseconds of one forward of a query. ``evaluate_run`` hosts it
+    in a Ray actor and asks for one adapter or plan at a time, so that it can show progress."""
 
-    from gs_ray.evaluation.generate import greedy_mixture, using
-    from gs_ray.training.loop import load_adapters, token_losses
+    def __init__(self, base_path, model_cfg, adapters: dict[str, str],
+                 merges: dict[str, list[str]]):  # fmt: skip
+        from gs_ray.training.loop import load_adapters
 
-    use_assigned_cpus()
-    model = load_adapters(base_path, model_cfg, adapters)
-    for name, parts in merges.items():
-        # combination "cat" stacks the adapters' A and B: its update sum_k w_k B_k A_k is exactly
-        # the weighted mean of the experts' updates when w_k = 1/K ("linear" averages A and B
-        # separately, which is not the mean of the products).
-        model.add_weighted_adapter(parts, [1.0 / len(parts)] * len(parts), name,
-                                   combination_type="cat")  # fmt: skip
-    model.eval()
-    losses = {}
-    for name in [None, *adapters, *merges]:
-        with using(model, name):
-            losses[name] = token_losses(model, pairs, pad_id)
-    generated = {}
-    for key, (names, weights) in plans.items():
-        generated[key] = greedy_mixture(model, names, weights, gen_prompts, max_new_tokens,
-                                        eos_id, pad_id)  # fmt: skip
-    timed = [prompt_pair(pair)[0] for pair in pairs[:n_timed]]
-    model.set_adapter(next(iter(adapters)))
-    with torch.no_grad():
-        for ids in timed[:2]:  # untimed warm-up calls
-            model(input_ids=torch.tensor([ids]))
-        start = time.perf_counter()
-        for ids in timed:
-            model(input_ids=torch.tensor([ids]))
-    forward_ms = 1000 * (time.perf_counter() - start) / max(1, len(timed))
-    return losses, generated, forward_ms
+        use_assigned_cpus()
+        self.first = next(iter(adapters))  # the adapter the latency is timed with
+        self.model = load_adapters(base_path, model_cfg, adapters)
+        for name, parts in merges.items():
+            # combination "cat" stacks the adapters' A and B: its update sum_k w_k B_k A_k is
+            # exactly the weighted mean of the experts' updates when w_k = 1/K ("linear" averages
+            # A and B separately, which is not the mean of the products).
+            self.model.add_weighted_adapter(parts, [1.0 / len(parts)] * len(parts), name,
+                                            combination_type="cat")  # fmt: skip
+        self.model.eval()
+
+    def losses(self, name: str | None, pairs, pad_id: int) -> list[np.ndarray]:
+        from gs_ray.evaluation.generate import using
+        from gs_ray.training.loop import token_losses
+
+        with using(self.model, name):
+            return token_losses(self.model, pairs, pad_id)
+
+    def generate(self, names, weights, prompts, max_new_tokens: int, eos_id, pad_id: int):
+        from gs_ray.evaluation.generate import greedy_mixture
+
+        return greedy_mixture(self.model, names, weights, prompts, max_new_tokens, eos_id, pad_id)
+
+    def forward_ms(self, pairs, n_timed: int) -> float:
+        import torch
+
+        timed = [prompt_pair(pair)[0] for pair in pairs[:n_timed]]
+        self.model.set_adapter(self.first)
+        with torch.no_grad():
+            for ids in timed[:2]:  # untimed warm-up calls
+                self.model(input_ids=torch.tensor([ids]))
+            start = time.perf_counter()
+            for ids in timed:
+                self.model(input_ids=torch.tensor([ids]))
+        return 1000 * (time.perf_counter() - start) / max(1, len(timed))
+
+
+def _score(p, cfg, adapters, merges, test, gen_plans, gen_prompts) -> tuple[dict, dict, float]:
+    """Every adapter's per-token test losses, every plan's generations and one forward's
+    milliseconds, from one ``Scorer`` actor, with a progress line per part."""
+    import ray
+
+    from gs_ray.progress import Progress
+
+    ec = cfg.eval
+    scorer = ray.remote(Scorer).options(**task_resources()).remote(
+        p.base_path, cfg.model, adapters, merges)  # fmt: skip
+    try:
+        pairs = ray.put(p.pairs(test))
+        token_nll = {}
+        bar = Progress("eval: test losses", total=1 + len(adapters) + len(merges), unit="adapters")
+        for name in [None, *adapters, *merges]:
+            token_nll[name] = ray.get(scorer.losses.remote(name, pairs, p.pad_id))
+            bar.update(1)
+        bar.close()
+        generated = {}
+        if gen_plans:
+            bar = Progress("eval: generations", total=len(gen_plans), unit="plans")
+            for key, (names, weights) in gen_plans.items():
+                generated[key] = ray.get(scorer.generate.remote(
+                    names, weights, gen_prompts, ec.max_new_tokens, p.tokenizer.eos_token_id,
+                    p.pad_id))  # fmt: skip
+                bar.update(1)
+            bar.close()
+        forward_ms = ray.get(scorer.forward_ms.remote(pairs, ec.latency_samples))
+    finally:
+        ray.kill(scorer)
+    return token_nll, generated, forward_ms
 
 
 # --------------------------------------------------------------------------- the whole comparison
@@ -494,11 +535,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
                  for i, mp in plans.items() for m, plan in mp.items()} if gen_rows else {}  # fmt: skip
     log.info("eval: scoring %d adapters on %d test samples; %d checkable items generated per "
              "method", len(adapters) + len(merges), len(test), len(gen_rows))  # fmt: skip
-    token_nll, generated, forward_ms = ray.get(
-        ray.remote(_score_task).options(**task_resources()).remote(
-            p.base_path, cfg.model, adapters, merges, p.pairs(test), p.pad_id, gen_plans,
-            gen_prompts, ec.max_new_tokens, p.tokenizer.eos_token_id, ec.latency_samples,
-        ))  # fmt: skip
+    token_nll, generated, forward_ms = _score(p, cfg, adapters, merges, test, gen_plans,
+                                              gen_prompts)  # fmt: skip
 
     domains = [p.samples[j].domain for j in test]
     references = [_response_text(p, test[j]) for j in gen_rows]
