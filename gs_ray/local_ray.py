@@ -397,6 +397,11 @@ class LocalNode:
             "metrics_agent_port": free_port(), "runtime_env_agent_port": free_port(),
             "dashboard_agent_listen_port": free_port(), "min_worker_port": 0,
             "max_worker_port": 0, "object_store_memory": 200_000_000,
+            # Its own runtime-env folder: every node of this machine shares the head's session
+            # folder, and a node asked for a working_dir whose package had left the GCS deleted
+            # the head's unpacked copy, which the head still listed as installed: the next
+            # `ray job submit` of that folder failed ("does not exist on the cluster").
+            "runtime_env_dir_name": f"runtime_resources_node{self.node_manager_port}",
         }  # fmt: skip
 
     def start(self, timeout: float = 120.0) -> LocalNode:

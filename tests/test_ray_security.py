@@ -258,3 +258,51 @@ def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session):
     finally:
         node.kill()
     assert not alive(procs)
+
+
+def test_added_worker_node_leaves_the_heads_working_dirs_alone(ray_session, tmp_path):
+    """A worker node on this machine sets up runtime envs in a folder of its own. It used to
+    share the head's: asked for a working_dir whose package the GCS no longer held (Ray drops it
+    when the job that uploaded it ends), the node's agent deleted the head's unpacked copy, and
+    the next `ray job submit` of the same folder failed on the head."""
+    import ray
+    from ray.exceptions import RuntimeEnvSetupError
+    from ray.experimental.internal_kv import _internal_kv_del
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "hello.txt").write_text("hello")
+    client = JobSubmissionClient(ray_session.dashboard_url)
+
+    def submit() -> str:
+        job = client.submit_job(entrypoint="python -c \"print(open('hello.txt').read())\"",
+                                runtime_env={"working_dir": str(work)})  # fmt: skip
+        deadline = time.monotonic() + 180
+        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+            assert time.monotonic() < deadline, client.get_job_logs(job)
+            time.sleep(0.5)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_info(job).message
+        return client.get_job_info(job).runtime_env["working_dir"]
+
+    uri = submit()
+    unpacked = next(Path(ray_session.temp_dir).glob(
+        f"session_2*/runtime_resources/working_dir_files/{uri.split('//')[1][:-4]}"))  # fmt: skip
+    _internal_kv_del(uri)  # the package has left the GCS, as after its job ended
+
+    node = ray_session.add_node(num_cpus=1)
+    try:
+
+        @ray.remote(num_cpus=1)
+        def where():
+            return ray.get_runtime_context().get_node_id()
+
+        on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+        with pytest.raises(RuntimeEnvSetupError):  # the node cannot fetch it: that is right
+            ray.get(where.options(scheduling_strategy=on_node,
+                                  runtime_env={"working_dir": uri}).remote(), timeout=120)  # fmt: skip
+    finally:
+        node.kill()
+    assert unpacked.is_dir(), "the worker node deleted the head's copy of the working_dir"
+    assert submit() == uri  # the head still serves that folder
