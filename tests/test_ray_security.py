@@ -234,21 +234,25 @@ def test_is_loopback():
     assert not any(map(is_loopback, ["0.0.0.0", "::", "192.0.2.2", "::ffff:192.0.2.2"]))
 
 
-def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session):
-    """LocalHead.add_node(): a second raylet on 127.0.0.1 (its own launcher, not `ray start`);
-    kill() leaves none of its processes."""
+def _node_id_of_a_task_on(node, **options) -> str:
+    """Run a one-CPU task pinned to ``node`` (with these task options) and return its node id."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    @ray.remote(num_cpus=1)
+    def where():
+        return ray.get_runtime_context().get_node_id()
+
+    on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+    return ray.get(where.options(scheduling_strategy=on_node, **options).remote(), timeout=120)
+
+
+def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session):
+    """LocalHead.add_node(): a second raylet on 127.0.0.1 (its own launcher, not `ray start`);
+    kill() leaves none of its processes."""
     node = ray_session.add_node(num_cpus=1)
     try:
-
-        @ray.remote(num_cpus=1)
-        def where():
-            return ray.get_runtime_context().get_node_id()
-
-        on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
-        assert ray.get(where.options(scheduling_strategy=on_node).remote()) == node.node_id
+        assert _node_id_of_a_task_on(node) == node.node_id
         procs = node.processes()
         assert "raylet" in {p.name() for p in procs}
         socks = listening({p.pid for p in procs})
@@ -265,11 +269,9 @@ def test_added_worker_node_leaves_the_heads_working_dirs_alone(ray_session, tmp_
     share the head's: asked for a working_dir whose package the GCS no longer held (Ray drops it
     when the job that uploaded it ends), the node's agent deleted the head's unpacked copy, and
     the next `ray job submit` of the same folder failed on the head."""
-    import ray
     from ray.exceptions import RuntimeEnvSetupError
     from ray.experimental.internal_kv import _internal_kv_del
     from ray.job_submission import JobStatus, JobSubmissionClient
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     work = tmp_path / "work"
     work.mkdir()
@@ -293,15 +295,8 @@ def test_added_worker_node_leaves_the_heads_working_dirs_alone(ray_session, tmp_
 
     node = ray_session.add_node(num_cpus=1)
     try:
-
-        @ray.remote(num_cpus=1)
-        def where():
-            return ray.get_runtime_context().get_node_id()
-
-        on_node = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
         with pytest.raises(RuntimeEnvSetupError):  # the node cannot fetch it: that is right
-            ray.get(where.options(scheduling_strategy=on_node,
-                                  runtime_env={"working_dir": uri}).remote(), timeout=120)  # fmt: skip
+            _node_id_of_a_task_on(node, runtime_env={"working_dir": uri})
     finally:
         node.kill()
     assert unpacked.is_dir(), "the worker node deleted the head's copy of the working_dir"
