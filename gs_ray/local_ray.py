@@ -404,7 +404,7 @@ class LocalNode:
             "runtime_env_dir_name": f"runtime_resources_node{self.node_manager_port}",
         }  # fmt: skip
 
-    def start(self, timeout: float = 120.0) -> LocalNode:
+    def start(self, timeout: float = 300.0) -> LocalNode:
         """Launch the node and wait until the head lists it (this process must be connected)."""
         import ray
 
