@@ -68,48 +68,51 @@ def greedy_mixture(
     ):  # every prompt routed to one adapter: KV-cached generate
         return _greedy_routed(model, names, weights.argmax(1), prompts, max_new_tokens, eos_id,
                               pad_id, batch_size, device)  # fmt: skip
-    if cached:
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            out += _greedy_mixture_cached(model, names, weights[start : start + batch_size],
-                                          prompts[start : start + batch_size], max_new_tokens,
-                                          eos_id, pad_id, device)  # fmt: skip
-        return out
+    one_batch = _greedy_mixture_cached if cached else _greedy_mixture_uncached
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        seqs = [list(p) for p in prompts[start : start + batch_size]]
-        w = torch.as_tensor(weights[start : start + batch_size])
-        gen: list[list[int]] = [[] for _ in seqs]
-        active = list(range(len(seqs)))
-        for _ in range(max_new_tokens):
-            if not active:
-                break
-            ids, mask = _left_pad([seqs[j] for j in active], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            mixed = None
-            for a, name in enumerate(names):
-                wa = w[active, a]
-                rows = torch.nonzero(wa > 0).flatten()
-                if len(rows) == 0:
-                    continue
-                with using(model, name):
-                    logits = model(input_ids=ids[rows], attention_mask=mask[rows],
-                                   position_ids=position_ids(mask[rows])).logits[:, -1]  # fmt: skip
-                probs = torch.softmax(logits.double().cpu(), dim=-1)
-                if mixed is None:
-                    mixed = torch.zeros(len(active), probs.shape[-1], dtype=torch.float64)
-                mixed[rows] += wa[rows, None] * probs
-            nxt = mixed.argmax(-1).tolist()
-            still = []
-            for j, token in zip(active, nxt):
-                if eos_id is not None and token == eos_id:
-                    continue
-                gen[j].append(token)
-                seqs[j].append(token)
-                still.append(j)
-            active = still
-        out += gen
+        out += one_batch(model, names, weights[start : start + batch_size],
+                         prompts[start : start + batch_size], max_new_tokens, eos_id, pad_id,
+                         device)  # fmt: skip
     return out
+
+
+def _greedy_mixture_uncached(model, names, weights, prompts, max_new_tokens, eos_id, pad_id,
+                             device) -> list[list[int]]:  # fmt: skip
+    """One batch of the mixture, the reference: every step re-reads each unfinished sequence
+    under every adapter that has weight for it."""
+    seqs = [list(p) for p in prompts]
+    w = torch.as_tensor(weights)
+    gen: list[list[int]] = [[] for _ in seqs]
+    active = list(range(len(seqs)))
+    for _ in range(max_new_tokens):
+        if not active:
+            break
+        ids, mask = _left_pad([seqs[j] for j in active], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        mixed = None
+        for a, name in enumerate(names):
+            wa = w[active, a]
+            rows = torch.nonzero(wa > 0).flatten()
+            if len(rows) == 0:
+                continue
+            with using(model, name):
+                logits = model(input_ids=ids[rows], attention_mask=mask[rows],
+                               position_ids=position_ids(mask[rows])).logits[:, -1]  # fmt: skip
+            probs = torch.softmax(logits.double().cpu(), dim=-1)
+            if mixed is None:
+                mixed = torch.zeros(len(active), probs.shape[-1], dtype=torch.float64)
+            mixed[rows] += wa[rows, None] * probs
+        nxt = mixed.argmax(-1).tolist()
+        still = []
+        for j, token in zip(active, nxt):
+            if eos_id is not None and token == eos_id:
+                continue
+            gen[j].append(token)
+            seqs[j].append(token)
+            still.append(j)
+        active = still
+    return gen
 
 
 def _greedy_mixture_cached(model, names, weights, prompts, max_new_tokens, eos_id, pad_id,
