@@ -339,9 +339,11 @@ def test_gsnr_ensemble_end_to_end_on_ray(tmp_path, ray_session):
 
     a, b = (load_file(str(Path(m) / "adapter_model.safetensors")) for m in result.members)
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    local = member_scores(cfg, base, result.members, [s.pair for s in samples],
-                          [s.id for s in samples], pad)  # fmt: skip
-    assert np.allclose(local, result.scores, rtol=1e-5)
+    pairs, ids = [s.pair for s in samples], [s.id for s in samples]
+    local = member_scores(cfg, base, result.members, pairs, ids, pad)
+    assert np.allclose(local, result.scores, rtol=1e-5)  # the actor, a chunk per call
+    uneven = member_scores(cfg, base, result.members, pairs, ids, pad, chunk=5)  # 24 = 4 x 5 + 4
+    assert np.allclose(uneven, local, rtol=1e-5)
 
 
 def test_choices_are_checked_when_the_config_loads():

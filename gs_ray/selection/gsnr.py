@@ -158,6 +158,30 @@ def train_ensemble(
     return [j.output_dir for j in jobs], records
 
 
+class EnsembleScorer:
+    """Every member of an ensemble loaded once (the Stage II engine, ``GradientComputer``: full
+    LoRA gradients, or projected when ``gradients.projection_dim`` is set - the same seeded
+    projection for every member); ``score`` gives the G-SNR of one chunk of examples, so memory
+    holds M x chunk x d gradients, never M x n x d. A non-finite gradient follows
+    ``stage2.nonfinite`` (``skip``: score NaN). ``gsnr_scores`` hosts it as a Ray actor."""
+
+    def __init__(self, cfg: Config, base_path: str, adapters: Sequence[str], pad_id: int):
+        from gs_ray.stage2.computer import GradientComputer
+
+        self.form, self.eps = cfg.gsnr.form, cfg.gsnr.eps
+        self.computers = [GradientComputer(base_path, cfg, a, pad_id) for a in adapters]
+
+    def score(self, pairs: Sequence[tuple[list[int], list[int]]], ids: Sequence[str]) -> np.ndarray:
+        batches = [c.batch(list(pairs), list(ids)) for c in self.computers]
+        scores = gsnr(np.stack([b.G for b in batches]), self.form, self.eps)
+        skipped = np.logical_or.reduce([b.skipped for b in batches])
+        return np.where(skipped, np.nan, scores)
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, start + size) for start in range(0, n, size)]
+
+
 def member_scores(
     cfg: Config,
     base_path: str,
@@ -167,33 +191,21 @@ def member_scores(
     pad_id: int,
     chunk: int | None = None,
 ) -> np.ndarray:
-    """G-SNR of every pair under the given members, in one process: each member's model is
-    loaded once; examples go through in chunks (every member's gradients of a chunk, then its
-    scores), so memory holds M x chunk x d gradients, never M x n x d.
-
-    The gradients are the Stage II engine's (``GradientComputer``: full LoRA gradients, or
-    projected when ``gradients.projection_dim`` is set - the same seeded projection for every
-    member); a non-finite gradient follows ``stage2.nonfinite`` (``skip``: score NaN)."""
-    from gs_ray.stage2.computer import GradientComputer
-
-    computers = [GradientComputer(base_path, cfg, a, pad_id) for a in adapters]
-    chunk = chunk or 4 * cfg.gradients.batch_size
-    out = np.empty(len(pairs))
-    for start in range(0, len(pairs), chunk):
-        sl = slice(start, start + chunk)
-        batches = [c.batch(pairs[sl], ids[sl]) for c in computers]
-        scores = gsnr(np.stack([b.G for b in batches]), cfg.gsnr.form, cfg.gsnr.eps)
-        skipped = np.logical_or.reduce([b.skipped for b in batches])
-        out[sl] = np.where(skipped, np.nan, scores)
-    return out
+    """G-SNR of every pair under the given members, in this process (``EnsembleScorer`` chunk by
+    chunk; ``chunk`` default: 4 x ``gradients.batch_size``)."""
+    scorer = EnsembleScorer(cfg, base_path, adapters, pad_id)
+    parts = _chunks(len(pairs), chunk or 4 * cfg.gradients.batch_size)
+    return np.concatenate([scorer.score(pairs[sl], ids[sl]) for sl in parts] or [np.empty(0)])
 
 
-def _member_scores_task(*args) -> np.ndarray:
-    """``member_scores`` as a Ray task, with torch on the CPUs Ray assigned it."""
-    from gs_ray.ray_utils import use_assigned_cpus
+class _EnsembleScorerActor(EnsembleScorer):
+    """``EnsembleScorer`` as a Ray actor, with torch on the CPUs Ray assigned it."""
 
-    use_assigned_cpus()
-    return member_scores(*args)
+    def __init__(self, *args):
+        from gs_ray.ray_utils import use_assigned_cpus
+
+        use_assigned_cpus()
+        super().__init__(*args)
 
 
 def gsnr_scores(
@@ -212,11 +224,12 @@ def gsnr_scores(
     The members train on ``train_samples`` (None: ``samples`` themselves, as GradFiltering trains
     its proxy briefly on the candidate pool) at once on Ray, with ``cfg.lora`` and the training
     settings of ``cfg.gsnr``; their adapters and Ray Train's folders go under ``work_dir``
-    (``rundir.EnsembleDir``). The scoring then runs as one Ray task (a GPU where the cluster has
-    one). Connects to Ray (``ray_utils.init_ray``) if not connected.
+    (``rundir.EnsembleDir``). The scoring then runs in one ``EnsembleScorer`` actor (a GPU where
+    the cluster has one), a chunk per call, with progress lines. Connects to Ray (``ray_utils.init_ray``) if not connected.
     """
     import ray
 
+    from gs_ray.progress import Progress
     from gs_ray.ray_utils import init_ray, task_resources
 
     init_ray(cfg.run.ray_address, cfg.run.num_cpus)
@@ -227,8 +240,18 @@ def gsnr_scores(
     trained = time.perf_counter()
     pairs = [s.pair for s in samples]
     ids = [s.id for s in samples]
-    task = ray.remote(**task_resources())(_member_scores_task)
-    scores = ray.get(task.remote(cfg, base_path, adapters, pairs, ids, pad_id))
+    scorer = ray.remote(_EnsembleScorerActor).options(**task_resources()).remote(
+        cfg, base_path, adapters, pad_id)  # fmt: skip
+    try:
+        bar = Progress(f"G-SNR: gradients under {len(adapters)} members", total=len(samples))
+        parts = []
+        for sl in _chunks(len(samples), 4 * cfg.gradients.batch_size):
+            parts.append(ray.get(scorer.score.remote(pairs[sl], ids[sl])))
+            bar.update(len(parts[-1]))
+        bar.close()
+    finally:
+        ray.kill(scorer)
+    scores = np.concatenate(parts or [np.empty(0)])
     done = time.perf_counter()
     log.info("G-SNR (%s) of %d samples under %d members: training %.1fs, scoring %.1fs",
              cfg.gsnr.form, len(samples), len(adapters),

@@ -200,16 +200,23 @@ def compute_spectra(
     samples: Sequence[tuple[Sequence[int], Sequence[int]]],
     pad_id: int,
     micro_batch: int,
+    progress: str | None = None,
 ) -> Spectra:
     """Spectra of any number of (input_ids, labels) pairs, in their order, in length-sorted
-    micro-batches (little compute on padding)."""
+    micro-batches (little compute on padding); ``progress``: the label of progress lines."""
     from gs_ray.core.gradients import collate
+    from gs_ray.progress import Progress
 
     order = sorted(range(len(samples)), key=lambda i: len(samples[i][0]))
+    bar = Progress(progress, total=len(samples)) if progress else None
     parts: list[tuple[list[int], Spectra]] = []
     for start in range(0, len(order), micro_batch):
         chunk = order[start : start + micro_batch]
         parts.append((chunk, engine.compute(collate([samples[i] for i in chunk], pad_id))))
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
     n = len(samples)
     shape = (n, len(engine.layers), len(engine.kinds))
     out = Spectra(np.zeros(shape), np.zeros(shape), list(engine.layers), list(engine.kinds),
@@ -293,9 +300,8 @@ def run_spectra(cfg, data: str, out: str, subset_b: str | None = None) -> dict:
     for label, path, bare in wanted:
         samples = load_subset(cfg, path, tokenizer, bare)
         start, cpu = time.perf_counter(), time.process_time()
-        spectra = compute_spectra(
-            engine, [s.pair for s in samples], int(tokenizer.pad_token_id), cfg.spectra.batch_size
-        )
+        spectra = compute_spectra(engine, [s.pair for s in samples], int(tokenizer.pad_token_id),
+                                  cfg.spectra.batch_size, progress=f"spectra: {label}")  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = (time.perf_counter() - start, time.process_time() - cpu)
