@@ -172,13 +172,16 @@ class EnsembleScorer:
         self.computers = [GradientComputer(base_path, cfg, a, pad_id) for a in adapters]
 
     def score(self, pairs: Sequence[tuple[list[int], list[int]]], ids: Sequence[str]) -> np.ndarray:
-        batches = [c.batch(list(pairs), list(ids)) for c in self.computers]
+        batches = [c.batch(pairs, ids) for c in self.computers]
         scores = gsnr(np.stack([b.G for b in batches]), self.form, self.eps)
         skipped = np.logical_or.reduce([b.skipped for b in batches])
         return np.where(skipped, np.nan, scores)
 
 
-def _chunks(n: int, size: int) -> list[slice]:
+def _chunks(n: int, cfg: Config, size: int | None = None) -> list[slice]:
+    """The slices that score ``n`` examples a chunk at a time (``size`` default: 4 x
+    ``gradients.batch_size``)."""
+    size = size or 4 * cfg.gradients.batch_size
     return [slice(start, start + size) for start in range(0, n, size)]
 
 
@@ -194,7 +197,7 @@ def member_scores(
     """G-SNR of every pair under the given members, in this process (``EnsembleScorer`` chunk by
     chunk; ``chunk`` default: 4 x ``gradients.batch_size``)."""
     scorer = EnsembleScorer(cfg, base_path, adapters, pad_id)
-    parts = _chunks(len(pairs), chunk or 4 * cfg.gradients.batch_size)
+    parts = _chunks(len(pairs), cfg, chunk)
     return np.concatenate([scorer.score(pairs[sl], ids[sl]) for sl in parts] or [np.empty(0)])
 
 
@@ -225,7 +228,8 @@ def gsnr_scores(
     its proxy briefly on the candidate pool) at once on Ray, with ``cfg.lora`` and the training
     settings of ``cfg.gsnr``; their adapters and Ray Train's folders go under ``work_dir``
     (``rundir.EnsembleDir``). The scoring then runs in one ``EnsembleScorer`` actor (a GPU where
-    the cluster has one), a chunk per call, with progress lines. Connects to Ray (``ray_utils.init_ray``) if not connected.
+    the cluster has one), a chunk per call, with progress lines. Connects to Ray
+    (``ray_utils.init_ray``) if not connected.
     """
     import ray
 
@@ -245,7 +249,7 @@ def gsnr_scores(
     try:
         bar = Progress(f"G-SNR: gradients under {len(adapters)} members", total=len(samples))
         parts = []
-        for sl in _chunks(len(samples), 4 * cfg.gradients.batch_size):
+        for sl in _chunks(len(samples), cfg):
             parts.append(ray.get(scorer.score.remote(pairs[sl], ids[sl])))
             bar.update(len(parts[-1]))
         bar.close()
