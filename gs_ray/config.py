@@ -54,7 +54,7 @@ __all__ = ["Config", "ConfigError", "StageName", "apply_overrides", "help_lines"
 #: What ``gs-ray eval`` compares (docs/evaluation.md says what each one is).
 EvalMethod = Literal[
     "base", "warmup", "single_lora", "random_clusters", "embedding_kmeans", "merged", "elrea",
-    "gradientspace", "gradientspace_oracle", "gradientspace_ensemble",
+    "gradientspace", "gradientspace_nofallback", "gradientspace_oracle", "gradientspace_ensemble",
 ]  # fmt: skip
 
 #: How ``gs-ray select`` scores the pool (docs/selection.md): GIST, a LESS-style baseline, random.
@@ -64,7 +64,13 @@ SelectionMethod = Literal["gist", "less", "random", "gsnr"]  # selection.consume
 StreamSelector = Literal["gist", "less", "random"]
 
 #: The pipeline's stages in order (``run.until`` takes one of them).
-StageName = Literal["warmup", "tune", "stage2", "experts", "router", "evaluate"]  # pipeline.STAGES
+StageName = Literal[
+    "warmup", "tune", "stage2", "routability", "experts", "router", "calibrate", "evaluate"
+]  # pipeline.STAGES
+
+#: After Stage II: ``merge`` joins the clusters that a router trained on the prompts cannot tell
+#: apart (routing/routability.py), ``off`` keeps Stage II's partition exactly (the paper).
+Routability = Literal["merge", "off"]
 
 # A torch device as the config names it: auto, cpu, cuda or cuda:N.
 _DEVICE = r"auto|cpu|cuda(:\d+)?"
@@ -300,6 +306,15 @@ class ClusteringConfig:
     k_selection: Literal["silhouette", "tune"] = _f(
         "silhouette", "silhouette (paper, default) | tune (Ray Tune over K)"
     )
+    routability: Routability = _f(
+        "merge", "merge: join clusters a prompt router confuses (default) | off: the paper's "
+        "partition, unchanged"
+    )
+    routability_target: float = _f(
+        0.95, "merge until the cross-validated router agreement reaches this (or K = 1)",
+        gt=0, le=1,
+    )
+    routability_folds: int = _f(5, "cross-validation folds of the routability check", ge=2)
 
 
 @dataclass
@@ -343,13 +358,17 @@ class TuneConfig:
     """K chosen with Ray Tune (clustering.k_selection = tune)."""
 
     k_values: list[int] = _f(
-        [2, 3, 4, 5], "candidate K values, one trial each", ge=1, nonempty=True
+        [1, 2, 3, 4, 5], "candidate K values, one trial each (1: one LoRA on everything)", ge=1,
+        nonempty=True,
     )
     n_samples: int = _f(600, "training samples whose gradients the trials cluster", ge=4)
     holdout_fraction: float = _f(
         0.25, "share of those held out to score the routed experts", gt=0, lt=1
     )
-    expert_max_steps: int = _f(20, "optimizer steps per expert inside a trial", ge=1)
+    trial_steps: int = _f(
+        60, "optimizer steps of a trial in all, shared by its experts in proportion to their "
+        "clusters' sizes (every K gets the same training budget)", ge=1,
+    )
     max_concurrent_trials: int = _f(2, "trials at once", ge=1)
 
 
@@ -407,6 +426,26 @@ class RouterConfig:
     tfidf_ngrams: list[int] = _f([2, 5], "tfidf: character n-gram range [min, max]", ge=1)
     tfidf_max_features: int = _f(50000, "tfidf: vocabulary size at most", ge=1)
     tfidf_c: float = _f(10.0, "tfidf: inverse L2 regularisation of the logistic regression", gt=0)
+
+
+@dataclass
+class FallbackConfig:
+    """The generalist fallback: one LoRA on all training rows, trained beside the experts, that
+    prompts the calibrated router is unsure of go to (docs/evaluation.md)."""
+
+    enabled: bool = _f(
+        True, "train the generalist and calibrate the fallback (false: the paper's experts only)"
+    )
+    calibration_fraction: float = _f(
+        0.1, "share of the training rows (outside the warm-up) held out to calibrate the router",
+        gt=0, lt=0.5,
+    )
+    min_calibration: int = _f(16, "calibration rows at least (fewer training rows: no fallback)",
+                              ge=2)
+    thresholds: int = _f(
+        9, "confidence thresholds tried between 'never fall back' and 'always the generalist' "
+        "(quantiles of the calibration rows' confidence)", ge=0,
+    )
 
 
 @dataclass
@@ -533,6 +572,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     spectra: SpectraConfig = field(default_factory=SpectraConfig)
     gsnr: GSNRConfig = field(default_factory=GSNRConfig)

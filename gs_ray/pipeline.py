@@ -2,8 +2,9 @@
 
 ``run`` is the job: ``prepare`` (data, base model, splits), then each row of ``STAGES`` in order:
 the warm-up on Ray Train + DeepSpeed (Stage I), K with Ray Tune if asked, Stage II on gradient
-workers and a centroid actor, the K experts on Ray Train + DeepSpeed in parallel and the router
-(Stage III), then a held-out evaluation. Each stage reads and writes the run directory and
+workers and a centroid actor, the routability step (clusters a prompt router confuses are
+merged), the K experts and the generalist on Ray Train + DeepSpeed in parallel, the router and
+its calibration with the generalist fallback (Stage III), then a held-out evaluation. Each stage reads and writes the run directory and
 records itself in the manifest, so ``run(cfg, resume=RUN_DIR)`` skips what is complete and
 redoes what depends on a redone stage (a row's ``invalidates``). A new stage joins by adding a
 row.
@@ -25,7 +26,7 @@ from gs_ray.data import check_inputs
 from gs_ray.evaluation.heldout import evaluate
 from gs_ray.evaluation.report import build_report
 from gs_ray.prepare import Prepared, prepare
-from gs_ray.routing.stage import router_stage
+from gs_ray.routing.stage import calibrate_stage, routability_stage, router_stage
 from gs_ray.rundir import RunDir
 from gs_ray.selection.select import (
     record_stream_selections,
@@ -65,12 +66,19 @@ STAGES: tuple[Stage, ...] = (
     Stage("warmup", warmup_ray, invalidates=("tune", "stage2")),
     Stage("tune", tune_k, invalidates=("stage2",),
           applies=lambda cfg: cfg.clustering.k_selection == "tune"),
-    Stage("stage2", stage2_stage, invalidates=("experts", "router", "evaluate"),
+    Stage("stage2", stage2_stage,
+          invalidates=("routability", "experts", "router", "calibrate", "evaluate"),
           complete=stream_selections_complete),
-    Stage("experts", experts_ray, invalidates=("evaluate",), complete=experts_complete),
-    Stage("router", router_stage, invalidates=("evaluate",)),
+    Stage("routability", routability_stage,
+          invalidates=("experts", "router", "calibrate", "evaluate"),
+          applies=lambda cfg: cfg.clustering.routability != "off"),
+    Stage("experts", experts_ray, invalidates=("calibrate", "evaluate"),
+          complete=experts_complete),
+    Stage("router", router_stage, invalidates=("calibrate", "evaluate")),
+    Stage("calibrate", calibrate_stage, invalidates=("evaluate",),
+          applies=lambda cfg: cfg.fallback.enabled),
     Stage("evaluate", evaluate),
-)  # fmt: skip
+)
 STAGE_NAMES = tuple(s.name for s in STAGES)
 assert get_args(StageName) == STAGE_NAMES, "config.StageName must list pipeline.STAGES in order"
 

@@ -20,6 +20,8 @@ from gs_ray.training.pretrain import base_model_for
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("warmup", "val", "rest", "test")
+CALIBRATION_SEED = 7919  # the calibration draw's stream, apart from the splits' and the trainings'
+
 
 
 @dataclass
@@ -48,18 +50,51 @@ class Prepared:
     def pairs(self, idx: np.ndarray) -> list[tuple[list[int], list[int]]]:
         return [self.samples[i].pair for i in idx]
 
+    def stage2_assignments(self) -> tuple[np.ndarray, int]:
+        """(cluster per sample, K) exactly as Stage II wrote them, checked against the data."""
+        rows = self.run.assignments()
+        if [r["id"] for r in rows] != [s.id for s in self.samples]:
+            raise RuntimeError(f"{self.run.assignments_path} does not match the data: re-run stage 2")
+        labels = np.array([SKIPPED if r["cluster"] is None else r["cluster"] for r in rows])
+        chosen = json.loads(self.run.k_selection_json.read_text())["chosen"]
+        return labels.astype(np.int64), int(chosen["k"])
+
     def assignments(self, reload: bool = False) -> tuple[np.ndarray, int]:
-        """(cluster per sample, K) from Stage II's outputs, checked against the data."""
+        """(cluster per sample, K) of the partition the experts are trained on: Stage II's, with
+        the routability step's merges applied where it ran (``stage2/routability.json``)."""
         if self._assignments is None or reload:
-            rows = self.run.assignments()
-            if [r["id"] for r in rows] != [s.id for s in self.samples]:
-                raise RuntimeError(
-                    f"{self.run.assignments_path} does not match the data: re-run stage 2"
-                )
-            labels = np.array([SKIPPED if r["cluster"] is None else r["cluster"] for r in rows])
-            chosen = json.loads((self.run.stage2 / "k_selection.json").read_text())["chosen"]
-            self._assignments = (labels.astype(np.int64), int(chosen["k"]))
+            labels, k = self.stage2_assignments()
+            path = self.run.routability_json
+            if self.cfg.clustering.routability != "off" and path.exists():
+                merge = json.loads(path.read_text())
+                mapping = np.asarray(merge["mapping"], dtype=np.int64)
+                if len(mapping) != k:
+                    raise RuntimeError(f"{path} maps {len(mapping)} clusters, Stage II has {k}: "
+                                       "re-run the routability stage")
+                ok = labels >= 0
+                labels[ok] = mapping[labels[ok]]
+                k = int(merge["k_after"])
+            self._assignments = (labels, k)
         return self._assignments
+
+    def calibration_rows(self) -> np.ndarray:
+        """Training rows held out of the experts, the generalist and the router to calibrate the
+        fallback (``fallback``): a seeded draw outside the warm-up split, empty when the fallback
+        is off or the training split too small to spare ``fallback.min_calibration`` rows."""
+        fb = self.cfg.fallback
+        if not fb.enabled:
+            return np.zeros(0, dtype=np.int64)
+        pool = np.setdiff1d(self.splits.train, self.splits.warmup)
+        n = max(fb.min_calibration, int(round(fb.calibration_fraction * len(self.splits.train))))
+        if n > len(pool) // 2:
+            return np.zeros(0, dtype=np.int64)
+        rng = np.random.default_rng([self.cfg.run.seed, CALIBRATION_SEED])
+        return np.sort(rng.choice(pool, size=n, replace=False))
+
+    def fit_rows(self) -> np.ndarray:
+        """The training rows that the experts, the generalist and the router learn from: the
+        train split less the calibration rows."""
+        return np.setdiff1d(self.splits.train, self.calibration_rows())
 
 
 def prepare(cfg: Config, run: RunDir | None = None) -> Prepared:

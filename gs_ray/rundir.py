@@ -13,12 +13,15 @@ re-run, resumed or inspected on its own::
     stage2/param_names.json   gradient layout: parameter names, shapes, offsets
     stage2/assignments.jsonl  one line per sample: id, split, cluster, domain
     stage2/checkpoint/        centroid-actor checkpoints (resume)
+    stage2/routability.json   clusters merged so that a router can follow them (mapping, why)
     experts/expert_<k>/       Stage III LoRA experts (peft format)
+    experts/generalist/       the generalist fallback: one LoRA on all training rows
     selection/<name>/         a selection consumer's outputs (gist | less | random, or its own
                               name): scores.jsonl (id, score, rank; best first), summary.json,
                               and from gs-ray select ranked.jsonl / selected.jsonl (the input
                               records, best first / the budget's top)
     router/                   the router head and its settings
+    router/fallback.json      the router's calibration: temperature, confidence threshold
     eval/eval.json            gs-ray eval: every method's held-out numbers (and partitions.json,
                               adapters/seed<i>/<method>/..., routers/<method>/)
     metrics.json              metrics gathered by all stages
@@ -44,6 +47,7 @@ from gs_ray.io import write_json, write_jsonl
 WARMUP = "warmup"  # the Stage I stage, its folder and its adapter's name
 EXPERT_PREFIX = "expert_"
 EXPERT_RECORD = "expert.json"
+GENERALIST = "generalist"  # the fallback adapter: its folder, training run and peft name
 
 
 def expert_name(c: int) -> str:
@@ -148,11 +152,38 @@ class RunDir:
 
     def expert_records(self) -> list[dict[str, Any]]:
         """Every expert's ``expert.json``, by cluster."""
-        records = [json.loads(p.read_text()) for p in self.experts_dir.glob(f"*/{EXPERT_RECORD}")]
+        records = [json.loads(p.read_text())
+                   for p in self.experts_dir.glob(f"{EXPERT_PREFIX}*/{EXPERT_RECORD}")]
         return sorted(records, key=lambda r: r.get("cluster", 0))
 
     def write_expert_record(self, k: int, record: dict[str, Any]) -> None:
         write_json(self.expert(k) / EXPERT_RECORD, {"cluster": k, **record})
+
+    @property
+    def generalist(self) -> Path:
+        """The generalist fallback adapter (``fallback.enabled``)."""
+        return self.experts_dir / GENERALIST
+
+    def generalist_complete(self) -> bool:
+        return adapter_complete(self.generalist) and (self.generalist / EXPERT_RECORD).exists()
+
+    @property
+    def routability_json(self) -> Path:
+        """The routability step's record: Stage II cluster -> merged cluster, and why."""
+        return self.stage2 / "routability.json"
+
+    @property
+    def centroids_path(self) -> Path:
+        return self.stage2 / "centroids.npy"
+
+    @property
+    def k_selection_json(self) -> Path:
+        return self.stage2 / "k_selection.json"
+
+    @property
+    def fallback_json(self) -> Path:
+        """The router's calibration on held-out training rows and the fallback threshold."""
+        return self.router / "fallback.json"
 
     def discard_experts(self) -> None:
         shutil.rmtree(self.experts_dir, ignore_errors=True)

@@ -205,6 +205,9 @@ def evaluated(ray_cluster, tmp_path_factory):
         "--model.tiny_num_layers", "2", "--model.tiny_pretrain_steps", "0", "--lora.r", "8", "--lora.alpha", "16",
         "--clustering.batch_size", "16", "--clustering.max_epochs", "1",
         "--clustering.n_clusters", "2", "--experts.max_steps", "3",
+        # K = 2 fixed for the baselines' shapes (the routability merge has tests of its own);
+        # the generalist fallback is on, as by default.
+        "--clustering.routability", "off",
         "--run.output_dir", str(tmp_path), "--run.name", "r",
     ]  # fmt: skip
     assert main(["run", *small]) == 0
@@ -236,7 +239,7 @@ def test_eval_analyses_routers_k_ablation_sts(evaluated):
     assert rows[1]["test_loss_routed"] == pytest.approx(out["methods"]["single_lora"]["test_loss"])
     assert rows[2]["source"] == "run"
     assert rows[2]["test_loss_routed"] == pytest.approx(
-        out["methods"]["gradientspace"]["test_loss"]
+        out["methods"]["gradientspace_nofallback"]["test_loss"]
     )
     k4 = rows[4]
     assert k4["source"] == "ablation" and len(k4["cluster_sizes"]) == 4
@@ -277,7 +280,22 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
     heldout = run.metrics()["evaluation"]
     assert out["n_test"] == heldout["n_test"]
     m = out["methods"]
-    assert m["gradientspace"]["test_loss"] == pytest.approx(heldout["test_loss_routed"], rel=1e-6)
+    assert m["gradientspace_nofallback"]["test_loss"] == pytest.approx(heldout["test_loss_routed"],
+                                                                       rel=1e-6)
+    # What the run deploys: the router, low confidence to the run's own generalist, which is
+    # also the one LoRA on everything (not trained again).
+    assert m["gradientspace"]["test_loss"] == pytest.approx(heldout["test_loss_deployed"], rel=1e-6)
+    assert m["single_lora"]["test_loss"] == pytest.approx(heldout["test_loss_generalist"], rel=1e-6)
+    assert not run.eval_adapter(0, "single_lora", "single").exists()
+    v = out["verdict"]
+    assert v["method"] == "single_lora" and v["verdict"] in ("pays off", "ties", "loses")
+    assert v["lo"] <= v["mean"] <= v["hi"] and v["n"] == out["n_test"]
+    assert m["gradientspace"]["vs_best_baseline"]["method"] != "gradientspace"
+    r = out["routing"]
+    assert r["router_accuracy"] == pytest.approx(heldout["router_test_accuracy"])
+    assert r["routed_minus_oracle"]["mean"] == pytest.approx(
+        heldout["test_loss_routed"] - heldout["test_loss_oracle"], abs=1e-6)
+    assert "Verdict: GradientSpace" in run.report_html.read_text()
     assert m["gradientspace_oracle"]["test_loss"] == pytest.approx(heldout["test_loss_oracle"],
                                                                    rel=1e-6)  # fmt: skip
     assert m["warmup"]["test_loss"] == pytest.approx(heldout["test_loss_warmup"], rel=1e-6)
@@ -305,7 +323,8 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
     from gs_ray.training.loop import planned_steps
 
     cfg = run.config()
-    train = p.splits.train
+    train = p.fit_rows()  # the calibration rows train nothing
+    assert len(p.calibration_rows()) > 0 and not set(p.calibration_rows()) & set(train)
     assert m["single_lora"]["train_steps"] == 3 * k
     for name in ("random_clusters", "embedding_kmeans", "elrea"):
         sizes = np.bincount(parts[name][train][parts[name][train] >= 0], minlength=k)

@@ -14,9 +14,16 @@ LoRA on everything takes as many sample passes as the K experts together). Metho
 * ``merged`` - the run's K experts averaged into one adapter (the mean of their B A updates);
 * ``elrea`` - K-means on randomly projected gradients; at inference all K experts, weighted by
   the softmax of the query's gradient similarity to each cluster;
-* ``gradientspace`` (routed by the run's router), ``gradientspace_oracle`` (routed by the
-  gradient assignment, which needs the answer: a bound, not a deployable system) and
-  ``gradientspace_ensemble`` (all K experts weighted by the router's probabilities).
+* ``gradientspace`` (what the run deploys: the router's expert, or the generalist where the
+  calibrated router is unsure, ``routing/fallback.py``; the router alone where the run has no
+  fallback), ``gradientspace_nofallback`` (the router's expert always), ``gradientspace_oracle``
+  (routed by the gradient assignment, which needs the answer: a bound, not a deployable system)
+  and ``gradientspace_ensemble`` (all K experts weighted by the router's probabilities).
+
+``single_lora`` of the first seed is the run's own generalist where it has one (the same
+budget), not trained again. Every method is compared with one LoRA and with the best other
+baseline row by row (``stats.py``: paired differences, bootstrap intervals), and ``eval.json``
+opens with the verdict: the deployed GradientSpace pays off, ties or loses against one LoRA.
 
 The baselines' trainings run on Ray Train, in parallel, like the experts; an interrupted eval
 run again keeps every finished adapter. Outputs: ``eval/eval.json`` (every number),
@@ -56,16 +63,20 @@ from gs_ray.evaluation.compare import (
     top_terms,
     within_cluster_variance,
 )
+from gs_ray.evaluation.stats import comparisons, headline, routing_costs
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.ray_utils import task_resources, use_assigned_cpus
-from gs_ray.rundir import WARMUP, RunDir, adapter_complete, expert_name
+from gs_ray.routing.fallback import Fallback
+from gs_ray.rundir import EXPERT_RECORD, GENERALIST, WARMUP, RunDir, adapter_complete, expert_name
 
 log = logging.getLogger(__name__)
 
 PARTITIONED = ("random_clusters", "embedding_kmeans", "elrea")  # K experts trained here
 ROUTED = ("random_clusters", "embedding_kmeans")  # ... and a router trained here
 SINGLE = "single"
+# The baselines every method is also compared with (the best of them, row by row).
+BASELINES = ("single_lora", "embedding_kmeans", "random_clusters", "merged", "elrea", "warmup")
 RAY_TRAIN_FOLDER = "ray_train_eval"
 
 
@@ -73,9 +84,10 @@ RAY_TRAIN_FOLDER = "ray_train_eval"
 
 
 def _train_test(p: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(labels, train rows, test rows, K): the rows every method shares."""
+    """(labels, train rows, test rows, K): the rows every method shares (the training rows less
+    the run's calibration rows, which no adapter of the run was trained on)."""
     labels, k = p.assignments()
-    train, test = p.splits.train, p.splits.test
+    train, test = p.fit_rows(), p.splits.test
     return labels, train[labels[train] >= 0], test[labels[test] >= 0], k
 
 
@@ -164,7 +176,10 @@ def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
     methods = set(p.cfg.eval.methods)
     base_seed = p.cfg.run.seed + 1000 * seed_index
     wanted: list[tuple[str, str, np.ndarray, int]] = []
-    if "single_lora" in methods:
+    # One LoRA on everything: the run's generalist for the first seed (the same job), trained
+    # here for later seeds, where the deployed GradientSpace also falls back to it.
+    reuse = seed_index == 0 and p.run.generalist_complete()
+    if not reuse and ("single_lora" in methods or _has_fallback(p)):
         wanted.append(("single_lora", SINGLE, train, base_seed))
     # With a step limit per expert, one LoRA on everything gets the K experts' steps together.
     limit = p.cfg.experts.max_steps
@@ -185,6 +200,18 @@ def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
             seed=seed, max_steps=limit * k if limit and name == SINGLE else None,
         ))  # fmt: skip
     return jobs
+
+
+def _has_fallback(p: Prepared) -> bool:
+    """The run deploys the generalist fallback (calibrated by its ``calibrate`` stage)."""
+    return p.cfg.fallback.enabled and p.run.fallback_json.exists() and p.run.generalist_complete()
+
+
+def _generalist(p: Prepared, seed_index: int) -> str:
+    """The one-LoRA adapter of a seed: the run's generalist (first seed), else trained here."""
+    if seed_index == 0 and p.run.generalist_complete():
+        return GENERALIST
+    return f"s{seed_index}/single_lora/{SINGLE}"
 
 
 def _is_ablation(method: str) -> bool:
@@ -363,6 +390,8 @@ def _adapter_path(run: RunDir, name: str) -> Path:
     ("s<i>/<method>/<name>")."""
     if name == WARMUP:
         return run.warmup_adapter
+    if name == GENERALIST:
+        return run.generalist
     if "/" in name:
         seed, method, expert = name.split("/")
         return run.eval_adapter(int(seed.removeprefix("s")), method, expert)
@@ -395,13 +424,21 @@ def _plans(p: Prepared, seed_index: int, parts: dict, extra: dict, probs: dict,
         return [f"s{i}/{method}/{expert_name(c)}" for c in range(k)]
 
     gs_probs = probs["gradientspace"]
+    routed = Plan(experts("gradientspace"), _one_hot(gs_probs.argmax(1), k), 1,
+                  router_ms["gradientspace"])
+    deployed = routed
+    if _has_fallback(p):
+        _, _, back = Fallback.load(p.run.fallback_json).route(gs_probs)
+        deployed = Plan(experts("gradientspace") + [_generalist(p, i)],
+                        _one_hot(np.where(back, k, gs_probs.argmax(1)), k + 1), 1,
+                        router_ms["gradientspace"])
     plans = {
         "base": Plan([None], ones, 1),
         "warmup": Plan([WARMUP], ones, 1),
-        "single_lora": Plan([f"s{i}/single_lora/{SINGLE}"], ones, 1),
+        "single_lora": Plan([_generalist(p, i)], ones, 1),
         "merged": Plan([f"s{i}/merged"], ones, 1),
-        "gradientspace": Plan(experts("gradientspace"), _one_hot(gs_probs.argmax(1), k), 1,
-                              router_ms["gradientspace"]),
+        "gradientspace": deployed,
+        "gradientspace_nofallback": routed,
         "gradientspace_oracle": Plan(experts("gradientspace"), _one_hot(labels[test], k), 1,
                                      deployable=False),
         "gradientspace_ensemble": Plan(experts("gradientspace"), gs_probs, k,
@@ -439,10 +476,12 @@ def _ablation_rows(ablation, ab_plans, nll, methods, probs, k, grads) -> list[di
         rows.append({"k": 1, "source": "single_lora", "silhouette": None,
                      "test_loss_routed": methods["single_lora"]["per_seed"][0]["test_loss"],
                      "test_loss_oracle": methods["single_lora"]["per_seed"][0]["test_loss"]})  # fmt: skip
-    if "gradientspace" in methods and grads is not None:
+    # The run's row is routed like the ablation's (the router alone, no fallback).
+    routed = next((m for m in ("gradientspace_nofallback", "gradientspace") if m in methods), None)
+    if routed and grads is not None:
         oracle = methods.get("gradientspace_oracle", {}).get("per_seed", [{}])[0]
         rows.append({"k": k, "source": "run", "silhouette": grads.run_silhouette,
-                     "test_loss_routed": methods["gradientspace"]["per_seed"][0]["test_loss"],
+                     "test_loss_routed": methods[routed]["per_seed"][0]["test_loss"],
                      "test_loss_oracle": oracle.get("test_loss")})  # fmt: skip
     for kk, fit in ablation.items():
         rows.append({
@@ -547,6 +586,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
                                      plan.weights[j]) for j in range(len(test))])  # fmt: skip
 
     methods: dict[str, Any] = {}
+    per_row: dict[str, np.ndarray] = {}  # method -> (seeds, test rows) losses, for the statistics
     for method in ec.methods:
         if method not in plans[0]:
             continue
@@ -567,6 +607,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
                 else {},
             })  # fmt: skip
         plan0 = plans[0][method]
+        per_row[method] = np.stack(losses_by_seed)
         loss_mean, loss_std = spread([s["test_loss"] for s in per_seed])
         em_mean, em_std = spread([s["exact_match"] for s in per_seed])
         trained = _training_cost(run, method, plans, k)
@@ -582,6 +623,15 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
             "deployable": plan0.deployable, "k": len(plan0.adapters) if len(plan0.adapters) > 1
             else None, **trained, "per_seed": per_seed,
         }  # fmt: skip
+    for method, entry in comparisons(per_row, "single_lora", [m for m in BASELINES if m in per_row],
+                                     seed=cfg.run.seed).items():
+        methods[method].update(entry)
+    routing = None
+    if "gradientspace" in plans[0]:
+        expert_rows = np.array([[token_nll[a][j].mean() if len(token_nll[a][j]) else 0.0
+                                 for j in range(len(test))] for a in _gs_experts(0, k)])
+        routing = routing_costs(expert_rows, probs["gradientspace"].argmax(1), labels[test],
+                                seed=cfg.run.seed)
     analyses["routers"] = router_table(
         p, train, test, labels, k, seeds[0][1].get("gradients"),
         (probs["gradientspace"].argmax(1), router_ms["gradientspace"]))  # fmt: skip
@@ -589,7 +639,13 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
                                             seeds[0][1].get("gradients"))  # fmt: skip
     analyses["sts"] = sts_similarity(p)
     _analysis_plots(run, analyses)
+    verdict = None
+    if "vs_reference" in methods.get("gradientspace", {}):
+        verdict = {**methods["gradientspace"]["vs_reference"],
+                   "headline": headline("GradientSpace (as deployed)", methods["gradientspace"]),
+                   "fallback": _has_fallback(p)}
     out = {
+        "verdict": verdict, "routing": routing,
         "run_dir": str(run.path), "n_test": len(test),
         "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
         "n_train": len(train), "k": k, "seeds": [cfg.run.seed + 1000 * i for i in range(ec.seeds)],
@@ -604,6 +660,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     from gs_ray.evaluation.report import build_report
 
     log.info("eval: written %s; report: %s\n%s", run.eval_json, build_report(run.path), table(out))
+    if verdict:
+        log.info("eval: %s", verdict["headline"])
     return out
 
 
@@ -630,8 +688,13 @@ def _training_cost(run: RunDir, method: str, plans: dict, k: int) -> dict[str, A
         return {"train_steps": 0, "train_seconds": 0.0}
     if method.startswith("gradientspace"):
         recs = run.expert_records()
+        if method == "gradientspace" and run.generalist_complete():
+            recs.append(json.loads((run.generalist / EXPERT_RECORD).read_text()))
         return {"train_steps": sum(r.get("steps", 0) or 0 for r in recs),
                 "train_seconds": sum(r.get("seconds", 0) or 0 for r in recs)}  # fmt: skip
+    if method == "single_lora" and run.generalist_complete():  # the run's own generalist
+        rec = json.loads((run.generalist / EXPERT_RECORD).read_text())
+        return {"train_steps": rec.get("steps") or 0, "train_seconds": rec.get("seconds") or 0.0}
     names = [SINGLE] if method == "single_lora" else [expert_name(c) for c in range(k)]
     recs = [_train_record(run.eval_adapter(0, method, n)) for n in names]
     return {"train_steps": sum(r.get("steps", 0) for r in recs),
@@ -646,11 +709,16 @@ def table(out: dict[str, Any]) -> str:
             return "-"
         return f"{x:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
-    head = f"{'method':24s} {'test loss':>18s} {'exact match':>16s} {'passes':>6s} {'ms/query':>9s}"
+    head = (f"{'method':24s} {'test loss':>18s} {'vs one LoRA [95% interval]':>30s} "
+            f"{'exact match':>16s} {'passes':>6s} {'ms/query':>9s}")
     lines = [head, "-" * len(head)]
     for name, m in out["methods"].items():
-        lines.append(f"{name:24s} {fmt(m['test_loss'], m['test_loss_std']):>18s} "
+        ref = m.get("vs_reference")
+        vs = f"{ref['mean']:+.4f} [{ref['lo']:+.4f}, {ref['hi']:+.4f}]" if ref else "-"
+        lines.append(f"{name:24s} {fmt(m['test_loss'], m['test_loss_std']):>18s} {vs:>30s} "
                      f"{fmt(m['exact_match'], m['exact_match_std'], 3):>16s} "
                      f"{m['forward_passes_per_query']:>6d} "
-                     f"{fmt(m['latency_ms_per_query'], digits=1):>9s}")  # fmt: skip
+                     f"{fmt(m['latency_ms_per_query'], digits=1):>9s}")
+    if out.get("verdict"):
+        lines.insert(0, out["verdict"]["headline"])
     return "\n".join(lines)

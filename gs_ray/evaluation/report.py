@@ -172,6 +172,10 @@ def build_report(run_dir: str | Path) -> Path:
     parts = [f"<h1>gs-ray run: {html.escape(run.path.name)}</h1>",
              f"<p class=note>{html.escape(str(run.path))} · report built "
              f"{dt.datetime.now().isoformat(timespec='seconds')}</p>"]  # fmt: skip
+    if ev and ev.get("verdict"):
+        v = ev["verdict"]
+        parts.append(f"<p class=verdict><b>Verdict: GradientSpace {html.escape(v['verdict'])}"
+                     f"</b> against one LoRA on everything. {html.escape(v['headline'])}.</p>")
     held = metrics.get("evaluation")
     if held:
         parts.append("<h2>Held-out loss</h2>")
@@ -180,6 +184,10 @@ def build_report(run_dir: str | Path) -> Path:
             ["warm-up adapter", held.get("test_loss_warmup")],
             ["GradientSpace, routed", held.get("test_loss_routed")],
             ["GradientSpace, oracle routing", held.get("test_loss_oracle")],
+            *([["generalist (one LoRA on everything)", held["test_loss_generalist"]],
+               ["GradientSpace as deployed (router + generalist fallback, "
+                f"{100 * held['generalist_share']:.0f}% fall back)", held["test_loss_deployed"]]]
+              if "test_loss_deployed" in held else []),
         ]))  # fmt: skip
         parts.append(f"<p class=note>{held.get('n_test')} held-out samples; the router agrees with "
                      f"the gradient clusters on {100 * held.get('router_test_accuracy', 0):.1f}% "
@@ -203,6 +211,15 @@ def build_report(run_dir: str | Path) -> Path:
         parts.append(f"<h2>Clusters</h2><p>K = {chosen.get('k')} (silhouette "
                      f"{_num(chosen.get('silhouette'))}, {chosen.get('n_components')} SVD "
                      f"components at variance threshold {chosen.get('threshold')}).</p>")  # fmt: skip
+        merge = k_sel.get("routability")
+        if merge:
+            parts.append(f"<p>Routability: K {merge['k_before']} &rarr; {merge['k_after']}; the "
+                         f"cross-validated router agreement went from "
+                         f"{_num(merge['agreement_before'])} to {_num(merge['agreement_after'])} "
+                         f"(target {merge['target']}).</p>")
+            if merge.get("merges"):
+                parts.append("<ul>" + "".join(f"<li>{html.escape(m)}</li>"
+                                              for m in merge["merges"]) + "</ul>")
     parts.append("<h2>Figures</h2>" + _figures(run))
     parts.append("<h2>What ran, where, how long</h2>" + _stages(manifest))
     parts.append("<h2>Data</h2><pre>" + html.escape(json.dumps(manifest.get("data"), indent=1))

@@ -1,11 +1,23 @@
-"""The router as a pipeline stage: fit it on the training prompts' clusters in a Ray task."""
+"""The routing stages of the pipeline, each a Ray task around a pure module:
+
+* ``routability`` (after Stage II): merge the clusters a prompt router cannot tell apart
+  (``routability.py``), so that the experts are trained on a partition the router can follow;
+* ``router``: fit the router on the training prompts' clusters;
+* ``calibrate`` (after the experts, the generalist and the router): temperature-scale the router
+  on the calibration rows and choose the generalist fallback's threshold (``fallback.py``).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 
+import numpy as np
+
+from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
-from gs_ray.ray_utils import task_resources
+from gs_ray.ray_utils import task_resources, use_assigned_cpus
+from gs_ray.rundir import GENERALIST, expert_name
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +39,7 @@ def router_stage(p: Prepared, resume: bool = False) -> dict:
 
     labels, k = p.assignments()
     with p.run.stage("router") as info:
-        train = p.splits.train
+        train = p.fit_rows()  # the calibration rows are the fallback's, not the router's
         train = train[labels[train] >= 0]
         texts = [p.samples[i].prompt for i in train]
         task = ray.remote(fit_and_save_router).options(**task_resources())
@@ -39,3 +51,103 @@ def router_stage(p: Prepared, resume: bool = False) -> dict:
         log.info("router: holdout accuracy %.3f (chance %.3f)",
                  metrics.get("holdout_accuracy") or 0, metrics.get("chance_accuracy") or 0)  # fmt: skip
     return metrics
+
+
+def _routability_task(texts, labels, k, router_cfg, target, folds, seed, centroids, cache_path):
+    from gs_ray.routing.routability import merge_for_routability
+    from gs_ray.routing.router import encode_cached
+
+    use_assigned_cpus()
+    features = None
+    if router_cfg.kind == "encoder":
+        features = encode_cached(texts, router_cfg.encoder, cache_path, router_cfg.max_length)
+    return merge_for_routability(texts, labels, k, router_cfg, target, folds, seed, centroids,
+                                 features).to_dict()
+
+
+def routability_stage(p: Prepared, resume: bool = False) -> dict:
+    """Merge Stage II's clusters that a router of the run's kind confuses, by cross-validation
+    on the training prompts, until its agreement reaches ``clustering.routability_target`` (or
+    K = 1). Writes ``stage2/routability.json`` (the mapping and every merge's reason) and adds
+    its summary to ``stage2/k_selection.json``; ``Prepared.assignments`` applies it."""
+    import ray
+
+    cfg, run = p.cfg, p.run
+    labels, k = p.stage2_assignments()
+    with run.stage("routability") as info:
+        rows = p.fit_rows()
+        rows = rows[labels[rows] >= 0]
+        centroids = np.load(run.centroids_path) if run.centroids_path.exists() else None
+        task = ray.remote(_routability_task).options(**task_resources())
+        result = ray.get(task.remote(
+            [p.samples[i].prompt for i in rows], labels[rows], k, cfg.router,
+            cfg.clustering.routability_target, cfg.clustering.routability_folds, cfg.run.seed,
+            centroids, str(run.sub("router", "features_train.npy")),
+        ))
+        result["n_rows"] = len(rows)
+        write_json(run.routability_json, result)
+        ks = json.loads(run.k_selection_json.read_text())
+        ks["routability"] = {key: result[key] for key in
+                             ("k_before", "k_after", "agreement_before", "agreement_after",
+                              "target", "met")}
+        ks["routability"]["merges"] = [s["why"] for s in result["steps"]]
+        write_json(run.k_selection_json, ks)
+        run.add_metrics(routability=ks["routability"])
+        info.update(k_before=result["k_before"], k_after=result["k_after"],
+                    agreement_after=result["agreement_after"])
+    for step in result["steps"]:
+        log.info("routability: merged %s: %s", step["merged"], step["why"])
+    from gs_ray.routing.routability import summary_line
+
+    log.info(summary_line(result))
+    p.assignments(reload=True)
+    return result
+
+
+def _calibrate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder, prompts):
+    from gs_ray.routing.router import load_router
+    from gs_ray.training.loop import adapter_losses
+
+    use_assigned_cpus()
+    return (adapter_losses(base_path, model_cfg, adapters, pairs, pad_id),
+            load_router(router_folder).predict_proba(prompts))
+
+
+def calibrate_stage(p: Prepared, resume: bool = False) -> dict:
+    """Calibrate the router on the calibration rows (held out of every training) and choose the
+    fallback to the generalist (``routing/fallback.py``); writes ``router/fallback.json``."""
+    import ray
+
+    from gs_ray.routing.fallback import Fallback, choose_fallback
+
+    labels, k = p.assignments()
+    with p.run.stage("calibrate") as info:
+        rows = p.calibration_rows()
+        rows = rows[labels[rows] >= 0]
+        if len(rows) == 0:
+            fb = Fallback(summary={"n_calibration": 0, "why": "no calibration rows (the "
+                                   "training split is too small): routed without fallback"})
+        else:
+            adapters = {expert_name(c): str(p.run.expert(c)) for c in range(k)}
+            adapters[GENERALIST] = str(p.run.generalist)
+            task = ray.remote(_calibrate_task).options(**task_resources())
+            losses, proba = ray.get(task.remote(
+                p.base_path, p.cfg.model, adapters, p.pairs(rows), p.pad_id, str(p.run.router),
+                [p.samples[i].prompt for i in rows]))
+            expert = np.stack([losses[expert_name(c)] for c in range(k)])
+            fb = choose_fallback(proba, labels[rows], expert, losses[GENERALIST],
+                                 p.cfg.fallback.thresholds)
+        fb.save(p.run.fallback_json)
+        p.run.add_metrics(fallback={"temperature": fb.temperature, "rule": fb.rule,
+                                    "threshold": fb.threshold, **fb.summary})
+        info.update(rule=fb.rule, threshold=fb.threshold,
+                    generalist_share=fb.summary.get("generalist_share"))
+    s = fb.summary
+    if s.get("n_calibration"):
+        log.info("fallback: %s (threshold %.3f, temperature %.2f): %.0f%% of %d calibration rows "
+                 "to the generalist; calibration loss generalist %.4f, routed %.4f, chosen %.4f",
+                 fb.rule, fb.threshold, fb.temperature, 100 * s["generalist_share"],
+                 s["n_calibration"], s["loss_generalist"], s["loss_routed"], s["loss_chosen"])
+    else:
+        log.info("fallback: %s", s.get("why"))
+    return fb.to_dict()

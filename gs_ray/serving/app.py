@@ -84,7 +84,9 @@ class RouterDeployment:
 
     def __init__(self, run_dir: str, cfg: ServeConfig):
         _set_threads(cfg.router_cpus)
-        self.router = ServedRun.open(run_dir).router()
+        served = ServedRun.open(run_dir)
+        self.router = served.router()
+        self.fallback, self.generalist = served.fallback(), served.generalist_index
         if cfg.router_int8:
             self.router.quantize()
         self.router.predict(["warm-up"])  # load the encoder now, not on the first request
@@ -95,7 +97,22 @@ class RouterDeployment:
     async def route(self, prompts: list[str]) -> list[dict[str, Any]]:
         # In a thread, so the replica's event loop (health checks, queueing) stays responsive.
         probs = await asyncio.to_thread(self.router.predict_proba, prompts)
-        return [{"expert": int(p.argmax()), "probs": [float(x) for x in p]} for p in probs]
+        return [self._decide(p) for p in probs]
+
+    def _decide(self, p) -> dict[str, Any]:
+        """The adapter a prompt gets and why: the router's expert, or the generalist where the
+        calibrated confidence is below the fallback threshold (``routing/fallback.py``)."""
+        expert = int(p.argmax())
+        out = {"expert": expert, "router_expert": expert, "probs": [float(x) for x in p],
+               "adapter": expert_model(expert), "fallback": False}
+        if self.fallback is None:
+            return {**out, "reason": "routed: the router's most probable expert (this run has "
+                                     "no generalist fallback)"}
+        _, conf, back = self.fallback.route(p[None, :])
+        if back[0]:
+            out.update(expert=self.generalist, adapter=GENERALIST_MODEL, fallback=True)
+        return {**out, "confidence": float(conf[0]),
+                "reason": self.fallback.reason(float(conf[0]), bool(back[0]))}
 
 
 @serve.deployment
@@ -270,6 +287,7 @@ def validation_error_body(errors: Any) -> dict[str, Any]:
 
 MODEL = APP_NAME  # the routed model; "gs-ray/expert-K" names one expert, "gs-ray/ensemble" all
 ENSEMBLE_MODEL = f"{APP_NAME}/ensemble"
+GENERALIST_MODEL = f"{APP_NAME}/generalist"  # the fallback adapter: one LoRA on everything
 API_KEY_ENV = "GS_RAY_API_KEY"
 
 
@@ -528,7 +546,9 @@ class Ingress:
     # ------------------------------------------------------------------ OpenAI-compatible routes
 
     def _models(self) -> list[str]:
-        return [MODEL, ENSEMBLE_MODEL] + [expert_model(k) for k in range(self.info_["n_experts"])]
+        experts = [expert_model(k) for k in range(self.info_["n_experts"])]
+        general = [GENERALIST_MODEL] if self.info_.get("generalist") is not None else []
+        return [MODEL, ENSEMBLE_MODEL] + experts + general
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -554,20 +574,26 @@ class Ingress:
             raise OpenAIError(400, f"max_tokens: {m} is over the limit "
                                    f"{self.cfg.max_new_tokens_limit}", "max_tokens")  # fmt: skip
         start = time.perf_counter()
-        probs = None
+        probs, routed = None, {}
         if req.model == MODEL or req.model == ENSEMBLE_MODEL:
             routed = await self.router.route.remote(prompt)
             expert, probs = routed["expert"], routed["probs"]
+        elif req.model == GENERALIST_MODEL:
+            expert = self.info_["generalist"]
         else:
             expert = int(req.model.rsplit("-", 1)[1])
         route_ms = 1000 * (time.perf_counter() - start)
         mode: tuple | None = None
         if req.model == ENSEMBLE_MODEL:
-            mode, expert = ("ensemble", probs), -1
+            # The experts' mixture by the router's probabilities (the generalist, if served,
+            # takes no weight).
+            pad = [0.0] if self.info_.get("generalist") is not None else []
+            mode, expert = ("ensemble", list(probs) + pad), -1
         elif req.temperature > 0:
             mode = ("sample", float(req.temperature), float(req.top_p), req.seed)
         return {"start": start, "m": m, "expert": expert, "probs": probs, "mode": mode,
-                "route_ms": route_ms}  # fmt: skip
+                "route_ms": route_ms, "fallback": bool(routed.get("fallback")),
+                "reason": routed.get("reason")}
 
     @staticmethod
     def _generation_error(message: str) -> OpenAIError:
@@ -584,8 +610,10 @@ class Ingress:
                       "completion_tokens": out["n_new_tokens"],
                       "total_tokens": out["n_prompt_tokens"] + out["n_new_tokens"]},
             "gs_ray": {"expert": None if expert < 0 else expert, "probs": plan["probs"],
-                       "routed_by": "router" if req.model == MODEL else (
-                           "ensemble" if expert < 0 else "request"),
+                       "routed_by": ("fallback" if plan["fallback"] else "router")
+                       if req.model == MODEL else ("ensemble" if expert < 0 else "request"),
+                       "generalist": expert >= 0 and expert == self.info_.get("generalist"),
+                       "reason": plan["reason"],
                        "route_ms": plan["route_ms"],
                        "total_ms": 1000 * (time.perf_counter() - plan["start"])},
         }  # fmt: skip

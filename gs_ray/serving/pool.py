@@ -484,6 +484,20 @@ class ServedRun:
 
     def __init__(self, run: RunDir, cfg: Config, n_experts: int):
         self.run, self.cfg, self.n_experts = run, cfg, n_experts
+        # The generalist fallback is served as one more adapter, index K, where the run has one.
+        self.has_generalist = (cfg.fallback.enabled and run.generalist_complete()
+                               and run.fallback_json.exists())
+
+    @property
+    def generalist_index(self) -> int | None:
+        """The pool index of the generalist adapter (K), or None where the run has none."""
+        return self.n_experts if self.has_generalist else None
+
+    def fallback(self):
+        """The calibrated fallback rule (``routing.fallback.Fallback``), or None."""
+        from gs_ray.routing.fallback import Fallback
+
+        return Fallback.load(self.run.fallback_json) if self.has_generalist else None
 
     @classmethod
     def open(cls, path: str | Path) -> ServedRun:
@@ -516,7 +530,9 @@ class ServedRun:
         return materialize_base_model(self.cfg.model, self.run.path, self.cfg.run.seed)
 
     def expert_paths(self) -> list[str]:
-        return [str(self.run.expert(c)) for c in range(self.n_experts)]
+        """The pool's adapters: the K experts, then the generalist where there is one."""
+        paths = [str(self.run.expert(c)) for c in range(self.n_experts)]
+        return paths + ([str(self.run.generalist)] if self.has_generalist else [])
 
     def router(self, device: str | None = None):
         from gs_ray.routing.router import load_router
@@ -531,9 +547,16 @@ class ServedRun:
         manifest = self.run.manifest()
         metrics = self.run.metrics()
         sizes: dict[int, dict[str, int]] = {}
+        mapping = None
+        if self.cfg.clustering.routability != "off" and self.run.routability_json.exists():
+            import json
+
+            mapping = json.loads(self.run.routability_json.read_text())["mapping"]
         if self.run.assignments_path.exists():
             for row in self.run.assignments():
-                c = int(row["cluster"])
+                if row["cluster"] is None:
+                    continue
+                c = int(row["cluster"]) if mapping is None else int(mapping[int(row["cluster"])])
                 dom = row.get("domain") or "?"
                 sizes.setdefault(c, {})
                 sizes[c][dom] = sizes[c].get(dom, 0) + 1
@@ -551,6 +574,8 @@ class ServedRun:
                 }  # fmt: skip
                 for c in range(self.n_experts)
             ],
+            "generalist": self.generalist_index,
+            "fallback": metrics.get("fallback"),
             "router_holdout_accuracy": metrics.get("router", {}).get("holdout_accuracy"),
             "created": manifest.get("created"),
         }

@@ -1,5 +1,7 @@
 """Stage III, the experts: one LoRA expert per cluster, from the warm-up adapter, on that
-cluster's training samples; the K trainings run in parallel (Ray Train + DeepSpeed)."""
+cluster's training samples; the K trainings run in parallel (Ray Train + DeepSpeed). With
+``fallback.enabled`` the generalist (one LoRA on all the training rows, the budget of ``gs-ray
+eval``'s ``single_lora``) trains beside them, in the same parallel batch."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import shutil
 
 import numpy as np
 
+from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
-from gs_ray.rundir import expert_name
+from gs_ray.rundir import EXPERT_RECORD, GENERALIST, expert_name
 from gs_ray.training.warmup import storage_path, training_summary
 
 log = logging.getLogger(__name__)
@@ -20,12 +23,27 @@ def expert_job(p: Prepared, labels: np.ndarray, c: int, output_dir: str, name: s
     adapter, seeded by the cluster (``name`` defaults to the expert's name)."""
     from gs_ray.training.ray_train import AdapterJob
 
-    train = p.splits.train
+    train = p.fit_rows()
     return AdapterJob(
         name=name or expert_name(c), base_path=p.base_path, output_dir=output_dir,
         samples=p.pairs(train[labels[train] == c]), init_adapter=str(p.run.warmup_adapter),
         seed=p.cfg.run.seed + 1 + c, cluster=c,
     )  # fmt: skip
+
+
+def generalist_job(p: Prepared, labels: np.ndarray, k: int, output_dir: str):
+    """The generalist's training job: every training row that the experts learn from (any
+    cluster), from the warm-up adapter, with the experts' settings; with ``experts.max_steps``
+    it gets the K experts' steps together (as ``gs-ray eval``'s ``single_lora``)."""
+    from gs_ray.training.ray_train import AdapterJob
+
+    rows = p.fit_rows()
+    limit = p.cfg.experts.max_steps
+    return AdapterJob(
+        name=GENERALIST, base_path=p.base_path, output_dir=output_dir,
+        samples=p.pairs(rows[labels[rows] >= 0]), init_adapter=str(p.run.warmup_adapter),
+        seed=p.cfg.run.seed, max_steps=limit * k if limit else None,
+    )
 
 
 def experts_ray(p: Prepared, resume: bool = False) -> dict:
@@ -49,6 +67,8 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
                 copied.append(c)
                 continue
             jobs.append(job)
+        if cfg.fallback.enabled and not run.generalist_complete():
+            jobs.append(generalist_job(p, labels, k, str(run.generalist)))
         for job in jobs:
             # A resume continues an interrupted training from its checkpoint; an expert whose
             # run had finished but whose folder is gone (deleted) is trained again from the
@@ -68,17 +88,24 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
             raise RuntimeError(f"expert training failed after retries: {errors}")
         for job in jobs:
             rec = records[job.name]
-            run.write_expert_record(job.cluster, {
+            record = {
                 "n_train": len(job.samples), **training_summary(rec), "losses": rec["losses"],
                 "train_start": rec.get("train_start"), "train_end": rec.get("train_end"),
-            })  # fmt: skip
-        info.update(trained=sorted(j.cluster for j in jobs), kept=kept, copied_warmup=copied,
+            }
+            if job.name == GENERALIST:
+                write_json(run.generalist / EXPERT_RECORD, {"generalist": True, **record})
+            else:
+                run.write_expert_record(job.cluster, record)
+        info.update(trained=sorted(j.cluster for j in jobs if j.name != GENERALIST),
+                    generalist=any(j.name == GENERALIST for j in jobs), kept=kept,
+                    copied_warmup=copied,
                     engines=sorted({records[j.name]["engine"] for j in jobs}),
                     parallel=cfg.experts.parallel)  # fmt: skip
     return records
 
 
 def experts_complete(p: Prepared) -> bool:
-    """Every cluster's expert folder is complete."""
+    """Every cluster's expert folder is complete (and the generalist's, where there is one)."""
     _, k = p.assignments()
-    return all(p.run.expert_complete(c) for c in range(k))
+    return all(p.run.expert_complete(c) for c in range(k)) and (
+        not p.cfg.fallback.enabled or p.run.generalist_complete())

@@ -1,12 +1,18 @@
-"""Choosing K with Ray Tune (``clustering.k_selection: tune``).
+"""Choosing K with Ray Tune (``clustering.k_selection: tune``): K chosen by what a user gets.
 
 The paper picks K by the SVD + silhouette criterion and reports that the best silhouette K also
-gives the best accuracy (Fig. 6). This mode checks that on the user's data: one Ray Tune trial
-per candidate K clusters a sample of training gradients with K fixed, briefly trains K experts
-from the warm-up adapter on their clusters, and reports the validation loss of the routed
-experts (each held-out sample routed to the expert of its gradient cluster). The K with the
-lowest validation loss is used for the full Stage II; the table K -> silhouette -> validation
-loss is kept in ``run_dir/tune/results.json`` and plotted.
+gives the best accuracy (Fig. 6). This mode checks that on the user's data, scoring each K the
+way the run will be used: one Ray Tune trial per candidate K (K = 1, one LoRA on everything, is a
+candidate) clusters a sample of training gradients with K fixed, merges clusters a router
+cannot follow (as the run's routability step does), fits a router of the run's kind on the
+prompts, trains the experts from the warm-up adapter with the **same total number of
+optimizer steps for every K** (``tune.trial_steps``, shared in proportion to cluster sizes), and
+reports the held-out loss of the experts **chosen by that router** (the prompts only; the
+gradient assignment of a held-out row needs its answer). The K with the lowest routed loss is
+used for the full Stage II; the table K -> silhouette -> routed loss is kept in
+``run_dir/tune/results.json`` and plotted. Where the silhouette is flat (the clusterer's
+``structure`` says weak, or no K is clearly best), the console says so and names the K the
+routed loss prefers.
 
 The gradients of the sample are computed once (a Ray task) and shared with the trials through
 the object store; ``tune.n_samples`` bounds their size (n x d float32).
@@ -15,6 +21,7 @@ the object store; ``tune.n_samples`` bounds their size (n x d float32).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 from typing import Any
@@ -38,41 +45,90 @@ def sample_gradients(
     return GradientComputer(base_path, cfg, adapter, pad_id)(pairs)
 
 
-def k_trial(config: dict[str, Any], *, G_val, G_fit, G_hold, fit_pairs, hold_pairs, base_path,
-            cfg: Config, adapter: str, pad_id: int) -> None:  # fmt: skip
-    """One Tune trial: cluster with K fixed, train K experts briefly, report routed val loss."""
+def routed_partition(k: int, G_val: np.ndarray, G_fit: np.ndarray, fit_prompts: list[str],
+                     hold_prompts: list[str], cfg: Config) -> dict[str, Any]:
+    """A trial's partition as the run would deploy it: the clusterer with K fixed on ``G_fit``,
+    the routability merge (if on), and a router of the run's kind fitted on the fit prompts;
+    returns the fit labels, the merged K, the held-out rows' routed clusters and the clusterer's
+    figures. K = 1: every row in one cluster, nothing to route."""
+    from gs_ray.routing.router import fit_router
+    from gs_ray.stage2.launch import make_clusterer
+
+    n_fit = len(fit_prompts)
+    out: dict[str, Any] = {"k": k, "silhouette": float("nan"), "n_components": 0,
+                           "routability": None}
+    if k == 1:
+        return {**out, "labels": np.zeros(n_fit, dtype=np.int64), "k_routed": 1,
+                "routed": np.zeros(len(hold_prompts), dtype=np.int64)}
+    c = Config.from_dict(cfg.to_dict())
+    c.clustering.n_clusters = k
+    est = make_clusterer(c).fit(G_fit, G_val=G_val)
+    labels, k_eff = est.labels_.astype(np.int64), k
+    if c.clustering.routability != "off":
+        from gs_ray.routing.routability import merge_for_routability
+
+        merge = merge_for_routability(fit_prompts, labels, k, c.router,
+                                      c.clustering.routability_target,
+                                      c.clustering.routability_folds, c.run.seed,
+                                      est.cluster_centers_)
+        labels, k_eff = merge.labels(labels), merge.k_after
+        out["routability"] = {"k_after": merge.k_after, "agreement": merge.agreement_after}
+    if k_eff == 1:
+        routed = np.zeros(len(hold_prompts), dtype=np.int64)
+    else:
+        router, _ = fit_router(fit_prompts, labels, k_eff, c.router, c.run.seed)
+        routed = router.predict(hold_prompts)
+    return {**out, "labels": labels, "k_routed": k_eff, "routed": routed,
+            "silhouette": float(est.silhouette_), "n_components": int(est.n_components_)}
+
+
+def step_budget(labels: np.ndarray, k: int, total: int) -> list[int]:
+    """Optimizer steps per cluster: ``total`` shared in proportion to the clusters' sizes
+    (largest remainders), so that every K trains for the same number of steps in all; an empty
+    cluster gets none."""
+    sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k).astype(float)
+    if sizes.sum() == 0:
+        return [0] * k
+    exact = total * sizes / sizes.sum()
+    steps = np.floor(exact).astype(int)
+    for c in np.argsort(-(exact - steps), kind="stable")[: total - int(steps.sum())]:
+        steps[c] += 1
+    return steps.tolist()
+
+
+def k_trial(config: dict[str, Any], *, G_val, G_fit, G_hold, fit_pairs, hold_pairs, fit_prompts,
+            hold_prompts, base_path, cfg: Config, adapter: str, pad_id: int) -> None:
+    """One Tune trial: the routed partition with K fixed, its experts trained on an equal total
+    budget, the routed held-out loss reported. (``G_hold`` is kept for the oracle figure.)"""
     import torch
     from ray import tune
 
     from gs_ray.core.models import load_adapter, load_base_model
     from gs_ray.data import Sample
-    from gs_ray.stage2.launch import make_clusterer
     from gs_ray.training.loop import TorchEngine, adapter_losses, train_adapter
 
-    k = int(config["k"])
-    c = Config.from_dict(cfg.to_dict())
-    c.clustering.n_clusters = k
-    est = make_clusterer(c).fit(G_fit, G_val=G_val)
-    routed = est.predict(G_hold)
-    steps_cfg = replace(c.experts, max_steps=c.tune.expert_max_steps)
+    part = routed_partition(int(config["k"]), G_val, G_fit, fit_prompts, hold_prompts, cfg)
+    labels, k = part["labels"], part["k_routed"]
     folder = tune.get_context().get_trial_dir()
     adapters = {}
-    for cluster in range(k):
-        members = [Sample(str(i), *fit_pairs[i]) for i in np.flatnonzero(est.labels_ == cluster)]
+    for cluster, steps in enumerate(step_budget(labels, k, cfg.tune.trial_steps)):
+        members = [Sample(str(i), *fit_pairs[i]) for i in np.flatnonzero(labels == cluster)]
         path = f"{folder}/{expert_name(cluster)}"
-        model = load_adapter(load_base_model(base_path, c.model), adapter, trainable=True)
-        if members:
-            torch.manual_seed(c.run.seed + cluster)
-            train_adapter(TorchEngine(model, steps_cfg), members, steps_cfg, pad_id, c.run.seed)
+        model = load_adapter(load_base_model(base_path, cfg.model), adapter, trainable=True)
+        if members and steps:
+            per_epoch = math.ceil(len(members) / cfg.experts.batch_size / cfg.experts.grad_accum)
+            steps_cfg = replace(cfg.experts, max_steps=steps, epochs=math.ceil(steps / per_epoch))
+            torch.manual_seed(cfg.run.seed + cluster)
+            train_adapter(TorchEngine(model, steps_cfg), members, steps_cfg, pad_id, cfg.run.seed)
         model.save_pretrained(path)
         adapters[expert_name(cluster)] = path
-    losses = adapter_losses(base_path, c.model, adapters, hold_pairs, pad_id)
-    per_sample = np.stack([losses[expert_name(j)] for j in range(k)])[
-        routed, np.arange(len(routed))
-    ]
-    tune.report({"k": k, "val_loss": float(per_sample.mean()), "silhouette": float(est.silhouette_),
-                 "n_components": int(est.n_components_),
-                 "cluster_sizes": np.bincount(est.labels_, minlength=k).tolist()})  # fmt: skip
+    losses = adapter_losses(base_path, cfg.model, adapters, hold_pairs, pad_id)
+    per_sample = np.stack([losses[expert_name(j)] for j in range(k)])
+    rows = np.arange(per_sample.shape[1])
+    tune.report({"k": part["k"], "k_routed": k,
+                 "val_loss": float(per_sample[part["routed"], rows].mean()),
+                 "silhouette": part["silhouette"], "n_components": part["n_components"],
+                 "cluster_sizes": np.bincount(labels, minlength=k).tolist()})
 
 
 def tune_k(p: Prepared, resume: bool = False) -> int:
@@ -95,10 +151,12 @@ def tune_k(p: Prepared, resume: bool = False) -> int:
     adapter = str(run.warmup_adapter)
     G_val, G_fit, G_hold = ray.get([grad_task.remote(p.base_path, cfg, adapter, p.pad_id, pairs(ix))
                                     for ix in (p.splits.val, fit, hold)])  # fmt: skip
+    prompts = lambda idx: [p.samples[i].prompt for i in idx]  # noqa: E731
     trainable = tune.with_parameters(
         k_trial, G_val=G_val, G_fit=G_fit, G_hold=G_hold, fit_pairs=pairs(fit),
-        hold_pairs=pairs(hold), base_path=p.base_path, cfg=cfg, adapter=adapter, pad_id=p.pad_id,
-    )  # fmt: skip
+        hold_pairs=pairs(hold), fit_prompts=prompts(fit), hold_prompts=prompts(hold),
+        base_path=p.base_path, cfg=cfg, adapter=adapter, pad_id=p.pad_id,
+    )
     per_trial = {"gpu": 1} if resources.get("num_gpus") else {"cpu": 1}
     tuner = tune.Tuner(
         tune.with_resources(trainable, per_trial),
@@ -112,19 +170,32 @@ def tune_k(p: Prepared, resume: bool = False) -> int:
     if errors:
         raise RuntimeError(f"Tune trials failed: {errors[:2]}")
     table = sorted(
-        ({key: r.metrics[key] for key in ("k", "val_loss", "silhouette", "n_components",
-                                          "cluster_sizes")} for r in results),
+        ({key: r.metrics[key] for key in ("k", "k_routed", "val_loss", "silhouette",
+                                          "n_components", "cluster_sizes")} for r in results),
         key=lambda row: row["k"],
     )  # fmt: skip
     best = min(table, key=lambda row: (row["val_loss"], row["k"]))
-    best_silhouette = max(table, key=lambda row: row["silhouette"])
+    scored = [row for row in table if np.isfinite(row["silhouette"])]
+    best_silhouette = max(scored, key=lambda row: row["silhouette"]) if scored else best
+    weak = silhouette_is_flat([row["silhouette"] for row in scored])
     write_json(run.sub("tune", "results.json"), {
         "table": table, "best_k": best["k"], "best_silhouette_k": best_silhouette["k"],
-        "n_fit": len(fit), "n_holdout": len(hold),
-    })  # fmt: skip
-    run.add_metrics(tune={"table": table, "best_k": best["k"],
-                          "best_silhouette_k": best_silhouette["k"]})  # fmt: skip
+        "weak_structure": weak, "n_fit": len(fit), "n_holdout": len(hold),
+        "rule": "routed held-out loss (router on the prompts), equal total steps per K",
+    })
+    run.add_metrics(tune={"table": table, "best_k": best["k"], "weak_structure": weak,
+                          "best_silhouette_k": best_silhouette["k"]})
     run.mark_stage("tune", time.perf_counter() - start, best_k=best["k"])
-    log.info("Ray Tune over K: %s -> best K=%d (best silhouette at K=%d)",
-             [(r["k"], round(r["val_loss"], 4)) for r in table], best["k"], best_silhouette["k"])  # fmt: skip
+    log.info("Ray Tune over K (routed held-out loss): %s -> best K=%d (best silhouette at K=%d)",
+             [(r["k"], round(r["val_loss"], 4)) for r in table], best["k"], best_silhouette["k"])
+    if weak:
+        log.info("Ray Tune over K: the gradient structure is weak (the silhouette is flat over "
+                 "K); the routed loss prefers K=%d", best["k"])
     return best["k"]
+
+
+def silhouette_is_flat(silhouettes: list[float], spread: float = 0.02) -> bool:
+    """No K stands out: the silhouettes of K >= 2 lie within ``spread`` of each other (or there
+    are fewer than two), as on data close to no structure (the embedded default: 0.03-0.05)."""
+    s = [x for x in silhouettes if np.isfinite(x)]
+    return len(s) < 2 or max(s) - min(s) < spread

@@ -1,0 +1,271 @@
+"""Partitions a router can follow: merge the clusters that a prompt-only router confuses.
+
+The paper's Stage II clusters by the gradient of the whole sample, answer included. When a corpus
+holds a short-answer task (a label, yes/no, a number), the gradient is dominated by the answer
+and the clusters split that task by its answer: a router, which sees only the prompt, cannot
+predict such a split, and every misrouted query pays the cost of a wrong expert (about 6 nats on
+the data mix; docs/evaluation.md). This module measures, by cross-validation on the training
+prompts, how well a router of the run's kind can follow a partition, and merges the clusters it
+confuses until its agreement reaches a target or one cluster is left.
+
+The rule, greedy and deterministic:
+
+1. Out-of-fold router probabilities ``p(k | x)`` for every training prompt (``folds``-fold
+   cross-validation, each fold's router trained like the run's: TF-IDF + logistic regression, or
+   frozen-encoder features + the linear head).
+2. While the agreement (out-of-fold argmax = cluster) is below ``target`` and K > 1: merge the
+   pair of clusters with the most confusions between them (rows of one routed to the other, both
+   ways). The merged cluster's probability is the sum of its members' (a router of the merged
+   partition routes to either member). Ties go to the pair whose gradient centroids are closest
+   (merging them loses the least specialisation), then to the smaller indices.
+3. The merged partition is cross-validated again (a router trained on the merged labels, not the
+   summed probabilities): if that agreement is still below the target, steps 2-3 repeat.
+
+Every merge is recorded with its reason (confusions, the clusters' sizes, the centroid cosine).
+Pure (scikit-learn / torch), no Ray: the pipeline's ``routability`` stage runs it in a Ray task.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gs_ray.config import RouterConfig
+
+log = logging.getLogger(__name__)
+
+
+def fold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
+    """Seeded, shuffled folds of ``range(n)`` (at most ``n`` of them), as sorted index arrays."""
+    folds = max(2, min(folds, n))
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(perm, folds)]
+
+
+def cv_probabilities(
+    texts: Sequence[str],
+    labels: np.ndarray,
+    k: int,
+    cfg: RouterConfig,
+    folds: int = 5,
+    seed: int = 0,
+    features: np.ndarray | None = None,
+) -> np.ndarray:
+    """Out-of-fold ``p(k | x)`` of a router of ``cfg.kind`` trained on the other folds, (n, k).
+
+    ``features``: the frozen encoder's prompt features for ``cfg.kind == "encoder"`` (computed
+    once by the caller; TF-IDF features are fitted inside each fold, as the run's router fits its
+    vocabulary on its own training rows)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if n != len(texts):
+        raise ValueError(f"{len(texts)} texts and {n} labels")
+    if cfg.kind == "encoder" and features is None:
+        raise ValueError("router.kind encoder: pass the prompts' encoder features")
+    out = np.zeros((n, k), dtype=np.float64)
+    for hold in fold_indices(n, folds, seed):
+        train = np.setdiff1d(np.arange(n), hold)
+        out[hold] = _fold_proba(texts, labels, k, cfg, train, hold, features, seed)
+    return out
+
+
+def _fold_proba(texts, labels, k, cfg, train, hold, features, seed) -> np.ndarray:
+    """One fold: a router trained on ``train`` rows, its probabilities on ``hold`` rows."""
+    out = np.zeros((len(hold), k))
+    present = np.unique(labels[train])
+    if len(present) == 1:  # a fold with one cluster routes everything to it
+        out[:, present[0]] = 1.0
+        return out
+    if cfg.kind == "encoder":
+        import torch
+
+        from gs_ray.routing.router import _fit_head
+
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        torch.manual_seed(seed)
+        head, _ = _fit_head(x[train], torch.from_numpy(labels[train]), k, cfg)
+        with torch.no_grad():
+            logits = head(x[hold])
+            # Clusters absent from the fold's training rows get no probability.
+            logits[:, np.setdiff1d(np.arange(k), present)] = -np.inf
+            return torch.softmax(logits, dim=1).double().numpy()
+    from sklearn.linear_model import LogisticRegression
+
+    from gs_ray.routing.router import TfidfRouter
+
+    vec = TfidfRouter._vectorizer(cfg)
+    X = vec.fit_transform([texts[i] for i in train])
+    head = LogisticRegression(C=cfg.tfidf_c, max_iter=2000).fit(X, labels[train])
+    out[:, np.asarray(head.classes_, dtype=np.int64)] = head.predict_proba(
+        vec.transform([texts[i] for i in hold])
+    )
+    return out
+
+
+@dataclass
+class MergeStep:
+    """One merge: clusters ``a`` and ``b`` (in the numbering before it) became one, and why."""
+
+    a: int
+    b: int
+    confusions: int  # rows of a routed to b plus rows of b routed to a (out of fold)
+    sizes: tuple[int, int]
+    centroid_cosine: float | None
+    agreement_before: float
+    agreement_after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "merged": [self.a, self.b],
+            "confusions": self.confusions,
+            "sizes": list(self.sizes),
+            "centroid_cosine": self.centroid_cosine,
+            "agreement_before": self.agreement_before,
+            "agreement_after": self.agreement_after,
+            "why": (
+                f"the router confused clusters {self.a} and {self.b} on {self.confusions} of "
+                f"{sum(self.sizes)} rows (cross-validated agreement {self.agreement_before:.3f} "
+                f"< target)"
+            ),
+        }
+
+
+@dataclass
+class RoutabilityResult:
+    """The merged partition: ``mapping[old] = new`` cluster, and the record of how it came."""
+
+    mapping: np.ndarray
+    k_before: int
+    k_after: int
+    target: float
+    agreement_before: float  # cross-validated agreement with Stage II's partition
+    agreement_after: float  # ... with the merged partition (a router trained on it)
+    steps: list[MergeStep] = field(default_factory=list)
+    cv_rounds: int = 1
+
+    def labels(self, labels: np.ndarray) -> np.ndarray:
+        """Stage II labels mapped to the merged partition (negative codes are kept)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        out = labels.copy()
+        ok = labels >= 0
+        out[ok] = self.mapping[labels[ok]]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mapping": self.mapping.tolist(),
+            "k_before": self.k_before,
+            "k_after": self.k_after,
+            "target": self.target,
+            "agreement_before": self.agreement_before,
+            "agreement_after": self.agreement_after,
+            "met": bool(self.agreement_after >= self.target or self.k_after == 1),
+            "cv_rounds": self.cv_rounds,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    def summary(self) -> str:
+        """One console line."""
+        return summary_line(self.to_dict())
+
+
+def summary_line(d: dict[str, Any]) -> str:
+    """One console line for a routability record (``RoutabilityResult.to_dict``)."""
+    if not d["steps"]:
+        return (f"routability: K={d['k_before']} kept (cross-validated router agreement "
+                f"{d['agreement_before']:.3f}, target {d['target']})")
+    return (f"routability: K {d['k_before']} -> {d['k_after']} ({len(d['steps'])} merges); "
+            f"cross-validated router agreement {d['agreement_before']:.3f} -> "
+            f"{d['agreement_after']:.3f} (target {d['target']})")
+
+
+def _agreement(proba: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(proba.argmax(1) == labels)) if len(labels) else 1.0
+
+
+def _merge_once(proba, labels, cos) -> tuple[int, int, int]:
+    """The pair to merge: most confusions, then the closest centroids, then the lowest indices."""
+    k = proba.shape[1]
+    pred = proba.argmax(1)
+    conf = np.zeros((k, k), dtype=np.int64)
+    np.add.at(conf, (labels, pred), 1)
+    sym = conf + conf.T
+    best = None
+    for a in range(k):
+        for b in range(a + 1, k):
+            key = (int(sym[a, b]), float(cos[a, b]) if cos is not None else 0.0, -a, -b)
+            if best is None or key > best[0]:
+                best = (key, a, b)
+    assert best is not None
+    return best[1], best[2], best[0][0]
+
+
+def merge_for_routability(
+    texts: Sequence[str],
+    labels: np.ndarray,
+    k: int,
+    cfg: RouterConfig,
+    target: float,
+    folds: int = 5,
+    seed: int = 0,
+    centroids: np.ndarray | None = None,
+    features: np.ndarray | None = None,
+    max_rounds: int = 4,
+) -> RoutabilityResult:
+    """Merge the clusters that a cross-validated router cannot tell apart (module docstring).
+
+    ``labels``: the training rows' clusters in ``[0, k)``; ``centroids``: Stage II's (k, d)
+    centroids, for ties (optional). Returns the mapping from Stage II's clusters to the merged
+    ones; merged clusters are numbered by their smallest original cluster, in order."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k})")
+    mapping = np.arange(k)  # original cluster -> current cluster
+    cent = None
+    if centroids is not None:
+        cent = np.asarray(centroids, dtype=np.float64)
+        cent = cent / np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+    steps: list[MergeStep] = []
+    current = labels.copy()
+    kc = k
+    proba = cv_probabilities(texts, current, kc, cfg, folds, seed, features) if kc > 1 else None
+    first = _agreement(proba, current) if proba is not None else 1.0
+    agreement, rounds = first, 1
+    while kc > 1 and agreement < target:
+        # Merge on the summed out-of-fold probabilities until the target is met ...
+        while kc > 1 and _agreement(proba, current) < target:
+            before = _agreement(proba, current)
+            sizes = np.bincount(current, minlength=kc)
+            cos = cent @ cent.T if cent is not None else None
+            a, b, n_conf = _merge_once(proba, current, cos)
+            if cent is not None:  # the merged centroid: the size-weighted mean direction
+                merged = cent[a] * max(sizes[a], 1) + cent[b] * max(sizes[b], 1)
+                cent[a] = merged / max(np.linalg.norm(merged), 1e-12)
+                cent = np.delete(cent, b, axis=0)
+            # b joins a; clusters above b move down by one.
+            mapping = np.where(mapping == b, a, mapping)
+            mapping = np.where(mapping > b, mapping - 1, mapping)
+            current = np.where(current == b, a, current)
+            current = np.where(current > b, current - 1, current)
+            proba[:, a] += proba[:, b]
+            proba = np.delete(proba, b, axis=1)
+            kc -= 1
+            steps.append(MergeStep(a, b, n_conf, (int(sizes[a]), int(sizes[b])),
+                                   float(cos[a, b]) if cos is not None else None, before,
+                                   _agreement(proba, current)))
+        # ... then check with a router trained on the merged labels.
+        if kc > 1:
+            proba = cv_probabilities(texts, current, kc, cfg, folds, seed, features)
+            agreement = _agreement(proba, current)
+            rounds += 1
+        else:
+            agreement = 1.0
+        if rounds >= max_rounds:
+            break
+    return RoutabilityResult(mapping=mapping, k_before=k, k_after=kc, target=target,
+                             agreement_before=first, agreement_after=agreement, steps=steps,
+                             cv_rounds=rounds)

@@ -1,0 +1,60 @@
+"""Statistics of gs-ray eval (gs_ray.evaluation.stats) against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gs_ray.evaluation.stats import comparisons, paired_interval, routing_costs, verdict
+
+
+def test_bootstrap_interval_matches_the_normal_interval_on_many_rows():
+    rng = np.random.default_rng(0)
+    a = rng.normal(2.0, 1.0, size=4000)
+    b = a + rng.normal(0.05, 0.3, size=4000)  # b is worse by 0.05 on average
+    iv = paired_interval(a, b, n_boot=4000)
+    d = a - b
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    assert iv["mean"] == pytest.approx(d.mean())
+    assert iv["lo"] == pytest.approx(d.mean() - 1.96 * se, abs=0.2 * se)
+    assert iv["hi"] == pytest.approx(d.mean() + 1.96 * se, abs=0.2 * se)
+    assert verdict(iv) == "pays off"
+    assert verdict(paired_interval(b, a)) == "loses"
+
+
+def test_seeds_are_averaged_per_row_and_equal_methods_tie():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(3, 200))
+    iv = paired_interval(a, a.mean(axis=0))
+    assert iv["mean"] == pytest.approx(0) and iv["lo"] == pytest.approx(0)
+    assert verdict(iv) == "ties"
+    noisy = paired_interval(rng.normal(size=50), rng.normal(size=50))
+    assert noisy["lo"] < 0 < noisy["hi"] and verdict(noisy) == "ties"
+    with pytest.raises(ValueError, match="paired rows"):
+        paired_interval(np.zeros(3), np.zeros(4))
+
+
+def test_comparisons_pick_the_best_other_baseline():
+    rows = np.linspace(1, 2, 100)
+    per_row = {"single_lora": rows, "embedding_kmeans": rows - 0.1, "random_clusters": rows + 0.2,
+               "gradientspace": rows - 0.05}
+    out = comparisons(per_row, "single_lora", ["single_lora", "embedding_kmeans",
+                                               "random_clusters"])
+    gs = out["gradientspace"]
+    assert gs["vs_reference"]["mean"] == pytest.approx(-0.05)
+    assert gs["vs_reference"]["verdict"] == "pays off"
+    assert gs["vs_best_baseline"]["method"] == "embedding_kmeans"
+    assert gs["vs_best_baseline"]["verdict"] == "loses"
+    assert out["embedding_kmeans"]["vs_best_baseline"]["method"] == "single_lora"
+    assert "vs_reference" not in out["single_lora"]
+
+
+def test_routing_costs_by_hand():
+    losses = np.array([[1.0, 5.0, 1.0, 4.0], [3.0, 2.0, 2.0, 2.0]])  # (K=2, 4 rows)
+    oracle = np.array([0, 1, 0, 1])
+    routed = np.array([0, 0, 1, 1])  # rows 1 and 2 misrouted
+    out = routing_costs(losses, routed, oracle)
+    assert out["router_accuracy"] == 0.5
+    assert out["router_accuracy_per_cluster"] == [0.5, 0.5]
+    assert out["misroute_cost"] == pytest.approx(((5 - 2) + (2 - 1)) / 2)
+    assert out["routed_minus_oracle"]["mean"] == pytest.approx((0 + 3 + 1 + 0) / 4)

@@ -1,0 +1,96 @@
+"""Partitions a router can follow (gs_ray.routing.routability): planted cases with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gs_ray.config import RouterConfig
+from gs_ray.routing.routability import cv_probabilities, fold_indices, merge_for_routability
+
+WORDS = {
+    "finance": "stock bond yield dividend equity market revenue profit interest loan",
+    "code": "python function list loop variable return class import string integer",
+    "story": "dragon castle princess forest wizard journey village river night king",
+    "math": "apples sum total minus times divided fraction number equals percent",
+}
+
+
+def prompts(domain: str, n: int, rng: np.random.Generator) -> list[str]:
+    words = WORDS[domain].split()
+    return [" ".join(rng.choice(words, size=8)) + f" item {rng.integers(1000)}" for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Four domains visible in the prompts; finance split in two by a hidden label (a coin flip
+    the prompt does not show: as a one-token answer splits a short-answer task's gradients)."""
+    rng = np.random.default_rng(0)
+    texts, labels = [], []
+    for c, domain in enumerate(["code", "story", "math"]):
+        texts += prompts(domain, 60, rng)
+        labels += [c + 1] * 60
+    fin = prompts("finance", 120, rng)
+    hidden = rng.integers(0, 2, size=120)
+    texts += fin
+    labels += [0 if h == 0 else 4 for h in hidden]
+    return texts, np.array(labels)
+
+
+def test_folds_partition_the_rows():
+    folds = fold_indices(23, 5, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(23))
+    assert len(folds) == 5
+
+
+def test_hidden_label_split_is_merged_and_visible_clusters_stay(planted):
+    texts, labels = planted
+    res = merge_for_routability(texts, labels, 5, RouterConfig(kind="tfidf"), target=0.95, seed=0)
+    merged = res.labels(labels)
+    assert res.k_after == 4
+    assert res.mapping[0] == res.mapping[4]  # the hidden split is undone
+    assert len({res.mapping[c] for c in (0, 1, 2, 3)}) == 4  # visible domains stay apart
+    assert res.agreement_before < 0.95 <= res.agreement_after
+    assert [sorted(s.to_dict()["merged"]) for s in res.steps] == [[0, 4]]
+    assert set(np.unique(merged)) == {0, 1, 2, 3}
+
+
+def test_routable_partition_is_kept(planted):
+    texts, labels = planted
+    visible = np.where(labels == 4, 0, labels)
+    res = merge_for_routability(texts, visible, 4, RouterConfig(kind="tfidf"), target=0.95)
+    assert res.k_after == 4 and not res.steps
+    assert (res.mapping == np.arange(4)).all()
+
+
+def test_unroutable_partition_goes_to_one_cluster():
+    rng = np.random.default_rng(3)
+    texts = prompts("story", 90, rng)
+    labels = rng.integers(0, 3, size=90)  # nothing in the prompt predicts it
+    res = merge_for_routability(texts, labels, 3, RouterConfig(kind="tfidf"), target=0.95)
+    assert res.k_after == 1 and (res.mapping == 0).all()
+    assert res.to_dict()["met"]
+
+
+def test_splits_inside_a_domain_are_merged_with_centroids_given():
+    """Two domains, each split at random in two: each domain's halves are merged (centroids given,
+    as the pipeline passes Stage II's), never halves of different domains."""
+    rng = np.random.default_rng(5)
+    texts = prompts("code", 40, rng) + prompts("story", 40, rng)
+    labels = np.array([0] * 20 + [1] * 20 + [2] * 20 + [3] * 20)
+    cfg = RouterConfig(kind="tfidf")
+    proba = cv_probabilities(texts, labels, 4, cfg, seed=0)
+    assert proba.shape == (80, 4) and np.allclose(proba.sum(1), 1)
+    centroids = np.array([[1.0, 0, 0], [0.9, 0.1, 0], [0, 0, 1.0], [0, 1.0, 0]])
+    res = merge_for_routability(texts, labels, 4, cfg, target=0.95, centroids=centroids)
+    assert res.mapping[0] == res.mapping[1] and res.mapping[2] == res.mapping[3]
+    assert res.k_after == 2
+
+
+def test_encoder_kind_needs_features():
+    with pytest.raises(ValueError, match="features"):
+        cv_probabilities(["a b", "c d"], np.array([0, 1]), 2, RouterConfig(kind="encoder"))
+    feats = np.concatenate([np.eye(2)[[0] * 10 + [1] * 10] + 0.01 * np.arange(20)[:, None]])
+    proba = cv_probabilities(["x"] * 20, np.array([0] * 10 + [1] * 10), 2,
+                             RouterConfig(kind="encoder"), features=feats)
+    assert (proba.argmax(1) == np.array([0] * 10 + [1] * 10)).mean() == 1.0
