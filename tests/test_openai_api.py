@@ -10,6 +10,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,31 @@ def test_text_deltas_join_to_the_decoded_text():
     assert "".join(pieces) == tok.decode(ids)
     assert all("\ufffd" not in p for p in pieces)
     assert sum(bool(p) for p in pieces) > 5  # text goes out as it comes
+
+
+def test_route_says_which_adapter_and_why_with_the_generalist_fallback():
+    """The router deployment's decision: the router's expert above the calibrated threshold, the
+    generalist (index K, model gs-ray/generalist) below it, each with its reason; the generalist
+    is listed and can be asked for by name."""
+    from gs_ray.routing.fallback import Fallback
+    from gs_ray.serving.app import GENERALIST_MODEL, Ingress, RouterDeployment, expert_model
+
+    deployment = RouterDeployment.func_or_class
+    shell = object.__new__(deployment)
+    shell.fallback, shell.generalist = Fallback(1.0, "threshold", 0.6), 3
+    sure = shell._decide(np.array([0.1, 0.8, 0.1]))
+    assert sure["expert"] == 1 and not sure["fallback"] and sure["adapter"] == expert_model(1)
+    assert "at or above" in sure["reason"] and sure["confidence"] == pytest.approx(0.8)
+    unsure = shell._decide(np.array([0.4, 0.35, 0.25]))
+    assert unsure["expert"] == 3 and unsure["fallback"] and unsure["adapter"] == GENERALIST_MODEL
+    assert unsure["router_expert"] == 0 and "below" in unsure["reason"]
+    shell.fallback, shell.generalist = None, None
+    plain = shell._decide(np.array([0.4, 0.35, 0.25]))
+    assert plain["expert"] == 0 and not plain["fallback"] and "no generalist" in plain["reason"]
+
+    ingress = next(c for c in Ingress.func_or_class.__mro__ if "_models" in vars(c))
+    shell = object.__new__(ingress)
+    shell.info_ = {"n_experts": 3, "generalist": 3}
+    assert GENERALIST_MODEL in shell._models()
+    shell.info_ = {"n_experts": 3, "generalist": None}
+    assert GENERALIST_MODEL not in shell._models()

@@ -53,9 +53,15 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def _k(m: dict) -> int:
+    """The experts' K: Stage II's, after the routability step's merges."""
+    return m["stages"].get("routability", {}).get("k_after", m["stages"]["stage2"]["k"])
+
+
 def test_every_stage_ran_on_ray(job_run):
     m = _manifest(job_run["dir"])
-    assert list(m["stages"]) == ["prepare", "warmup", "stage2", "experts", "router", "evaluate"]
+    assert list(m["stages"]) == ["prepare", "warmup", "stage2", "routability", "experts", "router",
+                                 "calibrate", "evaluate"]
     assert m["base_model"]["pretrained"]["steps"] == 400  # the default base model has learned
     assert m["stages"]["stage2"]["executor"] == "ray"
     assert m["stages"]["stage2"]["workers"] == 2  # one gradient worker per CPU
@@ -69,7 +75,8 @@ def test_deepspeed_is_the_training_engine(job_run):
     assert m["stages"]["warmup"]["engine"] == "DeepSpeedEngine"
     assert m["stages"]["warmup"]["zero_stage"] == m["config"]["warmup"]["zero_stage"]
     assert m["stages"]["experts"]["engines"] == ["DeepSpeedEngine"]
-    k = m["stages"]["stage2"]["k"]
+    assert m["stages"]["experts"]["generalist"]
+    k = _k(m)
     for c in range(k):
         record = json.loads(
             (job_run["dir"] / "experts" / f"expert_{c}" / "expert.json").read_text()
@@ -99,10 +106,14 @@ def test_artifacts_exist_and_load(job_run):
     base = AutoModelForCausalLM.from_pretrained(run_dir / "base_model")
     AutoTokenizer.from_pretrained(run_dir / "base_model")
     model = PeftModel.from_pretrained(base, run_dir / "warmup" / "adapter", adapter_name="warmup")
-    for c in range(k):
+    for c in range(_k(m)):
         model.load_adapter(run_dir / "experts" / f"expert_{c}", adapter_name=f"expert_{c}")
+    model.load_adapter(run_dir / "experts" / "generalist", adapter_name="generalist")
     router = Router.load(run_dir / "router")
-    assert router.n_clusters == k
+    assert router.n_clusters == _k(m)
+    merge = json.loads((run_dir / "stage2" / "routability.json").read_text())
+    assert merge["k_before"] == k and len(merge["mapping"]) == k
+    assert merge["met"] and table["routability"]["k_after"] == _k(m)
     assert router.predict(["Write a Python function that reverses a string."])[0] in range(k)
     plots = {p.name for p in (run_dir / "plots").iterdir()}
     assert {"explained_variance.png", "silhouette_vs_k.png", "cluster_domains.png",
@@ -119,7 +130,7 @@ def test_experts_specialise(job_run):
     from safetensors.numpy import load_file
 
     run_dir = job_run["dir"]
-    k = _manifest(run_dir)["stages"]["stage2"]["k"]
+    k = _k(_manifest(run_dir))
     warm = load_file(run_dir / "warmup" / "adapter" / "adapter_model.safetensors")
     for c in range(k):
         expert = load_file(run_dir / "experts" / f"expert_{c}" / "adapter_model.safetensors")
@@ -146,6 +157,10 @@ def test_every_stage_is_below_the_base_model(job_run):
     base, warmup, routed = ev["test_loss_base"], ev["test_loss_warmup"], ev["test_loss_routed"]
     assert base < 4.0, ev
     assert warmup < base - 0.1 and routed < base - 0.1, ev
+    # The deployed routing is never worse than the generalist on the calibration rows.
+    fb = _metrics(job_run["dir"])["fallback"]
+    assert fb["n_calibration"] > 0 and fb["loss_chosen"] <= fb["loss_generalist"] + 1e-9
+    assert ev["test_loss_deployed"] < base - 0.1
 
 
 def test_partial_sums_transport_equals_exact_on_the_embedded_default(job_run, tmp_path):
@@ -178,7 +193,7 @@ def test_resume_after_deleting_one_expert_retrains_only_that_expert(job_run):
 
     run_pipeline(RunDir(run_dir).config(), resume=str(run_dir))
     m = _manifest(run_dir)
-    k = m["stages"]["stage2"]["k"]
+    k = _k(m)
     assert m["stages"]["experts"]["trained"] == [1]
     assert m["stages"]["experts"]["kept"] == [c for c in range(k) if c != 1]
     assert (run_dir / "experts" / "expert_0" / "expert.json").read_text() == before[0]

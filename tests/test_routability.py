@@ -94,3 +94,50 @@ def test_encoder_kind_needs_features():
     proba = cv_probabilities(["x"] * 20, np.array([0] * 10 + [1] * 10), 2,
                              RouterConfig(kind="encoder"), features=feats)
     assert (proba.argmax(1) == np.array([0] * 10 + [1] * 10)).mean() == 1.0
+
+
+def _prepared(tmp_path, overrides):
+    """A Prepared over a hand-made run directory: 40 samples, Stage II's 3 clusters, and a
+    routability record that merges clusters 0 and 2."""
+    from gs_ray.config import load_config
+    from gs_ray.data import Sample, make_splits
+    from gs_ray.io import write_json, write_jsonl
+    from gs_ray.prepare import Prepared
+    from gs_ray.rundir import RunDir
+
+    cfg = load_config(None, ["--data.n_val", "4", *overrides])
+    samples = [Sample(f"s{i}", [1, 2], [-100, 2], prompt=f"p{i}") for i in range(40)]
+    splits = make_splits(40, cfg.data, 0)
+    run = RunDir(tmp_path)
+    labels = np.arange(40) % 3
+    write_jsonl(run.assignments_path, ({"id": s.id, "cluster": int(c)}
+                                       for s, c in zip(samples, labels)))
+    write_json(run.k_selection_json, {"chosen": {"k": 3}})
+    write_json(run.routability_json, {"mapping": [0, 1, 0], "k_before": 3, "k_after": 2})
+    return Prepared(run, cfg, "", None, samples, splits), labels
+
+
+def test_paper_mode_keeps_stage2_partition_and_all_training_rows(tmp_path):
+    """routability off and no fallback: the experts' partition is Stage II's exactly (even with a
+    routability record present) and every training row trains; the pipeline skips both steps."""
+    from gs_ray.config import load_config
+    from gs_ray.pipeline import STAGES
+
+    p, labels = _prepared(tmp_path, ["--clustering.routability", "off",
+                                     "--fallback.enabled", "false"])
+    got, k = p.assignments()
+    assert k == 3 and (got == labels).all()
+    assert len(p.calibration_rows()) == 0 and (p.fit_rows() == p.splits.train).all()
+    cfg = load_config("docs/examples/paper-mode.yaml", [])
+    applied = [s.name for s in STAGES if s.applies(cfg)]
+    assert applied == ["warmup", "stage2", "experts", "router", "evaluate"]
+
+
+def test_product_mode_applies_the_merge_and_holds_out_calibration_rows(tmp_path):
+    p, labels = _prepared(tmp_path, ["--fallback.min_calibration", "2"])
+    got, k = p.assignments()
+    assert k == 2 and (got == np.array([0, 1, 0])[labels]).all()
+    cal = p.calibration_rows()
+    assert len(cal) >= 2 and not set(cal) & set(p.splits.warmup)
+    assert set(cal) <= set(p.splits.train) and not set(cal) & set(p.fit_rows())
+    assert (p.calibration_rows() == cal).all()  # seeded: the same rows every time
