@@ -274,6 +274,11 @@ class GradientConfig:
     torch_threads: int | None = _f(
         None, "torch threads per gradient worker (None: CPUs it holds)", ge=1
     )
+    prompt_mix_below: int = _f(
+        0, "a sample whose response has fewer tokens than this gets the gradient row "
+        "unit(g_response) + unit(g_prompt), the prompt's own language-modelling gradient, so that "
+        "a one-token answer (a label) does not dominate it; 0: off (the paper)", ge=0,
+    )
 
 
 @dataclass

@@ -151,3 +151,39 @@ def test_countsketch_projection_is_the_sparse_matrix_it_says():
     assert (cos_full - cos_proj).abs().max() < 0.12
     with pytest.raises(ValueError, match="projection kind"):
         RandomProjection(10, 2, kind="gaussian")
+
+
+def test_prompt_mix_for_short_answers(tmp_path):
+    """gradients.prompt_mix_below: a sample whose response is shorter gets unit(g_response) +
+    unit(g_prompt), each from a batch-1 computation; longer responses are left as they are."""
+    import numpy as np
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gs_ray.config import load_config
+    from gs_ray.data.loading import prompt_pair
+    from gs_ray.stage2.computer import GradientComputer
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, pad_token_id=0))
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    short = ([5, 6, 7, 8, 9], [-100, -100, -100, -100, 9])  # a one-token answer
+    long = ([5, 6, 7, 8, 9, 10, 11], [-100, -100, 8, 9, 10, 11, 12])
+    computer = lambda m: GradientComputer(  # noqa: E731
+        str(tmp_path / "base"), load_config(None, ["--gradients.prompt_mix_below", str(m)]),
+        str(tmp_path / "adapter"), pad_id=0)
+    mixed, plain = computer(3), computer(0)
+    G = mixed([short, long])
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    ref_short = unit(plain([short])[0]) + unit(plain([prompt_pair(short)])[0])
+    np.testing.assert_allclose(G[0], ref_short, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(G[1], plain([long])[0], rtol=1e-4, atol=1e-7)
+    assert not np.allclose(unit(G[0]), unit(plain([short])[0]), atol=1e-3)

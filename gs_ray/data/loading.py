@@ -289,6 +289,18 @@ def load_samples(cfg: DataConfig, tokenizer, seed: int = 0) -> tuple[list[Sample
 # --------------------------------------------------------------------------- splits
 
 
+def prompt_pair(pair: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
+    """The prompt alone as a language-modelling sample (what a query has at inference)."""
+    ids, labels = pair
+    n = next((i for i, lab in enumerate(labels) if lab != -100), len(ids))
+    return list(ids[:n]), list(ids[:n])
+
+
+def n_response_tokens(pair: tuple[list[int], list[int]]) -> int:
+    """How many tokens of a sample its loss is taken on (labels other than -100)."""
+    return sum(1 for lab in pair[1] if lab != -100)
+
+
 @dataclass
 class Splits:
     """Index arrays into the sample list. train = warmup + val + rest; test is held out."""

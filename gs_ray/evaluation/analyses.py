@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray.config import Config
+from gs_ray.data.loading import prompt_pair
 from gs_ray.evaluation.compare import (
     KeywordRouter,
     agreement,
@@ -40,13 +41,6 @@ from gs_ray.ray_utils import task_resources, use_assigned_cpus
 log = logging.getLogger(__name__)
 
 CHUNK = 64  # samples per engine call in the analysis passes (bounds the full-dim memory)
-
-
-def prompt_pair(pair: tuple[list[int], list[int]]) -> tuple[list[int], list[int]]:
-    """The prompt alone as a language-modelling sample (what a query has at inference)."""
-    ids, labels = pair
-    n = next((i for i, lab in enumerate(labels) if lab != -100), len(ids))
-    return list(ids[:n]), list(ids[:n])
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ import torch
 from gs_ray.config import Config
 from gs_ray.core.gradients import LoRAGradientEngine, RandomProjection, compute_bucketed
 from gs_ray.core.models import load_adapter, load_base_model, resolve_device
+from gs_ray.data.loading import n_response_tokens, prompt_pair
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ def check_finite(G: np.ndarray, ids: Sequence[str], policy: str) -> GradientBatc
     return GradientBatch(G, bad, list(ids))
 
 
+def _unit(X: torch.Tensor) -> torch.Tensor:
+    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 class GradientComputer:
     """Base model + warm-up adapter, loaded once; turns samples into per-sample gradients."""
 
@@ -97,12 +102,21 @@ class GradientComputer:
         self.project = (RandomProjection(self.engine.dim, k, seed=cfg.run.seed,
                                          kind=cfg.gradients.projection_kind) if k else None)  # fmt: skip
         self.dim = k or self.engine.dim
+        self.prompt_mix_below = cfg.gradients.prompt_mix_below
         self.calls = 0  # engine passes (a test counts them)
 
     def __call__(self, pairs: Sequence[tuple[list[int], list[int]]]) -> np.ndarray:
-        """(b, d) gradients of ``pairs``, unchecked (see ``batch``)."""
+        """(b, d) gradients of ``pairs``, unchecked (see ``batch``). With
+        ``gradients.prompt_mix_below`` m, a sample with fewer than m response tokens (and a prompt
+        of two tokens or more) gets ``unit(g_response) + unit(g_prompt)``."""
         self.calls += 1
         G = compute_bucketed(self.engine, pairs, self.pad_id, self.micro)
+        short = [i for i, pair in enumerate(pairs) if n_response_tokens(pair) <
+                 self.prompt_mix_below and len(prompt_pair(pair)[0]) >= 2]
+        if short:
+            P = compute_bucketed(self.engine, [prompt_pair(pairs[i]) for i in short], self.pad_id,
+                                 self.micro)
+            G[short] = _unit(G[short]) + _unit(P)
         return (self.project(G) if self.project else G).numpy()
 
     def batch(
