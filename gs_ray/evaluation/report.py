@@ -22,6 +22,7 @@ from gs_ray.rundir import RunDir
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+.verdict { font-size: 1.15em; background: #f4f7fb; border-left: 4px solid #36c; padding: .6em 1em; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
@@ -69,6 +70,15 @@ def _stages(manifest: dict) -> str:
     return _table(["stage", "status", "seconds", "details"], rows)
 
 
+def _vs(entry: dict | None, named: bool = False) -> str:
+    """A paired difference as 'mean [lo, hi] verdict' (and the baseline's name)."""
+    if not entry:
+        return "-"
+    who = f"{html.escape(entry['method'])}: " if named else ""
+    return (f"{who}{entry['mean']:+.4f} [{entry['lo']:+.4f}, {entry['hi']:+.4f}] "
+            f"<i>{html.escape(entry['verdict'])}</i>")
+
+
 def _eval_section(ev: dict) -> str:
     methods = ev["methods"]
     names = list(methods)
@@ -80,11 +90,23 @@ def _eval_section(ev: dict) -> str:
         loss = _num(m["test_loss"]) + (f" ± {m['test_loss_std']:.4f}" if m.get("test_loss_std")
                                        else "")  # fmt: skip
         em = m.get("exact_match")
-        rows.append([name, _Raw(loss), None if em is None else round(em, 3),
+        rows.append([name, _Raw(loss), _Raw(_vs(m.get("vs_reference"))),
+                     _Raw(_vs(m.get("vs_best_baseline"), named=True)),
+                     None if em is None else round(em, 3),
                      m.get("forward_passes_per_query"), m.get("latency_ms_per_query"),
                      m.get("train_steps"), m.get("train_seconds")])  # fmt: skip
-    out = [_table(["method", "held-out loss", "exact match", "forward passes / query",
+    out = [_table(["method", "held-out loss", "vs one LoRA (95% interval)",
+                   "vs the best other baseline", "exact match", "forward passes / query",
                    "ms / query", "train steps", "train s"], rows, best)]  # fmt: skip
+    r = ev.get("routing")
+    if r:
+        gap = r["routed_minus_oracle"]
+        per = ", ".join("-" if a is None else f"{a:.2f}" for a in r["router_accuracy_per_cluster"])
+        out.append(f"<p class=note>Routing: routed - oracle {gap['mean']:+.4f} nats "
+                   f"[{gap['lo']:+.4f}, {gap['hi']:+.4f}]; router accuracy "
+                   f"{_num(r['router_accuracy'])} (per cluster: {per}); a misrouted row costs "
+                   f"{r['misroute_cost']:.3f} nats more than its own cluster's expert "
+                   f"({100 * (r['misrouted_share'] or 0):.0f}% misrouted).</p>")
     domains = sorted({d for m in methods.values() for d in m.get("test_loss_by_domain", {})})
     if domains:
         rows = [[n, *[methods[n]["test_loss_by_domain"].get(d) for d in domains]] for n in names]
