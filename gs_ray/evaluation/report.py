@@ -203,6 +203,8 @@ def build_report(run_dir: str | Path) -> Path:
         parts.append(f"<h2>Clusters</h2><p>K = {chosen.get('k')} (silhouette "
                      f"{_num(chosen.get('silhouette'))}, {chosen.get('n_components')} SVD "
                      f"components at variance threshold {chosen.get('threshold')}).</p>")  # fmt: skip
+        if k_sel.get("structure"):  # weak or clear, against the structureless reference
+            parts.append(f"<p>{html.escape(k_sel['structure']['verdict'])}</p>")
     parts.append("<h2>Figures</h2>" + _figures(run))
     parts.append("<h2>What ran, where, how long</h2>" + _stages(manifest))
     parts.append("<h2>Data</h2><pre>" + html.escape(json.dumps(manifest.get("data"), indent=1))
