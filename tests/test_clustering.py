@@ -119,9 +119,14 @@ def test_k_selection_table_matches_sklearn(data):
             row["silhouette_cosine"], abs=1e-4
         )
         assert sorted(np.bincount(labels).tolist(), reverse=True) == row["sizes"]
+    # The rule, from the table alone: the clear row with the largest excess over the
+    # structureless reference (before issue 23 section 4: the largest projection silhouette;
+    # here both give the planted K).
+    chosen = max((r for r in est.k_selection_ if r["clear"]), key=lambda r: r["excess"])
+    assert est.n_clusters_ == chosen["k"] == 5 and est.silhouette_ == chosen["silhouette"]
+    assert est.n_components_ == chosen["n_components"]
     valid = [r for r in est.k_selection_ if not r["rejected"]]
-    best = max(valid, key=lambda r: r["silhouette"])
-    assert est.n_clusters_ == best["k"] and est.silhouette_ == best["silhouette"]
+    assert est.n_clusters_ == max(valid, key=lambda r: r["silhouette"])["k"]
     assert est.cluster_centers_.shape == (est.n_clusters_, X.shape[1])
     # The centroids were lifted from the chosen subspace: they lie in span(V_k).
     V = Vt[: est.n_components_]
