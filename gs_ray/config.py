@@ -304,8 +304,8 @@ class ClusteringConfig:
     min_cluster_size: int = _f(4, "a cluster must have at least this many samples ...", ge=1)
     min_cluster_share: float = _f(0.01, "... and at least this share of the samples", ge=0, lt=1)
     min_silhouette: float = _f(
-        0.02, "best cosine silhouette below this means one cluster (needs k_min = 1); planted "
-        "one-cluster data scores under 0.005, the pretrained demo about 0.05",
+        0.0, "extra floor: a K >= 2 also needs at least this cosine silhouette (0: the "
+        "structureless reference, null_draws, governs; with null_draws = 0 the only rule)",
         ge=-1, le=1,
     )  # fmt: skip
     k_selection: Literal["silhouette", "tune"] = _f(
@@ -320,6 +320,8 @@ class ClusteringConfig:
         gt=0, le=1,
     )
     routability_folds: int = _f(5, "cross-validation folds of the routability check", ge=2)
+    null_draws: int = _f(4, "structureless reference data sets for K selection (0: none)", ge=0)
+    null_margin: float = _f(4.0, "K >= 2 needs silhouette > reference + this many sd", ge=0)
 
 
 @dataclass

@@ -242,6 +242,8 @@ def build_report(run_dir: str | Path) -> Path:
             if merge.get("merges"):
                 parts.append("<ul>" + "".join(f"<li>{html.escape(m)}</li>"
                                               for m in merge["merges"]) + "</ul>")
+        if k_sel.get("structure"):  # weak or clear, against the structureless reference
+            parts.append(f"<p>{html.escape(k_sel['structure']['verdict'])}</p>")
     parts.append("<h2>Figures</h2>" + _figures(run))
     parts.append("<h2>What ran, where, how long</h2>" + _stages(manifest))
     parts.append("<h2>Data</h2><pre>" + html.escape(json.dumps(manifest.get("data"), indent=1))

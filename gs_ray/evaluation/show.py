@@ -44,6 +44,8 @@ def show(path: str | Path) -> str:
             f"{'- (no K >= 2 passed)' if sil is None else f'{sil:.3f}'} at threshold "
             f"{ch['threshold']:.2f} ({ch['n_components']} components)"
         )
+        if ks.get("structure"):  # the verdict against the structureless reference
+            lines.append(f"  structure: {ks['structure']['verdict']}")
     if run.assignments_path.exists():
         rows = [r for r in run.assignments() if r["split"] == "train"]
         counts = Counter((r["cluster"], r.get("domain") or "-") for r in rows)

@@ -16,6 +16,7 @@ them, the per-layer pieces of each row cut by the gradient layout (``GradientCom
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from gs_ray.io import write_json
 from gs_ray.rundir import RunDir
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL
 from gs_ray.stage2.result import SKIPPED, UNASSIGNED
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,7 +156,10 @@ class ClusteringConsumer(GradientConsumer):
             **{key: summary[key] for key in ("explained_variance_ratio", "singular_values")
                if key in summary},
             **{key: summary[key] for key in ("min_cluster_size", "single_cluster_reason")},
+            "structure": summary.get("structure"),
         })  # fmt: skip
+        if summary.get("structure"):  # the console's word on how strong the clusters are
+            log.info("K selection: %s", summary["structure"]["verdict"])
         np.save(run.sub("stage2", "centroids.npy"), self.clusterer.cluster_centers_)
         return summary
 

@@ -34,6 +34,8 @@ def make_clusterer(cfg: Config) -> GradientSpaceClustering:
         min_cluster_size=c.min_cluster_size,
         min_cluster_share=c.min_cluster_share,
         min_silhouette=c.min_silhouette,
+        null_draws=c.null_draws,
+        null_margin=c.null_margin,
     )
 
 
