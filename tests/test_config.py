@@ -83,7 +83,11 @@ def test_example_configs_load():
     assert examples
     for path in examples:
         cfg = load_config(path)
-        assert cfg.model.name != "tiny-llama"
+        if path.stem == "paper-mode":  # a mode over the embedded default (or any other config)
+            assert cfg.clustering.routability == "off" and not cfg.fallback.enabled
+            assert cfg.clustering.null_draws == 0
+        else:  # a real model and real data
+            assert cfg.model.name != "tiny-llama"
 
 
 # --------------------------------------------------------------------------- issue 8: load-time checks
@@ -135,7 +139,7 @@ def test_every_choice_is_checked_at_load_time(key, allowed):
     "overrides, message",
     [
         (["--clustering.k_selection", "tnue"], r"clustering.k_selection: 'tnue' is not one of silhouette \| tune \(did you mean 'tune'\?\)"),
-        (["--run.until", "bogus"], r"run.until: 'bogus' is not one of warmup \| tune \| stage2 \| experts \| router \| evaluate \(or None\)"),
+        (["--run.until", "bogus"], r"run.until: 'bogus' is not one of warmup \| tune \| stage2 \| routability \| experts \| router \| calibrate \| evaluate \(or None\)"),
         (["--clustering.beta", "1.5"], r"clustering.beta: 1.5 is out of range; must be in \[0, 1\)"),
         (["--clustering.beta", "nan"], r"clustering.beta: expected a finite number"),
         (["--clustering.alpha", "0"], r"clustering.alpha: 0 is out of range; must be >= 1"),
