@@ -197,7 +197,9 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_experts_and_removes_them_when_
         watcher.start()
         args = {"stage2.num_workers": 2, "stage2.cpus_per_worker": 1,
                 "stage2.worker_resource": FAKE_GPU, "experts.worker_resource": FAKE_GPU,
-                "experts.cpus_per_worker": 1, "run.until": "experts"}  # fmt: skip
+                "experts.cpus_per_worker": 1, "run.until": "experts",
+                # the paper's stages only: Stage II's labels are the experts' clusters, no generalist
+                "clustering.routability": "off", "fallback.enabled": "false"}  # fmt: skip
         job = Path(__file__).resolve().parents[1] / "jobs" / "gradientspace.py"
         cmd = [sys.executable, str(job), "--resume", str(run_dir),
                *(f"--{k}={v}" for k, v in args.items())]  # fmt: skip
