@@ -177,6 +177,11 @@ class RunDir:
         return self.stage2 / "centroids.npy"
 
     @property
+    def tune_results_json(self) -> Path:
+        """``clustering.k_selection: tune``'s table K -> silhouette -> routed loss."""
+        return self.path / "tune" / "results.json"
+
+    @property
     def k_selection_json(self) -> Path:
         return self.stage2 / "k_selection.json"
 

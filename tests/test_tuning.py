@@ -90,5 +90,12 @@ def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tm
             and len(row["cluster_sizes"]) == row["k_routed"] <= row["k"]
         )
     assert p.run.manifest()["stages"]["tune"]["best_k"] == best
+    # the weak/clear verdict is the K selection's own, against the structureless reference
+    assert isinstance(results["weak_structure"], bool) and results["structure_verdict"].startswith("K=")
+    from gs_ray.evaluation.report import _tune_section
+
+    section = _tune_section(results)
+    assert f"K = {best} by routed held-out loss" in section
+    assert ("The gradient structure is weak" in section) == results["weak_structure"]
     plots.pipeline_plots(p.run, best)
     assert (p.run.path / "plots" / "tune_k.png").exists()

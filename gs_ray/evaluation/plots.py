@@ -143,7 +143,7 @@ def pipeline_plots(run: RunDir, k: int) -> list[str]:
         )
         fig.colorbar(im, ax=ax, shrink=0.8)
         out.append(_save(fig, run, "expert_cluster_loss.png"))
-    tune = run.path / "tune" / "results.json"
+    tune = run.tune_results_json
     if tune.exists():
         out.append(tune_plot(run, json.loads(tune.read_text())["table"]))
     return out

@@ -79,6 +79,20 @@ def _vs(entry: dict | None, named: bool = False) -> str:
             f"<i>{html.escape(entry['verdict'])}</i>")
 
 
+def _tune_section(tune: dict[str, Any]) -> str:
+    """Ray Tune's K search: routed held-out loss per K, the K it chose, and whether the gradient
+    structure is weak (then the routed loss, not the silhouette, is what picked K)."""
+    rows = "".join(f"<tr><td>{r['k']}</td><td>{r.get('k_routed', r['k'])}</td>"
+                   f"<td>{_num(r['val_loss'])}</td><td>{_num(r.get('silhouette'))}</td></tr>"
+                   for r in tune["table"])  # fmt: skip
+    weak = (f"<p><b>The gradient structure is weak</b> ({html.escape(tune.get('structure_verdict', ''))})"
+            f"; the routed loss prefers K = {tune['best_k']}.</p>" if tune.get("weak_structure") else "")  # fmt: skip
+    return (f"<h2>K chosen by Ray Tune</h2><p>K = {tune['best_k']} by {html.escape(tune['rule'])}; "
+            f"the best silhouette was at K = {tune['best_silhouette_k']}.</p>{weak}"
+            "<table><tr><th>K</th><th>K after the merge</th><th>routed held-out loss</th>"
+            f"<th>silhouette</th></tr>{rows}</table>")  # fmt: skip
+
+
 def _eval_section(ev: dict) -> str:
     methods = ev["methods"]
     names = list(methods)
@@ -244,6 +258,8 @@ def build_report(run_dir: str | Path) -> Path:
                                               for m in merge["merges"]) + "</ul>")
         if k_sel.get("structure"):  # weak or clear, against the structureless reference
             parts.append(f"<p>{html.escape(k_sel['structure']['verdict'])}</p>")
+    if run.tune_results_json.exists():  # clustering.k_selection: tune
+        parts.append(_tune_section(json.loads(run.tune_results_json.read_text())))
     parts.append("<h2>Figures</h2>" + _figures(run))
     parts.append("<h2>What ran, where, how long</h2>" + _stages(manifest))
     parts.append("<h2>Data</h2><pre>" + html.escape(json.dumps(manifest.get("data"), indent=1))

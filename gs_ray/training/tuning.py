@@ -177,10 +177,13 @@ def tune_k(p: Prepared, resume: bool = False) -> int:
     best = min(table, key=lambda row: (row["val_loss"], row["k"]))
     scored = [row for row in table if np.isfinite(row["silhouette"])]
     best_silhouette = max(scored, key=lambda row: row["silhouette"]) if scored else best
-    weak = silhouette_is_flat([row["silhouette"] for row in scored])
-    write_json(run.sub("tune", "results.json"), {
+    structure = gradient_structure(G_val, cfg)
+    weak = bool(structure["weak"])
+    run.tune_results_json.parent.mkdir(parents=True, exist_ok=True)
+    write_json(run.tune_results_json, {
         "table": table, "best_k": best["k"], "best_silhouette_k": best_silhouette["k"],
-        "weak_structure": weak, "n_fit": len(fit), "n_holdout": len(hold),
+        "weak_structure": weak, "structure_verdict": structure["verdict"],
+        "n_fit": len(fit), "n_holdout": len(hold),
         "rule": "routed held-out loss (router on the prompts), equal total steps per K",
     })
     run.add_metrics(tune={"table": table, "best_k": best["k"], "weak_structure": weak,
@@ -189,13 +192,20 @@ def tune_k(p: Prepared, resume: bool = False) -> int:
     log.info("Ray Tune over K (routed held-out loss): %s -> best K=%d (best silhouette at K=%d)",
              [(r["k"], round(r["val_loss"], 4)) for r in table], best["k"], best_silhouette["k"])
     if weak:
-        log.info("Ray Tune over K: the gradient structure is weak (the silhouette is flat over "
-                 "K); the routed loss prefers K=%d", best["k"])
+        log.info("Ray Tune over K: the gradient structure is weak (no K clearly above the "
+                 "structureless reference: %s); the routed loss prefers K=%d",
+                 structure["verdict"], best["k"])
     return best["k"]
 
 
-def silhouette_is_flat(silhouettes: list[float], spread: float = 0.02) -> bool:
-    """No K stands out: the silhouettes of K >= 2 lie within ``spread`` of each other (or there
-    are fewer than two), as on data close to no structure (the embedded default: 0.03-0.05)."""
-    s = [x for x in silhouettes if np.isfinite(x)]
-    return len(s) < 2 or max(s) - min(s) < spread
+def gradient_structure(G_val: np.ndarray, cfg: Config) -> dict[str, Any]:
+    """The K selection's own verdict on the validation gradients (``summary()["structure"]``:
+    weak when no K is clearly above the structureless reference, docs/k_selection.md), with
+    the configured K range and reference; with ``clustering.null_draws: 0`` the old floor rule
+    decides (weak: no K >= 2 at ``min_silhouette``)."""
+    from gs_ray.stage2.launch import make_clusterer
+
+    c = Config.from_dict(cfg.to_dict())
+    c.clustering.n_clusters = None
+    structure = make_clusterer(c).initialize(G_val).summary()["structure"]
+    return structure or {"weak": False, "verdict": "no K selection (one candidate K)"}
