@@ -109,10 +109,21 @@ HEADER = """\
 # directories must be on storage every node sees (the EFS mount in setup_commands): Ray Train
 # writes checkpoints there and the gradient workers read the warm-up adapter from it.
 #
-# The dashboard (and with it job submission, i.e. running code) listens on the head's loopback
-# only: reach it through the SSH tunnel of `ray dashboard cluster.yaml`. Binding it to 0.0.0.0
-# would let anyone who reaches port 8265 run code on the cluster.
+# Every node runs Ray with token authentication (RAY_AUTH_MODE=token): the GCS, Ray Client,
+# the dashboard agents' job API and the object manager listen on the node's address, so without
+# a token anyone who reaches those ports could run code. The head makes the token once
+# (~/.ray/auth_token, mode 0600) and leaves a copy for the workers on the shared mount
+# (/mnt/shared/.gs-ray-auth, mode 0700, root can read it: trust that mount as you trust the run
+# directories on it); a worker without it fails to start. The dashboard itself listens on the
+# head's loopback only: reach it through the SSH tunnel of `ray dashboard cluster.yaml`, with
+# the token on your side too:
+#   ray exec cluster.yaml 'cat ~/.ray/auth_token' > ~/.ray/auth_token; chmod 600 ~/.ray/auth_token
+#   export RAY_AUTH_MODE=token
 """
+
+TOKEN = "~/.ray/auth_token"  # where Ray 2.60 reads its cluster token
+SHARED_TOKEN_DIR = "/mnt/shared/.gs-ray-auth"  # the head's copy for the workers
+AUTH = "export RAY_AUTH_MODE=token; "  # before every ray start
 
 
 def _aws_node(spec: ClusterSpec, node: NodeType, worker: bool) -> dict[str, Any]:
@@ -161,16 +172,27 @@ def aws_config(spec: ClusterSpec = SPEC) -> dict[str, Any]:
             f"{venv}/pip install -q -e ~/gs-ray",
             "echo 'source ~/venv/bin/activate' >> ~/.bashrc",
         ],
-        "head_setup_commands": [f"{venv}/pip install -q 'boto3>=1.4.8'"],
-        "worker_setup_commands": [],
+        "head_setup_commands": [
+            f"{venv}/pip install -q 'boto3>=1.4.8'",
+            # the cluster's token: made once on the head, private to its user
+            f"mkdir -p ~/.ray && chmod 700 ~/.ray && (test -s {TOKEN} || (umask 077 && python3 "
+            f"-c 'import secrets; print(secrets.token_hex(32))' > {TOKEN})) && chmod 600 {TOKEN}",
+            f"sudo install -d -m 700 -o $(id -u) -g $(id -g) {SHARED_TOKEN_DIR} && install -m 600 "
+            f"{TOKEN} {SHARED_TOKEN_DIR}/ray_auth_token",
+        ],
+        "worker_setup_commands": [
+            f"mkdir -p ~/.ray && chmod 700 ~/.ray && install -m 600 "
+            f"{SHARED_TOKEN_DIR}/ray_auth_token {TOKEN}",
+        ],
         "head_start_ray_commands": [
             f"{venv}/ray stop",
-            f"ulimit -n 65536; {venv}/ray start --head --port=6379 --object-manager-port=8076 "
-            "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=127.0.0.1",
+            f"ulimit -n 65536; {AUTH}{venv}/ray start --head --port=6379 "
+            "--object-manager-port=8076 --autoscaling-config=~/ray_bootstrap_config.yaml "
+            "--dashboard-host=127.0.0.1",
         ],
         "worker_start_ray_commands": [
             f"{venv}/ray stop",
-            f"ulimit -n 65536; {venv}/ray start --address=$RAY_HEAD_IP:6379 "
+            f"ulimit -n 65536; {AUTH}{venv}/ray start --address=$RAY_HEAD_IP:6379 "
             "--object-manager-port=8076",
         ],
     }

@@ -470,6 +470,15 @@ class ServeConfig:
         "bearer API key every route but /healthz requires (None: the GS_RAY_API_KEY environment "
         "variable, else no key)",
     )
+    allow_no_key: bool = _f(
+        False,
+        "serve on a non-loopback host with no API key (refused otherwise: anyone who can reach "
+        "the port could use the models)",
+    )
+    max_prompt_chars: int = _f(
+        65536, "longest prompt (or chat, all messages together) in characters, checked before "
+        "routing", ge=1,
+    )
     max_new_tokens: int = _f(64, "generation length when a request names none", ge=1)
     max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", ge=1)
     max_batch_size: int = _f(8, "requests the router and each expert replica batch together", ge=1)
@@ -553,14 +562,21 @@ class RunConfig:
     """The run as a whole."""
 
     output_dir: str = _f("runs", "where run directories go")
-    name: str | None = _f(None, "run directory name (None: timestamp)")
+    name: str | None = _f(
+        None,
+        "run directory name: letters, digits, '.', '_' and '-', not starting with '.' (None: "
+        "timestamp)",
+        pattern=r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}",
+    )
     seed: int = _f(0, "master seed: data splits, initialisation, shuffles", ge=0)
     ray_address: str | None = _f(
         None, "Ray cluster address (None: connect if RAY_ADDRESS is set, else local)"
     )
     num_cpus: int | None = _f(None, "CPUs for a locally started Ray (None: all)", ge=1)
     until: StageName | None = _f(
-        None, "stop after this stage: warmup | stage2 | experts | router | evaluate (None: all)"
+        None,
+        "stop after this stage: warmup | tune | stage2 | routability | experts | router | "
+        "calibrate | evaluate (None: all)",
     )
 
 

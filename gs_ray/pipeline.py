@@ -100,13 +100,21 @@ def run(cfg: Config, resume: str | None = None, checked: bool = False) -> RunDir
     Connects to the cluster (inside ``ray job submit`` or with RAY_ADDRESS / run.ray_address),
     or starts a local Ray. With ``resume``, stages whose outputs are complete are skipped.
     ``checked``: the caller has run ``check_inputs`` on this config already (the CLI does)."""
-    from gs_ray.evaluation import plots
     from gs_ray.ray_utils import init_ray
 
     if not checked:
         check_inputs(cfg)  # config and data, before Ray starts or a run directory exists
     log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
     p = prepare(cfg, RunDir.open(resume) if resume else None)
+    try:
+        return _run_stages(p, cfg, resume is not None)
+    finally:
+        p.run.release_lock()
+
+
+def _run_stages(p: Prepared, cfg: Config, resume: bool) -> RunDir:
+    from gs_ray.evaluation import plots
+
     logs.attach_run(p.run.path)
     todo = [s for s in STAGES if s.applies(cfg)]
     for i, stage in enumerate(todo, start=1):
@@ -114,7 +122,7 @@ def run(cfg: Config, resume: str | None = None, checked: bool = False) -> RunDir
             log.info("[%d/%d] %s: done before, kept", i, len(todo), stage.name)
         else:
             log.info("[%d/%d] %s ...", i, len(todo), stage.name)
-            stage.run(p, resume is not None)
+            stage.run(p, resume)
             invalidate(p.run, *stage.invalidates)
             seconds = p.run.manifest()["stages"][stage.name]["seconds"]
             log.info("[%d/%d] %s: done in %.1f s", i, len(todo), stage.name, seconds)
@@ -131,10 +139,13 @@ def run_local(cfg: Config, resume: str | None = None, checked: bool = False) -> 
     if not checked:
         check_inputs(cfg)  # config and data, before a run directory exists
     p = prepare(cfg, RunDir.open(resume) if resume else None)
-    logs.attach_run(p.run.path)
-    if not p.run.stage_done("warmup"):
-        warmup_local(p)
-    if not (p.run.stage_done("stage2") and stream_selections_complete(p)):
-        res = stage2_local(p, consumers=stream_selectors(p))
-        record_stream_selections(p, res.consumers)
-    return p.run
+    try:
+        logs.attach_run(p.run.path)
+        if not p.run.stage_done("warmup"):
+            warmup_local(p)
+        if not (p.run.stage_done("stage2") and stream_selections_complete(p)):
+            res = stage2_local(p, consumers=stream_selectors(p))
+            record_stream_selections(p, res.consumers)
+        return p.run
+    finally:
+        p.run.release_lock()

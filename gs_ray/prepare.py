@@ -100,14 +100,15 @@ class Prepared:
 def prepare(cfg: Config, run: RunDir | None = None) -> Prepared:
     """Create (or reopen) the run directory, materialise the base model, load and split data."""
     start = time.perf_counter()
-    if run is None:  # a new run: a failed start leaves nothing behind
+    if run is None:  # a new run (created exclusively, locked): a failed start leaves nothing
         run = RunDir.create(cfg)
         try:
             return _prepare(cfg, run, start)
         except BaseException:
-            if run.created:
-                shutil.rmtree(run.path, ignore_errors=True)
+            shutil.rmtree(run.path, ignore_errors=True)  # ours alone: created and locked here
+            run.release_lock()
             raise
+    run.hold_lock()  # a resumed run: one process at a time
     return _prepare(cfg, run, start)
 
 

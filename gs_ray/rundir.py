@@ -32,22 +32,28 @@ re-run, resumed or inspected on its own::
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import itertools
 import json
+import os
 import platform
 import shutil
+import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from gs_ray.config import Config, ConfigError
-from gs_ray.errors import RunDirError
+from gs_ray.errors import RunDirError, UserError
 from gs_ray.io import write_json, write_jsonl
 
 WARMUP = "warmup"  # the Stage I stage, its folder and its adapter's name
 EXPERT_PREFIX = "expert_"
 EXPERT_RECORD = "expert.json"
 GENERALIST = "generalist"  # the fallback adapter: its folder, training run and peft name
+LOCK_FILE = ".lock"  # held (flock) by the process that runs the run's stages
+_HELD_LOCKS: dict[str, Any] = {}  # run path -> the open lock file of this process
 
 
 def expert_name(c: int) -> str:
@@ -82,26 +88,75 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:
-        """A new run directory under cfg.run.output_dir, named cfg.run.name or by time."""
-        name = cfg.run.name or time.strftime("run-%Y%m%d-%H%M%S")
-        path = Path(cfg.run.output_dir) / name
-        created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
+        """A new run directory under cfg.run.output_dir, named cfg.run.name or by time, created
+        exclusively: a name that exists is an error (continue it with ``--resume``), and two
+        runs started in the same second get ``run-TIME``, ``run-TIME-2``, ..."""
+        out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.run.name:
+            path = out / cfg.run.name
+            try:
+                path.mkdir()
+            except FileExistsError:
+                raise UserError(
+                    f"run directory {path} exists: continue it with --resume {path}, or choose "
+                    "another --run.name"
+                ) from None
+        else:
+            stamp = time.strftime("run-%Y%m%d-%H%M%S")
+            for i in itertools.count(1):
+                path = out / (stamp if i == 1 else f"{stamp}-{i}")
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
         run = cls(path)
-        run.created = created
-        if not run.manifest_path.exists():
-            write_json(
-                run.manifest_path,
-                {
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "seed": cfg.run.seed,
-                    "versions": versions(),
-                    "config": cfg.to_dict(),
-                    "stages": {},
-                },
-            )
-            cfg.save(path / "config.yaml")
+        run.created = True
+        run.hold_lock()
+        write_json(
+            run.manifest_path,
+            {
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "seed": cfg.run.seed,
+                "versions": versions(),
+                "config": cfg.to_dict(),
+                "stages": {},
+            },
+        )
+        cfg.save(path / "config.yaml")
         return run
+
+    def hold_lock(self) -> None:
+        """Hold the run's lock (``.lock``, an exclusive ``flock``) until this process ends, so
+        that two processes never write one run directory. Raises ``UserError`` naming the
+        holder where another process has it; a process holding it already keeps it."""
+        key = str(self.path)
+        if key in _HELD_LOCKS:
+            return
+        f = (self.path / LOCK_FILE).open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise UserError(
+                f"run directory {self.path} is in use by another gs-ray process ({holder}); wait "
+                "for it to finish, or stop it"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        _HELD_LOCKS[key] = f
+
+    def release_lock(self) -> None:
+        """Let go of the lock (the process ends, or a failed start removes the directory)."""
+        f = _HELD_LOCKS.pop(str(self.path), None)
+        if f is not None:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
 
     # ------------------------------------------------------------------ paths
 

@@ -25,6 +25,24 @@ def test_cluster_yaml_passes_rays_schema():
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head  # job submission = code
 
 
+def test_cluster_yaml_runs_every_node_with_token_auth():
+    """Every ray start has token auth on; the head makes the token private (0600, umask 077)
+    and the workers take it from the shared mount with the same mode; the header says so."""
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+        assert not any("RAY_AUTH_MODE=disabled" in c for c in config[key])
+    head = " ".join(config["head_setup_commands"])
+    assert "umask 077" in head and "secrets.token_hex(32)" in head and "chmod 600 ~/.ray/auth_token" in head
+    assert "install -m 600 ~/.ray/auth_token" in head and "install -d -m 700" in head
+    workers = " ".join(config["worker_setup_commands"])
+    assert "install -m 600" in workers and workers.endswith("~/.ray/auth_token")
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "token authentication (RAY_AUTH_MODE=token)" in text
+    assert "loopback only" not in text.split("token authentication")[0]  # the old claim is gone
+
+
 def test_cluster_yaml_schema_check_is_not_vacuous():
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config

@@ -6,6 +6,7 @@ test_serving.py (one deployment for all, plus an ingress with an API key on the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ import torch
 
 from gs_ray.config import ServeConfig
 from gs_ray.serving.app import (
+    ChatRequest,
     CompletionRequest,
     Ingress,
     OpenAIError,
@@ -76,6 +78,10 @@ def test_openai_error_shape():
 
 
 def test_api_key_gives_401_without_it(monkeypatch):
+    """The key is resolved where the app is built (the driver), from serve.api_key or the
+    shell's GS_RAY_API_KEY; the Ingress holds its digest and checks every route but health."""
+    from gs_ray.serving.app import api_key_digest
+
     ingress = next(c for c in Ingress.func_or_class.__mro__ if "_auth" in vars(c))
     shell = object.__new__(ingress)
 
@@ -83,25 +89,109 @@ def test_api_key_gives_401_without_it(monkeypatch):
         return SimpleNamespace(headers={} if header is None else {"authorization": header})
 
     monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
-    shell.cfg = ServeConfig()
-    shell._auth(req())  # no key set: open (loopback only by default)
+    shell.key_sha256 = api_key_digest(ServeConfig())
+    assert shell.key_sha256 is None
+    shell._auth(req())  # no key set: open (loopback only, below)
     for cfg, env in ((ServeConfig(api_key="s3cret"), None), (ServeConfig(), "s3cret")):
         if env:
             monkeypatch.setenv("GS_RAY_API_KEY", env)
-        shell.cfg = cfg
-        for bad in (None, "s3cret", "Bearer nope", "Basic s3cret", "Bearer "):
+        shell.key_sha256 = api_key_digest(cfg)
+        monkeypatch.delenv("GS_RAY_API_KEY", raising=False)  # the replica's env does not matter
+        assert shell.key_sha256 and "s3cret" not in shell.key_sha256
+        for bad in (None, "s3cret", "Bearer nope", "Basic s3cret", "Bearer ", "Bearer \ud800"):
             with pytest.raises(OpenAIError) as e:
                 shell._auth(req(bad))
             assert e.value.status == 401 and e.value.type == "authentication_error"
         shell._auth(req("Bearer s3cret"))
     # every route but health calls _auth first
-    shell.cfg = ServeConfig(api_key="k")
+    shell.key_sha256 = api_key_digest(ServeConfig(api_key="k"))
     shell.info_ = {"n_experts": 3}
     with pytest.raises(OpenAIError):
         asyncio.run(ingress.models(shell, req()))
     with pytest.raises(OpenAIError):
         asyncio.run(ingress.info(shell, req()))
     assert asyncio.run(ingress.healthz(shell)) == "ok"
+
+
+def test_a_public_host_without_a_key_is_refused(monkeypatch):
+    from gs_ray.serving.app import api_key_digest
+    from gs_ray.serving.pool import ServingError
+
+    monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
+    with pytest.raises(ServingError, match="0.0.0.0.*no API key.*allow_no_key"):
+        api_key_digest(ServeConfig(host="0.0.0.0"))
+    assert api_key_digest(ServeConfig(host="0.0.0.0", allow_no_key=True)) is None
+    monkeypatch.setenv("GS_RAY_API_KEY", "k")
+    assert api_key_digest(ServeConfig(host="0.0.0.0")) is not None
+    for host in ("127.0.0.1", "localhost", "::1"):
+        monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
+        assert api_key_digest(ServeConfig(host=host)) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "body", "message"),
+    [
+        ("seed", {"seed": 2**64}, "less than 9223372036854775808"),
+        ("seed", {"seed": -1}, "greater than or equal to 0"),
+        ("temperature", {"temperature": 1e-300}, "must be 0 (greedy) or at least 0.01"),
+        ("stop", {"stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop strings"),
+        ("stop", {"stop": "x" * 257}, "at most 256 characters"),
+    ],
+)
+def test_request_fields_are_bounded(field, body, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate({"model": "gs-ray", "prompt": "hi", **body})
+    err = openai_validation_error(e.value.errors())
+    assert err.status == 400 and err.param == field and message in err.message, err.message
+    chat = {"model": "gs-ray", "messages": [{"role": "user", "content": "a"}] * 257}
+    with pytest.raises(ValidationError, match="at most 256 items"):
+        ChatRequest.model_validate(chat)
+    CompletionRequest.model_validate({"model": "gs-ray", "prompt": "hi", "seed": 2**63 - 1,
+                                      "temperature": 0})  # fmt: skip
+
+
+def test_one_failing_row_never_fails_its_batch():
+    """A row whose generation raises (not a ServingError: e.g. the sampler's inf / nan, or a
+    chat template that raises) gets its own error; the other rows of the batch are served."""
+    from gs_ray.serving.app import ExpertsDeployment
+    from gs_ray.serving.pool import Generation, ServingError
+
+    class Pool:
+        def validate(self, prompt, expert, m):
+            if prompt == "template raises":
+                raise TypeError("bad template")
+            if prompt == "too long":
+                raise ServingError("prompt: 9 tokens exceed the context")
+
+        def generate(self, prompts, experts, ms):
+            if "boom" in prompts:
+                raise RuntimeError("probability tensor contains inf")
+            return [Generation(e, p.upper(), 1, 1, "length") for p, e in zip(prompts, experts)]
+
+        def sample(self, prompt, expert, m, *mode):
+            raise RuntimeError("probability tensor contains nan")
+
+        def ensemble(self, prompt, weights, m):
+            return Generation(-1, "mix", 1, 1, "length")
+
+    cls = next(c for c in ExpertsDeployment.func_or_class.__mro__ if "_greedy" in vars(c))
+    shell = object.__new__(cls)
+    shell.pool, shell.n_batches, shell.n_requests = Pool(), 0, 0
+    shell.batch_sizes = collections.deque(maxlen=8)
+    rows = [("ok", 0, 2), ("boom", 1, 2), ("template raises", 0, 2), ("too long", 0, 2),
+            ("sampled", 0, 2, ("sample", 0.5, 1.0, 3)), ("mixed", -1, 2, ("ensemble", [1.0])),
+            ("fine", 1, 2)]  # fmt: skip
+    generate = cls.generate
+    out = asyncio.run(getattr(generate, "__wrapped__", generate)(shell, rows))
+    assert out[0]["text"] == "OK" and out[6]["text"] == "FINE" and out[5]["text"] == "mix"
+    assert out[1] == {"error": "generation failed (RuntimeError)", "server_error": True}
+    assert out[4] == {"error": "generation failed (RuntimeError)", "server_error": True}
+    assert "could not be prepared (TypeError: bad template)" in out[2]["error"]
+    assert out[3] == {"error": "prompt: 9 tokens exceed the context"}
+    assert Ingress.func_or_class._generation_error(out[1]).status == 500
+    assert Ingress.func_or_class._generation_error(out[3]).code == "context_length_exceeded"
 
 
 def test_stop_cutter_joins_to_cut_at_stop():

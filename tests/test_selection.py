@@ -247,9 +247,9 @@ def test_the_clusterer_is_a_consumer_like_the_others(tmp_path):
     assert host.position == ("online", 1, 5) and host.done_epochs == 2
     host.save_checkpoint(tmp_path)
 
-    import pickle
+    from gs_ray.statefile import load_state
 
-    state = pickle.loads((tmp_path / "centroids.ckpt").read_bytes())
+    state = load_state(tmp_path, "centroids")
     clustering = ClusteringConsumer(make_clusterer(cfg), N_POOL)
     clustering.load_state(state)  # the checkpoint's top level is the clusterer's state
     assert (clustering.labels_ == -1).all()

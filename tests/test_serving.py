@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from gs_ray.config import Config
+from gs_ray.serving.app import expert_model
 from gs_ray.serving.pool import ExpertPool, ServedRun, ServingError, plan_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -503,6 +504,55 @@ def test_http_burst_is_batched_and_exact(served, reference):
 
 
 @pytest.mark.ray
+def test_http_openai_burst_with_abusive_rows_serves_the_valid_ones(served, reference):
+    """Valid OpenAI requests sent together with ones that used to fail the whole Serve batch
+    (seed 2**64, temperature 1e-300, an over-long prompt, a huge stop list): every valid one is
+    answered exactly as alone, every bad one gets its own 400 (bounded: 16 requests, 60 s each)."""
+    url = f"{served}/v1/completions"
+    good = [{"model": expert_model(k), "prompt": PROMPTS[i], "max_tokens": 12, "temperature": 0}
+            for i, k in ((0, 0), (1, 1 % K), (2, 2 % K), (3, 0), (4, 1 % K))]  # fmt: skip
+    seeded = {"model": expert_model(0), "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0.7,
+              "seed": 2**63 - 1}  # fmt: skip
+    bad = [
+        ({"model": "gs-ray", "prompt": "hi", "seed": 2**64}, "seed"),
+        ({"model": "gs-ray", "prompt": "hi", "temperature": 1e-300}, "temperature"),
+        ({"model": "gs-ray", "prompt": "word " * 20_000}, "prompt"),
+        ({"model": "gs-ray", "prompt": "hi", "stop": ["x"] * 50}, "stop"),
+    ]
+    bodies = good + [seeded] + [b for b, _ in bad] + good[:3]
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        answers = list(ex.map(lambda b: _http(url, b, timeout=60), bodies))
+    for body, (status, out) in zip(bodies, answers, strict=True):
+        if body in good:
+            assert status == 200, out
+            i, k = PROMPTS.index(body["prompt"]), int(body["model"].rsplit("-", 1)[1])
+            assert out["choices"][0]["text"] == reference[i, k]
+    assert answers[len(good)][0] == 200  # the largest seed is served
+    first_bad = len(good) + 1
+    for (_, param), (status, out) in zip(bad, answers[first_bad : first_bad + len(bad)], strict=True):
+        _assert_openai_error(status, out, 400, param)
+
+
+@pytest.mark.ray
+def test_serve_replicas_listen_on_loopback_only(served, ray_cluster):
+    """During a running gs-ray serve, every listening socket of the cluster's processes (the
+    Serve controller, proxy and the router, experts and ingress replicas with their inter-
+    deployment gRPC servers, which Ray binds to every interface) is on loopback."""
+    from gs_ray.local_ray import is_loopback
+    from tests.test_ray_security import listening
+
+    procs = ray_cluster.processes()
+    replicas = [p for p in procs if "ServeReplica" in " ".join(p.cmdline() or [p.name()])
+                or "ServeReplica" in p.name()]  # fmt: skip
+    assert len(replicas) >= 3, [p.name() for p in procs]
+    socks = listening({p.pid for p in procs})
+    mine = listening({p.pid for p in replicas})
+    assert mine, "the replicas listen (their gRPC servers)"
+    exposed = [s for s in socks if not is_loopback(s[0])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+@pytest.mark.ray
 def test_http_api_docs_are_off_by_default(served):
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert _http(f"{served}{path}")[0] == 404, path
@@ -961,12 +1011,13 @@ def keyed(served, run_dir):
     from ray import serve
 
     from gs_ray.config import ServeConfig
-    from gs_ray.serving.app import APP_NAME, Ingress
+    from gs_ray.serving.app import APP_NAME, Ingress, api_key_digest
 
     handles = [serve.get_deployment_handle(d, APP_NAME)
                for d in ("RouterDeployment", "ExpertsDeployment")]  # fmt: skip
+    cfg = ServeConfig(api_key=KEY)
     app = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        *handles, ServedRun.open(run_dir).info(), ServeConfig(api_key=KEY)
+        *handles, ServedRun.open(run_dir).info(), cfg, api_key_digest(cfg)
     )
     serve.run(app, name="gs-ray-keyed", route_prefix="/keyed")
     yield f"{served}/keyed"

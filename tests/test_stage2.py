@@ -144,7 +144,7 @@ def test_driver_killed_mid_epoch_resumes_from_checkpoint(ray_session, reference,
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0, first.stdout[-2000:] + first.stderr[-2000:]
     run_dir = out_dir / "killed"
-    assert (run_dir / "stage2" / "checkpoint" / "centroids.ckpt").exists()
+    assert (run_dir / "stage2" / "checkpoint" / "centroids.json").exists()
     assert not (run_dir / "stage2" / "assignments.jsonl").exists()
     resume = [sys.executable, "-m", "gs_ray.cli", "run", "--resume", str(run_dir)]
     second = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)

@@ -138,7 +138,7 @@ def test_killed_driver_resumes_from_the_checkpoint(ray_session, warmed, tmp_path
     cmd = [sys.executable, "-c", _DRIVER, str(tmp_path / "args.pkl"), ray_session.address]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0, first.stderr[-3000:]
-    assert (tmp_path / "checkpoint" / "centroids.ckpt").exists()
+    assert (tmp_path / "checkpoint" / "centroids.json").exists()
     out = run_stage2_ray(*call, resume=True)
     assert out.info["resumed_from"][:2] == ("online", 1)
     ref = warmed["reference"](2 * B)

@@ -276,9 +276,24 @@ def add_lora(model, cfg: LoRAConfig, seed: int) -> PeftModel:
         return get_peft_model(model, peft_lora_config(cfg))
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def safe_adapter(adapter_path: str | Path) -> str:
+    """The adapter folder, if its weights are safetensors (peft would otherwise fall back to
+    ``adapter_model.bin``, a pickle: a run directory from elsewhere must not run code)."""
+    path = Path(adapter_path)
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"{path}: no {ADAPTER_WEIGHTS}; gs-ray loads adapters from safetensors only "
+            "(a .bin adapter would be unpickled)"
+        )
+    return str(path)
+
+
 def load_adapter(model, adapter_path: str | Path, trainable: bool = True) -> PeftModel:
-    """Load a saved peft adapter onto a base model."""
-    return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
+    """Load a saved peft adapter (safetensors only) onto a base model."""
+    return PeftModel.from_pretrained(model, safe_adapter(adapter_path), is_trainable=trainable)
 
 
 def model_card(path: str) -> dict:

@@ -43,6 +43,7 @@ Start it with ``gs-ray serve RUN_DIR`` (or ``serve run serve/config.yaml``, or
 # (with string annotations under @serve.ingress, it took the body for a query parameter).
 import asyncio
 import collections
+import hashlib
 import hmac
 import json
 import logging
@@ -62,6 +63,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gs_ray.config import Config, ServeConfig, apply_overrides
+from gs_ray.serving.loopback import bind_replica_grpc_to_node
 from gs_ray.serving.pool import Generation, ServedRun, ServingError, chat_instruction
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class RouterDeployment:
     """The router: batched ``predict_proba`` over prompts."""
 
     def __init__(self, run_dir: str, cfg: ServeConfig):
+        bind_replica_grpc_to_node()  # before Ray's _on_initialized binds it
         _set_threads(cfg.router_cpus)
         served = ServedRun.open(run_dir)
         self.router = served.router()
@@ -120,6 +123,7 @@ class ExpertsDeployment:
     """All K experts on one base model: batched, mixed-expert greedy generation."""
 
     def __init__(self, run_dir: str, cfg: ServeConfig):
+        bind_replica_grpc_to_node()  # before Ray's _on_initialized binds it
         from gs_ray.core.models import resolve_device
 
         _set_threads(cfg.expert_cpus)
@@ -134,7 +138,44 @@ class ExpertsDeployment:
             self.pool.validate(prompt, max(expert, 0), max_new_tokens)
         except ServingError as e:
             return str(e)
+        except Exception as e:  # e.g. a chat template that raises: this row only
+            return f"prompt: could not be prepared ({type(e).__name__}: {e})"
         return None
+
+    @staticmethod
+    def _failed(e: Exception) -> dict[str, Any]:
+        """One row's unexpected failure, answered to that row alone (Ray Serve's batcher would
+        hand a raised exception to every request of the batch)."""
+        log.exception("a generation failed")
+        return {"error": f"generation failed ({type(e).__name__})", "server_error": True}
+
+    @staticmethod
+    def _row(g: Generation, batch_size: int, ms: float) -> dict[str, Any]:
+        return {"text": g.text, "n_prompt_tokens": g.n_prompt_tokens,
+                "n_new_tokens": g.n_new_tokens, "finish_reason": g.finish_reason,
+                "batch_size": batch_size, "generate_ms": ms}  # fmt: skip
+
+    def _greedy(self, rows: list[tuple]) -> list[dict[str, Any]]:
+        """Greedy rows as one batch; if the batch fails, each row alone, so that only the rows
+        that fail themselves get an error."""
+        start = time.perf_counter()
+        try:
+            gens = self.pool.generate([r[0] for r in rows], [r[1] for r in rows],
+                                      [r[2] for r in rows])  # fmt: skip
+        except Exception:
+            if len(rows) == 1:
+                raise
+            return [self._greedy_one(r) for r in rows]
+        ms = 1000 * (time.perf_counter() - start)
+        return [self._row(g, len(rows), ms) for g in gens]
+
+    def _greedy_one(self, row: tuple) -> dict[str, Any]:
+        try:
+            return self._greedy([row])[0]
+        except ServingError as e:
+            return {"error": str(e)}
+        except Exception as e:
+            return self._failed(e)
 
     def _one(self, prompt: str, expert: int, m: int, mode: tuple) -> dict[str, Any]:
         """A request that does not join the greedy batch: sampled, or the ensemble."""
@@ -146,9 +187,9 @@ class ExpertsDeployment:
                 g = self.pool.ensemble(prompt, mode[1], m)
         except ServingError as e:
             return {"error": str(e)}
-        return {"text": g.text, "n_prompt_tokens": g.n_prompt_tokens,
-                "n_new_tokens": g.n_new_tokens, "finish_reason": g.finish_reason,
-                "batch_size": 1, "generate_ms": 1000 * (time.perf_counter() - start)}  # fmt: skip
+        except Exception as e:  # e.g. a sampler that overflows: this row only
+            return self._failed(e)
+        return self._row(g, 1, 1000 * (time.perf_counter() - start))
 
     @serve.batch
     async def generate(self, requests: list[tuple]) -> list[dict[str, Any]]:
@@ -172,17 +213,14 @@ class ExpertsDeployment:
             prompt, expert, m, mode = requests[i]
             out[i] = await asyncio.to_thread(self._one, prompt, expert, m, mode)
         if ok:
-            start = time.perf_counter()
             # One batch at a time (serve.batch's default), in a thread: the event loop stays free.
-            gens = await asyncio.to_thread(
-                self.pool.generate, [requests[i][0] for i in ok], [requests[i][1] for i in ok],
-                [requests[i][2] for i in ok],
-            )  # fmt: skip
-            ms = 1000 * (time.perf_counter() - start)
-            for i, g in zip(ok, gens, strict=True):
-                out[i] = {"text": g.text, "n_prompt_tokens": g.n_prompt_tokens,
-                          "n_new_tokens": g.n_new_tokens, "finish_reason": g.finish_reason,
-                          "batch_size": len(ok), "generate_ms": ms}  # fmt: skip
+            rows = [tuple(requests[i][:3]) for i in ok]
+            try:
+                done = await asyncio.to_thread(self._greedy, rows)
+            except Exception as e:  # a batch of one that failed
+                done = [self._failed(e)]
+            for i, row in zip(ok, done, strict=True):
+                out[i] = row
         return out
 
     async def stream(self, prompt: Any, expert: int, m: int, mode: tuple | None):
@@ -205,6 +243,10 @@ class ExpertsDeployment:
                     loop.call_soon_threadsafe(items.put_nowait, item)
             except ServingError as e:
                 loop.call_soon_threadsafe(items.put_nowait, e)
+            except Exception as e:  # this stream only
+                log.exception("a streamed generation failed")
+                failed = ServingError(f"generation failed ({type(e).__name__})")
+                loop.call_soon_threadsafe(items.put_nowait, failed)
             finally:
                 loop.call_soon_threadsafe(items.put_nowait, end)
 
@@ -289,6 +331,12 @@ MODEL = APP_NAME  # the routed model; "gs-ray/expert-K" names one expert, "gs-ra
 ENSEMBLE_MODEL = f"{APP_NAME}/ensemble"
 GENERALIST_MODEL = f"{APP_NAME}/generalist"  # the fallback adapter: one LoRA on everything
 API_KEY_ENV = "GS_RAY_API_KEY"
+# Bounds of a request's fields (OpenAI's own where it has one: four stop strings).
+MIN_TEMPERATURE = 0.01
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 256
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def expert_model(k: int) -> str:
@@ -329,10 +377,28 @@ class _OpenAIRequest(BaseModel):
     temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0, le=2)
     top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_above_the_floor(cls, v: float) -> float:
+        # below the floor the sampler's probabilities overflow to inf / nan
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+        return v
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -356,7 +422,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
     @field_validator("messages")
     @classmethod
@@ -463,22 +529,21 @@ class Ingress:
     """HTTP front: validates, routes, generates (see the module docstring)."""
 
     def __init__(self, router: DeploymentHandle, experts: DeploymentHandle, info: dict,
-                 cfg: ServeConfig):  # fmt: skip
+                 cfg: ServeConfig, key_sha256: str | None = None):  # fmt: skip
+        """``key_sha256``: the API key's digest, resolved where the app is built (the driver:
+        on a cluster the replica's own environment is the raylet's, not the user's shell)."""
+        bind_replica_grpc_to_node()  # before Ray's _on_initialized binds it
         self.router, self.experts, self.info_, self.cfg = router, experts, info, cfg
-
-    def _key(self) -> str | None:
-        return self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.key_sha256 = key_sha256
 
     def _auth(self, request: Request) -> None:
         """With an API key set, a request must carry ``Authorization: Bearer KEY`` (401)."""
-        key = self._key()
-        if key is None:
+        if self.key_sha256 is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), key.encode()
-        ):
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.key_sha256):
             raise OpenAIError(401, "missing or wrong API key (Authorization: Bearer KEY)", None,
                               "invalid_api_key", "authentication_error")  # fmt: skip
 
@@ -512,9 +577,19 @@ class Ingress:
         self._auth(request)
         return self.info_
 
+    def _check_size(self, prompt: str, openai: bool = False) -> None:
+        """A prompt over ``serve.max_prompt_chars`` is refused before the router sees it."""
+        limit = self.cfg.max_prompt_chars
+        if len(prompt) > limit:
+            message = f"prompt: {len(prompt)} characters is over the limit {limit}"
+            if openai:
+                raise OpenAIError(400, message, "prompt", "context_length_exceeded")
+            raise HTTPException(400, f"{message} (serve.max_prompt_chars)")
+
     @api.post("/route")
     async def route(self, req: RouteRequest, request: Request) -> dict:
         self._auth(request)
+        self._check_size(req.prompt)
         start = time.perf_counter()
         out = await self.router.route.remote(req.prompt)
         return {**out, "route_ms": 1000 * (time.perf_counter() - start)}
@@ -522,6 +597,7 @@ class Ingress:
     @api.post("/generate")
     async def generate(self, req: GenerateRequest, request: Request) -> dict:
         self._auth(request)
+        self._check_size(req.prompt)
         k_total = self.info_["n_experts"]
         m = req.max_new_tokens or self.cfg.max_new_tokens
         if m > self.cfg.max_new_tokens_limit:
@@ -538,7 +614,7 @@ class Ingress:
         route_ms = 1000 * (time.perf_counter() - start)
         out = await self.experts.generate.remote((req.prompt, expert, m))
         if "error" in out:
-            raise HTTPException(400, out["error"])
+            raise HTTPException(500 if out.get("server_error") else 400, out["error"])
         total_ms = 1000 * (time.perf_counter() - start)
         return {"expert": expert, "routed_by": by, "probs": probs, **out,
                 "route_ms": route_ms, "total_ms": total_ms}  # fmt: skip
@@ -566,6 +642,7 @@ class Ingress:
 
     async def _plan(self, req: _OpenAIRequest, prompt: str) -> dict[str, Any]:
         """Check the model and length, route (or not): what both generation paths share."""
+        self._check_size(prompt, openai=True)
         if req.model not in self._models():
             raise OpenAIError(404, f"model: {req.model!r} does not exist; GET /v1/models lists "
                                    f"them", "model", "model_not_found")  # fmt: skip
@@ -596,7 +673,10 @@ class Ingress:
                 "reason": routed.get("reason")}
 
     @staticmethod
-    def _generation_error(message: str) -> OpenAIError:
+    def _generation_error(out: dict[str, Any]) -> OpenAIError:
+        message = out["error"]
+        if out.get("server_error"):
+            return OpenAIError(500, message, None, None, "server_error")
         code = "context_length_exceeded" if "exceed" in message else None
         return OpenAIError(400, message, message.split(":")[0], code)
 
@@ -628,7 +708,7 @@ class Ingress:
         out = await self.experts.generate.remote((chat or prompt, plan["expert"], plan["m"],
                                                   plan["mode"]))  # fmt: skip
         if "error" in out:
-            raise self._generation_error(out["error"])
+            raise self._generation_error(out)
         text, stopped = cut_at_stop(out["text"], req.stop)
         return self._result(req, plan, out, text, stopped)
 
@@ -652,7 +732,7 @@ class Ingress:
         )
         first = await pieces.__anext__()
         if "error" in first:
-            raise self._generation_error(first["error"])
+            raise self._generation_error(first)
 
         async def chunks() -> AsyncIterator[dict]:
             cutter = StopCutter(req.stop)
@@ -753,9 +833,26 @@ def app_for_run(run_dir: str, cfg: ServeConfig | None = None):
     ).bind(run_dir, cfg)
     experts = ExpertsDeployment.options(**experts_opts).bind(run_dir, cfg)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        router, experts, served.info(), cfg
+        router, experts, served.info(), cfg, api_key_digest(cfg)
     )
     return ingress
+
+
+def api_key_digest(cfg: ServeConfig) -> str | None:
+    """The API key, resolved here (the driver: ``serve.api_key``, else ``GS_RAY_API_KEY`` of
+    the shell that builds the app), as its SHA-256 hex digest for the Ingress. Refuses a
+    host other than loopback with no key unless ``serve.allow_no_key`` says so; logs whether
+    requests need a key."""
+    key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
+    if key is None and cfg.host not in LOOPBACK_HOSTS and not cfg.allow_no_key:
+        raise ServingError(
+            f"serve.host is {cfg.host!r} (not loopback) but no API key is set: set "
+            f"{API_KEY_ENV} (or serve.api_key) where gs-ray serve runs, or pass "
+            "--serve.allow_no_key true to serve without one"
+        )
+    log.info("gs-ray serve: requests %s", "need an API key (Authorization: Bearer KEY)"
+             if key else "need no API key")  # fmt: skip
+    return None if key is None else hashlib.sha256(key.encode()).hexdigest()
 
 
 def serve_config_for(run_dir: str, overrides: list[str] | None = None) -> ServeConfig:

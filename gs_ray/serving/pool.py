@@ -183,7 +183,12 @@ class ExpertPool:
     ):
         from peft import PeftModel
 
-        from gs_ray.core.models import load_base_model, load_tokenizer, resolve_device
+        from gs_ray.core.models import (
+            load_base_model,
+            load_tokenizer,
+            resolve_device,
+            safe_adapter,
+        )
 
         if not expert_paths:
             raise ServingError("an expert pool needs at least one expert adapter")
@@ -193,9 +198,10 @@ class ExpertPool:
         self.tokenizer = load_tokenizer(base_path)
         self.tokenizer.padding_side = "left"  # generation continues every row at the same column
         base = load_base_model(base_path, cfg.model, self.device)
-        model = PeftModel.from_pretrained(base, str(expert_paths[0]), adapter_name=adapter_name(0))
+        first = safe_adapter(expert_paths[0])
+        model = PeftModel.from_pretrained(base, first, adapter_name=adapter_name(0))
         for k, path in enumerate(expert_paths[1:], start=1):
-            model.load_adapter(str(path), adapter_name=adapter_name(k))
+            model.load_adapter(safe_adapter(path), adapter_name=adapter_name(k))
         self.model = model.eval()
         self.n_experts = len(expert_paths)
         self.max_positions = getattr(base.config, "max_position_embeddings", None)

@@ -11,8 +11,6 @@ on the gradient workers, so the host is given a fetcher (``EvictedSums``) that g
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,10 +23,12 @@ from gs_ray.stage2.computer import GradientBatch
 from gs_ray.stage2.consumers import ClusteringConsumer, ConsumerSet, GradientConsumer
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, order_key
 from gs_ray.stage2.result import SKIPPED, Stage2Result
+from gs_ray.statefile import load_state, save_state
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "centroids.ckpt"
+CHECKPOINT_NAME = "centroids"  # centroids.json + centroids.npz (gs_ray/statefile.py)
+LEGACY_PICKLE = "centroids.ckpt"  # older gs-ray: never loaded
 
 
 class EvictedSums(Protocol):
@@ -231,24 +231,23 @@ class CentroidHost:
         self.consumers.load_state(saved)
 
     def save_checkpoint(self, folder: str | Path) -> str:
-        """Pickle the state atomically to folder/centroids.ckpt; returns the path."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / CHECKPOINT_FILE
-        tmp = folder / f".{CHECKPOINT_FILE}.tmp{os.getpid()}"
-        with tmp.open("wb") as f:
-            pickle.dump(self.state(), f, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(path)
-        atomic_write_text(folder / "position.txt", f"{self.position}\n")
+        """The state, without pickle (``statefile``: arrays in folder/centroids.npz, the rest
+        in folder/centroids.json, written last); returns the JSON path."""
+        path = save_state(folder, CHECKPOINT_NAME, self.state())
+        atomic_write_text(Path(folder) / "position.txt", f"{self.position}\n")
         return str(path)
 
     def load_checkpoint(self, folder: str | Path) -> bool:
-        """Restore from folder/centroids.ckpt if it exists."""
-        path = Path(folder) / CHECKPOINT_FILE
-        if not path.exists():
+        """Restore from folder/centroids.json + .npz if they exist. A pickled checkpoint of an
+        older gs-ray (centroids.ckpt) is never loaded (unpickling a file runs code from it):
+        Stage II then starts afresh, and says so."""
+        state = load_state(folder, CHECKPOINT_NAME)
+        if state is None:
+            if (Path(folder) / LEGACY_PICKLE).exists():
+                log.warning("%s: a pickled checkpoint of an older gs-ray is not loaded (pickle "
+                            "runs code); Stage II starts afresh", Path(folder) / LEGACY_PICKLE)
             return False
-        with path.open("rb") as f:
-            self.load_state(pickle.load(f))
+        self.load_state(state)
         return True
 
     def result(self, info: dict[str, Any] | None = None) -> Stage2Result:

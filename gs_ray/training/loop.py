@@ -17,7 +17,7 @@ import torch
 
 from gs_ray.config import ModelConfig, TrainingConfig
 from gs_ray.core.gradients import collate, per_sample_loss, response_token_loss
-from gs_ray.core.models import load_base_model, resolve_device
+from gs_ray.core.models import load_base_model, resolve_device, safe_adapter
 from gs_ray.data import Sample, length_bucketed_batches
 
 
@@ -123,9 +123,9 @@ def load_adapters(base_path: str, model_cfg: ModelConfig, adapters: dict[str, st
 
     base = load_base_model(base_path, model_cfg, resolve_device(model_cfg.device))
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    model = PeftModel.from_pretrained(base, safe_adapter(adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
+        model.load_adapter(safe_adapter(adapters[name]), adapter_name=name)
     return model.eval()
 
 

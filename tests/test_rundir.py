@@ -1,0 +1,70 @@
+"""Run directories never mix (issue 24): names are validated, runs are created exclusively
+(reused only with --resume), and one process at a time holds a run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gs_ray.config import ConfigError, load_config
+from gs_ray.errors import UserError
+from gs_ray.rundir import LOCK_FILE, RunDir
+
+
+@pytest.mark.parametrize("name", ["..", "../up", "/abs", "a/b", ".hidden", "x" * 129, "sp ace"])
+def test_run_names_that_could_escape_or_hide_are_refused(name):
+    with pytest.raises(ConfigError, match="run.name"):
+        load_config(None, ["--run.name", name])
+
+
+def test_runs_are_created_exclusively(tmp_path):
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "one"])
+    run = RunDir.create(cfg)
+    assert run.created and (run.path / "manifest.json").exists()
+    with pytest.raises(UserError, match=r"one exists: continue it with --resume .*one"):
+        RunDir.create(cfg)
+    run.release_lock()
+    # timestamp names: runs started in the same second get their own directories
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path / "t")])
+    runs = [RunDir.create(cfg) for _ in range(3)]
+    assert len({r.path for r in runs}) == 3
+    assert all(r.path.name.startswith("run-") for r in runs)
+    for r in runs:
+        r.release_lock()
+
+
+def test_a_run_in_use_is_refused_to_another_process(tmp_path):
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "busy"])
+    run = RunDir.create(cfg)  # this process holds it
+    run.hold_lock()  # holding it again in the same process is fine
+    code = f"from gs_ray.rundir import RunDir; RunDir({str(run.path)!r}).hold_lock()"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0
+    assert "is in use by another gs-ray process (pid" in other.stderr
+    run.release_lock()
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0, other.stderr
+    assert (run.path / LOCK_FILE).exists()
+
+
+def test_a_failed_start_removes_only_its_own_new_directory(tmp_path, monkeypatch):
+    from gs_ray import prepare as prep
+
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "fails"])
+
+    def boom(*a, **k):
+        raise RuntimeError("data could not be read")
+
+    monkeypatch.setattr(prep, "_prepare", boom)
+    with pytest.raises(RuntimeError):
+        prep.prepare(cfg)
+    assert not (tmp_path / "fails").exists()
+    # an existing run is never removed: its name is refused before anything is written
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "precious.txt").write_text("x")
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "kept"])
+    with pytest.raises(UserError, match="exists"):
+        prep.prepare(cfg)
+    assert (tmp_path / "kept" / "precious.txt").read_text() == "x"
