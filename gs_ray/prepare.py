@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 from gs_ray.config import Config
 from gs_ray.core.models import load_tokenizer, model_card
 from gs_ray.data import Sample, Splits, load_samples, make_splits
+from gs_ray.errors import RunDirError
 from gs_ray.rundir import RunDir
 from gs_ray.stage2.result import SKIPPED
 from gs_ray.training.pretrain import base_model_for
@@ -97,6 +99,17 @@ class Prepared:
         return np.setdiff1d(self.splits.train, self.calibration_rows())
 
 
+def data_fingerprint(samples: list) -> str:
+    """SHA-256 over every sample's id, token ids and labels, in order: what a resumed run (or
+    its eval) must find unchanged."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.id.encode("utf-8", "surrogatepass") + b"\0")
+        h.update(np.asarray(s.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(s.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
 def prepare(cfg: Config, run: RunDir | None = None) -> Prepared:
     """Create (or reopen) the run directory, materialise the base model, load and split data."""
     start = time.perf_counter()
@@ -117,6 +130,14 @@ def _prepare(cfg: Config, run: RunDir, start: float) -> Prepared:
     base_path = base_model_for(cfg, run.path)
     tokenizer = load_tokenizer(base_path)
     samples, report = load_samples(cfg.data, tokenizer, seed)
+    fingerprint = data_fingerprint(samples)
+    before = (run.manifest().get("data") or {}).get("fingerprint")
+    if before is not None and before != fingerprint:
+        raise RunDirError(
+            f"{run.path}: the data changed since this run started (fingerprint {before[:12]} -> "
+            f"{fingerprint[:12]}: the rows, their text, the tokenizer or the template differ); "
+            "resuming would mix its clusters and adapters with other data: start a new run"
+        )
     splits = make_splits(len(samples), cfg.data, seed)
     split_of = np.empty(len(samples), dtype=object)
     for name in SPLIT_NAMES:
@@ -127,7 +148,7 @@ def _prepare(cfg: Config, run: RunDir, start: float) -> Prepared:
     )
     run.write_jsonl(run.sub("data", "samples.jsonl"), rows)
     run.update_manifest(
-        data={**report.to_dict(), "splits": splits.counts()},
+        data={**report.to_dict(), "splits": splits.counts(), "fingerprint": fingerprint},
         base_model=model_card(base_path),
     )
     log.info("run directory %s; data: %s; splits %s", run.path, report.summary(), splits.counts())

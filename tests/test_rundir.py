@@ -68,3 +68,31 @@ def test_a_failed_start_removes_only_its_own_new_directory(tmp_path, monkeypatch
     with pytest.raises(UserError, match="exists"):
         prep.prepare(cfg)
     assert (tmp_path / "kept" / "precious.txt").read_text() == "x"
+
+
+def test_resume_refuses_data_that_changed(tmp_path):
+    """A data file edited after a crash (same row count): the resumed run (or its eval) stops
+    with the run directory named, instead of mixing old clusters with new rows."""
+    import json
+
+    from gs_ray.errors import RunDirError
+    from gs_ray.prepare import prepare
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"say {i}", "output": f"{i} {i}"} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--data.source", str(data), "--run.output_dir", str(tmp_path / "runs"),
+            "--run.name", "r", "--model.tiny_pretrain_steps", "0", "--model.tiny_hidden_size", "32",
+            "--model.tiny_num_layers", "1", "--data.n_val", "8"]  # fmt: skip
+    cfg = load_config(None, args)
+    p = prepare(cfg)
+    p.run.release_lock()
+    fp = p.run.manifest()["data"]["fingerprint"]
+    assert len(fp) == 64
+    run = RunDir.open(p.run.path)
+    assert prepare(run.config(), run).run.manifest()["data"]["fingerprint"] == fp  # unchanged: ok
+    run.release_lock()
+    rows[7]["output"] = "edited"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RunDirError, match=r"runs/r: the data changed since this run started"):
+        prepare(run.config(), run)
