@@ -246,7 +246,8 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
         app = app_for_run(args.run_dir, cfg)
     except (UserError, ServingError) as e:
         return _report(e, args.verbose, "gs-ray serve")
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port,
+                              "request_timeout_s": cfg.request_timeout_s})  # fmt: skip
     serve.run(app, name=APP_NAME, route_prefix=cfg.route_prefix)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(json.dumps({"app": APP_NAME, "url": url, "run_dir": args.run_dir}), flush=True)

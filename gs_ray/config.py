@@ -479,6 +479,12 @@ class ServeConfig:
         65536, "longest prompt (or chat, all messages together) in characters, checked before "
         "routing", ge=1,
     )
+    max_queued_requests: int = _f(
+        64, "requests each deployment queues beyond those it serves; more get 503 at once", ge=1
+    )
+    request_timeout_s: float = _f(
+        300.0, "end-to-end limit of one HTTP request in seconds (then 408)", gt=0
+    )
     max_new_tokens: int = _f(64, "generation length when a request names none", ge=1)
     max_new_tokens_limit: int = _f(512, "largest max_new_tokens a request may ask for", ge=1)
     max_batch_size: int = _f(8, "requests the router and each expert replica batch together", ge=1)

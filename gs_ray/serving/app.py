@@ -819,6 +819,7 @@ def app_for_run(run_dir: str, cfg: ServeConfig | None = None):
     experts_opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cfg.expert_cpus, "num_gpus": _expert_gpus(cfg)},
         "max_ongoing_requests": 4 * cfg.max_batch_size,
+        "max_queued_requests": cfg.max_queued_requests,
     }
     if cfg.expert_max_replicas and cfg.expert_max_replicas > cfg.expert_replicas:
         experts_opts["autoscaling_config"] = {
@@ -829,10 +830,12 @@ def app_for_run(run_dir: str, cfg: ServeConfig | None = None):
     else:
         experts_opts["num_replicas"] = cfg.expert_replicas
     router = RouterDeployment.options(
-        ray_actor_options={"num_cpus": cfg.router_cpus}, max_ongoing_requests=4 * cfg.max_batch_size
-    ).bind(run_dir, cfg)
+        ray_actor_options={"num_cpus": cfg.router_cpus}, max_ongoing_requests=4 * cfg.max_batch_size,
+        max_queued_requests=cfg.max_queued_requests,
+    ).bind(run_dir, cfg)  # fmt: skip
     experts = ExpertsDeployment.options(**experts_opts).bind(run_dir, cfg)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1},
+                              max_queued_requests=cfg.max_queued_requests).bind(
         router, experts, served.info(), cfg, api_key_digest(cfg)
     )
     return ingress
