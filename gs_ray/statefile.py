@@ -15,7 +15,6 @@ is written last: its presence marks a complete state.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -92,10 +91,9 @@ def save_state(folder: str | Path, name: str, state: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
     tree = _encode(state, arrays, name)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
     tmp = folder / f".{name}.npz.tmp{os.getpid()}"
-    tmp.write_bytes(buf.getvalue())
+    with tmp.open("wb") as f:  # streamed array by array: no copy of the state in memory
+        np.savez(f, **arrays)
     tmp.replace(folder / f"{name}.npz")
     path = folder / f"{name}.json"
     atomic_write_text(path, json.dumps({"format": "gs-ray state 1", "state": tree}) + "\n")
