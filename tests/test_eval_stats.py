@@ -58,3 +58,16 @@ def test_routing_costs_by_hand():
     assert out["router_accuracy_per_cluster"] == [0.5, 0.5]
     assert out["misroute_cost"] == pytest.approx(((5 - 2) + (2 - 1)) / 2)
     assert out["routed_minus_oracle"]["mean"] == pytest.approx((0 + 3 + 1 + 0) / 4)
+
+
+def test_report_stage_table_reads_the_manifests_status():
+    """The "What ran" table showed every stage as "not done" (it read a key the manifest does
+    not have)."""
+    from gs_ray.evaluation.report import _stages
+
+    page = _stages({"stages": {"warmup": {"status": "done", "seconds": 3.5, "engine": "ds"},
+                               "stage2": {"status": "running"}, "router": {}}})  # fmt: skip
+    rows = page.split("<tr>")[2:]
+    assert "<td>warmup</td><td>done</td><td>3.5" in rows[0].replace("\n", "")
+    assert "<td>running</td>" in rows[1] and "<td>not done</td>" in rows[2]
+    assert "status" not in rows[0]  # the details column leaves the status out

@@ -64,8 +64,8 @@ def _read_json(path: Path) -> Any:
 def _stages(manifest: dict) -> str:
     rows = []
     for name, info in manifest.get("stages", {}).items():
-        extra = {k: v for k, v in info.items() if k not in ("done", "seconds", "finished")}
-        rows.append([name, "done" if info.get("done") else "not done", info.get("seconds"),
+        extra = {k: v for k, v in info.items() if k not in ("status", "seconds", "finished")}
+        rows.append([name, info.get("status", "not done"), info.get("seconds"),
                      _Raw(html.escape(json.dumps(extra)[:160]))])  # fmt: skip
     return _table(["stage", "status", "seconds", "details"], rows)
 
