@@ -3,12 +3,13 @@ everything else in JSON beside them.
 
 A run directory may come from someone else (a shared file system, a copied half-finished run),
 so resuming must never run code from it: ``pickle.load`` of a crafted checkpoint does. A state
-here is a tree of dicts, lists, tuples, sets, strings, numbers, booleans, None and numpy arrays
+here is a tree of dicts, lists, tuples, sets, deques, strings, numbers, booleans, None and numpy arrays
 (numeric, boolean or fixed-width string dtypes); anything else is refused when saving, with
 the path of the offending value. Dict keys may be strings, numbers or tuples of them.
 
 Layout: ``NAME.npz`` holds the arrays as ``a0, a1, ...``; ``NAME.json`` the tree, where an
-array is ``{"__array__": "a3"}``, a tuple ``{"__tuple__": [...]}``, a set ``{"__set__": [...]}``
+array is ``{"__array__": "a3"}``, a tuple ``{"__tuple__": [...]}``, a set ``{"__set__": [...]}``,
+a deque ``{"__deque__": {"items": [...], "maxlen": N}}``
 and a dict whose keys are not all strings ``{"__items__": [[key, value], ...]}``. The JSON file
 is written last: its presence marks a complete state.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from gs_ray.io import atomic_write_text
 
-_TAGS = ("__array__", "__tuple__", "__set__", "__items__", "__float__")
+_TAGS = ("__array__", "__tuple__", "__set__", "__items__", "__float__", "__deque__")
 
 
 class StateFileError(ValueError):
@@ -50,6 +52,9 @@ def _encode(x: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
         return {"__array__": key}
     if isinstance(x, tuple):
         return {"__tuple__": [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(x)]}
+    if isinstance(x, deque):
+        items = [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(x)]
+        return {"__deque__": {"items": items, "maxlen": x.maxlen}}
     if isinstance(x, (set, frozenset)):
         return {"__set__": [_encode(v, arrays, f"{where}{{}}") for v in sorted(x, key=repr)]}
     if isinstance(x, list):
@@ -77,6 +82,8 @@ def _decode(x: Any, arrays: Any, where: str) -> Any:
             return tuple(_decode(v, arrays, where) for v in value)
         if tag == "__set__":
             return {_decode(v, arrays, where) for v in value}
+        if tag == "__deque__":
+            return deque((_decode(v, arrays, where) for v in value["items"]), value["maxlen"])
         if tag == "__float__":
             return float(value)
         if tag == "__items__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections import deque
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ def _equal(a, b):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, deque):
+        return isinstance(b, deque) and a.maxlen == b.maxlen and _equal(list(a), list(b))
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
     if isinstance(a, float) and np.isnan(a):
@@ -33,6 +36,7 @@ def test_round_trip_keeps_types_keys_and_arrays(tmp_path):
         "pairs": {("online", 0, 2): [1, 2], (1, 2): "x"}, "nan": float("nan"), "inf": -np.inf,
         "nested": [{"k": np.float64(0.5), "n": np.int32(7), "b": np.bool_(True)}, None, "s"],
         "__array__": "a user key that looks like a tag",
+        "ledger": [deque([(3, 7), (4, 1)]), deque(maxlen=5)],
     }  # fmt: skip
     save_state(tmp_path, "s", state)
     back = load_state(tmp_path, "s")
@@ -41,22 +45,24 @@ def test_round_trip_keeps_types_keys_and_arrays(tmp_path):
     assert load_state(tmp_path, "absent") is None
 
 
-def test_stage2_host_state_round_trips(tmp_path):
+def test_stage2_host_state_round_trips(tmp_path, cache="samples"):
     """The centroid host's real checkpoint state (clusterer, positions, consumers) after an
     online batch, saved and restored, continues to the same centres as the original."""
     from gs_ray.core.clustering import GradientSpaceClustering
     from gs_ray.stage2.host import CentroidHost
 
+    def clusterer():
+        return GradientSpaceClustering(n_clusters=3, random_state=0, n_init=2, batch_size=10,
+                                       cache=cache)  # fmt: skip
+
     rng = np.random.default_rng(1)
     X = np.concatenate([rng.normal(size=(40, 16)) + 6 * np.eye(16)[c] for c in range(3)])
-    est = GradientSpaceClustering(n_clusters=3, random_state=0, n_init=2, batch_size=10)
-    host = CentroidHost(est, len(X))
+    host = CentroidHost(clusterer(), len(X))
     host.clusterer.initialize(X.astype(np.float32))
     host.clusterer.partial_fit(X[:10].astype(np.float32))
     host.position = ("online", 0, 0)
     host.save_checkpoint(tmp_path)
-    other = CentroidHost(GradientSpaceClustering(n_clusters=3, random_state=0, n_init=2,
-                                                 batch_size=10), len(X))  # fmt: skip
+    other = CentroidHost(clusterer(), len(X))
     assert other.load_checkpoint(tmp_path)
     assert other.position == ("online", 0, 0)
     for h in (host, other):
@@ -109,3 +115,23 @@ def test_adapters_load_from_safetensors_only(tmp_path):
         safe_adapter(tmp_path)
     (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"")
     assert safe_adapter(tmp_path) == str(tmp_path)
+
+
+def test_partial_sums_clusterer_state_round_trips(tmp_path):
+    """The external cache (partial-sums transport) keeps a ledger of deques per cluster: the
+    checkpoint once refused it (CI's end-to-end partial-sums run)."""
+    from gs_ray.core.clustering import GradientSpaceClustering
+
+    rng = np.random.default_rng(2)
+    X = np.concatenate([rng.normal(size=(40, 16)) + 6 * np.eye(16)[c] for c in range(3)])
+    est = GradientSpaceClustering(n_clusters=3, random_state=0, n_init=2, cache="external")
+    est.initialize(X.astype(np.float32))
+    est._reset_online_state(16)
+    est.ledger_[1].extend([(0, 4), (1, 9)])
+    state = est.state_dict()
+    save_state(tmp_path, "c", state)
+    back = GradientSpaceClustering(n_clusters=3, cache="external").load_state_dict(
+        load_state(tmp_path, "c")
+    )
+    assert [list(q) for q in back.ledger_] == [[], [(0, 4), (1, 9)], []]
+    np.testing.assert_array_equal(back.cluster_centers_, est.cluster_centers_)
