@@ -132,72 +132,74 @@ def run_stage2_ray(
         .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
         .remote(make_clusterer(cfg), len(samples), transport.host_helper(workers), list(consumers))
     )
-    layout = ray.get(workers[0].layout.remote())
-    if consumers:
-        ray.get(host.set_layout.remote(layout))
-    resumed_from = None
-    if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
-        resumed_from = tuple(ray.get(host.status.remote())["position"])
-        log.info("stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir)
-    status = ray.get(host.status.remote())
-    limit = n_workers * max(1, s2.max_in_flight)
-    log.info("stage2 on Ray: %d workers %s, transport %s, at most %d batches in flight",
-             n_workers, resources, transport.name, limit)  # fmt: skip
-
-    passes = []
-    for phase, epoch, batches in plan.phases():
-        if phase == ONLINE and status["finished_online"]:
-            continue
-        busy_before, bytes_before = status["busy_seconds"], status["bytes_in"]
-        bar = Progress(phase_label(phase, epoch), total=sum(len(b) for b in batches))
-        window: deque = deque()
-        applied_here = 0
-        transport.start_phase(phase, host)
-        for t, idx in enumerate(batches):
-            key = (phase, epoch, t)
-            if order_key(*key) <= order_key(*status["position"]):
-                bar.update(len(idx))
-                continue
-            step = plan.online_step(epoch, t) if phase == ONLINE else -1
-            ids = [samples[i].id for i in idx]
-            pairs = [samples[i].pair for i in idx]
-            done = transport.submit(key, step, idx, ids, pairs, workers[t % n_workers], host)
-            window.append((done, len(idx)))
-            applied_here += 1
-            if s2.checkpoint_every and applied_here % s2.checkpoint_every == 0:
-                window.append((host.save_checkpoint.remote(str(checkpoint_dir)), 0))
-            faults.maybe_die(driver_faults, "driver", phase, epoch, t, marker_dir)
-            while len(window) > limit:  # backpressure
-                _drain_one(window, bar)
-        while window:
-            _drain_one(window, bar)
-        elapsed = bar.close()
-        if phase == VAL:
-            info = ray.get(host.initialize.remote())
-            log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
-        elif phase == ONLINE:
-            log_epoch(ray.get(host.end_epoch.remote(epoch)))
-        ray.get(host.save_checkpoint.remote(str(checkpoint_dir)))
+    try:  # the actors go in every case: a failed pass must not hold the cluster's CPUs
+        layout = ray.get(workers[0].layout.remote())
+        if consumers:
+            ray.get(host.set_layout.remote(layout))
+        resumed_from = None
+        if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
+            resumed_from = tuple(ray.get(host.status.remote())["position"])
+            log.info("stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir)
         status = ray.get(host.status.remote())
-        passes.append({
-            "phase": phase, "epoch": epoch, "seconds": round(elapsed, 3),
-            "samples": sum(len(b) for b in batches),
-            "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
-            "bytes_in": status["bytes_in"] - bytes_before,
-        })  # fmt: skip
-    worker_stats = ray.get([w.stats.remote() for w in workers])
-    info = {
-        "executor": "ray", "workers": n_workers, "transport": transport.name, "passes": passes,
-        "resumed_from": resumed_from, "bytes_in": status["bytes_in"],
-        "worker_busy_seconds": [w["busy_seconds"] for w in worker_stats],
-        "recomputed_batches": sum(w["recomputed"] for w in worker_stats),
-        "engine_calls": sum(w["engine_calls"] for w in worker_stats),
-    }  # fmt: skip
-    result: Stage2Result = ray.get(host.result.remote(info))
-    result.layout = layout
-    for actor in [*workers, host]:
-        ray.kill(actor)
-    return result
+        limit = n_workers * max(1, s2.max_in_flight)
+        log.info("stage2 on Ray: %d workers %s, transport %s, at most %d batches in flight",
+                 n_workers, resources, transport.name, limit)  # fmt: skip
+
+        passes = []
+        for phase, epoch, batches in plan.phases():
+            if phase == ONLINE and status["finished_online"]:
+                continue
+            busy_before, bytes_before = status["busy_seconds"], status["bytes_in"]
+            bar = Progress(phase_label(phase, epoch), total=sum(len(b) for b in batches))
+            window: deque = deque()
+            applied_here = 0
+            transport.start_phase(phase, host)
+            for t, idx in enumerate(batches):
+                key = (phase, epoch, t)
+                if order_key(*key) <= order_key(*status["position"]):
+                    bar.update(len(idx))
+                    continue
+                step = plan.online_step(epoch, t) if phase == ONLINE else -1
+                ids = [samples[i].id for i in idx]
+                pairs = [samples[i].pair for i in idx]
+                done = transport.submit(key, step, idx, ids, pairs, workers[t % n_workers], host)
+                window.append((done, len(idx)))
+                applied_here += 1
+                if s2.checkpoint_every and applied_here % s2.checkpoint_every == 0:
+                    window.append((host.save_checkpoint.remote(str(checkpoint_dir)), 0))
+                faults.maybe_die(driver_faults, "driver", phase, epoch, t, marker_dir)
+                while len(window) > limit:  # backpressure
+                    _drain_one(window, bar)
+            while window:
+                _drain_one(window, bar)
+            elapsed = bar.close()
+            if phase == VAL:
+                info = ray.get(host.initialize.remote())
+                log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
+            elif phase == ONLINE:
+                log_epoch(ray.get(host.end_epoch.remote(epoch)))
+            ray.get(host.save_checkpoint.remote(str(checkpoint_dir)))
+            status = ray.get(host.status.remote())
+            passes.append({
+                "phase": phase, "epoch": epoch, "seconds": round(elapsed, 3),
+                "samples": sum(len(b) for b in batches),
+                "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
+                "bytes_in": status["bytes_in"] - bytes_before,
+            })  # fmt: skip
+        worker_stats = ray.get([w.stats.remote() for w in workers])
+        info = {
+            "executor": "ray", "workers": n_workers, "transport": transport.name, "passes": passes,
+            "resumed_from": resumed_from, "bytes_in": status["bytes_in"],
+            "worker_busy_seconds": [w["busy_seconds"] for w in worker_stats],
+            "recomputed_batches": sum(w["recomputed"] for w in worker_stats),
+            "engine_calls": sum(w["engine_calls"] for w in worker_stats),
+        }  # fmt: skip
+        result: Stage2Result = ray.get(host.result.remote(info))
+        result.layout = layout
+        return result
+    finally:
+        for actor in [*workers, host]:
+            ray.kill(actor)
 
 
 def _drain_one(window: deque, bar: Progress) -> None:
