@@ -479,8 +479,19 @@ class ServeConfig:
         65536, "longest prompt (or chat, all messages together) in characters, checked before "
         "routing", ge=1,
     )
+    max_body_bytes: int = _f(
+        1_048_576, "largest request body in bytes (413 beyond it, before the body is parsed)",
+        ge=1024,
+    )  # fmt: skip
     max_queued_requests: int = _f(
         64, "requests each deployment queues beyond those it serves; more get 503 at once", ge=1
+    )
+    max_ensemble_requests: int = _f(
+        2, "ensemble requests (K experts per token) in progress at once per ingress replica; "
+        "more get 429", ge=1,
+    )  # fmt: skip
+    ensemble_max_new_tokens: int = _f(
+        128, "largest max_tokens an ensemble request may ask for", ge=1
     )
     request_timeout_s: float = _f(
         300.0, "end-to-end limit of one HTTP request in seconds (then 408)", gt=0

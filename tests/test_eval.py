@@ -144,7 +144,7 @@ def test_token_losses_match_a_plain_forward(two_adapters):
 
 
 def test_greedy_mixture_routes_like_generate_and_mixes_by_hand(two_adapters):
-    from gs_ray.evaluation.generate import greedy_mixture, using
+    from gs_ray.core.generate import greedy_mixture, using
 
     model = two_adapters
     prompts = [[1, 5, 9], [3, 8, 2, 11, 6]]

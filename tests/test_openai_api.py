@@ -14,24 +14,54 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fastapi.responses import JSONResponse
 
 from gs_ray.config import ServeConfig
+from gs_ray.core.generate import mixture_steps
 from gs_ray.serving.app import (
+    ENSEMBLE_MODEL,
+    MODEL,
     ChatRequest,
     CompletionRequest,
+    ExpertsDeployment,
+    Gate,
+    GateMiddleware,
     Ingress,
     OpenAIError,
     StopCutter,
     chat_prompt,
     cut_at_stop,
     expert_model,
+    install_gate,
     openai_validation_error,
 )
-from gs_ray.serving.pool import TextDeltas, ensemble_next_token
+from gs_ray.serving.pool import TextDeltas
+
+
+class _FixedLogits:
+    """A stand-in model with two adapters whose next-token logits never change."""
+
+    def __init__(self, logits: dict[str, torch.Tensor]):
+        self.logits, self.active = logits, None
+
+    def set_adapter(self, name: str) -> None:
+        self.active = name
+
+    def __call__(self, input_ids, **kwargs):
+        n = input_ids.shape[0]
+        out = self.logits[self.active].expand(n, input_ids.shape[1], -1)
+        return SimpleNamespace(logits=out, past_key_values=("cache", self.active))
+
+
+def _mixture_token(a, b, weights) -> int:
+    model = _FixedLogits({"a": a[None, None], "b": b[None, None]})
+    (token,) = next(mixture_steps(model, ["a", "b"], [weights], [[1, 2]], 1, 0, "cpu"))
+    return token
 
 
 def test_ensemble_step_by_hand():
-    """Two experts, three tokens. Expert 0 prefers token 0 strongly, expert 1 token 2 mildly:
+    """The served ensemble's step (core.generate.mixture_steps). Two experts, three tokens.
+    Expert 0 prefers token 0 strongly, expert 1 token 2 mildly:
     p0 = softmax([2, 0, 0]) = [0.787, 0.107, 0.107], p1 = softmax([0, 0, 0.5]) =
     [0.274, 0.274, 0.452]. With weights (0.3, 0.7): mixture [0.428, 0.224, 0.348] -> token 0;
     with (0.1, 0.9): [0.326, 0.257, 0.418] -> token 2. An average of logits would differ:
@@ -43,11 +73,12 @@ def test_ensemble_step_by_hand():
     p1 = [x / sum(f) for x in f]
     for w0 in (0.3, 0.1, 0.2, 0.25):
         mix = [w0 * x + (1 - w0) * y for x, y in zip(p0, p1, strict=True)]
-        assert ensemble_next_token([a, b], [w0, 1 - w0]) == mix.index(max(mix)), w0
-    assert ensemble_next_token([a, b], [0.3, 0.7]) == 0
-    assert ensemble_next_token([a, b], [0.1, 0.9]) == 2
+        assert _mixture_token(a, b, [w0, 1 - w0]) == mix.index(max(mix)), w0
+    assert _mixture_token(a, b, [0.3, 0.7]) == 0
+    assert _mixture_token(a, b, [0.1, 0.9]) == 2
     # probabilities, not logits: at (0.2, 0.8) mixed logits [0.4, 0, 0.4] tie, the mixture not
-    assert ensemble_next_token([a, b], [0.2, 0.8]) == 2  # [0.377, 0.241, 0.383]
+    assert _mixture_token(a, b, [0.2, 0.8]) == 2  # [0.377, 0.241, 0.383]
+    assert _mixture_token(a, b, [1.0, 0.0]) == 0  # an expert with no weight is not consulted
 
 
 def test_cut_at_stop_and_chat_prompt():
@@ -77,40 +108,106 @@ def test_openai_error_shape():
     assert openai_validation_error(e.value.errors()).param == "prompt"
 
 
-def test_api_key_gives_401_without_it(monkeypatch):
+def _through_gate(gate, path="/v1/completions", headers=None, chunks=(b"{}",), method="POST"):
+    """One request through ``GateMiddleware`` (with ``gate`` installed) in front of an app that
+    echoes what it read: (status, JSON body, what the app read or None, receive() calls)."""
+    from gs_ray.serving import app as app_module
+
+    seen: dict = {}
+    calls = {"receive": 0}
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                for i, c in enumerate(chunks)]  # fmt: skip
+
+    async def receive():
+        calls["receive"] += 1
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def downstream(scope, receive, send):
+        body = b""
+        if method == "POST":
+            message = await receive()
+            body = message["body"]
+        seen["body"] = body
+        await JSONResponse({"read": len(body)})(scope, receive, send)
+
+    sent: list = []
+
+    async def send(message):
+        sent.append(message)
+
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": raw,
+             "query_string": b""}  # fmt: skip
+    if gate is None:
+        app_module._GATE.clear()
+    else:
+        install_gate(gate)
+    asyncio.run(GateMiddleware(downstream)(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    return status, body, seen.get("body"), calls["receive"]
+
+
+def test_api_key_is_checked_before_the_body_is_read(monkeypatch):
     """The key is resolved where the app is built (the driver), from serve.api_key or the
-    shell's GS_RAY_API_KEY; the Ingress holds its digest and checks every route but health."""
+    shell's GS_RAY_API_KEY; the gate in front of every route but /healthz (the docs too)
+    refuses a request without it before anything reads its body."""
     from gs_ray.serving.app import api_key_digest
 
-    ingress = next(c for c in Ingress.func_or_class.__mro__ if "_auth" in vars(c))
-    shell = object.__new__(ingress)
-
-    def req(header=None):
-        return SimpleNamespace(headers={} if header is None else {"authorization": header})
-
     monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
-    shell.key_sha256 = api_key_digest(ServeConfig())
-    assert shell.key_sha256 is None
-    shell._auth(req())  # no key set: open (loopback only, below)
+    assert api_key_digest(ServeConfig()) is None
+    host = {"host": "127.0.0.1:8000"}
+    open_gate = Gate.for_serving(ServeConfig(), None)
+    assert _through_gate(open_gate, headers=host)[0] == 200  # no key: open (loopback only)
     for cfg, env in ((ServeConfig(api_key="s3cret"), None), (ServeConfig(), "s3cret")):
         if env:
             monkeypatch.setenv("GS_RAY_API_KEY", env)
-        shell.key_sha256 = api_key_digest(cfg)
+        digest = api_key_digest(cfg)
         monkeypatch.delenv("GS_RAY_API_KEY", raising=False)  # the replica's env does not matter
-        assert shell.key_sha256 and "s3cret" not in shell.key_sha256
-        for bad in (None, "s3cret", "Bearer nope", "Basic s3cret", "Bearer ", "Bearer \ud800"):
-            with pytest.raises(OpenAIError) as e:
-                shell._auth(req(bad))
-            assert e.value.status == 401 and e.value.type == "authentication_error"
-        shell._auth(req("Bearer s3cret"))
-    # every route but health calls _auth first
-    shell.key_sha256 = api_key_digest(ServeConfig(api_key="k"))
-    shell.info_ = {"n_experts": 3}
-    with pytest.raises(OpenAIError):
-        asyncio.run(ingress.models(shell, req()))
-    with pytest.raises(OpenAIError):
-        asyncio.run(ingress.info(shell, req()))
-    assert asyncio.run(ingress.healthz(shell)) == "ok"
+        assert digest and "s3cret" not in digest
+        gate = Gate.for_serving(cfg, digest)
+        for bad in (None, "s3cret", "Bearer nope", "Basic s3cret", "Bearer ", "Bearer \xe9"):
+            for path, method in (("/v1/completions", "POST"), ("/docs", "GET"),
+                                 ("/openapi.json", "GET"), ("/info", "GET")):  # fmt: skip
+                headers = {} if bad is None else {"authorization": bad}
+                status, body, read, receives = _through_gate(gate, path, headers, method=method)
+                assert status == 401 and body["error"]["type"] == "authentication_error"
+                assert read is None and receives == 0, (bad, path)  # the body was never read
+        status, body, read, _ = _through_gate(gate, headers={"authorization": "Bearer s3cret"},
+                                              chunks=(b'{"a":', b" 1}"))  # fmt: skip
+        assert status == 200 and read == b'{"a": 1}'  # the app gets the whole body, once
+        assert _through_gate(gate, "/healthz", method="GET")[0] == 200
+    assert _through_gate(None, headers=host)[0] == 503  # no gate installed: nothing served
+
+
+def test_the_body_size_is_bounded_before_parsing():
+    gate = Gate(None, 1024, False)
+    status, body, read, receives = _through_gate(gate, headers={"content-length": "4096"})
+    assert status == 413 and body["error"]["code"] == "request_too_large" and receives == 0
+    assert _through_gate(gate, headers={"content-length": "x"})[0] == 413
+    # a chunked body (no length) is counted as it comes and cut off at the limit
+    chunks = tuple([b"x" * 600] * 50)
+    status, _, read, receives = _through_gate(gate, chunks=chunks)
+    assert status == 413 and read is None and receives == 2
+    status, _, read, _ = _through_gate(gate, chunks=(b"x" * 600, b"y" * 400))
+    assert status == 200 and read == b"x" * 600 + b"y" * 400
+
+
+def test_without_a_key_only_loopback_host_names_are_answered():
+    """No key on a loopback host: a Host header that names anything else is refused (a web
+    page that rebinds its own name to 127.0.0.1 must not reach the models)."""
+    gate = Gate.for_serving(ServeConfig(), None)
+    for ok in ("127.0.0.1:8000", "localhost", "LOCALHOST:80", "[::1]:8000"):
+        assert _through_gate(gate, headers={"host": ok})[0] == 200, ok
+    for bad in ("evil.example", "evil.example:8000", "127.0.0.1.nip.io", "", "[::2]:80"):
+        status, body, read, _ = _through_gate(gate, headers={"host": bad} if bad else {})
+        assert status == 400 and body["error"]["code"] == "invalid_host" and read is None, bad
+    assert _through_gate(gate, "/healthz", headers={"host": "x"}, method="GET")[0] == 200
+    # a key, or a public host opened on purpose: the Host is not what protects the server
+    keyed = Gate.for_serving(ServeConfig(), "0" * 64)
+    assert _through_gate(keyed, headers={"host": "gpu-box.example"})[0] == 401
+    public = Gate.for_serving(ServeConfig(host="0.0.0.0", allow_no_key=True), None)
+    assert _through_gate(public, headers={"host": "gpu-box.example"})[0] == 200
 
 
 def test_a_public_host_without_a_key_is_refused(monkeypatch):
@@ -255,3 +352,155 @@ def test_route_says_which_adapter_and_why_with_the_generalist_fallback():
     assert GENERALIST_MODEL in shell._models()
     shell.info_ = {"n_experts": 3, "generalist": None}
     assert GENERALIST_MODEL not in shell._models()
+
+
+def _ingress_shell(cfg: ServeConfig, experts, n_experts: int = 2):
+    """An Ingress without Ray: its methods on fake router and experts handles."""
+    from gs_ray.serving.app import Ingress
+
+    cls = next(c for c in Ingress.func_or_class.__mro__ if "_plan" in vars(c))
+    shell = object.__new__(cls)
+
+    class Router:
+        class route:
+            @staticmethod
+            async def remote(prompt):
+                return {"expert": 0, "probs": [1.0] + [0.0] * (n_experts - 1)}
+
+    shell.router, shell.experts, shell.cfg = Router(), experts, cfg
+    shell.info_ = {"n_experts": n_experts, "generalist": None}
+    shell.ensembles_running = 0
+    return shell
+
+
+class _Pieces:
+    """A stand-in for a streamed DeploymentResponseGenerator."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _streamed(shell, pieces, model=MODEL, consume=None):
+    """The SSE lines of one streamed completion through ``Ingress._stream``."""
+
+    class Experts:
+        def options(self, stream):
+            return self
+
+        class stream:
+            @staticmethod
+            def remote(*args):
+                return pieces
+
+    shell.experts = Experts()
+    req = CompletionRequest(model=model, prompt="hi", stream=True)
+    choice = lambda text, finish: {"text": text, "finish_reason": finish}  # noqa: E731
+
+    async def go():
+        response = await shell._stream(req, "hi", None, {"id": "x"}, choice)
+        lines = []
+        async for line in response.body_iterator:
+            lines.append(line)
+            if consume is not None and len(lines) == consume:
+                await response.body_iterator.aclose()  # the client went away
+                break
+        return lines
+
+    return asyncio.run(go())
+
+
+def test_a_stream_that_fails_after_its_first_chunk_ends_with_an_error_and_done():
+    done = {"done": True, "n_prompt_tokens": 1, "n_new_tokens": 2, "finish_reason": "length"}
+    shell = _ingress_shell(ServeConfig(), None)
+    ok = _streamed(shell, _Pieces([{"text": "a"}, {"text": "b"}, done]))
+    assert ok[-1] == "data: [DONE]\n\n" and '"finish_reason": "length"' in ok[-2]
+    for failure in ({"error": "generation failed (RuntimeError)", "server_error": True},
+                    RuntimeError("the experts replica died")):  # fmt: skip
+        lines = _streamed(shell, _Pieces([{"text": "a"}, failure, {"text": "never"}]))
+        error = json.loads(lines[-2].removeprefix("data: "))
+        assert lines[-1] == "data: [DONE]\n\n" and error["error"]["type"] == "server_error"
+        assert not any("never" in x for x in lines)
+
+
+def test_a_client_that_goes_away_cancels_its_generation():
+    """The Ingress cancels the experts' stream when its client goes away; the experts replica's
+    stream stops the pool's generation (closes it) instead of running to max_tokens."""
+    shell = _ingress_shell(ServeConfig(), None)
+    pieces = _Pieces([{"text": str(i)} for i in range(100)])
+    _streamed(shell, pieces, consume=2)
+    assert pieces.cancelled and len(pieces.items) > 90
+
+    import threading
+    import time
+
+    made, closed = [], threading.Event()
+
+    class Pool:
+        def stream(self, prompt, expert, m, **kwargs):
+            try:
+                for i in range(m):
+                    made.append(i)
+                    time.sleep(0.002)
+                    yield str(i)
+            finally:
+                closed.set()
+
+    cls = next(c for c in ExpertsDeployment.func_or_class.__mro__ if "stream" in vars(c))
+    deployment = object.__new__(cls)
+    deployment.pool, deployment.n_requests = Pool(), 0
+
+    async def consume_two():
+        gen = cls.stream(deployment, "hi", 0, 10_000, None)
+        got = [await gen.__anext__(), await gen.__anext__()]
+        await gen.aclose()
+        return got
+
+    assert asyncio.run(consume_two()) == [{"text": "0"}, {"text": "1"}]
+    assert closed.wait(5) and len(made) < 100  # stopped, not run to 10,000 tokens
+
+
+def test_ensemble_requests_have_their_own_limits():
+    """An ensemble request (K forwards per token) has its own max_tokens limit and at most
+    serve.max_ensemble_requests run at once per replica (429 beyond); a slot is given back when
+    its request ends, failed or not."""
+
+    class Experts:
+        class generate:
+            @staticmethod
+            async def remote(row):
+                raise RuntimeError("replica died")
+
+    cfg = ServeConfig(max_ensemble_requests=1, ensemble_max_new_tokens=8)
+    shell = _ingress_shell(cfg, Experts())
+    too_long = CompletionRequest(model=ENSEMBLE_MODEL, prompt="hi", max_tokens=9)
+    with pytest.raises(OpenAIError) as e:
+        asyncio.run(shell._plan(too_long, "hi"))
+    assert e.value.status == 400 and e.value.param == "max_tokens" and "ensemble" in str(e.value)
+    routed = CompletionRequest(model=MODEL, prompt="hi", max_tokens=9)
+    assert asyncio.run(shell._plan(routed, "hi"))["m"] == 9  # only the ensemble's limit
+    ensemble = CompletionRequest(model=ENSEMBLE_MODEL, prompt="hi", max_tokens=4)
+    assert shell._take_ensemble_slot(ensemble) and shell.ensembles_running == 1
+    with pytest.raises(OpenAIError) as e:
+        shell._take_ensemble_slot(ensemble)
+    assert e.value.status == 429 and e.value.code == "rate_limit_exceeded"
+    assert not shell._take_ensemble_slot(routed)  # routed requests take no slot
+    shell._give_back(True)
+    with pytest.raises(RuntimeError, match="replica died"):
+        asyncio.run(shell._complete(ensemble, "hi"))
+    assert shell.ensembles_running == 0
+    lines = _streamed(shell, _Pieces([{"text": "a"}, RuntimeError("x")]), ENSEMBLE_MODEL)
+    assert lines[-1] == "data: [DONE]\n\n" and shell.ensembles_running == 0

@@ -553,6 +553,18 @@ def test_serve_replicas_listen_on_loopback_only(served, ray_cluster):
 
 
 @pytest.mark.ray
+def test_http_gate_refuses_other_host_names_and_large_bodies(served):
+    """On the running server (no key, loopback): a Host that is not a loopback name gets 400,
+    a body over serve.max_body_bytes 413 before it is parsed; the docs stay 404."""
+    body = {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 2}
+    status, out = _http(f"{served}/v1/completions", body, headers={"Host": "evil.example"})
+    assert status == 400 and out["error"]["code"] == "invalid_host", out
+    status, out = _http(f"{served}/v1/completions", {**body, "pad": "x" * 1_100_000})
+    assert status == 413 and out["error"]["code"] == "request_too_large", out
+    assert _http(f"{served}/v1/completions", body)[0] == 200
+
+
+@pytest.mark.ray
 def test_http_api_docs_are_off_by_default(served):
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert _http(f"{served}{path}")[0] == 404, path
@@ -734,6 +746,35 @@ def test_stream_joins_to_the_answers_of_generate_sample_and_ensemble(pool):
         next(pool.stream(PROMPTS[0], K, 4))
     *_, done = pool.stream(PROMPTS[0], 0, 3)  # a stream ended early leaves the pool usable
     assert done.n_new_tokens <= 3 and pool.generate([PROMPTS[0]], [0], 3)[0] == done
+
+
+def test_a_stream_closed_early_stops_its_generation(pool, monkeypatch):
+    """A consumer that stops (a client gone) stops generate at its next token, and the pool's
+    lock is free at once: no generation runs on to max_new_tokens under the lock."""
+    made = []
+    original = pool.model.generate
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        made.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(pool.model, "generate", spy)
+    stream = pool.stream(PROMPTS[0], 0, 400)
+    first = [next(stream), next(stream)]
+    assert all(isinstance(x, str) for x in first)  # still generating: no EOS yet
+    stream.close()
+    assert len(made) == 1 and made[0] < 50, made  # not 400
+    assert pool.lock.acquire(blocking=False)
+    pool.lock.release()
+
+
+def test_a_seeded_request_leaves_the_rng_as_it_was(pool):
+    """A seed decides its own request's draws only: the global RNG is restored after."""
+    state = torch.get_rng_state()
+    a = pool.sample(PROMPTS[1], 0, 6, 1.0, 0.9, seed=7)
+    *_, b = pool.stream(PROMPTS[1], 0, 6, sampling=(1.0, 0.9, 7))
+    assert torch.equal(torch.get_rng_state(), state) and a == b
 
 
 def test_sampling_is_reproducible_with_a_seed(pool):
@@ -1048,6 +1089,9 @@ def test_http_api_key_401_without_it(keyed):
         status, out = _http(f"{keyed}{path}", body, headers={"Authorization": f"Bearer {KEY}"})
         assert status == 200, (path, out)
     assert _http(f"{keyed}/healthz") == (200, "ok")
+    for path in ("/docs", "/openapi.json", "/redoc", "/nowhere"):  # the docs too, before a 404
+        status, out = _http(f"{keyed}{path}")
+        assert status == 401 and out["error"]["code"] == "invalid_api_key", (path, out)
     client = openai.OpenAI(base_url=f"{keyed}/v1", api_key=KEY, max_retries=0, timeout=120)
     r = client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1], max_tokens=4,
                                   temperature=0)  # fmt: skip

@@ -305,14 +305,14 @@ class Scorer:
         self.model.eval()
 
     def losses(self, name: str | None, pairs, pad_id: int) -> list[np.ndarray]:
-        from gs_ray.evaluation.generate import using
+        from gs_ray.core.generate import using
         from gs_ray.training.loop import token_losses
 
         with using(self.model, name):
             return token_losses(self.model, pairs, pad_id)
 
     def generate(self, names, weights, prompts, max_new_tokens: int, eos_id, pad_id: int):
-        from gs_ray.evaluation.generate import greedy_mixture
+        from gs_ray.core.generate import greedy_mixture
 
         return greedy_mixture(self.model, names, weights, prompts, max_new_tokens, eos_id, pad_id)
 

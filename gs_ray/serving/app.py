@@ -49,9 +49,11 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
@@ -236,10 +238,14 @@ class ExpertsDeployment:
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         end = object()
+        gone = threading.Event()  # the caller went away (a client that disconnected)
 
         def run() -> None:  # one thread from first token to last: it holds the pool's lock
+            pieces = self.pool.stream(prompt, expert, m, **kwargs)
             try:
-                for item in self.pool.stream(prompt, expert, m, **kwargs):
+                for item in pieces:
+                    if gone.is_set():
+                        break  # closing the pool's stream stops its generation at once
                     loop.call_soon_threadsafe(items.put_nowait, item)
             except ServingError as e:
                 loop.call_soon_threadsafe(items.put_nowait, e)
@@ -248,19 +254,24 @@ class ExpertsDeployment:
                 failed = ServingError(f"generation failed ({type(e).__name__})")
                 loop.call_soon_threadsafe(items.put_nowait, failed)
             finally:
+                pieces.close()
                 loop.call_soon_threadsafe(items.put_nowait, end)
 
         self.n_requests += 1
         worker = loop.run_in_executor(None, run)
-        while (item := await items.get()) is not end:
-            if isinstance(item, ServingError):
-                yield {"error": str(item)}
-            elif isinstance(item, Generation):
-                yield {"done": True, "n_prompt_tokens": item.n_prompt_tokens,
-                       "n_new_tokens": item.n_new_tokens, "finish_reason": item.finish_reason}  # fmt: skip
-            else:
-                yield {"text": item}
-        await worker
+        try:
+            while (item := await items.get()) is not end:
+                if isinstance(item, ServingError):
+                    yield {"error": str(item)}
+                elif isinstance(item, Generation):
+                    yield {"done": True, "n_prompt_tokens": item.n_prompt_tokens,
+                           "n_new_tokens": item.n_new_tokens,
+                           "finish_reason": item.finish_reason}  # fmt: skip
+                else:
+                    yield {"text": item}
+        finally:  # also when the caller cancels or closes this generator
+            gone.set()
+            await asyncio.shield(worker)
 
     def stats(self) -> dict[str, Any]:
         """Batches and requests served so far, and the sizes of the latest 1,024 batches."""
@@ -354,10 +365,12 @@ class OpenAIError(Exception):
             status, message, param, code, type_,
         )  # fmt: skip
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}  # fmt: skip
-        return JSONResponse(body, status_code=self.status)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 class StreamOptions(BaseModel):
@@ -500,6 +513,114 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+# --------------------------------------------------------------------------- the gate
+
+
+OPEN_PATHS = frozenset({"/healthz"})  # the only path a request without the key may reach
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, without its port: ``[::1]:8000`` -> ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What every request passes before its body is read (``GateMiddleware``): the API key
+    (its SHA-256), the Host header where no key is set on a loopback host (a web page must
+    not reach the server through a name that resolves to 127.0.0.1: DNS rebinding), and the
+    body's size."""
+
+    key_sha256: str | None
+    max_body_bytes: int
+    loopback_hosts_only: bool
+
+    @classmethod
+    def for_serving(cls, cfg: ServeConfig, key_sha256: str | None) -> "Gate":
+        return cls(key_sha256, cfg.max_body_bytes,
+                   key_sha256 is None and cfg.host in LOOPBACK_HOSTS)  # fmt: skip
+
+    def refusal(self, path: str, headers: dict[str, str]) -> OpenAIError | None:
+        """Why a request with these headers is refused before its body is read (None: pass)."""
+        if path in OPEN_PATHS:
+            return None
+        if self.loopback_hosts_only and host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
+            return OpenAIError(400, "Host: this server answers only to a loopback name "
+                                    "(localhost, 127.0.0.1, [::1]) when it has no API key",
+                               "host", "invalid_host")  # fmt: skip
+        if self.key_sha256 is not None:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.key_sha256):
+                return OpenAIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                   None, "invalid_api_key", "authentication_error")  # fmt: skip
+        length = headers.get("content-length", "0").strip() or "0"
+        if not length.isdigit() or int(length) > self.max_body_bytes:
+            return self.too_large()
+        return None
+
+    def too_large(self) -> OpenAIError:
+        return OpenAIError(413, f"the request body is over {self.max_body_bytes} bytes "
+                                "(serve.max_body_bytes)", None, "request_too_large")  # fmt: skip
+
+
+_GATE: list[Gate] = []  # this replica's gate, set by the Ingress (install_gate)
+
+
+def install_gate(gate: Gate) -> None:
+    """Give this process's ``GateMiddleware`` its gate (called in the Ingress's constructor;
+    a module function so that the Ingress, pickled by value into its replica, reaches this
+    module's state)."""
+    _GATE[:] = [gate]
+
+
+class GateMiddleware:
+    """ASGI middleware in front of every route: refuses by headers (``Gate.refusal``: key,
+    Host, declared length) before anything reads the body, then reads the body itself,
+    counting, so that a chunked body over the limit is cut off at the limit (413). No gate
+    installed yet: 503 (nothing is served unchecked)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if not _GATE:
+            refused: OpenAIError | None = OpenAIError(503, "not ready", None, None, "server_error")
+        else:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope.get("headers", [])}  # fmt: skip
+            refused = _GATE[0].refusal(path, headers)
+        if refused is not None:
+            return await refused.response()(scope, receive, send)
+        if scope.get("method") in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > _GATE[0].max_body_bytes:
+                return await _GATE[0].too_large().response()(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return body.pop() if body else await receive()
+
+        return await self.app(scope, replay, send)
+
+
 # (Defined before Ingress: serve.ingress captures the class's globals when it is decorated.)
 # The docs routes are the Ingress's own, answering only with serve.api_docs (see Ingress.docs).
 api = FastAPI(
@@ -509,6 +630,9 @@ api = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
+
+
+api.add_middleware(GateMiddleware)
 
 
 @api.exception_handler(RequestValidationError)
@@ -534,18 +658,8 @@ class Ingress:
         on a cluster the replica's own environment is the raylet's, not the user's shell)."""
         bind_replica_grpc_to_node()  # before Ray's _on_initialized binds it
         self.router, self.experts, self.info_, self.cfg = router, experts, info, cfg
-        self.key_sha256 = key_sha256
-
-    def _auth(self, request: Request) -> None:
-        """With an API key set, a request must carry ``Authorization: Bearer KEY`` (401)."""
-        if self.key_sha256 is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.key_sha256):
-            raise OpenAIError(401, "missing or wrong API key (Authorization: Bearer KEY)", None,
-                              "invalid_api_key", "authentication_error")  # fmt: skip
+        install_gate(Gate.for_serving(cfg, key_sha256))  # key, Host, body size: GateMiddleware
+        self.ensembles_running = 0
 
     def _docs_allowed(self) -> None:
         if not self.cfg.api_docs:  # the same reply as any unknown path
@@ -573,8 +687,7 @@ class Ingress:
         return "ok"
 
     @api.get("/info")
-    async def info(self, request: Request) -> dict:
-        self._auth(request)
+    async def info(self) -> dict:
         return self.info_
 
     def _check_size(self, prompt: str, openai: bool = False) -> None:
@@ -587,16 +700,14 @@ class Ingress:
             raise HTTPException(400, f"{message} (serve.max_prompt_chars)")
 
     @api.post("/route")
-    async def route(self, req: RouteRequest, request: Request) -> dict:
-        self._auth(request)
+    async def route(self, req: RouteRequest) -> dict:
         self._check_size(req.prompt)
         start = time.perf_counter()
         out = await self.router.route.remote(req.prompt)
         return {**out, "route_ms": 1000 * (time.perf_counter() - start)}
 
     @api.post("/generate")
-    async def generate(self, req: GenerateRequest, request: Request) -> dict:
-        self._auth(request)
+    async def generate(self, req: GenerateRequest) -> dict:
         self._check_size(req.prompt)
         k_total = self.info_["n_experts"]
         m = req.max_new_tokens or self.cfg.max_new_tokens
@@ -627,8 +738,7 @@ class Ingress:
         return [MODEL, ENSEMBLE_MODEL] + experts + general
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        self._auth(request)
+    async def models(self) -> dict:
         created = 0
         return {"object": "list", "data": [
             {"id": m, "object": "model", "created": created, "owned_by": APP_NAME}
@@ -636,9 +746,8 @@ class Ingress:
         ]}  # fmt: skip
 
     @api.post("/v1/route")
-    async def v1_route(self, req: RouteRequest, request: Request) -> dict:
-        self._auth(request)
-        return await self.route(req, request)
+    async def v1_route(self, req: RouteRequest) -> dict:
+        return await self.route(req)
 
     async def _plan(self, req: _OpenAIRequest, prompt: str) -> dict[str, Any]:
         """Check the model and length, route (or not): what both generation paths share."""
@@ -647,9 +756,14 @@ class Ingress:
             raise OpenAIError(404, f"model: {req.model!r} does not exist; GET /v1/models lists "
                                    f"them", "model", "model_not_found")  # fmt: skip
         m = req.max_tokens or self.cfg.max_new_tokens
+        if req.model == ENSEMBLE_MODEL and not req.max_tokens:
+            m = min(m, self.cfg.ensemble_max_new_tokens)
         if m > self.cfg.max_new_tokens_limit:
             raise OpenAIError(400, f"max_tokens: {m} is over the limit "
                                    f"{self.cfg.max_new_tokens_limit}", "max_tokens")  # fmt: skip
+        if req.model == ENSEMBLE_MODEL and m > self.cfg.ensemble_max_new_tokens:
+            raise OpenAIError(400, f"max_tokens: {m} is over the ensemble's limit "
+                                   f"{self.cfg.ensemble_max_new_tokens}", "max_tokens")  # fmt: skip
         start = time.perf_counter()
         probs, routed = None, {}
         if req.model == MODEL or req.model == ENSEMBLE_MODEL:
@@ -671,6 +785,24 @@ class Ingress:
         return {"start": start, "m": m, "expert": expert, "probs": probs, "mode": mode,
                 "route_ms": route_ms, "fallback": bool(routed.get("fallback")),
                 "reason": routed.get("reason")}
+
+    def _take_ensemble_slot(self, req: _OpenAIRequest) -> bool:
+        """An ensemble request (a forward of every expert per token) takes one of
+        ``serve.max_ensemble_requests`` slots of this replica, or is refused (429); True when
+        a slot was taken (give it back with ``_give_back``)."""
+        if req.model != ENSEMBLE_MODEL:
+            return False
+        if self.ensembles_running >= self.cfg.max_ensemble_requests:
+            raise OpenAIError(429, f"{self.ensembles_running} ensemble requests are running, the "
+                                   f"limit (serve.max_ensemble_requests); retry later, or name "
+                                   f"{MODEL} (routed)", "model", "rate_limit_exceeded",
+                              "rate_limit_error")  # fmt: skip
+        self.ensembles_running += 1
+        return True
+
+    def _give_back(self, slot: bool) -> None:
+        if slot:
+            self.ensembles_running -= 1
 
     @staticmethod
     def _generation_error(out: dict[str, Any]) -> OpenAIError:
@@ -703,10 +835,14 @@ class Ingress:
     ) -> dict[str, Any]:
         """Route (or not), generate, cut at stop: the non-streamed body of both OpenAI routes."""
         plan = await self._plan(req, prompt)
-        # a chat goes to the experts as messages (their chat template, if any); the router sees
-        # the instruction
-        out = await self.experts.generate.remote((chat or prompt, plan["expert"], plan["m"],
-                                                  plan["mode"]))  # fmt: skip
+        slot = self._take_ensemble_slot(req)
+        try:
+            # a chat goes to the experts as messages (their chat template, if any); the router
+            # sees the instruction
+            out = await self.experts.generate.remote((chat or prompt, plan["expert"], plan["m"],
+                                                      plan["mode"]))  # fmt: skip
+        finally:
+            self._give_back(slot)
         if "error" in out:
             raise self._generation_error(out)
         text, stopped = cut_at_stop(out["text"], req.stop)
@@ -725,41 +861,63 @@ class Ingress:
         text, finish_reason)`` shapes one; ``opening``, the chat's role, goes first).
         The first piece is awaited before the response starts, so a request that cannot be
         served still gets its 400. The finish chunk carries ``usage`` and ``gs_ray``; with
-        ``stream_options.include_usage`` one more chunk with no choices carries ``usage``."""
+        ``stream_options.include_usage`` one more chunk with no choices carries ``usage``. A
+        failure after the first chunk ends the stream with an ``{"error": ...}`` event (OpenAI's
+        shape) and ``[DONE]``; a client that goes away cancels the generation."""
         plan = await self._plan(req, prompt)
-        pieces = self.experts.options(stream=True).stream.remote(
-            chat or prompt, plan["expert"], plan["m"], plan["mode"]
-        )
-        first = await pieces.__anext__()
+        slot = self._take_ensemble_slot(req)
+        try:
+            pieces = self.experts.options(stream=True).stream.remote(
+                chat or prompt, plan["expert"], plan["m"], plan["mode"]
+            )
+            first = await pieces.__anext__()
+        except BaseException:
+            self._give_back(slot)
+            raise
         if "error" in first:
+            self._give_back(slot)
+            pieces.cancel()
             raise self._generation_error(first)
 
         async def chunks() -> AsyncIterator[dict]:
-            cutter = StopCutter(req.stop)
-            if opening is not None:
-                yield {**head, "choices": [opening]}
-            item, sent = first, []
-            while "done" not in item:
-                text = cutter.feed(item["text"])
-                if text:
-                    sent.append(text)
-                    yield {**head, "choices": [choice(text, None)]}
-                item = await pieces.__anext__()
-            rest = cutter.finish()
-            if rest:
-                sent.append(rest)
-                yield {**head, "choices": [choice(rest, None)]}
-            out = self._result(req, plan, item, "".join(sent), cutter.stopped)
-            yield {**head, "choices": [choice("", out["finish_reason"])],
-                   "usage": out["usage"], "gs_ray": out["gs_ray"]}  # fmt: skip
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield {**head, "choices": [], "usage": out["usage"]}
+            finished = False
+            try:
+                cutter = StopCutter(req.stop)
+                if opening is not None:
+                    yield {**head, "choices": [opening]}
+                item, sent = first, []
+                while "done" not in item:
+                    if "error" in item:
+                        yield self._generation_error(item).body()
+                        return
+                    text = cutter.feed(item["text"])
+                    if text:
+                        sent.append(text)
+                        yield {**head, "choices": [choice(text, None)]}
+                    item = await pieces.__anext__()
+                finished = True
+                rest = cutter.finish()
+                if rest:
+                    sent.append(rest)
+                    yield {**head, "choices": [choice(rest, None)]}
+                out = self._result(req, plan, item, "".join(sent), cutter.stopped)
+                yield {**head, "choices": [choice("", out["finish_reason"])],
+                       "usage": out["usage"], "gs_ray": out["gs_ray"]}  # fmt: skip
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield {**head, "choices": [], "usage": out["usage"]}
+            except Exception as e:  # e.g. the experts replica died: say so, then [DONE]
+                log.exception("a stream failed after its first chunk")
+                yield OpenAIError(500, f"generation failed ({type(e).__name__})", None, None,
+                                  "server_error").body()  # fmt: skip
+            finally:  # also when the client went away (the response's task is cancelled)
+                self._give_back(slot)
+                if not finished:
+                    pieces.cancel()
 
         return _sse(chunks())
 
     @api.post("/v1/completions")
-    async def completions(self, req: CompletionRequest, request: Request) -> Any:
-        self._auth(request)
+    async def completions(self, req: CompletionRequest) -> Any:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": req.model}  # fmt: skip
         if req.stream:
@@ -774,8 +932,7 @@ class Ingress:
         return {**head, "choices": [choice], "usage": out["usage"], "gs_ray": out["gs_ray"]}
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, req: ChatRequest, request: Request) -> Any:
-        self._auth(request)
+    async def chat_completions(self, req: ChatRequest) -> Any:
         chat = [{"role": m.role, "content": m.content} for m in req.messages]
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": req.model}  # fmt: skip

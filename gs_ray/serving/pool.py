@@ -28,6 +28,7 @@ expert sees at inference exactly the prompt format it was trained on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -35,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gs_ray.config import Config
@@ -171,6 +173,36 @@ class _TokenQueue:
         self.queue.put(None)
 
 
+class SerialTokenizer:
+    """A tokenizer whose calls take turns: a fast (Rust) tokenizer used from two threads at once
+    can raise ("Already borrowed"), and the pool checks and renders requests beside a running
+    generation, outside its model lock. Attributes pass through."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self._lock = tokenizer, threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._tokenizer, name, value)
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        with self._lock:
+            return self._tokenizer.decode(*args, **kwargs)
+
+    def apply_chat_template(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+
 class ExpertPool:
     """The base model once, with the K experts as named LoRA adapters; greedy generation."""
 
@@ -195,8 +227,9 @@ class ExpertPool:
         self.cfg = cfg
         self.template = cfg.data.template
         self.device = torch.device(device) if device is not None else resolve_device("auto")
-        self.tokenizer = load_tokenizer(base_path)
-        self.tokenizer.padding_side = "left"  # generation continues every row at the same column
+        tokenizer = load_tokenizer(base_path)
+        tokenizer.padding_side = "left"  # generation continues every row at the same column
+        self.tokenizer = SerialTokenizer(tokenizer)
         base = load_base_model(base_path, cfg.model, self.device)
         first = safe_adapter(expert_paths[0])
         model = PeftModel.from_pretrained(base, first, adapter_name=adapter_name(0))
@@ -234,6 +267,10 @@ class ExpertPool:
         """``check`` plus the prompt's length: what one request needs before it joins a batch."""
         self.check(expert, max_new_tokens)
         check_fits(self._n_tokens(self.render(prompt)), max_new_tokens, self.max_positions)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
 
     def _n_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -284,29 +321,28 @@ class ExpertPool:
         seed: int | None,
     ) -> Generation:
         """One sampled answer (``temperature`` > 0, nucleus ``top_p``); the same ``seed`` gives
-        the same answer (the global torch RNG is seeded: a pool runs one call at a time)."""
+        the same answer (``seeded``: the RNG's state is the request's own and restored after,
+        so one client's seed never decides the next client's draws)."""
         self.check(expert, max_new_tokens)
         text = self.render(prompt)
         check_fits(self._n_tokens(text), max_new_tokens, self.max_positions)
-        if seed is not None:
-            torch.manual_seed(seed)
         self.model.set_adapter(adapter_name(expert))
         ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt").to(self.device)
-        out = self.model.generate(
-            **ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-            top_p=top_p, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )  # fmt: skip
+        with seeded(seed, self.device):
+            out = self.model.generate(
+                **ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                top_p=top_p, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )  # fmt: skip
         return self._finish(expert, out[0, ids["input_ids"].shape[1] :].tolist(),
                             ids["input_ids"].shape[1], max_new_tokens)  # fmt: skip
 
     @_locked
     def ensemble(self, prompt: str, weights: Sequence[float], max_new_tokens: int) -> Generation:
-        """The ensemble of all K experts: at each step the next token is
-        ``ensemble_next_token`` over the K experts' logits for the sequence so far (greedy over
-        the mixture ``sum_k w_k softmax(logits_k)``), until EOS or ``max_new_tokens``. Each step
-        runs the K adapters on the whole sequence (no KV cache): K times the cost of one expert,
-        at least."""
+        """The ensemble of all K experts: greedy over the mixture ``sum_k w_k softmax(logits_k)``
+        of the experts with weight, until EOS or ``max_new_tokens`` (``core.generate.
+        mixture_steps``, as ``gs-ray eval`` scores it: one KV cache per expert, so a step costs
+        one one-token forward per expert with weight)."""
         ids = self._ensemble_ids(prompt, weights, max_new_tokens)
         new = list(self._ensemble_tokens(ids, weights, max_new_tokens))
         return self._finish(-1, new, ids.shape[1], max_new_tokens)
@@ -322,22 +358,23 @@ class ExpertPool:
         check_fits(ids.shape[1], max_new_tokens, self.max_positions)
         return ids.to(self.device)
 
-    @torch.no_grad()
     def _ensemble_tokens(
         self, ids: torch.Tensor, weights: Sequence[float], max_new_tokens: int
     ) -> Iterator[int]:
         """The ensemble's tokens one by one (EOS included when it comes); hold ``lock``."""
+        from gs_ray.core.generate import mixture_steps
+
         eos = self.tokenizer.eos_token_id
-        for _ in range(max_new_tokens):
-            logits = []
-            for k in range(self.n_experts):
-                self.model.set_adapter(adapter_name(k))
-                logits.append(self.model(input_ids=ids).logits[0, -1])
-            token = ensemble_next_token(logits, weights)
-            yield token
-            if token == eos:
-                return
-            ids = torch.cat([ids, torch.tensor([[token]], device=self.device)], dim=1)
+        names = [adapter_name(k) for k in range(self.n_experts)]
+        steps = mixture_steps(self.model, names, np.asarray([weights], dtype=np.float64),
+                              [ids[0].tolist()], max_new_tokens, self.pad_id, self.device)  # fmt: skip
+        try:
+            for (token,) in steps:
+                yield token
+                if token == eos:
+                    return
+        finally:
+            steps.close()
 
     def stream(
         self,
@@ -353,7 +390,7 @@ class ExpertPool:
         ``sample``, or ``weights`` for the ensemble of all experts as ``ensemble``. A request
         that cannot be served raises ``ServingError`` before anything is yielded. The pool's
         lock is held from the first token to the last (batches wait for a stream), so consume
-        the whole iterator in one thread."""
+        the iterator in one thread; closing it early stops the generation."""
         if weights is not None:
             ids = self._ensemble_ids(prompt, weights, max_new_tokens)
             n_prompt, expert = ids.shape[1], -1
@@ -367,16 +404,20 @@ class ExpertPool:
         new: list[int] = []
         stop = False
         with self.lock:
-            for token in self._stream_tokens(ids, expert, max_new_tokens, sampling, weights):
-                if eos is not None and token == eos:
-                    stop = True
-                    break
-                if len(new) == max_new_tokens:
-                    break
-                new.append(token)
-                piece = deltas.add(token)
-                if piece:
-                    yield piece
+            tokens = self._stream_tokens(ids, expert, max_new_tokens, sampling, weights)
+            try:
+                for token in tokens:
+                    if eos is not None and token == eos:
+                        stop = True
+                        break
+                    if len(new) == max_new_tokens:
+                        break
+                    new.append(token)
+                    piece = deltas.add(token)
+                    if piece:
+                        yield piece
+            finally:  # a consumer that stops early stops the generation before the lock is free
+                tokens.close()
         rest = deltas.finish()
         if rest:
             yield rest
@@ -388,25 +429,33 @@ class ExpertPool:
         if weights is not None:
             yield from self._ensemble_tokens(ids.to(self.device), weights, max_new_tokens)
             return
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         self.model.set_adapter(adapter_name(expert))
+        seed = None
         if sampling is None:
             how: dict = {"do_sample": False}
         else:
             temperature, top_p, seed = sampling
-            if seed is not None:
-                torch.manual_seed(seed)
             how = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         streamer = _TokenQueue()
         failure: list[BaseException] = []
+        halt = threading.Event()  # set when the consumer stops early (a client that went away)
+
+        class _Halted(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool,
+                                  device=input_ids.device)  # fmt: skip
 
         def run() -> None:
             try:
-                with torch.no_grad():
+                with torch.no_grad(), seeded(seed, self.device):
                     self.model.generate(
                         input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(
                             self.device), max_new_tokens=max_new_tokens, streamer=streamer,
                         pad_token_id=self.tokenizer.pad_token_id,
-                        eos_token_id=self.tokenizer.eos_token_id, **how,
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        stopping_criteria=StoppingCriteriaList([_Halted()]), **how,
                     )  # fmt: skip
             except BaseException as e:  # handed to the consumer, raised there
                 failure.append(e)
@@ -418,7 +467,8 @@ class ExpertPool:
             while (token := streamer.queue.get()) is not None:
                 yield token
         finally:
-            worker.join()  # a consumer that stops early still waits for generate to end
+            halt.set()  # a consumer that stops early stops generate at its next token
+            worker.join()
         if failure:
             raise failure[0]
 
@@ -476,13 +526,17 @@ class ExpertPool:
         return results
 
 
-def ensemble_next_token(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> int:
-    """The ensemble's greedy step: ``argmax_v sum_k w_k softmax(logits_k)_v`` (ELREA-style: the
-    experts' next-token distributions mixed with the router's probabilities as weights)."""
-    mix = sum(
-        float(w) * torch.softmax(x.float(), dim=-1) for x, w in zip(logits, weights, strict=True)
-    )
-    return int(torch.argmax(mix))
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Inside: torch's RNG seeded with ``seed`` (none: as it was); after: restored to its state
+    before, so a seeded request leaves no trace for the next one (hold the pool's lock)."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 class ServedRun:

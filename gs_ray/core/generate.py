@@ -117,18 +117,36 @@ def _greedy_mixture_uncached(model, names, weights, prompts, max_new_tokens, eos
 
 def _greedy_mixture_cached(model, names, weights, prompts, max_new_tokens, eos_id, pad_id,
                            device) -> list[list[int]]:  # fmt: skip
-    """One batch of the mixture with a KV cache per adapter: the prompt is read once under each
-    adapter that has weight for some row, then every step feeds each cache only the token the
-    mixture chose. Rows that reached EOS keep stepping (their tokens are dropped), so that the
-    caches stay one batch."""
-    w = torch.as_tensor(weights)
+    """One batch of the mixture with a KV cache per adapter (``mixture_steps``). Rows that
+    reached EOS keep stepping (their tokens are dropped), so that the caches stay one batch."""
+    gen: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for chosen in mixture_steps(model, names, weights, prompts, max_new_tokens, pad_id, device):
+        for j, token in enumerate(chosen):
+            if done[j]:
+                continue
+            if eos_id is not None and token == eos_id:
+                done[j] = True
+            else:
+                gen[j].append(token)
+        if all(done):
+            break
+    return gen
+
+
+@torch.no_grad()
+def mixture_steps(model, names: Sequence[str | None], weights, prompts: Sequence[Sequence[int]],
+                  max_new_tokens: int, pad_id: int, device) -> Iterator[list[int]]:  # fmt: skip
+    """The mixture's greedy token of every row, one step at a time (``max_new_tokens`` steps
+    unless the consumer stops early; EOS is the consumer's to notice). Each adapter with weight
+    for some row reads the prompts once, then keeps a KV cache that is fed only the token the
+    mixture chose: one forward of one token per adapter per step."""
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
     ids, mask = _left_pad([list(p) for p in prompts], pad_id)
     ids, mask = ids.to(device), mask.to(device)
     rows = {a: torch.nonzero(w[:, a] > 0).flatten() for a in range(len(names))}
     rows = {a: r for a, r in rows.items() if len(r)}
     caches: dict[int, Any] = {}
-    gen: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
     nxt = None
     for _ in range(max_new_tokens):
         mixed = None
@@ -147,18 +165,9 @@ def _greedy_mixture_cached(model, names, weights, prompts, max_new_tokens, eos_i
                 mixed = torch.zeros(len(prompts), probs.shape[-1], dtype=torch.float64)
             mixed[r] += w[r, a, None] * probs
         chosen = mixed.argmax(-1)
-        for j, token in enumerate(chosen.tolist()):
-            if done[j]:
-                continue
-            if eos_id is not None and token == eos_id:
-                done[j] = True
-            else:
-                gen[j].append(token)
-        if all(done):
-            break
+        yield chosen.tolist()
         nxt = chosen.to(device)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return gen
 
 
 def _greedy_routed(model, names, chosen, prompts, max_new_tokens, eos_id, pad_id, batch_size,
