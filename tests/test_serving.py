@@ -1106,6 +1106,33 @@ def test_http_api_key_401_without_it(keyed):
         bad.completions.create(model="gs-ray", prompt=PROMPTS[1], max_tokens=4, stream=True)
 
 
+ABUSE_EXPECTED = {"body_over_limit": {"413", "-1"}, "prompt_over_limit": {"400"},
+                  "max_tokens_over_limit": {"400"}, "temperature_underflow": {"400"},
+                  "seed_out_of_range": {"400"}, "too_many_stops": {"400"},
+                  "foreign_host": {"400"}, "broken_json": {"400"},
+                  "stream_hangs_up": {"200"}}  # fmt: skip
+
+
+@pytest.mark.ray
+def test_serve_abuse_benchmark_smoke(served, run_dir, tmp_path):
+    """benchmarks/serve_abuse.py --smoke against the running server: every valid request
+    answered, every abusive kind refused with its own 4xx (or a stream that hangs up), no 5xx,
+    and its JSON written."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_abuse
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = serve_abuse.main(["--url", served, "--serve-run-dir", str(run_dir), "--smoke",
+                            "--json", str(tmp_path / "abuse.json")])  # fmt: skip
+    assert out["valid_non_200"] == 0 and out["errors_5xx"] == 0, out
+    assert out["within_time_limit"]
+    assert out["abusive_statuses"].keys() == ABUSE_EXPECTED.keys(), out
+    for kind, counts in out["abusive_statuses"].items():
+        assert set(counts) <= ABUSE_EXPECTED[kind], (kind, counts)
+    assert json.loads((tmp_path / "abuse.json").read_text())["p99_ratio"] > 0
+
+
 @pytest.mark.ray
 def test_serve_shuts_down_cleanly(served):
     """Last in the module: after the load above, serve.shutdown() stops the app and frees the
