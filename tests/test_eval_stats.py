@@ -71,3 +71,30 @@ def test_report_stage_table_reads_the_manifests_status():
     assert "<td>warmup</td><td>done</td><td>3.5" in rows[0].replace("\n", "")
     assert "<td>running</td>" in rows[1] and "<td>not done</td>" in rows[2]
     assert "status" not in rows[0]  # the details column leaves the status out
+
+
+def test_report_escapes_what_a_run_directory_says(tmp_path):
+    """A run directory is outside input: every field the report shows from it is HTML-escaped
+    (numbers included: a crafted k_selection.json or tune results must not inject markup)."""
+    import json
+
+    from gs_ray.evaluation.report import build_report
+    from gs_ray.rundir import RunDir
+
+    bad = "<script>alert(1)</script>"
+    run = tmp_path / "run-x"
+    (run / "stage2").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"stages": {"prepare": {"status": "done"}}}))
+    (run / "stage2" / "k_selection.json").write_text(json.dumps({
+        "chosen": {"k": bad, "silhouette": bad, "n_components": bad, "threshold": bad},
+        "routability": {"k_before": bad, "k_after": bad, "agreement_before": bad,
+                        "agreement_after": bad, "target": bad, "merges": [bad]},
+        "structure": {"verdict": bad}}))  # fmt: skip
+    tune = RunDir.open(run).tune_results_json
+    tune.parent.mkdir(parents=True, exist_ok=True)
+    tune.write_text(json.dumps({"best_k": bad, "rule": bad, "best_silhouette_k": bad,
+                                "weak_structure": True, "structure_verdict": bad,
+                                "table": [{"k": bad, "k_routed": bad, "val_loss": bad,
+                                           "silhouette": bad}]}))  # fmt: skip
+    page = build_report(run).read_text()
+    assert "<script>" not in page and page.count("&lt;script&gt;") >= 14

@@ -82,13 +82,13 @@ def _vs(entry: dict | None, named: bool = False) -> str:
 def _tune_section(tune: dict[str, Any]) -> str:
     """Ray Tune's K search: routed held-out loss per K, the K it chose, and whether the gradient
     structure is weak (then the routed loss, not the silhouette, is what picked K)."""
-    rows = "".join(f"<tr><td>{r['k']}</td><td>{r.get('k_routed', r['k'])}</td>"
+    rows = "".join(f"<tr><td>{_num(r['k'])}</td><td>{_num(r.get('k_routed', r['k']))}</td>"
                    f"<td>{_num(r['val_loss'])}</td><td>{_num(r.get('silhouette'))}</td></tr>"
                    for r in tune["table"])  # fmt: skip
     weak = (f"<p><b>The gradient structure is weak</b> ({html.escape(tune.get('structure_verdict', ''))})"
-            f"; the routed loss prefers K = {tune['best_k']}.</p>" if tune.get("weak_structure") else "")  # fmt: skip
-    return (f"<h2>K chosen by Ray Tune</h2><p>K = {tune['best_k']} by {html.escape(tune['rule'])}; "
-            f"the best silhouette was at K = {tune['best_silhouette_k']}.</p>{weak}"
+            f"; the routed loss prefers K = {_num(tune['best_k'])}.</p>" if tune.get("weak_structure") else "")  # fmt: skip
+    return (f"<h2>K chosen by Ray Tune</h2><p>K = {_num(tune['best_k'])} by {html.escape(tune['rule'])}; "
+            f"the best silhouette was at K = {_num(tune['best_silhouette_k'])}.</p>{weak}"
             "<table><tr><th>K</th><th>K after the merge</th><th>routed held-out loss</th>"
             f"<th>silhouette</th></tr>{rows}</table>")  # fmt: skip
 
@@ -125,9 +125,9 @@ def _eval_section(ev: dict) -> str:
     if domains:
         rows = [[n, *[methods[n]["test_loss_by_domain"].get(d) for d in domains]] for n in names]
         out.append("<h3>Held-out loss per domain</h3>" + _table(["method", *domains], rows))
-    out.append(f"<p class=note>{ev['n_test']} held-out samples (sha256 "
-               f"{ev['test_ids_sha256'][:12]}...), {ev['n_exact_match_items']} checkable items "
-               f"generated per method, seeds {ev['seeds']}. Budget: {html.escape(ev['budget']['rule'])}"
+    out.append(f"<p class=note>{_num(ev['n_test'])} held-out samples (sha256 "
+               f"{_num(ev['test_ids_sha256'][:12])}...), {_num(ev['n_exact_match_items'])} checkable items "
+               f"generated per method, seeds {_num(ev['seeds'])}. Budget: {html.escape(ev['budget']['rule'])}"
                f". Highlighted: the lowest loss of a deployable method. Eval took "
                f"{ev['seconds']:.0f} s.</p>")  # fmt: skip
     return "\n".join(out)
@@ -172,7 +172,7 @@ def _analyses(an: dict) -> str:
                                   ("embedding_vs_human", "embedding vs human score"))]  # fmt: skip
         out.append("<h3>Gradient vs input-embedding similarity (paper Fig. 4)</h3>" + _table(
             ["correlation over sentence pairs", "Pearson", "Spearman"], rows) +
-            f"<p class=note>{sts['n_pairs']} pairs of {html.escape(sts['file'])}: cosine of the "
+            f"<p class=note>{_num(sts['n_pairs'])} pairs of {html.escape(sts['file'])}: cosine of the "
             "two sentences' LoRA gradients (warm-up adapter) and of their encoder embeddings."
             "</p>")  # fmt: skip
     for name, a in an.items():
@@ -225,7 +225,7 @@ def build_report(run_dir: str | Path) -> Path:
                 f"{100 * held['generalist_share']:.0f}% fall back)", held["test_loss_deployed"]]]
               if "test_loss_deployed" in held else []),
         ]))  # fmt: skip
-        parts.append(f"<p class=note>{held.get('n_test')} held-out samples; the router agrees with "
+        parts.append(f"<p class=note>{_num(held.get('n_test'))} held-out samples; the router agrees with "
                      f"the gradient clusters on {100 * held.get('router_test_accuracy', 0):.1f}% "
                      f"of them.</p>")  # fmt: skip
         own = held.get("own_cluster", [])
@@ -244,15 +244,15 @@ def build_report(run_dir: str | Path) -> Path:
         parts.append("<h2>The paper's analyses</h2>" + _analyses(ev["analyses"]))
     if k_sel:
         chosen = k_sel.get("chosen", {})
-        parts.append(f"<h2>Clusters</h2><p>K = {chosen.get('k')} (silhouette "
-                     f"{_num(chosen.get('silhouette'))}, {chosen.get('n_components')} SVD "
-                     f"components at variance threshold {chosen.get('threshold')}).</p>")  # fmt: skip
+        parts.append(f"<h2>Clusters</h2><p>K = {_num(chosen.get('k'))} (silhouette "
+                     f"{_num(chosen.get('silhouette'))}, {_num(chosen.get('n_components'))} SVD "
+                     f"components at variance threshold {_num(chosen.get('threshold'))}).</p>")  # fmt: skip
         merge = k_sel.get("routability")
         if merge:
-            parts.append(f"<p>Routability: K {merge['k_before']} &rarr; {merge['k_after']}; the "
+            parts.append(f"<p>Routability: K {_num(merge['k_before'])} &rarr; {_num(merge['k_after'])}; the "
                          f"cross-validated router agreement went from "
                          f"{_num(merge['agreement_before'])} to {_num(merge['agreement_after'])} "
-                         f"(target {merge['target']}).</p>")
+                         f"(target {_num(merge['target'])}).</p>")
             if merge.get("merges"):
                 parts.append("<ul>" + "".join(f"<li>{html.escape(m)}</li>"
                                               for m in merge["merges"]) + "</ul>")
