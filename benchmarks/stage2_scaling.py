@@ -110,7 +110,7 @@ def collective_step_cost(dim: int, k: int = 7, workers: int = 2, steps: int = 4)
     import numpy as np
     import torch.multiprocessing as mp
 
-    from gs_ray.ray_utils import free_port
+    from gs_ray.local_ray import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
