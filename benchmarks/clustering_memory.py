@@ -91,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dims", type=float, nargs="+", default=[1e5, 1e6, 3.4e6])
     ap.add_argument("--quick", action="store_true", help="small dims (1e4, 1e5) for a smoke run")
+    ap.add_argument("--smoke", action="store_true", help="d = 1e4 and n = 64 only: seconds")
     ap.add_argument("--n", type=int, default=256, help="validation gradients (rows)")
     ap.add_argument("--k", type=int, default=5, help="planted clusters")
     ap.add_argument("--cache", choices=["external", "samples"], default="external")
@@ -101,6 +102,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(int(args.dims[0]), args.n, args.k, args.cache, args.seed)))
         return
+    if args.smoke:
+        args.dims, args.n = [1e4], 64
     dims = [1e4, 1e5] if args.quick else args.dims
     rows = []
     header = f"{'d':>10} {'n':>5} {'input GB':>9} {'extra peak GB':>14} {'x input':>8} "

@@ -60,7 +60,7 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(greater + 0.5 * (p[:, None] == n[None, :]).mean())
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=96, help="demo samples")
     ap.add_argument("--noisy", type=float, default=0.25, help="share with a swapped response")
@@ -68,8 +68,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per member")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--smoke", action="store_true", help="32 samples, 2 members, 2 steps")
     ap.add_argument("overrides", nargs="*", help="--section.key value pairs (after --)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.n, args.members, args.steps = 32, 2, 2
     cfg = load_config(None, [
         "--data.demo_size", str(args.n), "--gsnr.members", str(args.members),
         "--gsnr.max_steps", str(args.steps), "--gsnr.use_gpu", "auto", "--gsnr.zero_stage", "1",

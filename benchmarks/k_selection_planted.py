@@ -13,6 +13,7 @@ mean seconds per ``initialize`` (n rows, k_max = 8, n_init = 10, one thread).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,17 +43,23 @@ CASES = {  # name -> (planted K, generator kwargs)
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--d", type=int, nargs="+", default=[64, 1024])
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--only", default="", help="substring of the case names to run")
-    a = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="two cases, one seed, d=32, n=96: seconds")
+    p.add_argument("--json", help="write the rows here")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.seeds, a.d, a.n = 1, [32], 96
+    rows = []
     print("| case | d | K planted | K found per seed | mean ARI | weak | s/init |")
     print("|---|---|---|---|---|---|---|")
+    smoke_cases = {next(iter(CASES)), "structureless"}
     for name, (k_true, case) in CASES.items():
-        if a.only not in name:
+        if a.only not in name or (a.smoke and name not in smoke_cases):
             continue
         for d in a.d:
             ks, aris, weak, secs = [], [], [], []
@@ -67,8 +74,14 @@ def main() -> None:
                 structure = est.summary().get("structure")
                 weak.append(None if structure is None else structure["weak"])
             w = "-" if weak[0] is None else f"{sum(weak)}/{len(weak)}"
+            rows.append({"case": name, "d": d, "n": a.n, "k_planted": k_true, "k_found": ks,
+                         "mean_ari": float(np.mean(aris)), "weak": weak,
+                         "seconds_per_init": float(np.mean(secs))})  # fmt: skip
             print(f"| {name} | {d} | {k_true} | {' '.join(map(str, ks))} | "
                   f"{np.mean(aris):.2f} | {w} | {np.mean(secs):.1f} |", flush=True)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

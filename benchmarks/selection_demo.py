@@ -22,7 +22,7 @@ from gs_ray.rundir import RunDir
 from gs_ray.selection.select import select
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo-size", type=int, default=400)
     ap.add_argument("--domain", default="math")
@@ -33,7 +33,11 @@ def main() -> None:
     ap.add_argument("--less-dim", type=int, default=8192)
     ap.add_argument("--out", default="benchmarks/results/selection_demo")
     ap.add_argument("--json")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="120 samples, a tiny model: seconds")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.demo_size, args.n_target, args.hidden, args.layers = 120, 8, 32, 1
+        args.less_dim = 256
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

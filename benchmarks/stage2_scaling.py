@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     parser.add_argument("--collective-workers", type=int, default=2)
     parser.add_argument("--only-synthetic", action="store_true", help="skip the Ray runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the model-free parts at small d (65,536 collective, 4,096 host): "
+                             "seconds")  # fmt: skip
     parser.add_argument(
         "--actor-dim",
         type=int,
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     from gs_ray.training.warmup import warmup_local
 
     setup_logging("WARNING")
+    if args.smoke:
+        args.only_synthetic, args.collective_dim, args.actor_dim = True, 65_536, 4_096
     if args.only_synthetic:
         return synthetic(args, {})
     tmp = Path(tempfile.mkdtemp(prefix="gsr-bench-"))
