@@ -123,8 +123,9 @@ def main() -> None:
             flush=True,
         )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        from gs_ray.io import write_json
+
+        write_json(Path(args.json), {"rows": rows})
 
 
 if __name__ == "__main__":

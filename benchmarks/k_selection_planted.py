@@ -13,7 +13,6 @@ mean seconds per ``initialize`` (n rows, k_max = 8, n_init = 10, one thread).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -80,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| {name} | {d} | {k_true} | {' '.join(map(str, ks))} | "
                   f"{np.mean(aris):.2f} | {w} | {np.mean(secs):.1f} |", flush=True)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        from gs_ray.io import write_json
+
+        write_json(Path(a.json), {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ router's own hold-out, all clustered by their gradients in Stage II) and is scor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -164,8 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{v['agreement_holdout']:8.4f} {v['agreement_all']:7.4f} "
               f"{v['agreement_with_float']:8.4f}")  # fmt: skip
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        from gs_ray.io import write_json
+
+        write_json(Path(args.json), results)
     return results
 
 

@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(cpus=os.cpu_count(), smoke=args.smoke)
     print(_table(results))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        from gs_ray.io import write_json
+
+        write_json(Path(args.json), results)
     return results
 
 

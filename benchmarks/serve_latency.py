@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -157,10 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
                    n_experts=run.n_experts, cpus=os.cpu_count())  # fmt: skip
     print(json.dumps(results, indent=2))
     if args.json:
-        from pathlib import Path
+        from gs_ray.io import write_json
 
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(Path(args.json), results)
     return results
 
 

@@ -25,7 +25,6 @@ linearly from ``--actor-dim``: their exact cache alone would need K * alpha * |B
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -311,8 +310,9 @@ def synthetic(args, report: dict) -> dict:
     report = {**summary, "cpus": os.cpu_count(), "machine": _platform.machine(),
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "versions": versions()}  # fmt: skip
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        from gs_ray.io import write_json
+
+        write_json(Path(args.json), report)
     return report
 
 
