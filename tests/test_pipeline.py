@@ -163,23 +163,6 @@ def test_every_stage_is_below_the_base_model(job_run):
     assert ev["test_loss_deployed"] < base - 0.1
 
 
-def test_partial_sums_transport_equals_exact_on_the_embedded_default(job_run, tmp_path):
-    """Stage II again on the same run (same warm-up adapter) with partial sums: same clusters."""
-    from gs_ray.prepare import prepare
-    from gs_ray.rundir import RunDir
-    from gs_ray.stage2 import Stage2Plan, run_stage2_ray
-
-    run = RunDir(job_run["dir"])
-    cfg = run.config()
-    cfg.stage2.transport = "partial_sums"
-    p = prepare(cfg, run)
-    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
-    out = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(run.warmup_adapter), p.pad_id,
-                            tmp_path / "checkpoint")  # fmt: skip
-    exact = np.array([r["cluster"] for r in run.assignments()])
-    np.testing.assert_array_equal(out.labels, exact)
-
-
 def test_resume_after_deleting_one_expert_retrains_only_that_expert(job_run):
     import shutil
 
