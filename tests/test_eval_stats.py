@@ -98,3 +98,26 @@ def test_report_escapes_what_a_run_directory_says(tmp_path):
                                            "silhouette": bad}]}))  # fmt: skip
     page = build_report(run).read_text()
     assert "<script>" not in page and page.count("&lt;script&gt;") >= 14
+
+
+def test_training_loss_is_drawn_smoothed_and_the_silhouette_with_its_floor():
+    """The report's figures: a per-step loss is drawn with its moving average (bias-corrected:
+    it starts at the first value, keeps a constant, and follows a trend with less noise); the
+    silhouette-vs-K figure draws the structureless reference and the clear level from
+    k_selection.json."""
+    from gs_ray.evaluation.plots import smoothed, structureless_floor
+
+    assert smoothed([]).size == 0
+    np.testing.assert_allclose(smoothed([2.0] * 50), 2.0)
+    rng = np.random.default_rng(0)
+    trend = np.linspace(3.0, 2.0, 400)
+    noisy = trend + rng.normal(0, 0.3, 400)
+    s = smoothed(noisy, span=20)
+    assert s[0] == noisy[0]
+    assert np.abs(s - trend)[40:].mean() < 0.4 * np.abs(noisy - trend)[40:].mean()
+    assert structureless_floor(None) is None and structureless_floor({"per_k": []}) is None
+    per_k = [{"k": 3, "null_silhouette": 0.04, "null_std": 0.01, "silhouette_cosine": 0.05},
+             {"k": 2, "null_silhouette": 0.06, "null_std": 0.005, "silhouette_cosine": 0.03}]
+    ks, mean, clear, own = structureless_floor({"null_margin": 4.0, "per_k": per_k})
+    assert ks == [2, 3] and mean == [0.06, 0.04] and own == [0.03, 0.05]
+    np.testing.assert_allclose(clear, [0.08, 0.08])

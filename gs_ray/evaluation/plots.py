@@ -55,6 +55,14 @@ def stage2_plots(run: RunDir) -> list[str]:
         rejected = [r for r in rows if r.get("rejected") and r.get("silhouette") is not None]
         ax.scatter([r["k"] for r in rejected], [r["silhouette"] for r in rejected], marker="x",
                    color=line[0].get_color())  # fmt: skip
+    floor = structureless_floor(ks.get("structure"))
+    if floor:  # what the same selection gives on structureless data of this spectrum
+        fk, mean, clear, own = floor
+        ax.plot(fk, own, color="black", lw=2, marker="D", ms=4,
+                label="each K's candidate (cosine), vs:")  # fmt: skip
+        ax.plot(fk, mean, color="0.4", lw=1.5, ls="--", label="structureless (mean)")
+        ax.fill_between(fk, mean, clear, color="0.6", alpha=0.25,
+                        label="within the margin: weak")  # fmt: skip
     if chosen.get("silhouette") is not None:
         ax.scatter([chosen["k"]], [chosen["silhouette"]], s=160, facecolors="none",
                    edgecolors="tab:red", lw=2, label=f"chosen K={chosen['k']}", zorder=5)  # fmt: skip
@@ -63,8 +71,10 @@ def stage2_plots(run: RunDir) -> list[str]:
     ax.set(xlabel="K (x: rejected, a cluster under the minimum size)", ylabel="silhouette")
     if not ax.get_title():
         ax.set_title("K selection (SVD + silhouette)")
-    ax.legend(title="variance threshold", fontsize=8)
+    ax.legend(title="variance threshold", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.set_size_inches(8.5, 4)
     out.append(_save(fig, run, "silhouette_vs_k.png"))
+    # (a curve inside the grey band is no more than structureless data gives: weak structure)
 
     rows = [r for r in run.assignments() if r["split"] == "train" and r["cluster"] is not None]
     if rows:
@@ -92,11 +102,43 @@ def cluster_domain_plot(run: RunDir, rows: list[dict], k: int) -> str:
     return _save(fig, run, "cluster_domains.png")
 
 
+def structureless_floor(structure: dict | None) -> tuple[list, list, list, list] | None:
+    """(K, the structureless reference's mean silhouette, the level a K must pass to be clear:
+    mean + null_margin sd, and the K's own candidate's cosine silhouette, the number compared
+    with them) from k_selection.json's ``structure``; None without a reference."""
+    rows = [r for r in (structure or {}).get("per_k", []) if r.get("null_silhouette") is not None]
+    if not rows:
+        return None
+    margin = float(structure.get("null_margin", 0.0))
+    rows = sorted(rows, key=lambda r: r["k"])
+    return ([r["k"] for r in rows], [r["null_silhouette"] for r in rows],
+            [r["null_silhouette"] + margin * (r.get("null_std") or 0.0) for r in rows],
+            [r.get("silhouette_cosine") for r in rows])  # fmt: skip
+
+
+def smoothed(values: list[float], span: int | None = None) -> np.ndarray:
+    """Exponential moving average (bias-corrected, as Adam's), ``span`` steps (default: a
+    twentieth of the curve, at least 5): the trend of a per-step loss that is mostly noise."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return x
+    span = span or max(5, len(x) // 20)
+    beta = 1.0 - 2.0 / (span + 1.0)
+    out, avg = np.empty_like(x), 0.0
+    for i, v in enumerate(x):
+        avg = beta * avg + (1.0 - beta) * v
+        out[i] = avg / (1.0 - beta ** (i + 1))
+    return out
+
+
 def loss_curves_plot(run: RunDir, curves: dict[str, list[float]], name: str, title: str) -> str:
-    """Training loss per step, one line per run (warm-up, experts)."""
+    """Training loss per step, one colour per run (warm-up, experts): the raw per-step loss
+    faint, its moving average (``smoothed``) bold."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, losses in curves.items():
-        ax.plot(np.arange(1, len(losses) + 1), losses, lw=1, label=label)
+        steps = np.arange(1, len(losses) + 1)
+        raw = ax.plot(steps, losses, lw=0.7, alpha=0.25)
+        ax.plot(steps, smoothed(losses), lw=1.8, color=raw[0].get_color(), label=label)
     ax.set(xlabel="optimizer step", ylabel="training loss", title=title)
     ax.legend(fontsize=8)
     return _save(fig, run, name)
