@@ -121,3 +121,24 @@ def test_training_loss_is_drawn_smoothed_and_the_silhouette_with_its_floor():
     ks, mean, clear, own = structureless_floor({"null_margin": 4.0, "per_k": per_k})
     assert ks == [2, 3] and mean == [0.06, 0.04] and own == [0.03, 0.05]
     np.testing.assert_allclose(clear, [0.08, 0.08])
+
+
+def test_the_report_says_what_to_deploy_and_what_to_run_next():
+    from gs_ray.evaluation.report import deploy_advice
+
+    def ev(word):
+        return {"verdict": {"verdict": word, "headline": f"GradientSpace {word} (interval)"}}
+
+    advice, nxt = deploy_advice("runs/r", ev("pays off"), None, None)
+    assert advice.startswith("Deploy GradientSpace") and nxt.startswith("gs-ray serve runs/r")
+    for word in ("ties", "loses"):
+        advice, nxt = deploy_advice("runs/r", ev(word), None, None)
+        assert advice.startswith("Deploy the generalist") and "gs-ray/generalist" in nxt
+    held = {"test_loss_deployed": 2.05, "test_loss_generalist": 2.06, "test_loss_warmup": 2.3}
+    advice, nxt = deploy_advice("runs/r", None, held, {"structure": {"weak": True, "k": 1}})
+    assert advice.startswith("Not decided yet: the gradient structure is weak")
+    assert "2.0500 as deployed against 2.0600 for the generalist (-0.0100" in advice
+    assert nxt == "gs-ray eval runs/r"
+    advice, _ = deploy_advice("runs/r", None, {"test_loss_routed": 2.1, "test_loss_warmup": 2.3},
+                              {"structure": {"weak": False, "k": 4}})  # fmt: skip
+    assert "clear at K = 4" in advice and "for the warm-up adapter" in advice

@@ -196,23 +196,59 @@ def _figures(run: RunDir) -> str:
     return "\n".join(out) or "<p class=note>No figures yet.</p>"
 
 
+def deploy_advice(run_path: str, ev: dict | None, held: dict | None,
+                  k_sel: dict | None) -> tuple[str, str]:
+    """What to deploy, in one sentence, and the command to run next: from ``gs-ray eval``'s
+    verdict where there is one, else from what the run alone says (the gradient structure, and
+    the routed or deployed held-out loss against the generalist or the warm-up adapter)."""
+    v = (ev or {}).get("verdict")
+    if v:
+        if v["verdict"] == "pays off":
+            return (f"Deploy GradientSpace (router, experts, generalist fallback): {v['headline']}.",
+                    f"gs-ray serve {run_path}   # model 'gs-ray' routes")  # fmt: skip
+        return (f"Deploy the generalist (one LoRA on everything): {v['headline']}; the routed "
+                "experts do not earn their cost here.",
+                f"gs-ray serve {run_path}   # then ask for model 'gs-ray/generalist'")  # fmt: skip
+    structure = (k_sel or {}).get("structure") or {}
+    said = []
+    if structure:
+        said.append("the gradient structure is " + ("weak (K = 1 is as good as any)"
+                    if structure.get("weak") else f"clear at K = {structure.get('k')}"))  # fmt: skip
+    held = held or {}
+    routed = held.get("test_loss_deployed", held.get("test_loss_routed"))
+    other_key = "test_loss_generalist" if "test_loss_generalist" in held else "test_loss_warmup"
+    other = held.get(other_key)
+    if routed is not None and other is not None:
+        who = "the generalist" if other_key == "test_loss_generalist" else "the warm-up adapter"
+        said.append(f"held-out loss {routed:.4f} as deployed against {other:.4f} for {who} "
+                    f"({routed - other:+.4f}; no interval before gs-ray eval)")  # fmt: skip
+    summary = "; ".join(said) if said else "no held-out numbers yet"
+    return (f"Not decided yet: {summary}. gs-ray eval compares it with one LoRA and the other "
+            "baselines, with intervals.", f"gs-ray eval {run_path}")  # fmt: skip
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report/report.html`` and ``report/report.json`` for the run; return the HTML."""
     run = RunDir.open(run_dir)
     manifest, metrics = run.manifest(), run.metrics()
     ev = _read_json(run.eval_json)
     k_sel = _read_json(run.stage2 / "k_selection.json")
-    numbers = {"manifest": manifest, "metrics": metrics, "eval": ev, "k_selection": k_sel}
+    numbers = {"manifest": manifest, "metrics": metrics, "eval": ev, "k_selection": k_sel,
+               "advice": dict(zip(("deploy", "next"), deploy_advice(
+                   str(run.path), ev, metrics.get("evaluation"), k_sel), strict=True))}  # fmt: skip
     write_json(run.report_json, numbers)
 
     parts = [f"<h1>gs-ray run: {html.escape(run.path.name)}</h1>",
              f"<p class=note>{html.escape(str(run.path))} · report built "
              f"{dt.datetime.now().isoformat(timespec='seconds')}</p>"]  # fmt: skip
+    held = metrics.get("evaluation")
+    advice, command = deploy_advice(str(run.path), ev, held, k_sel)
     if ev and ev.get("verdict"):
         v = ev["verdict"]
         parts.append(f"<p class=verdict><b>Verdict: GradientSpace {html.escape(v['verdict'])}"
                      f"</b> against one LoRA on everything. {html.escape(v['headline'])}.</p>")
-    held = metrics.get("evaluation")
+    parts.append(f"<p class=verdict><b>What to deploy.</b> {html.escape(advice)}<br>Next: "
+                 f"<code>{html.escape(command)}</code></p>")  # fmt: skip
     if held:
         parts.append("<h2>Held-out loss</h2>")
         parts.append(_table(["", "loss"], [
