@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     sel.add_argument("--config", help="YAML config file (new runs only)")
     sel.add_argument("--output-dir", help="where a new run directory goes (default: runs/)")
     sel.add_argument("--log-level", default="INFO")
+    exp = sub.add_parser(
+        "export", parents=[common],
+        help="write a finished run's deployable bundle: adapters with model cards, the router, "
+        "serving configs for gs-ray serve, Ray Serve and vLLM (multi-LoRA)",
+    )  # fmt: skip
+    exp.add_argument("run_dir")
+    exp.add_argument("out", help="the bundle's folder (must not exist)")
     show = sub.add_parser("show", parents=[common], help="summarise a run directory")
     show.add_argument("run_dir")
     sub.add_parser("config", parents=[common], help="list every configuration key")
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     traceback. Any other exception is a bug and keeps its traceback."""
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("config", "show", "report") and rest:
+    if args.command in ("config", "show", "report", "export") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return _command(args, rest)
@@ -133,6 +140,11 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
 
         RunDir.open(args.run_dir)  # a missing or corrupt run directory is a RunDirError
         print(show(args.run_dir))
+        return 0
+    if args.command == "export":
+        from gs_ray.export import export_bundle
+
+        print(json.dumps({"bundle": str(export_bundle(args.run_dir, args.out))}))
         return 0
     if args.command == "report":
         from gs_ray.evaluation.report import build_report

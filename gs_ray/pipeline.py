@@ -25,6 +25,7 @@ from gs_ray.config import Config, StageName
 from gs_ray.data import check_inputs
 from gs_ray.evaluation.heldout import evaluate
 from gs_ray.evaluation.report import build_report
+from gs_ray.export import write_model_cards
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.routing.stage import calibrate_stage, routability_stage, router_stage
 from gs_ray.rundir import RunDir
@@ -129,6 +130,9 @@ def _run_stages(p: Prepared, cfg: Config, resume: bool) -> RunDir:
         if cfg.run.until == stage.name:
             return p.run
     plots.pipeline_plots(p.run, p.assignments()[1])
+    cards = write_model_cards(p.run.path, {s.id: s.prompt for s in p.samples})
+    log.info("model cards: %d adapters (README.md in each; gs-ray export RUN OUT bundles them)",
+             len(cards))  # fmt: skip
     log.info("done: %s; report: %s", p.run.path, build_report(p.run.path))
     return p.run
 

@@ -1179,3 +1179,79 @@ def test_chat_uses_the_models_chat_template_else_the_runs(pool):
         assert got.text == pool.tokenizer.decode(new, skip_special_tokens=True)
     finally:
         pool.tokenizer.chat_template = None
+
+
+# --------------------------------------------------------------------------- issue 26: export
+
+
+def test_model_cards_and_the_export_bundle(run_dir, tmp_path):
+    """gs-ray export: a model card in every adapter folder; a bundle that plain peft loads (the
+    same weights), whose router routes as the run's, that serving opens, with configs for Ray
+    Serve and vLLM, SHA-256 of every file, and no secret of the run."""
+    import hashlib
+    import shutil
+
+    import yaml
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from gs_ray.cli import main
+    from gs_ray.export import BUNDLE_JSON, BundleRouter, adapter_facts, write_model_cards
+    from gs_ray.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["serve"]["api_key"] = "never-in-a-bundle"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    # clusters for the cards: the demo rows of the router's domains, cluster = domain
+    from gs_ray.data.demo import build_demo_corpus
+
+    rows = [r for r in build_demo_corpus(600, seed=0) if r["domain"] in DOMAINS][:120]
+    ids = [f"d{i}" for i in range(len(rows))]
+    RunDir(run).write_jsonl(RunDir(run).assignments_path, [
+        {"id": i, "split": "test" if n % 10 == 0 else "train", "domain": r["domain"],
+         "cluster": DOMAINS.index(r["domain"])} for n, (i, r) in enumerate(zip(ids, rows))])  # fmt: skip
+    prompts = {i: r["instruction"] for i, r in zip(ids, rows, strict=True)}
+
+    cards = write_model_cards(run, prompts)
+    assert len(cards) == K and all(c.name == "README.md" for c in cards)
+    text = cards[1].read_text()
+    assert text.startswith("---\nbase_model:") and "library_name: peft" in text
+    assert "gs-ray/expert-1" in text and "gradient cluster 1" in text
+    assert f"{DOMAINS[1]} " in text and "Top terms" in text and "demo corpus" in text
+    assert "Not measured yet" in text
+    facts = adapter_facts(RunDir(run), prompts)
+    assert facts[1].domains == {DOMAINS[1]: sum(1 for n, r in enumerate(rows)
+                                                if r["domain"] == DOMAINS[1] and n % 10)}  # fmt: skip
+    assert len(facts[1].top_terms) > 3
+
+    out = tmp_path / "bundle"
+    assert main(["export", str(run), str(out)]) == 0
+    assert main(["export", str(run), str(out)]) == 2  # never over an existing folder
+    info = json.loads((out / BUNDLE_JSON).read_text())
+    assert [a["model"] for a in info["adapters"]] == [expert_model(k) for k in range(K)]
+    for rel, digest in info["files"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, rel
+    assert "never-in-a-bundle" not in "".join(
+        p.read_text(errors="replace") for p in out.rglob("*") if p.is_file()
+        and p.suffix in (".json", ".yaml", ".sh", ".py", ".md", ".jsonl"))  # fmt: skip
+    assert (out / "experts" / "expert_1" / "README.md").read_text() == text  # the run's card
+    # plain peft, the same weights
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    model = PeftModel.from_pretrained(base, out / "experts" / "expert_1")
+    want = load_file(run / "experts" / "expert_1" / "adapter_model.safetensors")
+    got = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert len(got) == sum("lora_B" in k for k in want) > 0
+    assert all(any(torch.equal(v, w) for w in want.values()) for v in got.values())
+    # the router routes as the run's did; serving opens the bundle
+    texts = [r["instruction"] for r in build_demo_corpus(60, seed=9)]
+    assert BundleRouter(out).route(texts) == BundleRouter(run).route(texts)
+    assert ServedRun.open(out).n_experts == K
+    serve_cfg = yaml.safe_load((out / "serve_config.yaml").read_text())
+    assert serve_cfg["applications"][0]["args"]["run_dir"] == str(out.resolve())
+    vllm = (out / "serve_vllm.sh").read_text()
+    assert "--enable-lora" in vllm and all(
+        f"{expert_model(k)}={(out / 'experts' / f'expert_{k}').resolve()}" in vllm
+        for k in range(K))  # fmt: skip

@@ -66,12 +66,20 @@ from ray.serve.handle import DeploymentHandle
 
 from gs_ray.config import Config, ServeConfig, apply_overrides
 from gs_ray.serving.loopback import bind_replica_grpc_to_node
-from gs_ray.serving.pool import Generation, ServedRun, ServingError, chat_instruction
+from gs_ray.serving.pool import (  # noqa: F401  (the model names: this module's API too)
+    APP_NAME,
+    ENSEMBLE_MODEL,
+    GENERALIST_MODEL,
+    MODEL,
+    Generation,
+    ServedRun,
+    ServingError,
+    chat_instruction,
+    decide,
+    expert_model,
+)
 
 log = logging.getLogger(__name__)
-
-APP_NAME = "gs-ray"
-
 
 def _set_threads(num_cpus: float) -> None:
     import torch
@@ -105,19 +113,7 @@ class RouterDeployment:
         return [self._decide(p) for p in probs]
 
     def _decide(self, p) -> dict[str, Any]:
-        """The adapter a prompt gets and why: the router's expert, or the generalist where the
-        calibrated confidence is below the fallback threshold (``routing/fallback.py``)."""
-        expert = int(p.argmax())
-        out = {"expert": expert, "router_expert": expert, "probs": [float(x) for x in p],
-               "adapter": expert_model(expert), "fallback": False}
-        if self.fallback is None:
-            return {**out, "reason": "routed: the router's most probable expert (this run has "
-                                     "no generalist fallback)"}
-        _, conf, back = self.fallback.route(p[None, :])
-        if back[0]:
-            out.update(expert=self.generalist, adapter=GENERALIST_MODEL, fallback=True)
-        return {**out, "confidence": float(conf[0]),
-                "reason": self.fallback.reason(float(conf[0]), bool(back[0]))}
+        return decide(p, self.fallback, self.generalist)
 
 
 @serve.deployment
@@ -338,9 +334,6 @@ def validation_error_body(errors: Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the OpenAI API
 
-MODEL = APP_NAME  # the routed model; "gs-ray/expert-K" names one expert, "gs-ray/ensemble" all
-ENSEMBLE_MODEL = f"{APP_NAME}/ensemble"
-GENERALIST_MODEL = f"{APP_NAME}/generalist"  # the fallback adapter: one LoRA on everything
 API_KEY_ENV = "GS_RAY_API_KEY"
 # Bounds of a request's fields (OpenAI's own where it has one: four stop strings).
 MIN_TEMPERATURE = 0.01
@@ -348,11 +341,6 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 256
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def expert_model(k: int) -> str:
-    """The OpenAI model name of expert k (naming it bypasses the router)."""
-    return f"{APP_NAME}/expert-{k}"
 
 
 class OpenAIError(Exception):

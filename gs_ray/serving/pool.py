@@ -114,6 +114,34 @@ def chat_instruction(messages: Sequence[dict[str, str]]) -> str:
 
 adapter_name = expert_name  # the peft adapter name of expert k inside an ``ExpertPool``
 
+# The served models' names (the OpenAI ``model`` field; vLLM's LoRA module names in a bundle).
+APP_NAME = "gs-ray"
+MODEL = APP_NAME  # the routed model; "gs-ray/expert-K" names one expert, "gs-ray/ensemble" all
+ENSEMBLE_MODEL = f"{APP_NAME}/ensemble"
+GENERALIST_MODEL = f"{APP_NAME}/generalist"  # the fallback adapter: one LoRA on everything
+
+
+def expert_model(k: int) -> str:
+    """The OpenAI model name of expert k (naming it bypasses the router)."""
+    return f"{APP_NAME}/expert-{k}"
+
+
+def decide(p, fallback, generalist: int | None) -> dict:
+    """The adapter a prompt gets and why, from the router's probabilities ``p``: the router's
+    expert, or the generalist (index ``generalist``) where the calibrated confidence is below
+    the fallback threshold (``routing/fallback.py``; ``fallback`` None: no generalist)."""
+    expert = int(p.argmax())
+    out = {"expert": expert, "router_expert": expert, "probs": [float(x) for x in p],
+           "adapter": expert_model(expert), "fallback": False}  # fmt: skip
+    if fallback is None:
+        return {**out, "reason": "routed: the router's most probable expert (this run has "
+                                 "no generalist fallback)"}  # fmt: skip
+    _, conf, back = fallback.route(p[None, :])
+    if back[0]:
+        out.update(expert=generalist, adapter=GENERALIST_MODEL, fallback=True)
+    return {**out, "confidence": float(conf[0]),
+            "reason": fallback.reason(float(conf[0]), bool(back[0]))}  # fmt: skip
+
 
 def _locked(method):
     """Run ``method`` holding the pool's lock (see ``ExpertPool.lock``)."""
