@@ -16,7 +16,7 @@ from gs_ray.rundir import RunDir  # noqa: E402
 
 def stage2_plots(run: RunDir) -> list[str]:
     """Explained variance, silhouette vs K, and cluster sizes by source domain."""
-    ks = json.loads((run.stage2 / "k_selection.json").read_text())
+    ks = json.loads(run.k_selection_json.read_text())
     chosen = ks["chosen"]
     out = []
 

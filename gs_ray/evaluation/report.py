@@ -232,7 +232,7 @@ def build_report(run_dir: str | Path) -> Path:
     run = RunDir.open(run_dir)
     manifest, metrics = run.manifest(), run.metrics()
     ev = _read_json(run.eval_json)
-    k_sel = _read_json(run.stage2 / "k_selection.json")
+    k_sel = _read_json(run.k_selection_json)
     numbers = {"manifest": manifest, "metrics": metrics, "eval": ev, "k_selection": k_sel,
                "advice": dict(zip(("deploy", "next"), deploy_advice(
                    str(run.path), ev, metrics.get("evaluation"), k_sel), strict=True))}  # fmt: skip

@@ -34,7 +34,7 @@ def show(path: str | Path) -> str:
     for name, st in m.get("stages", {}).items():
         extra = {k: v for k, v in st.items() if k not in ("status", "seconds")}
         lines.append(f"  {name:<10} {st['status']:<5} {st['seconds']:>9.1f}s  {extra or ''}")
-    ks_path = run.stage2 / "k_selection.json"
+    ks_path = run.k_selection_json
     if ks_path.exists():
         ks = json.loads(ks_path.read_text())
         ch = ks["chosen"]

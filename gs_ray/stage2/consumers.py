@@ -150,7 +150,7 @@ class ClusteringConsumer(GradientConsumer):
         centroids (stage2/centroids.npy); returns its summary. The assignments, which need the
         run's splits, are written by ``stage2.stage``."""
         summary = self.clusterer.summary()
-        write_json(run.sub("stage2", "k_selection.json"), {
+        write_json(run.k_selection_json, {
             "table": summary["k_selection"],
             "chosen": {key: summary[key] for key in ("k", "threshold", "n_components", "silhouette")},
             **{key: summary[key] for key in ("explained_variance_ratio", "singular_values")
@@ -160,7 +160,7 @@ class ClusteringConsumer(GradientConsumer):
         })  # fmt: skip
         if summary.get("structure"):  # the console's word on how strong the clusters are
             log.info("K selection: %s", summary["structure"]["verdict"])
-        np.save(run.sub("stage2", "centroids.npy"), self.clusterer.cluster_centers_)
+        np.save(run.centroids_path, self.clusterer.cluster_centers_)
         return summary
 
 
