@@ -91,11 +91,12 @@ def _train_test(p: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     return labels, train[labels[train] >= 0], test[labels[test] >= 0], k
 
 
-def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
+    """K-means in cosine geometry, ``n_init`` runs (``clustering.kmeans_n_init``)."""
     from sklearn.cluster import KMeans
 
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # cosine geometry
-    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x).astype(np.int64)
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x).astype(np.int64)
 
 
 def _on_train(n: int, train: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -138,7 +139,8 @@ def partitions(p: Prepared, seed_index: int, grads: Gradients | None = None
         prompts = [p.samples[i].prompt for i in train]
         feats = ray.get(ray.remote(_encode_task).options(**task_resources())
                         .remote(prompts, cfg.router, cache))  # fmt: skip
-        out["embedding_kmeans"] = _on_train(n, train, _kmeans(feats, k, seed))
+        out["embedding_kmeans"] = _on_train(n, train, _kmeans(feats, k, seed,
+                                                              cfg.clustering.kmeans_n_init))
     if "elrea" not in want and seed_index > 0:
         return out, extra
     if grads is None:
@@ -150,7 +152,7 @@ def partitions(p: Prepared, seed_index: int, grads: Gradients | None = None
             out[ablation_method(kk)] = _on_train(n, train, fit["train"])
             extra["ablation"][kk] = fit
     if "elrea" in want:
-        part = _kmeans(grads.train, k, seed)
+        part = _kmeans(grads.train, k, seed, cfg.clustering.kmeans_n_init)
         out["elrea"] = _on_train(n, train, part)
         # A cluster's inference centroid: the mean unit prompt-gradient of its members, so that
         # queries (prompts only) are compared with what they can be compared with.
@@ -271,15 +273,17 @@ def _fit_routers(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> 
     ray.get(pending)
 
 
-def _route_task(folders: dict[str, str], prompts: list[str]) -> tuple[dict, dict]:
-    """Each router's p(k | prompt) on the test prompts, and its latency per prompt (ms)."""
+def _route_task(folders: dict[str, str], prompts: list[str], n_latency: int
+                ) -> tuple[dict, dict]:  # fmt: skip
+    """Each router's p(k | prompt) on the test prompts, and its latency per prompt (ms) over
+    the first ``n_latency`` (``eval.latency_samples``)."""
     from gs_ray.routing.router import load_router
 
     probs, latency = {}, {}
     for key, folder in folders.items():
         router = load_router(folder)
         probs[key] = router.predict_proba(prompts)
-        latency[key] = router.route_latency_ms(prompts[:20])
+        latency[key] = router.route_latency_ms(prompts[:n_latency])
     return probs, latency
 
 
@@ -553,7 +557,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
                         if m in ROUTED or _is_ablation(m)})  # fmt: skip
     prompts = [p.samples[j].prompt for j in test]
     probs, router_ms = ray.get(ray.remote(_route_task).options(**task_resources())
-                               .remote(folders, prompts))  # fmt: skip
+                               .remote(folders, prompts, p.cfg.eval.latency_samples))  # fmt: skip
 
     plans = {i: _plans(p, i, parts, extra, probs, router_ms) for i, (parts, extra) in
              enumerate(seeds)}  # fmt: skip

@@ -16,14 +16,15 @@ log = logging.getLogger(__name__)
 BASE = "base"  # the base model with no adapter, in the per-sample losses
 
 
-def _evaluate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder, prompts):
+def _evaluate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder, prompts,
+                   n_latency):  # fmt: skip
     from gs_ray.routing.router import load_router
     from gs_ray.training.loop import adapter_losses
 
     use_assigned_cpus()
     losses = adapter_losses(base_path, model_cfg, adapters, pairs, pad_id, base_key=BASE)
     router = load_router(router_folder)
-    return losses, router.predict_proba(prompts), router.route_latency_ms(prompts[:20])
+    return losses, router.predict_proba(prompts), router.route_latency_ms(prompts[:n_latency])
 
 
 def evaluate(p: Prepared, resume: bool = False) -> dict:
@@ -45,7 +46,7 @@ def evaluate(p: Prepared, resume: bool = False) -> dict:
         task = ray.remote(_evaluate_task).options(**task_resources())
         per_sample, proba, latency = ray.get(task.remote(
             p.base_path, p.cfg.model, adapters, p.pairs(test), p.pad_id, str(p.run.router),
-            [p.samples[i].prompt for i in test],
+            [p.samples[i].prompt for i in test], p.cfg.eval.latency_samples,
         ))
         out = heldout_table(per_sample, proba.argmax(1), labels[test], k)
         out["router_latency_ms"] = latency
