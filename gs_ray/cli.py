@@ -167,11 +167,16 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
     from gs_ray.data import check_inputs
 
     check_inputs(cfg)
+    # Then what needs the model's config or the machine (torch, no weights), still before Ray.
+    from gs_ray.preflight import check_run, log_notes
+
+    notes = check_run(cfg, args.resume, on_ray=not args.local)
     from gs_ray import pipeline
 
     # The console shows gs-ray's lines; Ray's and the workers' output goes to the run's log
     # file (--verbose: everything on the console).
     with logs.capture(quiet=not args.verbose, level=args.log_level):
+        log_notes(notes)
         if args.local:
             run = pipeline.run_local(cfg, resume=args.resume, checked=True)
         else:
@@ -182,12 +187,15 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Compare the run with the baselines; print the table; eval.json in the run directory."""
-    from gs_ray.evaluation.baselines import evaluate_run
+    from gs_ray.evaluation.baselines import _eval_config, evaluate_run
+    from gs_ray.preflight import check_eval, log_notes
     from gs_ray.rundir import RunDir
 
     run = RunDir.open(args.run_dir)  # a missing or corrupt run directory is a RunDirError
+    notes = check_eval(_eval_config(run, rest))  # encoder, eval.sts, machine: before Ray starts
     with logs.capture(quiet=not args.verbose, level=args.log_level):
         logs.attach_run(run.path)
+        log_notes(notes)
         evaluate_run(run.path, rest)
     print(json.dumps({"eval": str(run.eval_json)}))
     return 0

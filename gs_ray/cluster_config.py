@@ -108,6 +108,8 @@ HEADER = """\
 # max_workers) while those tasks wait and removes them after idle_timeout_minutes. Run
 # directories must be on storage every node sees (the EFS mount in setup_commands): Ray Train
 # writes checkpoints there and the gradient workers read the warm-up adapter from it.
+# Every node installs the tested versions: pip install -c constraints.txt (the file in this
+# repository, as .ci/setup does), on Python >= 3.11.
 #
 # Every node runs Ray with token authentication (RAY_AUTH_MODE=token): the GCS, Ray Client,
 # the dashboard agents' job API and the object manager listen on the node's address, so without
@@ -121,6 +123,16 @@ HEADER = """\
 #   export RAY_AUTH_MODE=token
 """
 
+REPO = "/home/ubuntu/gs-ray"  # where file_mounts puts this repository on every node
+#: The tested versions (the repository's constraints.txt, which .ci/setup uses too): every pip
+#: install on a node is constrained to them.
+CONSTRAINTS = f"{REPO}/constraints.txt"
+#: The pins need Python >= 3.11 (numpy, scikit-learn, transformers): a node without it stops in
+#: its setup with this message rather than with a resolver error.
+PYTHON_CHECK = (
+    "python3 -c 'import sys; sys.exit(sys.version_info < (3, 11) and "
+    '"gs-ray: constraints.txt needs Python >= 3.11")\''
+)
 TOKEN = "~/.ray/auth_token"  # where Ray 2.60 reads its cluster token
 SHARED_TOKEN_DIR = "/mnt/shared/.gs-ray-auth"  # the head's copy for the workers
 AUTH = "export RAY_AUTH_MODE=token; "  # before every ray start
@@ -142,6 +154,7 @@ def _aws_node(spec: ClusterSpec, node: NodeType, worker: bool) -> dict[str, Any]
 def aws_config(spec: ClusterSpec = SPEC) -> dict[str, Any]:
     """The AWS autoscaler config as a dict."""
     venv = "~/venv/bin"
+    pip = f"{venv}/pip install -q -c {CONSTRAINTS}"
     return {
         "cluster_name": spec.name,
         "max_workers": spec.max_workers,
@@ -159,7 +172,7 @@ def aws_config(spec: ClusterSpec = SPEC) -> dict[str, Any]:
             **{w.name: _aws_node(spec, w, worker=True) for w in spec.workers},
         },
         "head_node_type": spec.head.name,
-        "file_mounts": {"/home/ubuntu/gs-ray": "."},
+        "file_mounts": {REPO: "."},  # the code, and constraints.txt with it
         "rsync_exclude": [".venv", "runs", "**/__pycache__"],
         "cluster_synced_files": [],
         "file_mounts_sync_continuously": False,
@@ -167,13 +180,13 @@ def aws_config(spec: ClusterSpec = SPEC) -> dict[str, Any]:
         "setup_commands": [
             "sudo mkdir -p /mnt/shared && (mountpoint -q /mnt/shared || sudo mount -t nfs4 -o "
             f"nfsvers=4.1 {spec.efs}:/ /mnt/shared || true)",
-            f"python3 -m venv ~/venv && {venv}/pip install -q --upgrade pip",
-            f"{venv}/pip install -q 'torch>=2.3'",  # CUDA build on GPU nodes, before the rest
-            f"{venv}/pip install -q -e ~/gs-ray",
+            f"{PYTHON_CHECK} && python3 -m venv ~/venv && {venv}/pip install -q --upgrade pip",
+            f"{pip} torch",  # the pinned version's CUDA build on GPU nodes, before the rest
+            f"{pip} -e {REPO}",
             "echo 'source ~/venv/bin/activate' >> ~/.bashrc",
         ],
         "head_setup_commands": [
-            f"{venv}/pip install -q 'boto3>=1.4.8'",
+            f"{pip} 'boto3>=1.4.8'",
             # the cluster's token: made once on the head, private to its user
             f"mkdir -p ~/.ray && chmod 700 ~/.ray && (test -s {TOKEN} || (umask 077 && python3 "
             f"-c 'import secrets; print(secrets.token_hex(32))' > {TOKEN})) && chmod 600 {TOKEN}",

@@ -834,6 +834,9 @@ def _check_mix(d: DataConfig) -> None:
         seen.add(m.domain)
         if (m.prompt is None) != (m.response is None):
             raise ConfigError(f"data.mix[{i}]: set both prompt and response templates, or neither")
+        for name in ("prompt", "response"):
+            if getattr(m, name) is not None:
+                _template_names(getattr(m, name), f"data.mix[{i}].{name}")
         if m.format in ("text", "lines") and m.prompt is None:
             raise ConfigError(
                 f"data.mix[{i}]: format {m.format!r} needs prompt and response templates"
@@ -842,14 +845,42 @@ def _check_mix(d: DataConfig) -> None:
             raise ConfigError(f"data.mix[{i}].separator: must not be empty")
 
 
-def _check_template(template: str) -> None:
-    """data.template must hold {prompt} and no other placeholder (literal braces doubled)."""
+def _template_names(template: str, key: str) -> set[str]:
+    """The field names a template fills, each checked as ``str.format`` would use it on a string
+    value, so that a bad template fails when the config loads, naming ``key``, rather than when
+    the first sample is templated: a plain name (no ``{}``, ``{0}``, ``{x.attr}``, ``{x[0]}``),
+    a conversion of ``!r``, ``!s`` or ``!a``, and a format spec valid for text (``{x:>10}``, not
+    ``{x:d}`` or a nested ``{x:{w}}``)."""
     import string
 
+    fix = "write {{ and }} for literal braces"
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parsed = [p for p in string.Formatter().parse(template) if p[1] is not None]
     except ValueError as e:
-        raise ConfigError(f"data.template: {e} (write {{{{ and }}}} for literal braces)") from e
+        raise ConfigError(f"{key}: {e} in {template!r} ({fix})") from e
+    names = set()
+    for _, name, spec, conversion in parsed:
+        where = f"{key}: placeholder {{{name}}} in {template!r}"
+        if not name or name.isdigit() or "." in name or "[" in name:
+            raise ConfigError(
+                f"{where}: name a field, e.g. {{prompt}} (no positions, attributes or indices; "
+                f"{fix})"
+            )
+        if conversion not in (None, "r", "s", "a"):
+            raise ConfigError(f"{where}: unknown conversion !{conversion} (allowed: !r !s !a)")
+        if "{" in spec or "}" in spec:
+            raise ConfigError(f"{where}: nested placeholders in a format spec are not allowed")
+        try:
+            format("", spec)  # the value is always text
+        except ValueError as e:
+            raise ConfigError(f"{where}: bad format spec {spec!r} for text: {e}") from None
+        names.add(name)
+    return names
+
+
+def _check_template(template: str) -> None:
+    """data.template must hold {prompt} and no other placeholder (literal braces doubled)."""
+    names = _template_names(template, "data.template")
     if names != {"prompt"}:
         other = sorted(names - {"prompt"})
         what = f"has placeholders {other}" if other else "has no {prompt} placeholder"

@@ -27,6 +27,7 @@ from gs_ray.errors import UserError
 from gs_ray.evaluation.heldout import evaluate
 from gs_ray.evaluation.report import build_report
 from gs_ray.export import write_model_cards
+from gs_ray.preflight import check_run, log_notes
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.routing.stage import calibrate_stage, routability_stage, router_stage
 from gs_ray.rundir import RunDir
@@ -101,17 +102,26 @@ def run(cfg: Config, resume: str | None = None, checked: bool = False) -> RunDir
 
     Connects to the cluster (inside ``ray job submit`` or with RAY_ADDRESS / run.ray_address),
     or starts a local Ray. With ``resume``, stages whose outputs are complete are skipped.
-    ``checked``: the caller has run ``check_inputs`` on this config already (the CLI does)."""
+    ``checked``: the caller has run ``check_before_ray``'s checks on this config already (the
+    CLI does, and logs the notes)."""
     from gs_ray.ray_utils import init_ray
 
-    if not checked:
-        check_inputs(cfg)  # config and data, before Ray starts or a run directory exists
+    log_notes([] if checked else check_before_ray(cfg, resume))  # before Ray starts
     log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
     p = prepare(cfg, RunDir.open(resume) if resume else None)
     try:
         return _run_stages(p, cfg, resume is not None)
     finally:
         p.run.release_lock()
+
+
+def check_before_ray(cfg: Config, resume: str | None = None, on_ray: bool = True) -> list[str]:
+    """Everything a run checks before Ray starts or a run directory exists: config and data
+    (``check_inputs``, no torch), then the model, the machine and the files the config names
+    (``preflight.check_run``). Raises a UserError naming the key; returns the pre-flight's
+    notes on what it could not check."""
+    check_inputs(cfg)
+    return check_run(cfg, resume, on_ray=on_ray)
 
 
 def _run_stages(p: Prepared, cfg: Config, resume: bool) -> RunDir:
@@ -144,8 +154,7 @@ def _run_stages(p: Prepared, cfg: Config, resume: bool) -> RunDir:
 def run_local(cfg: Config, resume: str | None = None, checked: bool = False) -> RunDir:
     """The single-process reference pipeline: prepare, warm-up, Stage II (finished stages of a
     resumed run are skipped). ``checked`` as for ``run``."""
-    if not checked:
-        check_inputs(cfg)  # config and data, before a run directory exists
+    log_notes([] if checked else check_before_ray(cfg, resume, on_ray=False))
     p = prepare(cfg, RunDir.open(resume) if resume else None)
     try:
         logs.attach_run(p.run.path)
