@@ -691,3 +691,28 @@ def test_structure_in_summary_json_and_checkpoint():
     assert again.structure_ == est.structure_
     with pytest.raises(ValueError, match="null_draws"):
         GradientSpaceClustering(null_draws=-1).initialize(X)
+
+
+def test_batched_fifo_equals_a_row_by_row_fifo():
+    """The cache takes a batch's rows of a cluster at once (``_push_rows``); against a plain
+    FIFO (a deque, one row at a time): the same rows in the same order, the same count and the
+    same mean, through many wraps, batches larger than the cache and empty ones."""
+    from collections import deque
+
+    rng = np.random.default_rng(3)
+    est = _hand_est([[1] + [0] * 5, [0, 1] + [0] * 4], alpha=2, batch_size=3)  # cache size 6
+    ref = [deque(maxlen=est.cache_size) for _ in range(2)]
+    for m in [0, 1, 5, 2, 6, 9, 3, 4, 13, 1, 1, 1, 7, 0, 2, 5] * 3:
+        rows = rng.standard_normal((m, 6)).astype(np.float32)
+        est._push_rows(1, rows)
+        ref[1].extend(rows)
+        n = est.cache_count_[1]
+        assert n == len(ref[1])
+        # ring order: the oldest row sits at the next write position once full
+        start = est.cache_next_[1] if n == est.cache_size else 0
+        ring = np.roll(est.cache_[1, :n], -start, axis=0) if n else est.cache_[1, :0]
+        np.testing.assert_array_equal(ring, np.array(list(ref[1])).reshape(-1, 6))
+        if n:
+            want = np.array(list(ref[1]), dtype=np.float64).mean(0)
+            np.testing.assert_allclose(est.cache_mean(1), want, atol=1e-9)
+    assert est.cache_count_[0] == 0 and est.cache_mean(0) is None

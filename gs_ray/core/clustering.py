@@ -734,18 +734,33 @@ class GradientSpaceClustering:
         else:
             self._epoch_changed += int(((labels != start_labels) & keep).sum())
 
-    def _push(self, k: int, x: np.ndarray) -> None:
-        """FIFO: write x at the ring position, evicting the oldest entry when full."""
-        pos = self.cache_next_[k]
-        if self.cache_count_[k] == self.cache_size:
-            self._cache_sum[k] -= self.cache_[k, pos]
+    def _push_rows(self, k: int, rows: np.ndarray) -> None:
+        """FIFO, a batch's rows of cluster k at once, in their order: each row is written at the
+        ring position, evicting the oldest entry when full; the running sum gains the rows
+        that enter and loses those they evict, one pass over each (not three per row: at large
+        d that was the centroid host's largest per-batch cost), refreshed exactly on a wrap."""
+        cap, m = self.cache_size, len(rows)
+        if m == 0:
+            return
+        pos, count = int(self.cache_next_[k]), int(self.cache_count_[k])
+        if m >= cap:  # only the last cap rows stay; everything before is evicted
+            rows = rows[m - cap :]
+            slots = (pos + m - cap + np.arange(cap)) % cap
+            self.cache_[k, slots] = rows
+            self._cache_sum[k] = rows.sum(0, dtype=np.float64)
+            self.cache_count_[k] = cap
         else:
-            self.cache_count_[k] += 1
-        self.cache_[k, pos] = x
-        self._cache_sum[k] += x
-        self.cache_next_[k] = (pos + 1) % self.cache_size
-        if self.cache_next_[k] == 0:  # wrapped: refresh the running sum exactly
-            self._cache_sum[k] = self.cache_[k, : self.cache_count_[k]].sum(0, dtype=np.float64)
+            slots = (pos + np.arange(m)) % cap
+            filled = slots if count == cap else slots[slots < count]  # slots that hold a row
+            if len(filled):
+                self._cache_sum[k] -= self.cache_[k, filled].sum(0, dtype=np.float64)
+            self.cache_[k, slots] = rows
+            self._cache_sum[k] += rows.sum(0, dtype=np.float64)
+            self.cache_count_[k] = min(cap, count + m)
+            if pos + m >= cap:  # wrapped: refresh the running sum exactly
+                n = int(self.cache_count_[k])
+                self._cache_sum[k] = self.cache_[k, :n].sum(0, dtype=np.float64)
+        self.cache_next_[k] = (pos + m) % cap
 
     def cache_mean(self, k: int) -> np.ndarray | None:
         """mean(C_k), or None for an empty cache."""
@@ -782,9 +797,8 @@ class GradientSpaceClustering:
         nonzero = norms > _EPS
         self._count(labels, nonzero, cosine_assign(Xn, self._epoch_start))
         self.n_zero_gradients_ += int((~nonzero).sum())
-        for x, k, ok in zip(Xn, labels, nonzero):
-            if ok:
-                self._push(int(k), x)
+        for k in np.unique(labels[nonzero]):
+            self._push_rows(int(k), Xn[nonzero & (labels == k)])
         self._ema(len(Xn))
         self.last_labels_ = labels
         return self
