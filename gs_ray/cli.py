@@ -187,12 +187,12 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     """Compare the run with the baselines; print the table; eval.json in the run directory."""
-    from gs_ray.evaluation.baselines import _eval_config, evaluate_run
+    from gs_ray.evaluation.baselines import eval_config, evaluate_run
     from gs_ray.preflight import check_eval, log_notes
     from gs_ray.rundir import RunDir
 
     run = RunDir.open(args.run_dir)  # a missing or corrupt run directory is a RunDirError
-    notes = check_eval(_eval_config(run, rest))  # encoder, eval.sts, machine: before Ray starts
+    notes = check_eval(eval_config(run, rest))  # encoder, eval.sts, machine: before Ray starts
     with logs.capture(quiet=not args.verbose, level=args.log_level):
         logs.attach_run(run.path)
         log_notes(notes)
@@ -258,7 +258,10 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"gs-ray serve: only --serve.* overrides apply here, not {bad[0]}", file=sys.stderr)
         return 2
     try:
+        from gs_ray.preflight import check_serve
+
         cfg = serve_config_for(args.run_dir, rest)
+        check_serve(cfg)  # a device or GPU count this machine lacks: now, not a hang
         how = init_ray()
         if args.detach and how == STARTED_LOCAL:
             raise ServingError("--detach needs a running cluster (RAY_ADDRESS): a local Ray "

@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from gs_ray.config import Config, EvalConfig, TrainingConfig
+from gs_ray.config import Config, EvalConfig, ServeConfig, TrainingConfig
 from gs_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,20 @@ def check_eval(cfg: Config) -> list[str]:
     if cfg.eval.sts:
         check_sts(cfg.eval)
     return notes
+
+
+def check_serve(cfg: ServeConfig) -> None:
+    """What ``gs-ray serve`` can check before Ray starts: on a Ray started here, an experts
+    device or a GPU count this machine does not have (the replicas would wait forever)."""
+    if not starts_local_ray(None):
+        return  # a cluster: the autoscaler may add GPU nodes
+    gpus = local_gpus()
+    _check_device(cfg.device, gpus, "serve.device")
+    if cfg.expert_gpus and cfg.expert_gpus * cfg.expert_replicas > gpus:
+        raise ConfigError(
+            f"serve.expert_gpus ({cfg.expert_gpus:g} x {cfg.expert_replicas} replicas) is more "
+            f"than the {gpus} GPU(s) of {LOCAL_RAY}, which would wait forever"
+        )
 
 
 def log_notes(notes: list[str]) -> None:

@@ -311,3 +311,18 @@ def test_gs_ray_run_refuses_a_misspelt_target_module_before_ray(tmp_path, capsys
     assert not out.exists() or not any(out.iterdir())
     if not was_up:
         assert not ray.is_initialized()
+
+
+def test_serve_refuses_a_gpu_this_machine_does_not_have(local):
+    from gs_ray.config import ServeConfig
+    from gs_ray.preflight import check_serve
+
+    with pytest.raises(ConfigError, match=r"^serve.device is 'cuda'"):
+        check_serve(ServeConfig(device="cuda"))
+    with pytest.raises(ConfigError, match=r"^serve.expert_gpus \(1 x 1 replicas\)"):
+        check_serve(ServeConfig(expert_gpus=1.0))
+    check_serve(ServeConfig())  # cpu / auto: fine
+    local(gpus=2)
+    check_serve(ServeConfig(device="cuda:1", expert_gpus=1.0, expert_replicas=2))
+    with pytest.raises(ConfigError, match="^serve.expert_gpus"):
+        check_serve(ServeConfig(expert_gpus=1.0, expert_replicas=3))

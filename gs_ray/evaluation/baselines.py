@@ -508,7 +508,7 @@ def _analysis_plots(run: RunDir, analyses: dict[str, Any]) -> None:
         sts_plot(run, analyses["sts"])
 
 
-def _eval_config(run: RunDir, overrides: list[str]) -> Config:
+def eval_config(run: RunDir, overrides: list[str]) -> Config:
     bad = [o for o in overrides if o.startswith("--") and not o.startswith("--eval.")]
     if bad:
         raise ConfigError(f"gs-ray eval takes only --eval.* overrides, not {bad[0]}")
@@ -524,7 +524,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     from gs_ray.ray_utils import init_ray
 
     run = RunDir.open(run_dir)
-    cfg = _eval_config(run, overrides or [])
+    cfg = eval_config(run, overrides or [])
     missing = [s for s in ("warmup", "stage2", "experts", "router") if not run.stage_done(s)]
     if missing:
         raise RunDirError(f"{run.path}: stages {missing} are not done; finish the run first "
