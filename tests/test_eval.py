@@ -413,7 +413,7 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
 
 
 def test_theorem2_variance_by_hand_and_on_a_planted_partition():
-    from gs_ray.evaluation.compare import within_cluster_variance
+    from gs_ray.core.clustering import within_cluster_variance
 
     # Two unit vectors per cluster, by hand: cluster 0 = {e1, e1}, cluster 1 = {e2, -e2}.
     G = np.array([[2.0, 0.0], [5.0, 0.0], [0.0, 1.0], [0.0, -3.0]])

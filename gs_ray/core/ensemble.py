@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+from gs_ray.core.clustering import unit_rows
 
 
 def gradient_similarity_probs(
@@ -29,7 +26,7 @@ def gradient_similarity_probs(
     centroids = np.atleast_2d(np.asarray(centroids, dtype=np.float64))
     if grads.shape[1] != centroids.shape[1]:
         raise ValueError(f"gradients {grads.shape} and centroids {centroids.shape} differ in d")
-    logits = _unit(grads) @ _unit(centroids).T / temperature
+    logits = unit_rows(grads) @ unit_rows(centroids).T / temperature
     logits -= logits.max(axis=1, keepdims=True)
     w = np.exp(logits)
     return w / w.sum(axis=1, keepdims=True)

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray.config import Config, apply_overrides
+from gs_ray.core.clustering import unit_rows, within_cluster_variance
 from gs_ray.errors import ConfigError, RunDirError
 from gs_ray.evaluation.analyses import (
     Gradients,
@@ -61,7 +62,6 @@ from gs_ray.evaluation.compare import (
     random_partition,
     spread,
     top_terms,
-    within_cluster_variance,
 )
 from gs_ray.evaluation.stats import comparisons, headline, routing_costs
 from gs_ray.io import write_json
@@ -95,7 +95,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
     """K-means in cosine geometry, ``n_init`` runs (``clustering.kmeans_n_init``)."""
     from sklearn.cluster import KMeans
 
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # cosine geometry
+    x = unit_rows(x)  # cosine geometry
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x).astype(np.int64)
 
 
@@ -156,8 +156,7 @@ def partitions(p: Prepared, seed_index: int, grads: Gradients | None = None
         out["elrea"] = _on_train(n, train, part)
         # A cluster's inference centroid: the mean unit prompt-gradient of its members, so that
         # queries (prompts only) are compared with what they can be compared with.
-        unit = grads.queries / np.maximum(np.linalg.norm(grads.queries, axis=1, keepdims=True),
-                                          1e-12)  # fmt: skip
+        unit = unit_rows(grads.queries)
         centroids = np.stack([unit[: len(train)][part == c].mean(0) for c in range(k)])
         extra["elrea_weights"] = gradient_similarity_probs(
             grads.queries[len(train) :], centroids, ec.elrea_temperature

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
+
+from gs_ray.core.clustering import unit_rows
 
 MAX_LABEL_WORDS = 3
 KeyKind = Literal["final_number", "answer_is", "label", "amount"]
@@ -112,26 +114,6 @@ def random_partition(labels: np.ndarray, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the paper's analyses
 
 
-def within_cluster_variance(G: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Theorem 2's quantity: the variance of the unit gradients inside each cluster (mean squared
-    distance to the cluster's mean) against the variance of the whole set. A partition by
-    gradient direction should leave each cluster's variance well under the whole set's."""
-    X = np.asarray(G, dtype=np.float64)
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    labels = np.asarray(labels)
-
-    def var(rows: np.ndarray) -> float:
-        return float(((rows - rows.mean(0)) ** 2).sum(1).mean()) if len(rows) else 0.0
-
-    total = var(X)
-    clusters = [{"cluster": int(c), "n": int((labels == c).sum()), "variance": var(X[labels == c])}
-                for c in sorted(set(labels.tolist())) if c >= 0]  # fmt: skip
-    n = sum(c["n"] for c in clusters)
-    pooled = sum(c["n"] * c["variance"] for c in clusters) / max(1, n)
-    return {"total": total, "within": pooled, "ratio": pooled / total if total else None,
-            "clusters": clusters}  # fmt: skip
-
-
 def domain_counts(labels: np.ndarray, domains: Sequence[str | None]) -> dict[str, dict[str, int]]:
     """Cluster -> {domain: samples} (paper Fig. 5), for the samples with a cluster."""
     out: dict[str, dict[str, int]] = {}
@@ -168,22 +150,20 @@ def top_terms(texts: Sequence[str], labels: np.ndarray, n_terms: int = 8) -> dic
 def unit_centroids(X: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """(k, d): each cluster's mean unit vector (rows of ``X`` with ``labels`` == c), unit-norm
     again; a cluster without rows gets a zero centroid (never chosen over a real one)."""
-    X = np.asarray(X, dtype=np.float64)
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    X = unit_rows(np.asarray(X, dtype=np.float64))
     labels = np.asarray(labels)
     C = np.zeros((k, X.shape[1]))
     for c in range(k):
         if (labels == c).any():
             m = X[labels == c].mean(0)
-            C[c] = m / max(np.linalg.norm(m), 1e-12)
+            C[c] = unit_rows(m)
     return C
 
 
 def nearest_centroid(X: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """argmax_c cos(x, centroid_c) for each row (the embedding- and gradient-similarity
     routers of the paper's Table 3)."""
-    X = np.asarray(X, dtype=np.float64)
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    X = unit_rows(np.asarray(X, dtype=np.float64))
     return (X @ np.asarray(centroids).T).argmax(1).astype(np.int64)
 
 

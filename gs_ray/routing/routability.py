@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray.config import RouterConfig
+from gs_ray.core.clustering import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def merge_for_routability(
     cent = None
     if centroids is not None:
         cent = np.asarray(centroids, dtype=np.float64)
-        cent = cent / np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+        cent = unit_rows(cent)
     steps: list[MergeStep] = []
     current = labels.copy()
     kc = k
@@ -244,7 +245,7 @@ def merge_for_routability(
             a, b, n_conf = _merge_once(proba, current, cos)
             if cent is not None:  # the merged centroid: the size-weighted mean direction
                 merged = cent[a] * max(sizes[a], 1) + cent[b] * max(sizes[b], 1)
-                cent[a] = merged / max(np.linalg.norm(merged), 1e-12)
+                cent[a] = unit_rows(merged)
                 cent = np.delete(cent, b, axis=0)
             # b joins a; clusters above b move down by one.
             mapping = np.where(mapping == b, a, mapping)

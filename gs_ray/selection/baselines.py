@@ -13,13 +13,8 @@ import zlib
 import numpy as np
 import torch
 
+from gs_ray.core.clustering import unit_rows
 from gs_ray.core.gradients import RandomProjection
-
-
-def unit_rows(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm (zero rows stay zero)."""
-    X = np.asarray(X, dtype=np.float64)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-30)
 
 
 def less_projector(dim: int, k: int, seed: int) -> RandomProjection:
@@ -35,13 +30,13 @@ def project(projector: RandomProjection, G: np.ndarray) -> np.ndarray:
 
 def less_direction(target_projected: np.ndarray) -> np.ndarray:
     """The mean of the target's unit projected gradients (k,), unit length."""
-    mean = unit_rows(target_projected).mean(axis=0)
-    return mean / max(np.linalg.norm(mean), 1e-30)
+    mean = unit_rows(np.asarray(target_projected, dtype=np.float64)).mean(axis=0)
+    return unit_rows(mean)
 
 
 def less_scores(pool_projected: np.ndarray, direction: np.ndarray) -> np.ndarray:
     """Cosine of each projected pool gradient to the target direction (n,)."""
-    return unit_rows(pool_projected) @ direction
+    return unit_rows(np.asarray(pool_projected, dtype=np.float64)) @ direction
 
 
 def random_scores(ids: list[str], seed: int) -> np.ndarray:
