@@ -4,6 +4,7 @@ gs-ray run                       every stage on the embedded default (tiny model
 gs-ray run --local               the single-process reference pipeline (no Ray)
 gs-ray run --config run.yaml --clustering.beta 0.95 --model.name smollm2-135m
 gs-ray run --resume runs/run-...  continue a run, skipping finished stages
+gs-ray run --resume runs/run-... --redo router   ... and run the router (and what follows) again
 gs-ray show runs/run-...          summary of a run directory
 gs-ray select --target target.jsonl [--method gist|less|random] [--data pool.jsonl]
               [--budget 5%] [--run-dir runs/run-...]   targeted data selection (GIST)
@@ -45,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config file")
     run.add_argument("--output-dir", help="where run directories go (default: runs/)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
+    run.add_argument(
+        "--redo", metavar="STAGE[,STAGE]", action="append", default=[],
+        help="with --resume: run these stages again, and every stage after them (needed where a "
+        "changed --section.key would invalidate a finished stage)",
+    )  # fmt: skip
     run.add_argument("--local", action="store_true", help="single-process reference pipeline")
     run.add_argument("--log-level", default="INFO")
     ev = sub.add_parser(
@@ -177,10 +183,11 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
     # file (--verbose: everything on the console).
     with logs.capture(quiet=not args.verbose, level=args.log_level):
         log_notes(notes)
+        redo = [name.strip() for arg in args.redo for name in arg.split(",") if name.strip()]
         if args.local:
-            run = pipeline.run_local(cfg, resume=args.resume, checked=True)
+            run = pipeline.run_local(cfg, resume=args.resume, checked=True, redo=redo)
         else:
-            run = pipeline.run(cfg, resume=args.resume, checked=True)
+            run = pipeline.run(cfg, resume=args.resume, checked=True, redo=redo)
     print(json.dumps({"run_dir": str(run.path)}))
     return 0
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from gs_ray.errors import UserError
 from gs_ray.io import atomic_write_text, write_json
-from gs_ray.rundir import RunDir
+from gs_ray.rundir import SECRET_FIELDS, RunDir
 
 CARD_NAME = "README.md"  # the Hugging Face model-card file (peft writes a placeholder there)
 BUNDLE_JSON = "bundle.json"
@@ -36,7 +36,6 @@ SERVE_YAML = "serve_config.yaml"
 VLLM_SCRIPT = "serve_vllm.sh"
 ROUTE_PY = "route.py"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "expert.json", CARD_NAME)
-SECRET_FIELDS = (("serve", "api_key"),)  # config fields never copied out of a run
 N_TOP_TERMS = 10
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,50 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The objects of a JSONL file (blank lines ignored)."""
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def publish_folder(target: Path, write: Callable[[Path], None],
+                   complete: Callable[[Path], bool]) -> Path:  # fmt: skip
+    """Publish a folder atomically: ``write`` fills a fresh temporary folder beside ``target``
+    (same file system), its files are flushed to disk, then it is renamed to ``target``. A
+    failure or a crash part-way leaves no folder under ``target``'s name (a failure removes
+    its temporary folder). A ``target`` that is there but not ``complete`` (half-written by
+    an older gs-ray, or by hand) is moved aside and replaced; one that another process
+    published first is kept. Returns ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        _flush(tmp)
+        if target.exists() and not complete(target):
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+            with contextlib.suppress(FileNotFoundError):  # another process moved it first
+                os.replace(target, stale / target.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process published first: keep its folder if complete
+            if not complete(target):
+                raise
+        _fsync(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
+    return target
+
+
+def _flush(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (a rename is durable only after its data)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync(Path(root))
+
+
+def _fsync(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

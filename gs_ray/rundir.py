@@ -3,16 +3,18 @@
 Every stage reads its inputs from and writes its outputs to one folder, so that any stage can be
 re-run, resumed or inspected on its own::
 
-    manifest.json             config, versions, seed, data counts, per-stage status and timings
-    config.yaml               the resolved configuration
+    manifest.json             config (secrets left out) and its SHA-256, versions, seed, data
+                              counts and fingerprint, per-stage status and timings, resumes
+    config.yaml               the resolved configuration (secrets left out)
     data/samples.jsonl        one line per sample: id, split, domain, n_tokens (no text)
     base_model/               tiny-llama only: the random-init base model and its tokenizer
     warmup/adapter/           Stage I LoRA adapter (peft format)
+    ray_train/                Ray Train's runs (warmup, expert_<k>, generalist): their checkpoints
     stage2/k_selection.json   the K table (threshold, n_components, K, silhouette) and the SVD
     stage2/centroids.npy      final centroids (K, d), float32
     stage2/param_names.json   gradient layout: parameter names, shapes, offsets
     stage2/assignments.jsonl  one line per sample: id, split, cluster, domain
-    stage2/checkpoint/        centroid-actor checkpoints (resume)
+    stage2/checkpoint/        centroid-actor checkpoints (resume; deleted once Stage II is done)
     stage2/routability.json   clusters merged so that a router can follow them (mapping, why)
     experts/expert_<k>/       Stage III LoRA experts (peft format)
     experts/generalist/       the generalist fallback: one LoRA on all training rows
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -44,9 +47,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from gs_ray.config import Config, ConfigError
 from gs_ray.errors import RunDirError, UserError
-from gs_ray.io import write_json, write_jsonl
+from gs_ray.io import atomic_write_text, write_json, write_jsonl
 
 WARMUP = "warmup"  # the Stage I stage, its folder and its adapter's name
 EXPERT_PREFIX = "expert_"
@@ -54,6 +59,10 @@ EXPERT_RECORD = "expert.json"
 GENERALIST = "generalist"  # the fallback adapter: its folder, training run and peft name
 LOCK_FILE = ".lock"  # held (flock) by the process that runs the run's stages
 _HELD_LOCKS: dict[str, Any] = {}  # run path -> the open lock file of this process
+# Config fields never written into a run directory (manifest.json, config.yaml, and so the
+# report): stored as null. Serving such a run takes the key from GS_RAY_API_KEY or
+# --serve.api_key again.
+SECRET_FIELDS = (("serve", "api_key"),)
 
 
 def expert_name(c: int) -> str:
@@ -64,6 +73,24 @@ def expert_name(c: int) -> str:
 def adapter_complete(folder: Path) -> bool:
     """A peft adapter folder with its config and its weights (a finished export)."""
     return (folder / "adapter_config.json").exists() and any(folder.glob("adapter_model.*"))
+
+
+def stored_config(cfg: Config) -> tuple[dict[str, Any], list[str]]:
+    """The config as a run directory keeps it: a plain dict with every ``SECRET_FIELDS`` value
+    set to None, and the keys that had one (``serve.api_key``)."""
+    data = cfg.to_dict()
+    redacted = []
+    for section, key in SECRET_FIELDS:
+        if data.get(section, {}).get(key) is not None:
+            data[section][key] = None
+            redacted.append(f"{section}.{key}")
+    return data, redacted
+
+
+def config_hash(data: dict[str, Any]) -> str:
+    """SHA-256 of a stored config (canonical JSON): the manifest's ``config_sha256``."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -114,18 +141,24 @@ class RunDir:
         run = cls(path)
         run.created = True
         run.hold_lock()
+        stored, redacted = stored_config(cfg)
         write_json(
             run.manifest_path,
             {
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "seed": cfg.run.seed,
                 "versions": versions(),
-                "config": cfg.to_dict(),
+                "config": stored,
+                "config_sha256": config_hash(stored),
+                "redacted": redacted,
                 "stages": {},
             },
         )
-        cfg.save(path / "config.yaml")
+        run._write_config_yaml(stored)
         return run
+
+    def _write_config_yaml(self, stored: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(stored, sort_keys=False))
 
     def hold_lock(self) -> None:
         """Hold the run's lock (``.lock``, an exclusive ``flock``) until this process ends, so
@@ -181,6 +214,11 @@ class RunDir:
     @property
     def warmup_losses(self) -> Path:
         return self.path / WARMUP / "losses.json"
+
+    @property
+    def ray_train(self) -> Path:
+        """Ray Train's runs (``warmup``, ``expert_<k>``, ``generalist``) and their checkpoints."""
+        return self.path / "ray_train"
 
     @property
     def stage2(self) -> Path:
@@ -247,6 +285,11 @@ class RunDir:
 
     def discard_experts(self) -> None:
         shutil.rmtree(self.experts_dir, ignore_errors=True)
+
+    def discard_stage2_checkpoint(self) -> None:
+        """Delete the centroid actor's checkpoint (stale once Stage II is done or invalidated;
+        it holds about 1,500 gradient rows: 393 MB at d = 65,536, docs/scaling.md)."""
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def selection(self, name: str) -> Path:
         """A selection consumer's folder (``gs_ray.selection``), named by the consumer."""
@@ -360,6 +403,33 @@ class RunDir:
         for stage in stages:
             m.get("stages", {}).pop(stage, None)
         write_json(self.manifest_path, m)
+
+    def record_resume(self, cfg: Config, changed: dict[str, tuple[Any, Any]],
+                      invalidate: Iterable[str], redo: Iterable[str] = ()) -> dict[str, Any]:  # fmt: skip
+        """One manifest write for a resume: forget the ``invalidate`` stages, keep ``cfg`` as the
+        run's config (secrets left out; config.yaml too) with its hash, and append to
+        ``resumes`` when, what changed (``overrides``: key -> new value, ``previous``: key ->
+        old value), the ``redo`` asked for and the finished stages it invalidated. Returns the
+        entry."""
+        m = self.manifest()
+        stages = m.setdefault("stages", {})
+        done = [s for s in invalidate if stages.get(s, {}).get("status") == "done"]
+        for stage in invalidate:
+            stages.pop(stage, None)
+        stored, redacted = stored_config(cfg)
+        entry = {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "overrides": {key: new for key, (_, new) in changed.items()},
+            "previous": {key: old for key, (old, _) in changed.items()},
+            "redo": list(redo),
+            "invalidated": done,
+        }
+        m.setdefault("resumes", []).append(entry)
+        m["config"], m["config_sha256"] = stored, config_hash(stored)
+        m["redacted"] = sorted(set(m.get("redacted", [])) | set(redacted))
+        write_json(self.manifest_path, m)
+        self._write_config_yaml(stored)
+        return entry
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:

@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from gs_ray.config import LoRAConfig, ModelConfig
+from gs_ray.io import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def _publish(target: Path, write) -> None:
-    """Write a folder under a temporary name, then rename it: concurrent writers never clash."""
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process published first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- tiny-llama
 
 
@@ -131,7 +122,8 @@ def train_demo_tokenizer(vocab_size: int, cache: Path) -> PreTrainedTokenizerFas
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-    _publish(folder, fast.save_pretrained)
+    publish_folder(folder, fast.save_pretrained,
+                   complete=lambda f: (f / "tokenizer.json").is_file())  # fmt: skip
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
@@ -193,7 +185,7 @@ def convert_smollm2(cfg: ModelConfig) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    _publish(target, save)
+    publish_folder(target, save, complete=lambda f: (f / "config.json").is_file())
     return target
 
 
@@ -216,20 +208,24 @@ def materialize_base_model(
         target = tiny_base_dir(run_dir)
         made_with = {"seed": seed, **{k: v for k, v in vars(cfg).items() if k.startswith("tiny_")}}
         stamp = target / "gs_ray_tiny.json"
-        if not (target / "config.json").exists():
+        if not stamp.is_file():  # written last: a folder without it is half-written
             if source is None and cfg.tiny_pretrain_steps:
                 raise ValueError(
                     f"tiny-llama with tiny_pretrain_steps {cfg.tiny_pretrain_steps} needs its "
                     "pretrained weights (training.pretrain.base_model_for builds or reuses "
                     "them); set model.tiny_pretrain_steps 0 for random weights"
                 )
-            if source is not None:
-                shutil.copytree(source, target)
-            else:
-                model, tokenizer = build_tiny_llama(cfg, seed)
-                model.save_pretrained(str(target))
-                tokenizer.save_pretrained(str(target))
-            stamp.write_text(json.dumps(made_with))
+
+            def write(folder: Path) -> None:
+                if source is not None:
+                    shutil.copytree(source, folder, dirs_exist_ok=True)
+                else:
+                    model, tokenizer = build_tiny_llama(cfg, seed)
+                    model.save_pretrained(str(folder))
+                    tokenizer.save_pretrained(str(folder))
+                (folder / stamp.name).write_text(json.dumps(made_with))
+
+            publish_folder(target, write, complete=lambda f: (f / stamp.name).is_file())
         elif stamp.exists() and json.loads(stamp.read_text()) != made_with:
             raise ValueError(
                 f"{target} was made with {json.loads(stamp.read_text())}, the config now asks "

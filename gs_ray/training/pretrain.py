@@ -8,8 +8,10 @@ AdamW steps. On Ray (``gs-ray run``) it is a Ray Train + DeepSpeed run like the 
 experts; without Ray (``run_local``, notebooks) the same loop runs in this process.
 
 The result is cached under ``model.cache_dir`` (``models/tiny-llama-pretrained-<key>``), keyed by
-the seed, every ``tiny_*`` field and the pretraining texts, and published atomically: later
-runs with the same settings copy it (about a second) instead of training again.
+the seed, every ``tiny_*`` field and the pretraining texts, and published atomically
+(``publish_folder``: written and flushed under a fresh temporary name beside it, then renamed):
+later runs with the same settings copy it (about a second) instead of training again, and a
+crash never leaves a half-written folder under the cache's name.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from gs_ray.config import Config, TrainingConfig
 from gs_ray.core.models import (
     PRETRAIN_STAMP,
     TINY,
-    _publish,
     build_tiny_llama,
     cache_dir,
     materialize_base_model,
     tiny_base_dir,
 )
+from gs_ray.io import publish_folder
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def pretrained_tiny(cfg: Config, seed: int, on_ray: bool | None = None) -> Path:
     texts = pretraining_corpus(cfg, seed)
     key = cache_key(cfg, seed, texts)
     target = cache_dir(cfg.model) / "models" / f"tiny-llama-pretrained-{key}"
-    if (target / PRETRAIN_STAMP).exists():
+    if _stamped(target):
         return target  # no model built, no tokenizer trained
     model, tokenizer = build_tiny_llama(cfg.model, seed)
     pairs = pretraining_pairs(cfg, tokenizer, texts)
@@ -120,11 +122,17 @@ def pretrained_tiny(cfg: Config, seed: int, on_ray: bool | None = None) -> Path:
         record = {"key": key, "seed": seed, "texts": len(pairs), "steps": len(losses),
                   "first_loss": losses[0], "last_loss": losses[-1], "engine": engine,
                   "seconds": time.time() - start}  # fmt: skip
-        (trained / PRETRAIN_STAMP).write_text(json.dumps(record))
-        _publish(target, lambda folder: shutil.copytree(trained, folder))
+        (trained / PRETRAIN_STAMP).write_text(json.dumps(record))  # last: marks it complete
+        publish_folder(target, lambda folder: shutil.copytree(trained, folder, dirs_exist_ok=True),
+                       complete=_stamped)  # fmt: skip
     log.info("pretrained the tiny base model in %.0f s: loss %.2f -> %.2f (%s)",
              record["seconds"], record["first_loss"], record["last_loss"], engine)  # fmt: skip
     return target
+
+
+def _stamped(folder: Path) -> bool:
+    """A complete pretrained folder: its record (written last) is there."""
+    return (Path(folder) / PRETRAIN_STAMP).is_file()
 
 
 def _train(cfg: Config, init: str, output: str, pairs: list, seed: int, pad_id: int,
