@@ -71,6 +71,7 @@ StageName = Literal[
 #: After Stage II: ``merge`` joins the clusters that a router trained on the prompts cannot tell
 #: apart (routing/routability.py), ``off`` keeps Stage II's partition exactly (the paper).
 Routability = Literal["merge", "off"]
+Pack = Literal["auto", "off"]  # training.ray_train.pack_runs
 
 # A torch device as the config names it: auto, cpu, cuda or cuda:N.
 _DEVICE = r"auto|cpu|cuda(:\d+)?"
@@ -255,6 +256,12 @@ class ExpertConfig(TrainingConfig):
 
     epochs: int = _f(2, "passes over the cluster's data", ge=1)
     parallel: bool = _f(True, "train the K experts concurrently")
+    pack: Pack = _f(
+        "auto", "auto: the adapters share as many Ray Train runs as the cluster holds at once, "
+        "each run training its adapters one after another (the same adapters, fewer worker "
+        "start-ups; with worker_resource set, one run per adapter, for the autoscaler to add "
+        "nodes) | off: one run per adapter"
+    )
 
 
 @dataclass
@@ -549,6 +556,7 @@ class GSNRConfig(TrainingConfig):
     epochs: int = _f(1, "passes over the data per member", ge=1)
     max_steps: int | None = _f(30, "optimizer steps per member (None: all epochs)", ge=1)
     parallel: bool = _f(True, "train the members concurrently (Ray Train runs)")
+    pack: Pack = _f("auto", "as experts.pack")
 
 
 @dataclass

@@ -336,12 +336,9 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
     assert m["gradientspace_oracle"]["latency_ms_per_query"] is None
     assert all(v["exact_match"] is not None for v in m.values()) == (out["n_exact_match_items"] > 0)
 
-    # A second eval keeps every adapter (nothing to train) and gives the same numbers.
+    # A second eval keeps every adapter (nothing to train); that it gives the same numbers is
+    # test_eval_seeds_show_the_spread's seed 0.
     assert baselines._jobs(p, {n: parts[n] for n in parts}, 0) == []
-    again = baselines.evaluate_run(run.path, ["--eval.max_generate", "4",
-                                              "--eval.max_new_tokens", "4"])  # fmt: skip
-    for name, v in again["methods"].items():
-        assert v["test_loss"] == pytest.approx(m[name]["test_loss"], rel=1e-6), name
 
     # Only --eval.* overrides; an unfinished run is refused with a plain message.
     assert main(["eval", str(run.path), "--lora.r", "4"]) == 2
@@ -538,8 +535,9 @@ def test_the_shared_sts_benchmark_reads_whole():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_eval_seeds_show_the_spread(evaluated, tmp_path):
-    """--eval.seeds 2 on a copy of the evaluated run: seed 0's adapters are kept, seed 1 trains
-    its own (GradientSpace's experts again too), and the table shows mean ± std over both."""
+    """--eval.seeds 2 on a copy of the evaluated run: seed 0's adapters are kept and give the
+    same numbers as the first eval, seed 1 trains its own (GradientSpace's experts again too),
+    and the table shows mean ± std over both."""
     import shutil
 
     from gs_ray.evaluation import baselines
@@ -548,10 +546,10 @@ def test_eval_seeds_show_the_spread(evaluated, tmp_path):
     copy = tmp_path / "r"
     shutil.copytree(run.path, copy)
     two = baselines.evaluate_run(copy, [
-        "--eval.seeds", "2", "--eval.methods", "[single_lora, random_clusters, gradientspace]",
+        "--eval.seeds", "2", "--eval.methods", "[single_lora, gradientspace]",
         "--eval.k_ablation", "[]", "--eval.max_generate", "0"])  # fmt: skip
     m = two["methods"]
-    assert set(m) == {"single_lora", "random_clusters", "gradientspace"}
+    assert set(m) == {"single_lora", "gradientspace"}
     for name, v in m.items():
         seeds = [s["test_loss"] for s in v["per_seed"]]
         assert len(seeds) == 2

@@ -86,6 +86,26 @@ def test_workers_ask_for_cpus_a_gpu_and_the_configured_resource():
         apply_overrides(Config(), ["--experts.worker_resource", "two words"])
 
 
+def test_adapters_are_packed_into_the_runs_the_cluster_holds():
+    from gs_ray.training.ray_train import pack_runs
+
+    def job(name, n, max_steps=None):
+        return AdapterJob(name, "base", "out", [([1], [1])] * n, max_steps=max_steps)
+
+    cfg = ExpertConfig(epochs=1, batch_size=1)
+    jobs = [job("a", 5), job("b", 9), job("c", 4), job("d", 3), job("g", 100, max_steps=6)]
+    # Planned steps a 5, b 9, c 4, d 3, g 6 (its own max_steps). Longest first, each to the run
+    # with the fewest steps so far: b -> 1 (9), g -> 2 (6), a -> 2 (11), c -> 1 (13), d -> 2 (14);
+    # a run keeps the given order.
+    runs = pack_runs(jobs, cfg, 2)
+    assert [[j.name for j in r] for r in runs] == [["b", "c"], ["a", "d", "g"]]
+    assert [[j.name for j in r] for r in pack_runs(jobs, cfg, 2)] == [["b", "c"], ["a", "d", "g"]]
+    assert [[j.name for j in r] for r in pack_runs(jobs, cfg, 1)] == [["a", "b", "c", "d", "g"]]
+    assert len(pack_runs(jobs, cfg, 99)) == 5  # never more runs than jobs, never an empty one
+    assert pack_runs(jobs, cfg, 2, "off") == [[j] for j in jobs]
+    assert pack_runs(jobs[:1], cfg, 3) == [jobs[:1]]
+
+
 def test_attempt_history_is_read_per_attempt(tmp_path):
     log = tmp_path / "attempts.jsonl"
     log.write_text(
@@ -97,6 +117,17 @@ def test_attempt_history_is_read_per_attempt(tmp_path):
         {"attempt": 1, "start": 1.0, "crashed": 2.0, "step": 4},
         {"attempt": 2, "start": 3.0, "end": 5.0},
     ]
+    # A run that trains several adapters: each job's events, in the attempts that trained it.
+    log.write_text(
+        '{"attempt": 1, "start": 1.0}\n{"attempt": 1, "job": "a", "start": 1.5}\n'
+        '{"attempt": 1, "job": "a", "end": 2.0}\n{"attempt": 1, "job": "b", "start": 2.0}\n'
+        '{"attempt": 2, "start": 3.0}\n{"attempt": 2, "job": "b", "start": 3.5}\n'
+        '{"attempt": 2, "job": "b", "end": 4.0}\n{"attempt": 2, "end": 4.0}\n'
+    )
+    assert _read_attempts(log, "a") == [{"attempt": 1, "start": 1.5, "end": 2.0}]
+    assert _read_attempts(log, "b") == [{"attempt": 1, "start": 2.0},
+                                        {"attempt": 2, "start": 3.5, "end": 4.0}]  # fmt: skip
+    assert [a["attempt"] for a in _read_attempts(log)] == [1, 2]
 
 
 # --------------------------------------------------------------------------- shared set-up
@@ -274,13 +305,36 @@ def test_a_crashed_expert_is_retried_alone_from_its_checkpoint(world, experts, r
     # The retry resumed after the first epoch's checkpoint and finished the plan.
     assert crashed["resumed_from_epoch"] == 1
     assert crashed["steps"] == planned_steps(N_EXPERT, EXPERT_CFG) == 2 * (FAIL_AT - 1)
-    fault_marker = Path(world["storage"]) / "expert_1.gs_ray" / "fault_injected"
+    run = crashed["run"]
+    fault_marker = Path(world["storage"]) / f"{run}.gs_ray" / "fault_injected.expert_1"
     assert fault_marker.read_text() == str(FAIL_AT)
+    # expert_0 and expert_2 shared the other run (2 CPUs: two runs), one after the other.
+    assert records["expert_0"]["run"] == records["expert_2"]["run"] == "expert_0+expert_2"
+    assert records["expert_0"]["end"] <= records["expert_2"]["start"]
     for name in ("expert_0", "expert_2"):
         other = records[name]
         assert other["ok"] and other["attempts"] == 1 and other["resumed_from_epoch"] == 0
         assert other["steps"] == planned_steps(N_EXPERT, EXPERT_CFG)
         assert Path(other["output_dir"], "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_in_a_shared_run_is_the_one_trained_alone(world, experts, ray_session):
+    """expert_2 was trained after expert_0 in one run: the same weights and losses, bit for bit,
+    as its own run (the embedded default's numbers do not depend on the packing)."""
+    shared = experts["records"]["expert_2"]
+    job = experts["jobs"]["expert_2"]
+    alone = train_on_ray(
+        dataclasses.replace(job, name="expert_2_alone", output_dir=str(world["root"] / "alone")),
+        MODEL, LORA, EXPERT_CFG, world["pad"], world["storage"],
+    )  # fmt: skip
+    assert alone["run"] == "expert_2_alone" and shared["run"] != alone["run"]
+    assert alone["losses"] == shared["losses"]
+    w_alone = _lora_weights(_peft(world["base"], alone["output_dir"]))
+    w_shared = _lora_weights(_peft(world["base"], shared["output_dir"]))
+    assert w_alone.keys() == w_shared.keys()
+    for k in w_alone:
+        assert torch.equal(w_alone[k], w_shared[k]), k
 
 
 @pytest.mark.slow

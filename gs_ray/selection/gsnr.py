@@ -143,12 +143,10 @@ def train_ensemble(
     """Train the M members at once on Ray (each a Ray Train run with its own retries); returns
     the adapter folders and the training records. A member that still fails raises."""
     from gs_ray.rundir import EnsembleDir
-    from gs_ray.training.ray_train import discard_run, train_many_on_ray
+    from gs_ray.training.ray_train import train_many_on_ray
 
     out = EnsembleDir(work_dir)
     jobs = ensemble_jobs(cfg, train_samples, base_path, work_dir)
-    for job in jobs:
-        discard_run(str(out.storage), job.name)
     records = train_many_on_ray(jobs, cfg.model, cfg.lora, cfg.gsnr, pad_id, str(out.storage),
                                 parallel=cfg.gsnr.parallel)  # fmt: skip
     failed = [n for n, r in records.items() if not r.get("ok")]

@@ -49,7 +49,7 @@ def generalist_job(p: Prepared, labels: np.ndarray, k: int, output_dir: str):
 def experts_ray(p: Prepared, resume: bool = False) -> dict:
     """Train the experts that are missing. Experts whose folder is complete are kept; a cluster
     with no training sample gets a copy of the warm-up adapter."""
-    from gs_ray.training.ray_train import discard_run, finished_run, train_many_on_ray
+    from gs_ray.training.ray_train import train_many_on_ray
 
     cfg, run = p.cfg, p.run
     labels, k = p.assignments()
@@ -69,12 +69,8 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
             jobs.append(job)
         if cfg.fallback.enabled and not run.generalist_complete():
             jobs.append(generalist_job(p, labels, k, str(run.generalist)))
-        for job in jobs:
-            # A resume continues an interrupted training from its checkpoint; an expert whose
-            # run had finished but whose folder is gone (deleted) is trained again from the
-            # warm-up.
-            if not resume or finished_run(storage_path(p), job.name, cfg.experts):
-                discard_run(storage_path(p), job.name)
+        # A resume continues an interrupted training from its checkpoint; an expert whose run
+        # had finished but whose folder is gone (deleted) is trained again from the warm-up.
         records = {}
         if jobs:
             log.info("training %d experts (%s), %s", len(jobs), ", ".join(j.name for j in jobs),

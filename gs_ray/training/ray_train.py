@@ -2,12 +2,16 @@
 
 ``train_on_ray(AdapterJob, ...)`` is one Ray Train ``TorchTrainer`` run whose workers build the
 model, wrap it with ``deepspeed.initialize`` and run ``gs_ray.training.loop.train_adapter``,
-checkpointing the adapter every epoch; ``train_many_on_ray`` runs the K experts as K such runs at
-once, each with its own retries. docs/training.md explains the choices and the measured costs.
+checkpointing the adapter every epoch; ``train_many_on_ray`` trains several adapters (the K
+experts and the generalist) packed into as many such runs as the cluster holds at once, each run
+training its adapters one after another, each adapter with its own retries. docs/training.md
+explains the choices and the measured costs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 
-from gs_ray.config import LoRAConfig, ModelConfig, TrainingConfig
+from gs_ray.config import LoRAConfig, ModelConfig, Pack, TrainingConfig
 from gs_ray.core.models import add_lora, load_adapter, load_base_model
 from gs_ray.data import Sample
 from gs_ray.training.loop import planned_steps, train_adapter
@@ -32,9 +36,10 @@ log = logging.getLogger(__name__)
 
 # =========================================================================== Ray Train + DeepSpeed
 #
-# One LoRA training run is one Ray Train ``TorchTrainer``; the K experts are K trainers whose
-# ``fit()`` calls run in driver threads at once (Ray's placement groups queue what the cluster
-# cannot hold yet). See docs/training.md for why, and for the measured costs.
+# One Ray Train ``TorchTrainer`` trains one or several adapters, one after another (a worker
+# start-up costs 15-40 s, more than a small adapter's training); several trainers' ``fit()``
+# calls run in driver threads at once (Ray's placement groups queue what the cluster cannot hold
+# yet). See docs/training.md for why, and for the measured costs.
 
 # Environment a worker must share with the driver (offline hub, caches, the extension cache).
 FORWARDED_ENV = (
@@ -45,7 +50,9 @@ FORWARDED_ENV = (
     "TOKENIZERS_PARALLELISM",
     "TORCH_EXTENSIONS_DIR",
 )
-_STATE_FILE = "train_state.json"
+_STATE_FILE = "train_state.json"  # per job, in the run's checkpoint: <job>/train_state.json
+_RUN_FILE = "run.json"  # the run's jobs, in its checkpoint
+_EVENT_TIMES = ("start", "end", "crashed", "failed")
 _ATTEMPTS_LOG = "attempts.jsonl"
 _ADAPTER_DIR = "adapter"
 
@@ -93,10 +100,12 @@ def train_on_ray(
     reach). ``resume=False`` deletes what an earlier run of that name left there and starts over;
     ``resume=True`` continues from its last checkpoint (after a driver crash, say).
 
-    Returns the run's record (see ``_run_job``). Raises ``AdapterTrainingError`` (carrying that
+    Returns the run's record (see ``_run_group``). Raises ``AdapterTrainingError`` (carrying that
     record) when the run failed after ``max_failures`` retries.
     """
-    record = _run_job(job, model_cfg, lora_cfg, train_cfg, pad_id, storage_path, resume)
+    _check_storage_path(storage_path)
+    record = _run_group([job], model_cfg, lora_cfg, train_cfg, pad_id, storage_path, resume)
+    record = record[job.name]
     if not record["ok"]:
         raise AdapterTrainingError(record)
     return record
@@ -113,14 +122,19 @@ def train_many_on_ray(
     max_concurrent: int | None = None,
     resume: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Train several adapters (the K experts), each its own Ray Train run; records by job name.
+    """Train several adapters (the K experts and the generalist, say); records by job name.
 
-    ``parallel`` (None: ``train_cfg.parallel`` if the config has it, else True) launches every
-    run at once, each ``fit()`` in its own driver thread; the cluster's resources bound how many
-    train at a time (a run whose workers do not fit waits for its placement group).
-    ``max_concurrent`` caps the number of runs in flight on top of that. A run that fails is
-    retried on its own (``max_failures``) and, if it still fails, comes back with ``ok: False``
-    and its error; the other runs' records are unaffected. ``resume`` as in ``train_on_ray``.
+    The jobs are packed into Ray Train runs by ``pack_runs`` (``train_cfg.pack``: ``auto`` puts
+    them into as many runs as the cluster holds at once, each run training its adapters one after
+    another, so that K adapters pay for a few worker start-ups instead of K; ``off``: one run per
+    adapter). ``parallel`` (None: ``train_cfg.parallel`` if the config has it, else True) launches
+    every run at once, each ``fit()`` in its own driver thread; the cluster's resources bound how
+    many train at a time (a run whose workers do not fit waits for its placement group).
+    ``max_concurrent`` caps the number of runs in flight on top of that. An adapter whose
+    training fails is retried (``max_failures`` times, from its last checkpoint; the adapters its
+    run had finished are kept) and, if it still fails, comes back with ``ok: False`` and its
+    error; the other adapters' records are unaffected. ``resume`` continues the runs an earlier
+    call left unfinished; a run that had finished is trained again.
     """
     _check_storage_path(storage_path)
     names = [j.name for j in jobs]
@@ -130,19 +144,72 @@ def train_many_on_ray(
         parallel = bool(getattr(train_cfg, "parallel", True))
     width = 1 if not parallel else max(1, min(len(jobs), max_concurrent or len(jobs)))
     _ensure_ray()
+    pack = getattr(train_cfg, "pack", "off")
+    slots = len(jobs) if pack == "off" else cluster_slots(train_cfg, resolve_use_gpu(train_cfg))
+    groups = pack_runs(jobs, train_cfg, min(width, slots), pack)
 
-    def run(job: AdapterJob) -> dict[str, Any]:
+    def run(group: list[AdapterJob]) -> dict[str, dict[str, Any]]:
+        if resume and finished_run(storage_path, run_name(group)):
+            discard_run(storage_path, run_name(group))
         try:
-            return _run_job(job, model_cfg, lora_cfg, train_cfg, pad_id, storage_path, resume)
-        except Exception as e:  # set-up or export errors: this job fails, the others go on
-            log.exception("%s: could not run", job.name)
-            return {"name": job.name, "ok": False, "error": f"{type(e).__name__}: {e}"}
+            return _run_group(group, model_cfg, lora_cfg, train_cfg, pad_id, storage_path, resume)
+        except Exception as e:  # set-up or export errors: these jobs fail, the others go on
+            log.exception("%s: could not run", run_name(group))
+            error = f"{type(e).__name__}: {e}"
+            return {j.name: {"name": j.name, "ok": False, "error": error} for j in group}
 
-    if width == 1:
-        return {job.name: run(job) for job in jobs}
-    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="gs-ray-train") as pool:
-        futures = {job.name: pool.submit(run, job) for job in jobs}
-        return {name: f.result() for name, f in futures.items()}
+    if width == 1 or len(groups) == 1:
+        out = {k: v for group in groups for k, v in run(group).items()}
+    else:
+        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="gs-ray-train") as pool:
+            futures = [pool.submit(run, group) for group in groups]
+            out = {k: v for f in futures for k, v in f.result().items()}
+    return {name: out[name] for name in names}
+
+
+def pack_runs(
+    jobs: Sequence[AdapterJob], train_cfg: TrainingConfig, runs: int, pack: Pack = "auto"
+) -> list[list[AdapterJob]]:
+    """The jobs grouped into at most ``runs`` Ray Train runs (``pack="off"``: one each).
+
+    Each job goes to the run with the fewest planned optimizer steps so far, the longest job
+    first (longest-processing-time scheduling), so that the runs end close together; a run keeps
+    its jobs in the given order. Deterministic: the same jobs and ``runs`` give the same runs
+    (a resumed call continues the same Ray Train runs)."""
+    if pack == "off" or len(jobs) <= 1:
+        return [[job] for job in jobs]
+    n = max(1, min(len(jobs), runs))
+    cost = [_planned(job, train_cfg) for job in jobs]
+    loads, members = [0] * n, [[] for _ in range(n)]
+    for i in sorted(range(len(jobs)), key=lambda i: -cost[i]):
+        g = loads.index(min(loads))
+        members[g].append(i)
+        loads[g] += cost[i]
+    return [[jobs[i] for i in sorted(m)] for m in members if m]
+
+
+def cluster_slots(train_cfg: TrainingConfig, use_gpu: bool) -> int:
+    """How many runs of ``train_cfg``'s shape the connected cluster holds at once, now. A config
+    that names a ``worker_resource`` targets a node type the autoscaler adds: no bound then."""
+    import ray
+
+    if train_cfg.worker_resource:
+        return 1 << 30
+    total = ray.cluster_resources()
+    per_run = worker_resources(train_cfg, use_gpu)
+    return max(1, min(int(total.get(k, 0.0) // (v * train_cfg.num_workers))
+                      for k, v in per_run.items()))  # fmt: skip
+
+
+def run_name(jobs: Sequence[AdapterJob]) -> str:
+    """The Ray Train run (and folder) name of a group of jobs: their names joined by ``+``."""
+    return "+".join(job.name for job in jobs)
+
+
+def _planned(job: AdapterJob, train_cfg: TrainingConfig) -> int:
+    if job.max_steps is not None:
+        train_cfg = replace(train_cfg, max_steps=job.max_steps)
+    return planned_steps(len(job.samples), train_cfg, train_cfg.num_workers)
 
 
 class AdapterTrainingError(RuntimeError):
@@ -216,15 +283,12 @@ def _check_storage_path(storage_path: str) -> None:
         raise ValueError(f"storage_path must be an absolute path (Ray Train), got {storage_path!r}")
 
 
-def finished_run(storage_path: str, name: str, train_cfg: TrainingConfig) -> bool:
-    """True when Ray Train's folder for run ``name`` holds a checkpoint taken at its end (the
-    last epoch, or ``max_steps`` reached)."""
-    for path in Path(storage_path, name).glob(f"checkpoint_*/{_STATE_FILE}"):
-        state = json.loads(path.read_text())
-        steps = len(state.get("losses", []))
-        if state.get("epoch", 0) >= train_cfg.epochs or (
-            train_cfg.max_steps and steps >= train_cfg.max_steps
-        ):
+def finished_run(storage_path: str, name: str) -> bool:
+    """True when Ray Train's folder for run ``name`` holds a checkpoint in which every adapter
+    of the run had finished (its last epoch, or its ``max_steps``)."""
+    for path in Path(storage_path, name).glob(f"checkpoint_*/{_RUN_FILE}"):
+        jobs = json.loads(path.read_text())["jobs"]
+        if all(_job_state(path.parent, job).get("finished") for job in jobs):
             return True
     return False
 
@@ -236,46 +300,56 @@ def discard_run(storage_path: str, name: str) -> None:
 
 
 def _marker_dir(storage_path: str, name: str) -> Path:
-    """Our own bookkeeping next to Ray's run folder (attempt counter, fault-injection marker)."""
+    """Our own bookkeeping next to Ray's run folder (attempts log, fault-injection markers)."""
     return Path(storage_path) / f"{name}.gs_ray"
 
 
-def _run_job(
-    job: AdapterJob,
+def _job_state(folder: Path, job: str) -> dict[str, Any]:
+    """One adapter's position in a run's checkpoint folder ({} before its first epoch)."""
+    path = folder / job / _STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _run_group(
+    jobs: Sequence[AdapterJob],
     model_cfg: ModelConfig,
     lora_cfg: LoRAConfig,
     train_cfg: TrainingConfig,
     pad_id: int,
     storage_path: str,
     resume: bool = False,
-) -> dict[str, Any]:
-    """Run one TorchTrainer to the end; the record of the run, never raising for a failed run.
+) -> dict[str, dict[str, Any]]:
+    """One TorchTrainer that trains ``jobs`` one after another, to the end; a record per job,
+    never raising for a failed training.
 
-    The record: name, ok, error, output_dir, attempts, attempt_history (per attempt: start and
-    end, crashed or failed; wall clock, from rank 0), start/end/seconds (driver, wall clock); and
-    when it succeeded, from the rank-0 worker: engine (class name of the running engine),
-    zero_stage (as the engine reports it), world_size, device, losses (one per optimizer step,
-    mean over ranks, across attempts), steps, epochs_done, resumed_from_epoch,
-    deepspeed_init_s, worker_start/train_start/train_end (last attempt, wall clock), checkpoint.
+    A record: name, ok, error, output_dir, run (the Ray Train run's name), attempts and
+    attempt_history (the run's attempts that trained this job; per attempt: start and end,
+    crashed or failed, wall clock from rank 0), start/end/seconds (this job's first start and
+    last event); and when it succeeded, from the rank-0 worker: engine (class name of the running
+    engine), zero_stage (as the engine reports it), world_size, device, losses (one per optimizer
+    step, mean over ranks, across attempts), steps, epochs_done, resumed_from_epoch,
+    deepspeed_init_s, worker_start/train_start/train_end (its last attempt), checkpoint.
+
+    Ray Train retries a failed attempt; the retry resumes the job that failed from its last
+    epoch checkpoint and skips the jobs already finished. A job that failed in more than
+    ``max_failures`` attempts is given up and the run goes on with the next.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from gs_ray.training.process_group import LoopbackTorchConfig
 
-    _check_storage_path(storage_path)
     _ensure_ray()
     use_gpu = resolve_use_gpu(train_cfg)
     max_failures = int(train_cfg.max_failures)
-    markers = _marker_dir(storage_path, job.name)
+    name = run_name(jobs)
+    markers = _marker_dir(storage_path, name)
     if not resume:  # Ray Train V2 would otherwise restore an earlier run of the same name
-        shutil.rmtree(Path(storage_path) / job.name, ignore_errors=True)
-        shutil.rmtree(markers, ignore_errors=True)
+        discard_run(storage_path, name)
     markers.mkdir(parents=True, exist_ok=True)
     (markers / _ATTEMPTS_LOG).write_text("")  # the attempts of this call
-    resources = worker_resources(train_cfg, use_gpu)
     loop_config = {
-        "job": job,
+        "jobs": list(jobs),
         "model_cfg": model_cfg,
         "lora_cfg": lora_cfg,
         "train_cfg": train_cfg,
@@ -283,141 +357,210 @@ def _run_job(
         "markers": str(markers),
         "env": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
     }
+    # Every job may fail max_failures + 1 times, and the attempt after its last failure skips it.
+    retries = max_failures if len(jobs) == 1 else len(jobs) * (max_failures + 1)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
         torch_config=LoopbackTorchConfig(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train_cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=train_cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=worker_resources(train_cfg, use_gpu),
         ),
         run_config=ray.train.RunConfig(
-            name=job.name,
+            name=name,
             storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=retries),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    record: dict[str, Any] = {
-        "name": job.name,
-        "ok": False,
-        "error": None,
-        "output_dir": str(job.output_dir),
-    }
     start = time.time()
-    log.info("%s: Ray Train run starting (%d samples)", job.name, len(job.samples))
+    what = f"{len(jobs[0].samples)} samples" if len(jobs) == 1 else (
+        f"{len(jobs)} adapters one after another: {', '.join(j.name for j in jobs)}")
+    log.info("%s: Ray Train run starting (%s)", name, what)
     try:
         result = trainer.fit()
         error = result.error  # Train V2 raises, but check anyway
     except Exception as e:  # TrainingFailedError after the retries, or a controller error
         result, error = None, e
     end = time.time()
-    history = _read_attempts(markers / _ATTEMPTS_LOG)
-    record.update(start=start, end=end, seconds=end - start)
-    record.update(attempts=len(history), attempt_history=history)
-    if error is not None or result is None or result.checkpoint is None:
-        record["error"] = f"{type(error).__name__}: {error}" if error else "no checkpoint reported"
-        log.error(
-            "%s: failed after %d attempt(s): %s", job.name, record["attempts"], record["error"]
-        )
-        return record
-    record.update(result.return_value or {})
-    record.update(ok=True, checkpoint=result.checkpoint.path)
-    _export_adapter(result.checkpoint, Path(job.output_dir))
-    losses = record.get("losses") or [float("nan")]
-    log.info(
-        "%s: done in %.1fs, %d steps, loss %.4f -> %.4f, %d attempt(s)",
-        job.name, record["seconds"], len(record.get("losses", [])), losses[0], losses[-1],
-        record["attempts"],
-    )  # fmt: skip
-    return record
+    events = _read_events(markers / _ATTEMPTS_LOG)
+    checkpoint = result.checkpoint if result is not None else None
+    records = {}
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None
+        for job in jobs:
+            history = _attempts_of(events, job.name)
+            record: dict[str, Any] = {
+                "name": job.name, "ok": False, "error": None, "output_dir": str(job.output_dir),
+                "run": name, "attempts": len(history), "attempt_history": history,
+            }  # fmt: skip
+            times = [t for a in history for k, t in a.items() if k in _EVENT_TIMES]
+            first, last = (min(times), max(times)) if times else (start, end)
+            record.update(start=first, end=last, seconds=last - first)
+            state = _job_state(folder, job.name) if folder else {}
+            if not state.get("finished"):
+                failures = [a.get("error") or _why(a) for a in history if "end" not in a]
+                reason = failures[-1] if failures else (
+                    f"{type(error).__name__}: {error}" if error else "no checkpoint reported")
+                record["error"] = reason
+                log.error("%s: failed after %d attempt(s): %s", job.name, len(history), reason)
+            else:
+                record.update(state["result"], ok=True, checkpoint=checkpoint.path)
+                _export_adapter(folder / job.name / _ADAPTER_DIR, Path(job.output_dir))
+                losses = record["losses"] or [float("nan")]
+                log.info(
+                    "%s: done in %.1fs, %d steps, loss %.4f -> %.4f, %d attempt(s)",
+                    job.name, record["seconds"], len(record["losses"]), losses[0], losses[-1],
+                    record["attempts"],
+                )  # fmt: skip
+            records[job.name] = record
+    return records
 
 
-def _export_adapter(checkpoint, target: Path) -> None:
-    """Copy the checkpoint's peft adapter folder to ``target`` (replacing what was there)."""
-    with checkpoint.as_directory() as folder:
-        source = Path(folder) / _ADAPTER_DIR
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+def _why(attempt: dict[str, Any]) -> str:
+    if "crashed" in attempt:
+        return f"the worker process died at step {attempt.get('step')}"
+    return "the attempt ended before this adapter finished (a worker died or was killed)"
+
+
+def _export_adapter(source: Path, target: Path) -> None:
+    """Copy a checkpoint's peft adapter folder to ``target`` (replacing what was there)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def _log_attempt(path: Path, **event: Any) -> None:
-    """Append one event (start / end / crash of an attempt) to the run's attempts log."""
+    """Append one event to the run's attempts log: an attempt's start (no job), or a job's
+    start / end / crash / failure within an attempt."""
     with path.open("a") as f:
         f.write(json.dumps(event) + "\n")
 
 
-def _read_attempts(path: Path) -> list[dict[str, Any]]:
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_attempts(path: Path, job: str | None = None) -> list[dict[str, Any]]:
     """One dict per attempt: attempt, start, and end, crashed (+ step) or failed (+ error);
-    wall-clock seconds, written by rank 0."""
+    wall-clock seconds, written by rank 0. ``job``: that job's events in each attempt that
+    trained it (None: the attempts themselves)."""
+    return _attempts_of(_read_events(path), job)
+
+
+def _attempts_of(events: list[dict[str, Any]], job: str | None) -> list[dict[str, Any]]:
     attempts: dict[int, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            event = json.loads(line)
-            attempts.setdefault(event["attempt"], {"attempt": event["attempt"]}).update(event)
+    for event in events:
+        if event.get("job") == job:
+            fields = {k: v for k, v in event.items() if k != "job"}
+            attempts.setdefault(event["attempt"], {"attempt": event["attempt"]}).update(fields)
     return [attempts[k] for k in sorted(attempts)]
 
 
 # --------------------------------------------------------------------------- worker side
 
 
-def _train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train worker loop: one attempt of a run, logged in the run's attempts log."""
+def _train_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker loop: one attempt of a run, which trains the run's jobs that are not
+    finished yet (from the last checkpoint) one after another, each logged in the attempts log."""
     import ray.train
+    import ray.train.torch
 
     worker_start = time.time()
     os.environ.update(config["env"])
     _worker_logging()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    jobs: list[AdapterJob] = config["jobs"]
     attempts_log = Path(config["markers"]) / _ATTEMPTS_LOG
-    attempt = len(_read_attempts(attempts_log)) + (1 if rank == 0 else 0)
+    max_failures = int(config["train_cfg"].max_failures)
+    # Rank 0 decides the attempt's number and which jobs to give up; every rank follows.
+    plan: list[Any] = [None, None]
     if rank == 0:
+        events = _read_events(attempts_log)
+        attempt = 1 + max((e["attempt"] for e in events), default=0)
+        failed = {j.name: sum("end" not in a for a in _attempts_of(events, j.name)) for j in jobs}
+        plan = [attempt, sorted(n for n, k in failed.items() if k > max_failures)]
         _log_attempt(attempts_log, attempt=attempt, start=worker_start)
+    if world > 1:
+        torch.distributed.broadcast_object_list(plan, src=0)
+    attempt, given_up = plan
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        torch.set_num_threads(max(1, int(config["train_cfg"].cpus_per_worker)))
+    # This attempt's copy of the run's checkpoint: the adapters done so far and the one in
+    # progress; every epoch reports the whole folder (LoRA adapters are small).
+    work = Path(tempfile.mkdtemp(prefix="gs-ray-run-"))
     try:
-        out = _train_attempt(config, rank, world, attempt)
-    except BaseException as e:
-        if rank == 0:
-            _log_attempt(attempts_log, attempt=attempt, failed=time.time(), error=repr(e)[:500])
-        raise
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                shutil.copytree(folder, work, dirs_exist_ok=True)
+        (work / _RUN_FILE).write_text(json.dumps({"jobs": [j.name for j in jobs]}))
+        for job in jobs:
+            state = _job_state(work, job.name)
+            if state.get("finished"):
+                continue
+            if job.name in given_up:
+                if rank == 0:
+                    log.error("%s: failed in more than %d attempt(s), given up", job.name,
+                              max_failures)  # fmt: skip
+                continue
+            if rank == 0:
+                _log_attempt(attempts_log, attempt=attempt, job=job.name, start=time.time())
+            try:
+                _train_job(job, config, work, state, rank, world, attempt, device, worker_start)
+            except BaseException as e:
+                if rank == 0:
+                    _log_attempt(attempts_log, attempt=attempt, job=job.name, failed=time.time(),
+                                 error=repr(e)[:500])  # fmt: skip
+                raise
+            if rank == 0:
+                _log_attempt(attempts_log, attempt=attempt, job=job.name, end=time.time())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if rank == 0:
-        _log_attempt(attempts_log, attempt=attempt, end=out["train_end"])
-    return {**out, "worker_start": worker_start}
+        _log_attempt(attempts_log, attempt=attempt, end=time.time())
 
 
-def _train_attempt(config: dict[str, Any], rank: int, world: int, attempt: int) -> dict[str, Any]:
-    """Model, DeepSpeed engine, resume from the last checkpoint, the epochs, the checkpoints."""
-    import ray.train
-    import ray.train.torch
-
-    job: AdapterJob = config["job"]
+def _train_job(
+    job: AdapterJob,
+    config: dict[str, Any],
+    work: Path,
+    state: dict[str, Any],
+    rank: int,
+    world: int,
+    attempt: int,
+    device: torch.device,
+    worker_start: float,
+) -> None:
+    """One job: model, DeepSpeed engine, resume from its last epoch checkpoint, the epochs, a
+    checkpoint of the run's folder after each (the last one marks the job finished)."""
     model_cfg: ModelConfig = config["model_cfg"]
     train_cfg: TrainingConfig = config["train_cfg"]
     if job.max_steps is not None:
         train_cfg = replace(train_cfg, max_steps=job.max_steps)
     pad_id: int = config["pad_id"]
     markers = Path(config["markers"])
-    device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
-    if not cuda:
-        torch.set_num_threads(max(1, int(train_cfg.cpus_per_worker)))
     samples = _as_samples(job.samples)
 
-    # Where to start: the last checkpoint of this run (a retry), else the job's adapter / fresh.
-    state = {"epoch": 0, "losses": []}
-    checkpoint = ray.train.get_checkpoint()
+    # Where to start: this job's last epoch checkpoint (a retry), else the job's adapter / fresh.
     load_cfg = model_cfg if cuda else replace(model_cfg, dtype="float32")
     base = load_base_model(job.base_path, load_cfg, device)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = json.loads((Path(folder) / _STATE_FILE).read_text())
-            if job.full_model:
-                model = load_base_model(str(Path(folder) / _ADAPTER_DIR), load_cfg, device)
-            else:
-                model = load_adapter(base, Path(folder) / _ADAPTER_DIR, trainable=True)
+    saved = work / job.name / _ADAPTER_DIR
+    if state:
+        if job.full_model:
+            model = load_base_model(str(saved), load_cfg, device)
+        else:
+            model = load_adapter(base, saved, trainable=True)
     elif job.full_model:
         model = base
     elif job.init_adapter:
@@ -426,14 +569,14 @@ def _train_attempt(config: dict[str, Any], rank: int, world: int, attempt: int) 
         model = add_lora(base, config["lora_cfg"], job.seed)
     if job.full_model:
         model.requires_grad_(True)
-    resumed_from = int(state["epoch"])
-    losses: list[float] = list(state["losses"])
+    resumed_from = int(state.get("epoch", 0))
+    losses: list[float] = list(state.get("losses", []))
 
     engine, init_s = _deepspeed_engine(model, train_cfg, model_cfg, world, cuda)
     planned = planned_steps(len(samples), train_cfg, world)
     if rank == 0:
-        origin = f"checkpoint (epoch {resumed_from})" if checkpoint else job.init_adapter
-        if job.full_model and not checkpoint:
+        origin = f"checkpoint (epoch {resumed_from})" if state else job.init_adapter
+        if job.full_model and not state:
             origin = f"every weight of {job.base_path}"
         log.info(
             "%s: attempt %d, %s ZeRO-%d, world size %d on %s, from %s, %d steps planned "
@@ -450,7 +593,6 @@ def _train_attempt(config: dict[str, Any], rank: int, world: int, attempt: int) 
             _crash_once(markers, job.name, len(losses), attempt)
 
     train_start = time.time()
-    epochs_done = resumed_from
     for epoch in range(resumed_from, train_cfg.epochs):
         remaining = (train_cfg.max_steps or 10**12) - len(losses)
         if remaining <= 0:
@@ -458,21 +600,28 @@ def _train_attempt(config: dict[str, Any], rank: int, world: int, attempt: int) 
         # One epoch per call, seeded seed + epoch: the same batch order as one multi-epoch call.
         one_epoch = replace(train_cfg, epochs=1, max_steps=remaining)
         train_adapter(engine, samples, one_epoch, pad_id, job.seed + epoch, rank, world, on_step)
-        epochs_done = epoch + 1
-        _report_epoch(engine, rank, epochs_done, losses)
-    return {
-        "engine": type(engine).__name__,
-        "zero_stage": int(engine.zero_optimization_stage()),
-        "world_size": world,
-        "device": str(device),
-        "losses": losses,
-        "steps": len(losses),
-        "epochs_done": epochs_done,
-        "resumed_from_epoch": resumed_from,
-        "deepspeed_init_s": init_s,
-        "train_start": train_start,
-        "train_end": time.time(),
-    }
+        done = epoch + 1 >= train_cfg.epochs or len(losses) >= (train_cfg.max_steps or 10**12)
+        state = {"epoch": epoch + 1, "losses": losses, "finished": done}
+        if done:
+            state["result"] = {
+                "engine": type(engine).__name__,
+                "zero_stage": int(engine.zero_optimization_stage()),
+                "world_size": world,
+                "device": str(device),
+                "losses": losses,
+                "steps": len(losses),
+                "epochs_done": epoch + 1,
+                "resumed_from_epoch": resumed_from,
+                "deepspeed_init_s": init_s,
+                "worker_start": worker_start,
+                "train_start": train_start,
+                "train_end": time.time(),
+            }
+        _report_epoch(engine, rank, work, job.name, state)
+        if done:
+            break
+    del engine, model, base
+    gc.collect()
 
 
 def _deepspeed_engine(
@@ -506,19 +655,22 @@ def _skip_shm_comm() -> None:
     compatible["deepspeed_shm_comm"] = False
 
 
-def _report_epoch(engine, rank: int, epoch: int, losses: list[float]) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the adapter and the position."""
+def _report_epoch(engine, rank: int, work: Path, job: str, state: dict[str, Any]) -> None:
+    """Every rank reports (a barrier); rank 0 saves the job's adapter and position into the
+    run's folder and attaches the whole folder as the checkpoint."""
     import ray.train
 
-    metrics = {"epoch": epoch, "step": len(losses), "loss": losses[-1] if losses else float("nan")}
+    losses = state["losses"]
+    metrics = {
+        "job": job, "epoch": state["epoch"], "step": len(losses),
+        "loss": losses[-1] if losses else float("nan"),
+    }  # fmt: skip
     if rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="gs-ray-ckpt-") as folder:
-        engine.module.save_pretrained(str(Path(folder) / _ADAPTER_DIR))
-        state = {"epoch": epoch, "losses": losses}
-        (Path(folder) / _STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    engine.module.save_pretrained(str(work / job / _ADAPTER_DIR))
+    (work / job / _STATE_FILE).write_text(json.dumps(state))
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(work)))
 
 
 def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
@@ -536,13 +688,14 @@ def _crash_once(markers: Path, name: str, step: int, attempt: int) -> None:
     the controller next polls the worker (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a
     process that dies sooner after ``report`` loses that checkpoint, and the retry starts over.
     """
-    marker = markers / "fault_injected"
+    marker = markers / f"fault_injected.{name}"
     if marker.exists():
         return
     marker.write_text(str(step))
     time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
     log.warning("%s: fault injection, the worker process exits at step %d", name, step)
-    _log_attempt(markers / _ATTEMPTS_LOG, attempt=attempt, crashed=time.time(), step=step)
+    _log_attempt(markers / _ATTEMPTS_LOG, attempt=attempt, job=name, crashed=time.time(),
+                 step=step)  # fmt: skip
     logging.shutdown()
     os._exit(1)
 
