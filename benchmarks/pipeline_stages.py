@@ -28,10 +28,11 @@ def sequential_experts(run_dir: Path, scratch: Path) -> tuple[float, dict]:
     from gs_ray.prepare import prepare
     from gs_ray.rundir import RunDir
     from gs_ray.training.experts import expert_job
+    from gs_ray.training.pretrain import base_model_for
     from gs_ray.training.ray_train import train_many_on_ray
 
     run = RunDir(run_dir)
-    p = prepare(run.config(), run)
+    p = prepare(run.config(), run, base_model=base_model_for)
     labels, k = p.assignments()
     jobs = [
         expert_job(p, labels, c, str(scratch / f"e{c}"), name=f"seq_expert_{c}") for c in range(k)

@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     from gs_ray.local_ray import start_local_ray
     from gs_ray.logs import setup_logging
     from gs_ray.prepare import prepare
+    from gs_ray.training.pretrain import base_model_for
     from gs_ray.training.warmup import warmup_local
 
     setup_logging("WARNING")
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.data.demo_size = args.samples
     cfg.clustering.max_epochs = 1
     cfg.run.output_dir, cfg.run.name = str(tmp), "bench"
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, base_model=base_model_for)
     warmup_local(prepared)
     start_local_ray(num_cpus=2, log_to_driver=False)  # loopback only, reaped with us
     results = []

@@ -38,6 +38,10 @@ from gs_ray.errors import ConfigError
 
 # Choices (Literal types, checked when a config loads); each is defined here once.
 Transport = Literal["gradients", "partial_sums", "collective"]
+# The transports that send every gradient row whole to the centroid actor (what gradient
+# consumers and the local reference need); stage2.transports.Transport.whole_gradients says the
+# same of each and is checked against this.
+WHOLE_GRADIENT_TRANSPORTS: tuple[Transport, ...] = ("gradients",)
 ProjectionKind = Literal["rademacher", "countsketch"]  # core.gradients.RandomProjection
 RouterKind = Literal["encoder", "tfidf"]  # routing.router.ROUTERS
 RowDtype = Literal["float32", "bfloat16"]
@@ -72,6 +76,7 @@ StageName = Literal[
 #: apart (routing/routability.py), ``off`` keeps Stage II's partition exactly (the paper).
 Routability = Literal["merge", "off"]
 Pack = Literal["auto", "off"]  # training.ray_train.pack_runs
+UseGpu = Literal["auto", "true", "false"]  # training.ray_train.resolve_use_gpu
 
 # A torch device as the config names it: auto, cpu, cuda or cuda:N.
 _DEVICE = r"auto|cpu|cuda(:\d+)?"
@@ -237,7 +242,7 @@ class TrainingConfig:
     zero_stage: Literal[0, 1, 2] = _f(2, "DeepSpeed ZeRO stage: 0 | 1 | 2")
     num_workers: int = _f(1, "Ray Train workers per run", ge=1)
     cpus_per_worker: float = _f(1, "CPUs per Ray Train worker", gt=0)
-    use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto | true | false")
+    use_gpu: UseGpu = _f("auto", "auto | true | false")
     worker_resource: str = _worker_resource("Ray Train worker")
     log_every: int = _f(10, "log a loss line every N steps", ge=1)
     max_failures: int = _f(
@@ -818,7 +823,7 @@ def _check_stream_consumers(cfg: Config) -> None:
             f"stage2.consumers {names} score the run's samples for a target set: "
             "set selection.target (a .jsonl/.json/.parquet file of records)"
         )
-    if cfg.stage2.transport != "gradients":
+    if cfg.stage2.transport not in WHOLE_GRADIENT_TRANSPORTS:
         raise ConfigError(
             f"stage2.consumers {names} read the gradients at the centroid actor: they need "
             f"stage2.transport: gradients (got {cfg.stage2.transport!r})"

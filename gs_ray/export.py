@@ -27,7 +27,7 @@ from typing import Any
 
 from gs_ray.errors import UserError
 from gs_ray.io import atomic_write_text, write_json
-from gs_ray.rundir import SECRET_FIELDS, RunDir
+from gs_ray.rundir import EXPERT_RECORD, SECRET_FIELDS, RunDir
 
 CARD_NAME = "README.md"  # the Hugging Face model-card file (peft writes a placeholder there)
 BUNDLE_JSON = "bundle.json"
@@ -35,7 +35,7 @@ BUNDLE_FORMAT = "gs-ray-bundle/1"
 SERVE_YAML = "serve_config.yaml"
 VLLM_SCRIPT = "serve_vllm.sh"
 ROUTE_PY = "route.py"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "expert.json", CARD_NAME)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", EXPERT_RECORD, CARD_NAME)
 N_TOP_TERMS = 10
 
 
@@ -201,7 +201,7 @@ def adapter_facts(run: RunDir, prompts: dict[str, str] | None = None) -> list[Ad
 
 
 def _record(folder: Path) -> dict[str, Any]:
-    path = folder / "expert.json"
+    path = folder / EXPERT_RECORD
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

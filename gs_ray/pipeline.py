@@ -43,6 +43,7 @@ from gs_ray.selection.select import (
 )
 from gs_ray.stage2.stage import stage2_local, stage2_ray
 from gs_ray.training.experts import experts_complete, experts_ray
+from gs_ray.training.pretrain import base_model_for
 from gs_ray.training.tuning import tune_k
 from gs_ray.training.warmup import warmup_local, warmup_ray
 
@@ -66,8 +67,11 @@ class Stage:
 def stage2_stage(p: Prepared, resume: bool) -> None:
     """Stage II on Ray, with the selectors of ``stage2.consumers`` (if any) reading the same
     gradients on its final pass; their ranked and selected records in ``selection/<method>/``."""
+    from gs_ray.evaluation import plots
+
     res = stage2_ray(p, resume, consumers=stream_selectors(p))
     record_stream_selections(p, res.consumers)
+    plots.stage2_plots(p.run)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -278,7 +282,7 @@ def run(cfg: Config, resume: str | None = None, checked: bool = False,
     log_notes([] if checked else check_before_ray(cfg, resume))  # before Ray starts
     resumed = _open_resumed(cfg, resume, redo)
     log.info("Ray: %s", init_ray(cfg.run.ray_address, cfg.run.num_cpus))
-    p = prepare(cfg, resumed)
+    p = prepare(cfg, resumed, base_model=base_model_for)
     try:
         if resumed is not None:
             resume_run(p.run, cfg, redo)
@@ -342,7 +346,7 @@ def run_local(cfg: Config, resume: str | None = None, checked: bool = False,
     resumed run are skipped). ``checked``, ``redo`` as for ``run``."""
     log_notes([] if checked else check_before_ray(cfg, resume, on_ray=False))
     resumed = _open_resumed(cfg, resume, redo)
-    p = prepare(cfg, resumed)
+    p = prepare(cfg, resumed, base_model=base_model_for)
     try:
         logs.attach_run(p.run.path)
         if resumed is not None:
@@ -351,8 +355,11 @@ def run_local(cfg: Config, resume: str | None = None, checked: bool = False,
             invalidate(p.run, *_BY_NAME["warmup"].invalidates)
             warmup_local(p)
         if not (p.run.stage_done("stage2") and stream_selections_complete(p)):
+            from gs_ray.evaluation import plots
+
             res = stage2_local(p, consumers=stream_selectors(p))
             record_stream_selections(p, res.consumers)
+            plots.stage2_plots(p.run)
         return p.run
     finally:
         p.run.release_lock()

@@ -7,7 +7,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -16,13 +18,14 @@ from gs_ray.core.models import load_tokenizer, model_card
 from gs_ray.data import Sample, Splits, load_samples, make_splits
 from gs_ray.errors import RunDirError
 from gs_ray.rundir import RunDir
-from gs_ray.stage2.result import SKIPPED
-from gs_ray.training.pretrain import base_model_for
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("warmup", "val", "rest", "test")
 CALIBRATION_SEED = 7919  # the calibration draw's stream, apart from the splits' and the trainings'
+BaseModel = Callable[[Config, Path], str]
+"""(config, run folder) -> the base model's path: ``training.pretrain.base_model_for``, passed
+in by the caller (the stages' modules are not imported here)."""
 
 
 
@@ -54,12 +57,7 @@ class Prepared:
 
     def stage2_assignments(self) -> tuple[np.ndarray, int]:
         """(cluster per sample, K) exactly as Stage II wrote them, checked against the data."""
-        rows = self.run.assignments()
-        if [r["id"] for r in rows] != [s.id for s in self.samples]:
-            raise RuntimeError(f"{self.run.assignments_path} does not match the data: re-run stage 2")
-        labels = np.array([SKIPPED if r["cluster"] is None else r["cluster"] for r in rows])
-        chosen = json.loads(self.run.k_selection_json.read_text())["chosen"]
-        return labels.astype(np.int64), int(chosen["k"])
+        return self.run.stage2_labels([s.id for s in self.samples])
 
     def assignments(self, reload: bool = False) -> tuple[np.ndarray, int]:
         """(cluster per sample, K) of the partition the experts are trained on: Stage II's, with
@@ -110,24 +108,25 @@ def data_fingerprint(samples: list) -> str:
     return h.hexdigest()
 
 
-def prepare(cfg: Config, run: RunDir | None = None) -> Prepared:
-    """Create (or reopen) the run directory, materialise the base model, load and split data."""
+def prepare(cfg: Config, run: RunDir | None = None, *, base_model: BaseModel) -> Prepared:
+    """Create (or reopen) the run directory, materialise the base model (``base_model(cfg,
+    run folder)``), load and split data."""
     start = time.perf_counter()
     if run is None:  # a new run (created exclusively, locked): a failed start leaves nothing
         run = RunDir.create(cfg)
         try:
-            return _prepare(cfg, run, start)
+            return _prepare(cfg, run, start, base_model)
         except BaseException:
             shutil.rmtree(run.path, ignore_errors=True)  # ours alone: created and locked here
             run.release_lock()
             raise
     run.hold_lock()  # a resumed run: one process at a time
-    return _prepare(cfg, run, start)
+    return _prepare(cfg, run, start, base_model)
 
 
-def _prepare(cfg: Config, run: RunDir, start: float) -> Prepared:
+def _prepare(cfg: Config, run: RunDir, start: float, base_model: BaseModel) -> Prepared:
     seed = cfg.run.seed
-    base_path = base_model_for(cfg, run.path)
+    base_path = base_model(cfg, run.path)
     tokenizer = load_tokenizer(base_path)
     samples, report = load_samples(cfg.data, tokenizer, seed)
     fingerprint = data_fingerprint(samples)

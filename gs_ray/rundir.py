@@ -25,7 +25,9 @@ re-run, resumed or inspected on its own::
     router/                   the router head and its settings
     router/fallback.json      the router's calibration: temperature, confidence threshold
     eval/eval.json            gs-ray eval: every method's held-out numbers (and partitions.json,
-                              adapters/seed<i>/<method>/..., routers/<method>/)
+                              adapters/seed<i>/<method>/... with train.json, routers/<method>/,
+                              features_prompts.npy: the encoder's features of the prompts)
+    ray_train_eval/           Ray Train's runs of gs-ray eval's baselines
     metrics.json              metrics gathered by all stages
     report/report.html        the report: every table and figure in one file (and report.json)
     plots/*.png               figures
@@ -47,6 +49,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from gs_ray.config import Config, ConfigError
@@ -55,7 +58,8 @@ from gs_ray.io import atomic_write_text, write_json, write_jsonl
 
 WARMUP = "warmup"  # the Stage I stage, its folder and its adapter's name
 EXPERT_PREFIX = "expert_"
-EXPERT_RECORD = "expert.json"
+EXPERT_RECORD = "expert.json"  # an expert's (or the generalist's) training record
+TRAIN_RECORD = "train.json"  # a gs-ray eval adapter's training record
 GENERALIST = "generalist"  # the fallback adapter: its folder, training run and peft name
 LOCK_FILE = ".lock"  # held (flock) by the process that runs the run's stages
 _HELD_LOCKS: dict[str, Any] = {}  # run path -> the open lock file of this process
@@ -63,6 +67,9 @@ _HELD_LOCKS: dict[str, Any] = {}  # run path -> the open lock file of this proce
 # report): stored as null. Serving such a run takes the key from GS_RAY_API_KEY or
 # --serve.api_key again.
 SECRET_FIELDS = (("serve", "api_key"),)
+# A sample's cluster label besides 0..K-1 (Stage II's labels and stage2/assignments.jsonl):
+UNASSIGNED = -1  # not reached by the final pass (a bug if it survives)
+SKIPPED = -2  # left out: non-finite gradient under stage2.nonfinite: skip (cluster null)
 
 
 def expert_name(c: int) -> str:
@@ -225,6 +232,11 @@ class RunDir:
         return self.path / "stage2"
 
     @property
+    def param_names_json(self) -> Path:
+        """Stage II's gradient layout: parameter names, shapes, offsets."""
+        return self.stage2 / "param_names.json"
+
+    @property
     def assignments_path(self) -> Path:
         return self.stage2 / "assignments.jsonl"
 
@@ -321,6 +333,16 @@ class RunDir:
     @property
     def eval_json(self) -> Path:
         return self.eval_dir / "eval.json"
+
+    @property
+    def eval_ray_train(self) -> Path:
+        """Ray Train's runs of ``gs-ray eval``'s baselines (apart from the run's own)."""
+        return self.path / "ray_train_eval"
+
+    @property
+    def eval_prompt_features(self) -> Path:
+        """The router encoder's features of the training prompts, cached by ``gs-ray eval``."""
+        return self.eval_dir / "features_prompts.npy"
 
     @property
     def eval_partitions(self) -> Path:
@@ -472,6 +494,16 @@ class RunDir:
     def assignments(self) -> list[dict[str, Any]]:
         """Rows of stage2/assignments.jsonl: id, split, cluster, domain."""
         return self.read_jsonl(self.assignments_path)
+
+    def stage2_labels(self, sample_ids: list[str]) -> tuple[np.ndarray, int]:
+        """(cluster per sample, K) exactly as Stage II wrote them (``SKIPPED`` where it left a
+        sample out), checked against the run's samples, in order."""
+        rows = self.assignments()
+        if [r["id"] for r in rows] != list(sample_ids):
+            raise RuntimeError(f"{self.assignments_path} does not match the data: re-run stage 2")
+        labels = np.array([SKIPPED if r["cluster"] is None else r["cluster"] for r in rows])
+        chosen = json.loads(self.k_selection_json.read_text())["chosen"]
+        return labels.astype(np.int64), int(chosen["k"])
 
 
 # --------------------------------------------------------------------------- selection outputs

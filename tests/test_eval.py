@@ -270,6 +270,7 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
     from gs_ray.cli import main
     from gs_ray.evaluation import baselines
     from gs_ray.prepare import prepare
+    from gs_ray.training.pretrain import base_model_for
 
     run, out = evaluated
     saved = json.loads(run.eval_json.read_text())
@@ -299,7 +300,7 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
     assert m["gradientspace_oracle"]["test_loss"] == pytest.approx(heldout["test_loss_oracle"],
                                                                    rel=1e-6)  # fmt: skip
     assert m["warmup"]["test_loss"] == pytest.approx(heldout["test_loss_warmup"], rel=1e-6)
-    p = prepare(run.config(), run)
+    p = prepare(run.config(), run, base_model=base_model_for)
     labels, k = p.assignments()
     test = p.splits.test[labels[p.splits.test] >= 0]
     import hashlib

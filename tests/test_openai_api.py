@@ -253,14 +253,15 @@ def test_one_failing_row_never_fails_its_batch():
     """A row whose generation raises (not a ServingError: e.g. the sampler's inf / nan, or a
     chat template that raises) gets its own error; the other rows of the batch are served."""
     from gs_ray.serving.app import ExpertsDeployment
-    from gs_ray.serving.pool import Generation, ServingError
+    from gs_ray.serving.pool import MIXTURE, Generation, Mixture, Sampling, ServingError
 
     class Pool:
         def validate(self, prompt, expert, m):
             if prompt == "template raises":
                 raise TypeError("bad template")
             if prompt == "too long":
-                raise ServingError("prompt: 9 tokens exceed the context")
+                raise ServingError("prompt: 9 tokens exceed the context",
+                                   code="context_length_exceeded")
 
         def generate(self, prompts, experts, ms):
             if "boom" in prompts:
@@ -271,14 +272,14 @@ def test_one_failing_row_never_fails_its_batch():
             raise RuntimeError("probability tensor contains nan")
 
         def ensemble(self, prompt, weights, m):
-            return Generation(-1, "mix", 1, 1, "length")
+            return Generation(MIXTURE, "mix", 1, 1, "length")
 
     cls = next(c for c in ExpertsDeployment.func_or_class.__mro__ if "_greedy" in vars(c))
     shell = object.__new__(cls)
     shell.pool, shell.n_batches, shell.n_requests = Pool(), 0, 0
     shell.batch_sizes = collections.deque(maxlen=8)
     rows = [("ok", 0, 2), ("boom", 1, 2), ("template raises", 0, 2), ("too long", 0, 2),
-            ("sampled", 0, 2, ("sample", 0.5, 1.0, 3)), ("mixed", -1, 2, ("ensemble", [1.0])),
+            ("sampled", 0, 2, Sampling(0.5, 1.0, 3)), ("mixed", MIXTURE, 2, Mixture([1.0])),
             ("fine", 1, 2)]  # fmt: skip
     generate = cls.generate
     out = asyncio.run(getattr(generate, "__wrapped__", generate)(shell, rows))
@@ -286,7 +287,8 @@ def test_one_failing_row_never_fails_its_batch():
     assert out[1] == {"error": "generation failed (RuntimeError)", "server_error": True}
     assert out[4] == {"error": "generation failed (RuntimeError)", "server_error": True}
     assert "could not be prepared (TypeError: bad template)" in out[2]["error"]
-    assert out[3] == {"error": "prompt: 9 tokens exceed the context"}
+    assert out[3] == {"error": "prompt: 9 tokens exceed the context",
+                      "code": "context_length_exceeded"}
     assert Ingress.func_or_class._generation_error(out[1]).status == 500
     assert Ingress.func_or_class._generation_error(out[3]).code == "context_length_exceeded"
 

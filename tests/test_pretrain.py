@@ -91,16 +91,17 @@ def test_local_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
 def test_prepare_copies_the_pretrained_model_into_the_run(tmp_path):
     from gs_ray.core.models import load_base_model
     from gs_ray.prepare import prepare
+    from gs_ray.training.pretrain import base_model_for
 
     cfg = _cfg(tmp_path, "--run.output_dir", str(tmp_path / "runs"))
-    p = prepare(cfg)
+    p = prepare(cfg, base_model=base_model_for)
     cached = pretrain.pretrained_tiny(cfg, seed=0)
     a = load_base_model(p.base_path, cfg.model, torch.device("cpu")).state_dict()
     b = load_base_model(str(cached), cfg.model, torch.device("cpu")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
     # Random weights where asked for (tiny_pretrain_steps 0): a different model.
     q = prepare(_cfg(tmp_path, "--run.output_dir", str(tmp_path / "runs"),
-                     "--model.tiny_pretrain_steps", "0"))  # fmt: skip
+                     "--model.tiny_pretrain_steps", "0"), base_model=base_model_for)  # fmt: skip
     c = load_base_model(q.base_path, cfg.model, torch.device("cpu")).state_dict()
     assert not all(torch.equal(c[k], b[k]) for k in b)
 

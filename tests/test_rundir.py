@@ -51,6 +51,7 @@ def test_a_run_in_use_is_refused_to_another_process(tmp_path):
 
 def test_a_failed_start_removes_only_its_own_new_directory(tmp_path, monkeypatch):
     from gs_ray import prepare as prep
+    from gs_ray.training.pretrain import base_model_for
 
     cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "fails"])
 
@@ -59,14 +60,14 @@ def test_a_failed_start_removes_only_its_own_new_directory(tmp_path, monkeypatch
 
     monkeypatch.setattr(prep, "_prepare", boom)
     with pytest.raises(RuntimeError):
-        prep.prepare(cfg)
+        prep.prepare(cfg, base_model=base_model_for)
     assert not (tmp_path / "fails").exists()
     # an existing run is never removed: its name is refused before anything is written
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "precious.txt").write_text("x")
     cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "kept"])
     with pytest.raises(UserError, match="exists"):
-        prep.prepare(cfg)
+        prep.prepare(cfg, base_model=base_model_for)
     assert (tmp_path / "kept" / "precious.txt").read_text() == "x"
 
 
@@ -77,6 +78,7 @@ def test_resume_refuses_data_that_changed(tmp_path):
 
     from gs_ray.errors import RunDirError
     from gs_ray.prepare import prepare
+    from gs_ray.training.pretrain import base_model_for
 
     data = tmp_path / "d.jsonl"
     rows = [{"instruction": f"say {i}", "output": f"{i} {i}"} for i in range(40)]
@@ -85,14 +87,14 @@ def test_resume_refuses_data_that_changed(tmp_path):
             "--run.name", "r", "--model.tiny_pretrain_steps", "0", "--model.tiny_hidden_size", "32",
             "--model.tiny_num_layers", "1", "--data.n_val", "8"]  # fmt: skip
     cfg = load_config(None, args)
-    p = prepare(cfg)
+    p = prepare(cfg, base_model=base_model_for)
     p.run.release_lock()
     fp = p.run.manifest()["data"]["fingerprint"]
     assert len(fp) == 64
     run = RunDir.open(p.run.path)
-    assert prepare(run.config(), run).run.manifest()["data"]["fingerprint"] == fp  # unchanged: ok
+    assert prepare(run.config(), run, base_model=base_model_for).run.manifest()["data"]["fingerprint"] == fp  # unchanged: ok
     run.release_lock()
     rows[7]["output"] = "edited"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(RunDirError, match=r"runs/r: the data changed since this run started"):
-        prepare(run.config(), run)
+        prepare(run.config(), run, base_model=base_model_for)

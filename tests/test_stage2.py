@@ -23,6 +23,7 @@ from gs_ray.stage2 import (
     run_stage2_local,
     run_stage2_ray,
 )
+from gs_ray.training.pretrain import base_model_for
 from gs_ray.training.warmup import warmup_local
 
 pytestmark = pytest.mark.ray
@@ -55,7 +56,7 @@ def reference(tmp_path_factory):
     """A warmed-up small run and its single-process Stage II labels (the oracle)."""
     tmp = tmp_path_factory.mktemp("stage2")
     cfg, path = small_config(tmp, "ref")
-    p = prepare(cfg)
+    p = prepare(cfg, base_model=base_model_for)
     warmup_local(p)
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
     computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)

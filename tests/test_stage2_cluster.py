@@ -44,11 +44,12 @@ def warmed(tmp_path_factory):
     """A warmed-up small run and its single-process reference (batch size 2 * B): the labels
     an undisturbed run gives (tests/test_stage2*.py check that equality for every transport)."""
     from gs_ray.prepare import prepare
+    from gs_ray.training.pretrain import base_model_for
 
     tmp = tmp_path_factory.mktemp("cluster")
     small = {"clustering.batch_size": 2 * B, "data.demo_size": 200, "warmup.epochs": 1}
     cfg, path = small_config(tmp, "ref", **small)
-    p = prepare(cfg)
+    p = prepare(cfg, base_model=base_model_for)
     warmup_local(p)
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
     computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)

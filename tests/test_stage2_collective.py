@@ -31,10 +31,11 @@ B = 6  # rows per worker per step
 def warmed(tmp_path_factory):
     """A warmed-up small run; single-process references are built per batch size, on demand."""
     from gs_ray.prepare import prepare
+    from gs_ray.training.pretrain import base_model_for
 
     tmp = tmp_path_factory.mktemp("collective")
     cfg, path = small_config(tmp, "ref")
-    p = prepare(cfg)
+    p = prepare(cfg, base_model=base_model_for)
     warmup_local(p)
     cache: dict[int, object] = {}
 

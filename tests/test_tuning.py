@@ -9,6 +9,7 @@ import pytest
 
 from gs_ray.config import load_config
 from gs_ray.prepare import prepare
+from gs_ray.training.pretrain import base_model_for
 from gs_ray.training.warmup import warmup_local
 
 
@@ -75,7 +76,7 @@ def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tm
         "--tune.k_values", "[1, 2]", "--tune.n_samples", "96", "--tune.trial_steps", "6",
         "--run.output_dir", str(tmp_path), "--run.name", "tune",
     ])  # fmt: skip
-    p = prepare(cfg)
+    p = prepare(cfg, base_model=base_model_for)
     warmup_local(p)
     best = tune_k(p)
     results = json.loads((p.run.path / "tune" / "results.json").read_text())

@@ -195,7 +195,7 @@ def router_table(p: Prepared, train: np.ndarray, test: np.ndarray, labels: np.nd
     test_prompts = [p.samples[i].prompt for i in test]
     task = ray.remote(_text_routers_task).options(**task_resources())
     chosen = ray.get(task.remote(prompts, labels[train], test_prompts, k, p.cfg.router,
-                                 str(p.run.eval_dir / "features_prompts.npy"),
+                                 str(p.run.eval_prompt_features),
                                  ec.latency_samples))  # fmt: skip
     if grads is not None:
         centroids = unit_centroids(grads.queries[: len(train)], labels[train], k)

@@ -44,6 +44,7 @@ import numpy as np
 
 from gs_ray.config import Config, apply_overrides
 from gs_ray.core.clustering import unit_rows, within_cluster_variance
+from gs_ray.core.seeds import eval_router_seed, eval_seed, expert_seed
 from gs_ray.errors import ConfigError, RunDirError
 from gs_ray.evaluation.analyses import (
     Gradients,
@@ -68,7 +69,16 @@ from gs_ray.io import write_json
 from gs_ray.prepare import Prepared, prepare
 from gs_ray.ray_utils import task_resources, use_assigned_cpus
 from gs_ray.routing.fallback import Fallback
-from gs_ray.rundir import EXPERT_RECORD, GENERALIST, WARMUP, RunDir, adapter_complete, expert_name
+from gs_ray.rundir import (
+    EXPERT_RECORD,
+    GENERALIST,
+    TRAIN_RECORD,
+    WARMUP,
+    RunDir,
+    adapter_complete,
+    expert_name,
+)
+from gs_ray.training.pretrain import base_model_for
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +87,6 @@ ROUTED = ("random_clusters", "embedding_kmeans")  # ... and a router trained her
 SINGLE = "single"
 # The baselines every method is also compared with (the best of them, row by row).
 BASELINES = ("single_lora", "embedding_kmeans", "random_clusters", "merged", "elrea", "warmup")
-RAY_TRAIN_FOLDER = "ray_train_eval"
 
 
 # --------------------------------------------------------------------------- partitions
@@ -128,14 +137,14 @@ def partitions(p: Prepared, seed_index: int, grads: Gradients | None = None
 
     cfg, ec = p.cfg, p.cfg.eval
     labels, train, test, k = _train_test(p)
-    n, seed = len(p.samples), cfg.run.seed + 1000 * seed_index
+    n, seed = len(p.samples), eval_seed(cfg.run.seed, seed_index)
     out: dict[str, np.ndarray] = {"gradientspace": _on_train(n, train, labels[train])}
     extra: dict[str, Any] = {}
     want = set(ec.methods)
     if "random_clusters" in want:
         out["random_clusters"] = random_partition(out["gradientspace"], seed)
     if "embedding_kmeans" in want:
-        cache = str(p.run.eval_dir / "features_prompts.npy")
+        cache = str(p.run.eval_prompt_features)
         prompts = [p.samples[i].prompt for i in train]
         feats = ray.get(ray.remote(_encode_task).options(**task_resources())
                         .remote(prompts, cfg.router, cache))  # fmt: skip
@@ -175,7 +184,7 @@ def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
 
     labels, train, _, k = _train_test(p)
     methods = set(p.cfg.eval.methods)
-    base_seed = p.cfg.run.seed + 1000 * seed_index
+    base_seed = eval_seed(p.cfg.run.seed, seed_index)
     wanted: list[tuple[str, str, np.ndarray, int]] = []
     # One LoRA on everything: the run's generalist for the first seed (the same job), trained
     # here for later seeds, where the deployed GradientSpace also falls back to it.
@@ -189,7 +198,7 @@ def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
     for method in [m for m in PARTITIONED if m in methods] + retrain + ablation:
         for c in range(_n_clusters(parts[method], train)):
             rows = train[parts[method][train] == c]
-            wanted.append((method, expert_name(c), rows, base_seed + 1 + c))
+            wanted.append((method, expert_name(c), rows, expert_seed(base_seed, c)))
     jobs = []
     for method, name, rows, seed in wanted:
         out = p.run.eval_adapter(seed_index, method, name)
@@ -231,7 +240,7 @@ def train_baselines(p: Prepared, jobs: list) -> dict[str, dict]:
     if not jobs:
         return {}
     log.info("eval: training %d adapters (%s)", len(jobs), ", ".join(j.name for j in jobs))
-    storage = str((p.run.path / RAY_TRAIN_FOLDER).resolve())
+    storage = str(p.run.eval_ray_train.resolve())
     records = train_many_on_ray(jobs, p.cfg.model, p.cfg.lora, p.cfg.experts, p.pad_id, storage,
                                 parallel=p.cfg.experts.parallel, resume=True,
                                 max_concurrent=p.cfg.eval.max_parallel_trainings)  # fmt: skip
@@ -240,7 +249,7 @@ def train_baselines(p: Prepared, jobs: list) -> dict[str, dict]:
         raise RuntimeError(f"eval: training failed after retries: {failed}")
     for job in jobs:
         rec = records[job.name]
-        write_json(Path(job.output_dir) / "train.json", {
+        write_json(Path(job.output_dir) / TRAIN_RECORD, {
             "n_train": len(job.samples), "steps": len(rec.get("losses", [])),
             "seconds": rec.get("seconds"), "losses": rec.get("losses"),
         })  # fmt: skip
@@ -248,7 +257,7 @@ def train_baselines(p: Prepared, jobs: list) -> dict[str, dict]:
 
 
 def _train_record(folder: Path) -> dict:
-    path = folder / "train.json"
+    path = folder / TRAIN_RECORD
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -256,19 +265,21 @@ def _fit_routers(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> 
     """The same kind of router as GradientSpace's, on each routed baseline's partition."""
     import ray
 
+    from gs_ray.routing.router import ROUTER_JSON
     from gs_ray.routing.stage import fit_and_save_router
 
     _, train, _, _ = _train_test(p)
     prompts = [p.samples[i].prompt for i in train]
-    cache = str(p.run.eval_dir / "features_prompts.npy")
+    cache = str(p.run.eval_prompt_features)
     pending = []
     for method in [m for m in parts if m in ROUTED or _is_ablation(m)]:
         folder = p.run.eval_router(method, seed_index)
-        if not (folder / "router.json").exists():
+        if not (folder / ROUTER_JSON).exists():
             task = ray.remote(fit_and_save_router).options(**task_resources())
             pending.append(task.remote(prompts, parts[method][train],
                                        _n_clusters(parts[method], train), p.cfg.router,
-                                       p.cfg.run.seed + seed_index, cache, str(folder)))  # fmt: skip
+                                       eval_router_seed(p.cfg.run.seed, seed_index), cache,
+                                       str(folder)))  # fmt: skip
     ray.get(pending)
 
 
@@ -530,7 +541,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
                           f"(gs-ray run --resume {run.path})")  # fmt: skip
     init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     started = time.time()
-    p = prepare(cfg, run)
+    p = prepare(cfg, run, base_model=base_model_for)
     ec = cfg.eval
     labels, train, test, k = _train_test(p)
     test_ids = [p.samples[i].id for i in test]
@@ -651,7 +662,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         "verdict": verdict, "routing": routing,
         "run_dir": str(run.path), "n_test": len(test),
         "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
-        "n_train": len(train), "k": k, "seeds": [cfg.run.seed + 1000 * i for i in range(ec.seeds)],
+        "n_train": len(train), "k": k, "seeds": [eval_seed(cfg.run.seed, i) for i in range(ec.seeds)],
         "budget": {"epochs": cfg.experts.epochs, "rule": "every trained method sees each training "
                    "sample experts.epochs times, from the warm-up adapter, with the experts' "
                    "optimiser settings"},

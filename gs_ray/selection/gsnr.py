@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray.config import Config, GSNRForm
+from gs_ray.core.seeds import gsnr_member_seed
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def ensemble_jobs(cfg: Config, train_samples: Sequence, base_path: str, work_dir
     out = EnsembleDir(work_dir)
     jobs = []
     for m in range(cfg.gsnr.members):
-        seed = cfg.run.seed + 1000 + m
+        seed = gsnr_member_seed(cfg.run.seed, m)
         order = np.random.default_rng(seed).permutation(len(train_samples))
         pairs = [getattr(s, "pair", s) for s in (train_samples[i] for i in order)]
         job = AdapterJob(member_name(m), base_path, str(out.member(m)), pairs, seed=seed)

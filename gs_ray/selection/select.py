@@ -90,7 +90,7 @@ def open_pool(cfg: Config, run_dir: str | None = None, warm: bool = True) -> Poo
     else:
         from gs_ray.training.warmup import warmup_local
 
-        p = prepare(cfg, run)
+        p = prepare(cfg, run, base_model=base_model_for)
         if warm:
             log.info("select: warming up on %d pool samples", len(p.splits.warmup))
             warmup_local(p)

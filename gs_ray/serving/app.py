@@ -68,10 +68,15 @@ from gs_ray.config import Config, ServeConfig, apply_overrides
 from gs_ray.serving.loopback import bind_replica_grpc_to_node
 from gs_ray.serving.pool import (  # noqa: F401  (the model names: this module's API too)
     APP_NAME,
+    CONTEXT_LENGTH_EXCEEDED,
     ENSEMBLE_MODEL,
     GENERALIST_MODEL,
+    MIXTURE,
     MODEL,
     Generation,
+    Mixture,
+    Mode,
+    Sampling,
     ServedRun,
     ServingError,
     chat_instruction,
@@ -131,13 +136,13 @@ class ExpertsDeployment:
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1024)  # latest
         self.n_batches = self.n_requests = 0
 
-    def _problem(self, prompt: str, expert: int, max_new_tokens: int) -> str | None:
+    def _problem(self, prompt: str, expert: int, max_new_tokens: int) -> dict[str, Any] | None:
         try:
             self.pool.validate(prompt, max(expert, 0), max_new_tokens)
         except ServingError as e:
-            return str(e)
+            return e.row()
         except Exception as e:  # e.g. a chat template that raises: this row only
-            return f"prompt: could not be prepared ({type(e).__name__}: {e})"
+            return {"error": f"prompt: could not be prepared ({type(e).__name__}: {e})"}
         return None
 
     @staticmethod
@@ -171,20 +176,20 @@ class ExpertsDeployment:
         try:
             return self._greedy([row])[0]
         except ServingError as e:
-            return {"error": str(e)}
+            return e.row()
         except Exception as e:
             return self._failed(e)
 
-    def _one(self, prompt: str, expert: int, m: int, mode: tuple) -> dict[str, Any]:
+    def _one(self, prompt: str, expert: int, m: int, mode: Sampling | Mixture) -> dict[str, Any]:
         """A request that does not join the greedy batch: sampled, or the ensemble."""
         start = time.perf_counter()
         try:
-            if mode[0] == "sample":
-                g = self.pool.sample(prompt, expert, m, *mode[1:])
-            else:  # ("ensemble", weights)
-                g = self.pool.ensemble(prompt, mode[1], m)
+            if isinstance(mode, Sampling):
+                g = self.pool.sample(prompt, expert, m, mode.temperature, mode.top_p, mode.seed)
+            else:
+                g = self.pool.ensemble(prompt, mode.weights, m)
         except ServingError as e:
-            return {"error": str(e)}
+            return e.row()
         except Exception as e:  # e.g. a sampler that overflows: this row only
             return self._failed(e)
         return self._row(g, 1, 1000 * (time.perf_counter() - start))
@@ -192,8 +197,8 @@ class ExpertsDeployment:
     @serve.batch
     async def generate(self, requests: list[tuple]) -> list[dict[str, Any]]:
         """Rows ``(prompt, expert, max_new_tokens[, mode])``; ``mode`` None is greedy (batched
-        with the other greedy rows), ``("sample", temperature, top_p, seed)`` or
-        ``("ensemble", weights)`` run one at a time after the batch."""
+        with the other greedy rows), a ``Sampling`` or a ``Mixture`` (the ensemble) runs one at
+        a time after the batch."""
         self.batch_sizes.append(len(requests))
         self.n_batches += 1
         self.n_requests += len(requests)
@@ -202,7 +207,7 @@ class ExpertsDeployment:
         for i, (prompt, expert, m, *rest) in enumerate(requests):
             problem = self._problem(prompt, expert, m)
             if problem:
-                out[i] = {"error": problem}
+                out[i] = problem
             elif rest and rest[0] is not None:
                 single.append(i)
             else:
@@ -221,16 +226,16 @@ class ExpertsDeployment:
                 out[i] = row
         return out
 
-    async def stream(self, prompt: Any, expert: int, m: int, mode: tuple | None):
+    async def stream(self, prompt: Any, expert: int, m: int, mode: Mode):
         """One answer as it is generated (``ExpertPool.stream``): ``{"text": piece}`` items,
         then ``{"done": ...}`` (token counts, finish reason), or one ``{"error": message}`` for a
         request that cannot be served. Streams do not join the greedy batches: the pool runs
         one generation at a time, so a stream and a batch take turns."""
         kwargs: dict[str, Any] = {}
-        if mode is not None and mode[0] == "sample":
-            kwargs["sampling"] = tuple(mode[1:])
-        elif mode is not None:  # ("ensemble", weights)
-            kwargs["weights"], expert = mode[1], -1
+        if isinstance(mode, Sampling):
+            kwargs["sampling"] = (mode.temperature, mode.top_p, mode.seed)
+        elif isinstance(mode, Mixture):
+            kwargs["weights"], expert = mode.weights, MIXTURE
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
         end = object()
@@ -258,7 +263,7 @@ class ExpertsDeployment:
         try:
             while (item := await items.get()) is not end:
                 if isinstance(item, ServingError):
-                    yield {"error": str(item)}
+                    yield item.row()
                 elif isinstance(item, Generation):
                     yield {"done": True, "n_prompt_tokens": item.n_prompt_tokens,
                            "n_new_tokens": item.n_new_tokens,
@@ -684,7 +689,7 @@ class Ingress:
         if len(prompt) > limit:
             message = f"prompt: {len(prompt)} characters is over the limit {limit}"
             if openai:
-                raise OpenAIError(400, message, "prompt", "context_length_exceeded")
+                raise OpenAIError(400, message, "prompt", CONTEXT_LENGTH_EXCEEDED)
             raise HTTPException(400, f"{message} (serve.max_prompt_chars)")
 
     @api.post("/route")
@@ -762,14 +767,14 @@ class Ingress:
         else:
             expert = int(req.model.rsplit("-", 1)[1])
         route_ms = 1000 * (time.perf_counter() - start)
-        mode: tuple | None = None
+        mode: Mode = None
         if req.model == ENSEMBLE_MODEL:
             # The experts' mixture by the router's probabilities (the generalist, if served,
             # takes no weight).
             pad = [0.0] if self.info_.get("generalist") is not None else []
-            mode, expert = ("ensemble", list(probs) + pad), -1
+            mode, expert = Mixture(list(probs) + pad), MIXTURE
         elif req.temperature > 0:
-            mode = ("sample", float(req.temperature), float(req.top_p), req.seed)
+            mode = Sampling(float(req.temperature), float(req.top_p), req.seed)
         return {"start": start, "m": m, "expert": expert, "probs": probs, "mode": mode,
                 "route_ms": route_ms, "fallback": bool(routed.get("fallback")),
                 "reason": routed.get("reason")}
@@ -797,8 +802,7 @@ class Ingress:
         message = out["error"]
         if out.get("server_error"):
             return OpenAIError(500, message, None, None, "server_error")
-        code = "context_length_exceeded" if "exceed" in message else None
-        return OpenAIError(400, message, message.split(":")[0], code)
+        return OpenAIError(400, message, message.split(":")[0], out.get("code"))
 
     def _result(self, req: _OpenAIRequest, plan: dict, out: dict, text: str,
                 stopped: bool) -> dict[str, Any]:  # fmt: skip
@@ -809,9 +813,9 @@ class Ingress:
             "usage": {"prompt_tokens": out["n_prompt_tokens"],
                       "completion_tokens": out["n_new_tokens"],
                       "total_tokens": out["n_prompt_tokens"] + out["n_new_tokens"]},
-            "gs_ray": {"expert": None if expert < 0 else expert, "probs": plan["probs"],
+            "gs_ray": {"expert": None if expert == MIXTURE else expert, "probs": plan["probs"],
                        "routed_by": ("fallback" if plan["fallback"] else "router")
-                       if req.model == MODEL else ("ensemble" if expert < 0 else "request"),
+                       if req.model == MODEL else ("ensemble" if expert == MIXTURE else "request"),
                        "generalist": expert >= 0 and expert == self.info_.get("generalist"),
                        "reason": plan["reason"],
                        "route_ms": plan["route_ms"],

@@ -47,10 +47,44 @@ from gs_ray.rundir import RunDir, expert_name
 log = logging.getLogger(__name__)
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code for a prompt too long
+
+
 class ServingError(UserError):
-    """A request or a run directory cannot be served; the message says which field or file."""
+    """A request or a run directory cannot be served; the message says which field or file.
+    ``code``: OpenAI's error code where one applies (``CONTEXT_LENGTH_EXCEEDED``)."""
 
     label = "serving error"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+    def row(self) -> dict[str, str]:
+        """The error as one row's answer: ``{"error": message[, "code": code]}``."""
+        return {"error": str(self), **({"code": self.code} if self.code else {})}
+
+
+MIXTURE = -1  # the "expert" of a generation by the experts' mixture (the ensemble), not one expert
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a sampled request generates (temperature > 0), in place of greedy decoding."""
+
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A request answered by the experts' mixture with these weights (``ensemble``)."""
+
+    weights: list[float]
+
+
+Mode = Sampling | Mixture | None  # None: greedy, batched with the other greedy requests
 
 
 @dataclass
@@ -69,7 +103,7 @@ def check_fits(n_prompt_tokens: int, max_new_tokens: int, max_positions: int | N
     if max_positions is not None and n_prompt_tokens + max_new_tokens > max_positions:
         raise ServingError(
             f"prompt: {n_prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the "
-            f"model's {max_positions} positions"
+            f"model's {max_positions} positions", code=CONTEXT_LENGTH_EXCEEDED,
         )
 
 
@@ -373,7 +407,7 @@ class ExpertPool:
         one one-token forward per expert with weight)."""
         ids = self._ensemble_ids(prompt, weights, max_new_tokens)
         new = list(self._ensemble_tokens(ids, weights, max_new_tokens))
-        return self._finish(-1, new, ids.shape[1], max_new_tokens)
+        return self._finish(MIXTURE, new, ids.shape[1], max_new_tokens)
 
     def _ensemble_ids(
         self, prompt: str | Sequence[dict[str, str]], weights: Sequence[float], max_new_tokens: int
@@ -421,7 +455,7 @@ class ExpertPool:
         the iterator in one thread; closing it early stops the generation."""
         if weights is not None:
             ids = self._ensemble_ids(prompt, weights, max_new_tokens)
-            n_prompt, expert = ids.shape[1], -1
+            n_prompt, expert = ids.shape[1], MIXTURE
         else:
             self.validate(prompt, expert, max_new_tokens)
             text = self.render(prompt)

@@ -47,11 +47,12 @@ from gs_ray.core.clustering import cluster_sums, cosine_assign, normalize_rows
 from gs_ray.data import Sample
 from gs_ray.local_ray import LOOPBACK, host_loopback_store, is_loopback
 from gs_ray.progress import Progress
+from gs_ray.rundir import SKIPPED
 from gs_ray.stage2 import faults
 from gs_ray.stage2.computer import check_finite
 from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, Stage2Plan, order_key, phase_label
-from gs_ray.stage2.result import SKIPPED, Stage2Result
+from gs_ray.stage2.result import Stage2Result
 from gs_ray.stage2.worker import GradientWorker
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,8 @@ import numpy as np
 
 from gs_ray.core.clustering import GradientSpaceClustering
 from gs_ray.io import write_json
-from gs_ray.rundir import RunDir
+from gs_ray.rundir import SKIPPED, UNASSIGNED, RunDir
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL
-from gs_ray.stage2.result import SKIPPED, UNASSIGNED
 
 log = logging.getLogger(__name__)
 

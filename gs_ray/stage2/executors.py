@@ -36,7 +36,7 @@ from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.launch import WorkerSetup, driver_node_affinity, make_clusterer
 from gs_ray.stage2.plan import ONLINE, VAL, Stage2Plan, order_key, phase_label
 from gs_ray.stage2.result import Stage2Result
-from gs_ray.stage2.transports import make_transport
+from gs_ray.stage2.transports import TRANSPORTS, make_transport
 from gs_ray.stage2.worker import worker_actor_class
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_stage2_ray(
     import ray
 
     s2 = cfg.stage2
-    if consumers and s2.transport != "gradients":
+    if consumers and not TRANSPORTS[s2.transport].whole_gradients:
         raise ValueError(
             f"gradient consumers need stage2.transport: gradients (the {s2.transport} transport "
             "never sends whole gradients to the centroid actor)"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gs_ray.config import Config
+from gs_ray.core.seeds import final_order_seed, online_order_seed
 from gs_ray.data import Splits, length_bucketed_batches
 
 VAL, ONLINE, FINAL = "val", "online", "final"
@@ -45,13 +46,13 @@ class Stage2Plan:
         val = [splits.val[i : i + c.batch_size] for i in range(0, len(splits.val), c.batch_size)]
         online = [
             length_bucketed_batches(
-                lengths, splits.train, c.batch_size, g.bucket_window, seed + 101 * (e + 1)
+                lengths, splits.train, c.batch_size, g.bucket_window, online_order_seed(seed, e)
             )
             for e in range(c.max_epochs)
         ]
         everything = np.sort(np.concatenate([splits.train, splits.test]))
         final = length_bucketed_batches(
-            lengths, everything, c.batch_size, g.bucket_window, seed + 7
+            lengths, everything, c.batch_size, g.bucket_window, final_order_seed(seed)
         )
         return cls(val=val, online=online, final=final)
 

@@ -8,9 +8,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray.core.clustering import GradientSpaceClustering
-
-UNASSIGNED = -1  # not reached by the final pass (a bug if it survives)
-SKIPPED = -2  # left out: non-finite gradient under stage2.nonfinite: skip
+from gs_ray.rundir import SKIPPED
 
 
 @dataclass

@@ -12,13 +12,15 @@ from gs_ray.config import Config
 from gs_ray.core.clustering import within_cluster_variance
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
+from gs_ray.rundir import SKIPPED, UNASSIGNED
 from gs_ray.stage2.computer import GradientComputer
 from gs_ray.stage2.consumers import ClusteringConsumer, ConsumerSet, GradientConsumer
 from gs_ray.stage2.executors import run_stage2_local, run_stage2_ray
 from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.launch import make_clusterer
 from gs_ray.stage2.plan import Stage2Plan
-from gs_ray.stage2.result import SKIPPED, UNASSIGNED, Stage2Result
+from gs_ray.stage2.result import Stage2Result
+from gs_ray.stage2.transports import TRANSPORTS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def stage2_local(p: Prepared, consumers: Sequence[GradientConsumer] = ()) -> Sta
     ``consumers`` read the same gradients."""
     with p.run.stage("stage2") as info:
         cfg = stage2_config(p)
-        if cfg.stage2.transport != "gradients":
+        if not TRANSPORTS[cfg.stage2.transport].whole_gradients:
             raise ValueError("the local reference pipeline implements the exact transport only")
         computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
         host = CentroidHost(make_clusterer(cfg), len(p.samples), consumers=consumers)
@@ -73,10 +75,12 @@ def stage2_ray(
 
 
 def write_stage2_outputs(p: Prepared, res: Stage2Result) -> None:
-    """K table, centroids, layout and assignments into the run directory; metrics and plots."""
+    """K table, centroids, layout and assignments into the run directory; metrics (the
+    pipeline draws the figures: ``evaluation.plots.stage2_plots``)."""
     run, c = p.run, res.clusterer
     summary = ClusteringConsumer(c, len(res.labels)).write(run)
-    write_json(run.sub("stage2", "param_names.json"), res.layout)
+    run.stage2.mkdir(parents=True, exist_ok=True)
+    write_json(run.param_names_json, res.layout)
     if (res.labels == UNASSIGNED).any():
         raise RuntimeError("Stage II finished with unassigned samples")
     split_of = {int(i): name for name in ("train", "test") for i in getattr(p.splits, name)}
@@ -104,6 +108,3 @@ def write_stage2_outputs(p: Prepared, res: Stage2Result) -> None:
     )
     if res.consumers:
         run.add_metrics(consumers=ConsumerSet(res.consumers).write(run))
-    from gs_ray.evaluation import plots
-
-    plots.stage2_plots(run)

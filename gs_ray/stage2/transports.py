@@ -30,11 +30,12 @@ from typing import Any, ClassVar, get_args
 
 import numpy as np
 
+from gs_ray.config import WHOLE_GRADIENT_TRANSPORTS
 from gs_ray.config import Transport as TransportName
 from gs_ray.core.clustering import cluster_sums, cosine_assign, normalize_rows
+from gs_ray.rundir import SKIPPED
 from gs_ray.stage2.computer import GradientBatch
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, BatchKey
-from gs_ray.stage2.result import SKIPPED
 
 # --------------------------------------------------------------------------- driver side
 
@@ -44,6 +45,7 @@ class Transport(ABC):
 
     name: ClassVar[str]
     cache: ClassVar[str]  # the clusterer's cache: "samples" (per-sample FIFO) or "external"
+    whole_gradients: ClassVar[bool] = False  # every gradient row reaches the centroid actor
 
     def host_helper(self, workers: list) -> Any:
         """What the centroid host needs injected (e.g. an evicted-sums fetcher), or None."""
@@ -68,7 +70,7 @@ def send_gradients(key: BatchKey, idx: np.ndarray, ids: list[str], pairs: list, 
 class ExactTransport(Transport):
     """Every per-sample gradient goes to the centroid actor."""
 
-    name, cache = "gradients", "samples"
+    name, cache, whole_gradients = "gradients", "samples", True
 
     def submit(self, key, step, idx, ids, pairs, worker, host):
         return send_gradients(key, idx, ids, pairs, worker, host)
@@ -121,6 +123,7 @@ TRANSPORTS: dict[str, type[Transport]] = {
     t.name: t for t in (ExactTransport, PartialSumsTransport, CollectiveTransport)
 }
 assert set(TRANSPORTS) == set(get_args(TransportName)), "config.Transport and TRANSPORTS differ"
+assert {n for n, t in TRANSPORTS.items() if t.whole_gradients} == set(WHOLE_GRADIENT_TRANSPORTS)
 
 
 def make_transport(name: str) -> Transport:

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 
+from gs_ray.core.seeds import expert_seed
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
 from gs_ray.rundir import EXPERT_RECORD, GENERALIST, expert_name
@@ -27,7 +28,7 @@ def expert_job(p: Prepared, labels: np.ndarray, c: int, output_dir: str, name: s
     return AdapterJob(
         name=name or expert_name(c), base_path=p.base_path, output_dir=output_dir,
         samples=p.pairs(train[labels[train] == c]), init_adapter=str(p.run.warmup_adapter),
-        seed=p.cfg.run.seed + 1 + c, cluster=c,
+        seed=expert_seed(p.cfg.run.seed, c), cluster=c,
     )  # fmt: skip
 
 

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from gs_ray.config import LoRAConfig, ModelConfig, Pack, TrainingConfig
+from gs_ray.config import LoRAConfig, ModelConfig, Pack, TrainingConfig, UseGpu
 from gs_ray.core.models import add_lora, load_adapter, load_base_model
 from gs_ray.data import Sample
 from gs_ray.training.loop import planned_steps, train_adapter
@@ -234,13 +234,11 @@ def _ensure_ray() -> None:
 
 def resolve_use_gpu(train_cfg: TrainingConfig) -> bool:
     """train.use_gpu: true | false | auto (GPU when the connected cluster has GPUs)."""
-    value = str(train_cfg.use_gpu).lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
+    value = train_cfg.use_gpu
+    if value not in get_args(UseGpu):  # a config built in code, past the load-time check
+        raise ValueError(f"use_gpu: expected auto | true | false, got {value!r}")
     if value != "auto":
-        raise ValueError(f"use_gpu: expected auto | true | false, got {train_cfg.use_gpu!r}")
+        return value == "true"
     from gs_ray.ray_utils import cluster_has_gpu
 
     _ensure_ray()

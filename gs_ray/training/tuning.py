@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray.config import Config
+from gs_ray.core.seeds import tune_expert_seed, tune_sample_seed
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
 from gs_ray.rundir import expert_name
@@ -118,7 +119,7 @@ def k_trial(config: dict[str, Any], *, G_val, G_fit, G_hold, fit_pairs, hold_pai
         if members and steps:
             per_epoch = math.ceil(len(members) / cfg.experts.batch_size / cfg.experts.grad_accum)
             steps_cfg = replace(cfg.experts, max_steps=steps, epochs=math.ceil(steps / per_epoch))
-            torch.manual_seed(cfg.run.seed + cluster)
+            torch.manual_seed(tune_expert_seed(cfg.run.seed, cluster))
             train_adapter(TorchEngine(model, steps_cfg), members, steps_cfg, pad_id, cfg.run.seed)
         model.save_pretrained(path)
         adapters[expert_name(cluster)] = path
@@ -140,7 +141,7 @@ def tune_k(p: Prepared, resume: bool = False) -> int:
 
     start = time.perf_counter()
     cfg, run = p.cfg, p.run
-    rng = np.random.default_rng(cfg.run.seed + 3)
+    rng = np.random.default_rng(tune_sample_seed(cfg.run.seed))
     pool = np.setdiff1d(p.splits.train, p.splits.val)
     chosen = rng.choice(pool, size=min(cfg.tune.n_samples, len(pool)), replace=False)
     n_hold = max(1, int(round(cfg.tune.holdout_fraction * len(chosen))))

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def storage_path(p: Prepared) -> str:
     """Ray Train's storage for this run (absolute: every node must reach it)."""
-    return str((p.run.path / "ray_train").resolve())
+    return str(p.run.ray_train.resolve())
 
 
 def training_summary(rec: dict[str, Any]) -> dict[str, Any]:
