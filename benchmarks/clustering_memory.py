@@ -110,8 +110,21 @@ def main() -> None:
     header += f"{'peak RSS GB':>12} {'x input':>8} {'s':>7} {'K':>3}"
     print(header)
     for d in dims:
-        cmd = [sys.executable, __file__, "--child", "--dims", str(d), "--n", str(args.n),
-               "--k", str(args.k), "--cache", args.cache, "--seed", str(args.seed)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--dims",
+            str(d),
+            "--n",
+            str(args.n),
+            "--k",
+            str(args.k),
+            "--cache",
+            args.cache,
+            "--seed",
+            str(args.seed),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         rows.append(r)

@@ -8,7 +8,8 @@ score them again with the ``coordinate`` form. Prints, per form, the AUC (the ch
 sample scores above a noisy one; 0.5 = no signal) and the share of clean samples among the top
 ``1 - noisy`` fraction; writes them to ``--json``.
 
-    .venv/bin/python benchmarks/gsnr_planted.py --n 96 --members 4 --json benchmarks/results/gsnr_planted.json
+    .venv/bin/python benchmarks/gsnr_planted.py --n 96 --members 4 \
+        --json benchmarks/results/gsnr_planted.json
 """
 
 from __future__ import annotations
@@ -73,11 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.members, args.steps = 32, 2, 2
-    cfg = load_config(None, [
-        "--data.demo_size", str(args.n), "--gsnr.members", str(args.members),
-        "--gsnr.max_steps", str(args.steps), "--gsnr.use_gpu", "auto", "--gsnr.zero_stage", "1",
-        "--run.seed", str(args.seed), *args.overrides,
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--data.demo_size",
+            str(args.n),
+            "--gsnr.members",
+            str(args.members),
+            "--gsnr.max_steps",
+            str(args.steps),
+            "--gsnr.use_gpu",
+            "auto",
+            "--gsnr.zero_stage",
+            "1",
+            "--run.seed",
+            str(args.seed),
+            *args.overrides,
+        ],
+    )
     work = tempfile.mkdtemp(prefix="gsnr-planted-")
     base = base_model_for(cfg, work)
     tokenizer = load_tokenizer(base)
@@ -96,22 +110,33 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for form, s in scores.items():
         top = select_top(s, keep)
-        rows[form] = {"auc_clean_above_noisy": auc(s, ~noisy),
-                      "clean_share_of_top": float((~noisy[top]).mean())}  # fmt: skip
+        rows[form] = {
+            "auc_clean_above_noisy": auc(s, ~noisy),
+            "clean_share_of_top": float((~noisy[top]).mean()),
+        }
     print(f"{'form':<12} {'AUC clean>noisy':>16} {'clean share of top':>20}")
     for form, r in rows.items():
         print(f"{form:<12} {r['auc_clean_above_noisy']:>16.3f} {r['clean_share_of_top']:>20.3f}")
-    print(f"(chance: AUC 0.5, clean share {keep:.2f}); training {result.seconds['training']:.0f}s, "
-          f"scoring {result.seconds['scoring']:.0f}s")  # fmt: skip
+    print(
+        f"(chance: AUC 0.5, clean share {keep:.2f}); training {result.seconds['training']:.0f}s, "
+        f"scoring {result.seconds['scoring']:.0f}s"
+    )
     if args.json:
         out = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.platform(), "python": sys.version.split()[0],
-            "n": len(samples), "noisy": args.noisy, "members": args.members,
-            "steps": args.steps, "model": cfg.model.name, "lora_r": cfg.lora.r,
-            "results": rows, "seconds": result.seconds, "total_s": time.perf_counter() - start,
+            "machine": platform.platform(),
+            "python": sys.version.split()[0],
+            "n": len(samples),
+            "noisy": args.noisy,
+            "members": args.members,
+            "steps": args.steps,
+            "model": cfg.model.name,
+            "lora_r": cfg.lora.r,
+            "results": rows,
+            "seconds": result.seconds,
+            "total_s": time.perf_counter() - start,
             "member_final_loss": {k: r["losses"][-1] for k, r in result.records.items()},
-        }  # fmt: skip
+        }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -73,11 +73,23 @@ def main(argv: list[str] | None = None) -> None:
                 structure = est.summary().get("structure")
                 weak.append(None if structure is None else structure["weak"])
             w = "-" if weak[0] is None else f"{sum(weak)}/{len(weak)}"
-            rows.append({"case": name, "d": d, "n": a.n, "k_planted": k_true, "k_found": ks,
-                         "mean_ari": float(np.mean(aris)), "weak": weak,
-                         "seconds_per_init": float(np.mean(secs))})  # fmt: skip
-            print(f"| {name} | {d} | {k_true} | {' '.join(map(str, ks))} | "
-                  f"{np.mean(aris):.2f} | {w} | {np.mean(secs):.1f} |", flush=True)
+            rows.append(
+                {
+                    "case": name,
+                    "d": d,
+                    "n": a.n,
+                    "k_planted": k_true,
+                    "k_found": ks,
+                    "mean_ari": float(np.mean(aris)),
+                    "weak": weak,
+                    "seconds_per_init": float(np.mean(secs)),
+                }
+            )
+            print(
+                f"| {name} | {d} | {k_true} | {' '.join(map(str, ks))} | "
+                f"{np.mean(aris):.2f} | {w} | {np.mean(secs):.1f} |",
+                flush=True,
+            )
     if a.json:
         from gs_ray.io import write_json
 

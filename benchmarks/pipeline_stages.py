@@ -1,18 +1,27 @@
-"""Time per stage of the whole pipeline, and parallel against sequential expert training.
+"""Time per stage of the whole pipeline, and the experts packed into shared Ray Train runs against
+one run per adapter.
 
-Runs ``gs-ray run`` (every stage, on a local Ray) on the embedded default, or on ``--config``.
-Then, in the same process and on the same cluster, it trains the same K experts again one after
-another: the same jobs, the same data, into scratch folders. It reports:
+Runs ``gs-ray run`` (every stage, on a local Ray) on the embedded default, or on ``--config``, or
+reads a finished run (``--run-dir``). Then, in the same process and on the same cluster, it
+trains the run's adapters (the K experts and the generalist) again twice, into scratch folders:
+packed (``experts.pack: auto``, the default: as many runs as the cluster holds at once) and as
+the reference, one Ray Train run per adapter (``pack: off``), both in parallel. It reports:
 
 * each stage's wall time, from the run manifest;
-* the experts stage run in parallel against the same experts trained sequentially.
+* the two trainings' wall times, the speed-up, and whether they gave identical adapters (they
+  must: packing changes how many worker start-ups are paid, not what is trained).
 
     python benchmarks/pipeline_stages.py --json benchmarks/results/pipeline_stages.json
+    python benchmarks/pipeline_stages.py --smoke --json /tmp/p.json   # tiny sizes, minutes
+
+``--smoke`` runs a small pipeline (240 demo samples, one online epoch) and retrains with at most
+2 steps per adapter; with ``--run-dir`` it only shortens the retraining.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -22,30 +31,75 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+SMOKE_RUN = ["--data.demo_size", "240", "--clustering.max_epochs", "1", "--experts.max_steps", "4"]
+SMOKE_STEPS = 2
 
-def sequential_experts(run_dir: Path, scratch: Path) -> tuple[float, dict]:
-    """Train the run's experts again, one after another; (wall seconds, records)."""
+
+def retrain(run_dir: Path, scratch: Path, max_steps: int | None = None) -> dict:
+    """The run's adapters trained again, packed and one run per adapter; wall seconds of each,
+    and whether every adapter came out the same both ways."""
     from gs_ray.prepare import prepare
-    from gs_ray.rundir import RunDir
-    from gs_ray.training.experts import expert_job
+    from gs_ray.rundir import GENERALIST, RunDir
+    from gs_ray.training.experts import expert_job, generalist_job
     from gs_ray.training.pretrain import base_model_for
     from gs_ray.training.ray_train import train_many_on_ray
 
     run = RunDir(run_dir)
     p = prepare(run.config(), run, base_model=base_model_for)
-    labels, k = p.assignments()
-    jobs = [
-        expert_job(p, labels, c, str(scratch / f"e{c}"), name=f"seq_expert_{c}") for c in range(k)
-    ]
-    start = time.perf_counter()
-    records = train_many_on_ray(jobs, p.cfg.model, p.cfg.lora, p.cfg.experts, p.pad_id,
-                                str(scratch.resolve() / "ray_train"), parallel=False)  # fmt: skip
-    return time.perf_counter() - start, records
+    try:
+        labels, k = p.assignments()
+        experts = p.cfg.experts
+        if max_steps is not None:
+            experts = dataclasses.replace(experts, max_steps=max_steps)
+            p.cfg = dataclasses.replace(p.cfg, experts=experts)
+        out = {}
+        for pack in ("auto", "off"):
+            folder = scratch / pack
+            jobs = [expert_job(p, labels, c, str(folder / f"expert_{c}")) for c in range(k)]
+            jobs = [j for j in jobs if j.samples]
+            if p.cfg.fallback.enabled:
+                jobs.append(generalist_job(p, labels, k, str(folder / GENERALIST)))
+            cfg = dataclasses.replace(experts, pack=pack, parallel=True)
+            start = time.perf_counter()
+            records = train_many_on_ray(
+                jobs, p.cfg.model, p.cfg.lora, cfg, p.pad_id, str(folder.resolve() / "ray_train")
+            )
+            seconds = time.perf_counter() - start
+            failed = {n: r.get("error") for n, r in records.items() if not r.get("ok")}
+            if failed:
+                raise RuntimeError(f"pack {pack}: training failed: {failed}")
+            runs = sorted({r["run"] for r in records.values()})
+            out[pack] = {"seconds": seconds, "runs": runs, "jobs": [j.name for j in jobs]}
+        identical = all(
+            _same_adapter(scratch / "auto" / name, scratch / "off" / name)
+            for name in out["auto"]["jobs"]
+        )
+    finally:
+        p.run.release_lock()
+    return {
+        "adapters": len(out["auto"]["jobs"]),
+        "packed_runs": out["auto"]["runs"],
+        "experts_packed_seconds": out["auto"]["seconds"],
+        "experts_unpacked_seconds": out["off"]["seconds"],
+        "packing_speedup": out["off"]["seconds"] / out["auto"]["seconds"],
+        "identical": identical,
+        "k": k,
+    }
+
+
+def _same_adapter(a: Path, b: Path) -> bool:
+    from safetensors.numpy import load_file
+
+    wa = load_file(str(a / "adapter_model.safetensors"))
+    wb = load_file(str(b / "adapter_model.safetensors"))
+    return wa.keys() == wb.keys() and all((wa[n] == wb[n]).all() for n in wa)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: the embedded default)")
+    parser.add_argument("--run-dir", help="a finished run to read instead of running one")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (see the docstring)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -54,39 +108,52 @@ def main(argv: list[str] | None = None) -> dict:
     from gs_ray import pipeline
     from gs_ray.config import load_config
     from gs_ray.logs import setup_logging
-    from gs_ray.rundir import versions
+    from gs_ray.rundir import RunDir, versions
 
     setup_logging("INFO")
     tmp = Path(tempfile.mkdtemp(prefix="gsr-stages-"))
-    cfg = load_config(args.config, ["--run.output_dir", str(tmp), "--run.name", "bench"])
     start = time.perf_counter()
-    run = pipeline.run(cfg)
+    if args.run_dir:
+        run = RunDir(Path(args.run_dir))
+        if not ray.is_initialized():
+            from gs_ray.ray_utils import init_ray
+
+            init_ray()
+    else:
+        overrides = ["--run.output_dir", str(tmp), "--run.name", "bench"]
+        cfg = load_config(args.config, overrides + (SMOKE_RUN if args.smoke else []))
+        run = pipeline.run(cfg)
     total = time.perf_counter() - start
     manifest = run.manifest()
     stages = {name: st["seconds"] for name, st in manifest["stages"].items()}
-    k = manifest["stages"]["stage2"]["k"]
-    parallel_s = stages["experts"]
-    seq_s, records = sequential_experts(run.path, tmp / "sequential")
-    if not all(r.get("ok") for r in records.values()):
-        raise RuntimeError(f"sequential expert training failed: {records}")
-    ray.shutdown()
+    again = retrain(run.path, tmp / "retrain", SMOKE_STEPS if args.smoke else None)
+    if not args.run_dir:
+        ray.shutdown()
 
     cpus = os.cpu_count()
     device = "GPU" if _gpu() else "no GPU"
-    print(f"\nPipeline stages, {args.config or 'embedded default'}, K={k}, {cpus} CPUs, {device}")
+    what = args.run_dir or args.config or "embedded default"
+    print(f"\nPipeline stages, {what}, K={again['k']}, {cpus} CPUs, {device}")
     print(f"{'stage':<12}{'seconds':>10}{'share':>8}")
     for name, sec in stages.items():
         print(f"{name:<12}{sec:>10.1f}{100 * sec / sum(stages.values()):>7.1f}%")
     print(f"{'total':<12}{sum(stages.values()):>10.1f}   (wall incl. Ray start-up {total:.1f}s)")
-    speedup = seq_s / parallel_s
-    print(f"\nexperts: {k} in parallel {parallel_s:.1f}s, one after another {seq_s:.1f}s "
-          f"-> speed-up {speedup:.2f}x")  # fmt: skip
+    print(
+        f"\n{again['adapters']} adapters: packed into {len(again['packed_runs'])} runs "
+        f"{again['experts_packed_seconds']:.1f}s, one run each "
+        f"{again['experts_unpacked_seconds']:.1f}s -> speed-up {again['packing_speedup']:.2f}x; "
+        f"identical adapters: {again['identical']}"
+    )
     report = {
-        "stages_seconds": stages, "total_seconds": sum(stages.values()), "wall_seconds": total,
-        "k": k, "experts_parallel_seconds": parallel_s, "experts_sequential_seconds": seq_s,
-        "experts_parallel_speedup": speedup, "cpus": cpus, "versions": versions(),
+        "stages_seconds": stages,
+        "total_seconds": sum(stages.values()),
+        "wall_seconds": total,
+        **again,
+        "smoke": args.smoke,
+        "cpus": cpus,
+        "versions": versions(),
         "run_dir": str(run.path),
-    }  # fmt: skip
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

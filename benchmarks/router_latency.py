@@ -1,9 +1,10 @@
 """The router at batch 1: latency and agreement with the gradient clusters, per variant.
 
 For a finished run, each variant of the served router (float or int8 encoder, int8 with the FFN
-output layers kept float, ``router.max_length`` as trained or shorter; ``router.kind: tfidf`` fitted
-on the same training prompts) routes prompts its head never trained on (the run's ``test`` split and the
-router's own hold-out, all clustered by their gradients in Stage II) and is scored by:
+output layers kept float, ``router.max_length`` as trained or shorter; ``router.kind: tfidf``
+fitted on the same training prompts) routes prompts its head never trained on (the run's
+``test`` split and the router's own hold-out, all clustered by their gradients in Stage II) and
+is scored by:
 
 * ``agreement_test`` / ``agreement_holdout`` / ``agreement_all``: share of prompts sent to the
   cluster Stage II assigned them by gradient (``stage2/assignments.jsonl``), the router's own
@@ -75,9 +76,13 @@ def tfidf_router(run_dir: str):
     by_id = {s.id: s for s in samples}
     train = [r for r in run.run.assignments() if r["cluster"] is not None and r["split"] == "train"]
     cfg = dataclasses.replace(run.cfg.router, kind="tfidf")
-    router, _ = TfidfRouter.fit([by_id[r["id"]].prompt for r in train],
-                                [int(r["cluster"]) for r in train], run.n_experts, cfg,
-                                run.cfg.run.seed)  # fmt: skip
+    router, _ = TfidfRouter.fit(
+        [by_id[r["id"]].prompt for r in train],
+        [int(r["cluster"]) for r in train],
+        run.n_experts,
+        cfg,
+        run.cfg.run.seed,
+    )
     return router
 
 
@@ -153,15 +158,21 @@ def main(argv: list[str] | None = None) -> dict:
             for name in variants
         },
     }
-    print(f"{n_test} test + {len(prompts) - n_test} holdout prompts, K = {run.n_experts}, "
-          f"tokens p50 {results['prompt_tokens_p50']} max {results['prompt_tokens_max']}, "
-          f"load {results['load_avg_1min']:.1f}")  # fmt: skip
-    print(f"{'variant':<22} {'p50 ms':>8} {'p99 ms':>8} {'test':>7} {'holdout':>8} {'all':>7} "
-          f"{'= float':>8}")  # fmt: skip
+    print(
+        f"{n_test} test + {len(prompts) - n_test} holdout prompts, K = {run.n_experts}, "
+        f"tokens p50 {results['prompt_tokens_p50']} max {results['prompt_tokens_max']}, "
+        f"load {results['load_avg_1min']:.1f}"
+    )
+    print(
+        f"{'variant':<22} {'p50 ms':>8} {'p99 ms':>8} {'test':>7} {'holdout':>8} {'all':>7} "
+        f"{'= float':>8}"
+    )
     for name, v in results["variants"].items():
-        print(f"{name:<22} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['agreement_test']:7.4f} "
-              f"{v['agreement_holdout']:8.4f} {v['agreement_all']:7.4f} "
-              f"{v['agreement_with_float']:8.4f}")  # fmt: skip
+        print(
+            f"{name:<22} {v['p50_ms']:8.2f} {v['p99_ms']:8.2f} {v['agreement_test']:7.4f} "
+            f"{v['agreement_holdout']:8.4f} {v['agreement_all']:7.4f} "
+            f"{v['agreement_with_float']:8.4f}"
+        )
     if args.json:
         from gs_ray.io import write_json
 

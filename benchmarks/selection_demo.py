@@ -6,7 +6,8 @@ table shows, per method, the share of the selected records whose ``domain`` is t
 (precision), the seconds the selection took (target gradients, pool pass, scoring) and the bytes
 each method stores for the pool. Not a test: nothing is asserted.
 
-    .venv/bin/python benchmarks/selection_demo.py --demo-size 400 --json benchmarks/results/selection_demo.json
+    .venv/bin/python benchmarks/selection_demo.py --demo-size 400 \
+        --json benchmarks/results/selection_demo.json
 """
 
 from __future__ import annotations
@@ -47,11 +48,23 @@ def main(argv: list[str] | None = None) -> None:
     ]
     target.write_text("".join(json.dumps(r) + "\n" for r in records[: args.n_target]))
     overrides = [
-        "--data.demo_size", str(args.demo_size), "--model.tiny_hidden_size", str(args.hidden),
-        "--model.tiny_num_layers", str(args.layers), "--model.tiny_vocab_size", "2048",
-        "--selection.target", str(target), "--selection.budget", args.budget,
-        "--selection.less_dim", str(args.less_dim), "--run.output_dir", str(out / "runs"),
-    ]  # fmt: skip
+        "--data.demo_size",
+        str(args.demo_size),
+        "--model.tiny_hidden_size",
+        str(args.hidden),
+        "--model.tiny_num_layers",
+        str(args.layers),
+        "--model.tiny_vocab_size",
+        "2048",
+        "--selection.target",
+        str(target),
+        "--selection.budget",
+        args.budget,
+        "--selection.less_dim",
+        str(args.less_dim),
+        "--run.output_dir",
+        str(out / "runs"),
+    ]
     run_dir = None
     rows = []
     for method in ("gist", "less", "random"):
@@ -62,23 +75,32 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = str(run.path)  # later methods reuse the warm-up
         selected = RunDir.read_jsonl(run.selection_selected(method))
         summary = json.loads(run.selection_summary(method).read_text())
-        rows.append({
-            "method": method, "n_selected": len(selected),
-            "precision": sum(r["domain"] == args.domain for r in selected) / len(selected),
-            "seconds": round(seconds, 1), "stored_bytes": summary["stored_bytes"],
-            "k": summary.get("k"),
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": method,
+                "n_selected": len(selected),
+                "precision": sum(r["domain"] == args.domain for r in selected) / len(selected),
+                "seconds": round(seconds, 1),
+                "stored_bytes": summary["stored_bytes"],
+                "k": summary.get("k"),
+            }
+        )
     pool = build_demo_corpus(n_samples=args.demo_size, seed=0)
     base = sum(r["domain"] == args.domain for r in pool) / len(pool)
-    print(f"pool {len(pool)} demo records, {base:.1%} {args.domain}; target {args.n_target} "
-          f"{args.domain} records; budget {args.budget}")  # fmt: skip
+    print(
+        f"pool {len(pool)} demo records, {base:.1%} {args.domain}; target {args.n_target} "
+        f"{args.domain} records; budget {args.budget}"
+    )
     print(f"{'method':8} {'selected':>8} {'precision':>9} {'seconds':>8} {'stored bytes':>13} k")
     for r in rows:
-        print(f"{r['method']:8} {r['n_selected']:8d} {r['precision']:9.1%} {r['seconds']:8.1f} "
-              f"{r['stored_bytes']:13,d} {r['k'] or ''}")  # fmt: skip
+        print(
+            f"{r['method']:8} {r['n_selected']:8d} {r['precision']:9.1%} {r['seconds']:8.1f} "
+            f"{r['stored_bytes']:13,d} {r['k'] or ''}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"base_rate": base, "rows": rows, **vars(args)},
-                                              indent=2))  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps({"base_rate": base, "rows": rows, **vars(args)}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -96,8 +96,15 @@ def read_domain(cfg: Config, entry: MixSource) -> list[Example]:
     return examples
 
 
-def draw(examples: list[Example], n: int, exclude: set[str], rng: np.random.Generator,
-         tokenizer, cfg: Config, prefix: str) -> tuple[list[Example], list[Sample], DataReport]:  # fmt: skip
+def draw(
+    examples: list[Example],
+    n: int,
+    exclude: set[str],
+    rng: np.random.Generator,
+    tokenizer,
+    cfg: Config,
+    prefix: str,
+) -> tuple[list[Example], list[Sample], DataReport]:
     """``n`` records whose prompt is not in ``exclude``, in a seeded random order, skipping those
     the run's template and ``max_length`` would drop; ids prefixed with ``prefix``."""
     candidates = [ex for ex in examples if ex.prompt.strip() not in exclude]
@@ -138,24 +145,37 @@ def run_selection(cfg: Config, run: RunDir, method: str, target: Path, budget: s
     summary = json.loads(run.selection_summary(method).read_text())
     ranked = RunDir.read_jsonl(run.selection_scores(method))
     return {
-        "selection_s": round(seconds, 1), "ids": [r["id"] for r in ranked[: summary["n_selected"]]],
-        "stored_bytes": summary["stored_bytes"], "gist_bytes": summary.get("gist_bytes"),
-        "folder_bytes": folder_bytes(run.selection(method)), "k": summary.get("k"),
+        "selection_s": round(seconds, 1),
+        "ids": [r["id"] for r in ranked[: summary["n_selected"]]],
+        "stored_bytes": summary["stored_bytes"],
+        "gist_bytes": summary.get("gist_bytes"),
+        "folder_bytes": folder_bytes(run.selection(method)),
+        "k": summary.get("k"),
         "summary": {k: v for k, v in summary.items() if k != "singular_values"},
-    }  # fmt: skip
+    }
 
 
-def train_subset(cfg: Config, base_path: str, run: RunDir, samples: list[Sample], train_cfg,
-                 pad_id: int, out: Path) -> dict:  # fmt: skip
+def train_subset(
+    cfg: Config,
+    base_path: str,
+    run: RunDir,
+    samples: list[Sample],
+    train_cfg,
+    pad_id: int,
+    out: Path,
+) -> dict:
     """One LoRA from the warm-up adapter on ``samples``, ``train_cfg.max_steps`` steps."""
     model = load_adapter(load_base_model(base_path, cfg.model), run.warmup_adapter)
     start = time.perf_counter()
-    losses = train_adapter(TorchEngine(model, train_cfg), samples, train_cfg, pad_id,
-                           cfg.run.seed)  # fmt: skip
+    losses = train_adapter(TorchEngine(model, train_cfg), samples, train_cfg, pad_id, cfg.run.seed)
     seconds = time.perf_counter() - start
     model.save_pretrained(str(out))
-    return {"steps": len(losses), "train_s": round(seconds, 1), "first_loss": losses[0],
-            "last_loss": losses[-1]}  # fmt: skip
+    return {
+        "steps": len(losses),
+        "train_s": round(seconds, 1),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
 
 
 def main() -> int:
@@ -206,18 +226,21 @@ def main() -> int:
     target.write_text("".join(json.dumps(target_row(ex, cfg)) + "\n" for ex in target_ex))
     test_ex = read_domain(cfg, domain_entry(cfg, args, args.heldout_source))
     seen = pool_prompts | {ex.prompt.strip() for ex in target_ex}
-    held_ex, heldout, held_report = draw(test_ex, args.n_heldout, seen, rng, tokenizer, cfg,
-                                         "heldout")  # fmt: skip
+    held_ex, heldout, held_report = draw(
+        test_ex, args.n_heldout, seen, rng, tokenizer, cfg, "heldout"
+    )
     (out / "heldout.jsonl").write_text(
         "".join(
             json.dumps({"id": ex.id, "prompt": ex.prompt, "response": ex.response}) + "\n"
             for ex in held_ex
-        )  # fmt: skip
+        )
     )
-    print(f"pool {len(pool)} samples ({base_rate:.1%} {args.domain}); target {len(target_ex)} "
-          f"records of {args.target_source} not in the pool; held-out {len(heldout)} of "
-          f"{args.heldout_source} ({held_report.truncated} truncated to {cfg.data.max_length} "
-          f"tokens); work folder {out}")  # fmt: skip
+    print(
+        f"pool {len(pool)} samples ({base_rate:.1%} {args.domain}); target {len(target_ex)} "
+        f"records of {args.target_source} not in the pool; held-out {len(heldout)} of "
+        f"{args.heldout_source} ({held_report.truncated} truncated to {cfg.data.max_length} "
+        f"tokens); work folder {out}"
+    )
 
     rows: dict[str, dict] = {}
     for method in methods:
@@ -229,27 +252,39 @@ def main() -> int:
 
     exp = cfg.experts
     train_cfg = dataclasses.replace(
-        exp, epochs=args.steps * max(1, exp.grad_accum), max_steps=args.steps,
-        batch_size=args.batch_size or exp.batch_size, lr=args.lr or exp.lr,
-    )  # fmt: skip
+        exp,
+        epochs=args.steps * max(1, exp.grad_accum),
+        max_steps=args.steps,
+        batch_size=args.batch_size or exp.batch_size,
+        lr=args.lr or exp.lr,
+    )
     by_id = {s.id: s for s in pool}
     adapters = {"none": str(run.warmup_adapter)}
     for name, row in rows.items():
         row["n_selected"] = len(row["ids"])
-        row["target_share"] = (float(np.mean([domain_of[i] == args.domain for i in row["ids"]]))
-                               if row["ids"] else None)  # fmt: skip
+        row["target_share"] = (
+            float(np.mean([domain_of[i] == args.domain for i in row["ids"]]))
+            if row["ids"]
+            else None
+        )
         if name == "none":
             continue
         folder = out / "adapters" / name
-        row.update(train_subset(cfg, base_path, run, [by_id[i] for i in row["ids"]], train_cfg,
-                                pad_id, folder))  # fmt: skip
+        row.update(
+            train_subset(
+                cfg, base_path, run, [by_id[i] for i in row["ids"]], train_cfg, pad_id, folder
+            )
+        )
         adapters[name] = str(folder)
-        print(f"{name}: {row['n_selected']} samples, {row['steps']} steps in {row['train_s']} s, "
-              f"train loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}")  # fmt: skip
+        print(
+            f"{name}: {row['n_selected']} samples, {row['steps']} steps in {row['train_s']} s, "
+            f"train loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}"
+        )
 
     start = time.perf_counter()
-    losses = adapter_losses(base_path, cfg.model, adapters, [s.pair for s in heldout], pad_id,
-                            base_key="base")  # fmt: skip
+    losses = adapter_losses(
+        base_path, cfg.model, adapters, [s.pair for s in heldout], pad_id, base_key="base"
+    )
     eval_s = time.perf_counter() - start
     for name, row in rows.items():
         x = losses[name]
@@ -260,12 +295,16 @@ def main() -> int:
             row["vs_random_sem"] = float(d.std(ddof=1) / np.sqrt(len(d)))
     base_loss = float(losses["base"].mean())
 
-    print(f"\npool {len(pool)} ({base_rate:.1%} {args.domain}), budget {args.budget} "
-          f"({budget_count(args.budget, len(pool))} samples), {args.steps} steps of batch "
-          f"{train_cfg.batch_size} (lr {train_cfg.lr}) from the warm-up adapter; held-out: "
-          f"{len(heldout)} {args.domain} test records; base model {base_loss:.4f}")  # fmt: skip
-    head = (f"{'method':8} {'selected':>8} {'target share':>12} {'selection s':>11} "
-            f"{'stored bytes':>13} {'held-out loss':>15} {'vs random':>16}")  # fmt: skip
+    print(
+        f"\npool {len(pool)} ({base_rate:.1%} {args.domain}), budget {args.budget} "
+        f"({budget_count(args.budget, len(pool))} samples), {args.steps} steps of batch "
+        f"{train_cfg.batch_size} (lr {train_cfg.lr}) from the warm-up adapter; held-out: "
+        f"{len(heldout)} {args.domain} test records; base model {base_loss:.4f}"
+    )
+    head = (
+        f"{'method':8} {'selected':>8} {'target share':>12} {'selection s':>11} "
+        f"{'stored bytes':>13} {'held-out loss':>15} {'vs random':>16}"
+    )
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
@@ -273,30 +312,50 @@ def main() -> int:
         sel_s = f"{r['selection_s']:.1f}" if "selection_s" in r else "-"
         stored = f"{r['stored_bytes']:,d}" if "stored_bytes" in r else "-"
         vs = f"{r['vs_random']:+.4f}±{r['vs_random_sem']:.4f}" if "vs_random" in r else "-"
-        print(f"{name:8} {r['n_selected']:8d} {share:>12} {sel_s:>11} {stored:>13} "
-              f"{r['heldout_loss']:8.4f}±{r['heldout_sem']:.4f} {vs:>16}")  # fmt: skip
-    print("(loss: mean response-token loss per held-out record, ± its standard error; vs random: "
-          "the paired mean difference; stored bytes: the method's per-pool-sample store, "
-          "summary.json; GIST's basis and G-SNR's members are in the JSON's gist_bytes / "
-          "folder_bytes)")  # fmt: skip
+        print(
+            f"{name:8} {r['n_selected']:8d} {share:>12} {sel_s:>11} {stored:>13} "
+            f"{r['heldout_loss']:8.4f}±{r['heldout_sem']:.4f} {vs:>16}"
+        )
+    print(
+        "(loss: mean response-token loss per held-out record, ± its standard error; vs random: "
+        "the paired mean difference; stored bytes: the method's per-pool-sample store, "
+        "summary.json; GIST's basis and G-SNR's members are in the JSON's gist_bytes / "
+        "folder_bytes)"
+    )
 
     if args.json:
         result = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "cores": os.cpu_count(),
-                        "python": sys.version.split()[0]},
-            "model": cfg.model.name, "lora": dataclasses.asdict(cfg.lora),
-            "run_dir": str(source_run), "work_dir": str(out), "pool_size": len(pool),
-            "pool_target_share": base_rate, "domain": args.domain, "budget": args.budget,
-            "n_budget": budget_count(args.budget, len(pool)), "steps": args.steps,
-            "batch_size": train_cfg.batch_size, "lr": train_cfg.lr,
-            "n_target": len(target_ex), "target_source": args.target_source,
-            "n_heldout": len(heldout), "heldout_source": args.heldout_source,
-            "heldout_truncated": held_report.truncated, "seed": args.seed,
-            "overrides": args.overrides, "base_heldout_loss": base_loss, "eval_s": eval_s,
-            "total_s": time.perf_counter() - started, "methods": rows,
+            "machine": {
+                "platform": platform.platform(),
+                "cores": os.cpu_count(),
+                "python": sys.version.split()[0],
+            },
+            "model": cfg.model.name,
+            "lora": dataclasses.asdict(cfg.lora),
+            "run_dir": str(source_run),
+            "work_dir": str(out),
+            "pool_size": len(pool),
+            "pool_target_share": base_rate,
+            "domain": args.domain,
+            "budget": args.budget,
+            "n_budget": budget_count(args.budget, len(pool)),
+            "steps": args.steps,
+            "batch_size": train_cfg.batch_size,
+            "lr": train_cfg.lr,
+            "n_target": len(target_ex),
+            "target_source": args.target_source,
+            "n_heldout": len(heldout),
+            "heldout_source": args.heldout_source,
+            "heldout_truncated": held_report.truncated,
+            "seed": args.seed,
+            "overrides": args.overrides,
+            "base_heldout_loss": base_loss,
+            "eval_s": eval_s,
+            "total_s": time.perf_counter() - started,
+            "methods": rows,
             "heldout_losses": {k: v.tolist() for k, v in losses.items()},
-        }  # fmt: skip
+        }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

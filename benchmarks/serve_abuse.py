@@ -52,16 +52,26 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def _send(url: str, path: str, body: bytes, headers: dict | None = None,
-          hang_up_after_first_chunk: bool = False, timeout: float = 300) -> tuple[int, float]:  # fmt: skip
+def _send(
+    url: str,
+    path: str,
+    body: bytes,
+    headers: dict | None = None,
+    hang_up_after_first_chunk: bool = False,
+    timeout: float = 300,
+) -> tuple[int, float]:
     """One POST over a fresh connection: (status, ms). ``hang_up_after_first_chunk`` reads one
     line of a streamed answer, then closes the socket (a client that went away)."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     start = time.perf_counter()
     try:
-        conn.request("POST", parts.path.rstrip("/") + path, body=body,
-                     headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+        conn.request(
+            "POST",
+            parts.path.rstrip("/") + path,
+            body=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         r = conn.getresponse()
         if hang_up_after_first_chunk and r.status == 200:
             r.fp.readline()
@@ -74,15 +84,20 @@ def _send(url: str, path: str, body: bytes, headers: dict | None = None,
         conn.close()
 
 
-def abusive_requests(max_body_bytes: int, max_prompt_chars: int, max_tokens_limit: int,
-                     n: int, kinds: list[str] | None = None,
-                     ) -> list[tuple[str, bytes, dict, bool]]:  # fmt: skip
+def abusive_requests(
+    max_body_bytes: int,
+    max_prompt_chars: int,
+    max_tokens_limit: int,
+    n: int,
+    kinds: list[str] | None = None,
+) -> list[tuple[str, bytes, dict, bool]]:
     """``n`` abusive requests, the kinds (all, or those named) in turn: (kind, body, headers,
     hang up early)."""
 
     def body(**fields) -> bytes:
-        return json.dumps({"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 4,
-                           "temperature": 0, **fields}).encode()  # fmt: skip
+        return json.dumps(
+            {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, **fields}
+        ).encode()
 
     every = [
         ("body_over_limit", body(pad="x" * (max_body_bytes + 1)), {}, False),
@@ -101,14 +116,30 @@ def abusive_requests(max_body_bytes: int, max_prompt_chars: int, max_tokens_limi
     return [chosen[i % len(chosen)] for i in range(n)]
 
 
-def measure(url: str, n_valid: int, concurrency: int, max_tokens: int, cfg,
-            time_limit: float, kinds: list[str] | None = None) -> dict:  # fmt: skip
+def measure(
+    url: str,
+    n_valid: int,
+    concurrency: int,
+    max_tokens: int,
+    cfg,
+    time_limit: float,
+    kinds: list[str] | None = None,
+) -> dict:
     """Both phases against ``url`` (the server's base URL); ``cfg``: its ``ServeConfig``."""
-    valid = [json.dumps({"model": "gs-ray", "prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})",
-                         "max_tokens": max_tokens, "temperature": 0}).encode()
-             for i in range(n_valid)]  # fmt: skip
-    abuse = abusive_requests(cfg.max_body_bytes, cfg.max_prompt_chars, cfg.max_new_tokens_limit,
-                             n_valid, kinds)  # fmt: skip
+    valid = [
+        json.dumps(
+            {
+                "model": "gs-ray",
+                "prompt": f"{PROMPTS[i % len(PROMPTS)]} ({i})",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
+        ).encode()
+        for i in range(n_valid)
+    ]
+    abuse = abusive_requests(
+        cfg.max_body_bytes, cfg.max_prompt_chars, cfg.max_new_tokens_limit, n_valid, kinds
+    )
     deadline = time.perf_counter() + time_limit
 
     def run_valid() -> list[tuple[int, float]]:
@@ -118,8 +149,11 @@ def measure(url: str, n_valid: int, concurrency: int, max_tokens: int, cfg,
     for b in valid[:2]:  # warm-up
         _send(url, "/v1/completions", b)
     alone = run_valid()
-    results: dict = {"valid_requests": n_valid, "concurrency": concurrency,
-                     "max_tokens": max_tokens}  # fmt: skip
+    results: dict = {
+        "valid_requests": n_valid,
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+    }
     abusive: list[tuple[str, int, float]] = []
 
     def run_abuse() -> None:
@@ -152,9 +186,7 @@ def measure(url: str, n_valid: int, concurrency: int, max_tokens: int, cfg,
         counts[str(status)] = counts.get(str(status), 0) + 1
     results["abusive_sent"] = len(abusive)
     results["abusive_statuses"] = by_kind
-    results["errors_5xx"] = sum(s >= 500 for s in statuses) + sum(
-        s >= 500 for _, s, _ in abusive
-    )
+    results["errors_5xx"] = sum(s >= 500 for s in statuses) + sum(s >= 500 for _, s, _ in abusive)
     results["within_time_limit"] = time.perf_counter() <= deadline
     return results
 
@@ -162,11 +194,14 @@ def measure(url: str, n_valid: int, concurrency: int, max_tokens: int, cfg,
 def _table(results: dict) -> str:
     rows = [("phase", "p50 ms", "p99 ms")]
     for label in ("alone", "with_abuse"):
-        rows.append((label, f"{results[f'p50_ms_{label}']:.0f}",
-                     f"{results[f'p99_ms_{label}']:.0f}"))  # fmt: skip
+        rows.append(
+            (label, f"{results[f'p50_ms_{label}']:.0f}", f"{results[f'p99_ms_{label}']:.0f}")
+        )
     lines = [" | ".join(f"{c:>12}" for c in r) for r in rows]
-    lines.append(f"p99 ratio {results['p99_ratio']:.2f}; valid non-200 "
-                 f"{results['valid_non_200']}; 5xx {results['errors_5xx']}")  # fmt: skip
+    lines.append(
+        f"p99 ratio {results['p99_ratio']:.2f}; valid non-200 "
+        f"{results['valid_non_200']}; 5xx {results['errors_5xx']}"
+    )
     for kind, counts in results["abusive_statuses"].items():
         lines.append(f"  {kind:>24}: {counts}")
     return "\n".join(lines)
@@ -196,8 +231,15 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = args.run_dir or args.serve_run_dir
     cfg = serve_config_for(run_dir) if run_dir else ServeConfig()
     if args.url:
-        results = measure(args.url, args.requests, args.concurrency, args.max_tokens, cfg,
-                          args.time_limit, args.kinds)  # fmt: skip
+        results = measure(
+            args.url,
+            args.requests,
+            args.concurrency,
+            args.max_tokens,
+            cfg,
+            args.time_limit,
+            args.kinds,
+        )
     else:
         import ray
         from ray import serve
@@ -210,8 +252,15 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(app_for_run(args.run_dir, cfg), name=APP_NAME, route_prefix="/")
-            results = measure(f"http://127.0.0.1:{port}", args.requests, args.concurrency,
-                              args.max_tokens, cfg, args.time_limit, args.kinds)  # fmt: skip
+            results = measure(
+                f"http://127.0.0.1:{port}",
+                args.requests,
+                args.concurrency,
+                args.max_tokens,
+                cfg,
+                args.time_limit,
+                args.kinds,
+            )
         finally:
             serve.shutdown()
             ray.shutdown()

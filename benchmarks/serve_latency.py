@@ -128,8 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = serve_config_for(args.run_dir)
         serve.run(app_for_run(args.run_dir, cfg), name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/completions"
-        bodies = [{"model": "gs-ray", "prompt": p, "max_tokens": args.max_tokens,
-                   "temperature": 0} for p in prompts[: args.requests]]  # fmt: skip
+        bodies = [
+            {"model": "gs-ray", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0}
+            for p in prompts[: args.requests]
+        ]
         _load(url, bodies[:2], 1)  # warm-up
         statuses: list[int] = []
         for c, suffix in ((1, ""), (8, "_c8")):
@@ -154,8 +156,12 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    results.update(requests=args.requests, max_tokens=args.max_tokens,
-                   n_experts=run.n_experts, cpus=os.cpu_count())  # fmt: skip
+    results.update(
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        n_experts=run.n_experts,
+        cpus=os.cpu_count(),
+    )
     print(json.dumps(results, indent=2))
     if args.json:
         from gs_ray.io import write_json

@@ -87,13 +87,19 @@ def main(argv: list[str] | None = None) -> dict:
     pool.generate(prompts[:2], experts[:2], 4)  # warm-up
     results = {}
     answers = {}
-    for name, fn in (("one_at_a_time", one_at_a_time), ("mixed_batches", mixed),
-                     ("grouped_by_expert", grouped)):  # fmt: skip
+    for name, fn in (
+        ("one_at_a_time", one_at_a_time),
+        ("mixed_batches", mixed),
+        ("grouped_by_expert", grouped),
+    ):
         seconds, gens = _timed(fn)
         answers[name] = [g.text for g in gens]
         tokens = sum(g.n_new_tokens for g in gens)
-        results[name] = {"seconds": seconds, "requests_per_s": len(gens) / seconds,
-                         "new_tokens_per_s": tokens / seconds}  # fmt: skip
+        results[name] = {
+            "seconds": seconds,
+            "requests_per_s": len(gens) / seconds,
+            "new_tokens_per_s": tokens / seconds,
+        }
     same = answers["one_at_a_time"] == answers["mixed_batches"] == answers["grouped_by_expert"]
     out = {
         "run_dir": str(Path(args.run_dir).resolve()),
@@ -116,12 +122,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'variant':<20}{'req/s':>10}{'new tok/s':>12}{'seconds':>10}")
     for name in results:
         r = results[name]
-        print(f"{name:<20}{r['requests_per_s']:>10.2f}{r['new_tokens_per_s']:>12.1f}"
-              f"{r['seconds']:>10.2f}")  # fmt: skip
-    print(f"mixed / one-at-a-time: {out['speedup_mixed_vs_one']:.2f}x   "
-          f"mixed / grouped: {out['speedup_mixed_vs_grouped']:.2f}x   identical answers: {same}")  # fmt: skip
-    print(f"router: {out['router_ms_per_prompt_batch1']:.1f} ms/prompt at batch 1, "
-          f"{out['router_ms_per_prompt_batched']:.1f} ms/prompt in batches of {b}")  # fmt: skip
+        print(
+            f"{name:<20}{r['requests_per_s']:>10.2f}{r['new_tokens_per_s']:>12.1f}"
+            f"{r['seconds']:>10.2f}"
+        )
+    print(
+        f"mixed / one-at-a-time: {out['speedup_mixed_vs_one']:.2f}x   "
+        f"mixed / grouped: {out['speedup_mixed_vs_grouped']:.2f}x   identical answers: {same}"
+    )
+    print(
+        f"router: {out['router_ms_per_prompt_batch1']:.1f} ms/prompt at batch 1, "
+        f"{out['router_ms_per_prompt_batched']:.1f} ms/prompt in batches of {b}"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

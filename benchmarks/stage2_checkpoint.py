@@ -89,8 +89,9 @@ class Planted:
         return G, labels
 
 
-def build_host(d: int, k: int, n_val: int, alpha: int, batch: int, cache: str, tokens: int,
-               seed: int) -> tuple[CentroidHost, Config]:  # fmt: skip
+def build_host(
+    d: int, k: int, n_val: int, alpha: int, batch: int, cache: str, tokens: int, seed: int
+) -> tuple[CentroidHost, Config]:
     """The host after the validation pass, K selection and online batches that fill every
     cluster's cache (cache=samples: rows; external: ledger entries and the batches' tokens)."""
     cfg = config(k, n_val, alpha, batch, cache)
@@ -101,8 +102,9 @@ def build_host(d: int, k: int, n_val: int, alpha: int, batch: int, cache: str, t
         assert not any(evictions.values()), "the benchmark fills the caches, never evicts"
         return np.zeros(shape)
 
-    host = CentroidHost(make_clusterer(cfg), n_samples,
-                        evicted_sums=no_evictions if cache == "external" else None)  # fmt: skip
+    host = CentroidHost(
+        make_clusterer(cfg), n_samples, evicted_sums=no_evictions if cache == "external" else None
+    )
     gen = Planted(d, k, seed)
     for t, start in enumerate(range(0, n_val, batch)):
         G, _ = gen.rows(start, min(batch, n_val - start))
@@ -122,8 +124,13 @@ def build_host(d: int, k: int, n_val: int, alpha: int, batch: int, cache: str, t
             unit = G / np.linalg.norm(G, axis=1, keepdims=True)
             sums = np.zeros((k, d), dtype=np.float64)
             np.add.at(sums, labels, unit)
-            out = {"labels": labels, "keep": np.ones(batch, dtype=bool), "start_labels": labels,
-                   "sums": sums, "n_zero": 0}  # fmt: skip
+            out = {
+                "labels": labels,
+                "keep": np.ones(batch, dtype=bool),
+                "start_labels": labels,
+                "sums": sums,
+                "n_zero": 0,
+            }
             host.apply_sums(t, 0, t, out, [pair] * batch, owner=None)
     counts = host.clusterer.cache_count_
     if not (counts == alpha * batch).all():
@@ -137,8 +144,18 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(f.fileno())
 
 
-def measure(d: int, k: int, n_val: int, alpha: int, batch: int, cache: str, tokens: int,
-            repeats: int, seed: int, work: Path) -> dict:  # fmt: skip
+def measure(
+    d: int,
+    k: int,
+    n_val: int,
+    alpha: int,
+    batch: int,
+    cache: str,
+    tokens: int,
+    repeats: int,
+    seed: int,
+    work: Path,
+) -> dict:
     start = time.perf_counter()
     host, cfg = build_host(d, k, n_val, alpha, batch, cache, tokens, seed)
     built = time.perf_counter() - start
@@ -158,8 +175,9 @@ def measure(d: int, k: int, n_val: int, alpha: int, batch: int, cache: str, toke
         writes.append(t1 - t0)
         syncs.append(t2 - t1)
         reads.append(t4 - t3)
-        if not (np.array_equal(fresh.centers(), host.centers())
-                and fresh.position == host.position):  # fmt: skip
+        if not (
+            np.array_equal(fresh.centers(), host.centers()) and fresh.position == host.position
+        ):
             raise RuntimeError("the checkpoint did not restore the state")
         del fresh
     files = {p.name: p.stat().st_size for p in folder.iterdir()}
@@ -168,13 +186,23 @@ def measure(d: int, k: int, n_val: int, alpha: int, batch: int, cache: str, toke
     shutil.rmtree(folder, ignore_errors=True)
     write, sync, read = min(writes), min(syncs), min(reads)
     return {
-        "d": d, "cache": cache, "transport": TRANSPORT[cache], "k": k, "rows": rows,
-        "bytes": nbytes, "bytes_per_row": nbytes / rows, "row_equivalents": nbytes / (4 * d),
-        "npz_bytes": files.get("centroids.npz"), "json_bytes": files.get("centroids.json"),
-        "write_s": round(write, 4), "fsync_s": round(sync, 4), "read_s": round(read, 4),
+        "d": d,
+        "cache": cache,
+        "transport": TRANSPORT[cache],
+        "k": k,
+        "rows": rows,
+        "bytes": nbytes,
+        "bytes_per_row": nbytes / rows,
+        "row_equivalents": nbytes / (4 * d),
+        "npz_bytes": files.get("centroids.npz"),
+        "json_bytes": files.get("centroids.json"),
+        "write_s": round(write, 4),
+        "fsync_s": round(sync, 4),
+        "read_s": round(read, 4),
         "write_fsync_mb_s": round(nbytes / (write + sync) / 1e6, 1),
-        "build_s": round(built, 2), "repeats": repeats,
-    }  # fmt: skip
+        "build_s": round(built, 2),
+        "repeats": repeats,
+    }
 
 
 def extrapolate(rows: list[dict], k: int, n_val: int, alpha: int, batch: int) -> dict:
@@ -192,34 +220,48 @@ def extrapolate(rows: list[dict], k: int, n_val: int, alpha: int, batch: int) ->
         for name, d in (("llama-3.2-1b", D_1B), ("llama-2-7b", D_7B)):
             nbytes = n_rows * 4 * d * overhead
             out[cache][name] = {
-                "d": d, "rows": n_rows, "bytes": int(nbytes), "gb": round(nbytes / 1e9, 1),
-                "write_fsync_s_at_measured_rate": round(nbytes / (top["write_fsync_mb_s"] * 1e6), 1),
+                "d": d,
+                "rows": n_rows,
+                "bytes": int(nbytes),
+                "gb": round(nbytes / 1e9, 1),
+                "write_fsync_s_at_measured_rate": round(
+                    nbytes / (top["write_fsync_mb_s"] * 1e6), 1
+                ),
                 "rate_from_d": top["d"],
-            }  # fmt: skip
+            }
     return out
 
 
 def _print(rows: list[dict], skipped: list[dict], extra: dict) -> None:
-    print("| cache (transport) | d | rows | bytes | bytes/row | write s | fsync s | read s | "
-          "write+fsync MB/s |")  # fmt: skip
+    print(
+        "| cache (transport) | d | rows | bytes | bytes/row | write s | fsync s | read s | "
+        "write+fsync MB/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['cache']} ({r['transport']}) | {r['d']:,} | {r['rows']:,} | "
-              f"{r['bytes']:,} | {r['bytes_per_row']:,.0f} | {r['write_s']:.3f} | "
-              f"{r['fsync_s']:.3f} | {r['read_s']:.3f} | {r['write_fsync_mb_s']:,.0f} |")  # fmt: skip
+        print(
+            f"| {r['cache']} ({r['transport']}) | {r['d']:,} | {r['rows']:,} | "
+            f"{r['bytes']:,} | {r['bytes_per_row']:,.0f} | {r['write_s']:.3f} | "
+            f"{r['fsync_s']:.3f} | {r['read_s']:.3f} | {r['write_fsync_mb_s']:,.0f} |"
+        )
     for s in skipped:
         print(f"skipped: {s['cache']} d={s['d']:,}: about {s['peak_gb']:.1f} GB at the peak")
     for cache, models in extra.items():
         for name, e in models.items():
-            print(f"extrapolated, {cache}, {name} (d = {e['d']:,}): {e['gb']} GB, "
-                  f"{e['write_fsync_s_at_measured_rate']} s at the rate measured at "
-                  f"d = {e['rate_from_d']:,}")  # fmt: skip
+            print(
+                f"extrapolated, {cache}, {name} (d = {e['d']:,}): {e['gb']} GB, "
+                f"{e['write_fsync_s_at_measured_rate']} s at the rate measured at "
+                f"d = {e['rate_from_d']:,}"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--dims", default="16384,32768,65536,131072,262144,524288,1048576",
-                    help="gradient dimensions d (comma-separated)")  # fmt: skip
+    ap.add_argument(
+        "--dims",
+        default="16384,32768,65536,131072,262144,524288,1048576",
+        help="gradient dimensions d (comma-separated)",
+    )
     ap.add_argument("--caches", default="samples,external")
     ap.add_argument("--k", type=int, default=7, help="clusters (docs/scaling.md uses K = 7)")
     ap.add_argument("--n-val", type=int, default=Config().data.n_val)
@@ -249,24 +291,51 @@ def main(argv: list[str] | None = None) -> dict:
                 if peak > args.max_gb:
                     skipped.append({"cache": cache, "d": d, "peak_gb": round(peak, 2)})
                     continue
-                rows.append(measure(d, args.k, args.n_val, args.alpha, args.batch, cache,
-                                    args.tokens, args.repeats, args.seed, work))  # fmt: skip
+                rows.append(
+                    measure(
+                        d,
+                        args.k,
+                        args.n_val,
+                        args.alpha,
+                        args.batch,
+                        cache,
+                        args.tokens,
+                        args.repeats,
+                        args.seed,
+                        work,
+                    )
+                )
                 r = rows[-1]
-                print(f"{cache} d={d:,}: {r['bytes'] / 1e6:,.1f} MB, write {r['write_s']:.3f} s "
-                      f"+ fsync {r['fsync_s']:.3f} s, read {r['read_s']:.3f} s", flush=True)  # fmt: skip
+                print(
+                    f"{cache} d={d:,}: {r['bytes'] / 1e6:,.1f} MB, write {r['write_s']:.3f} s "
+                    f"+ fsync {r['fsync_s']:.3f} s, read {r['read_s']:.3f} s",
+                    flush=True,
+                )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     extra = extrapolate(rows, args.k, args.n_val, args.alpha, args.batch)
     result = {
-        "rows": rows, "skipped": skipped, "extrapolation": extra,
-        "settings": {"k": args.k, "n_val": args.n_val, "alpha": args.alpha,
-                     "batch_size": args.batch, "tokens": args.tokens, "repeats": args.repeats,
-                     "smoke": args.smoke},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "numpy": np.__version__},
+        "rows": rows,
+        "skipped": skipped,
+        "extrapolation": extra,
+        "settings": {
+            "k": args.k,
+            "n_val": args.n_val,
+            "alpha": args.alpha,
+            "batch_size": args.batch,
+            "tokens": args.tokens,
+            "repeats": args.repeats,
+            "smoke": args.smoke,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
         "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
+    }
     _print(rows, skipped, extra)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

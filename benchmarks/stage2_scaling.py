@@ -62,10 +62,15 @@ def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -
             "centroid_busy_fraction": ps["centroid_busy_seconds"] / ps["seconds"],
             "bytes_per_sample": ps["bytes_in"] / ps["samples"],
         }
-    return {"workers": workers, "transport": transport, "total_seconds": total,
-            "labels": out.labels, "passes": rows,
-            "step_seconds": out.info.get("step_seconds"),
-            "collective_bytes_per_worker": out.info.get("collective_bytes_per_worker")}  # fmt: skip
+    return {
+        "workers": workers,
+        "transport": transport,
+        "total_seconds": total,
+        "labels": out.labels,
+        "passes": rows,
+        "step_seconds": out.info.get("step_seconds"),
+        "collective_bytes_per_worker": out.info.get("collective_bytes_per_worker"),
+    }
 
 
 def _collective_rank(rank: int, world: int, port: int, dim: int, k: int, steps: int, queue):
@@ -79,8 +84,9 @@ def _collective_rank(rank: int, world: int, port: int, dim: int, k: int, steps: 
 
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     est = GradientSpaceClustering(n_clusters=k, cache="external")
     est.n_clusters_ = k
     est.cluster_centers_ = np.full((k, dim), 1.0 / np.sqrt(dim), dtype=np.float32)
@@ -114,8 +120,10 @@ def collective_step_cost(dim: int, k: int = 7, workers: int = 2, steps: int = 4)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_collective_rank, args=(r, workers, port, dim, k, steps, queue))
-             for r in range(workers)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_collective_rank, args=(r, workers, port, dim, k, steps, queue))
+        for r in range(workers)
+    ]
     for proc in procs:
         proc.start()
     got = [queue.get(timeout=1800) for _ in procs]
@@ -125,10 +133,16 @@ def collective_step_cost(dim: int, k: int = 7, workers: int = 2, steps: int = 4)
     coll = float(max(np.median(t[:, 0]) for t in per_rank))
     upd = float(max(np.median(t[:, 1]) for t in per_rank))
     payload = got[0][2]
-    return {"dim": dim, "k": k, "workers": workers, "collective_seconds": coll,
-            "update_seconds": upd, "step_seconds": coll + upd,
-            "allreduce_payload_bytes_per_worker": payload,
-            "ring_bytes_sent_per_worker": int(2 * (workers - 1) / workers * payload)}  # fmt: skip
+    return {
+        "dim": dim,
+        "k": k,
+        "workers": workers,
+        "collective_seconds": coll,
+        "update_seconds": upd,
+        "step_seconds": coll + upd,
+        "allreduce_payload_bytes_per_worker": payload,
+        "ring_bytes_sent_per_worker": int(2 * (workers - 1) / workers * payload),
+    }
 
 
 def actor_update_cost(
@@ -178,14 +192,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=1200, help="demo corpus size")
     parser.add_argument("--transports", default="gradients,partial_sums,collective")
     parser.add_argument(
-        "--collective-dim", type=int, default=16_777_216,
+        "--collective-dim",
+        type=int,
+        default=16_777_216,
         help="gradient dimension of the synthetic collective step (Llama-2-7B LoRA: 16,777,216)",
-    )  # fmt: skip
+    )
     parser.add_argument("--collective-workers", type=int, default=2)
     parser.add_argument("--only-synthetic", action="store_true", help="skip the Ray runs")
-    parser.add_argument("--smoke", action="store_true",
-                        help="the model-free parts at small d (65,536 collective, 4,096 host): "
-                             "seconds")  # fmt: skip
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the model-free parts at small d (65,536 collective, 4,096 host): seconds",
+    )
     parser.add_argument(
         "--actor-dim",
         type=int,
@@ -227,16 +245,21 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         ray.shutdown()
 
-    print(f"\nStage II scaling, embedded default, {len(prepared.samples)} samples, "
-          f"{platform.machine()} {os.cpu_count()} CPUs")  # fmt: skip
     print(
-        f"{'transport':<13}{'workers':>8}{'pass':>8}{'s':>8}{'samples/s':>11}{'busy %':>8}{'KB/sample':>11}"
+        f"\nStage II scaling, embedded default, {len(prepared.samples)} samples, "
+        f"{platform.machine()} {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'transport':<13}{'workers':>8}{'pass':>8}{'s':>8}{'samples/s':>11}{'busy %':>8}"
+        f"{'KB/sample':>11}"
     )
     for r in results:
         for phase, ps in r["passes"].items():
-            print(f"{r['transport']:<13}{r['workers']:>8}{phase:>8}{ps['seconds']:>8.1f}"
-                  f"{ps['samples_per_s']:>11.1f}{100 * ps['centroid_busy_fraction']:>8.2f}"
-                  f"{ps['bytes_per_sample'] / 1024:>11.1f}")  # fmt: skip
+            print(
+                f"{r['transport']:<13}{r['workers']:>8}{phase:>8}{ps['seconds']:>8.1f}"
+                f"{ps['samples_per_s']:>11.1f}{100 * ps['centroid_busy_fraction']:>8.2f}"
+                f"{ps['bytes_per_sample'] / 1024:>11.1f}"
+            )
     by = {(r["transport"], r["workers"]): r for r in results}
     exact1, exact2 = by[("gradients", 1)], by[("gradients", 2)]
     online = "online"
@@ -265,8 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
         if k.startswith("same_") or "partial" in k:
             print(f"{k}: {v}")
     if ("collective", 2) in by:
-        same = all(np.array_equal(exact2["labels"], by[("collective", w)]["labels"])
-                   for w in (1, 2, 3))  # fmt: skip
+        same = all(
+            np.array_equal(exact2["labels"], by[("collective", w)]["labels"]) for w in (1, 2, 3)
+        )
         summary["same_assignments_collective"] = same
         summary["collective_step_seconds"] = {
             str(w): by[("collective", w)]["step_seconds"] for w in (1, 2, 3)
@@ -274,10 +298,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"same_assignments_collective (1, 2, 3 workers vs exact): {same}")
         for w in (1, 2, 3):
             st = by[("collective", w)]["step_seconds"]
-            print(f"collective {w} worker(s), per step: compute {1e3 * st['compute']:.1f} ms, "
-                  f"collective {1e3 * st['collective']:.1f} ms, update {1e3 * st['update']:.1f} ms")  # fmt: skip
-    report = {**summary, "runs": [{k: v for k, v in r.items() if k != "labels"} for r in results],
-              "samples": len(prepared.samples)}  # fmt: skip
+            print(
+                f"collective {w} worker(s), per step: compute {1e3 * st['compute']:.1f} ms, "
+                f"collective {1e3 * st['collective']:.1f} ms, update {1e3 * st['update']:.1f} ms"
+            )
+    report = {
+        **summary,
+        "runs": [{k: v for k, v in r.items() if k != "labels"} for r in results],
+        "samples": len(prepared.samples),
+    }
     return synthetic(args, report)
 
 
@@ -290,9 +319,12 @@ def synthetic(args, report: dict) -> dict:
     summary = report
     cost = actor_update_cost(args.actor_dim)
     per_elem = {c: 1e9 * v / args.actor_dim for c, v in cost.items()}
-    print(f"\ncentroid host work per online batch (K=7, |B|=32, alpha=5, d={args.actor_dim:,}): "
-          f"exact cache {1e3 * cost['samples']:.1f} ms, external cache {1e3 * cost['external']:.1f} ms "
-          f"({per_elem['samples']:.1f} vs {per_elem['external']:.1f} ns per gradient dimension)")  # fmt: skip
+    print(
+        f"\ncentroid host work per online batch (K=7, |B|=32, alpha=5, d={args.actor_dim:,}): "
+        f"exact cache {1e3 * cost['samples']:.1f} ms, external cache {1e3 * cost['external']:.1f} "
+        "ms "
+        f"({per_elem['samples']:.1f} vs {per_elem['external']:.1f} ns per gradient dimension)"
+    )
     summary["actor_seconds_per_batch"] = cost
     summary["actor_ns_per_dim_per_batch"] = per_elem
     summary["actor_dim"] = args.actor_dim
@@ -301,15 +333,22 @@ def synthetic(args, report: dict) -> dict:
     summary["collective_7b"] = coll
     summary["collective_step_seconds_7b"] = coll["step_seconds"]
     summary["actor_seconds_per_batch_7b_extrapolated"] = {c: v * scale for c, v in cost.items()}
-    print(f"\ncollective step at d={args.collective_dim:,}, K=7, {args.collective_workers} gloo "
-          f"workers: all-reduce {coll['collective_seconds']:.2f} s + update "
-          f"{coll['update_seconds']:.2f} s = {coll['step_seconds']:.2f} s per step; "
-          f"{coll['allreduce_payload_bytes_per_worker'] / 1e6:.0f} MB all-reduced per worker "
-          f"({coll['ring_bytes_sent_per_worker'] / 1e6:.0f} MB sent by a ring); centroid actor "
-          f"at the same d (extrapolated): exact {cost['samples'] * scale:.2f} s, partial sums "
-          f"{cost['external'] * scale:.2f} s per batch, plus receiving the batch")  # fmt: skip
-    report = {**summary, "cpus": os.cpu_count(), "machine": _platform.machine(),
-              "date": time.strftime("%Y-%m-%d", time.gmtime()), "versions": versions()}  # fmt: skip
+    print(
+        f"\ncollective step at d={args.collective_dim:,}, K=7, {args.collective_workers} gloo "
+        f"workers: all-reduce {coll['collective_seconds']:.2f} s + update "
+        f"{coll['update_seconds']:.2f} s = {coll['step_seconds']:.2f} s per step; "
+        f"{coll['allreduce_payload_bytes_per_worker'] / 1e6:.0f} MB all-reduced per worker "
+        f"({coll['ring_bytes_sent_per_worker'] / 1e6:.0f} MB sent by a ring); centroid actor "
+        f"at the same d (extrapolated): exact {cost['samples'] * scale:.2f} s, partial sums "
+        f"{cost['external'] * scale:.2f} s per batch, plus receiving the batch"
+    )
+    report = {
+        **summary,
+        "cpus": os.cpu_count(),
+        "machine": _platform.machine(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "versions": versions(),
+    }
     if args.json:
         from gs_ray.io import write_json
 

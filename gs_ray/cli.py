@@ -47,16 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", help="where run directories go (default: runs/)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory")
     run.add_argument(
-        "--redo", metavar="STAGE[,STAGE]", action="append", default=[],
+        "--redo",
+        metavar="STAGE[,STAGE]",
+        action="append",
+        default=[],
         help="with --resume: run these stages again, and every stage after them (needed where a "
         "changed --section.key would invalidate a finished stage)",
-    )  # fmt: skip
+    )
     run.add_argument("--local", action="store_true", help="single-process reference pipeline")
     run.add_argument("--log-level", default="INFO")
     ev = sub.add_parser(
-        "eval", parents=[common],
+        "eval",
+        parents=[common],
         help="compare a finished run with the baselines on its held-out split (--eval.* overrides)",
-    )  # fmt: skip
+    )
     ev.add_argument("run_dir")
     ev.add_argument("--log-level", default="INFO")
     rep = sub.add_parser(
@@ -64,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("run_dir")
     sel = sub.add_parser(
-        "select", parents=[common],
+        "select",
+        parents=[common],
         help="rank a data pool for a target set and keep the best (--selection.* overrides)",
-    )  # fmt: skip
+    )
     sel.add_argument("--target", help="the target set (.jsonl/.json/.parquet; not for gsnr)")
     sel.add_argument("--method", help="gist (default) | less | random | gsnr")
     sel.add_argument("--data", help="the pool (default: the run's data, else the demo corpus)")
@@ -78,10 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     sel.add_argument("--output-dir", help="where a new run directory goes (default: runs/)")
     sel.add_argument("--log-level", default="INFO")
     exp = sub.add_parser(
-        "export", parents=[common],
+        "export",
+        parents=[common],
         help="write a finished run's deployable bundle: adapters with model cards, the router, "
         "serving configs for gs-ray serve, Ray Serve and vLLM (multi-LoRA)",
-    )  # fmt: skip
+    )
     exp.add_argument("run_dir")
     exp.add_argument("out", help="the bundle's folder (must not exist)")
     show = sub.add_parser("show", parents=[common], help="summarise a run directory")
@@ -100,10 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--log-level", default="INFO")
     spec = sub.add_parser(
-        "spectra", parents=[common],
+        "spectra",
+        parents=[common],
         help="layer-wise gradient spectra (nuclear norm, effective rank) of the attention "
         "projections per sample (--model.*, --data.*, --spectra.* overrides)",
-    )  # fmt: skip
+    )
     spec.add_argument("--data", required=True, help="JSONL/JSON/parquet file of subset A")
     spec.add_argument("--subset-b", help="a second file to compare with (subset B)")
     spec.add_argument("--out", required=True, help="output folder (table, summary, plots)")
@@ -230,14 +237,19 @@ def _select(args: argparse.Namespace, rest: list[str]) -> int:
 
     if args.run_dir:
         if args.config:
-            raise ConfigError("--run-dir takes its configuration from the run directory; drop "
-                              "--config")  # fmt: skip
+            raise ConfigError(
+                "--run-dir takes its configuration from the run directory; drop --config"
+            )
         cfg = apply_overrides(RunDir.open(args.run_dir).config(), rest)
     else:
         cfg = load_config(args.config, rest)
-    flags = {"selection.method": args.method, "selection.target": args.target,
-             "selection.budget": args.budget, "data.source": args.data,
-             "run.output_dir": args.output_dir}  # fmt: skip
+    flags = {
+        "selection.method": args.method,
+        "selection.target": args.target,
+        "selection.budget": args.budget,
+        "data.source": args.data,
+        "run.output_dir": args.output_dir,
+    }
     cfg = apply_overrides(cfg, [f"--{k}={v}" for k, v in flags.items() if v is not None])
     from gs_ray.selection.select import check_select_inputs, select
 
@@ -245,8 +257,15 @@ def _select(args: argparse.Namespace, rest: list[str]) -> int:
     with logs.capture(quiet=not args.verbose, level=args.log_level):
         run = select(cfg, args.run_dir, checked=True)
     name = cfg.selection.method
-    print(json.dumps({"run_dir": str(run.path), "selected": str(run.selection_selected(name)),
-                      "ranked": str(run.selection_ranked(name))}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "run_dir": str(run.path),
+                "selected": str(run.selection_selected(name)),
+                "ranked": str(run.selection_ranked(name)),
+            }
+        )
+    )
     return 0
 
 
@@ -271,20 +290,28 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
         check_serve(cfg)  # a device or GPU count this machine lacks: now, not a hang
         how = init_ray()
         if args.detach and how == STARTED_LOCAL:
-            raise ServingError("--detach needs a running cluster (RAY_ADDRESS): a local Ray "
-                               "started here would end with this process")  # fmt: skip
+            raise ServingError(
+                "--detach needs a running cluster (RAY_ADDRESS): a local Ray "
+                "started here would end with this process"
+            )
         app = app_for_run(args.run_dir, cfg)
     except (UserError, ServingError) as e:
         return _report(e, args.verbose, "gs-ray serve")
-    serve.start(http_options={"host": cfg.host, "port": cfg.port,
-                              "request_timeout_s": cfg.request_timeout_s})  # fmt: skip
+    serve.start(
+        http_options={
+            "host": cfg.host,
+            "port": cfg.port,
+            "request_timeout_s": cfg.request_timeout_s,
+        }
+    )
     serve.run(app, name=APP_NAME, route_prefix=cfg.route_prefix)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(json.dumps({"app": APP_NAME, "url": url, "run_dir": args.run_dir}), flush=True)
     logging.getLogger("gs_ray").info(
         "serving: curl -s %s/generate -H 'Content-Type: application/json' "
-        "-d '{\"prompt\": \"What is 12 times 7?\"}'", url,
-    )  # fmt: skip
+        '-d \'{"prompt": "What is 12 times 7?"}\'',
+        url,
+    )
     if args.detach:
         return 0
     try:

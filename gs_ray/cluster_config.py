@@ -86,7 +86,7 @@ SPEC = ClusterSpec(
     workers=(
         NodeType(
             "worker.gpu", cpus=4, gpus=1, min_workers=0, max_workers=8, instance_type="g5.xlarge"
-        ),  # fmt: skip
+        ),
     ),
 )
 
@@ -165,7 +165,7 @@ def aws_config(spec: ClusterSpec = SPEC) -> dict[str, Any]:
             "region": spec.region,
             "availability_zone": ",".join(spec.availability_zones),
             "cache_stopped_nodes": False,
-        },  # fmt: skip
+        },
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": {
             spec.head.name: _aws_node(spec, spec.head, worker=False),
@@ -217,9 +217,15 @@ def render_aws(spec: ClusterSpec = SPEC) -> str:
     return HEADER + "\n" + body
 
 
-def render_fake(spec: ClusterSpec = SPEC, *, gcs_address: str | None = None,
-                cpus_per_node: int = 1, head_cpus: int = 1, max_workers: int | None = None,
-                idle_timeout_minutes: float = 0.1) -> dict[str, Any]:  # fmt: skip
+def render_fake(
+    spec: ClusterSpec = SPEC,
+    *,
+    gcs_address: str | None = None,
+    cpus_per_node: int = 1,
+    head_cpus: int = 1,
+    max_workers: int | None = None,
+    idle_timeout_minutes: float = 0.1,
+) -> dict[str, Any]:
     """The same node types for Ray's ``fake_multinode`` provider (nodes are local processes).
 
     Scaled to one machine: every worker node offers ``cpus_per_node`` CPUs and its GPUs as
@@ -230,9 +236,12 @@ def render_fake(spec: ClusterSpec = SPEC, *, gcs_address: str | None = None,
     # Every fake node reports 127.0.0.1: the autoscaler must tell them apart by node id, or it
     # sees no node as used and ends them all after the idle timeout. No SSH updaters run, and
     # the launch config cannot be checked (there is none).
-    provider: dict[str, Any] = {"type": "fake_multinode", "use_node_id_as_ip": True,
-                                "disable_node_updaters": True,
-                                "disable_launch_config_check": True}  # fmt: skip
+    provider: dict[str, Any] = {
+        "type": "fake_multinode",
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+    }
     if gcs_address:
         provider["gcs_address"] = gcs_address
     types: dict[str, Any] = {

@@ -57,9 +57,18 @@ __all__ = ["Config", "ConfigError", "StageName", "apply_overrides", "help_lines"
 
 #: What ``gs-ray eval`` compares (docs/evaluation.md says what each one is).
 EvalMethod = Literal[
-    "base", "warmup", "single_lora", "random_clusters", "embedding_kmeans", "merged", "elrea",
-    "gradientspace", "gradientspace_nofallback", "gradientspace_oracle", "gradientspace_ensemble",
-]  # fmt: skip
+    "base",
+    "warmup",
+    "single_lora",
+    "random_clusters",
+    "embedding_kmeans",
+    "merged",
+    "elrea",
+    "gradientspace",
+    "gradientspace_nofallback",
+    "gradientspace_oracle",
+    "gradientspace_ensemble",
+]
 
 #: How ``gs-ray select`` scores the pool (docs/selection.md): GIST, a LESS-style baseline, random.
 SelectionMethod = Literal["gist", "less", "random", "gsnr"]  # selection.consumers.SELECTORS
@@ -121,9 +130,10 @@ class MixSource:
     source: str = _f("", "a .jsonl/.json/.parquet/.txt path or a HF dataset name", pattern=r".+")
     domain: str = _f("", "the source's label (evaluation and reports only)", pattern=r"[\w.-]+")
     format: SourceFormat = _f(
-        "auto", "auto | alpaca | prompt_response | messages (field names as in data.*_field) | "
-        "text | lines"
-    )  # fmt: skip
+        "auto",
+        "auto | alpaca | prompt_response | messages (field names as in data.*_field) | "
+        "text | lines",
+    )
     prompt: str | None = _f(
         None, "prompt built from the record's fields, e.g. '{question}' (None: from the format)"
     )
@@ -146,15 +156,17 @@ class DataConfig:
     """Where the instruction data comes from, how it is templated and split."""
 
     source: str = _f(
-        "demo", "'demo' (built-in corpus), a .jsonl/.json/.parquet path, a HF dataset name, or "
-        "'mix' (the sources listed in data.mix)"
-    )  # fmt: skip
+        "demo",
+        "'demo' (built-in corpus), a .jsonl/.json/.parquet path, a HF dataset name, or "
+        "'mix' (the sources listed in data.mix)",
+    )
     mix: list[MixSource] = _f([], "data.source 'mix': the sources, each with its domain label")
     hf_split: str = _f("train", "split to read when `source` is a Hugging Face dataset")
     format: Literal["auto", "alpaca", "prompt_response", "messages"] = _f(
-        "auto", "record format of the whole source: auto (decided by its first record) | alpaca "
+        "auto",
+        "record format of the whole source: auto (decided by its first record) | alpaca "
         "| prompt_response | messages",
-    )  # fmt: skip
+    )
     instruction_field: str = _f("instruction", "alpaca format: field with the instruction")
     input_field: str = _f("input", "alpaca format: optional field with extra input")
     output_field: str = _f("output", "alpaca format: field with the target response")
@@ -166,7 +178,8 @@ class DataConfig:
     )
     template: str = _f(
         "### Instruction:\n{prompt}\n\n### Response:\n",
-        "prompt template; {prompt} is the instruction (plus input); the loss covers the response only",
+        "prompt template; {prompt} is the instruction (plus input); the loss covers the response "
+        "only",
     )
     max_length: int = _f(256, "maximum tokens per sample (prompt + response)", ge=8)
     overflow: Literal["truncate", "drop"] = _f(
@@ -204,14 +217,18 @@ class ModelConfig:
     tiny_num_heads: int = _f(4, "tiny-llama: attention heads", ge=1)
     tiny_vocab_size: int = _f(4096, "tiny-llama: BPE vocabulary trained on the demo corpus", ge=64)
     tiny_pretrain_steps: int = _f(
-        400, "tiny-llama: full-parameter pretraining steps on a disjoint part of the demo corpus, "
+        400,
+        "tiny-llama: full-parameter pretraining steps on a disjoint part of the demo corpus, "
         "once per seed and tiny_* settings, cached (400: ~2.3 nats, chance is 8.3; 0: random "
-        "weights)", ge=0,
-    )  # fmt: skip
+        "weights)",
+        ge=0,
+    )
     tiny_pretrain_records: int = _f(
-        8000, "tiny-llama: demo records generated for pretraining (before removing any that the "
-        "instruction corpus holds)", ge=16,
-    )  # fmt: skip
+        8000,
+        "tiny-llama: demo records generated for pretraining (before removing any that the "
+        "instruction corpus holds)",
+        ge=16,
+    )
     tiny_pretrain_batch_size: int = _f(16, "tiny-llama: pretraining batch size", ge=1)
     tiny_pretrain_lr: float = _f(3e-3, "tiny-llama: pretraining learning rate (AdamW)", gt=0)
     tiny_pretrain_max_length: int = _f(256, "tiny-llama: pretraining tokens per text", ge=8)
@@ -262,10 +279,11 @@ class ExpertConfig(TrainingConfig):
     epochs: int = _f(2, "passes over the cluster's data", ge=1)
     parallel: bool = _f(True, "train the K experts concurrently")
     pack: Pack = _f(
-        "auto", "auto: the adapters share as many Ray Train runs as the cluster holds at once, "
+        "auto",
+        "auto: the adapters share as many Ray Train runs as the cluster holds at once, "
         "each run training its adapters one after another (the same adapters, fewer worker "
         "start-ups; with worker_resource set, one run per adapter, for the autoscaler to add "
-        "nodes) | off: one run per adapter"
+        "nodes) | off: one run per adapter",
     )
 
 
@@ -287,9 +305,11 @@ class GradientConfig:
         None, "torch threads per gradient worker (None: CPUs it holds)", ge=1
     )
     prompt_mix_below: int = _f(
-        0, "a sample whose response has fewer tokens than this gets the gradient row "
+        0,
+        "a sample whose response has fewer tokens than this gets the gradient row "
         "unit(g_response) + unit(g_prompt), the prompt's own language-modelling gradient, so that "
-        "a one-token answer (a label) does not dominate it; 0: off (the paper)", ge=0,
+        "a one-token answer (a label) does not dominate it; 0: off (the paper)",
+        ge=0,
     )
 
 
@@ -301,35 +321,45 @@ class ClusteringConfig:
     k_min: int = _f(1, "smallest K tried (1: a one-cluster answer is possible)", ge=1)
     k_max: int = _f(8, "largest K tried (>= k_min)", ge=1)
     variance_thresholds: list[float] = _f(
-        [0.80, 0.85, 0.90, 0.95], "explained-variance thresholds, each in (0, 1]",
-        gt=0, le=1, nonempty=True,
-    )  # fmt: skip
+        [0.80, 0.85, 0.90, 0.95],
+        "explained-variance thresholds, each in (0, 1]",
+        gt=0,
+        le=1,
+        nonempty=True,
+    )
     alpha: int = _f(5, "cluster cache size = alpha * batch_size (paper: 5-10)", ge=1)
     beta: float = _f(0.9, "EMA factor: c <- beta * c + (1 - beta) * mean(cache)", ge=0, lt=1)
     batch_size: int = _f(32, "|B_t|: samples per online update", ge=1)
     max_epochs: int = _f(3, "online calibration epochs at most", ge=1)
     tol: float = _f(
-        0.01, "converged when at most this share of an epoch's samples changed cluster",
-        ge=0, le=1,
-    )  # fmt: skip
+        0.01,
+        "converged when at most this share of an epoch's samples changed cluster",
+        ge=0,
+        le=1,
+    )
     kmeans_n_init: int = _f(10, "K-means runs per candidate, each scored by the same rule", ge=1)
     min_cluster_size: int = _f(4, "a cluster must have at least this many samples ...", ge=1)
     min_cluster_share: float = _f(0.01, "... and at least this share of the samples", ge=0, lt=1)
     min_silhouette: float = _f(
-        0.0, "extra floor: a K >= 2 also needs at least this cosine silhouette (0: the "
+        0.0,
+        "extra floor: a K >= 2 also needs at least this cosine silhouette (0: the "
         "structureless reference, null_draws, governs; with null_draws = 0 the only rule)",
-        ge=-1, le=1,
-    )  # fmt: skip
+        ge=-1,
+        le=1,
+    )
     k_selection: Literal["silhouette", "tune"] = _f(
         "silhouette", "silhouette (paper, default) | tune (Ray Tune over K)"
     )
     routability: Routability = _f(
-        "merge", "merge: join clusters a prompt router confuses (default) | off: the paper's "
-        "partition, unchanged"
+        "merge",
+        "merge: join clusters a prompt router confuses (default) | off: the paper's "
+        "partition, unchanged",
     )
     routability_target: float = _f(
-        0.95, "merge until the cross-validated router agreement reaches this (or K = 1)",
-        gt=0, le=1,
+        0.95,
+        "merge until the cross-validated router agreement reaches this (or K = 1)",
+        gt=0,
+        le=1,
     )
     routability_folds: int = _f(5, "cross-validation folds of the routability check", ge=2)
     null_draws: int = _f(4, "structureless reference data sets for K selection (0: none)", ge=0)
@@ -369,7 +399,7 @@ class Stage2Config:
         "selectors that read the same gradients on the final pass, next to the clusterer "
         "(gist | less | random; each needs selection.target and the gradients transport): "
         "outputs in selection/<method>/, as gs-ray select writes them",
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -377,7 +407,9 @@ class TuneConfig:
     """K chosen with Ray Tune (clustering.k_selection = tune)."""
 
     k_values: list[int] = _f(
-        [1, 2, 3, 4, 5], "candidate K values, one trial each (1: one LoRA on everything)", ge=1,
+        [1, 2, 3, 4, 5],
+        "candidate K values, one trial each (1: one LoRA on everything)",
+        ge=1,
         nonempty=True,
     )
     n_samples: int = _f(600, "training samples whose gradients the trials cluster", ge=4)
@@ -385,8 +417,10 @@ class TuneConfig:
         0.25, "share of those held out to score the routed experts", gt=0, lt=1
     )
     trial_steps: int = _f(
-        60, "optimizer steps of a trial in all, shared by its experts in proportion to their "
-        "clusters' sizes (every K gets the same training budget)", ge=1,
+        60,
+        "optimizer steps of a trial in all, shared by its experts in proportion to their "
+        "clusters' sizes (every K gets the same training budget)",
+        ge=1,
     )
     max_concurrent_trials: int = _f(2, "trials at once", ge=1)
 
@@ -396,9 +430,10 @@ class EvalConfig:
     """``gs-ray eval``: GradientSpace against the baselines on the run's held-out split."""
 
     methods: list[EvalMethod] = _f(
-        list(typing.get_args(EvalMethod)), "methods to compare (see docs/evaluation.md)",
+        list(typing.get_args(EvalMethod)),
+        "methods to compare (see docs/evaluation.md)",
         nonempty=True,
-    )  # fmt: skip
+    )
     seeds: int = _f(1, "seeds per trained method (3 on cheap runs: the spread is shown)", ge=1)
     elrea_projection_dim: int = _f(8192, "ELREA: random projection of the gradients", ge=1)
     elrea_projection_kind: ProjectionKind = _f(
@@ -406,22 +441,26 @@ class EvalConfig:
     )
     elrea_temperature: float = _f(0.1, "ELREA: softmax temperature over cosine similarity", gt=0)
     max_generate: int = _f(
-        48, "checkable test items answered by greedy generation, per method (0: no exact match)",
+        48,
+        "checkable test items answered by greedy generation, per method (0: no exact match)",
         ge=0,
-    )  # fmt: skip
+    )
     max_new_tokens: int = _f(96, "generation length for the exact-match items", ge=1)
     latency_samples: int = _f(16, "test queries timed at batch 1 for the inference cost", ge=1)
     max_parallel_trainings: int = _f(
         3, "baseline trainings at once (each is a Ray Train run: processes and memory)", ge=1
     )
     k_ablation: list[int] = _f(
-        [2, 4], "K ablation (paper Fig. 6): K values clustered (GradientSpace, K fixed), trained "
-        "and scored besides the run's own K; [] for none", ge=2,
-    )  # fmt: skip
+        [2, 4],
+        "K ablation (paper Fig. 6): K values clustered (GradientSpace, K fixed), trained "
+        "and scored besides the run's own K; [] for none",
+        ge=2,
+    )
     sts: str | None = _f(
-        None, "STS benchmark file (tab-separated: genre, file, year, id, score, s1, s2) for the "
+        None,
+        "STS benchmark file (tab-separated: genre, file, year, id, score, s1, s2) for the "
         "gradient- vs embedding-similarity analysis (paper Fig. 4); None: skipped",
-    )  # fmt: skip
+    )
     sts_pairs: int = _f(500, "sentence pairs drawn from eval.sts (the paper: 500)", ge=2)
 
 
@@ -431,10 +470,11 @@ class RouterConfig:
     character n-gram TF-IDF features and a logistic-regression head (``kind: tfidf``)."""
 
     kind: RouterKind = _f(
-        "tfidf", "tfidf (char n-gram TF-IDF + logistic regression: ~2 ms on a loaded CPU, as "
+        "tfidf",
+        "tfidf (char n-gram TF-IDF + logistic regression: ~2 ms on a loaded CPU, as "
         "accurate on three runs; benchmarks/README.md) | encoder (the paper's: frozen "
-        "transformer + linear head)"
-    )  # fmt: skip
+        "transformer + linear head)",
+    )
     encoder: str = _f("all-MiniLM-L6-v2", "encoder: 'all-MiniLM-L6-v2' (bundled) or a HF path / id")
     max_length: int = _f(128, "encoder max tokens", ge=1)
     epochs: int = _f(200, "head training epochs (full batch)", ge=1)
@@ -456,14 +496,19 @@ class FallbackConfig:
         True, "train the generalist and calibrate the fallback (false: the paper's experts only)"
     )
     calibration_fraction: float = _f(
-        0.1, "share of the training rows (outside the warm-up) held out to calibrate the router",
-        gt=0, lt=0.5,
+        0.1,
+        "share of the training rows (outside the warm-up) held out to calibrate the router",
+        gt=0,
+        lt=0.5,
     )
-    min_calibration: int = _f(16, "calibration rows at least (fewer training rows: no fallback)",
-                              ge=2)
+    min_calibration: int = _f(
+        16, "calibration rows at least (fewer training rows: no fallback)", ge=2
+    )
     thresholds: int = _f(
-        9, "confidence thresholds tried between 'never fall back' and 'always the generalist' "
-        "(quantiles of the calibration rows' confidence)", ge=0,
+        9,
+        "confidence thresholds tried between 'never fall back' and 'always the generalist' "
+        "(quantiles of the calibration rows' confidence)",
+        ge=0,
     )
 
 
@@ -488,20 +533,24 @@ class ServeConfig:
         "the port could use the models)",
     )
     max_prompt_chars: int = _f(
-        65536, "longest prompt (or chat, all messages together) in characters, checked before "
-        "routing", ge=1,
+        65536,
+        "longest prompt (or chat, all messages together) in characters, checked before routing",
+        ge=1,
     )
     max_body_bytes: int = _f(
-        1_048_576, "largest request body in bytes (413 beyond it, before the body is parsed)",
+        1_048_576,
+        "largest request body in bytes (413 beyond it, before the body is parsed)",
         ge=1024,
-    )  # fmt: skip
+    )
     max_queued_requests: int = _f(
         64, "requests each deployment queues beyond those it serves; more get 503 at once", ge=1
     )
     max_ensemble_requests: int = _f(
-        2, "ensemble requests (K experts per token) in progress at once per ingress replica; "
-        "more get 429", ge=1,
-    )  # fmt: skip
+        2,
+        "ensemble requests (K experts per token) in progress at once per ingress replica; "
+        "more get 429",
+        ge=1,
+    )
     ensemble_max_new_tokens: int = _f(
         128, "largest max_tokens an ensemble request may ask for", ge=1
     )
@@ -538,9 +587,10 @@ class SpectraConfig:
     """``gs-ray spectra``: layer-wise gradient spectra of the base weights (arXiv 2504.10766)."""
 
     modules: list[str] = _f(
-        ["q_proj", "k_proj", "v_proj", "o_proj"], "projections measured in every layer",
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "projections measured in every layer",
         nonempty=True,
-    )  # fmt: skip
+    )
     batch_size: int = _f(8, "samples per forward/backward (length-sorted micro-batches)", ge=1)
     max_samples: int | None = _f(None, "measure at most this many samples per subset", ge=1)
     label_a: str = _f("A", "name of the --data subset in tables and plots", pattern=r"\S.*")
@@ -569,15 +619,17 @@ class SelectionConfig:
     """``gs-ray select``: targeted data selection from the pool's LoRA gradients."""
 
     method: SelectionMethod = _f(
-        "gist", "gist (target subspace, arXiv 2602.18584) | less (8,192-dim random projection, "
+        "gist",
+        "gist (target subspace, arXiv 2602.18584) | less (8,192-dim random projection, "
         "cosine to the target's mean) | random | gsnr (G-SNR under a LoRA ensemble, arXiv "
-        "2601.13697: no target; settings under gsnr.*)"
-    )  # fmt: skip
+        "2601.13697: no target; settings under gsnr.*)",
+    )
     target: str | None = _f(None, "the target set: a .jsonl/.json/.parquet file of records")
     budget: str = _f(
-        "5%", "how much of the pool to select: a percentage (5%) or a count (120)",
+        "5%",
+        "how much of the pool to select: a percentage (5%) or a count (120)",
         pattern=r"\s*\d+(\.\d+)?\s*%?\s*",
-    )  # fmt: skip
+    )
     gist_rank: int | None = _f(
         None, "GIST: fixed subspace dimension k (None: by gist_energy)", ge=1
     )

@@ -52,8 +52,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def publish_folder(target: Path, write: Callable[[Path], None],
-                   complete: Callable[[Path], bool]) -> Path:  # fmt: skip
+def publish_folder(
+    target: Path, write: Callable[[Path], None], complete: Callable[[Path], bool]
+) -> Path:
     """Publish a folder atomically: ``write`` fills a fresh temporary folder beside ``target``
     (same file system), its files are flushed to disk, then it is renamed to ``target``. A
     failure or a crash part-way leaves no folder under ``target``'s name (a failure removes

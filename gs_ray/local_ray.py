@@ -77,9 +77,15 @@ def host_loopback_store(world_size: int, timeout_s: float) -> int:
     sock.bind((LOOPBACK, 0))
     port = sock.getsockname()[1]
     store = dist.TCPStore(
-        LOOPBACK, port, world_size, True, timedelta(seconds=timeout_s),
-        wait_for_workers=False, multi_tenant=True, master_listen_fd=sock.fileno(),
-    )  # fmt: skip
+        LOOPBACK,
+        port,
+        world_size,
+        True,
+        timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        multi_tenant=True,
+        master_listen_fd=sock.fileno(),
+    )
     _LOOPBACK_STORES.append((sock, store))
     return port
 
@@ -275,8 +281,9 @@ class LocalHead:
     def start(self) -> LocalHead:
         _use_loopback_env()  # this process connects as a driver too
         start = time.perf_counter()
-        out = subprocess.run(self._start_cmd(), env=self._start_env(), capture_output=True,
-                             text=True, timeout=180)  # fmt: skip
+        out = subprocess.run(
+            self._start_cmd(), env=self._start_env(), capture_output=True, text=True, timeout=180
+        )
         if out.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
@@ -289,13 +296,20 @@ class LocalHead:
     def _start_cmd(self) -> list[str]:
         ray_cli = str(Path(sys.executable).with_name("ray"))
         return [
-            ray_cli, "start", "--head", f"--port={self.port}", f"--node-ip-address={LOOPBACK}",
-            f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}",
-            f"--ray-client-server-port={self.client_port}", "--disable-usage-stats",
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={self.port}",
+            f"--node-ip-address={LOOPBACK}",
+            f"--num-cpus={self.num_cpus}",
+            f"--temp-dir={self.temp_dir}",
+            f"--ray-client-server-port={self.client_port}",
+            "--disable-usage-stats",
             f"--include-dashboard={'true' if self.dashboard else 'false'}",
-            f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-host={LOOPBACK}",
+            f"--dashboard-port={self.dashboard_port}",
             f"--dashboard-agent-listen-port={self.agent_port}",
-        ]  # fmt: skip
+        ]
 
     def processes(self) -> list:
         """This cluster's processes (psutil): those started by ``ray start`` and their children."""
@@ -315,8 +329,12 @@ class LocalHead:
             node.kill()
         terminate(self.processes(), timeout)
 
-    def add_node(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
-                 labels: dict[str, str] | None = None) -> LocalNode:  # fmt: skip
+    def add_node(
+        self,
+        num_cpus: int = 1,
+        resources: dict[str, float] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> LocalNode:
         """A worker node joined to this head, on 127.0.0.1 (see ``LocalNode``); ``stop()`` kills
         it too. Its launcher's command line names this head's port, so a ``stop()`` after a
         crash of this process finds it as well."""
@@ -380,8 +398,9 @@ class LocalNode:
     with no clean-up. Every port of the node is a free port of its own.
     """
 
-    def __init__(self, head: LocalHead, num_cpus: int, resources: dict[str, float],
-                 labels: dict[str, str]):  # fmt: skip
+    def __init__(
+        self, head: LocalHead, num_cpus: int, resources: dict[str, float], labels: dict[str, str]
+    ):
         self.head, self.num_cpus, self.resources, self.labels = head, num_cpus, resources, labels
         self.node_manager_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -390,19 +409,27 @@ class LocalNode:
     def spec(self) -> dict:
         """What the launcher passes to ``RayParams``."""
         return {
-            "gcs_address": self.head.address, "node_ip_address": LOOPBACK,
-            "num_cpus": self.num_cpus, "num_gpus": 0, "resources": self.resources,
-            "labels": self.labels, "node_manager_port": self.node_manager_port,
-            "object_manager_port": free_port(), "metrics_export_port": free_port(),
-            "metrics_agent_port": free_port(), "runtime_env_agent_port": free_port(),
-            "dashboard_agent_listen_port": free_port(), "min_worker_port": 0,
-            "max_worker_port": 0, "object_store_memory": 200_000_000,
+            "gcs_address": self.head.address,
+            "node_ip_address": LOOPBACK,
+            "num_cpus": self.num_cpus,
+            "num_gpus": 0,
+            "resources": self.resources,
+            "labels": self.labels,
+            "node_manager_port": self.node_manager_port,
+            "object_manager_port": free_port(),
+            "metrics_export_port": free_port(),
+            "metrics_agent_port": free_port(),
+            "runtime_env_agent_port": free_port(),
+            "dashboard_agent_listen_port": free_port(),
+            "min_worker_port": 0,
+            "max_worker_port": 0,
+            "object_store_memory": 200_000_000,
             # Its own runtime-env folder: every node of this machine shares the head's session
             # folder, and a node asked for a working_dir whose package had left the GCS deleted
             # the head's unpacked copy, which the head still listed as installed: the next
             # `ray job submit` of that folder failed ("does not exist on the cluster").
             "runtime_env_dir_name": f"runtime_resources_node{self.node_manager_port}",
-        }  # fmt: skip
+        }
 
     def start(self, timeout: float = 300.0) -> LocalNode:
         """Launch the node and wait until the head lists it (this process must be connected)."""
@@ -415,8 +442,14 @@ class LocalNode:
         )
         log_path = Path(self.head.temp_dir) / f"node-{self.node_manager_port}.log"
         with open(log_path, "wb") as out:
-            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while self.node_id is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:

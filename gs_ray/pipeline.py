@@ -4,10 +4,11 @@
 the warm-up on Ray Train + DeepSpeed (Stage I), K with Ray Tune if asked, Stage II on gradient
 workers and a centroid actor, the routability step (clusters a prompt router confuses are
 merged), the K experts and the generalist on Ray Train + DeepSpeed in parallel, the router and
-its calibration with the generalist fallback (Stage III), then a held-out evaluation. Each stage reads and writes the run directory and
-records itself in the manifest, so ``run(cfg, resume=RUN_DIR)`` skips what is complete and
-redoes what depends on a redone stage (a row's ``invalidates``). A new stage joins by adding a
-row (and the config keys it reads to ``READS``).
+its calibration with the generalist fallback (Stage III), then a held-out evaluation. Each stage
+reads and writes the run directory and records itself in the manifest, so ``run(cfg,
+resume=RUN_DIR)`` skips what is complete and redoes what depends on a redone stage (a row's
+``invalidates``). A new stage joins by adding a row (and the config keys it reads to
+``READS``).
 
 A resume compares its config with the run's (``plan_resume``): a changed key invalidates the
 stages that read it (``READS``) and every stage after them; where one of those is finished, the
@@ -76,19 +77,32 @@ def stage2_stage(p: Prepared, resume: bool) -> None:
 
 STAGES: tuple[Stage, ...] = (
     Stage("warmup", warmup_ray, invalidates=("tune", "stage2")),
-    Stage("tune", tune_k, invalidates=("stage2",),
-          applies=lambda cfg: cfg.clustering.k_selection == "tune"),
-    Stage("stage2", stage2_stage,
-          invalidates=("routability", "experts", "router", "calibrate", "evaluate"),
-          complete=stream_selections_complete),
-    Stage("routability", routability_stage,
-          invalidates=("experts", "router", "calibrate", "evaluate"),
-          applies=lambda cfg: cfg.clustering.routability != "off"),
-    Stage("experts", experts_ray, invalidates=("calibrate", "evaluate"),
-          complete=experts_complete),
+    Stage(
+        "tune",
+        tune_k,
+        invalidates=("stage2",),
+        applies=lambda cfg: cfg.clustering.k_selection == "tune",
+    ),
+    Stage(
+        "stage2",
+        stage2_stage,
+        invalidates=("routability", "experts", "router", "calibrate", "evaluate"),
+        complete=stream_selections_complete,
+    ),
+    Stage(
+        "routability",
+        routability_stage,
+        invalidates=("experts", "router", "calibrate", "evaluate"),
+        applies=lambda cfg: cfg.clustering.routability != "off",
+    ),
+    Stage("experts", experts_ray, invalidates=("calibrate", "evaluate"), complete=experts_complete),
     Stage("router", router_stage, invalidates=("calibrate", "evaluate")),
-    Stage("calibrate", calibrate_stage, invalidates=("evaluate",),
-          applies=lambda cfg: cfg.fallback.enabled),
+    Stage(
+        "calibrate",
+        calibrate_stage,
+        invalidates=("evaluate",),
+        applies=lambda cfg: cfg.fallback.enabled,
+    ),
     Stage("evaluate", evaluate),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -101,27 +115,47 @@ _BY_NAME = {s.name: s for s in STAGES}
 # stage runs, not what it makes (machines, parallelism, logging, where things go), and the
 # sections of the other commands (gs-ray eval, serve, spectra, select --method gsnr).
 _HOW_TO_TRAIN = ("cpus_per_worker", "use_gpu", "worker_resource", "log_every", "max_failures")
-_HOW_STAGE2 = ("num_workers", "cpus_per_worker", "max_in_flight", "checkpoint_every",
-               "worker_resource", "prefer_node_label")  # fmt: skip
+_HOW_STAGE2 = (
+    "num_workers",
+    "cpus_per_worker",
+    "max_in_flight",
+    "checkpoint_every",
+    "worker_resource",
+    "prefer_node_label",
+)
 _ROUTABILITY = ("routability", "routability_target", "routability_folds")
 READS: dict[str, tuple[str, ...]] = {
-    "data": ("warmup",), "model": ("warmup",), "lora": ("warmup",), "run.seed": ("warmup",),
+    "data": ("warmup",),
+    "model": ("warmup",),
+    "lora": ("warmup",),
+    "run.seed": ("warmup",),
     "warmup": ("warmup",),
     "tune": ("tune",),
-    "gradients": ("tune", "stage2"), "clustering": ("tune", "stage2"),
+    "gradients": ("tune", "stage2"),
+    "clustering": ("tune", "stage2"),
     **{f"clustering.{k}": ("tune", "routability") for k in _ROUTABILITY},
-    "stage2": ("stage2",), "selection": ("stage2",),
+    "stage2": ("stage2",),
+    "selection": ("stage2",),
     "router": ("tune", "routability", "router"),
     "experts": ("tune", "experts"),
-    "fallback": ("experts", "router", "calibrate"), "fallback.thresholds": ("calibrate",),
+    "fallback": ("experts", "router", "calibrate"),
+    "fallback.thresholds": ("calibrate",),
     "eval.latency_samples": ("evaluate",),
     # how, not what
-    "run": (), "eval": (), "serve": (), "spectra": (), "gsnr": (),
-    "model.device": (), "model.attn_implementation": (), "model.cache_dir": (),
-    "gradients.torch_threads": (), "experts.parallel": (), "tune.max_concurrent_trials": (),
+    "run": (),
+    "eval": (),
+    "serve": (),
+    "spectra": (),
+    "gsnr": (),
+    "model.device": (),
+    "model.attn_implementation": (),
+    "model.cache_dir": (),
+    "gradients.torch_threads": (),
+    "experts.parallel": (),
+    "tune.max_concurrent_trials": (),
     **{f"stage2.{k}": () for k in _HOW_STAGE2},
     **{f"{s}.{k}": () for s in ("warmup", "experts") for k in _HOW_TO_TRAIN},
-}  # fmt: skip
+}
 
 
 def readers(key: str) -> tuple[str, ...]:
@@ -149,8 +183,9 @@ def _discard_training(run: RunDir, *patterns: str) -> None:
     them, or restore one that had finished)."""
     from gs_ray.training.ray_train import discard_run
 
-    names = {p.name.removesuffix(".gs_ray") for pattern in patterns
-             for p in run.ray_train.glob(pattern)}  # fmt: skip
+    names = {
+        p.name.removesuffix(".gs_ray") for pattern in patterns for p in run.ray_train.glob(pattern)
+    }
     for name in names:
         discard_run(str(run.ray_train), name)
 
@@ -189,8 +224,9 @@ class ResumePlan:
     redo: tuple[str, ...]
 
 
-def config_changes(before: dict[str, Any], now: dict[str, Any],
-                   prefix: str = "") -> dict[str, tuple[Any, Any]]:  # fmt: skip
+def config_changes(
+    before: dict[str, Any], now: dict[str, Any], prefix: str = ""
+) -> dict[str, tuple[Any, Any]]:
     """The leaf keys (``section.key``) whose values differ; lists are compared whole."""
     out: dict[str, tuple[Any, Any]] = {}
     for key in [*now, *(k for k in before if k not in now)]:
@@ -216,8 +252,9 @@ def plan_resume(run: RunDir, cfg: Config, redo: Iterable[str] = ()) -> ResumePla
     redo = tuple(dict.fromkeys(redo))
     unknown = [s for s in redo if s not in STAGE_NAMES]
     if unknown:
-        raise UserError(f"--redo {','.join(unknown)}: no such stage; stages: "
-                        f"{', '.join(STAGE_NAMES)}")  # fmt: skip
+        raise UserError(
+            f"--redo {','.join(unknown)}: no such stage; stages: {', '.join(STAGE_NAMES)}"
+        )
     m = run.manifest()
     recorded = m.get("config_sha256")
     if recorded is not None and config_hash(m.get("config")) != recorded:
@@ -239,8 +276,9 @@ def plan_resume(run: RunDir, cfg: Config, redo: Iterable[str] = ()) -> ResumePla
         keys = dict.fromkeys(k for ks in blocked.values() for k in ks)
         lost = [s for s in STAGE_NAMES if s in after(blocked) & kept]
         ask = {*blocked, *redo}  # the --redo that covers them (and what was asked already)
-        needed = [s for s in STAGE_NAMES
-                  if s in ask and not any(s != t and s in after([t]) for t in ask)]  # fmt: skip
+        needed = [
+            s for s in STAGE_NAMES if s in ask and not any(s != t and s in after([t]) for t in ask)
+        ]
         raise UserError(
             f"{run.path}: resuming with "
             + ", ".join(f"{k} {_short(changed[k][0])} -> {_short(changed[k][1])}" for k in keys)
@@ -261,14 +299,18 @@ def resume_run(run: RunDir, cfg: Config, redo: Iterable[str] = ()) -> ResumePlan
             _DISCARD[name](run)
     entry = run.record_resume(cfg, plan.changed, plan.invalidate, plan.redo)
     if plan.changed or plan.redo:
-        log.info("resume: changed %s; redo %s; invalidated %s",
-                 ", ".join(plan.changed) or "nothing", ", ".join(plan.redo) or "nothing",
-                 ", ".join(entry["invalidated"]) or "nothing")  # fmt: skip
+        log.info(
+            "resume: changed %s; redo %s; invalidated %s",
+            ", ".join(plan.changed) or "nothing",
+            ", ".join(plan.redo) or "nothing",
+            ", ".join(entry["invalidated"]) or "nothing",
+        )
     return plan
 
 
-def run(cfg: Config, resume: str | None = None, checked: bool = False,
-        redo: Iterable[str] = ()) -> RunDir:  # fmt: skip
+def run(
+    cfg: Config, resume: str | None = None, checked: bool = False, redo: Iterable[str] = ()
+) -> RunDir:
     """Every stage on Ray: warm-up, (K with Tune), Stage II, experts, router, evaluation.
 
     Connects to the cluster (inside ``ray job submit`` or with RAY_ADDRESS / run.ray_address),
@@ -332,16 +374,19 @@ def _run_stages(p: Prepared, cfg: Config, resume: bool) -> RunDir:
     plots.pipeline_plots(p.run, p.assignments()[1])
     try:
         cards = write_model_cards(p.run.path, {s.id: s.prompt for s in p.samples})
-        log.info("model cards: %d adapters (README.md in each; gs-ray export RUN OUT bundles "
-                 "them)", len(cards))  # fmt: skip
+        log.info(
+            "model cards: %d adapters (README.md in each; gs-ray export RUN OUT bundles them)",
+            len(cards),
+        )
     except UserError as e:  # a run without a router or experts (stages left out): no cards
         log.warning("no model cards: %s", e)
     log.info("done: %s; report: %s", p.run.path, build_report(p.run.path))
     return p.run
 
 
-def run_local(cfg: Config, resume: str | None = None, checked: bool = False,
-              redo: Iterable[str] = ()) -> RunDir:  # fmt: skip
+def run_local(
+    cfg: Config, resume: str | None = None, checked: bool = False, redo: Iterable[str] = ()
+) -> RunDir:
     """The single-process reference pipeline: prepare, warm-up, Stage II (finished stages of a
     resumed run are skipped). ``checked``, ``redo`` as for ``run``."""
     log_notes([] if checked else check_before_ray(cfg, resume, on_ray=False))

@@ -28,7 +28,6 @@ BaseModel = Callable[[Config, Path], str]
 in by the caller (the stages' modules are not imported here)."""
 
 
-
 @dataclass
 class Prepared:
     """Everything the stages share: the run directory, base model path, tokenizer, data."""
@@ -69,8 +68,10 @@ class Prepared:
                 merge = json.loads(path.read_text())
                 mapping = np.asarray(merge["mapping"], dtype=np.int64)
                 if len(mapping) != k:
-                    raise RuntimeError(f"{path} maps {len(mapping)} clusters, Stage II has {k}: "
-                                       "re-run the routability stage")
+                    raise RuntimeError(
+                        f"{path} maps {len(mapping)} clusters, Stage II has {k}: "
+                        "re-run the routability stage"
+                    )
                 ok = labels >= 0
                 labels[ok] = mapping[labels[ok]]
                 k = int(merge["k_after"])

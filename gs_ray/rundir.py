@@ -257,8 +257,10 @@ class RunDir:
 
     def expert_records(self) -> list[dict[str, Any]]:
         """Every expert's ``expert.json``, by cluster."""
-        records = [json.loads(p.read_text())
-                   for p in self.experts_dir.glob(f"{EXPERT_PREFIX}*/{EXPERT_RECORD}")]
+        records = [
+            json.loads(p.read_text())
+            for p in self.experts_dir.glob(f"{EXPERT_PREFIX}*/{EXPERT_RECORD}")
+        ]
         return sorted(records, key=lambda r: r.get("cluster", 0))
 
     def write_expert_record(self, k: int, record: dict[str, Any]) -> None:
@@ -426,8 +428,13 @@ class RunDir:
             m.get("stages", {}).pop(stage, None)
         write_json(self.manifest_path, m)
 
-    def record_resume(self, cfg: Config, changed: dict[str, tuple[Any, Any]],
-                      invalidate: Iterable[str], redo: Iterable[str] = ()) -> dict[str, Any]:  # fmt: skip
+    def record_resume(
+        self,
+        cfg: Config,
+        changed: dict[str, tuple[Any, Any]],
+        invalidate: Iterable[str],
+        redo: Iterable[str] = (),
+    ) -> dict[str, Any]:
         """One manifest write for a resume: forget the ``invalidate`` stages, keep ``cfg`` as the
         run's config (secrets left out; config.yaml too) with its hash, and append to
         ``resumes`` when, what changed (``overrides``: key -> new value, ``previous``: key ->

@@ -3,8 +3,8 @@ everything else in JSON beside them.
 
 A run directory may come from someone else (a shared file system, a copied half-finished run),
 so resuming must never run code from it: ``pickle.load`` of a crafted checkpoint does. A state
-here is a tree of dicts, lists, tuples, sets, deques, strings, numbers, booleans, None and numpy arrays
-(numeric, boolean or fixed-width string dtypes); anything else is refused when saving, with
+here is a tree of dicts, lists, tuples, sets, deques, strings, numbers, booleans, None and numpy
+arrays (numeric, boolean or fixed-width string dtypes); anything else is refused when saving, with
 the path of the offending value. Dict keys may be strings, numbers or tuples of them.
 
 Layout: ``NAME.npz`` holds the arrays as ``a0, a1, ...``; ``NAME.json`` the tree, where an
@@ -46,7 +46,9 @@ def _encode(x: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
         return v if math.isfinite(v) else {"__float__": repr(v)}
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biufcSU":
-            raise StateFileError(f"{where}: arrays of dtype {x.dtype} cannot be stored without pickle")
+            raise StateFileError(
+                f"{where}: arrays of dtype {x.dtype} cannot be stored without pickle"
+            )
         key = f"a{len(arrays)}"
         arrays[key] = x
         return {"__array__": key}
@@ -62,8 +64,12 @@ def _encode(x: Any, arrays: dict[str, np.ndarray], where: str) -> Any:
     if isinstance(x, dict):
         if all(isinstance(k, str) for k in x) and not any(k in _TAGS for k in x):
             return {k: _encode(v, arrays, f"{where}.{k}") for k, v in x.items()}
-        return {"__items__": [[_encode(k, arrays, f"{where} key"), _encode(v, arrays, f"{where}[{k!r}]")]
-                              for k, v in x.items()]}  # fmt: skip
+        return {
+            "__items__": [
+                [_encode(k, arrays, f"{where} key"), _encode(v, arrays, f"{where}[{k!r}]")]
+                for k, v in x.items()
+            ]
+        }
     raise StateFileError(f"{where}: a {type(x).__name__} cannot be stored without pickle")
 
 
@@ -73,7 +79,7 @@ def _decode(x: Any, arrays: Any, where: str) -> Any:
     if not isinstance(x, dict):
         return x
     if len(x) == 1:
-        (tag, value), = x.items()
+        ((tag, value),) = x.items()
         if tag == "__array__":
             if not isinstance(value, str) or value not in arrays.files:
                 raise StateFileError(f"{where}: array {value!r} is not in the .npz")
@@ -124,4 +130,6 @@ def load_state(folder: str | Path, name: str) -> Any | None:
         with np.load(folder / f"{name}.npz", allow_pickle=False) as arrays:
             return _decode(doc["state"], arrays, str(path))
     except (OSError, ValueError) as e:
-        raise StateFileError(f"{folder / (name + '.npz')}: cannot be read without pickle ({e})") from None
+        raise StateFileError(
+            f"{folder / (name + '.npz')}: cannot be read without pickle ({e})"
+        ) from None

@@ -3,12 +3,14 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python jobs/serve.py /mnt/shared/runs/<run> --detach
 
-The application binds 127.0.0.1 (reach it through `ray dashboard`-style port forwarding or a
-proxy on the head); ``--serve.host 0.0.0.0`` exposes it to the network, with no authentication
-(see the README's serving section for the risk). With ``--detach`` the job deploys and ends while the application keeps serving (Serve outlives
-the job); without it the job serves until stopped. Run directly with no cluster it starts a local
-Ray and serves on 127.0.0.1:8000 until Ctrl-C. Any ``--serve.key value`` overrides the run's
-``serve`` section.
+The application binds 127.0.0.1 (reach it through `ray dashboard`-style port forwarding or a proxy
+on the head); ``--serve.host 0.0.0.0`` exposes it to the network, which needs an API key
+(``--serve.api_key``, or ``GS_RAY_API_KEY`` in the job's environment, e.g. ``--runtime-env-json
+'{"env_vars": ...}'``; read by this driver, not by the replicas) unless ``--serve.allow_no_key
+true`` says otherwise (see the README's serving section). With ``--detach`` the job deploys and ends
+while the application keeps serving (Serve outlives the job); without it the job serves until
+stopped. Run directly with no cluster it starts a local Ray and serves on 127.0.0.1:8000 until
+Ctrl-C. Any ``--serve.key value`` overrides the run's ``serve`` section.
 """
 
 import sys

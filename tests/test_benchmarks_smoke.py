@@ -1,7 +1,8 @@
 """Every self-contained benchmark's smoke mode runs to the end and writes its JSON, so that an
 import or API change breaks the build, not the next measurement. (The benchmarks that need a
 finished run or a server run beside the fixtures that have one: gradient_throughput in
-test_benchmarks_gradient.py, serve_throughput and serve_abuse in test_serving.py.)"""
+test_benchmarks_gradient.py, serve_throughput and serve_abuse in test_serving.py,
+pipeline_stages in test_pipeline.py, stage2_checkpoint in test_benchmarks_stage2_checkpoint.py.)"""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def test_benchmark_smoke_mode_runs_and_writes_its_json(script, tmp_path):
     extra = ["--out", str(tmp_path / "work")] if script == "selection_demo.py" else []
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--smoke", "--json", str(out), *extra],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     for key in SMOKE[script]:

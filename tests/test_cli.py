@@ -45,12 +45,15 @@ def _run_fails(capsys, out: Path, *args: str) -> str:
 @pytest.mark.parametrize(
     "override, words",
     [
-        (["--clustering.k_selection", "tnue"], ["clustering.k_selection", "'tnue'", "silhouette", "tune"]),
+        (
+            ["--clustering.k_selection", "tnue"],
+            ["clustering.k_selection", "'tnue'", "silhouette", "tune"],
+        ),
         (["--clustering.beta", "1.5"], ["clustering.beta", "1.5", "[0, 1)"]),
         (["--lora.r", "-1"], ["lora.r", "-1", ">= 1"]),
         (["--run.until", "bogus"], ["run.until", "'bogus'", "warmup", "evaluate"]),
     ],
-)  # fmt: skip
+)
 def test_bad_config_value_is_one_message(tmp_path, capsys, override, words):
     err = _run_fails(capsys, tmp_path / "runs", *override)
     assert err.startswith("gs-ray: config error: ")
@@ -142,8 +145,16 @@ def test_console_script_exit_status_and_speed(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "gs_ray.cli", "run", "--data.source", str(path),
-           "--run.output_dir", str(tmp_path / "runs")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "gs_ray.cli",
+        "run",
+        "--data.source",
+        str(path),
+        "--run.output_dir",
+        str(tmp_path / "runs"),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     seconds = time.perf_counter() - start
@@ -152,8 +163,9 @@ def test_console_script_exit_status_and_speed(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"gs-ray: data error: {path}:2: malformed JSON")
     assert not (tmp_path / "runs").exists()
     assert seconds < 30, seconds  # importing torch alone takes longer than the check here
-    verbose = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=env,
-                             timeout=120)  # fmt: skip
+    verbose = subprocess.run(
+        [*cmd, "--verbose"], capture_output=True, text=True, env=env, timeout=120
+    )
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
 
 

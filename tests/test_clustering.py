@@ -377,8 +377,11 @@ def test_planted_mixtures_k_ari_and_no_small_cluster(name, seed):
     assert adjusted_rand_score(y[real], est.labels_[real]) >= min_ari
     # No reported cluster under the minimum: the chosen K selection run, and the online epochs.
     if est.n_clusters_ > 1:
-        chosen = [r for r in est.k_selection_ if r["k"] == est.n_clusters_
-                  and r["n_components"] == est.n_components_]  # fmt: skip
+        chosen = [
+            r
+            for r in est.k_selection_
+            if r["k"] == est.n_clusters_ and r["n_components"] == est.n_components_
+        ]
         assert chosen and min(chosen[0]["sizes"]) >= est.min_size_
     assert est.small_clusters_ == []
     assert min(np.bincount(est.labels_, minlength=est.n_clusters_)) >= est.min_size(len(X))
@@ -410,10 +413,14 @@ def test_splinter_candidates_are_rejected_and_reported():
             assert min(row["sizes"]) >= 15
     assert est.n_clusters_ == 1
     # The old rule (best silhouette, no minimum) takes a splinter of outliers as a cluster.
-    loose = GradientSpaceClustering(k_range=(2, 6), n_init=3, min_cluster_size=1,
-                                    min_cluster_share=0.0).initialize(X)  # fmt: skip
-    chosen = [r for r in loose.k_selection_ if r["k"] == loose.n_clusters_
-              and r["n_components"] == loose.n_components_]  # fmt: skip
+    loose = GradientSpaceClustering(
+        k_range=(2, 6), n_init=3, min_cluster_size=1, min_cluster_share=0.0
+    ).initialize(X)
+    chosen = [
+        r
+        for r in loose.k_selection_
+        if r["k"] == loose.n_clusters_ and r["n_components"] == loose.n_components_
+    ]
     assert min(chosen[0]["sizes"]) < 15
     # scored by the same rule: the minimum size also binds a fixed K's runs
     with pytest.warns(UserWarning, match="least bad"):

@@ -90,7 +90,7 @@ def test_example_configs_load():
             assert cfg.model.name != "tiny-llama"
 
 
-# --------------------------------------------------------------------------- issue 8: load-time checks
+# ------------------------------------------------------------------------ issue 8: load-time checks
 
 
 def _literal_fields(cls=Config, prefix=""):
@@ -115,10 +115,18 @@ def _literal_fields(cls=Config, prefix=""):
 def test_choice_fields_are_literal_types():
     keys = {key for key, _ in _literal_fields()}
     expected = {
-        "data.format", "data.overflow", "model.dtype", "model.attn_implementation",
-        "warmup.zero_stage", "warmup.use_gpu", "experts.zero_stage", "experts.use_gpu",
-        "clustering.k_selection", "stage2.transport", "run.until",
-    }  # fmt: skip
+        "data.format",
+        "data.overflow",
+        "model.dtype",
+        "model.attn_implementation",
+        "warmup.zero_stage",
+        "warmup.use_gpu",
+        "experts.zero_stage",
+        "experts.use_gpu",
+        "clustering.k_selection",
+        "stage2.transport",
+        "run.until",
+    }
     assert expected <= keys
 
 
@@ -138,9 +146,20 @@ def test_every_choice_is_checked_at_load_time(key, allowed):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--clustering.k_selection", "tnue"], r"clustering.k_selection: 'tnue' is not one of silhouette \| tune \(did you mean 'tune'\?\)"),
-        (["--run.until", "bogus"], r"run.until: 'bogus' is not one of warmup \| tune \| stage2 \| routability \| experts \| router \| calibrate \| evaluate \(or None\)"),
-        (["--clustering.beta", "1.5"], r"clustering.beta: 1.5 is out of range; must be in \[0, 1\)"),
+        (
+            ["--clustering.k_selection", "tnue"],
+            r"clustering.k_selection: 'tnue' is not one of silhouette \| tune \(did you mean "
+            r"'tune'\?\)",
+        ),
+        (
+            ["--run.until", "bogus"],
+            r"run.until: 'bogus' is not one of warmup \| tune \| stage2 \| routability \| experts "
+            r"\| router \| calibrate \| evaluate \(or None\)",
+        ),
+        (
+            ["--clustering.beta", "1.5"],
+            r"clustering.beta: 1.5 is out of range; must be in \[0, 1\)",
+        ),
         (["--clustering.beta", "nan"], r"clustering.beta: expected a finite number"),
         (["--clustering.alpha", "0"], r"clustering.alpha: 0 is out of range; must be >= 1"),
         (["--lora.r", "-1"], r"lora.r: -1 is out of range; must be >= 1"),
@@ -152,24 +171,64 @@ def test_every_choice_is_checked_at_load_time(key, allowed):
         (["--warmup.batch_size", "0"], r"warmup.batch_size: 0 is out of range"),
         (["--warmup.zero_stage", "3"], r"warmup.zero_stage: 3 is not one of 0 \| 1 \| 2"),
         (["--gradients.batch_size", "-2"], r"gradients.batch_size: -2 is out of range"),
-        (["--clustering.variance_thresholds", "[0.8, 1.2]"], r"variance_thresholds\[1\]: 1.2 is out of range; must be in \(0, 1\]"),
-        (["--clustering.k_min", "6", "--clustering.k_max", "4"], r"clustering.k_min \(6\) is larger than clustering.k_max \(4\)"),
-        (["--data.test_fraction", "1"], r"data.test_fraction: 1.0 is out of range; must be in \[0, 1\)"),
-        (["--data.warmup_fraction", "0"], r"data.warmup_fraction: 0.0 is out of range; must be in \(0, 1\)"),
+        (
+            ["--clustering.variance_thresholds", "[0.8, 1.2]"],
+            r"variance_thresholds\[1\]: 1.2 is out of range; must be in \(0, 1\]",
+        ),
+        (
+            ["--clustering.k_min", "6", "--clustering.k_max", "4"],
+            r"clustering.k_min \(6\) is larger than clustering.k_max \(4\)",
+        ),
+        (
+            ["--data.test_fraction", "1"],
+            r"data.test_fraction: 1.0 is out of range; must be in \[0, 1\)",
+        ),
+        (
+            ["--data.warmup_fraction", "0"],
+            r"data.warmup_fraction: 0.0 is out of range; must be in \(0, 1\)",
+        ),
         (["--router.holdout_fraction", "-0.1"], r"router.holdout_fraction: -0.1 is out of range"),
-        (["--model.device", "gpu"], r"model.device: 'gpu' is not allowed; expected auto \| cpu \| cuda"),
+        (
+            ["--model.device", "gpu"],
+            r"model.device: 'gpu' is not allowed; expected auto \| cpu \| cuda",
+        ),
         (["--serve.port", "70000"], r"serve.port: 70000 is out of range; must be in \[1, 65535\]"),
-        (["--serve.max_new_tokens", "600"], r"serve.max_new_tokens \(600\) is larger than serve.max_new_tokens_limit"),
+        (
+            ["--serve.max_new_tokens", "600"],
+            r"serve.max_new_tokens \(600\) is larger than serve.max_new_tokens_limit",
+        ),
         (["--data.template", "Q: {question}"], r"data.template .* has placeholders \['question'\]"),
         (["--run.seed", "-1"], r"run.seed: -1 is out of range; must be >= 0"),
-        (["--stage2.prefer_node_label", "gpu"], r"stage2.prefer_node_label: 'gpu' is not allowed; expected key=value"),
+        (
+            ["--stage2.prefer_node_label", "gpu"],
+            r"stage2.prefer_node_label: 'gpu' is not allowed; expected key=value",
+        ),
         (["--stage2.worker_resource", "a b"], r"stage2.worker_resource: 'a b' is not allowed"),
-        (["--stage2.consumers", "gsnr", "--selection.target", "t.jsonl"], r"stage2.consumers\[0\]: 'gsnr' is not one of gist \| less \| random"),
-        (["--stage2.consumers", "gist"], r"stage2.consumers \['gist'\] score .* set selection.target"),
-        (["--stage2.consumers", "[gist, gist]", "--selection.target", "t.jsonl"], r"stage2.consumers: \['gist'\] listed more than once"),
-        (["--stage2.consumers", "less", "--selection.target", "t.jsonl", "--stage2.transport", "partial_sums"], r"need stage2.transport: gradients \(got 'partial_sums'\)"),
+        (
+            ["--stage2.consumers", "gsnr", "--selection.target", "t.jsonl"],
+            r"stage2.consumers\[0\]: 'gsnr' is not one of gist \| less \| random",
+        ),
+        (
+            ["--stage2.consumers", "gist"],
+            r"stage2.consumers \['gist'\] score .* set selection.target",
+        ),
+        (
+            ["--stage2.consumers", "[gist, gist]", "--selection.target", "t.jsonl"],
+            r"stage2.consumers: \['gist'\] listed more than once",
+        ),
+        (
+            [
+                "--stage2.consumers",
+                "less",
+                "--selection.target",
+                "t.jsonl",
+                "--stage2.transport",
+                "partial_sums",
+            ],
+            r"need stage2.transport: gradients \(got 'partial_sums'\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_ranges_and_choices_name_key_value_and_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(Config(), overrides)
@@ -178,10 +237,25 @@ def test_ranges_and_choices_name_key_value_and_allowed(overrides, message):
 def test_command_line_values_parse_as_the_field_type(tmp_path):
     cfg = apply_overrides(
         Config(),
-        ["--lora.r", "8", "--run.name", "007", "--clustering.tol", "1e-4", "--run.until", "None",
-         "--warmup.use_gpu", "TRUE", "--experts.use_gpu", "false", "--model.device", "cuda:1",
-         "--clustering.n_clusters", "null"],
-    )  # fmt: skip
+        [
+            "--lora.r",
+            "8",
+            "--run.name",
+            "007",
+            "--clustering.tol",
+            "1e-4",
+            "--run.until",
+            "None",
+            "--warmup.use_gpu",
+            "TRUE",
+            "--experts.use_gpu",
+            "false",
+            "--model.device",
+            "cuda:1",
+            "--clustering.n_clusters",
+            "null",
+        ],
+    )
     assert cfg.lora.r == 8 and cfg.run.name == "007" and cfg.clustering.tol == 1e-4
     assert cfg.run.until is None and cfg.clustering.n_clusters is None
     assert (cfg.warmup.use_gpu, cfg.experts.use_gpu) == ("true", "false")

@@ -210,8 +210,11 @@ def test_format_is_decided_per_file_not_per_row(tmp_path):
     # A record of another format in the file says which format the file has and why.
     rows[3] = {"instruction": "alpaca here", "output": "o"}
     path = _jsonl(tmp_path / "mixed.jsonl", rows)
-    with pytest.raises(DataError, match=r"mixed.jsonl:4: missing field 'prompt' .*looks like "
-                       r"alpaca.*format is prompt_response, decided by line 1"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"mixed.jsonl:4: missing field 'prompt' .*looks like "
+        r"alpaca.*format is prompt_response, decided by line 1",
+    ):
         check_source(DataConfig(source=str(path)))
 
 

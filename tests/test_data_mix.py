@@ -21,8 +21,10 @@ def _write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> str
 
 
 def _mix(tmp_path: Path, entries: list[dict], **data) -> list:
-    cfg = load_config(overrides=["--data.source", "mix", "--data.mix", json.dumps(entries)]
-                      + [x for k, v in data.items() for x in (f"--data.{k}", str(v))])  # fmt: skip
+    cfg = load_config(
+        overrides=["--data.source", "mix", "--data.mix", json.dumps(entries)]
+        + [x for k, v in data.items() for x in (f"--data.{k}", str(v))]
+    )
     return cfg
 
 
@@ -48,19 +50,40 @@ def sources(tmp_path):
         "Once there was a cat. It sat.\nThe end.\n<|endoftext|>\n"
         "A dog ran! Then it slept.\n<|endoftext|>\n",
     )
-    lines = _write(tmp_path, "f.txt", "Profit rose @ 5 % .@positive\nSales fell .@negative\n",
-                   encoding="iso-8859-1")  # fmt: skip
+    lines = _write(
+        tmp_path,
+        "f.txt",
+        "Profit rose @ 5 % .@positive\nSales fell .@negative\n",
+        encoding="iso-8859-1",
+    )
     return {
-        "qa": {"domain": "math", "source": qa, "prompt": "{question}", "response": "{answer}",
-               "max_samples": 4},
+        "qa": {
+            "domain": "math",
+            "source": qa,
+            "prompt": "{question}",
+            "response": "{answer}",
+            "max_samples": 4,
+        },
         "alpaca": {"domain": "code", "source": alpaca, "format": "alpaca"},
-        "stories": {"domain": "stories", "source": stories, "format": "text",
-                    "separator": "<|endoftext|>", "prompt": "Continue: {head}",
-                    "response": "{tail}"},
-        "lines": {"domain": "finance", "source": lines, "format": "lines", "separator": "@",
-                  "columns": ["sentence", "label"], "encoding": "iso-8859-1",
-                  "prompt": "Sentiment? {sentence}", "response": "{label}"},
-    }  # fmt: skip
+        "stories": {
+            "domain": "stories",
+            "source": stories,
+            "format": "text",
+            "separator": "<|endoftext|>",
+            "prompt": "Continue: {head}",
+            "response": "{tail}",
+        },
+        "lines": {
+            "domain": "finance",
+            "source": lines,
+            "format": "lines",
+            "separator": "@",
+            "columns": ["sentence", "label"],
+            "encoding": "iso-8859-1",
+            "prompt": "Sentiment? {sentence}",
+            "response": "{label}",
+        },
+    }
 
 
 def test_mix_reads_every_format_with_domains_and_prefixed_ids(tmp_path, sources):
@@ -70,7 +93,11 @@ def test_mix_reads_every_format_with_domains_and_prefixed_ids(tmp_path, sources)
     for ex in examples:
         by_domain.setdefault(ex.domain, []).append(ex)
     assert {d: len(v) for d, v in by_domain.items()} == {
-        "math": 4, "code": 6, "stories": 2, "finance": 2}  # fmt: skip
+        "math": 4,
+        "code": 6,
+        "stories": 2,
+        "finance": 2,
+    }
     assert all(ex.id.startswith(f"{ex.domain}-") for ex in examples)
     assert len({ex.id for ex in examples}) == len(examples)
     assert report.rows_read == 14 and report.used == 14

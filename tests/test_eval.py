@@ -153,29 +153,52 @@ def test_greedy_mixture_routes_like_generate_and_mixes_by_hand(two_adapters):
     for prompt, name, tokens in zip(prompts, ["a1", "a0"], got):
         model.set_adapter(name)
         with torch.no_grad():
-            ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6,
-                                 do_sample=False, pad_token_id=0)  # fmt: skip
+            ref = model.generate(
+                input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0
+            )
         assert tokens == ref[0, len(prompt) :].tolist()
     # The KV-cached routed path gives the step-by-step mixture's tokens (EOS cut included).
     many = [[1, 5, 9], [3, 8, 2, 11, 6], [7], [4, 4, 10, 2], [12, 3]]
     routes = np.eye(3)[[0, 2, 1, 2, 0]]
     for eos in (None, got[0][2]):
-        fast = greedy_mixture(model, [None, "a0", "a1"], routes, many, 7, eos_id=eos, pad_id=0,
-                              batch_size=2)  # fmt: skip
-        slow = greedy_mixture(model, [None, "a0", "a1"], routes, many, 7, eos_id=eos, pad_id=0,
-                              batch_size=2, cached=False)  # fmt: skip
+        fast = greedy_mixture(
+            model, [None, "a0", "a1"], routes, many, 7, eos_id=eos, pad_id=0, batch_size=2
+        )
+        slow = greedy_mixture(
+            model,
+            [None, "a0", "a1"],
+            routes,
+            many,
+            7,
+            eos_id=eos,
+            pad_id=0,
+            batch_size=2,
+            cached=False,
+        )
         assert fast == slow
     # A soft mixture, one KV cache per adapter (rows with zero weight for some adapters, one
     # row one-hot): the step-by-step mixture's tokens, EOS cut included.
-    soft = np.array([[0.2, 0.5, 0.3], [0.0, 0.6, 0.4], [1.0, 0.0, 0.0], [0.1, 0.0, 0.9],
-                     [0.5, 0.5, 0.0]])  # fmt: skip
-    plain = greedy_mixture(model, [None, "a0", "a1"], soft, many, 7, eos_id=None, pad_id=0,
-                           batch_size=3, cached=False)  # fmt: skip
+    soft = np.array(
+        [[0.2, 0.5, 0.3], [0.0, 0.6, 0.4], [1.0, 0.0, 0.0], [0.1, 0.0, 0.9], [0.5, 0.5, 0.0]]
+    )
+    plain = greedy_mixture(
+        model, [None, "a0", "a1"], soft, many, 7, eos_id=None, pad_id=0, batch_size=3, cached=False
+    )
     for eos in (None, plain[0][2], plain[3][0]):
-        fast = greedy_mixture(model, [None, "a0", "a1"], soft, many, 7, eos_id=eos, pad_id=0,
-                              batch_size=3)  # fmt: skip
-        slow = greedy_mixture(model, [None, "a0", "a1"], soft, many, 7, eos_id=eos, pad_id=0,
-                              batch_size=3, cached=False)  # fmt: skip
+        fast = greedy_mixture(
+            model, [None, "a0", "a1"], soft, many, 7, eos_id=eos, pad_id=0, batch_size=3
+        )
+        slow = greedy_mixture(
+            model,
+            [None, "a0", "a1"],
+            soft,
+            many,
+            7,
+            eos_id=eos,
+            pad_id=0,
+            batch_size=3,
+            cached=False,
+        )
         assert fast == slow, eos
     # A soft mixture, first token by hand: argmax of 0.3 p_base + 0.7 p_a0.
     w = np.array([[0.3, 0.7]])
@@ -183,8 +206,11 @@ def test_greedy_mixture_routes_like_generate_and_mixes_by_hand(two_adapters):
     probs = []
     for name in (None, "a0"):
         with using(model, name), torch.no_grad():
-            probs.append(torch.softmax(model(input_ids=torch.tensor([prompts[0]])).logits[0, -1]
-                                       .double(), -1))  # fmt: skip
+            probs.append(
+                torch.softmax(
+                    model(input_ids=torch.tensor([prompts[0]])).logits[0, -1].double(), -1
+                )
+            )
     assert first == int((0.3 * probs[0] + 0.7 * probs[1]).argmax())
 
 
@@ -201,22 +227,54 @@ def evaluated(ray_cluster, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("eval")
 
     small = [
-        "--data.demo_size", "240", "--data.n_val", "48", "--model.tiny_hidden_size", "64",
-        "--model.tiny_num_layers", "2", "--model.tiny_pretrain_steps", "0", "--lora.r", "8", "--lora.alpha", "16",
-        "--clustering.batch_size", "16", "--clustering.max_epochs", "1",
-        "--clustering.n_clusters", "2", "--experts.max_steps", "3",
+        "--data.demo_size",
+        "240",
+        "--data.n_val",
+        "48",
+        "--model.tiny_hidden_size",
+        "64",
+        "--model.tiny_num_layers",
+        "2",
+        "--model.tiny_pretrain_steps",
+        "0",
+        "--lora.r",
+        "8",
+        "--lora.alpha",
+        "16",
+        "--clustering.batch_size",
+        "16",
+        "--clustering.max_epochs",
+        "1",
+        "--clustering.n_clusters",
+        "2",
+        "--experts.max_steps",
+        "3",
         # K = 2 fixed for the baselines' shapes (the routability merge has tests of its own);
         # the generalist fallback is on, as by default.
-        "--clustering.routability", "off",
-        "--run.output_dir", str(tmp_path), "--run.name", "r",
-    ]  # fmt: skip
+        "--clustering.routability",
+        "off",
+        "--run.output_dir",
+        str(tmp_path),
+        "--run.name",
+        "r",
+    ]
     assert main(["run", *small]) == 0
     run = RunDir(tmp_path / "r")
     sts = tmp_path / "sts.csv"
     sts.write_text("\n".join(STS_ROWS * 4) + "\n")
-    out = baselines.evaluate_run(run.path, ["--eval.max_generate", "4",
-                                            "--eval.max_new_tokens", "4", "--eval.sts", str(sts),
-                                            "--eval.sts_pairs", "8"])  # fmt: skip
+    out = baselines.evaluate_run(
+        run.path,
+        [
+            "--eval.max_generate",
+            "4",
+            "--eval.max_new_tokens",
+            "4",
+            "--eval.sts",
+            str(sts),
+            "--eval.sts_pairs",
+            "8",
+        ],
+    )
     return run, out
 
 
@@ -281,8 +339,9 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
     heldout = run.metrics()["evaluation"]
     assert out["n_test"] == heldout["n_test"]
     m = out["methods"]
-    assert m["gradientspace_nofallback"]["test_loss"] == pytest.approx(heldout["test_loss_routed"],
-                                                                       rel=1e-6)
+    assert m["gradientspace_nofallback"]["test_loss"] == pytest.approx(
+        heldout["test_loss_routed"], rel=1e-6
+    )
     # What the run deploys: the router, low confidence to the run's own generalist, which is
     # also the one LoRA on everything (not trained again).
     assert m["gradientspace"]["test_loss"] == pytest.approx(heldout["test_loss_deployed"], rel=1e-6)
@@ -295,10 +354,12 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
     r = out["routing"]
     assert r["router_accuracy"] == pytest.approx(heldout["router_test_accuracy"])
     assert r["routed_minus_oracle"]["mean"] == pytest.approx(
-        heldout["test_loss_routed"] - heldout["test_loss_oracle"], abs=1e-6)
+        heldout["test_loss_routed"] - heldout["test_loss_oracle"], abs=1e-6
+    )
     assert "Verdict: GradientSpace" in run.report_html.read_text()
-    assert m["gradientspace_oracle"]["test_loss"] == pytest.approx(heldout["test_loss_oracle"],
-                                                                   rel=1e-6)  # fmt: skip
+    assert m["gradientspace_oracle"]["test_loss"] == pytest.approx(
+        heldout["test_loss_oracle"], rel=1e-6
+    )
     assert m["warmup"]["test_loss"] == pytest.approx(heldout["test_loss_warmup"], rel=1e-6)
     p = prepare(run.config(), run, base_model=base_model_for)
     labels, k = p.assignments()
@@ -387,8 +448,13 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
         capture_output=True,
         timeout=120,
     )
-    dom = subprocess.run([*flags, "--dump-dom", run.report_html.as_uri()], check=True,
-                         capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    dom = subprocess.run(
+        [*flags, "--dump-dom", run.report_html.as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     for text in (
         "GradientSpace against the baselines",
         "single_lora",
@@ -437,10 +503,17 @@ def test_domain_counts_and_top_terms_on_known_text():
 
     labels = np.array([0, 0, 1, 1, -1])
     assert domain_counts(labels, ["math", "code", "code", "code", "math"]) == {
-        "0": {"code": 1, "math": 1}, "1": {"code": 2}}  # fmt: skip
+        "0": {"code": 1, "math": 1},
+        "1": {"code": 2},
+    }
     # Each cluster's own words lead (a word of one text of a cluster scores half its weight).
-    texts = ["the loan mortgage", "mortgage on the loan rate", "a python function",
-             "the function in python", "ignored text"]  # fmt: skip
+    texts = [
+        "the loan mortgage",
+        "mortgage on the loan rate",
+        "a python function",
+        "the function in python",
+        "ignored text",
+    ]
     terms = top_terms(texts, labels, n_terms=2)
     assert set(terms["0"]) == {"mortgage", "loan"} and set(terms["1"]) == {"python", "function"}
 
@@ -461,12 +534,20 @@ def test_routers_compared_pure_parts_by_hand():
     assert nearest_centroid(np.array([[5.0, 1.0], [-0.1, 2.0]]), C).tolist() == [0, 1]
     assert agreement(np.array([0, 1, 1]), np.array([0, 1, 0])) == pytest.approx(2 / 3)
 
-    texts = ["compute the integral of x", "integral of the sine", "write a python function",
-             "python function that sorts", "python function for integral"]  # fmt: skip
+    texts = [
+        "compute the integral of x",
+        "integral of the sine",
+        "write a python function",
+        "python function that sorts",
+        "python function for integral",
+    ]
     router = KeywordRouter(texts, np.array([0, 0, 1, 1, 1]), n_terms=3)
     assert "integral" in router.terms[0] and "python" in router.terms[1]
     assert router.predict(["the integral please", "a python sorts", "nothing shared"]).tolist() == [
-        0, 1, 1]  # no overlap: the larger cluster  # fmt: skip
+        0,
+        1,
+        1,
+    ]  # no overlap: the larger cluster
 
 
 def test_correlations_and_cosine_silhouette_match_references():
@@ -483,11 +564,16 @@ def test_correlations_and_cosine_silhouette_match_references():
     assert r["spearman"] == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1])
     assert correlations(x, np.ones(50))["pearson"] is None
 
-    G = np.concatenate([rng.normal(size=(20, 30)) + 3 * np.eye(30)[0],
-                        rng.normal(size=(25, 30)) + 3 * np.eye(30)[1]])  # fmt: skip
+    G = np.concatenate(
+        [
+            rng.normal(size=(20, 30)) + 3 * np.eye(30)[0],
+            rng.normal(size=(25, 30)) + 3 * np.eye(30)[1],
+        ]
+    )
     lab = np.array([0] * 20 + [1] * 25)
-    assert cosine_silhouette(G, lab) == pytest.approx(silhouette_score(G, lab, metric="cosine"),
-                                                      abs=1e-5)  # fmt: skip
+    assert cosine_silhouette(G, lab) == pytest.approx(
+        silhouette_score(G, lab, metric="cosine"), abs=1e-5
+    )
     assert cosine_silhouette(G, np.zeros(45, dtype=int)) is None
 
 
@@ -509,10 +595,12 @@ def test_read_sts_pairs_and_plain_errors(tmp_path):
     assert pairs[2].first == 'She reads "books".' and pairs[1].line == 2
     assert sample_pairs(pairs, 2, seed=0) == sample_pairs(pairs, 2, seed=0)
     assert len(sample_pairs(pairs, 2, seed=0)) == 2 and sample_pairs(pairs, 9, 0) == pairs
-    for bad, match in [("a\tb\tc", r"sts.csv:2: 3 tab-separated fields"),
-                       ("g\tf\ty\ti\tfive\ts1\ts2", r"sts.csv:2: field 5 \(score\) is 'five'"),
-                       ("g\tf\ty\ti\t7\ts1\ts2", r"sts.csv:2: field 5 \(score\) 7.0 is outside"),
-                       ("g\tf\ty\ti\t1\ts1\t ", r"sts.csv:2: field 7 \(sentence\) is empty")]:  # fmt: skip
+    for bad, match in [
+        ("a\tb\tc", r"sts.csv:2: 3 tab-separated fields"),
+        ("g\tf\ty\ti\tfive\ts1\ts2", r"sts.csv:2: field 5 \(score\) is 'five'"),
+        ("g\tf\ty\ti\t7\ts1\ts2", r"sts.csv:2: field 5 \(score\) 7.0 is outside"),
+        ("g\tf\ty\ti\t1\ts1\t ", r"sts.csv:2: field 7 \(sentence\) is empty"),
+    ]:
         path.write_text(STS_ROWS[0] + "\n" + bad + "\n")
         with pytest.raises(DataError, match=match):
             read_sts(path)
@@ -546,9 +634,19 @@ def test_eval_seeds_show_the_spread(evaluated, tmp_path):
     run, out = evaluated
     copy = tmp_path / "r"
     shutil.copytree(run.path, copy)
-    two = baselines.evaluate_run(copy, [
-        "--eval.seeds", "2", "--eval.methods", "[single_lora, gradientspace]",
-        "--eval.k_ablation", "[]", "--eval.max_generate", "0"])  # fmt: skip
+    two = baselines.evaluate_run(
+        copy,
+        [
+            "--eval.seeds",
+            "2",
+            "--eval.methods",
+            "[single_lora, gradientspace]",
+            "--eval.k_ablation",
+            "[]",
+            "--eval.max_generate",
+            "0",
+        ],
+    )
     m = two["methods"]
     assert set(m) == {"single_lora", "gradientspace"}
     for name, v in m.items():
@@ -557,6 +655,8 @@ def test_eval_seeds_show_the_spread(evaluated, tmp_path):
         assert seeds[0] == pytest.approx(out["methods"][name]["test_loss"], rel=1e-6), name
         assert v["test_loss"] == pytest.approx(np.mean(seeds))
         assert v["test_loss_std"] == pytest.approx(np.std(seeds, ddof=1))
-    assert m["gradientspace"]["per_seed"][1]["test_loss"] != m["gradientspace"]["per_seed"][0][
-        "test_loss"]  # retrained experts: another seed  # fmt: skip
+    assert (
+        m["gradientspace"]["per_seed"][1]["test_loss"]
+        != m["gradientspace"]["per_seed"][0]["test_loss"]
+    )  # retrained experts: another seed
     assert "±" in baselines.table(two)

@@ -36,10 +36,15 @@ def test_seeds_are_averaged_per_row_and_equal_methods_tie():
 
 def test_comparisons_pick_the_best_other_baseline():
     rows = np.linspace(1, 2, 100)
-    per_row = {"single_lora": rows, "embedding_kmeans": rows - 0.1, "random_clusters": rows + 0.2,
-               "gradientspace": rows - 0.05}
-    out = comparisons(per_row, "single_lora", ["single_lora", "embedding_kmeans",
-                                               "random_clusters"])
+    per_row = {
+        "single_lora": rows,
+        "embedding_kmeans": rows - 0.1,
+        "random_clusters": rows + 0.2,
+        "gradientspace": rows - 0.05,
+    }
+    out = comparisons(
+        per_row, "single_lora", ["single_lora", "embedding_kmeans", "random_clusters"]
+    )
     gs = out["gradientspace"]
     assert gs["vs_reference"]["mean"] == pytest.approx(-0.05)
     assert gs["vs_reference"]["verdict"] == "pays off"
@@ -65,8 +70,15 @@ def test_report_stage_table_reads_the_manifests_status():
     not have)."""
     from gs_ray.evaluation.report import _stages
 
-    page = _stages({"stages": {"warmup": {"status": "done", "seconds": 3.5, "engine": "ds"},
-                               "stage2": {"status": "running"}, "router": {}}})  # fmt: skip
+    page = _stages(
+        {
+            "stages": {
+                "warmup": {"status": "done", "seconds": 3.5, "engine": "ds"},
+                "stage2": {"status": "running"},
+                "router": {},
+            }
+        }
+    )
     rows = page.split("<tr>")[2:]
     assert "<td>warmup</td><td>done</td><td>3.5" in rows[0].replace("\n", "")
     assert "<td>running</td>" in rows[1] and "<td>not done</td>" in rows[2]
@@ -85,17 +97,36 @@ def test_report_escapes_what_a_run_directory_says(tmp_path):
     run = tmp_path / "run-x"
     (run / "stage2").mkdir(parents=True)
     (run / "manifest.json").write_text(json.dumps({"stages": {"prepare": {"status": "done"}}}))
-    (run / "stage2" / "k_selection.json").write_text(json.dumps({
-        "chosen": {"k": bad, "silhouette": bad, "n_components": bad, "threshold": bad},
-        "routability": {"k_before": bad, "k_after": bad, "agreement_before": bad,
-                        "agreement_after": bad, "target": bad, "merges": [bad]},
-        "structure": {"verdict": bad}}))  # fmt: skip
+    (run / "stage2" / "k_selection.json").write_text(
+        json.dumps(
+            {
+                "chosen": {"k": bad, "silhouette": bad, "n_components": bad, "threshold": bad},
+                "routability": {
+                    "k_before": bad,
+                    "k_after": bad,
+                    "agreement_before": bad,
+                    "agreement_after": bad,
+                    "target": bad,
+                    "merges": [bad],
+                },
+                "structure": {"verdict": bad},
+            }
+        )
+    )
     tune = RunDir.open(run).tune_results_json
     tune.parent.mkdir(parents=True, exist_ok=True)
-    tune.write_text(json.dumps({"best_k": bad, "rule": bad, "best_silhouette_k": bad,
-                                "weak_structure": True, "structure_verdict": bad,
-                                "table": [{"k": bad, "k_routed": bad, "val_loss": bad,
-                                           "silhouette": bad}]}))  # fmt: skip
+    tune.write_text(
+        json.dumps(
+            {
+                "best_k": bad,
+                "rule": bad,
+                "best_silhouette_k": bad,
+                "weak_structure": True,
+                "structure_verdict": bad,
+                "table": [{"k": bad, "k_routed": bad, "val_loss": bad, "silhouette": bad}],
+            }
+        )
+    )
     page = build_report(run).read_text()
     assert "<script>" not in page and page.count("&lt;script&gt;") >= 14
 
@@ -116,8 +147,10 @@ def test_training_loss_is_drawn_smoothed_and_the_silhouette_with_its_floor():
     assert s[0] == noisy[0]
     assert np.abs(s - trend)[40:].mean() < 0.4 * np.abs(noisy - trend)[40:].mean()
     assert structureless_floor(None) is None and structureless_floor({"per_k": []}) is None
-    per_k = [{"k": 3, "null_silhouette": 0.04, "null_std": 0.01, "silhouette_cosine": 0.05},
-             {"k": 2, "null_silhouette": 0.06, "null_std": 0.005, "silhouette_cosine": 0.03}]
+    per_k = [
+        {"k": 3, "null_silhouette": 0.04, "null_std": 0.01, "silhouette_cosine": 0.05},
+        {"k": 2, "null_silhouette": 0.06, "null_std": 0.005, "silhouette_cosine": 0.03},
+    ]
     ks, mean, clear, own = structureless_floor({"null_margin": 4.0, "per_k": per_k})
     assert ks == [2, 3] and mean == [0.06, 0.04] and own == [0.03, 0.05]
     np.testing.assert_allclose(clear, [0.08, 0.08])
@@ -139,6 +172,10 @@ def test_the_report_says_what_to_deploy_and_what_to_run_next():
     assert advice.startswith("Not decided yet: the gradient structure is weak")
     assert "2.0500 as deployed against 2.0600 for the generalist (-0.0100" in advice
     assert nxt == "gs-ray eval runs/r"
-    advice, _ = deploy_advice("runs/r", None, {"test_loss_routed": 2.1, "test_loss_warmup": 2.3},
-                              {"structure": {"weak": False, "k": 4}})  # fmt: skip
+    advice, _ = deploy_advice(
+        "runs/r",
+        None,
+        {"test_loss_routed": 2.1, "test_loss_warmup": 2.3},
+        {"structure": {"weak": False, "k": 4}},
+    )
     assert "clear at K = 4" in advice and "for the warm-up adapter" in advice

@@ -50,7 +50,7 @@ def test_temperature_matches_a_continuous_optimiser():
     logits = rng.normal(scale=2.0, size=(2000, 4))
     proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     labels = np.array([rng.choice(4, p=p) for p in proba])  # calibrated by construction
-    proba = proba ** 3 / (proba ** 3).sum(1, keepdims=True)  # made overconfident
+    proba = proba**3 / (proba**3).sum(1, keepdims=True)  # made overconfident
 
     def nll(log_t):
         p = calibrate_proba(proba, np.exp(log_t))

@@ -165,9 +165,17 @@ def test_prompt_mix_for_short_answers(tmp_path):
     from gs_ray.stage2.computer import GradientComputer
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, pad_token_id=0))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        )
+    )
     base.save_pretrained(tmp_path / "base")
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
@@ -178,8 +186,11 @@ def test_prompt_mix_for_short_answers(tmp_path):
     short = ([5, 6, 7, 8, 9], [-100, -100, -100, -100, 9])  # a one-token answer
     long = ([5, 6, 7, 8, 9, 10, 11], [-100, -100, 8, 9, 10, 11, 12])
     computer = lambda m: GradientComputer(  # noqa: E731
-        str(tmp_path / "base"), load_config(None, ["--gradients.prompt_mix_below", str(m)]),
-        str(tmp_path / "adapter"), pad_id=0)
+        str(tmp_path / "base"),
+        load_config(None, ["--gradients.prompt_mix_below", str(m)]),
+        str(tmp_path / "adapter"),
+        pad_id=0,
+    )
     mixed, plain = computer(3), computer(0)
     G = mixed([short, long])
     unit = lambda v: v / np.linalg.norm(v)  # noqa: E731

@@ -34,7 +34,11 @@ def test_cluster_yaml_runs_every_node_with_token_auth():
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
         assert not any("RAY_AUTH_MODE=disabled" in c for c in config[key])
     head = " ".join(config["head_setup_commands"])
-    assert "umask 077" in head and "secrets.token_hex(32)" in head and "chmod 600 ~/.ray/auth_token" in head
+    assert (
+        "umask 077" in head
+        and "secrets.token_hex(32)" in head
+        and "chmod 600 ~/.ray/auth_token" in head
+    )
     assert "install -m 600 ~/.ray/auth_token" in head and "install -d -m 700" in head
     workers = " ".join(config["worker_setup_commands"])
     assert "install -m 600" in workers and workers.endswith("~/.ray/auth_token")

@@ -13,38 +13,72 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "gs_ray"
 
 # Modules that import no Ray and only each other: anything may import them.
-BASE = ("gs_ray.core", "gs_ray.data", "gs_ray.config", "gs_ray.errors", "gs_ray.io",
-        "gs_ray.statefile", "gs_ray.rundir", "gs_ray.progress", "gs_ray.logs")  # fmt: skip
+BASE = (
+    "gs_ray.core",
+    "gs_ray.data",
+    "gs_ray.config",
+    "gs_ray.errors",
+    "gs_ray.io",
+    "gs_ray.statefile",
+    "gs_ray.rundir",
+    "gs_ray.progress",
+    "gs_ray.logs",
+)
 # What a stage's sub-package may import besides BASE and its own modules.
 SHARED = ("gs_ray.prepare", "gs_ray.ray_utils", "gs_ray.local_ray")
-STAGES = ("gs_ray.training", "gs_ray.stage2", "gs_ray.routing", "gs_ray.evaluation",
-          "gs_ray.selection", "gs_ray.serving")  # fmt: skip
+STAGES = (
+    "gs_ray.training",
+    "gs_ray.stage2",
+    "gs_ray.routing",
+    "gs_ray.evaluation",
+    "gs_ray.selection",
+    "gs_ray.serving",
+)
 # Entry points: they may import anything, and nothing imports them but each other.
 ENTRY = ("gs_ray.pipeline", "gs_ray.cli")
 # Every import of one stage's module by a module outside that stage (importer -> the modules it
 # may import). No module import goes in a circle (the last test).
 CROSSINGS = {
-    "gs_ray.training.tuning": {"gs_ray.stage2.computer", "gs_ray.stage2.launch",
-                               "gs_ray.routing.routability", "gs_ray.routing.router"},
+    "gs_ray.training.tuning": {
+        "gs_ray.stage2.computer",
+        "gs_ray.stage2.launch",
+        "gs_ray.routing.routability",
+        "gs_ray.routing.router",
+    },
     "gs_ray.routing.stage": {"gs_ray.training.loop"},
-    "gs_ray.evaluation.analyses": {"gs_ray.routing.router", "gs_ray.stage2.computer",
-                                   "gs_ray.stage2.launch"},
-    "gs_ray.evaluation.baselines": {"gs_ray.routing.router", "gs_ray.routing.fallback",
-                                    "gs_ray.routing.stage", "gs_ray.training.loop",
-                                    "gs_ray.training.ray_train", "gs_ray.training.pretrain"},
-    "gs_ray.evaluation.heldout": {"gs_ray.routing.router", "gs_ray.routing.fallback",
-                                  "gs_ray.training.loop"},
+    "gs_ray.evaluation.analyses": {
+        "gs_ray.routing.router",
+        "gs_ray.stage2.computer",
+        "gs_ray.stage2.launch",
+    },
+    "gs_ray.evaluation.baselines": {
+        "gs_ray.routing.router",
+        "gs_ray.routing.fallback",
+        "gs_ray.routing.stage",
+        "gs_ray.training.loop",
+        "gs_ray.training.ray_train",
+        "gs_ray.training.pretrain",
+    },
+    "gs_ray.evaluation.heldout": {
+        "gs_ray.routing.router",
+        "gs_ray.routing.fallback",
+        "gs_ray.training.loop",
+    },
     "gs_ray.evaluation.show": {"gs_ray.routing.router"},
     "gs_ray.serving.pool": {"gs_ray.routing.router", "gs_ray.routing.fallback"},
     "gs_ray.selection.consumers": {"gs_ray.stage2.consumers"},
     "gs_ray.selection.gsnr": {"gs_ray.stage2.computer", "gs_ray.training.ray_train"},
-    "gs_ray.selection.select": {"gs_ray.stage2.computer", "gs_ray.stage2.consumers",
-                                "gs_ray.stage2.plan", "gs_ray.training.pretrain",
-                                "gs_ray.training.warmup"},
+    "gs_ray.selection.select": {
+        "gs_ray.stage2.computer",
+        "gs_ray.stage2.consumers",
+        "gs_ray.stage2.plan",
+        "gs_ray.training.pretrain",
+        "gs_ray.training.warmup",
+    },
     "gs_ray.selection.spectra": {"gs_ray.training.pretrain"},
     "gs_ray.export": {"gs_ray.evaluation.compare", "gs_ray.serving.pool"},
     "gs_ray.preflight": {"gs_ray.routing.router"},
-}  # fmt: skip
+}
 
 
 def _module(path: Path) -> str:
@@ -88,14 +122,24 @@ def test_the_walk_sees_the_package():
 
 
 def test_base_modules_import_no_ray_and_nothing_above_them():
-    bad = [f"{m} imports {n}" for m, names in IMPORTS.items() if _within(m, BASE)
-           for n in names if n.split(".")[0] == "ray" or not _within(n, BASE)]  # fmt: skip
+    bad = [
+        f"{m} imports {n}"
+        for m, names in IMPORTS.items()
+        if _within(m, BASE)
+        for n in names
+        if n.split(".")[0] == "ray" or not _within(n, BASE)
+    ]
     assert not bad, bad
 
 
 def test_shared_modules_import_no_stage():
-    bad = [f"{m} imports {n}" for m, names in IMPORTS.items() if _within(m, SHARED)
-           for n in names if _stage(n) or _within(n, ENTRY)]  # fmt: skip
+    bad = [
+        f"{m} imports {n}"
+        for m, names in IMPORTS.items()
+        if _within(m, SHARED)
+        for n in names
+        if _stage(n) or _within(n, ENTRY)
+    ]
     assert not bad, bad
 
 
@@ -107,8 +151,10 @@ def test_stages_cross_only_where_the_architecture_says():
         for n in names:
             if _within(n, ENTRY):
                 bad.append(f"{m} imports the entry point {n}")
-            elif _stage(n) and _stage(n) != _stage(m) and not any(
-                _within(n, (ok,)) for ok in CROSSINGS.get(m, ())
+            elif (
+                _stage(n)
+                and _stage(n) != _stage(m)
+                and not any(_within(n, (ok,)) for ok in CROSSINGS.get(m, ()))
             ):
                 bad.append(f"{m} imports {n}: not in CROSSINGS (docs/architecture.md)")
     assert not bad, bad
@@ -119,7 +165,8 @@ def test_crossings_are_real_and_no_import_goes_in_a_circle():
         assert m in IMPORTS, f"{m}: no such module"
         for n in allowed:
             assert n in IMPORTS[m] or any(i.startswith(n + ".") for i in IMPORTS[m]), (
-                f"{m} no longer imports {n}: drop it from CROSSINGS and the docs")
+                f"{m} no longer imports {n}: drop it from CROSSINGS and the docs"
+            )
     # No circle among the modules, lazy imports included (a lazy import that breaks a circle at
     # import time still ties the two modules both ways).
     graph = {m: {n for n in ns if n in IMPORTS and n != m} for m, ns in IMPORTS.items()}

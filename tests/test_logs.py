@@ -26,8 +26,12 @@ NOISE = ("Failed to query", "PreemptionWatcher", "Loading weights", "worker chat
 
 
 def _run(tmp_path, mode):
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), mode],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_quiet_console_shows_gs_ray_lines_and_sends_the_rest_to_the_run_log(tmp_path):

@@ -1,4 +1,5 @@
-"""Base models, tokenizers and LoRA adapters (gs_ray.core.models), checked with plain transformers/peft."""
+"""Base models, tokenizers and LoRA adapters (gs_ray.core.models), checked with plain
+transformers/peft."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ from gs_ray.core.models import (
     train_demo_tokenizer,
 )
 
-CODE = 'def mean(xs):\n    """Average."""\n    if not xs:\n\t\treturn 0.0\n    return sum(xs) / len(xs)\n'
+CODE = (
+    'def mean(xs):\n    """Average."""\n    if not xs:\n\t\treturn 0.0\n'
+    "    return sum(xs) / len(xs)\n"
+)
 TEXTS = [
     "Maya bought 3 apples at $0.75 each. How much did she pay?",
     CODE,

@@ -115,8 +115,10 @@ def _through_gate(gate, path="/v1/completions", headers=None, chunks=(b"{}",), m
 
     seen: dict = {}
     calls = {"receive": 0}
-    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
-                for i, c in enumerate(chunks)]  # fmt: skip
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
 
     async def receive():
         calls["receive"] += 1
@@ -136,15 +138,23 @@ def _through_gate(gate, path="/v1/completions", headers=None, chunks=(b"{}",), m
         sent.append(message)
 
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": raw,
-             "query_string": b""}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "root_path": "",
+        "headers": raw,
+        "query_string": b"",
+    }
     if gate is None:
         app_module._GATE.clear()
     else:
         install_gate(gate)
     asyncio.run(GateMiddleware(downstream)(scope, receive, send))
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    body = json.loads(
+        b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    )
     return status, body, seen.get("body"), calls["receive"]
 
 
@@ -167,14 +177,19 @@ def test_api_key_is_checked_before_the_body_is_read(monkeypatch):
         assert digest and "s3cret" not in digest
         gate = Gate.for_serving(cfg, digest)
         for bad in (None, "s3cret", "Bearer nope", "Basic s3cret", "Bearer ", "Bearer \xe9"):
-            for path, method in (("/v1/completions", "POST"), ("/docs", "GET"),
-                                 ("/openapi.json", "GET"), ("/info", "GET")):  # fmt: skip
+            for path, method in (
+                ("/v1/completions", "POST"),
+                ("/docs", "GET"),
+                ("/openapi.json", "GET"),
+                ("/info", "GET"),
+            ):
                 headers = {} if bad is None else {"authorization": bad}
                 status, body, read, receives = _through_gate(gate, path, headers, method=method)
                 assert status == 401 and body["error"]["type"] == "authentication_error"
                 assert read is None and receives == 0, (bad, path)  # the body was never read
-        status, body, read, _ = _through_gate(gate, headers={"authorization": "Bearer s3cret"},
-                                              chunks=(b'{"a":', b" 1}"))  # fmt: skip
+        status, body, read, _ = _through_gate(
+            gate, headers={"authorization": "Bearer s3cret"}, chunks=(b'{"a":', b" 1}")
+        )
         assert status == 200 and read == b'{"a": 1}'  # the app gets the whole body, once
         assert _through_gate(gate, "/healthz", method="GET")[0] == 200
     assert _through_gate(None, headers=host)[0] == 503  # no gate installed: nothing served
@@ -245,8 +260,9 @@ def test_request_fields_are_bounded(field, body, message):
     chat = {"model": "gs-ray", "messages": [{"role": "user", "content": "a"}] * 257}
     with pytest.raises(ValidationError, match="at most 256 items"):
         ChatRequest.model_validate(chat)
-    CompletionRequest.model_validate({"model": "gs-ray", "prompt": "hi", "seed": 2**63 - 1,
-                                      "temperature": 0})  # fmt: skip
+    CompletionRequest.model_validate(
+        {"model": "gs-ray", "prompt": "hi", "seed": 2**63 - 1, "temperature": 0}
+    )
 
 
 def test_one_failing_row_never_fails_its_batch():
@@ -260,8 +276,9 @@ def test_one_failing_row_never_fails_its_batch():
             if prompt == "template raises":
                 raise TypeError("bad template")
             if prompt == "too long":
-                raise ServingError("prompt: 9 tokens exceed the context",
-                                   code="context_length_exceeded")
+                raise ServingError(
+                    "prompt: 9 tokens exceed the context", code="context_length_exceeded"
+                )
 
         def generate(self, prompts, experts, ms):
             if "boom" in prompts:
@@ -278,17 +295,25 @@ def test_one_failing_row_never_fails_its_batch():
     shell = object.__new__(cls)
     shell.pool, shell.n_batches, shell.n_requests = Pool(), 0, 0
     shell.batch_sizes = collections.deque(maxlen=8)
-    rows = [("ok", 0, 2), ("boom", 1, 2), ("template raises", 0, 2), ("too long", 0, 2),
-            ("sampled", 0, 2, Sampling(0.5, 1.0, 3)), ("mixed", MIXTURE, 2, Mixture([1.0])),
-            ("fine", 1, 2)]  # fmt: skip
+    rows = [
+        ("ok", 0, 2),
+        ("boom", 1, 2),
+        ("template raises", 0, 2),
+        ("too long", 0, 2),
+        ("sampled", 0, 2, Sampling(0.5, 1.0, 3)),
+        ("mixed", MIXTURE, 2, Mixture([1.0])),
+        ("fine", 1, 2),
+    ]
     generate = cls.generate
     out = asyncio.run(getattr(generate, "__wrapped__", generate)(shell, rows))
     assert out[0]["text"] == "OK" and out[6]["text"] == "FINE" and out[5]["text"] == "mix"
     assert out[1] == {"error": "generation failed (RuntimeError)", "server_error": True}
     assert out[4] == {"error": "generation failed (RuntimeError)", "server_error": True}
     assert "could not be prepared (TypeError: bad template)" in out[2]["error"]
-    assert out[3] == {"error": "prompt: 9 tokens exceed the context",
-                      "code": "context_length_exceeded"}
+    assert out[3] == {
+        "error": "prompt: 9 tokens exceed the context",
+        "code": "context_length_exceeded",
+    }
     assert Ingress.func_or_class._generation_error(out[1]).status == 500
     assert Ingress.func_or_class._generation_error(out[3]).code == "context_length_exceeded"
 
@@ -430,8 +455,10 @@ def test_a_stream_that_fails_after_its_first_chunk_ends_with_an_error_and_done()
     shell = _ingress_shell(ServeConfig(), None)
     ok = _streamed(shell, _Pieces([{"text": "a"}, {"text": "b"}, done]))
     assert ok[-1] == "data: [DONE]\n\n" and '"finish_reason": "length"' in ok[-2]
-    for failure in ({"error": "generation failed (RuntimeError)", "server_error": True},
-                    RuntimeError("the experts replica died")):  # fmt: skip
+    for failure in (
+        {"error": "generation failed (RuntimeError)", "server_error": True},
+        RuntimeError("the experts replica died"),
+    ):
         lines = _streamed(shell, _Pieces([{"text": "a"}, failure, {"text": "never"}]))
         error = json.loads(lines[-2].removeprefix("data: "))
         assert lines[-1] == "data: [DONE]\n\n" and error["error"]["type"] == "server_error"

@@ -32,11 +32,24 @@ def job_run(ray_cluster, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("e2e") / "runs"
     job_id = f"gs-ray-e2e-{int(time.time())}"
     cmd = [
-        str(Path(sys.executable).with_name("ray")), "job", "submit",
-        "--address", ray_cluster.dashboard_url, "--working-dir", str(ROOT),
-        "--submission-id", job_id, "--",
-        "python", "jobs/gradientspace.py", "--output-dir", str(out_dir), "--run.name", "job", *SMALLER,
-    ]  # fmt: skip
+        str(Path(sys.executable).with_name("ray")),
+        "job",
+        "submit",
+        "--address",
+        ray_cluster.dashboard_url,
+        "--working-dir",
+        str(ROOT),
+        "--submission-id",
+        job_id,
+        "--",
+        "python",
+        "jobs/gradientspace.py",
+        "--output-dir",
+        str(out_dir),
+        "--run.name",
+        "job",
+        *SMALLER,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=ray_cluster.env(), capture_output=True, text=True, timeout=1800)
     seconds = time.perf_counter() - start
@@ -63,8 +76,16 @@ def _k(m: dict) -> int:
 
 def test_every_stage_ran_on_ray(job_run):
     m = _manifest(job_run["dir"])
-    assert list(m["stages"]) == ["prepare", "warmup", "stage2", "routability", "experts", "router",
-                                 "calibrate", "evaluate"]
+    assert list(m["stages"]) == [
+        "prepare",
+        "warmup",
+        "stage2",
+        "routability",
+        "experts",
+        "router",
+        "calibrate",
+        "evaluate",
+    ]
     assert m["base_model"]["pretrained"]["steps"] == 400  # the default base model has learned
     assert m["stages"]["stage2"]["executor"] == "ray"
     assert m["stages"]["stage2"]["workers"] == 2  # one gradient worker per CPU
@@ -119,8 +140,13 @@ def test_artifacts_exist_and_load(job_run):
     assert merge["met"] and table["routability"]["k_after"] == _k(m)
     assert router.predict(["Write a Python function that reverses a string."])[0] in range(k)
     plots = {p.name for p in (run_dir / "plots").iterdir()}
-    assert {"explained_variance.png", "silhouette_vs_k.png", "cluster_domains.png",
-            "training_loss.png", "expert_cluster_loss.png"} <= plots  # fmt: skip
+    assert {
+        "explained_variance.png",
+        "silhouette_vs_k.png",
+        "cluster_domains.png",
+        "training_loss.png",
+        "expert_cluster_loss.png",
+    } <= plots
     from gs_ray.evaluation.show import show
 
     summary = show(run_dir)
@@ -164,6 +190,24 @@ def test_every_stage_is_below_the_base_model(job_run):
     fb = _metrics(job_run["dir"])["fallback"]
     assert fb["n_calibration"] > 0 and fb["loss_chosen"] <= fb["loss_generalist"] + 1e-9
     assert ev["test_loss_deployed"] < base - 0.1
+
+
+def test_pipeline_stages_benchmark_smoke_on_this_run(job_run, tmp_path):
+    """benchmarks/pipeline_stages.py --smoke on the finished run: the stage table, and its
+    adapters retrained packed and one run each, which must come out identical."""
+    import importlib.util
+    import json
+
+    path = ROOT / "benchmarks" / "pipeline_stages.py"
+    spec = importlib.util.spec_from_file_location("pipeline_stages", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    report = bench.main(["--run-dir", str(job_run["dir"]), "--smoke", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["identical"] is True
+    assert report["adapters"] >= 2 and len(report["packed_runs"]) <= 2  # 2 CPUs: 2 runs at most
+    assert set(report["stages_seconds"]) >= {"warmup", "stage2", "experts", "router"}
 
 
 def test_resume_after_deleting_one_expert_retrains_only_that_expert(job_run):

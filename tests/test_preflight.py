@@ -200,7 +200,8 @@ def test_a_worker_resource_a_local_ray_cannot_have_fails_fast(
     cfg = _cfg(tmp_path, f"--{section}.worker_resource", "fake_gpu")
     with pytest.raises(
         ConfigError,
-        match=f"^{section}.worker_resource 'fake_gpu': the Ray started here .* has no such resource",
+        match=f"^{section}.worker_resource 'fake_gpu': the Ray started here .* "
+        "has no such resource",
     ):
         check_run(cfg)
     assert check_run(apply_overrides(cfg, ["--run.ray_address", "ray://head:10001"])) == []

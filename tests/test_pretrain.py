@@ -12,10 +12,24 @@ import torch
 from gs_ray.config import load_config
 from gs_ray.training import pretrain
 
-TINY = ["--model.tiny_hidden_size", "32", "--model.tiny_num_layers", "1",
-        "--model.tiny_num_heads", "2", "--model.tiny_pretrain_records", "600",
-        "--model.tiny_pretrain_steps", "60", "--model.tiny_pretrain_batch_size", "8",
-        "--model.tiny_pretrain_max_length", "96", "--data.demo_size", "300"]  # fmt: skip
+TINY = [
+    "--model.tiny_hidden_size",
+    "32",
+    "--model.tiny_num_layers",
+    "1",
+    "--model.tiny_num_heads",
+    "2",
+    "--model.tiny_pretrain_records",
+    "600",
+    "--model.tiny_pretrain_steps",
+    "60",
+    "--model.tiny_pretrain_batch_size",
+    "8",
+    "--model.tiny_pretrain_max_length",
+    "96",
+    "--data.demo_size",
+    "300",
+]
 
 
 def _cfg(tmp_path, *more):
@@ -55,8 +69,9 @@ def _heldout_loss(folder, cfg) -> float:
     model = load_base_model(str(folder), cfg.model, torch.device("cpu")).eval()
     samples, _ = load_samples(cfg.data, tok, 0)
     with torch.no_grad():
-        return float(per_sample_loss(model, collate([s.pair for s in samples[:64]],
-                                                    tok.pad_token_id)).mean())  # fmt: skip
+        return float(
+            per_sample_loss(model, collate([s.pair for s in samples[:64]], tok.pad_token_id)).mean()
+        )
 
 
 def test_local_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
@@ -100,8 +115,12 @@ def test_prepare_copies_the_pretrained_model_into_the_run(tmp_path):
     b = load_base_model(str(cached), cfg.model, torch.device("cpu")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in b)
     # Random weights where asked for (tiny_pretrain_steps 0): a different model.
-    q = prepare(_cfg(tmp_path, "--run.output_dir", str(tmp_path / "runs"),
-                     "--model.tiny_pretrain_steps", "0"), base_model=base_model_for)  # fmt: skip
+    q = prepare(
+        _cfg(
+            tmp_path, "--run.output_dir", str(tmp_path / "runs"), "--model.tiny_pretrain_steps", "0"
+        ),
+        base_model=base_model_for,
+    )
     c = load_base_model(q.base_path, cfg.model, torch.device("cpu")).state_dict()
     assert not all(torch.equal(c[k], b[k]) for k in b)
 

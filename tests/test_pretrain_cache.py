@@ -44,8 +44,11 @@ def _train(cfg, init, output, pairs, seed, pad_id, on_ray):
 
 @pytest.fixture
 def cfg(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "build_tiny_llama", lambda *a: (
-        _Files({"config.json": "{}"}), _Files({"tokenizer.json": "{}"})))
+    monkeypatch.setattr(
+        pretrain,
+        "build_tiny_llama",
+        lambda *a: (_Files({"config.json": "{}"}), _Files({"tokenizer.json": "{}"})),
+    )
     monkeypatch.setattr(pretrain, "pretraining_corpus", lambda cfg, seed: TEXTS)
     monkeypatch.setattr(pretrain, "_train", _train)
     return load_config(None, ["--model.cache_dir", str(tmp_path / "cache")])

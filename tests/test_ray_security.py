@@ -207,18 +207,22 @@ def test_training_process_group_listens_on_loopback_only(ray_session, tmp_path):
 
         t = torch.ones(1)
         dist.all_reduce(t)  # the group is up (and gloo's pairs are connected)
-        socks = [(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
-                 if c.status == psutil.CONN_LISTEN and c.pid == os.getpid()]  # fmt: skip
+        socks = [
+            (c.laddr.ip, c.laddr.port)
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid == os.getpid()
+        ]
         out = {"socks": socks, "master_port": int(os.environ["MASTER_PORT"]), "sum": t.item()}
         Path(config["out"], f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
         dist.barrier()  # each rank records while the other is still in the group
 
     trainer = TorchTrainer(
-        _record_listeners, train_loop_config={"out": str(tmp_path)},
+        _record_listeners,
+        train_loop_config={"out": str(tmp_path)},
         torch_config=LoopbackTorchConfig(),
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(name="loopback", storage_path=str(tmp_path / "storage")),
-    )  # fmt: skip
+    )
     trainer.fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["sum"] for r in ranks] == [2.0, 2.0]
@@ -279,8 +283,10 @@ def test_added_worker_node_leaves_the_heads_working_dirs_alone(ray_session, tmp_
     client = JobSubmissionClient(ray_session.dashboard_url)
 
     def submit() -> str:
-        job = client.submit_job(entrypoint="python -c \"print(open('hello.txt').read())\"",
-                                runtime_env={"working_dir": str(work)})  # fmt: skip
+        job = client.submit_job(
+            entrypoint="python -c \"print(open('hello.txt').read())\"",
+            runtime_env={"working_dir": str(work)},
+        )
         deadline = time.monotonic() + 180
         while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
             assert time.monotonic() < deadline, client.get_job_logs(job)
@@ -289,8 +295,11 @@ def test_added_worker_node_leaves_the_heads_working_dirs_alone(ray_session, tmp_
         return client.get_job_info(job).runtime_env["working_dir"]
 
     uri = submit()
-    unpacked = next(Path(ray_session.temp_dir).glob(
-        f"session_2*/runtime_resources/working_dir_files/{uri.split('//')[1][:-4]}"))  # fmt: skip
+    unpacked = next(
+        Path(ray_session.temp_dir).glob(
+            f"session_2*/runtime_resources/working_dir_files/{uri.split('//')[1][:-4]}"
+        )
+    )
     _internal_kv_del(uri)  # the package has left the GCS, as after its job ended
 
     node = ray_session.add_node(num_cpus=1)

@@ -44,16 +44,32 @@ def test_a_resume_is_recorded_with_its_overrides_and_the_config_hash(tmp_path):
     plan = pipeline.resume_run(run, cfg)
     assert plan.changed == {} and plan.invalidate == ()
     # keys that change how, not what (machines, parallelism, where to stop): kept stages
-    how = _with(cfg, "--stage2.num_workers", "3", "--experts.cpus_per_worker", "2",
-                "--run.until", "experts", "--model.device", "cpu", "--eval.seeds", "3")  # fmt: skip
+    how = _with(
+        cfg,
+        "--stage2.num_workers",
+        "3",
+        "--experts.cpus_per_worker",
+        "2",
+        "--run.until",
+        "experts",
+        "--model.device",
+        "cpu",
+        "--eval.seeds",
+        "3",
+    )
     plan = pipeline.resume_run(run, how)
     assert plan.invalidate == () and all(run.stage_done(s) for s in FINISHED)
     m = run.manifest()
     assert [r["overrides"] for r in m["resumes"]] == [
         {},
-        {"model.device": "cpu", "experts.cpus_per_worker": 2.0, "stage2.num_workers": 3,
-         "eval.seeds": 3, "run.until": "experts"},
-    ]  # fmt: skip
+        {
+            "model.device": "cpu",
+            "experts.cpus_per_worker": 2.0,
+            "stage2.num_workers": 3,
+            "eval.seeds": 3,
+            "run.until": "experts",
+        },
+    ]
     assert m["resumes"][1]["previous"]["stage2.num_workers"] is None
     assert m["resumes"][1]["invalidated"] == [] and m["resumes"][1]["at"].startswith("20")
     assert m["config"]["stage2"]["num_workers"] == 3  # the run's config is what it runs with
@@ -68,14 +84,19 @@ def test_a_change_that_would_invalidate_finished_stages_is_refused_naming_the_ke
         pipeline.plan_resume(run, _with(cfg, "--clustering.beta", "0.95", "--lora.dropout", "0.1"))
     msg = str(e.value)
     assert "lora.dropout 0.05 -> 0.1" in msg and "clustering.beta 0.9 -> 0.95" in msg
-    assert ("invalidate the finished stages warmup, stage2, routability, experts, router, "
-            "calibrate, evaluate") in msg and "--redo warmup" in msg  # fmt: skip
+    assert (
+        "invalidate the finished stages warmup, stage2, routability, experts, router, "
+        "calibrate, evaluate"
+    ) in msg and "--redo warmup" in msg
     with pytest.raises(UserError, match=r"clustering.beta .* stage2, routability.* --redo stage2"):
         pipeline.resume_run(run, _with(cfg, "--clustering.beta", "0.95"))
     # a later stage's key reaches that stage and the ones after it only
-    with pytest.raises(UserError, match=r"fallback.thresholds 9 -> 8 would invalidate the "
-                                        r"finished stages calibrate, evaluate; redo them with "
-                                        r"--redo calibrate"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"fallback.thresholds 9 -> 8 would invalidate the "
+        r"finished stages calibrate, evaluate; redo them with "
+        r"--redo calibrate",
+    ):
         pipeline.resume_run(run, _with(cfg, "--fallback.thresholds", "8"))
     # two stages that do not follow from one another: both named
     with pytest.raises(UserError, match=r"--redo experts,router"):
@@ -105,16 +126,26 @@ def test_a_stage_that_applies_under_neither_config_reads_nothing(tmp_path):
 def test_redo_invalidates_deliberately_and_drops_outputs_and_checkpoints(tmp_path):
     run, cfg = _run(tmp_path)
     ckpt = run.checkpoint_dir / "centroids.json"
-    for path in (ckpt, run.expert(0) / "adapter_model.safetensors",
-                 run.ray_train / "expert_0" / "checkpoint_000000" / "state.json",
-                 run.ray_train / "generalist" / "x", run.ray_train / "warmup" / "x",
-                 run.ray_train / "warmup.gs_ray" / "attempts"):  # fmt: skip
+    for path in (
+        ckpt,
+        run.expert(0) / "adapter_model.safetensors",
+        run.ray_train / "expert_0" / "checkpoint_000000" / "state.json",
+        run.ray_train / "generalist" / "x",
+        run.ray_train / "warmup" / "x",
+        run.ray_train / "warmup.gs_ray" / "attempts",
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
     new = _with(cfg, "--clustering.beta", "0.95")
     plan = pipeline.resume_run(run, new, redo=["stage2"])
-    assert plan.invalidate == ("stage2", "routability", "experts", "router", "calibrate",
-                               "evaluate")  # fmt: skip
+    assert plan.invalidate == (
+        "stage2",
+        "routability",
+        "experts",
+        "router",
+        "calibrate",
+        "evaluate",
+    )
     assert run.stage_done("warmup") and not run.stage_done("stage2")
     assert not run.checkpoint_dir.exists()  # the Stage II checkpoint does not survive
     assert not run.experts_dir.exists()
@@ -131,7 +162,9 @@ def test_redo_invalidates_deliberately_and_drops_outputs_and_checkpoints(tmp_pat
     # --redo of a stage alone: it and every stage after it, Ray Train's warm-up run included
     plan = pipeline.resume_run(run, new, redo=["warmup"])
     assert plan.invalidate[0] == "warmup" and not run.stage_done("warmup")
-    assert not (run.ray_train / "warmup").exists() and not (run.ray_train / "warmup.gs_ray").exists()
+    assert (
+        not (run.ray_train / "warmup").exists() and not (run.ray_train / "warmup.gs_ray").exists()
+    )
 
 
 def test_a_manifest_whose_config_was_edited_is_refused(tmp_path):
@@ -171,10 +204,11 @@ def test_a_stage_is_never_marked_done_before_its_dependents_are_invalidated(tmp_
         raise KeyboardInterrupt("killed right after the router was marked done")
 
     stages = tuple(
-        dataclasses.replace(s, complete=None,
-                            run=router_then_killed if s.name == "router" else None)
+        dataclasses.replace(
+            s, complete=None, run=router_then_killed if s.name == "router" else None
+        )
         for s in pipeline.STAGES
-    )  # fmt: skip
+    )
     p = SimpleNamespace(run=run)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "STAGES", stages)
@@ -203,8 +237,9 @@ def test_the_stage2_checkpoint_is_deleted_once_stage2_is_done(tmp_path, monkeypa
     monkeypatch.setattr(stage, "run_stage2_ray", executor)
     monkeypatch.setattr(stage, "write_stage2_outputs", lambda p, res: None)
     monkeypatch.setattr(stage.Stage2Plan, "build", staticmethod(lambda *a: None))
-    p = SimpleNamespace(run=run, cfg=cfg, lengths=None, splits=None, samples=[],
-                        base_path="base", pad_id=0)  # fmt: skip
+    p = SimpleNamespace(
+        run=run, cfg=cfg, lengths=None, splits=None, samples=[], base_path="base", pad_id=0
+    )
     fail = True
     with pytest.raises(RuntimeError):
         stage.stage2_ray(p, resume=True)
@@ -245,6 +280,7 @@ def test_secrets_never_reach_the_run_directory(tmp_path, monkeypatch):
 def test_every_config_key_is_classified_for_resume():
     """Every key of the config has an entry in pipeline.READS (a new section or field must say
     which stages read it), and every stage named there exists."""
+
     def leaves(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict):

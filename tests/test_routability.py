@@ -91,8 +91,9 @@ def test_encoder_kind_needs_features():
     with pytest.raises(ValueError, match="features"):
         cv_probabilities(["a b", "c d"], np.array([0, 1]), 2, RouterConfig(kind="encoder"))
     feats = np.concatenate([np.eye(2)[[0] * 10 + [1] * 10] + 0.01 * np.arange(20)[:, None]])
-    proba = cv_probabilities(["x"] * 20, np.array([0] * 10 + [1] * 10), 2,
-                             RouterConfig(kind="encoder"), features=feats)
+    proba = cv_probabilities(
+        ["x"] * 20, np.array([0] * 10 + [1] * 10), 2, RouterConfig(kind="encoder"), features=feats
+    )
     assert (proba.argmax(1) == np.array([0] * 10 + [1] * 10)).mean() == 1.0
 
 
@@ -110,8 +111,9 @@ def _prepared(tmp_path, overrides):
     splits = make_splits(40, cfg.data, 0)
     run = RunDir(tmp_path)
     labels = np.arange(40) % 3
-    write_jsonl(run.assignments_path, ({"id": s.id, "cluster": int(c)}
-                                       for s, c in zip(samples, labels)))
+    write_jsonl(
+        run.assignments_path, ({"id": s.id, "cluster": int(c)} for s, c in zip(samples, labels))
+    )
     write_json(run.k_selection_json, {"chosen": {"k": 3}})
     write_json(run.routability_json, {"mapping": [0, 1, 0], "k_before": 3, "k_after": 2})
     return Prepared(run, cfg, "", None, samples, splits), labels
@@ -123,8 +125,9 @@ def test_paper_mode_keeps_stage2_partition_and_all_training_rows(tmp_path):
     from gs_ray.config import load_config
     from gs_ray.pipeline import STAGES
 
-    p, labels = _prepared(tmp_path, ["--clustering.routability", "off",
-                                     "--fallback.enabled", "false"])
+    p, labels = _prepared(
+        tmp_path, ["--clustering.routability", "off", "--fallback.enabled", "false"]
+    )
     got, k = p.assignments()
     assert k == 3 and (got == labels).all()
     assert len(p.calibration_rows()) == 0 and (p.fit_rows() == p.splits.train).all()

@@ -83,16 +83,32 @@ def test_resume_refuses_data_that_changed(tmp_path):
     data = tmp_path / "d.jsonl"
     rows = [{"instruction": f"say {i}", "output": f"{i} {i}"} for i in range(40)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--data.source", str(data), "--run.output_dir", str(tmp_path / "runs"),
-            "--run.name", "r", "--model.tiny_pretrain_steps", "0", "--model.tiny_hidden_size", "32",
-            "--model.tiny_num_layers", "1", "--data.n_val", "8"]  # fmt: skip
+    args = [
+        "--data.source",
+        str(data),
+        "--run.output_dir",
+        str(tmp_path / "runs"),
+        "--run.name",
+        "r",
+        "--model.tiny_pretrain_steps",
+        "0",
+        "--model.tiny_hidden_size",
+        "32",
+        "--model.tiny_num_layers",
+        "1",
+        "--data.n_val",
+        "8",
+    ]
     cfg = load_config(None, args)
     p = prepare(cfg, base_model=base_model_for)
     p.run.release_lock()
     fp = p.run.manifest()["data"]["fingerprint"]
     assert len(fp) == 64
     run = RunDir.open(p.run.path)
-    assert prepare(run.config(), run, base_model=base_model_for).run.manifest()["data"]["fingerprint"] == fp  # unchanged: ok
+    assert (
+        prepare(run.config(), run, base_model=base_model_for).run.manifest()["data"]["fingerprint"]
+        == fp
+    )  # unchanged: ok
     run.release_lock()
     rows[7]["output"] = "edited"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -129,8 +129,13 @@ def test_less_and_random_share_the_interface():
 
 
 def test_split_rows_cuts_by_the_layout():
-    layout = {"param_names": ["a", "b"], "shapes": [[2, 3], [4, 1]], "offsets": [0, 6, 10],
-              "dim": 10, "projection_dim": None}  # fmt: skip
+    layout = {
+        "param_names": ["a", "b"],
+        "shapes": [[2, 3], [4, 1]],
+        "offsets": [0, 6, 10],
+        "dim": 10,
+        "projection_dim": None,
+    }
     rows = np.arange(20, dtype=np.float32).reshape(2, 10)
     parts = split_rows(rows, layout)
     assert parts["a"].shape == (2, 2, 3) and parts["b"].shape == (2, 4, 1)
@@ -159,8 +164,13 @@ class CountingComputer:
         return check_finite(self.G[[p[0][0] for p in pairs]], ids, "fail")
 
     def layout(self):
-        return {"param_names": ["w"], "shapes": [[D]], "offsets": [0, D], "dim": D,
-                "projection_dim": None}  # fmt: skip
+        return {
+            "param_names": ["w"],
+            "shapes": [[D]],
+            "offsets": [0, D],
+            "dim": D,
+            "projection_dim": None,
+        }
 
 
 class LayerNorms(GradientConsumer):
@@ -193,8 +203,11 @@ def stage2_setup():
     cfg.clustering.batch_size, cfg.clustering.max_epochs, cfg.clustering.k_max = 16, 2, 4
     rng = np.random.default_rng(0)
     online = [list(np.array_split(rng.permutation(N_POOL), 6)) for _ in range(2)]
-    plan = Stage2Plan(val=[np.arange(32), np.arange(32, 64)], online=online,
-                      final=list(np.array_split(np.arange(N_POOL), 6)))  # fmt: skip
+    plan = Stage2Plan(
+        val=[np.arange(32), np.arange(32, 64)],
+        online=online,
+        final=list(np.array_split(np.arange(N_POOL), 6)),
+    )
     samples = [Sample(id=f"p{i}", input_ids=[i], labels=[i]) for i in range(N_POOL)]
     return T, G, cfg, plan, samples
 
@@ -212,8 +225,9 @@ def test_consumers_with_the_clusterer_equal_each_alone_in_one_gradient_pass():
     for consumer in solo:  # each consumer alone, fed the final pass directly
         feed_all(consumer, G[np.concatenate(plan.final)], size=16)
     both = CountingComputer(G)
-    res = run_stage2_local(plan, samples, both,
-                           CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T)))  # fmt: skip
+    res = run_stage2_local(
+        plan, samples, both, CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T))
+    )
     assert both.calls == alone.calls == 2 + 2 * 6 + 6  # val + online epochs + final, once each
     assert np.array_equal(res.labels, ref.labels)
     assert np.allclose(res.clusterer.cluster_centers_, ref.clusterer.cluster_centers_)
@@ -233,8 +247,12 @@ def test_the_clusterer_is_a_consumer_like_the_others(tmp_path):
     from gs_ray.stage2.consumers import ClusteringConsumer
 
     T, G, cfg, plan, samples = stage2_setup()
-    whole = run_stage2_local(plan, samples, CountingComputer(G),
-                             CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T)))  # fmt: skip
+    whole = run_stage2_local(
+        plan,
+        samples,
+        CountingComputer(G),
+        CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T)),
+    )
     host = CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T))
     first = host.stream.consumers[0]
     assert isinstance(first, ClusteringConsumer) and isinstance(first, GradientConsumer)
@@ -260,14 +278,19 @@ def test_the_clusterer_is_a_consumer_like_the_others(tmp_path):
     assert np.array_equal(clustering.labels_, whole.labels)
     summary = clustering.write(RunDir(tmp_path / "run"))
     assert summary["k"] == whole.k
-    assert np.allclose(np.load(tmp_path / "run" / "stage2" / "centroids.npy"),
-                       whole.clusterer.cluster_centers_)  # fmt: skip
+    assert np.allclose(
+        np.load(tmp_path / "run" / "stage2" / "centroids.npy"), whole.clusterer.cluster_centers_
+    )
 
 
 def test_consumer_resumes_from_a_stage2_checkpoint(tmp_path):
     T, G, cfg, plan, samples = stage2_setup()
-    whole = run_stage2_local(plan, samples, CountingComputer(G),
-                             CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T)))  # fmt: skip
+    whole = run_stage2_local(
+        plan,
+        samples,
+        CountingComputer(G),
+        CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T)),
+    )
     crash_at = 2 + 2 * 6 + 3  # the third batch of the final pass
     host = CentroidHost(make_clusterer(cfg), N_POOL, consumers=selectors(T))
     with pytest.raises(RuntimeError, match="worker lost"):
@@ -312,8 +335,15 @@ def test_consumer_outputs_land_in_the_run_directory(tmp_path):
 def test_layers_of_projected_gradients_are_refused_before_the_pass():
     consumers = ConsumerSet([LayerNorms()])
     with pytest.raises(ValueError, match="projected"):
-        consumers.set_layout({"param_names": ["w"], "shapes": [[D]], "offsets": [0, D],
-                              "dim": 64, "projection_dim": 64})  # fmt: skip
+        consumers.set_layout(
+            {
+                "param_names": ["w"],
+                "shapes": [[D]],
+                "offsets": [0, D],
+                "dim": 64,
+                "projection_dim": 64,
+            }
+        )
     with pytest.raises(ValueError, match="unique"):
         ConsumerSet([RandomSelector(0), RandomSelector(1)])
     assert isinstance(LessSelector(np.ones(4) / 2, D, 0).k, int)
@@ -336,8 +366,16 @@ def test_select_user_errors_are_one_message_before_any_model(tmp_path, capsys, a
 
     target = tmp_path / "t.jsonl"
     target.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
-    argv = ["select", "--target", str(target), "--output-dir", str(tmp_path / "runs"),
-            "--data.demo_size", "8", *args]  # fmt: skip
+    argv = [
+        "select",
+        "--target",
+        str(target),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--data.demo_size",
+        "8",
+        *args,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
@@ -345,11 +383,29 @@ def test_select_user_errors_are_one_message_before_any_model(tmp_path, capsys, a
 
 
 TINY = [
-    "--data.demo_size", "64", "--data.n_val", "8", "--data.max_length", "160",
-    "--model.tiny_hidden_size", "32", "--model.tiny_num_layers", "1",
-    "--model.tiny_vocab_size", "2048", "--lora.r", "4", "--lora.alpha", "8",
-    "--warmup.epochs", "1", "--gradients.batch_size", "16", "--model.tiny_pretrain_steps", "0",
-]  # fmt: skip
+    "--data.demo_size",
+    "64",
+    "--data.n_val",
+    "8",
+    "--data.max_length",
+    "160",
+    "--model.tiny_hidden_size",
+    "32",
+    "--model.tiny_num_layers",
+    "1",
+    "--model.tiny_vocab_size",
+    "2048",
+    "--lora.r",
+    "4",
+    "--lora.alpha",
+    "8",
+    "--warmup.epochs",
+    "1",
+    "--gradients.batch_size",
+    "16",
+    "--model.tiny_pretrain_steps",
+    "0",
+]
 
 
 @pytest.mark.slow
@@ -360,8 +416,10 @@ def test_select_end_to_end_on_the_demo(tmp_path, capsys):
     target = tmp_path / "target.jsonl"
     records = [r for r in build_demo_corpus(n_samples=200, seed=7) if r["domain"] == "math"]
     target.write_text("".join(json.dumps(r) + "\n" for r in records[:12]))
-    assert main(["select", "--target", str(target), "--output-dir", str(tmp_path / "runs"),
-                 *TINY]) == 0  # fmt: skip
+    assert (
+        main(["select", "--target", str(target), "--output-dir", str(tmp_path / "runs"), *TINY])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run = RunDir.open(out["run_dir"])
     ranked = RunDir.read_jsonl(run.selection_ranked("gist"))
@@ -377,8 +435,22 @@ def test_select_end_to_end_on_the_demo(tmp_path, capsys):
     warmup_seconds = run.manifest()["stages"]["warmup"]["seconds"]
 
     # Reuse the run's warm-up adapter with another method and budget: no new warm-up.
-    assert main(["select", "--target", str(target), "--run-dir", str(run.path),
-                 "--method", "random", "--budget", "10"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "select",
+                "--target",
+                str(target),
+                "--run-dir",
+                str(run.path),
+                "--method",
+                "random",
+                "--budget",
+                "10",
+            ]
+        )
+        == 0
+    )
     assert len(RunDir.read_jsonl(run.selection_selected("random"))) == 10
     assert run.manifest()["stages"]["warmup"]["seconds"] == warmup_seconds
     calls = json.loads(run.selection_summary("random").read_text())["engine_calls"]
@@ -389,10 +461,19 @@ def test_select_end_to_end_on_the_demo(tmp_path, capsys):
     from gs_ray.config import apply_overrides
     from gs_ray.pipeline import run_local
 
-    cfg = apply_overrides(run.config(), [
-        "--clustering.max_epochs", "1", "--clustering.k_max", "3",
-        "--stage2.consumers", "[gist, random]", "--selection.target", str(target),
-    ])  # fmt: skip
+    cfg = apply_overrides(
+        run.config(),
+        [
+            "--clustering.max_epochs",
+            "1",
+            "--clustering.k_max",
+            "3",
+            "--stage2.consumers",
+            "[gist, random]",
+            "--selection.target",
+            str(target),
+        ],
+    )
     alone = {r["id"]: r["score"] for r in RunDir.read_jsonl(run.selection_scores("gist"))}
     run.selection_selected("gist").unlink()  # so that the switch's outputs are new
     run_local(cfg, resume=str(run.path))
@@ -424,12 +505,38 @@ def test_select_gsnr_ranks_by_the_ensemble_scores(tmp_path, capsys, monkeypatch)
         return gsnr.GSNRScores(scores, "energy", ["m0", "m1"], {}, {"training": 1.0})
 
     monkeypatch.setattr(gsnr, "gsnr_scores", fake_scores)
-    assert main(["select", "--target", str(tmp_path / "missing.jsonl"), "--method", "gist",
-                 "--output-dir", str(tmp_path / "r0"), *TINY]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "select",
+                "--target",
+                str(tmp_path / "missing.jsonl"),
+                "--method",
+                "gist",
+                "--output-dir",
+                str(tmp_path / "r0"),
+                *TINY,
+            ]
+        )
+        == 2
+    )
     assert main(["select", "--method", "gist", "--output-dir", str(tmp_path / "r1"), *TINY]) == 2
     assert "selection.target" in capsys.readouterr().err
-    assert main(["select", "--method", "gsnr", "--budget", "5", "--output-dir",
-                 str(tmp_path / "runs"), *TINY]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "select",
+                "--method",
+                "gsnr",
+                "--budget",
+                "5",
+                "--output-dir",
+                str(tmp_path / "runs"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run = RunDir.open(out["run_dir"])
     assert not run.stage_done("warmup") and run.stage_done("select")
@@ -452,8 +559,17 @@ def test_stage2_consumers_check_their_target_before_anything_runs(tmp_path):
     from gs_ray.errors import DataError
 
     def cfg(target):
-        return apply_overrides(Config(), ["--stage2.consumers", "gist", "--selection.target",
-                                          str(target), "--data.demo_size", "8"])  # fmt: skip
+        return apply_overrides(
+            Config(),
+            [
+                "--stage2.consumers",
+                "gist",
+                "--selection.target",
+                str(target),
+                "--data.demo_size",
+                "8",
+            ],
+        )
 
     with pytest.raises(DataError, match="missing.jsonl"):
         check_inputs(cfg(tmp_path / "missing.jsonl"))

@@ -88,8 +88,12 @@ def _alone(run_dir: Path, k: int, prompt: str, max_new_tokens: int) -> str:
     model = PeftModel.from_pretrained(base, run_dir / "experts" / f"expert_{k}").eval()
     ids = tok(run.cfg.data.template.format(prompt=prompt), return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id or tok.eos_token_id)  # fmt: skip
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id or tok.eos_token_id,
+        )
     new = out[0, ids["input_ids"].shape[1] :].tolist()
     if tok.eos_token_id in new:
         new = new[: new.index(tok.eos_token_id)]
@@ -227,8 +231,11 @@ def test_pool_long_and_short_batch_equals_one_at_a_time(pool, run_dir, long_prom
     gens = pool.generate(prompts, [1] * 8, limits)
     alone = [pool.generate([p], [1], m)[0] for p, m in zip(prompts, limits, strict=True)]
     for g, a, m in zip(gens, alone, limits, strict=True):
-        assert (g.text, g.n_new_tokens, g.n_prompt_tokens) == (a.text, a.n_new_tokens,
-                                                               a.n_prompt_tokens)  # fmt: skip
+        assert (g.text, g.n_new_tokens, g.n_prompt_tokens) == (
+            a.text,
+            a.n_new_tokens,
+            a.n_prompt_tokens,
+        )
         assert g.n_new_tokens <= m
     assert gens[0].text == _alone(run_dir, 1, prompts[0], 1)
     assert gens[4].text == _alone(run_dir, 1, prompts[4], 512)
@@ -401,12 +408,27 @@ def served(ray_cluster, run_dir):
 
     port = free_port()
     cmd = [
-        str(Path(sys.executable).with_name("ray")), "job", "submit",
-        "--address", ray_cluster.dashboard_url, "--working-dir", str(ROOT), "--",
-        "python", "jobs/serve.py", str(run_dir), "--detach", "--serve.port", str(port),
-        "--serve.batch_wait_s", "0.2", "--serve.expert_cpus", "0.5",
-        "--serve.router_cpus", "0.25",
-    ]  # fmt: skip
+        str(Path(sys.executable).with_name("ray")),
+        "job",
+        "submit",
+        "--address",
+        ray_cluster.dashboard_url,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "jobs/serve.py",
+        str(run_dir),
+        "--detach",
+        "--serve.port",
+        str(port),
+        "--serve.batch_wait_s",
+        "0.2",
+        "--serve.expert_cpus",
+        "0.5",
+        "--serve.router_cpus",
+        "0.25",
+    ]
     proc = subprocess.run(cmd, env=ray_cluster.env(), capture_output=True, text=True, timeout=600)
     try:
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -453,8 +475,9 @@ def test_http_generate_equals_the_expert_alone(served, run_dir, reference):
         assert out["routed_by"] == "router" and out["expert"] == int(routes[i])
         assert out["text"] == reference[i, int(routes[i])]
         assert out["finish_reason"] in ("stop", "length") and out["n_new_tokens"] <= 12
-    status, out = _http(f"{served}/generate", {"prompt": PROMPTS[0], "expert": 2,
-                                               "max_new_tokens": 12})  # fmt: skip
+    status, out = _http(
+        f"{served}/generate", {"prompt": PROMPTS[0], "expert": 2, "max_new_tokens": 12}
+    )
     assert status == 200 and out["routed_by"] == "request" and out["expert"] == 2
     assert out["text"] == reference[0, 2]
 
@@ -489,8 +512,11 @@ def test_http_burst_is_batched_and_exact(served, reference):
 
     def ask(job):
         i, k = job
-        return _http(f"{served}/generate",
-                     {"prompt": PROMPTS[i], "expert": k, "max_new_tokens": 12}, timeout=60)  # fmt: skip
+        return _http(
+            f"{served}/generate",
+            {"prompt": PROMPTS[i], "expert": k, "max_new_tokens": 12},
+            timeout=60,
+        )
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=10) as ex:
@@ -509,10 +535,17 @@ def test_http_openai_burst_with_abusive_rows_serves_the_valid_ones(served, refer
     (seed 2**64, temperature 1e-300, an over-long prompt, a huge stop list): every valid one is
     answered exactly as alone, every bad one gets its own 400 (bounded: 16 requests, 60 s each)."""
     url = f"{served}/v1/completions"
-    good = [{"model": expert_model(k), "prompt": PROMPTS[i], "max_tokens": 12, "temperature": 0}
-            for i, k in ((0, 0), (1, 1 % K), (2, 2 % K), (3, 0), (4, 1 % K))]  # fmt: skip
-    seeded = {"model": expert_model(0), "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0.7,
-              "seed": 2**63 - 1}  # fmt: skip
+    good = [
+        {"model": expert_model(k), "prompt": PROMPTS[i], "max_tokens": 12, "temperature": 0}
+        for i, k in ((0, 0), (1, 1 % K), (2, 2 % K), (3, 0), (4, 1 % K))
+    ]
+    seeded = {
+        "model": expert_model(0),
+        "prompt": PROMPTS[0],
+        "max_tokens": 4,
+        "temperature": 0.7,
+        "seed": 2**63 - 1,
+    }
     bad = [
         ({"model": "gs-ray", "prompt": "hi", "seed": 2**64}, "seed"),
         ({"model": "gs-ray", "prompt": "hi", "temperature": 1e-300}, "temperature"),
@@ -529,7 +562,9 @@ def test_http_openai_burst_with_abusive_rows_serves_the_valid_ones(served, refer
             assert out["choices"][0]["text"] == reference[i, k]
     assert answers[len(good)][0] == 200  # the largest seed is served
     first_bad = len(good) + 1
-    for (_, param), (status, out) in zip(bad, answers[first_bad : first_bad + len(bad)], strict=True):
+    for (_, param), (status, out) in zip(
+        bad, answers[first_bad : first_bad + len(bad)], strict=True
+    ):
         _assert_openai_error(status, out, 400, param)
 
 
@@ -542,8 +577,11 @@ def test_serve_replicas_listen_on_loopback_only(served, ray_cluster):
     from tests.test_ray_security import listening
 
     procs = ray_cluster.processes()
-    replicas = [p for p in procs if "ServeReplica" in " ".join(p.cmdline() or [p.name()])
-                or "ServeReplica" in p.name()]  # fmt: skip
+    replicas = [
+        p
+        for p in procs
+        if "ServeReplica" in " ".join(p.cmdline() or [p.name()]) or "ServeReplica" in p.name()
+    ]
     assert len(replicas) >= 3, [p.name() for p in procs]
     socks = listening({p.pid for p in procs})
     mine = listening({p.pid for p in replicas})
@@ -646,16 +684,19 @@ def test_http_random_mix_no_5xx_and_answers_as_alone(served, pool, long_prompts)
         k = rng.randrange(K)
         if kind == "long":
             m = rng.randint(1, 8)
-            cases.append(({"prompt": rng.choice(long_prompts), "expert": k, "max_new_tokens": m},
-                          200, None))  # fmt: skip
+            cases.append(
+                ({"prompt": rng.choice(long_prompts), "expert": k, "max_new_tokens": m}, 200, None)
+            )
         elif kind == "short":
             m = rng.randint(SPARE + 8, 512)  # does not fit with a long prompt
-            cases.append(({"prompt": rng.choice(PROMPTS), "expert": k, "max_new_tokens": m},
-                          200, None))  # fmt: skip
+            cases.append(
+                ({"prompt": rng.choice(PROMPTS), "expert": k, "max_new_tokens": m}, 200, None)
+            )
         elif kind == "plain":
             m = rng.randint(1, 24)
-            cases.append(({"prompt": rng.choice(PROMPTS), "expert": k, "max_new_tokens": m},
-                          200, None))  # fmt: skip
+            cases.append(
+                ({"prompt": rng.choice(PROMPTS), "expert": k, "max_new_tokens": m}, 200, None)
+            )
         else:
             cases.append(rng.choice(invalid))
     kinds = {code for _, code, _ in cases}
@@ -681,8 +722,18 @@ def test_serve_throughput_benchmark_runs(run_dir, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out_file = tmp_path / "serve.json"
-    argv = ["--run-dir", str(run_dir), "--requests", "9", "--batch", "4",
-            "--max-new-tokens", "5", "--json", str(out_file)]  # fmt: skip
+    argv = [
+        "--run-dir",
+        str(run_dir),
+        "--requests",
+        "9",
+        "--batch",
+        "4",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        str(out_file),
+    ]
     bench.main(argv)
     out = json.loads(out_file.read_text())
     assert out["identical_answers"] is True and out["requests"] == 9
@@ -710,13 +761,16 @@ def test_ensemble_equals_a_hand_computation(pool, run_dir, reference):
         ).eval()
         for k in range(K)
     ]
-    ids = tok(ServedRun.open(run_dir).cfg.data.template.format(prompt=PROMPTS[3]),
-              return_tensors="pt")["input_ids"]  # fmt: skip
+    ids = tok(
+        ServedRun.open(run_dir).cfg.data.template.format(prompt=PROMPTS[3]), return_tensors="pt"
+    )["input_ids"]
     new = []
     with torch.no_grad():
         for _ in range(6):
-            mix = sum(w * torch.softmax(m(input_ids=ids).logits[0, -1], -1)
-                      for w, m in zip(weights, models, strict=True))  # fmt: skip
+            mix = sum(
+                w * torch.softmax(m(input_ids=ids).logits[0, -1], -1)
+                for w, m in zip(weights, models, strict=True)
+            )
             t = int(mix.argmax())
             new.append(t)
             if t == tok.eos_token_id:
@@ -802,44 +856,68 @@ def test_openai_client_completions_chat_stream_models(served, run_dir, reference
     probs = router.predict_proba(PROMPTS)
     for i in (0, 1, 2):
         k = int(probs[i].argmax())
-        r = client.completions.create(model="gs-ray", prompt=PROMPTS[i], max_tokens=12,
-                                      temperature=0)  # fmt: skip
+        r = client.completions.create(
+            model="gs-ray", prompt=PROMPTS[i], max_tokens=12, temperature=0
+        )
         assert r.choices[0].text == reference[i, k], i
         assert r.model_extra["gs_ray"]["expert"] == k
         assert r.model_extra["gs_ray"]["probs"] == pytest.approx(probs[i].tolist(), abs=1e-5)
         assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 0
         c = client.chat.completions.create(
-            model="gs-ray", messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=12,
+            model="gs-ray",
+            messages=[{"role": "user", "content": PROMPTS[i]}],
+            max_tokens=12,
             temperature=0,
-        )  # fmt: skip
+        )
         assert c.choices[0].message.content == reference[i, k] and c.object == "chat.completion"
-    r = client.completions.create(model="gs-ray/expert-2", prompt=PROMPTS[0], max_tokens=12,
-                                  temperature=0)  # fmt: skip
+    r = client.completions.create(
+        model="gs-ray/expert-2", prompt=PROMPTS[0], max_tokens=12, temperature=0
+    )
     assert r.choices[0].text == reference[0, 2] and r.model_extra["gs_ray"]["expert"] == 2
     # streaming, both routes
     k = int(probs[1].argmax())
-    chunks = list(client.completions.create(model="gs-ray", prompt=PROMPTS[1], max_tokens=12,
-                                            temperature=0, stream=True))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model="gs-ray", prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == reference[1, k]
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    chunks = list(client.chat.completions.create(
-        model="gs-ray/expert-0", messages=[{"role": "user", "content": PROMPTS[2]}],
-        max_tokens=12, temperature=0, stream=True))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="gs-ray/expert-0",
+            messages=[{"role": "user", "content": PROMPTS[2]}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reference[2, 0]
     assert chunks[0].choices[0].delta.role == "assistant"
     # stop sequences cut the text; a seed makes sampling reproducible
     full = reference[0, 1]
     stop = full.strip()[2:4]
-    r = client.completions.create(model="gs-ray/expert-1", prompt=PROMPTS[0], max_tokens=12,
-                                  temperature=0, stop=[stop])  # fmt: skip
+    r = client.completions.create(
+        model="gs-ray/expert-1", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop]
+    )
     assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
-    a, b = (client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1], max_tokens=8,
-                                      temperature=1.0, top_p=0.9, seed=5) for _ in range(2))  # fmt: skip
+    a, b = (
+        client.completions.create(
+            model="gs-ray/expert-0",
+            prompt=PROMPTS[1],
+            max_tokens=8,
+            temperature=1.0,
+            top_p=0.9,
+            seed=5,
+        )
+        for _ in range(2)
+    )
     assert a.choices[0].text == b.choices[0].text
     assert a.choices[0].text == pool.sample(PROMPTS[1], 0, 8, 1.0, 0.9, 5).text
     # the ensemble: all experts weighted by the router's probabilities
-    e = client.completions.create(model="gs-ray/ensemble", prompt=PROMPTS[3], max_tokens=6,
-                                  temperature=0)  # fmt: skip
+    e = client.completions.create(
+        model="gs-ray/ensemble", prompt=PROMPTS[3], max_tokens=6, temperature=0
+    )
     w = e.model_extra["gs_ray"]["probs"]
     assert e.choices[0].text == pool.ensemble(PROMPTS[3], w, 6).text
     assert e.model_extra["gs_ray"]["routed_by"] == "ensemble"
@@ -856,34 +934,65 @@ def test_openai_stream_is_token_by_token(served, reference):
     and the first text arrives long before the last on a long answer."""
     client = _client(served)
     for i, k in ((1, 0), (2, 1), (4, 2)):
-        chunks = list(client.completions.create(model=f"gs-ray/expert-{k}", prompt=PROMPTS[i],
-                                                max_tokens=12, temperature=0, stream=True))  # fmt: skip
+        chunks = list(
+            client.completions.create(
+                model=f"gs-ray/expert-{k}",
+                prompt=PROMPTS[i],
+                max_tokens=12,
+                temperature=0,
+                stream=True,
+            )
+        )
         texts = [c.choices[0].text for c in chunks if c.choices[0].text]
         assert "".join(texts) == reference[i, k] and len(texts) >= 4, texts
         assert chunks[-1].usage.completion_tokens <= 12 and chunks[-1].choices[0].finish_reason
-    chunks = list(client.chat.completions.create(
-        model="gs-ray/expert-1", messages=[{"role": "user", "content": PROMPTS[0]}],
-        max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="gs-ray/expert-1",
+            messages=[{"role": "user", "content": PROMPTS[0]}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens > 0
     texts = [c.choices[0].delta.content for c in chunks[:-1] if c.choices[0].delta.content]
     assert "".join(texts) == reference[0, 1] and len(texts) >= 4
     full = reference[0, 1]
     stop = full.strip()[2:4]
-    chunks = list(client.completions.create(model="gs-ray/expert-1", prompt=PROMPTS[0],
-                                            max_tokens=12, temperature=0, stop=[stop],
-                                            stream=True))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model="gs-ray/expert-1",
+            prompt=PROMPTS[0],
+            max_tokens=12,
+            temperature=0,
+            stop=[stop],
+            stream=True,
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == full[: full.find(stop)]
     assert chunks[-1].choices[0].finish_reason == "stop"
     # a streamed request that cannot be served gets its 400 before any event
-    status, out = _http(f"{served}/v1/completions", {"model": "gs-ray/expert-0", "stream": True,
-                                                     "prompt": "word " * 2000})  # fmt: skip
+    status, out = _http(
+        f"{served}/v1/completions",
+        {"model": "gs-ray/expert-0", "stream": True, "prompt": "word " * 2000},
+    )
     _assert_openai_error(status, out, 400, "prompt")
     assert out["error"]["code"] == "context_length_exceeded"
     # arrival times of the text chunks of a long answer, read off the wire
-    body = {"model": "gs-ray/expert-0", "prompt": PROMPTS[2], "max_tokens": 160,
-            "temperature": 0, "stream": True}  # fmt: skip
-    req = urllib.request.Request(f"{served}/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    body = {
+        "model": "gs-ray/expert-0",
+        "prompt": PROMPTS[2],
+        "max_tokens": 160,
+        "temperature": 0,
+        "stream": True,
+    }
+    req = urllib.request.Request(
+        f"{served}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     start, arrivals = time.perf_counter(), []
     with urllib.request.urlopen(req, timeout=120) as r:
         for line in r:
@@ -965,12 +1074,33 @@ def test_openai_bounded_load_no_5xx_nothing_lost(served, pool):
         k = rng.randrange(K)
         prompt = f"{PROMPTS[j % len(PROMPTS)]} (request {j})"
         if kind == "cmpl":
-            cases.append((kind, "completions", {"model": f"gs-ray/expert-{k}", "prompt": prompt,
-                                                "max_tokens": 4, "temperature": 0}, k))  # fmt: skip
+            cases.append(
+                (
+                    kind,
+                    "completions",
+                    {
+                        "model": f"gs-ray/expert-{k}",
+                        "prompt": prompt,
+                        "max_tokens": 4,
+                        "temperature": 0,
+                    },
+                    k,
+                )
+            )
         elif kind == "chat":
-            cases.append((kind, "chat/completions", {"model": f"gs-ray/expert-{k}", "max_tokens": 4,
-                          "messages": [{"role": "user", "content": prompt}],
-                          "temperature": 0}, k))  # fmt: skip
+            cases.append(
+                (
+                    kind,
+                    "chat/completions",
+                    {
+                        "model": f"gs-ray/expert-{k}",
+                        "max_tokens": 4,
+                        "messages": [{"role": "user", "content": prompt}],
+                        "temperature": 0,
+                    },
+                    k,
+                )
+            )
         elif kind == "route":
             cases.append((kind, "route", {"prompt": prompt}, None))
         elif kind == "models":
@@ -992,8 +1122,11 @@ def test_openai_bounded_load_no_5xx_nothing_lost(served, pool):
     ids = set()
     for ((kind, _, _, k), (status, out)), want in zip(gen, expected, strict=True):
         assert status == 200, out
-        text = out["choices"][0]["text"] if kind == "cmpl" else (
-            out["choices"][0]["message"]["content"])  # fmt: skip
+        text = (
+            out["choices"][0]["text"]
+            if kind == "cmpl"
+            else (out["choices"][0]["message"]["content"])
+        )
         assert text == want.text and out["gs_ray"]["expert"] == k
         ids.add(out["id"])
     assert len(ids) == len(gen)
@@ -1015,9 +1148,13 @@ def test_int8_router_agrees_with_the_float_router(tmp_path):
         return [r for r in build_demo_corpus(900, seed=seed) if r["domain"] in DOMAINS][:n]
 
     train = domain_rows(6, 300)
-    fitted, _ = fit_router([r["instruction"] for r in train],
-                           [DOMAINS.index(r["domain"]) for r in train], len(DOMAINS),
-                           RouterConfig(kind="encoder"), 0)  # fmt: skip
+    fitted, _ = fit_router(
+        [r["instruction"] for r in train],
+        [DOMAINS.index(r["domain"]) for r in train],
+        len(DOMAINS),
+        RouterConfig(kind="encoder"),
+        0,
+    )
     fitted.save(tmp_path / "router")
 
     def router():
@@ -1054,8 +1191,9 @@ def keyed(served, run_dir):
     from gs_ray.config import ServeConfig
     from gs_ray.serving.app import APP_NAME, Ingress, api_key_digest
 
-    handles = [serve.get_deployment_handle(d, APP_NAME)
-               for d in ("RouterDeployment", "ExpertsDeployment")]  # fmt: skip
+    handles = [
+        serve.get_deployment_handle(d, APP_NAME) for d in ("RouterDeployment", "ExpertsDeployment")
+    ]
     cfg = ServeConfig(api_key=KEY)
     app = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
         *handles, ServedRun.open(run_dir).info(), cfg, api_key_digest(cfg)
@@ -1072,16 +1210,25 @@ def test_http_api_key_401_without_it(keyed):
     import openai
 
     bodies = {
-        "/v1/models": None, "/info": None, "/route": {"prompt": PROMPTS[0]},
+        "/v1/models": None,
+        "/info": None,
+        "/route": {"prompt": PROMPTS[0]},
         "/v1/route": {"prompt": PROMPTS[0]},
         "/generate": {"prompt": PROMPTS[0], "max_new_tokens": 2},
         "/v1/completions": {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 2},
-        "/v1/chat/completions": {"model": "gs-ray", "max_tokens": 2,
-                                 "messages": [{"role": "user", "content": PROMPTS[0]}]},
-    }  # fmt: skip
+        "/v1/chat/completions": {
+            "model": "gs-ray",
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": PROMPTS[0]}],
+        },
+    }
     for path, body in bodies.items():
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
-                        {"Authorization": KEY}):  # fmt: skip
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Basic {KEY}"},
+            {"Authorization": KEY},
+        ):
             status, out = _http(f"{keyed}{path}", body, headers=headers)
             _assert_openai_error(status, out, 401, None)
             assert out["error"]["type"] == "authentication_error", out
@@ -1093,11 +1240,15 @@ def test_http_api_key_401_without_it(keyed):
         status, out = _http(f"{keyed}{path}")
         assert status == 401 and out["error"]["code"] == "invalid_api_key", (path, out)
     client = openai.OpenAI(base_url=f"{keyed}/v1", api_key=KEY, max_retries=0, timeout=120)
-    r = client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1], max_tokens=4,
-                                  temperature=0)  # fmt: skip
+    r = client.completions.create(
+        model="gs-ray/expert-0", prompt=PROMPTS[1], max_tokens=4, temperature=0
+    )
     assert r.choices[0].text and r.model_extra["gs_ray"]["expert"] == 0
-    chunks = list(client.completions.create(model="gs-ray/expert-0", prompt=PROMPTS[1],
-                                            max_tokens=4, temperature=0, stream=True))  # fmt: skip
+    chunks = list(
+        client.completions.create(
+            model="gs-ray/expert-0", prompt=PROMPTS[1], max_tokens=4, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     bad = openai.OpenAI(base_url=f"{keyed}/v1", api_key="wrong", max_retries=0, timeout=120)
     with pytest.raises(openai.AuthenticationError):
@@ -1106,11 +1257,17 @@ def test_http_api_key_401_without_it(keyed):
         bad.completions.create(model="gs-ray", prompt=PROMPTS[1], max_tokens=4, stream=True)
 
 
-ABUSE_EXPECTED = {"body_over_limit": {"413", "-1"}, "prompt_over_limit": {"400"},
-                  "max_tokens_over_limit": {"400"}, "temperature_underflow": {"400"},
-                  "seed_out_of_range": {"400"}, "too_many_stops": {"400"},
-                  "foreign_host": {"400"}, "broken_json": {"400"},
-                  "stream_hangs_up": {"200"}}  # fmt: skip
+ABUSE_EXPECTED = {
+    "body_over_limit": {"413", "-1"},
+    "prompt_over_limit": {"400"},
+    "max_tokens_over_limit": {"400"},
+    "temperature_underflow": {"400"},
+    "seed_out_of_range": {"400"},
+    "too_many_stops": {"400"},
+    "foreign_host": {"400"},
+    "broken_json": {"400"},
+    "stream_hangs_up": {"200"},
+}
 
 
 @pytest.mark.ray
@@ -1123,8 +1280,17 @@ def test_serve_abuse_benchmark_smoke(served, run_dir, tmp_path):
         import serve_abuse
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    out = serve_abuse.main(["--url", served, "--serve-run-dir", str(run_dir), "--smoke",
-                            "--json", str(tmp_path / "abuse.json")])  # fmt: skip
+    out = serve_abuse.main(
+        [
+            "--url",
+            served,
+            "--serve-run-dir",
+            str(run_dir),
+            "--smoke",
+            "--json",
+            str(tmp_path / "abuse.json"),
+        ]
+    )
     assert out["valid_non_200"] == 0 and out["errors_5xx"] == 0, out
     assert out["within_time_limit"]
     assert out["abusive_statuses"].keys() == ABUSE_EXPECTED.keys(), out
@@ -1171,8 +1337,9 @@ def test_chat_uses_the_models_chat_template_else_the_runs(pool):
         ids = pool.tokenizer(text, return_tensors="pt")
         with torch.no_grad():
             pool.model.set_adapter("expert_1")
-            out = pool.model.generate(**ids, max_new_tokens=6, do_sample=False,
-                                      pad_token_id=pool.tokenizer.pad_token_id)  # fmt: skip
+            out = pool.model.generate(
+                **ids, max_new_tokens=6, do_sample=False, pad_token_id=pool.tokenizer.pad_token_id
+            )
         new = out[0, ids["input_ids"].shape[1] :].tolist()
         eos = pool.tokenizer.eos_token_id
         new = new[: new.index(eos)] if eos in new else new
@@ -1210,9 +1377,18 @@ def test_model_cards_and_the_export_bundle(run_dir, tmp_path):
 
     rows = [r for r in build_demo_corpus(600, seed=0) if r["domain"] in DOMAINS][:120]
     ids = [f"d{i}" for i in range(len(rows))]
-    RunDir(run).write_jsonl(RunDir(run).assignments_path, [
-        {"id": i, "split": "test" if n % 10 == 0 else "train", "domain": r["domain"],
-         "cluster": DOMAINS.index(r["domain"])} for n, (i, r) in enumerate(zip(ids, rows))])  # fmt: skip
+    RunDir(run).write_jsonl(
+        RunDir(run).assignments_path,
+        [
+            {
+                "id": i,
+                "split": "test" if n % 10 == 0 else "train",
+                "domain": r["domain"],
+                "cluster": DOMAINS.index(r["domain"]),
+            }
+            for n, (i, r) in enumerate(zip(ids, rows))
+        ],
+    )
     prompts = {i: r["instruction"] for i, r in zip(ids, rows, strict=True)}
 
     cards = write_model_cards(run, prompts)
@@ -1223,8 +1399,9 @@ def test_model_cards_and_the_export_bundle(run_dir, tmp_path):
     assert f"{DOMAINS[1]} " in text and "Top terms" in text and "demo corpus" in text
     assert "Not measured yet" in text
     facts = adapter_facts(RunDir(run), prompts)
-    assert facts[1].domains == {DOMAINS[1]: sum(1 for n, r in enumerate(rows)
-                                                if r["domain"] == DOMAINS[1] and n % 10)}  # fmt: skip
+    assert facts[1].domains == {
+        DOMAINS[1]: sum(1 for n, r in enumerate(rows) if r["domain"] == DOMAINS[1] and n % 10)
+    }
     assert len(facts[1].top_terms) > 3
 
     out = tmp_path / "bundle"
@@ -1235,8 +1412,10 @@ def test_model_cards_and_the_export_bundle(run_dir, tmp_path):
     for rel, digest in info["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest, rel
     assert "never-in-a-bundle" not in "".join(
-        p.read_text(errors="replace") for p in out.rglob("*") if p.is_file()
-        and p.suffix in (".json", ".yaml", ".sh", ".py", ".md", ".jsonl"))  # fmt: skip
+        p.read_text(errors="replace")
+        for p in out.rglob("*")
+        if p.is_file() and p.suffix in (".json", ".yaml", ".sh", ".py", ".md", ".jsonl")
+    )
     assert (out / "experts" / "expert_1" / "README.md").read_text() == text  # the run's card
     # plain peft, the same weights
     base = AutoModelForCausalLM.from_pretrained(out / "base_model")
@@ -1253,5 +1432,5 @@ def test_model_cards_and_the_export_bundle(run_dir, tmp_path):
     assert serve_cfg["applications"][0]["args"]["run_dir"] == str(out.resolve())
     vllm = (out / "serve_vllm.sh").read_text()
     assert "--enable-lora" in vllm and all(
-        f"{expert_model(k)}={(out / 'experts' / f'expert_{k}').resolve()}" in vllm
-        for k in range(K))  # fmt: skip
+        f"{expert_model(k)}={(out / 'experts' / f'expert_{k}').resolve()}" in vllm for k in range(K)
+    )

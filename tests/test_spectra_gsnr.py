@@ -42,8 +42,15 @@ def tiny_base_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(cfg).double()
     model.requires_grad_(False)
     return model
@@ -78,8 +85,11 @@ def test_spectra_equal_explicit_svd_every_projection(tiny_base_model, side):
         for i, sample in enumerate(samples):
             s = _explicit(tiny_base_model, sample, p.name)
             assert s[0] > 0
-            worst = max(worst, _rel(out.nuclear_norm[i, li, ki], nuclear_norm(s)),
-                        _rel(out.effective_rank[i, li, ki], effective_rank(s)))  # fmt: skip
+            worst = max(
+                worst,
+                _rel(out.nuclear_norm[i, li, ki], nuclear_norm(s)),
+                _rel(out.effective_rank[i, li, ki], effective_rank(s)),
+            )
     assert worst < 1e-4
     assert (out.n_tokens == [9, 23, 14]).all()
 
@@ -94,11 +104,16 @@ def test_spectra_equal_explicit_svd_on_the_embedded_tiny_llama():
 
     model, tokenizer = build_tiny_llama(ModelConfig(), seed=0)
     model = model.double().requires_grad_(False)
-    texts = [("What is 12 plus 7?", "12 + 7 = 19.\n#### 19"), ("Name a colour.", "Blue."),
-             ("Write a line about the sea.", "The sea keeps every secret the rivers bring it.")]  # fmt: skip
+    texts = [
+        ("What is 12 plus 7?", "12 + 7 = 19.\n#### 19"),
+        ("Name a colour.", "Blue."),
+        ("Write a line about the sea.", "The sea keeps every secret the rivers bring it."),
+    ]
     report = DataReport()
-    samples = [tokenize(Example(str(i), p, r), tokenizer, DataConfig(), report).pair
-               for i, (p, r) in enumerate(texts)]  # fmt: skip
+    samples = [
+        tokenize(Example(str(i), p, r), tokenizer, DataConfig(), report).pair
+        for i, (p, r) in enumerate(texts)
+    ]
     pad = int(tokenizer.pad_token_id)
     engine = SpectraEngine(model)
     assert engine.layers == [0, 1, 2, 3] and len(engine.projections) == 16
@@ -108,8 +123,11 @@ def test_spectra_equal_explicit_svd_on_the_embedded_tiny_llama():
         li, ki = engine.layers.index(p.layer), engine.kinds.index(p.kind)
         for i, sample in enumerate(samples):
             s = _explicit(model, sample, p.name, pad)
-            worst = max(worst, _rel(out.nuclear_norm[i, li, ki], nuclear_norm(s)),
-                        _rel(out.effective_rank[i, li, ki], effective_rank(s)))  # fmt: skip
+            worst = max(
+                worst,
+                _rel(out.nuclear_norm[i, li, ki], nuclear_norm(s)),
+                _rel(out.effective_rank[i, li, ki], effective_rank(s)),
+            )
     assert worst < 1e-4
 
 
@@ -229,8 +247,16 @@ def test_select_top():
 
 # --------------------------------------------------------------------------- gs-ray spectra
 
-_TINY = ["--model.tiny_hidden_size", "32", "--model.tiny_num_layers", "2",
-         "--model.tiny_num_heads", "2", "--spectra.batch_size", "4"]  # fmt: skip
+_TINY = [
+    "--model.tiny_hidden_size",
+    "32",
+    "--model.tiny_num_layers",
+    "2",
+    "--model.tiny_num_heads",
+    "2",
+    "--spectra.batch_size",
+    "4",
+]
 
 
 def _write_jsonl(path: Path, rows) -> str:
@@ -250,14 +276,31 @@ def test_spectra_command_two_subsets(tmp_path, capsys):
     from gs_ray.cli import main
     from gs_ray.io import read_jsonl
 
-    rows = [{"prompt": f"What is {a} plus {b}?",
-             "response": f"We add {a} and {b}: {a} + {b} = {a + b}.\n#### {a + b}"}
-            for a, b in [(3, 4), (10, 7), (21, 5), (8, 8), (13, 2)]]  # fmt: skip
+    rows = [
+        {
+            "prompt": f"What is {a} plus {b}?",
+            "response": f"We add {a} and {b}: {a} + {b} = {a + b}.\n#### {a + b}",
+        }
+        for a, b in [(3, 4), (10, 7), (21, 5), (8, 8), (13, 2)]
+    ]
     data = _write_jsonl(tmp_path / "a.jsonl", rows)
     out = tmp_path / "out"
-    argv = ["spectra", "--data", data, "--subset-b", data, "--out", str(out),
-            "--spectra.label_a", "worked", "--spectra.label_b", "bare",
-            "--spectra.b_response", "final_answer", *_TINY]  # fmt: skip
+    argv = [
+        "spectra",
+        "--data",
+        data,
+        "--subset-b",
+        data,
+        "--out",
+        str(out),
+        "--spectra.label_a",
+        "worked",
+        "--spectra.label_b",
+        "bare",
+        "--spectra.b_response",
+        "final_answer",
+        *_TINY,
+    ]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(printed["samples_per_s"]) == {"worked", "bare"}
@@ -291,11 +334,22 @@ def test_spectra_on_gsm8k_worked_vs_bare(tmp_path):
     from gs_ray.config import load_config
     from gs_ray.selection.spectra import run_spectra
 
-    cfg = load_config(None, [
-        *_TINY, "--data.format", "prompt_response", "--data.prompt_field", "question",
-        "--data.response_field", "answer", "--spectra.max_samples", "8",
-        "--spectra.b_response", "final_answer",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            *_TINY,
+            "--data.format",
+            "prompt_response",
+            "--data.prompt_field",
+            "question",
+            "--data.response_field",
+            "answer",
+            "--spectra.max_samples",
+            "8",
+            "--spectra.b_response",
+            "final_answer",
+        ],
+    )
     summary = run_spectra(cfg, str(GSM8K), str(tmp_path), str(GSM8K))
     a, b = summary["subsets"]["A"], summary["subsets"]["B"]
     assert a["n"] == b["n"] == 8 and a["mean_tokens"] > b["mean_tokens"]
@@ -317,14 +371,41 @@ def test_gsnr_ensemble_end_to_end_on_ray(tmp_path, ray_session):
     from gs_ray.data import load_samples
     from gs_ray.selection.gsnr import GSNRScores, gsnr_scores, member_scores
 
-    cfg = load_config(None, [
-        "--model.tiny_hidden_size", "64", "--model.tiny_num_layers", "2",
-        "--model.tiny_pretrain_steps", "0",
-        "--lora.r", "8", "--lora.alpha", "16", "--lora.dropout", "0",
-        "--data.demo_size", "24", "--gsnr.members", "2", "--gsnr.max_steps", "3",
-        "--gsnr.batch_size", "8", "--gsnr.lr", "5e-3", "--gsnr.zero_stage", "1",
-        "--gsnr.use_gpu", "false", "--gsnr.max_failures", "0", "--gradients.batch_size", "8",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--model.tiny_hidden_size",
+            "64",
+            "--model.tiny_num_layers",
+            "2",
+            "--model.tiny_pretrain_steps",
+            "0",
+            "--lora.r",
+            "8",
+            "--lora.alpha",
+            "16",
+            "--lora.dropout",
+            "0",
+            "--data.demo_size",
+            "24",
+            "--gsnr.members",
+            "2",
+            "--gsnr.max_steps",
+            "3",
+            "--gsnr.batch_size",
+            "8",
+            "--gsnr.lr",
+            "5e-3",
+            "--gsnr.zero_stage",
+            "1",
+            "--gsnr.use_gpu",
+            "false",
+            "--gsnr.max_failures",
+            "0",
+            "--gradients.batch_size",
+            "8",
+        ],
+    )
     base = materialize_base_model(cfg.model, tmp_path, seed=0)
     tokenizer = load_tokenizer(base)
     samples, _ = load_samples(cfg.data, tokenizer, 0)

@@ -71,9 +71,15 @@ def _run_ray(ref, tmp_path, consumers=(), **overrides):
     cfg = load_config(ref["config_path"], [f"--{k}={v}" for k, v in overrides.items()])
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
     return run_stage2_ray(
-        plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
-        tmp_path / "checkpoint", consumers=consumers,
-    )  # fmt: skip
+        plan,
+        p.samples,
+        cfg,
+        p.base_path,
+        str(p.run.warmup_adapter),
+        p.pad_id,
+        tmp_path / "checkpoint",
+        consumers=consumers,
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -138,10 +144,26 @@ def test_driver_killed_mid_epoch_resumes_from_checkpoint(ray_session, reference,
     """A real process dies (os._exit in the driver); --resume finishes with the same result."""
     cfg_path = reference["config_path"]
     out_dir = tmp_path / "runs"
-    env = {**ray_session.env(), "RAY_ADDRESS": ray_session.address,
-           "GS_RAY_FAULTS": "driver:online:1:7", "HF_HUB_OFFLINE": "1"}  # fmt: skip
-    cmd = [sys.executable, "-m", "gs_ray.cli", "run", "--config", str(cfg_path),
-           "--output-dir", str(out_dir), "--run.name", "killed", "--run.until", "stage2"]  # fmt: skip
+    env = {
+        **ray_session.env(),
+        "RAY_ADDRESS": ray_session.address,
+        "GS_RAY_FAULTS": "driver:online:1:7",
+        "HF_HUB_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "gs_ray.cli",
+        "run",
+        "--config",
+        str(cfg_path),
+        "--output-dir",
+        str(out_dir),
+        "--run.name",
+        "killed",
+        "--run.until",
+        "stage2",
+    ]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0, first.stdout[-2000:] + first.stderr[-2000:]
     run_dir = out_dir / "killed"

@@ -99,9 +99,10 @@ def _kill_node_when_stalled(node, marker, seen: dict, stop: threading.Event):
         if stop.wait(0.2):  # the run ended (failed) before the stall
             return
     alive = list_actors(
-        address=node.head.dashboard_url, filters=[("state", "=", "ALIVE")],
+        address=node.head.dashboard_url,
+        filters=[("state", "=", "ALIVE")],
         raise_on_missing_output=False,
-    )  # fmt: skip
+    )
     seen["workers"] = [a.node_id for a in alive if a.class_name in WORKERS]
     seen["hosts"] = [a.node_id for a in alive if a.class_name in HOSTS]
     node.kill()
@@ -122,12 +123,23 @@ def test_lost_worker_node_resumes_with_the_same_assignments(
     killer = threading.Thread(target=_kill_node_when_stalled, args=(node, marker, seen, stop))
     killer.start()
     try:
-        args = {"stage2.transport": transport, "stage2.num_workers": 2,
-                "stage2.cpus_per_worker": 1, "stage2.prefer_node_label": LABEL}  # fmt: skip
+        args = {
+            "stage2.transport": transport,
+            "stage2.num_workers": 2,
+            "stage2.cpus_per_worker": 1,
+            "stage2.prefer_node_label": LABEL,
+        }
         cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
         plan = Stage2Plan.build(p.lengths, p.splits, cfg)
-        out = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter),
-                             p.pad_id, tmp_path / "checkpoint")  # fmt: skip
+        out = run_stage2_ray(
+            plan,
+            p.samples,
+            cfg,
+            p.base_path,
+            str(p.run.warmup_adapter),
+            p.pad_id,
+            tmp_path / "checkpoint",
+        )
     finally:
         stop.set()
         killer.join(timeout=60)
@@ -196,21 +208,33 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_experts_and_removes_them_when_
     try:
         assert len(cluster.alive_nodes()) == 1  # the head alone: no worker node yet
         watcher.start()
-        args = {"stage2.num_workers": 2, "stage2.cpus_per_worker": 1,
-                "stage2.worker_resource": FAKE_GPU, "experts.worker_resource": FAKE_GPU,
-                "experts.cpus_per_worker": 1, "run.until": "experts",
-                # the paper's stages only: Stage II's labels are the experts' clusters, no generalist
-                "clustering.routability": "off", "fallback.enabled": "false"}  # fmt: skip
+        args = {
+            "stage2.num_workers": 2,
+            "stage2.cpus_per_worker": 1,
+            "stage2.worker_resource": FAKE_GPU,
+            "experts.worker_resource": FAKE_GPU,
+            "experts.cpus_per_worker": 1,
+            "run.until": "experts",
+            # the paper's stages only: Stage II's labels are the experts' clusters, no generalist
+            "clustering.routability": "off",
+            "fallback.enabled": "false",
+        }
         job = Path(__file__).resolve().parents[1] / "jobs" / "gradientspace.py"
-        cmd = [sys.executable, str(job), "--resume", str(run_dir),
-               *(f"--{k}={v}" for k, v in args.items())]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(job),
+            "--resume",
+            str(run_dir),
+            *(f"--{k}={v}" for k, v in args.items()),
+        ]
         env = {**cluster.env(), "RAY_ADDRESS": cluster.address}  # as ray job submit sets it
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         said = [json.loads(x) for x in run.stdout.splitlines() if x.startswith('{"run_dir"')]
         assert said == [{"run_dir": str(run_dir)}], run.stdout[-2000:]
-        actors = list_actors(address=cluster.dashboard_url, limit=10_000, detail=True,
-                             raise_on_missing_output=False)  # fmt: skip
+        actors = list_actors(
+            address=cluster.dashboard_url, limit=10_000, detail=True, raise_on_missing_output=False
+        )
         out = RunDir.open(run_dir)
         labels = [SKIPPED if r["cluster"] is None else r["cluster"] for r in out.assignments()]
         ref = warmed["ref"]
@@ -221,8 +245,10 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_experts_and_removes_them_when_
         # the autoscaler added GPU-like worker nodes, and both stages' workers ran on them
         # (nodes idle between the two stages may go and be added again: at most 2 at a time)
         gpu_nodes = {i: r for snap in seen for i, r in snap.items() if r.get(FAKE_GPU)}
-        assert gpu_nodes and max(sum(map(bool, (r.get(FAKE_GPU) for r in snap.values())))
-                                 for snap in seen) <= 2, seen[-3:]  # fmt: skip
+        assert (
+            gpu_nodes
+            and max(sum(map(bool, (r.get(FAKE_GPU) for r in snap.values()))) for snap in seen) <= 2
+        ), seen[-3:]
         assert all(r[FAKE_GPU] == gpu_type.gpus for r in gpu_nodes.values())
         where = {}
         for a in actors:

@@ -53,12 +53,24 @@ def warmed(tmp_path_factory):
 
 def _collective(warmed, tmp_path, workers: int, **overrides):
     p = warmed["p"]
-    args = {"stage2.transport": "collective", "stage2.num_workers": workers,
-            "stage2.cpus_per_worker": 0.5, "clustering.batch_size": workers * B, **overrides}  # fmt: skip
+    args = {
+        "stage2.transport": "collective",
+        "stage2.num_workers": workers,
+        "stage2.cpus_per_worker": 0.5,
+        "clustering.batch_size": workers * B,
+        **overrides,
+    }
     cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
-    return run_stage2_ray(plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
-                          tmp_path / "checkpoint")  # fmt: skip
+    return run_stage2_ray(
+        plan,
+        p.samples,
+        cfg,
+        p.base_path,
+        str(p.run.warmup_adapter),
+        p.pad_id,
+        tmp_path / "checkpoint",
+    )
 
 
 def test_shares_split_a_batch_in_rank_order():
@@ -128,12 +140,23 @@ def test_killed_driver_resumes_from_the_checkpoint(ray_session, warmed, tmp_path
     """A driver process dies in online epoch 2; a resumed run continues from the centroid
     actor's checkpoint (epoch 1 is not redone) and ends with the reference's result."""
     p = warmed["p"]
-    args = {"stage2.transport": "collective", "stage2.num_workers": 2,
-            "stage2.cpus_per_worker": 0.5, "clustering.batch_size": 2 * B}  # fmt: skip
+    args = {
+        "stage2.transport": "collective",
+        "stage2.num_workers": 2,
+        "stage2.cpus_per_worker": 0.5,
+        "clustering.batch_size": 2 * B,
+    }
     cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
     plan = Stage2Plan.build(p.lengths, p.splits, cfg)
-    call = (plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter), p.pad_id,
-            tmp_path / "checkpoint")  # fmt: skip
+    call = (
+        plan,
+        p.samples,
+        cfg,
+        p.base_path,
+        str(p.run.warmup_adapter),
+        p.pad_id,
+        tmp_path / "checkpoint",
+    )
     (tmp_path / "args.pkl").write_bytes(pickle.dumps(call))
     env = {**ray_session.env(), "GS_RAY_FAULTS": "driver:online:1:3", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-c", _DRIVER, str(tmp_path / "args.pkl"), ray_session.address]
@@ -162,8 +185,10 @@ def test_bf16_rows_move_results_little(ray_session, warmed, tmp_path):
     a, b = out.clusterer.cluster_centers_, ref.clusterer.cluster_centers_
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     moved = float(np.abs(a - b).max())
-    print(f"bf16 rows: {same:.4f} same assignments, centroid cosine min {cos.min():.7f}, "
-          f"max |delta| {moved:.2e}")  # fmt: skip
+    print(
+        f"bf16 rows: {same:.4f} same assignments, centroid cosine min {cos.min():.7f}, "
+        f"max |delta| {moved:.2e}"
+    )
     assert out.info["group_restarts"] == 0
     assert same >= 0.98
     assert cos.min() > 0.999

@@ -81,8 +81,9 @@ def test_local_executor_recovers_planted_clusters():
     G, truth = planted()
     cfg = config()
     computer = PlantedComputer(G)
-    res = run_stage2_local(plan_for(len(G)), samples(len(G)), computer,
-                           CentroidHost(make_clusterer(cfg), len(G)))  # fmt: skip
+    res = run_stage2_local(
+        plan_for(len(G)), samples(len(G)), computer, CentroidHost(make_clusterer(cfg), len(G))
+    )
     assert res.k == K_TRUE
     assert adjusted_rand_score(truth, res.labels) == 1.0
     assert res.val_grads.shape == (64, D)
@@ -104,8 +105,9 @@ def test_nonfinite_gradient_skipped_and_counted_under_skip_policy():
     G, truth = planted()
     poison = (5, 70, 133)  # one in the validation subset, two in training
     computer = PlantedComputer(G, nonfinite="skip", poison=poison)
-    res = run_stage2_local(plan_for(len(G)), samples(len(G)), computer,
-                           CentroidHost(make_clusterer(config()), len(G)))  # fmt: skip
+    res = run_stage2_local(
+        plan_for(len(G)), samples(len(G)), computer, CentroidHost(make_clusterer(config()), len(G))
+    )
     assert sorted(res.skipped.tolist()) == list(poison)
     assert (res.labels[list(poison)] == SKIPPED).all()
     assert res.info["n_skipped"] == len(poison)

@@ -31,13 +31,18 @@ def test_round_trip_keeps_types_keys_and_arrays(tmp_path):
     rng = np.random.default_rng(0)
     state = {
         "centers": rng.normal(size=(3, 5)).astype(np.float32),
-        "labels": np.array([0, 2, -1], dtype=np.int64), "mask": np.array([True, False]),
-        "names": np.array(["a", "bc"]), "position": ("online", 1, 5), "skipped": {3, 1},
-        "pairs": {("online", 0, 2): [1, 2], (1, 2): "x"}, "nan": float("nan"), "inf": -np.inf,
+        "labels": np.array([0, 2, -1], dtype=np.int64),
+        "mask": np.array([True, False]),
+        "names": np.array(["a", "bc"]),
+        "position": ("online", 1, 5),
+        "skipped": {3, 1},
+        "pairs": {("online", 0, 2): [1, 2], (1, 2): "x"},
+        "nan": float("nan"),
+        "inf": -np.inf,
         "nested": [{"k": np.float64(0.5), "n": np.int32(7), "b": np.bool_(True)}, None, "s"],
         "__array__": "a user key that looks like a tag",
         "ledger": [deque([(3, 7), (4, 1)]), deque(maxlen=5)],
-    }  # fmt: skip
+    }
     save_state(tmp_path, "s", state)
     back = load_state(tmp_path, "s")
     want = {**state, "nested": [{"k": 0.5, "n": 7, "b": True}, None, "s"], "inf": float("-inf")}
@@ -52,8 +57,9 @@ def test_stage2_host_state_round_trips(tmp_path, cache="samples"):
     from gs_ray.stage2.host import CentroidHost
 
     def clusterer():
-        return GradientSpaceClustering(n_clusters=3, random_state=0, n_init=2, batch_size=10,
-                                       cache=cache)  # fmt: skip
+        return GradientSpaceClustering(
+            n_clusters=3, random_state=0, n_init=2, batch_size=10, cache=cache
+        )
 
     rng = np.random.default_rng(1)
     X = np.concatenate([rng.normal(size=(40, 16)) + 6 * np.eye(16)[c] for c in range(3)])

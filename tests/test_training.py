@@ -125,8 +125,10 @@ def test_attempt_history_is_read_per_attempt(tmp_path):
         '{"attempt": 2, "job": "b", "end": 4.0}\n{"attempt": 2, "end": 4.0}\n'
     )
     assert _read_attempts(log, "a") == [{"attempt": 1, "start": 1.5, "end": 2.0}]
-    assert _read_attempts(log, "b") == [{"attempt": 1, "start": 2.0},
-                                        {"attempt": 2, "start": 3.5, "end": 4.0}]  # fmt: skip
+    assert _read_attempts(log, "b") == [
+        {"attempt": 1, "start": 2.0},
+        {"attempt": 2, "start": 3.5, "end": 4.0},
+    ]
     assert [a["attempt"] for a in _read_attempts(log)] == [1, 2]
 
 
@@ -326,8 +328,12 @@ def test_an_adapter_trained_in_a_shared_run_is_the_one_trained_alone(world, expe
     job = experts["jobs"]["expert_2"]
     alone = train_on_ray(
         dataclasses.replace(job, name="expert_2_alone", output_dir=str(world["root"] / "alone")),
-        MODEL, LORA, EXPERT_CFG, world["pad"], world["storage"],
-    )  # fmt: skip
+        MODEL,
+        LORA,
+        EXPERT_CFG,
+        world["pad"],
+        world["storage"],
+    )
     assert alone["run"] == "expert_2_alone" and shared["run"] != alone["run"]
     assert alone["losses"] == shared["losses"]
     w_alone = _lora_weights(_peft(world["base"], alone["output_dir"]))

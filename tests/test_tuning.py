@@ -35,16 +35,18 @@ def test_a_trial_routes_with_a_router_and_merges_what_it_cannot_follow(hidden):
     G, prompts, truth = _planted(rng, hidden)
     cfg = load_config(None, ["--clustering.kmeans_n_init", "2"])
     fit, hold = np.arange(120), np.arange(120, 160)
-    part = routed_partition(2, G[:40], G[fit], [prompts[i] for i in fit],
-                            [prompts[i] for i in hold], cfg)
+    part = routed_partition(
+        2, G[:40], G[fit], [prompts[i] for i in fit], [prompts[i] for i in hold], cfg
+    )
     if hidden:  # the gradient clusters exist, but no router can follow them: one cluster left
         assert part["k_routed"] == 1 and (part["routed"] == 0).all()
     else:  # a routable split is kept, and the router follows it on held-out prompts
         assert part["k_routed"] == 2
         mapped = np.array([np.bincount(part["labels"][truth[fit] == t]).argmax() for t in (0, 1)])
         assert (part["routed"] == mapped[truth[hold]]).mean() > 0.95
-    one = routed_partition(1, G[:40], G[fit], [prompts[i] for i in fit],
-                           [prompts[i] for i in hold], cfg)
+    one = routed_partition(
+        1, G[:40], G[fit], [prompts[i] for i in fit], [prompts[i] for i in hold], cfg
+    )
     assert one["k_routed"] == 1 and (one["labels"] == 0).all()
 
 
@@ -63,19 +65,43 @@ def test_every_k_gets_the_same_total_steps():
 
 @pytest.mark.slow
 @pytest.mark.ray
-
-
 def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tmp_path):
     from gs_ray.evaluation import plots
     from gs_ray.training.tuning import tune_k
 
-    cfg = load_config(None, [
-        "--data.demo_size", "240", "--data.n_val", "48", "--model.tiny_hidden_size", "64",
-        "--model.tiny_num_layers", "2", "--model.tiny_pretrain_steps", "0", "--lora.r", "4", "--warmup.epochs", "1",
-        "--clustering.batch_size", "16", "--clustering.max_epochs", "1",
-        "--tune.k_values", "[1, 2]", "--tune.n_samples", "96", "--tune.trial_steps", "6",
-        "--run.output_dir", str(tmp_path), "--run.name", "tune",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--data.demo_size",
+            "240",
+            "--data.n_val",
+            "48",
+            "--model.tiny_hidden_size",
+            "64",
+            "--model.tiny_num_layers",
+            "2",
+            "--model.tiny_pretrain_steps",
+            "0",
+            "--lora.r",
+            "4",
+            "--warmup.epochs",
+            "1",
+            "--clustering.batch_size",
+            "16",
+            "--clustering.max_epochs",
+            "1",
+            "--tune.k_values",
+            "[1, 2]",
+            "--tune.n_samples",
+            "96",
+            "--tune.trial_steps",
+            "6",
+            "--run.output_dir",
+            str(tmp_path),
+            "--run.name",
+            "tune",
+        ],
+    )
     p = prepare(cfg, base_model=base_model_for)
     warmup_local(p)
     best = tune_k(p)
@@ -92,7 +118,9 @@ def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tm
         )
     assert p.run.manifest()["stages"]["tune"]["best_k"] == best
     # the weak/clear verdict is the K selection's own, against the structureless reference
-    assert isinstance(results["weak_structure"], bool) and results["structure_verdict"].startswith("K=")
+    assert isinstance(results["weak_structure"], bool) and results["structure_verdict"].startswith(
+        "K="
+    )
     from gs_ray.evaluation.report import _tune_section
 
     section = _tune_section(results)

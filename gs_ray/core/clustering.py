@@ -872,7 +872,8 @@ class GradientSpaceClustering:
             arr = np.asarray(arr)
             if arr.shape != shape:
                 raise ValueError(
-                    f"partial_fit_external: expected {name} of shape {shape} (K, d), got {arr.shape}"
+                    f"partial_fit_external: expected {name} of shape {shape} (K, d), got "
+                    f"{arr.shape}"
                 )
             bad = nonfinite_rows(arr)
             if len(bad):
@@ -1006,14 +1007,38 @@ class GradientSpaceClustering:
     # ------------------------------------------------------------------ checkpoints
 
     _STATE = (
-        "n_clusters_", "threshold_", "n_components_", "silhouette_", "cluster_centers_",
-        "cache_", "cache_count_", "cache_next_", "ledger_", "_cache_sum", "n_batches_seen_",
-        "n_samples_seen_", "n_zero_gradients_", "epoch_", "shift_history_", "converged_",
-        "_epoch_start", "k_selection_", "explained_variance_ratio_", "singular_values_",
-        "n_features_in_", "min_size_", "single_cluster_reason_", "changed_share_history_",
-        "cluster_sizes_seen_", "small_clusters_", "stop_reason_", "_epoch_counts",
-        "_epoch_changed", "_epoch_changed_known", "structure_",
-    )  # fmt: skip
+        "n_clusters_",
+        "threshold_",
+        "n_components_",
+        "silhouette_",
+        "cluster_centers_",
+        "cache_",
+        "cache_count_",
+        "cache_next_",
+        "ledger_",
+        "_cache_sum",
+        "n_batches_seen_",
+        "n_samples_seen_",
+        "n_zero_gradients_",
+        "epoch_",
+        "shift_history_",
+        "converged_",
+        "_epoch_start",
+        "k_selection_",
+        "explained_variance_ratio_",
+        "singular_values_",
+        "n_features_in_",
+        "min_size_",
+        "single_cluster_reason_",
+        "changed_share_history_",
+        "cluster_sizes_seen_",
+        "small_clusters_",
+        "stop_reason_",
+        "_epoch_counts",
+        "_epoch_changed",
+        "_epoch_changed_known",
+        "structure_",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything learned so far (arrays copied), for checkpoints."""
@@ -1027,8 +1052,12 @@ class GradientSpaceClustering:
             self._reset_epoch_counts()  # issue 10: this epoch's bookkeeping starts afresh
             self._epoch_changed_known = False
             self.n_features_in_ = int(self.cluster_centers_.shape[1])
-            for name, value in (("changed_share_history_", []), ("cluster_sizes_seen_", []),
-                                ("small_clusters_", []), ("stop_reason_", None)):  # fmt: skip
+            for name, value in (
+                ("changed_share_history_", []),
+                ("cluster_sizes_seen_", []),
+                ("small_clusters_", []),
+                ("stop_reason_", None),
+            ):
                 setattr(self, name, value)
         return self
 
@@ -1116,9 +1145,16 @@ def within_cluster_variance(G: np.ndarray, labels: np.ndarray) -> dict[str, Any]
         return float(((rows - rows.mean(0)) ** 2).sum(1).mean()) if len(rows) else 0.0
 
     total = var(X)
-    clusters = [{"cluster": int(c), "n": int((labels == c).sum()), "variance": var(X[labels == c])}
-                for c in sorted(set(labels.tolist())) if c >= 0]  # fmt: skip
+    clusters = [
+        {"cluster": int(c), "n": int((labels == c).sum()), "variance": var(X[labels == c])}
+        for c in sorted(set(labels.tolist()))
+        if c >= 0
+    ]
     n = sum(c["n"] for c in clusters)
     pooled = sum(c["n"] * c["variance"] for c in clusters) / max(1, n)
-    return {"total": total, "within": pooled, "ratio": pooled / total if total else None,
-            "clusters": clusters}  # fmt: skip
+    return {
+        "total": total,
+        "within": pooled,
+        "ratio": pooled / total if total else None,
+        "clusters": clusters,
+    }

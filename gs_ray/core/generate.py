@@ -66,19 +66,36 @@ def greedy_mixture(
     if (
         cached and (weights.max(1) == 1.0).all()
     ):  # every prompt routed to one adapter: KV-cached generate
-        return _greedy_routed(model, names, weights.argmax(1), prompts, max_new_tokens, eos_id,
-                              pad_id, batch_size, device)  # fmt: skip
+        return _greedy_routed(
+            model,
+            names,
+            weights.argmax(1),
+            prompts,
+            max_new_tokens,
+            eos_id,
+            pad_id,
+            batch_size,
+            device,
+        )
     one_batch = _greedy_mixture_cached if cached else _greedy_mixture_uncached
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        out += one_batch(model, names, weights[start : start + batch_size],
-                         prompts[start : start + batch_size], max_new_tokens, eos_id, pad_id,
-                         device)  # fmt: skip
+        out += one_batch(
+            model,
+            names,
+            weights[start : start + batch_size],
+            prompts[start : start + batch_size],
+            max_new_tokens,
+            eos_id,
+            pad_id,
+            device,
+        )
     return out
 
 
-def _greedy_mixture_uncached(model, names, weights, prompts, max_new_tokens, eos_id, pad_id,
-                             device) -> list[list[int]]:  # fmt: skip
+def _greedy_mixture_uncached(
+    model, names, weights, prompts, max_new_tokens, eos_id, pad_id, device
+) -> list[list[int]]:
     """One batch of the mixture, the reference: every step re-reads each unfinished sequence
     under every adapter that has weight for it."""
     seqs = [list(p) for p in prompts]
@@ -97,8 +114,11 @@ def _greedy_mixture_uncached(model, names, weights, prompts, max_new_tokens, eos
             if len(rows) == 0:
                 continue
             with using(model, name):
-                logits = model(input_ids=ids[rows], attention_mask=mask[rows],
-                               position_ids=position_ids(mask[rows])).logits[:, -1]  # fmt: skip
+                logits = model(
+                    input_ids=ids[rows],
+                    attention_mask=mask[rows],
+                    position_ids=position_ids(mask[rows]),
+                ).logits[:, -1]
             probs = torch.softmax(logits.double().cpu(), dim=-1)
             if mixed is None:
                 mixed = torch.zeros(len(active), probs.shape[-1], dtype=torch.float64)
@@ -115,8 +135,9 @@ def _greedy_mixture_uncached(model, names, weights, prompts, max_new_tokens, eos
     return gen
 
 
-def _greedy_mixture_cached(model, names, weights, prompts, max_new_tokens, eos_id, pad_id,
-                           device) -> list[list[int]]:  # fmt: skip
+def _greedy_mixture_cached(
+    model, names, weights, prompts, max_new_tokens, eos_id, pad_id, device
+) -> list[list[int]]:
     """One batch of the mixture with a KV cache per adapter (``mixture_steps``). Rows that
     reached EOS keep stepping (their tokens are dropped), so that the caches stay one batch."""
     gen: list[list[int]] = [[] for _ in prompts]
@@ -135,8 +156,15 @@ def _greedy_mixture_cached(model, names, weights, prompts, max_new_tokens, eos_i
 
 
 @torch.no_grad()
-def mixture_steps(model, names: Sequence[str | None], weights, prompts: Sequence[Sequence[int]],
-                  max_new_tokens: int, pad_id: int, device) -> Iterator[list[int]]:  # fmt: skip
+def mixture_steps(
+    model,
+    names: Sequence[str | None],
+    weights,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    pad_id: int,
+    device,
+) -> Iterator[list[int]]:
     """The mixture's greedy token of every row, one step at a time (``max_new_tokens`` steps
     unless the consumer stops early; EOS is the consumer's to notice). Each adapter with weight
     for some row reads the prompts once, then keeps a KV cache that is fed only the token the
@@ -153,12 +181,20 @@ def mixture_steps(model, names: Sequence[str | None], weights, prompts: Sequence
         for a, r in rows.items():
             with using(model, names[a]):
                 if nxt is None:  # the prompt
-                    res = model(input_ids=ids[r], attention_mask=mask[r],
-                                position_ids=position_ids(mask[r]), use_cache=True)  # fmt: skip
+                    res = model(
+                        input_ids=ids[r],
+                        attention_mask=mask[r],
+                        position_ids=position_ids(mask[r]),
+                        use_cache=True,
+                    )
                 else:  # one new token per row, at the next position
-                    res = model(input_ids=nxt[r, None], attention_mask=mask[r],
-                                position_ids=mask[r].sum(1, keepdim=True) - 1,
-                                past_key_values=caches[a], use_cache=True)  # fmt: skip
+                    res = model(
+                        input_ids=nxt[r, None],
+                        attention_mask=mask[r],
+                        position_ids=mask[r].sum(1, keepdim=True) - 1,
+                        past_key_values=caches[a],
+                        use_cache=True,
+                    )
             caches[a] = res.past_key_values
             probs = torch.softmax(res.logits[:, -1].double().cpu(), dim=-1)
             if mixed is None:
@@ -170,8 +206,9 @@ def mixture_steps(model, names: Sequence[str | None], weights, prompts: Sequence
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
-def _greedy_routed(model, names, chosen, prompts, max_new_tokens, eos_id, pad_id, batch_size,
-                   device) -> list[list[int]]:  # fmt: skip
+def _greedy_routed(
+    model, names, chosen, prompts, max_new_tokens, eos_id, pad_id, batch_size, device
+) -> list[list[int]]:
     """Greedy generation where each prompt uses one adapter: transformers' ``generate`` with its
     KV cache, prompts grouped by adapter (the same tokens as the step-by-step mixture, which
     recomputes the whole prefix at every step)."""
@@ -182,10 +219,17 @@ def _greedy_routed(model, names, chosen, prompts, max_new_tokens, eos_id, pad_id
             chunk = rows[start : start + batch_size]
             ids, mask = _left_pad([list(prompts[i]) for i in chunk], pad_id)
             with using(model, name):
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=eos_id, pad_token_id=pad_id, top_p=None,
-                                     top_k=None, temperature=None)  # fmt: skip
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos_id,
+                    pad_token_id=pad_id,
+                    top_p=None,
+                    top_k=None,
+                    temperature=None,
+                )
             for j, i in enumerate(chunk):
                 tokens = gen[j, ids.shape[1] :].tolist()
                 if eos_id is not None and eos_id in tokens:

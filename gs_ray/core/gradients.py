@@ -287,19 +287,27 @@ class RandomProjection:
     inner products in expectation.
     """
 
-    def __init__(self, dim: int, k: int, seed: int = 0, chunk: int = 65536,
-                 kind: ProjectionKind = "rademacher"):  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        k: int,
+        seed: int = 0,
+        chunk: int = 65536,
+        kind: ProjectionKind = "rademacher",
+    ):
         if kind not in typing.get_args(ProjectionKind):
-            raise ValueError(f"projection kind {kind!r}: expected one of "
-                             f"{typing.get_args(ProjectionKind)}")  # fmt: skip
+            raise ValueError(
+                f"projection kind {kind!r}: expected one of {typing.get_args(ProjectionKind)}"
+            )
         self.dim, self.k, self.seed, self.chunk, self.kind = dim, k, seed, chunk, kind
 
     def _gen(self, start: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + start)
 
     def _block(self, start: int, stop: int) -> torch.Tensor:
-        bits = torch.randint(0, 2, (stop - start, self.k), generator=self._gen(start),
-                             dtype=torch.int8)  # fmt: skip
+        bits = torch.randint(
+            0, 2, (stop - start, self.k), generator=self._gen(start), dtype=torch.int8
+        )
         return bits.float().mul_(2).sub_(1)
 
     def _hash(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:

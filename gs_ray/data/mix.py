@@ -62,8 +62,9 @@ def _read_text(path: Path, entry: MixSource, where: str) -> list[dict[str, Any]]
                 continue
             parts = _SENTENCE_END.split(doc, maxsplit=1)
             head, tail = (parts[0], parts[1]) if len(parts) == 2 else (doc, "")
-            rows.append({"text": doc, "head": head.strip(), "tail": tail.strip(),
-                         "__line__": lineno})  # fmt: skip
+            rows.append(
+                {"text": doc, "head": head.strip(), "tail": tail.strip(), "__line__": lineno}
+            )
         return rows
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -109,10 +110,13 @@ def read_mix(cfg: DataConfig, seed: int) -> tuple[list, str, int]:
             rows = _read_text(path, entry, where)
         else:
             sub = dataclasses.replace(
-                cfg, source=str(path) if path.exists() else entry.source, mix=[],
-                format="auto" if entry.prompt else entry.format, hf_split=entry.hf_split,
+                cfg,
+                source=str(path) if path.exists() else entry.source,
+                mix=[],
+                format="auto" if entry.prompt else entry.format,
+                hf_split=entry.hf_split,
                 max_samples=None,
-            )  # fmt: skip
+            )
             rows, _ = read_rows(sub, seed)
         if not rows:
             raise DataError(f"{where} ({path}): no records")
@@ -127,8 +131,12 @@ def read_mix(cfg: DataConfig, seed: int) -> tuple[list, str, int]:
             line = row.get("__line__")
             loc = f"{path}:{line}" if line is not None else f"{path}: record {j}"
             if entry.prompt is not None:
-                ex = Example(str(row.get("id", f"{j:07d}")), _render(entry.prompt, row, loc),
-                             _render(entry.response, row, loc), where=loc)  # fmt: skip
+                ex = Example(
+                    str(row.get("id", f"{j:07d}")),
+                    _render(entry.prompt, row, loc),
+                    _render(entry.response, row, loc),
+                    where=loc,
+                )
             else:
                 ex = to_example(row, j, sub, str(path), fmt)
             ex.id = f"{entry.domain}-{ex.id}"

@@ -40,8 +40,10 @@ def read_sts(path: str | Path) -> list[SentencePair]:
             if not row or not "".join(row).strip():
                 continue
             if len(row) < N_FIELDS:
-                raise DataError(f"{path}:{line}: {len(row)} tab-separated fields, expected at "
-                                f"least {N_FIELDS} (genre, file, year, id, score, s1, s2)")  # fmt: skip
+                raise DataError(
+                    f"{path}:{line}: {len(row)} tab-separated fields, expected at "
+                    f"least {N_FIELDS} (genre, file, year, id, score, s1, s2)"
+                )
             try:
                 score = float(row[4])
             except ValueError:
@@ -49,8 +51,7 @@ def read_sts(path: str | Path) -> list[SentencePair]:
                     f"{path}:{line}: field 5 (score) is {row[4]!r}, not a number"
                 ) from None
             if not SCORE_RANGE[0] <= score <= SCORE_RANGE[1]:
-                raise DataError(f"{path}:{line}: field 5 (score) {score} is outside "
-                                f"{SCORE_RANGE}")  # fmt: skip
+                raise DataError(f"{path}:{line}: field 5 (score) {score} is outside {SCORE_RANGE}")
             first, second = row[5].strip(), row[6].strip()
             if not first or not second:
                 raise DataError(f"{path}:{line}: field {6 if not first else 7} (sentence) is empty")

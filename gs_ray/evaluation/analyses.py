@@ -102,25 +102,39 @@ class AnalysisPass:
         est = make_clusterer(self.cfg)
         est.n_clusters, est.k_range = k, (k, k)
         est.fit(f_train)
-        return {"train": est.labels_, "test": est.predict(np.concatenate(self.full["test"])),
-                "silhouette": cosine_silhouette(f_train, est.labels_)}  # fmt: skip
+        return {
+            "train": est.labels_,
+            "test": est.predict(np.concatenate(self.full["test"])),
+            "silhouette": cosine_silhouette(f_train, est.labels_),
+        }
 
 
-def gradients(p: Prepared, train: np.ndarray, test: np.ndarray, run_labels: np.ndarray,
-              ablation_ks: list[int]) -> Gradients:  # fmt: skip
+def gradients(
+    p: Prepared, train: np.ndarray, test: np.ndarray, run_labels: np.ndarray, ablation_ks: list[int]
+) -> Gradients:
     """The analysis pass, in a Ray actor (on a GPU where there is one), with progress lines."""
     import ray
 
     from gs_ray.progress import Progress
 
     ec = p.cfg.eval
-    gcfg = dataclasses.replace(p.cfg, gradients=dataclasses.replace(
-        p.cfg.gradients, projection_dim=ec.elrea_projection_dim,
-        projection_kind=ec.elrea_projection_kind))  # fmt: skip
+    gcfg = dataclasses.replace(
+        p.cfg,
+        gradients=dataclasses.replace(
+            p.cfg.gradients,
+            projection_dim=ec.elrea_projection_dim,
+            projection_kind=ec.elrea_projection_kind,
+        ),
+    )
     queries = [prompt_pair(p.samples[i].pair) for i in np.concatenate([train, test])]
-    log.info("eval: gradients of %d training samples and %d queries (projected to %d by %s)%s",
-             len(train), len(queries), ec.elrea_projection_dim, ec.elrea_projection_kind,
-             f"; K ablation {ablation_ks} on the full dimension" if ablation_ks else "")  # fmt: skip
+    log.info(
+        "eval: gradients of %d training samples and %d queries (projected to %d by %s)%s",
+        len(train),
+        len(queries),
+        ec.elrea_projection_dim,
+        ec.elrea_projection_kind,
+        f"; K ablation {ablation_ks} on the full dimension" if ablation_ks else "",
+    )
     actor = (
         ray.remote(AnalysisPass)
         .options(**task_resources())
@@ -143,10 +157,15 @@ def gradients(p: Prepared, train: np.ndarray, test: np.ndarray, run_labels: np.n
             for k in ablation_ks:
                 start = time.perf_counter()
                 ablation[k] = ray.get(actor.ablate.remote(k))
-                log.info("eval: K ablation K=%d clustered in %.0f s (silhouette %.3f)", k,
-                         time.perf_counter() - start, ablation[k]["silhouette"])  # fmt: skip
-        g_train, g_query = ray.get([actor.projected.remote("train"),
-                                    actor.projected.remote("queries")])  # fmt: skip
+                log.info(
+                    "eval: K ablation K=%d clustered in %.0f s (silhouette %.3f)",
+                    k,
+                    time.perf_counter() - start,
+                    ablation[k]["silhouette"],
+                )
+        g_train, g_query = ray.get(
+            [actor.projected.remote("train"), actor.projected.remote("queries")]
+        )
     finally:
         ray.kill(actor)
     return Gradients(g_train, g_query, ms, ablation, run_sil)
@@ -155,8 +174,9 @@ def gradients(p: Prepared, train: np.ndarray, test: np.ndarray, run_labels: np.n
 # --------------------------------------------------------------------------- Table 3
 
 
-def _text_routers_task(train_prompts, train_labels, test_prompts, k, router_cfg, cache_path,
-                       n_timed):  # fmt: skip
+def _text_routers_task(
+    train_prompts, train_labels, test_prompts, k, router_cfg, cache_path, n_timed
+):
     """Keyword and embedding-similarity routers: choices on the test prompts and milliseconds
     per prompt at batch 1."""
     from gs_ray.routing.router import encode_cached, load_encoder
@@ -178,14 +198,22 @@ def _text_routers_task(train_prompts, train_labels, test_prompts, k, router_cfg,
 
     return {
         "keyword": (keyword.predict(test_prompts), ms(keyword.predict)),
-        "embedding": (nearest_centroid(test_feats, centroids),
-                      ms(lambda t: nearest_centroid(encoder.encode([t]), centroids))),
-    }  # fmt: skip
+        "embedding": (
+            nearest_centroid(test_feats, centroids),
+            ms(lambda t: nearest_centroid(encoder.encode([t]), centroids)),
+        ),
+    }
 
 
-def router_table(p: Prepared, train: np.ndarray, test: np.ndarray, labels: np.ndarray,
-                 k: int, grads: Gradients | None, trained: tuple[np.ndarray, float]
-                 ) -> list[dict[str, Any]]:  # fmt: skip
+def router_table(
+    p: Prepared,
+    train: np.ndarray,
+    test: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    grads: Gradients | None,
+    trained: tuple[np.ndarray, float],
+) -> list[dict[str, Any]]:
     """The paper's Table 3 on the run's test rows (see the module docstring); ``trained``: the
     run's router's choices and its milliseconds per prompt."""
     import ray
@@ -194,21 +222,40 @@ def router_table(p: Prepared, train: np.ndarray, test: np.ndarray, labels: np.nd
     prompts = [p.samples[i].prompt for i in train]
     test_prompts = [p.samples[i].prompt for i in test]
     task = ray.remote(_text_routers_task).options(**task_resources())
-    chosen = ray.get(task.remote(prompts, labels[train], test_prompts, k, p.cfg.router,
-                                 str(p.run.eval_prompt_features),
-                                 ec.latency_samples))  # fmt: skip
+    chosen = ray.get(
+        task.remote(
+            prompts,
+            labels[train],
+            test_prompts,
+            k,
+            p.cfg.router,
+            str(p.run.eval_prompt_features),
+            ec.latency_samples,
+        )
+    )
     if grads is not None:
         centroids = unit_centroids(grads.queries[: len(train)], labels[train], k)
-        chosen["gradient"] = (nearest_centroid(grads.queries[len(train) :], centroids),
-                              grads.query_ms)  # fmt: skip
+        chosen["gradient"] = (
+            nearest_centroid(grads.queries[len(train) :], centroids),
+            grads.query_ms,
+        )
     chosen["trained"] = trained
     truth = labels[test]
-    names = {"keyword": "keyword similarity (top TF-IDF terms)",
-             "embedding": "embedding similarity (mean MiniLM embedding)",
-             "gradient": "gradient similarity (ELREA's, projected prompt gradient)",
-             "trained": "trained router (frozen encoder + linear head)"}  # fmt: skip
-    return [{"router": key, "description": names[key], "agreement": agreement(pred, truth),
-             "latency_ms": float(ms)} for key, (pred, ms) in chosen.items()]  # fmt: skip
+    names = {
+        "keyword": "keyword similarity (top TF-IDF terms)",
+        "embedding": "embedding similarity (mean MiniLM embedding)",
+        "gradient": "gradient similarity (ELREA's, projected prompt gradient)",
+        "trained": "trained router (frozen encoder + linear head)",
+    }
+    return [
+        {
+            "router": key,
+            "description": names[key],
+            "agreement": agreement(pred, truth),
+            "latency_ms": float(ms),
+        }
+        for key, (pred, ms) in chosen.items()
+    ]
 
 
 # --------------------------------------------------------------------------- Fig. 4
@@ -229,8 +276,9 @@ def _sts_task(base_path, cfg, adapter, pad_id, pairs, encoder, max_length):
     step = CHUNK // 2
     for start in range(0, len(pairs), step):
         chunk = pairs[start : start + step]
-        G = compute_bucketed(computer.engine, [s for pr in chunk for s in pr[:2]], pad_id,
-                             computer.micro).double()  # fmt: skip
+        G = compute_bucketed(
+            computer.engine, [s for pr in chunk for s in pr[:2]], pad_id, computer.micro
+        ).double()
         grad_cos.extend(torch.nn.functional.cosine_similarity(G[0::2], G[1::2], dim=1).tolist())
     enc = load_encoder(encoder, max_length)
     E1 = enc.encode([pr[2] for pr in pairs])
@@ -260,20 +308,37 @@ def sts_similarity(p: Prepared) -> dict[str, Any] | None:
     work = [(sample(pr.first), sample(pr.second), pr.first, pr.second) for pr in pairs]
     log.info("eval: STS similarity (Fig. 4) on %d sentence pairs of %s", len(work), ec.sts)
     task = ray.remote(_sts_task).options(**task_resources())
-    cfg = dataclasses.replace(p.cfg, gradients=dataclasses.replace(p.cfg.gradients,
-                                                                   projection_dim=None))  # fmt: skip
-    grad_cos, emb_cos = ray.get(task.remote(p.base_path, cfg, str(p.run.warmup_adapter),
-                                            p.pad_id, work, p.cfg.router.encoder,
-                                            p.cfg.router.max_length))  # fmt: skip
+    cfg = dataclasses.replace(
+        p.cfg, gradients=dataclasses.replace(p.cfg.gradients, projection_dim=None)
+    )
+    grad_cos, emb_cos = ray.get(
+        task.remote(
+            p.base_path,
+            cfg,
+            str(p.run.warmup_adapter),
+            p.pad_id,
+            work,
+            p.cfg.router.encoder,
+            p.cfg.router.max_length,
+        )
+    )
     gold = np.array([pr.score for pr in pairs])
     return {
-        "file": str(ec.sts), "n_pairs": len(pairs),
+        "file": str(ec.sts),
+        "n_pairs": len(pairs),
         "gradient_vs_embedding": correlations(grad_cos, emb_cos),
         "gradient_vs_human": correlations(grad_cos, gold),
         "embedding_vs_human": correlations(emb_cos, gold),
-        "pairs": [{"line": pr.line, "score": pr.score, "gradient_cosine": float(g),
-                   "embedding_cosine": float(e)} for pr, g, e in zip(pairs, grad_cos, emb_cos)],
-    }  # fmt: skip
+        "pairs": [
+            {
+                "line": pr.line,
+                "score": pr.score,
+                "gradient_cosine": float(g),
+                "embedding_cosine": float(e),
+            }
+            for pr, g, e in zip(pairs, grad_cos, emb_cos)
+        ],
+    }
 
 
 def ablation_ks(cfg: Config, run_k: int) -> list[int]:

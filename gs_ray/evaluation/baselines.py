@@ -125,8 +125,9 @@ def ablation_method(k: int) -> str:
     return f"k{k}"
 
 
-def partitions(p: Prepared, seed_index: int, grads: Gradients | None = None
-               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:  # fmt: skip
+def partitions(
+    p: Prepared, seed_index: int, grads: Gradients | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Each partitioned method's labels over the run's samples (-1 outside train), and what
     the rest needs: ELREA's test weights and seconds per query gradient; for the first seed the
     analysis pass (``analyses.Gradients``: later seeds reuse it, the warm-up adapter is the same)
@@ -146,10 +147,12 @@ def partitions(p: Prepared, seed_index: int, grads: Gradients | None = None
     if "embedding_kmeans" in want:
         cache = str(p.run.eval_prompt_features)
         prompts = [p.samples[i].prompt for i in train]
-        feats = ray.get(ray.remote(_encode_task).options(**task_resources())
-                        .remote(prompts, cfg.router, cache))  # fmt: skip
-        out["embedding_kmeans"] = _on_train(n, train, _kmeans(feats, k, seed,
-                                                              cfg.clustering.kmeans_n_init))
+        feats = ray.get(
+            ray.remote(_encode_task).options(**task_resources()).remote(prompts, cfg.router, cache)
+        )
+        out["embedding_kmeans"] = _on_train(
+            n, train, _kmeans(feats, k, seed, cfg.clustering.kmeans_n_init)
+        )
     if "elrea" not in want and seed_index > 0:
         return out, extra
     if grads is None:
@@ -204,11 +207,17 @@ def _jobs(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> list:
         out = p.run.eval_adapter(seed_index, method, name)
         if adapter_complete(out) or len(rows) == 0:
             continue
-        jobs.append(AdapterJob(
-            name=f"eval-s{seed_index}-{method}-{name}", base_path=p.base_path,
-            output_dir=str(out), samples=p.pairs(rows), init_adapter=str(p.run.warmup_adapter),
-            seed=seed, max_steps=limit * k if limit and name == SINGLE else None,
-        ))  # fmt: skip
+        jobs.append(
+            AdapterJob(
+                name=f"eval-s{seed_index}-{method}-{name}",
+                base_path=p.base_path,
+                output_dir=str(out),
+                samples=p.pairs(rows),
+                init_adapter=str(p.run.warmup_adapter),
+                seed=seed,
+                max_steps=limit * k if limit and name == SINGLE else None,
+            )
+        )
     return jobs
 
 
@@ -241,18 +250,31 @@ def train_baselines(p: Prepared, jobs: list) -> dict[str, dict]:
         return {}
     log.info("eval: training %d adapters (%s)", len(jobs), ", ".join(j.name for j in jobs))
     storage = str(p.run.eval_ray_train.resolve())
-    records = train_many_on_ray(jobs, p.cfg.model, p.cfg.lora, p.cfg.experts, p.pad_id, storage,
-                                parallel=p.cfg.experts.parallel, resume=True,
-                                max_concurrent=p.cfg.eval.max_parallel_trainings)  # fmt: skip
+    records = train_many_on_ray(
+        jobs,
+        p.cfg.model,
+        p.cfg.lora,
+        p.cfg.experts,
+        p.pad_id,
+        storage,
+        parallel=p.cfg.experts.parallel,
+        resume=True,
+        max_concurrent=p.cfg.eval.max_parallel_trainings,
+    )
     failed = {n: r.get("error") for n, r in records.items() if not r.get("ok")}
     if failed:
         raise RuntimeError(f"eval: training failed after retries: {failed}")
     for job in jobs:
         rec = records[job.name]
-        write_json(Path(job.output_dir) / TRAIN_RECORD, {
-            "n_train": len(job.samples), "steps": len(rec.get("losses", [])),
-            "seconds": rec.get("seconds"), "losses": rec.get("losses"),
-        })  # fmt: skip
+        write_json(
+            Path(job.output_dir) / TRAIN_RECORD,
+            {
+                "n_train": len(job.samples),
+                "steps": len(rec.get("losses", [])),
+                "seconds": rec.get("seconds"),
+                "losses": rec.get("losses"),
+            },
+        )
     return records
 
 
@@ -276,15 +298,21 @@ def _fit_routers(p: Prepared, parts: dict[str, np.ndarray], seed_index: int) -> 
         folder = p.run.eval_router(method, seed_index)
         if not (folder / ROUTER_JSON).exists():
             task = ray.remote(fit_and_save_router).options(**task_resources())
-            pending.append(task.remote(prompts, parts[method][train],
-                                       _n_clusters(parts[method], train), p.cfg.router,
-                                       eval_router_seed(p.cfg.run.seed, seed_index), cache,
-                                       str(folder)))  # fmt: skip
+            pending.append(
+                task.remote(
+                    prompts,
+                    parts[method][train],
+                    _n_clusters(parts[method], train),
+                    p.cfg.router,
+                    eval_router_seed(p.cfg.run.seed, seed_index),
+                    cache,
+                    str(folder),
+                )
+            )
     ray.get(pending)
 
 
-def _route_task(folders: dict[str, str], prompts: list[str], n_latency: int
-                ) -> tuple[dict, dict]:  # fmt: skip
+def _route_task(folders: dict[str, str], prompts: list[str], n_latency: int) -> tuple[dict, dict]:
     """Each router's p(k | prompt) on the test prompts, and its latency per prompt (ms) over
     the first ``n_latency`` (``eval.latency_samples``)."""
     from gs_ray.routing.router import load_router
@@ -303,8 +331,9 @@ class Scorer:
     names, weights), and the milliseconds of one forward of a query. ``evaluate_run`` hosts it
     in a Ray actor and asks for one adapter or plan at a time, so that it can show progress."""
 
-    def __init__(self, base_path, model_cfg, adapters: dict[str, str],
-                 merges: dict[str, list[str]]):  # fmt: skip
+    def __init__(
+        self, base_path, model_cfg, adapters: dict[str, str], merges: dict[str, list[str]]
+    ):
         from gs_ray.training.loop import load_adapters
 
         use_assigned_cpus()
@@ -314,8 +343,9 @@ class Scorer:
             # combination "cat" stacks the adapters' A and B: its update sum_k w_k B_k A_k is
             # exactly the weighted mean of the experts' updates when w_k = 1/K ("linear" averages
             # A and B separately, which is not the mean of the products).
-            self.model.add_weighted_adapter(parts, [1.0 / len(parts)] * len(parts), name,
-                                            combination_type="cat")  # fmt: skip
+            self.model.add_weighted_adapter(
+                parts, [1.0 / len(parts)] * len(parts), name, combination_type="cat"
+            )
         self.model.eval()
 
     def losses(self, name: str | None, pairs, pad_id: int) -> list[np.ndarray]:
@@ -352,8 +382,11 @@ def _score(p, cfg, adapters, merges, test, gen_plans, gen_prompts) -> tuple[dict
     from gs_ray.progress import Progress
 
     ec = cfg.eval
-    scorer = ray.remote(Scorer).options(**task_resources()).remote(
-        p.base_path, cfg.model, adapters, merges)  # fmt: skip
+    scorer = (
+        ray.remote(Scorer)
+        .options(**task_resources())
+        .remote(p.base_path, cfg.model, adapters, merges)
+    )
     try:
         pairs = ray.put(p.pairs(test))
         token_nll = {}
@@ -366,9 +399,16 @@ def _score(p, cfg, adapters, merges, test, gen_plans, gen_prompts) -> tuple[dict
         if gen_plans:
             bar = Progress("eval: generations", total=len(gen_plans), unit="plans")
             for key, (names, weights) in gen_plans.items():
-                generated[key] = ray.get(scorer.generate.remote(
-                    names, weights, gen_prompts, ec.max_new_tokens, p.tokenizer.eos_token_id,
-                    p.pad_id))  # fmt: skip
+                generated[key] = ray.get(
+                    scorer.generate.remote(
+                        names,
+                        weights,
+                        gen_prompts,
+                        ec.max_new_tokens,
+                        p.tokenizer.eos_token_id,
+                        p.pad_id,
+                    )
+                )
                 bar.update(1)
             bar.close()
         forward_ms = ray.get(scorer.forward_ms.remote(pairs, ec.latency_samples))
@@ -424,8 +464,9 @@ def _one_hot(index: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _plans(p: Prepared, seed_index: int, parts: dict, extra: dict, probs: dict,
-           router_ms: dict) -> dict[str, Plan]:  # fmt: skip
+def _plans(
+    p: Prepared, seed_index: int, parts: dict, extra: dict, probs: dict, router_ms: dict
+) -> dict[str, Plan]:
     """Every method's plan for this seed."""
     labels, _, test, k = _train_test(p)
     n = len(test)
@@ -438,14 +479,18 @@ def _plans(p: Prepared, seed_index: int, parts: dict, extra: dict, probs: dict,
         return [f"s{i}/{method}/{expert_name(c)}" for c in range(k)]
 
     gs_probs = probs["gradientspace"]
-    routed = Plan(experts("gradientspace"), _one_hot(gs_probs.argmax(1), k), 1,
-                  router_ms["gradientspace"])
+    routed = Plan(
+        experts("gradientspace"), _one_hot(gs_probs.argmax(1), k), 1, router_ms["gradientspace"]
+    )
     deployed = routed
     if _has_fallback(p):
         _, _, back = Fallback.load(p.run.fallback_json).route(gs_probs)
-        deployed = Plan(experts("gradientspace") + [_generalist(p, i)],
-                        _one_hot(np.where(back, k, gs_probs.argmax(1)), k + 1), 1,
-                        router_ms["gradientspace"])
+        deployed = Plan(
+            experts("gradientspace") + [_generalist(p, i)],
+            _one_hot(np.where(back, k, gs_probs.argmax(1)), k + 1),
+            1,
+            router_ms["gradientspace"],
+        )
     plans = {
         "base": Plan([None], ones, 1),
         "warmup": Plan([WARMUP], ones, 1),
@@ -453,19 +498,23 @@ def _plans(p: Prepared, seed_index: int, parts: dict, extra: dict, probs: dict,
         "merged": Plan([f"s{i}/merged"], ones, 1),
         "gradientspace": deployed,
         "gradientspace_nofallback": routed,
-        "gradientspace_oracle": Plan(experts("gradientspace"), _one_hot(labels[test], k), 1,
-                                     deployable=False),
-        "gradientspace_ensemble": Plan(experts("gradientspace"), gs_probs, k,
-                                       router_ms["gradientspace"]),
-    }  # fmt: skip
+        "gradientspace_oracle": Plan(
+            experts("gradientspace"), _one_hot(labels[test], k), 1, deployable=False
+        ),
+        "gradientspace_ensemble": Plan(
+            experts("gradientspace"), gs_probs, k, router_ms["gradientspace"]
+        ),
+    }
     for method in ROUTED:
         if method in parts:
             key = f"{method}@{i}"
-            plans[method] = Plan(experts(method), _one_hot(probs[key].argmax(1), k), 1,
-                                 router_ms[key])  # fmt: skip
+            plans[method] = Plan(
+                experts(method), _one_hot(probs[key].argmax(1), k), 1, router_ms[key]
+            )
     if "elrea" in parts:
-        plans["elrea"] = Plan(experts("elrea"), extra["elrea_weights"], k + 1,
-                              extra["elrea_gradient_ms"])  # fmt: skip
+        plans["elrea"] = Plan(
+            experts("elrea"), extra["elrea_weights"], k + 1, extra["elrea_gradient_ms"]
+        )
     return {m: plan for m, plan in plans.items() if m in p.cfg.eval.methods}
 
 
@@ -475,8 +524,9 @@ def _ablation_plans(ablation: dict[int, dict], probs: dict) -> dict[tuple[int, s
     out = {}
     for kk, fit in ablation.items():
         experts = [f"s0/{ablation_method(kk)}/{expert_name(c)}" for c in range(kk)]
-        out[(kk, "routed")] = Plan(experts, _one_hot(probs[f"{ablation_method(kk)}@0"].argmax(1),
-                                                     kk), 1)  # fmt: skip
+        out[(kk, "routed")] = Plan(
+            experts, _one_hot(probs[f"{ablation_method(kk)}@0"].argmax(1), kk), 1
+        )
         out[(kk, "oracle")] = Plan(experts, _one_hot(fit["test"], kk), 1, deployable=False)
     return out
 
@@ -487,25 +537,42 @@ def _ablation_rows(ablation, ab_plans, nll, methods, probs, k, grads) -> list[di
     everything, the run's K is the run itself (online clustering, its own experts and router)."""
     rows = []
     if "single_lora" in methods:
-        rows.append({"k": 1, "source": "single_lora", "silhouette": None,
-                     "test_loss_routed": methods["single_lora"]["per_seed"][0]["test_loss"],
-                     "test_loss_oracle": methods["single_lora"]["per_seed"][0]["test_loss"]})  # fmt: skip
+        rows.append(
+            {
+                "k": 1,
+                "source": "single_lora",
+                "silhouette": None,
+                "test_loss_routed": methods["single_lora"]["per_seed"][0]["test_loss"],
+                "test_loss_oracle": methods["single_lora"]["per_seed"][0]["test_loss"],
+            }
+        )
     # The run's row is routed like the ablation's (the router alone, no fallback).
     routed = next((m for m in ("gradientspace_nofallback", "gradientspace") if m in methods), None)
     if routed and grads is not None:
         oracle = methods.get("gradientspace_oracle", {}).get("per_seed", [{}])[0]
-        rows.append({"k": k, "source": "run", "silhouette": grads.run_silhouette,
-                     "test_loss_routed": methods[routed]["per_seed"][0]["test_loss"],
-                     "test_loss_oracle": oracle.get("test_loss")})  # fmt: skip
+        rows.append(
+            {
+                "k": k,
+                "source": "run",
+                "silhouette": grads.run_silhouette,
+                "test_loss_routed": methods[routed]["per_seed"][0]["test_loss"],
+                "test_loss_oracle": oracle.get("test_loss"),
+            }
+        )
     for kk, fit in ablation.items():
-        rows.append({
-            "k": kk, "source": "ablation", "silhouette": fit["silhouette"],
-            "test_loss_routed": float(nll(ab_plans[(kk, "routed")]).mean()),
-            "test_loss_oracle": float(nll(ab_plans[(kk, "oracle")]).mean()),
-            "router_agreement": agreement(probs[f"{ablation_method(kk)}@0"].argmax(1),
-                                          fit["test"]),
-            "cluster_sizes": np.bincount(fit["train"], minlength=kk).tolist(),
-        })  # fmt: skip
+        rows.append(
+            {
+                "k": kk,
+                "source": "ablation",
+                "silhouette": fit["silhouette"],
+                "test_loss_routed": float(nll(ab_plans[(kk, "routed")]).mean()),
+                "test_loss_oracle": float(nll(ab_plans[(kk, "oracle")]).mean()),
+                "router_agreement": agreement(
+                    probs[f"{ablation_method(kk)}@0"].argmax(1), fit["test"]
+                ),
+                "cluster_sizes": np.bincount(fit["train"], minlength=kk).tolist(),
+            }
+        )
     return sorted(rows, key=lambda r: r["k"])
 
 
@@ -537,16 +604,24 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     cfg = eval_config(run, overrides or [])
     missing = [s for s in ("warmup", "stage2", "experts", "router") if not run.stage_done(s)]
     if missing:
-        raise RunDirError(f"{run.path}: stages {missing} are not done; finish the run first "
-                          f"(gs-ray run --resume {run.path})")  # fmt: skip
+        raise RunDirError(
+            f"{run.path}: stages {missing} are not done; finish the run first "
+            f"(gs-ray run --resume {run.path})"
+        )
     init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     started = time.time()
     p = prepare(cfg, run, base_model=base_model_for)
     ec = cfg.eval
     labels, train, test, k = _train_test(p)
     test_ids = [p.samples[i].id for i in test]
-    log.info("eval: %d methods, %d seed(s), K=%d, %d train / %d test samples",
-             len(ec.methods), ec.seeds, k, len(train), len(test))  # fmt: skip
+    log.info(
+        "eval: %d methods, %d seed(s), K=%d, %d train / %d test samples",
+        len(ec.methods),
+        ec.seeds,
+        k,
+        len(train),
+        len(test),
+    )
 
     seeds = []
     for i in range(ec.seeds):
@@ -554,8 +629,11 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         if i == 0:
             write_json(run.eval_partitions, {m: v.tolist() for m, v in parts.items()})
             grads = extra.get("gradients")
-            analyses = analyse(p, {m: v for m, v in parts.items() if not _is_ablation(m)},
-                               grads.train if grads is not None else None)  # fmt: skip
+            analyses = analyse(
+                p,
+                {m: v for m, v in parts.items() if not _is_ablation(m)},
+                grads.train if grads is not None else None,
+            )
         train_baselines(p, _jobs(p, parts, i))
         _fit_routers(p, parts, i)
         seeds.append((parts, extra))
@@ -563,14 +641,23 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     # Routers' probabilities on the test prompts (GradientSpace's, then each baseline's).
     folders = {"gradientspace": str(run.router)}
     for i, (parts, _) in enumerate(seeds):
-        folders.update({f"{m}@{i}": str(run.eval_router(m, i)) for m in parts
-                        if m in ROUTED or _is_ablation(m)})  # fmt: skip
+        folders.update(
+            {
+                f"{m}@{i}": str(run.eval_router(m, i))
+                for m in parts
+                if m in ROUTED or _is_ablation(m)
+            }
+        )
     prompts = [p.samples[j].prompt for j in test]
-    probs, router_ms = ray.get(ray.remote(_route_task).options(**task_resources())
-                               .remote(folders, prompts, p.cfg.eval.latency_samples))  # fmt: skip
+    probs, router_ms = ray.get(
+        ray.remote(_route_task)
+        .options(**task_resources())
+        .remote(folders, prompts, p.cfg.eval.latency_samples)
+    )
 
-    plans = {i: _plans(p, i, parts, extra, probs, router_ms) for i, (parts, extra) in
-             enumerate(seeds)}  # fmt: skip
+    plans = {
+        i: _plans(p, i, parts, extra, probs, router_ms) for i, (parts, extra) in enumerate(seeds)
+    }
     merges = {f"s{i}/merged": _gs_experts(i, k) for i, mp in plans.items() if "merged" in mp}
     ablation = seeds[0][1].get("ablation", {})
     ab_plans = _ablation_plans(ablation, probs)
@@ -584,20 +671,36 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     checkable = [j for j, row in enumerate(test) if answer_key(_response_text(p, row))]
     gen_rows = checkable[: ec.max_generate]
     gen_prompts = [prompt_pair(p.samples[test[j]].pair)[0] for j in gen_rows]
-    gen_plans = {(m, i): (plan.adapters, plan.weights[gen_rows])
-                 for i, mp in plans.items() for m, plan in mp.items()} if gen_rows else {}  # fmt: skip
-    log.info("eval: scoring %d adapters on %d test samples; %d checkable items generated per "
-             "method", len(adapters) + len(merges), len(test), len(gen_rows))  # fmt: skip
-    token_nll, generated, forward_ms = _score(p, cfg, adapters, merges, test, gen_plans,
-                                              gen_prompts)  # fmt: skip
+    gen_plans = (
+        {
+            (m, i): (plan.adapters, plan.weights[gen_rows])
+            for i, mp in plans.items()
+            for m, plan in mp.items()
+        }
+        if gen_rows
+        else {}
+    )
+    log.info(
+        "eval: scoring %d adapters on %d test samples; %d checkable items generated per method",
+        len(adapters) + len(merges),
+        len(test),
+        len(gen_rows),
+    )
+    token_nll, generated, forward_ms = _score(
+        p, cfg, adapters, merges, test, gen_plans, gen_prompts
+    )
 
     domains = [p.samples[j].domain for j in test]
     references = [_response_text(p, test[j]) for j in gen_rows]
     gen_domains = [domains[j] for j in gen_rows]
 
     def nll(plan: Plan) -> np.ndarray:
-        return np.array([mixture_nll(np.stack([token_nll[a][j] for a in plan.adapters]),
-                                     plan.weights[j]) for j in range(len(test))])  # fmt: skip
+        return np.array(
+            [
+                mixture_nll(np.stack([token_nll[a][j] for a in plan.adapters]), plan.weights[j])
+                for j in range(len(test))
+            ]
+        )
 
     methods: dict[str, Any] = {}
     per_row: dict[str, np.ndarray] = {}  # method -> (seeds, test rows) losses, for the statistics
@@ -611,65 +714,103 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
             losses_by_seed.append(losses)
             correct = None
             if gen_rows:
-                texts = [p.tokenizer.decode(t, skip_special_tokens=True)
-                         for t in generated[(method, i)]]  # fmt: skip
+                texts = [
+                    p.tokenizer.decode(t, skip_special_tokens=True) for t in generated[(method, i)]
+                ]
                 correct = np.array([is_correct(r, t) for r, t in zip(references, texts)])
-            per_seed.append({
-                "seed_index": i, "test_loss": float(losses.mean()),
-                "exact_match": float(correct.mean()) if correct is not None else None,
-                "exact_match_by_domain": by_domain(correct, gen_domains) if correct is not None
-                else {},
-            })  # fmt: skip
+            per_seed.append(
+                {
+                    "seed_index": i,
+                    "test_loss": float(losses.mean()),
+                    "exact_match": float(correct.mean()) if correct is not None else None,
+                    "exact_match_by_domain": by_domain(correct, gen_domains)
+                    if correct is not None
+                    else {},
+                }
+            )
         plan0 = plans[0][method]
         per_row[method] = np.stack(losses_by_seed)
         loss_mean, loss_std = spread([s["test_loss"] for s in per_seed])
         em_mean, em_std = spread([s["exact_match"] for s in per_seed])
         trained = _training_cost(run, method, plans, k)
         methods[method] = {
-            "test_loss": loss_mean, "test_loss_std": loss_std,
+            "test_loss": loss_mean,
+            "test_loss_std": loss_std,
             "test_loss_by_domain": by_domain(np.mean(losses_by_seed, axis=0), domains),
-            "exact_match": em_mean, "exact_match_std": em_std,
+            "exact_match": em_mean,
+            "exact_match_std": em_std,
             "exact_match_by_domain": per_seed[0]["exact_match_by_domain"],
             "forward_passes_per_query": plan0.forward_passes,
-            "latency_ms_per_query": (plan0.extra_ms + forward_ms * (plan0.forward_passes
-                                     - (1 if method == "elrea" else 0))) if plan0.deployable
+            "latency_ms_per_query": (
+                plan0.extra_ms
+                + forward_ms * (plan0.forward_passes - (1 if method == "elrea" else 0))
+            )
+            if plan0.deployable
             else None,
-            "deployable": plan0.deployable, "k": len(plan0.adapters) if len(plan0.adapters) > 1
-            else None, **trained, "per_seed": per_seed,
-        }  # fmt: skip
-    for method, entry in comparisons(per_row, "single_lora", [m for m in BASELINES if m in per_row],
-                                     seed=cfg.run.seed).items():
+            "deployable": plan0.deployable,
+            "k": len(plan0.adapters) if len(plan0.adapters) > 1 else None,
+            **trained,
+            "per_seed": per_seed,
+        }
+    for method, entry in comparisons(
+        per_row, "single_lora", [m for m in BASELINES if m in per_row], seed=cfg.run.seed
+    ).items():
         methods[method].update(entry)
     routing = None
     if "gradientspace" in plans[0]:
-        expert_rows = np.array([[token_nll[a][j].mean() if len(token_nll[a][j]) else 0.0
-                                 for j in range(len(test))] for a in _gs_experts(0, k)])
-        routing = routing_costs(expert_rows, probs["gradientspace"].argmax(1), labels[test],
-                                seed=cfg.run.seed)
+        expert_rows = np.array(
+            [
+                [token_nll[a][j].mean() if len(token_nll[a][j]) else 0.0 for j in range(len(test))]
+                for a in _gs_experts(0, k)
+            ]
+        )
+        routing = routing_costs(
+            expert_rows, probs["gradientspace"].argmax(1), labels[test], seed=cfg.run.seed
+        )
     analyses["routers"] = router_table(
-        p, train, test, labels, k, seeds[0][1].get("gradients"),
-        (probs["gradientspace"].argmax(1), router_ms["gradientspace"]))  # fmt: skip
-    analyses["k_ablation"] = _ablation_rows(ablation, ab_plans, nll, methods, probs, k,
-                                            seeds[0][1].get("gradients"))  # fmt: skip
+        p,
+        train,
+        test,
+        labels,
+        k,
+        seeds[0][1].get("gradients"),
+        (probs["gradientspace"].argmax(1), router_ms["gradientspace"]),
+    )
+    analyses["k_ablation"] = _ablation_rows(
+        ablation, ab_plans, nll, methods, probs, k, seeds[0][1].get("gradients")
+    )
     analyses["sts"] = sts_similarity(p)
     _analysis_plots(run, analyses)
     verdict = None
     if "vs_reference" in methods.get("gradientspace", {}):
-        verdict = {**methods["gradientspace"]["vs_reference"],
-                   "headline": headline("GradientSpace (as deployed)", methods["gradientspace"]),
-                   "fallback": _has_fallback(p)}
+        verdict = {
+            **methods["gradientspace"]["vs_reference"],
+            "headline": headline("GradientSpace (as deployed)", methods["gradientspace"]),
+            "fallback": _has_fallback(p),
+        }
     out = {
-        "verdict": verdict, "routing": routing,
-        "run_dir": str(run.path), "n_test": len(test),
+        "verdict": verdict,
+        "routing": routing,
+        "run_dir": str(run.path),
+        "n_test": len(test),
         "test_ids_sha256": hashlib.sha256("\n".join(test_ids).encode()).hexdigest(),
-        "n_train": len(train), "k": k, "seeds": [eval_seed(cfg.run.seed, i) for i in range(ec.seeds)],
-        "budget": {"epochs": cfg.experts.epochs, "rule": "every trained method sees each training "
-                   "sample experts.epochs times, from the warm-up adapter, with the experts' "
-                   "optimiser settings"},
-        "n_exact_match_items": len(gen_rows), "forward_ms": forward_ms,
-        "router_ms": router_ms.get("gradientspace"), "config": dataclasses.asdict(ec),
-        "seconds": time.time() - started, "methods": methods, "analyses": analyses,
-    }  # fmt: skip
+        "n_train": len(train),
+        "k": k,
+        "seeds": [eval_seed(cfg.run.seed, i) for i in range(ec.seeds)],
+        "budget": {
+            "epochs": cfg.experts.epochs,
+            "rule": "every trained method sees each training "
+            "sample experts.epochs times, from the warm-up adapter, with the experts' "
+            "optimiser settings",
+        },
+        "n_exact_match_items": len(gen_rows),
+        "forward_ms": forward_ms,
+        "router_ms": router_ms.get("gradientspace"),
+        "config": dataclasses.asdict(ec),
+        "seconds": time.time() - started,
+        "methods": methods,
+        "analyses": analyses,
+    }
     write_json(run.eval_json, out)
     from gs_ray.evaluation.report import build_report
 
@@ -704,15 +845,19 @@ def _training_cost(run: RunDir, method: str, plans: dict, k: int) -> dict[str, A
         recs = run.expert_records()
         if method == "gradientspace" and run.generalist_complete():
             recs.append(json.loads((run.generalist / EXPERT_RECORD).read_text()))
-        return {"train_steps": sum(r.get("steps", 0) or 0 for r in recs),
-                "train_seconds": sum(r.get("seconds", 0) or 0 for r in recs)}  # fmt: skip
+        return {
+            "train_steps": sum(r.get("steps", 0) or 0 for r in recs),
+            "train_seconds": sum(r.get("seconds", 0) or 0 for r in recs),
+        }
     if method == "single_lora" and run.generalist_complete():  # the run's own generalist
         rec = json.loads((run.generalist / EXPERT_RECORD).read_text())
         return {"train_steps": rec.get("steps") or 0, "train_seconds": rec.get("seconds") or 0.0}
     names = [SINGLE] if method == "single_lora" else [expert_name(c) for c in range(k)]
     recs = [_train_record(run.eval_adapter(0, method, n)) for n in names]
-    return {"train_steps": sum(r.get("steps", 0) for r in recs),
-            "train_seconds": sum(r.get("seconds") or 0 for r in recs)}  # fmt: skip
+    return {
+        "train_steps": sum(r.get("steps", 0) for r in recs),
+        "train_seconds": sum(r.get("seconds") or 0 for r in recs),
+    }
 
 
 def table(out: dict[str, Any]) -> str:
@@ -723,16 +868,20 @@ def table(out: dict[str, Any]) -> str:
             return "-"
         return f"{x:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
-    head = (f"{'method':24s} {'test loss':>18s} {'vs one LoRA [95% interval]':>30s} "
-            f"{'exact match':>16s} {'passes':>6s} {'ms/query':>9s}")
+    head = (
+        f"{'method':24s} {'test loss':>18s} {'vs one LoRA [95% interval]':>30s} "
+        f"{'exact match':>16s} {'passes':>6s} {'ms/query':>9s}"
+    )
     lines = [head, "-" * len(head)]
     for name, m in out["methods"].items():
         ref = m.get("vs_reference")
         vs = f"{ref['mean']:+.4f} [{ref['lo']:+.4f}, {ref['hi']:+.4f}]" if ref else "-"
-        lines.append(f"{name:24s} {fmt(m['test_loss'], m['test_loss_std']):>18s} {vs:>30s} "
-                     f"{fmt(m['exact_match'], m['exact_match_std'], 3):>16s} "
-                     f"{m['forward_passes_per_query']:>6d} "
-                     f"{fmt(m['latency_ms_per_query'], digits=1):>9s}")
+        lines.append(
+            f"{name:24s} {fmt(m['test_loss'], m['test_loss_std']):>18s} {vs:>30s} "
+            f"{fmt(m['exact_match'], m['exact_match_std'], 3):>16s} "
+            f"{m['forward_passes_per_query']:>6d} "
+            f"{fmt(m['latency_ms_per_query'], digits=1):>9s}"
+        )
     if out.get("verdict"):
         lines.insert(0, out["verdict"]["headline"])
     return "\n".join(lines)

@@ -131,8 +131,12 @@ def top_terms(texts: Sequence[str], labels: np.ndarray, n_terms: int = 8) -> dic
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     labels = np.asarray(labels)
-    vec = TfidfVectorizer(stop_words="english", token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]+\b",
-                          max_features=20000, sublinear_tf=True)  # fmt: skip
+    vec = TfidfVectorizer(
+        stop_words="english",
+        token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]+\b",
+        max_features=20000,
+        sublinear_tf=True,
+    )
     X = vec.fit_transform(texts)
     vocab = np.array(vec.get_feature_names_out())
     out = {}
@@ -205,8 +209,11 @@ def correlations(x: np.ndarray, y: np.ndarray) -> dict[str, float | None]:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"pearson": None, "spearman": None, "n": int(len(x))}
-    return {"pearson": float(pearsonr(x, y)[0]), "spearman": float(spearmanr(x, y)[0]),
-            "n": int(len(x))}  # fmt: skip
+    return {
+        "pearson": float(pearsonr(x, y)[0]),
+        "spearman": float(spearmanr(x, y)[0]),
+        "n": int(len(x)),
+    }
 
 
 def cosine_silhouette(X: np.ndarray, labels: np.ndarray) -> float | None:

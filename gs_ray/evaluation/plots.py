@@ -50,22 +50,38 @@ def stage2_plots(run: RunDir) -> list[str]:
     for threshold in sorted({r["threshold"] for r in ks["table"]}):
         rows = [r for r in ks["table"] if r["threshold"] == threshold]
         valid = [r for r in rows if not r.get("rejected") and r.get("silhouette") is not None]
-        line = ax.plot([r["k"] for r in valid], [r["silhouette"] for r in valid], marker="o",
-                       label=f"{threshold:.2f} ({rows[0]['n_components']} comp.)")  # fmt: skip
+        line = ax.plot(
+            [r["k"] for r in valid],
+            [r["silhouette"] for r in valid],
+            marker="o",
+            label=f"{threshold:.2f} ({rows[0]['n_components']} comp.)",
+        )
         rejected = [r for r in rows if r.get("rejected") and r.get("silhouette") is not None]
-        ax.scatter([r["k"] for r in rejected], [r["silhouette"] for r in rejected], marker="x",
-                   color=line[0].get_color())  # fmt: skip
+        ax.scatter(
+            [r["k"] for r in rejected],
+            [r["silhouette"] for r in rejected],
+            marker="x",
+            color=line[0].get_color(),
+        )
     floor = structureless_floor(ks.get("structure"))
     if floor:  # what the same selection gives on structureless data of this spectrum
         fk, mean, clear, own = floor
-        ax.plot(fk, own, color="black", lw=2, marker="D", ms=4,
-                label="each K's candidate (cosine), vs:")  # fmt: skip
+        ax.plot(
+            fk, own, color="black", lw=2, marker="D", ms=4, label="each K's candidate (cosine), vs:"
+        )
         ax.plot(fk, mean, color="0.4", lw=1.5, ls="--", label="structureless (mean)")
-        ax.fill_between(fk, mean, clear, color="0.6", alpha=0.25,
-                        label="within the margin: weak")  # fmt: skip
+        ax.fill_between(fk, mean, clear, color="0.6", alpha=0.25, label="within the margin: weak")
     if chosen.get("silhouette") is not None:
-        ax.scatter([chosen["k"]], [chosen["silhouette"]], s=160, facecolors="none",
-                   edgecolors="tab:red", lw=2, label=f"chosen K={chosen['k']}", zorder=5)  # fmt: skip
+        ax.scatter(
+            [chosen["k"]],
+            [chosen["silhouette"]],
+            s=160,
+            facecolors="none",
+            edgecolors="tab:red",
+            lw=2,
+            label=f"chosen K={chosen['k']}",
+            zorder=5,
+        )
     else:
         ax.set_title(f"chosen K={chosen['k']}: {ks.get('single_cluster_reason') or ''}")
     ax.set(xlabel="K (x: rejected, a cluster under the minimum size)", ylabel="silhouette")
@@ -111,9 +127,12 @@ def structureless_floor(structure: dict | None) -> tuple[list, list, list, list]
         return None
     margin = float(structure.get("null_margin", 0.0))
     rows = sorted(rows, key=lambda r: r["k"])
-    return ([r["k"] for r in rows], [r["null_silhouette"] for r in rows],
-            [r["null_silhouette"] + margin * (r.get("null_std") or 0.0) for r in rows],
-            [r.get("silhouette_cosine") for r in rows])  # fmt: skip
+    return (
+        [r["k"] for r in rows],
+        [r["null_silhouette"] for r in rows],
+        [r["null_silhouette"] + margin * (r.get("null_std") or 0.0) for r in rows],
+        [r.get("silhouette_cosine") for r in rows],
+    )
 
 
 def smoothed(values: list[float], span: int | None = None) -> np.ndarray:
@@ -219,10 +238,18 @@ def k_ablation_plot(run: RunDir, rows: list[dict]) -> str:
     ax.plot(ks, [r["test_loss_oracle"] for r in rows], "s--", label="held-out loss, oracle")
     for r in rows:
         if r["source"] != "ablation":
-            ax.annotate("one LoRA" if r["k"] == 1 else "the run", (r["k"], r["test_loss_routed"]),
-                        textcoords="offset points", xytext=(4, 6), fontsize=8)  # fmt: skip
-    ax.set(xlabel="K (number of clusters)", ylabel="held-out loss (nats / token)",
-           title="K ablation (paper Fig. 6)")  # fmt: skip
+            ax.annotate(
+                "one LoRA" if r["k"] == 1 else "the run",
+                (r["k"], r["test_loss_routed"]),
+                textcoords="offset points",
+                xytext=(4, 6),
+                fontsize=8,
+            )
+    ax.set(
+        xlabel="K (number of clusters)",
+        ylabel="held-out loss (nats / token)",
+        title="K ablation (paper Fig. 6)",
+    )
     ax.set_xticks(ks)
     sil = [(r["k"], r["silhouette"]) for r in rows if r.get("silhouette") is not None]
     if sil:
@@ -242,14 +269,23 @@ def sts_plot(run: RunDir, sts: dict) -> str:
     sentence pairs, coloured by the human score."""
     pairs = sts["pairs"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    pts = ax.scatter([q["embedding_cosine"] for q in pairs], [q["gradient_cosine"] for q in pairs],
-                     c=[q["score"] for q in pairs], cmap="viridis", s=10, alpha=0.8)  # fmt: skip
+    pts = ax.scatter(
+        [q["embedding_cosine"] for q in pairs],
+        [q["gradient_cosine"] for q in pairs],
+        c=[q["score"] for q in pairs],
+        cmap="viridis",
+        s=10,
+        alpha=0.8,
+    )
     fig.colorbar(pts, ax=ax, label="human similarity (0-5)")
     r = sts["gradient_vs_embedding"]
     title = f"STS pairs: gradient vs embedding similarity (n={sts['n_pairs']}"
     if r.get("pearson") is not None:
         title += f", Pearson {r['pearson']:.2f}, Spearman {r['spearman']:.2f}"
-    ax.set(xlabel="cosine of the sentence embeddings", ylabel="cosine of the LoRA gradients",
-           title=title + ")")  # fmt: skip
+    ax.set(
+        xlabel="cosine of the sentence embeddings",
+        ylabel="cosine of the LoRA gradients",
+        title=title + ")",
+    )
     ax.title.set_fontsize(9)
     return _save(fig, run, "eval_sts_similarity.png")

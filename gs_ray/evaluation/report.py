@@ -65,8 +65,14 @@ def _stages(manifest: dict) -> str:
     rows = []
     for name, info in manifest.get("stages", {}).items():
         extra = {k: v for k, v in info.items() if k not in ("status", "seconds", "finished")}
-        rows.append([name, info.get("status", "not done"), info.get("seconds"),
-                     _Raw(html.escape(json.dumps(extra)[:160]))])  # fmt: skip
+        rows.append(
+            [
+                name,
+                info.get("status", "not done"),
+                info.get("seconds"),
+                _Raw(html.escape(json.dumps(extra)[:160])),
+            ]
+        )
     return _table(["stage", "status", "seconds", "details"], rows)
 
 
@@ -75,22 +81,34 @@ def _vs(entry: dict | None, named: bool = False) -> str:
     if not entry:
         return "-"
     who = f"{html.escape(entry['method'])}: " if named else ""
-    return (f"{who}{entry['mean']:+.4f} [{entry['lo']:+.4f}, {entry['hi']:+.4f}] "
-            f"<i>{html.escape(entry['verdict'])}</i>")
+    return (
+        f"{who}{entry['mean']:+.4f} [{entry['lo']:+.4f}, {entry['hi']:+.4f}] "
+        f"<i>{html.escape(entry['verdict'])}</i>"
+    )
 
 
 def _tune_section(tune: dict[str, Any]) -> str:
     """Ray Tune's K search: routed held-out loss per K, the K it chose, and whether the gradient
     structure is weak (then the routed loss, not the silhouette, is what picked K)."""
-    rows = "".join(f"<tr><td>{_num(r['k'])}</td><td>{_num(r.get('k_routed', r['k']))}</td>"
-                   f"<td>{_num(r['val_loss'])}</td><td>{_num(r.get('silhouette'))}</td></tr>"
-                   for r in tune["table"])  # fmt: skip
-    weak = (f"<p><b>The gradient structure is weak</b> ({html.escape(tune.get('structure_verdict', ''))})"
-            f"; the routed loss prefers K = {_num(tune['best_k'])}.</p>" if tune.get("weak_structure") else "")  # fmt: skip
-    return (f"<h2>K chosen by Ray Tune</h2><p>K = {_num(tune['best_k'])} by {html.escape(tune['rule'])}; "
-            f"the best silhouette was at K = {_num(tune['best_silhouette_k'])}.</p>{weak}"
-            "<table><tr><th>K</th><th>K after the merge</th><th>routed held-out loss</th>"
-            f"<th>silhouette</th></tr>{rows}</table>")  # fmt: skip
+    rows = "".join(
+        f"<tr><td>{_num(r['k'])}</td><td>{_num(r.get('k_routed', r['k']))}</td>"
+        f"<td>{_num(r['val_loss'])}</td><td>{_num(r.get('silhouette'))}</td></tr>"
+        for r in tune["table"]
+    )
+    weak = (
+        "<p><b>The gradient structure is weak</b> "
+        f"({html.escape(tune.get('structure_verdict', ''))})"
+        f"; the routed loss prefers K = {_num(tune['best_k'])}.</p>"
+        if tune.get("weak_structure")
+        else ""
+    )
+    return (
+        f"<h2>K chosen by Ray Tune</h2><p>K = {_num(tune['best_k'])} by "
+        f"{html.escape(tune['rule'])}; "
+        f"the best silhouette was at K = {_num(tune['best_silhouette_k'])}.</p>{weak}"
+        "<table><tr><th>K</th><th>K after the merge</th><th>routed held-out loss</th>"
+        f"<th>silhouette</th></tr>{rows}</table>"
+    )
 
 
 def _eval_section(ev: dict) -> str:
@@ -101,35 +119,64 @@ def _eval_section(ev: dict) -> str:
     best = min(deployable, key=lambda i: losses[i]) if deployable else None
     rows = []
     for name, m in methods.items():
-        loss = _num(m["test_loss"]) + (f" ± {m['test_loss_std']:.4f}" if m.get("test_loss_std")
-                                       else "")  # fmt: skip
+        loss = _num(m["test_loss"]) + (
+            f" ± {m['test_loss_std']:.4f}" if m.get("test_loss_std") else ""
+        )
         em = m.get("exact_match")
-        rows.append([name, _Raw(loss), _Raw(_vs(m.get("vs_reference"))),
-                     _Raw(_vs(m.get("vs_best_baseline"), named=True)),
-                     None if em is None else round(em, 3),
-                     m.get("forward_passes_per_query"), m.get("latency_ms_per_query"),
-                     m.get("train_steps"), m.get("train_seconds")])  # fmt: skip
-    out = [_table(["method", "held-out loss", "vs one LoRA (95% interval)",
-                   "vs the best other baseline", "exact match", "forward passes / query",
-                   "ms / query", "train steps", "train s"], rows, best)]  # fmt: skip
+        rows.append(
+            [
+                name,
+                _Raw(loss),
+                _Raw(_vs(m.get("vs_reference"))),
+                _Raw(_vs(m.get("vs_best_baseline"), named=True)),
+                None if em is None else round(em, 3),
+                m.get("forward_passes_per_query"),
+                m.get("latency_ms_per_query"),
+                m.get("train_steps"),
+                m.get("train_seconds"),
+            ]
+        )
+    out = [
+        _table(
+            [
+                "method",
+                "held-out loss",
+                "vs one LoRA (95% interval)",
+                "vs the best other baseline",
+                "exact match",
+                "forward passes / query",
+                "ms / query",
+                "train steps",
+                "train s",
+            ],
+            rows,
+            best,
+        )
+    ]
     r = ev.get("routing")
     if r:
         gap = r["routed_minus_oracle"]
         per = ", ".join("-" if a is None else f"{a:.2f}" for a in r["router_accuracy_per_cluster"])
-        out.append(f"<p class=note>Routing: routed - oracle {gap['mean']:+.4f} nats "
-                   f"[{gap['lo']:+.4f}, {gap['hi']:+.4f}]; router accuracy "
-                   f"{_num(r['router_accuracy'])} (per cluster: {per}); a misrouted row costs "
-                   f"{r['misroute_cost']:.3f} nats more than its own cluster's expert "
-                   f"({100 * (r['misrouted_share'] or 0):.0f}% misrouted).</p>")
+        out.append(
+            f"<p class=note>Routing: routed - oracle {gap['mean']:+.4f} nats "
+            f"[{gap['lo']:+.4f}, {gap['hi']:+.4f}]; router accuracy "
+            f"{_num(r['router_accuracy'])} (per cluster: {per}); a misrouted row costs "
+            f"{r['misroute_cost']:.3f} nats more than its own cluster's expert "
+            f"({100 * (r['misrouted_share'] or 0):.0f}% misrouted).</p>"
+        )
     domains = sorted({d for m in methods.values() for d in m.get("test_loss_by_domain", {})})
     if domains:
         rows = [[n, *[methods[n]["test_loss_by_domain"].get(d) for d in domains]] for n in names]
         out.append("<h3>Held-out loss per domain</h3>" + _table(["method", *domains], rows))
-    out.append(f"<p class=note>{_num(ev['n_test'])} held-out samples (sha256 "
-               f"{_num(ev['test_ids_sha256'][:12])}...), {_num(ev['n_exact_match_items'])} checkable items "
-               f"generated per method, seeds {_num(ev['seeds'])}. Budget: {html.escape(ev['budget']['rule'])}"
-               f". Highlighted: the lowest loss of a deployable method. Eval took "
-               f"{ev['seconds']:.0f} s.</p>")  # fmt: skip
+    out.append(
+        f"<p class=note>{_num(ev['n_test'])} held-out samples (sha256 "
+        f"{_num(ev['test_ids_sha256'][:12])}...), {_num(ev['n_exact_match_items'])} checkable "
+        "items "
+        f"generated per method, seeds {_num(ev['seeds'])}. Budget: "
+        f"{html.escape(ev['budget']['rule'])}"
+        f". Highlighted: the lowest loss of a deployable method. Eval took "
+        f"{ev['seconds']:.0f} s.</p>"
+    )
     return "\n".join(out)
 
 
@@ -138,50 +185,101 @@ def _analyses(an: dict) -> str:
     ablation (Fig. 6), gradient vs embedding similarity (Fig. 4), clusters by domain (Fig. 5) and
     top TF-IDF terms per cluster (Table 2) for each partition."""
     out = []
-    rows = [[name, a["theorem2"]["within"], a["theorem2"]["total"], a["theorem2"]["ratio"]]
-            for name, a in an.items() if isinstance(a, dict) and "theorem2" in a]  # fmt: skip
+    rows = [
+        [name, a["theorem2"]["within"], a["theorem2"]["total"], a["theorem2"]["ratio"]]
+        for name, a in an.items()
+        if isinstance(a, dict) and "theorem2" in a
+    ]
     if rows:
-        out.append("<h3>Theorem 2: gradient variance within clusters</h3>" + _table(
-            ["partition", "within clusters (pooled)", "whole set", "ratio"], rows,
-            best=min(range(len(rows)), key=lambda i: rows[i][3] or 1)) +
-            "<p class=note>Variance of the unit training gradients (ELREA's random projection, "
-            "which keeps squared distances in expectation). Lower is tighter.</p>")  # fmt: skip
+        out.append(
+            "<h3>Theorem 2: gradient variance within clusters</h3>"
+            + _table(
+                ["partition", "within clusters (pooled)", "whole set", "ratio"],
+                rows,
+                best=min(range(len(rows)), key=lambda i: rows[i][3] or 1),
+            )
+            + "<p class=note>Variance of the unit training gradients (ELREA's random projection, "
+            "which keeps squared distances in expectation). Lower is tighter.</p>"
+        )
     routers = an.get("routers")
     if routers:
         rows = [[r["description"], r["agreement"], r["latency_ms"]] for r in routers]
-        out.append("<h3>Routers compared (paper Table 3)</h3>" + _table(
-            ["router", "agreement with the gradient assignment", "ms / prompt (batch 1)"],
-            rows, best=max(range(len(rows)), key=lambda i: rows[i][1] or 0)) +
-            "<p class=note>On the held-out rows: how often each router picks the cluster that the "
-            "query's own gradient (with its answer) is assigned to.</p>")  # fmt: skip
+        out.append(
+            "<h3>Routers compared (paper Table 3)</h3>"
+            + _table(
+                ["router", "agreement with the gradient assignment", "ms / prompt (batch 1)"],
+                rows,
+                best=max(range(len(rows)), key=lambda i: rows[i][1] or 0),
+            )
+            + "<p class=note>On the held-out rows: how often each router picks the cluster that "
+            "the "
+            "query's own gradient (with its answer) is assigned to.</p>"
+        )
     ablation = an.get("k_ablation")
     if ablation:
-        rows = [[r["k"], {"single_lora": "one LoRA on everything", "run": "the run (online)",
-                          "ablation": "K fixed"}.get(r["source"], r["source"]),
-                 r.get("silhouette"), r["test_loss_routed"], r["test_loss_oracle"],
-                 r.get("router_agreement")] for r in ablation]  # fmt: skip
-        out.append("<h3>K ablation (paper Fig. 6)</h3>" + _table(
-            ["K", "partition", "silhouette (cosine, training gradients)", "held-out loss, routed",
-             "held-out loss, oracle", "router agreement"], rows,
-            best=min(range(len(rows)), key=lambda i: rows[i][3])))  # fmt: skip
+        rows = [
+            [
+                r["k"],
+                {
+                    "single_lora": "one LoRA on everything",
+                    "run": "the run (online)",
+                    "ablation": "K fixed",
+                }.get(r["source"], r["source"]),
+                r.get("silhouette"),
+                r["test_loss_routed"],
+                r["test_loss_oracle"],
+                r.get("router_agreement"),
+            ]
+            for r in ablation
+        ]
+        out.append(
+            "<h3>K ablation (paper Fig. 6)</h3>"
+            + _table(
+                [
+                    "K",
+                    "partition",
+                    "silhouette (cosine, training gradients)",
+                    "held-out loss, routed",
+                    "held-out loss, oracle",
+                    "router agreement",
+                ],
+                rows,
+                best=min(range(len(rows)), key=lambda i: rows[i][3]),
+            )
+        )
     sts = an.get("sts")
     if sts:
-        rows = [[name.replace("_", " "), sts[key]["pearson"], sts[key]["spearman"]]
-                for key, name in (("gradient_vs_embedding", "gradient vs embedding"),
-                                  ("gradient_vs_human", "gradient vs human score"),
-                                  ("embedding_vs_human", "embedding vs human score"))]  # fmt: skip
-        out.append("<h3>Gradient vs input-embedding similarity (paper Fig. 4)</h3>" + _table(
-            ["correlation over sentence pairs", "Pearson", "Spearman"], rows) +
-            f"<p class=note>{_num(sts['n_pairs'])} pairs of {html.escape(sts['file'])}: cosine of the "
+        rows = [
+            [name.replace("_", " "), sts[key]["pearson"], sts[key]["spearman"]]
+            for key, name in (
+                ("gradient_vs_embedding", "gradient vs embedding"),
+                ("gradient_vs_human", "gradient vs human score"),
+                ("embedding_vs_human", "embedding vs human score"),
+            )
+        ]
+        out.append(
+            "<h3>Gradient vs input-embedding similarity (paper Fig. 4)</h3>"
+            + _table(["correlation over sentence pairs", "Pearson", "Spearman"], rows)
+            + f"<p class=note>{_num(sts['n_pairs'])} pairs of {html.escape(sts['file'])}: cosine "
+            "of the "
             "two sentences' LoRA gradients (warm-up adapter) and of their encoder embeddings."
-            "</p>")  # fmt: skip
+            "</p>"
+        )
     for name, a in an.items():
         if name in ("routers", "k_ablation", "sts"):
             continue
         domains = sorted({d for row in a["domains"].values() for d in row})
-        table = _table(["cluster", *domains, "top TF-IDF terms"], [
-            [c, *[row.get(d, 0) for d in domains], _Raw(html.escape(", ".join(
-                a["top_terms"].get(c, []))))] for c, row in a["domains"].items()])  # fmt: skip
+        table = _table(
+            ["cluster", *domains, "top TF-IDF terms"],
+            [
+                [
+                    c,
+                    *[row.get(d, 0) for d in domains],
+                    _Raw(html.escape(", ".join(a["top_terms"].get(c, [])))),
+                ]
+                for c, row in a["domains"].items()
+            ],
+        )
         out.append(f"<h3>{html.escape(name)}: clusters by domain, top terms</h3>{table}")
     return "\n".join(out)
 
@@ -191,40 +289,58 @@ def _figures(run: RunDir) -> str:
     for png in sorted((run.path / "plots").glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
         caption = png.stem.replace("_", " ")
-        out.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
-                   f'{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')  # fmt: skip
+        out.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+            f'{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        )
     return "\n".join(out) or "<p class=note>No figures yet.</p>"
 
 
-def deploy_advice(run_path: str, ev: dict | None, held: dict | None,
-                  k_sel: dict | None) -> tuple[str, str]:
+def deploy_advice(
+    run_path: str, ev: dict | None, held: dict | None, k_sel: dict | None
+) -> tuple[str, str]:
     """What to deploy, in one sentence, and the command to run next: from ``gs-ray eval``'s
     verdict where there is one, else from what the run alone says (the gradient structure, and
     the routed or deployed held-out loss against the generalist or the warm-up adapter)."""
     v = (ev or {}).get("verdict")
     if v:
         if v["verdict"] == "pays off":
-            return (f"Deploy GradientSpace (router, experts, generalist fallback): {v['headline']}.",
-                    f"gs-ray serve {run_path}   # model 'gs-ray' routes")  # fmt: skip
-        return (f"Deploy the generalist (one LoRA on everything): {v['headline']}; the routed "
-                "experts do not earn their cost here.",
-                f"gs-ray serve {run_path}   # then ask for model 'gs-ray/generalist'")  # fmt: skip
+            return (
+                f"Deploy GradientSpace (router, experts, generalist fallback): {v['headline']}.",
+                f"gs-ray serve {run_path}   # model 'gs-ray' routes",
+            )
+        return (
+            f"Deploy the generalist (one LoRA on everything): {v['headline']}; the routed "
+            "experts do not earn their cost here.",
+            f"gs-ray serve {run_path}   # then ask for model 'gs-ray/generalist'",
+        )
     structure = (k_sel or {}).get("structure") or {}
     said = []
     if structure:
-        said.append("the gradient structure is " + ("weak (K = 1 is as good as any)"
-                    if structure.get("weak") else f"clear at K = {structure.get('k')}"))  # fmt: skip
+        said.append(
+            "the gradient structure is "
+            + (
+                "weak (K = 1 is as good as any)"
+                if structure.get("weak")
+                else f"clear at K = {structure.get('k')}"
+            )
+        )
     held = held or {}
     routed = held.get("test_loss_deployed", held.get("test_loss_routed"))
     other_key = "test_loss_generalist" if "test_loss_generalist" in held else "test_loss_warmup"
     other = held.get(other_key)
     if routed is not None and other is not None:
         who = "the generalist" if other_key == "test_loss_generalist" else "the warm-up adapter"
-        said.append(f"held-out loss {routed:.4f} as deployed against {other:.4f} for {who} "
-                    f"({routed - other:+.4f}; no interval before gs-ray eval)")  # fmt: skip
+        said.append(
+            f"held-out loss {routed:.4f} as deployed against {other:.4f} for {who} "
+            f"({routed - other:+.4f}; no interval before gs-ray eval)"
+        )
     summary = "; ".join(said) if said else "no held-out numbers yet"
-    return (f"Not decided yet: {summary}. gs-ray eval compares it with one LoRA and the other "
-            "baselines, with intervals.", f"gs-ray eval {run_path}")  # fmt: skip
+    return (
+        f"Not decided yet: {summary}. gs-ray eval compares it with one LoRA and the other "
+        "baselines, with intervals.",
+        f"gs-ray eval {run_path}",
+    )
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -233,37 +349,68 @@ def build_report(run_dir: str | Path) -> Path:
     manifest, metrics = run.manifest(), run.metrics()
     ev = _read_json(run.eval_json)
     k_sel = _read_json(run.k_selection_json)
-    numbers = {"manifest": manifest, "metrics": metrics, "eval": ev, "k_selection": k_sel,
-               "advice": dict(zip(("deploy", "next"), deploy_advice(
-                   str(run.path), ev, metrics.get("evaluation"), k_sel), strict=True))}  # fmt: skip
+    numbers = {
+        "manifest": manifest,
+        "metrics": metrics,
+        "eval": ev,
+        "k_selection": k_sel,
+        "advice": dict(
+            zip(
+                ("deploy", "next"),
+                deploy_advice(str(run.path), ev, metrics.get("evaluation"), k_sel),
+                strict=True,
+            )
+        ),
+    }
     write_json(run.report_json, numbers)
 
-    parts = [f"<h1>gs-ray run: {html.escape(run.path.name)}</h1>",
-             f"<p class=note>{html.escape(str(run.path))} · report built "
-             f"{dt.datetime.now().isoformat(timespec='seconds')}</p>"]  # fmt: skip
+    parts = [
+        f"<h1>gs-ray run: {html.escape(run.path.name)}</h1>",
+        f"<p class=note>{html.escape(str(run.path))} · report built "
+        f"{dt.datetime.now().isoformat(timespec='seconds')}</p>",
+    ]
     held = metrics.get("evaluation")
     advice, command = deploy_advice(str(run.path), ev, held, k_sel)
     if ev and ev.get("verdict"):
         v = ev["verdict"]
-        parts.append(f"<p class=verdict><b>Verdict: GradientSpace {html.escape(v['verdict'])}"
-                     f"</b> against one LoRA on everything. {html.escape(v['headline'])}.</p>")
-    parts.append(f"<p class=verdict><b>What to deploy.</b> {html.escape(advice)}<br>Next: "
-                 f"<code>{html.escape(command)}</code></p>")  # fmt: skip
+        parts.append(
+            f"<p class=verdict><b>Verdict: GradientSpace {html.escape(v['verdict'])}"
+            f"</b> against one LoRA on everything. {html.escape(v['headline'])}.</p>"
+        )
+    parts.append(
+        f"<p class=verdict><b>What to deploy.</b> {html.escape(advice)}<br>Next: "
+        f"<code>{html.escape(command)}</code></p>"
+    )
     if held:
         parts.append("<h2>Held-out loss</h2>")
-        parts.append(_table(["", "loss"], [
-            ["base model (no adapter)", held.get("test_loss_base")],
-            ["warm-up adapter", held.get("test_loss_warmup")],
-            ["GradientSpace, routed", held.get("test_loss_routed")],
-            ["GradientSpace, oracle routing", held.get("test_loss_oracle")],
-            *([["generalist (one LoRA on everything)", held["test_loss_generalist"]],
-               ["GradientSpace as deployed (router + generalist fallback, "
-                f"{100 * held['generalist_share']:.0f}% fall back)", held["test_loss_deployed"]]]
-              if "test_loss_deployed" in held else []),
-        ]))  # fmt: skip
-        parts.append(f"<p class=note>{_num(held.get('n_test'))} held-out samples; the router agrees with "
-                     f"the gradient clusters on {100 * held.get('router_test_accuracy', 0):.1f}% "
-                     f"of them.</p>")  # fmt: skip
+        parts.append(
+            _table(
+                ["", "loss"],
+                [
+                    ["base model (no adapter)", held.get("test_loss_base")],
+                    ["warm-up adapter", held.get("test_loss_warmup")],
+                    ["GradientSpace, routed", held.get("test_loss_routed")],
+                    ["GradientSpace, oracle routing", held.get("test_loss_oracle")],
+                    *(
+                        [
+                            ["generalist (one LoRA on everything)", held["test_loss_generalist"]],
+                            [
+                                "GradientSpace as deployed (router + generalist fallback, "
+                                f"{100 * held['generalist_share']:.0f}% fall back)",
+                                held["test_loss_deployed"],
+                            ],
+                        ]
+                        if "test_loss_deployed" in held
+                        else []
+                    ),
+                ],
+            )
+        )
+        parts.append(
+            f"<p class=note>{_num(held.get('n_test'))} held-out samples; the router agrees with "
+            f"the gradient clusters on {100 * held.get('router_test_accuracy', 0):.1f}% "
+            f"of them.</p>"
+        )
         own = held.get("own_cluster", [])
         if own:
             parts.append(
@@ -273,43 +420,59 @@ def build_report(run_dir: str | Path) -> Path:
                 )
             )
     parts.append("<h2>GradientSpace against the baselines (gs-ray eval)</h2>")
-    parts.append(_eval_section(ev) if ev else
-                 f"<p class=note>Not run yet: <code>gs-ray eval {html.escape(str(run.path))}</code>"
-                 "</p>")  # fmt: skip
+    parts.append(
+        _eval_section(ev)
+        if ev
+        else f"<p class=note>Not run yet: <code>gs-ray eval {html.escape(str(run.path))}</code></p>"
+    )
     if ev and ev.get("analyses"):
         parts.append("<h2>The paper's analyses</h2>" + _analyses(ev["analyses"]))
     if k_sel:
         chosen = k_sel.get("chosen", {})
-        parts.append(f"<h2>Clusters</h2><p>K = {_num(chosen.get('k'))} (silhouette "
-                     f"{_num(chosen.get('silhouette'))}, {_num(chosen.get('n_components'))} SVD "
-                     f"components at variance threshold {_num(chosen.get('threshold'))}).</p>")  # fmt: skip
+        parts.append(
+            f"<h2>Clusters</h2><p>K = {_num(chosen.get('k'))} (silhouette "
+            f"{_num(chosen.get('silhouette'))}, {_num(chosen.get('n_components'))} SVD "
+            f"components at variance threshold {_num(chosen.get('threshold'))}).</p>"
+        )
         merge = k_sel.get("routability")
         if merge:
-            parts.append(f"<p>Routability: K {_num(merge['k_before'])} &rarr; {_num(merge['k_after'])}; the "
-                         f"cross-validated router agreement went from "
-                         f"{_num(merge['agreement_before'])} to {_num(merge['agreement_after'])} "
-                         f"(target {_num(merge['target'])}).</p>")
+            parts.append(
+                f"<p>Routability: K {_num(merge['k_before'])} &rarr; {_num(merge['k_after'])}; the "
+                f"cross-validated router agreement went from "
+                f"{_num(merge['agreement_before'])} to {_num(merge['agreement_after'])} "
+                f"(target {_num(merge['target'])}).</p>"
+            )
             if merge.get("merges"):
-                parts.append("<ul>" + "".join(f"<li>{html.escape(m)}</li>"
-                                              for m in merge["merges"]) + "</ul>")
+                parts.append(
+                    "<ul>"
+                    + "".join(f"<li>{html.escape(m)}</li>" for m in merge["merges"])
+                    + "</ul>"
+                )
         if k_sel.get("structure"):  # weak or clear, against the structureless reference
             parts.append(f"<p>{html.escape(k_sel['structure']['verdict'])}</p>")
     if run.tune_results_json.exists():  # clustering.k_selection: tune
         parts.append(_tune_section(json.loads(run.tune_results_json.read_text())))
     parts.append("<h2>Figures</h2>" + _figures(run))
     parts.append("<h2>What ran, where, how long</h2>" + _stages(manifest))
-    parts.append("<h2>Data</h2><pre>" + html.escape(json.dumps(manifest.get("data"), indent=1))
-                 + "</pre>")  # fmt: skip
-    parts.append("<h2>Configuration</h2><pre>" + html.escape(
-        json.dumps(manifest.get("config"), indent=1)) + "</pre>")  # fmt: skip
+    parts.append(
+        "<h2>Data</h2><pre>" + html.escape(json.dumps(manifest.get("data"), indent=1)) + "</pre>"
+    )
+    parts.append(
+        "<h2>Configuration</h2><pre>"
+        + html.escape(json.dumps(manifest.get("config"), indent=1))
+        + "</pre>"
+    )
     parts.append(
         "<h2>Versions</h2><pre>"
         + html.escape(json.dumps(manifest.get("versions"), indent=1))
         + "</pre>"
     )
-    page = (f"<!doctype html><html><head><meta charset=utf-8><title>gs-ray: "
-            f"{html.escape(run.path.name)}</title><style>{_STYLE}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")  # fmt: skip
+    page = (
+        f"<!doctype html><html><head><meta charset=utf-8><title>gs-ray: "
+        f"{html.escape(run.path.name)}</title><style>{_STYLE}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>"
+    )
     run.report_html.parent.mkdir(parents=True, exist_ok=True)
     run.report_html.write_text(page, encoding="utf-8")
     return run.report_html

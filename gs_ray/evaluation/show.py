@@ -73,20 +73,29 @@ def show(path: str | Path) -> str:
         for e in experts:
             c = e["cluster"]
             row = own.get(c, {})
-            held = (f"{row['expert']:.4f} vs {row['warmup']:.4f}"
-                    if row.get("expert") is not None else "-")  # fmt: skip
-            lines.append(f"  expert {c}: {e.get('n_train', 0)} samples, {e.get('steps', 0)} steps, "
-                         f"{e.get('engine', 'copied warm-up')}, held-out {held}")  # fmt: skip
+            held = (
+                f"{row['expert']:.4f} vs {row['warmup']:.4f}"
+                if row.get("expert") is not None
+                else "-"
+            )
+            lines.append(
+                f"  expert {c}: {e.get('n_train', 0)} samples, {e.get('steps', 0)} steps, "
+                f"{e.get('engine', 'copied warm-up')}, held-out {held}"
+            )
     if "router" in metrics:
         r = metrics["router"]
-        lines.append(f"router: holdout accuracy {r.get('holdout_accuracy')} "
-                     f"(chance {r.get('chance_accuracy')})")  # fmt: skip
+        lines.append(
+            f"router: holdout accuracy {r.get('holdout_accuracy')} "
+            f"(chance {r.get('chance_accuracy')})"
+        )
     if ev:
         base = ev.get("test_loss_base")
-        lines.append((f"held-out loss: base model {base:.4f}, " if base is not None else
-                      "held-out loss: ") + f"warm-up {ev['test_loss_warmup']:.4f}, routed experts "
-                     f"{ev['test_loss_routed']:.4f}, oracle routing {ev['test_loss_oracle']:.4f}; "
-                     f"router latency {ev.get('router_latency_ms', 0):.1f} ms/prompt")  # fmt: skip
+        lines.append(
+            (f"held-out loss: base model {base:.4f}, " if base is not None else "held-out loss: ")
+            + f"warm-up {ev['test_loss_warmup']:.4f}, routed experts "
+            f"{ev['test_loss_routed']:.4f}, oracle routing {ev['test_loss_oracle']:.4f}; "
+            f"router latency {ev.get('router_latency_ms', 0):.1f} ms/prompt"
+        )
     if metrics:
         lines.append("metrics:")
         for key, value in metrics.items():

@@ -22,8 +22,9 @@ N_BOOT = 2000
 LEVEL = 0.95
 
 
-def paired_interval(a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
-                    level: float = LEVEL) -> dict[str, float]:
+def paired_interval(
+    a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL
+) -> dict[str, float]:
     """Mean of ``a - b`` per row and its bootstrap interval. ``a``, ``b``: (n_rows,) or
     (n_seeds, n_rows) losses of the same rows; seeds are averaged per row first."""
     a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, float))
@@ -49,8 +50,9 @@ def verdict(interval: Mapping[str, float]) -> Verdict:
     return "ties"
 
 
-def comparisons(per_row: Mapping[str, np.ndarray], reference: str, baselines: list[str],
-                seed: int = 0) -> dict[str, dict[str, Any]]:
+def comparisons(
+    per_row: Mapping[str, np.ndarray], reference: str, baselines: list[str], seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """For every method: the paired difference against ``reference`` and against the best
     other of ``baselines`` (the lowest mean loss, the method itself excluded), each with its
     interval and verdict. ``per_row[m]``: (n_seeds, n_rows) or (n_rows,) losses."""
@@ -70,8 +72,9 @@ def comparisons(per_row: Mapping[str, np.ndarray], reference: str, baselines: li
     return out
 
 
-def routing_costs(expert_losses: np.ndarray, routed: np.ndarray, oracle: np.ndarray,
-                  seed: int = 0) -> dict[str, Any]:
+def routing_costs(
+    expert_losses: np.ndarray, routed: np.ndarray, oracle: np.ndarray, seed: int = 0
+) -> dict[str, Any]:
     """How much routing costs on the test rows: the routed - oracle gap (with its interval),
     the router's accuracy per cluster (None where a cluster has no test row), and the misroute
     cost, the mean extra loss of a misrouted row (its routed expert's loss minus its own
@@ -82,8 +85,9 @@ def routing_costs(expert_losses: np.ndarray, routed: np.ndarray, oracle: np.ndar
     r_loss, o_loss = expert_losses[routed, rows], expert_losses[oracle, rows]
     wrong = routed != oracle
     k = expert_losses.shape[0]
-    per_cluster = [float((routed[oracle == c] == c).mean()) if (oracle == c).any() else None
-                   for c in range(k)]
+    per_cluster = [
+        float((routed[oracle == c] == c).mean()) if (oracle == c).any() else None for c in range(k)
+    ]
     return {
         "routed_minus_oracle": paired_interval(r_loss, o_loss, seed=seed),
         "router_accuracy": float((~wrong).mean()) if len(rows) else None,
@@ -99,5 +103,7 @@ def headline(method: str, entry: Mapping[str, Any]) -> str:
     v = entry.get("vs_reference")
     if not v:
         return f"{method}: no reference to compare with"
-    return (f"{method} {v['verdict']} against {v['method']}: {v['mean']:+.4f} nats per row "
-            f"(95% interval {v['lo']:+.4f} to {v['hi']:+.4f}, {v['n']} test rows)")
+    return (
+        f"{method} {v['verdict']} against {v['method']}: {v['mean']:+.4f} nats per row "
+        f"(95% interval {v['lo']:+.4f} to {v['hi']:+.4f}, {v['n']} test rows)"
+    )

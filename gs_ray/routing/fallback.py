@@ -42,8 +42,10 @@ def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return 1.0
     rows = np.arange(len(labels))
-    nll = [-np.log(np.maximum(calibrate_proba(proba, t)[rows, labels], _EPS)).mean()
-           for t in TEMPERATURES]
+    nll = [
+        -np.log(np.maximum(calibrate_proba(proba, t)[rows, labels], _EPS)).mean()
+        for t in TEMPERATURES
+    ]
     return float(TEMPERATURES[int(np.argmin(nll))])
 
 
@@ -79,8 +81,10 @@ class Fallback:
         if self.rule == "never":
             return "routed: on the calibration rows the experts beat falling back at any threshold"
         side = "below" if to_generalist else "at or above"
-        return f"calibrated router confidence {confidence:.3f} is {side} the threshold " \
-               f"{self.threshold:.3f}"
+        return (
+            f"calibrated router confidence {confidence:.3f} is {side} the threshold "
+            f"{self.threshold:.3f}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,9 +92,16 @@ class Fallback:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fallback:
         if d.get("rule") not in ("never", "threshold", "always"):
-            raise ValueError(f"fallback rule {d.get('rule')!r}: expected never | threshold | always")
-        return cls(float(d["temperature"]), d["rule"], float(d["threshold"]),
-                   list(d.get("table") or []), dict(d.get("summary") or {}))
+            raise ValueError(
+                f"fallback rule {d.get('rule')!r}: expected never | threshold | always"
+            )
+        return cls(
+            float(d["temperature"]),
+            d["rule"],
+            float(d["threshold"]),
+            list(d.get("table") or []),
+            dict(d.get("summary") or {}),
+        )
 
     def save(self, path: str | Path) -> None:
         write_json(Path(path), self.to_dict())
@@ -133,8 +144,14 @@ def choose_fallback(
         fb = Fallback(temperature, rule, thr)
         back = fb.falls_back(conf)
         loss = float(np.where(back, generalist_loss, expert).mean()) if n else 0.0
-        table.append({"rule": rule, "threshold": thr, "loss": loss,
-                      "generalist_share": float(back.mean()) if n else 0.0})
+        table.append(
+            {
+                "rule": rule,
+                "threshold": thr,
+                "loss": loss,
+                "generalist_share": float(back.mean()) if n else 0.0,
+            }
+        )
         if best is None or loss < best[0] - 1e-12:
             best = (loss, fb)
     assert best is not None
@@ -147,7 +164,8 @@ def choose_fallback(
         "loss_routed": float(expert.mean()) if n else None,
         "loss_chosen": best[0] if n else None,
         "loss_oracle": float(expert_losses[np.asarray(labels, dtype=np.int64), np.arange(n)].mean())
-        if n else None,
+        if n
+        else None,
         "generalist_share": float(back.mean()) if n else 0.0,
         "router_accuracy": float((routed == np.asarray(labels)).mean()) if n else None,
     }

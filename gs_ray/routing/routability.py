@@ -177,11 +177,15 @@ class RoutabilityResult:
 def summary_line(d: dict[str, Any]) -> str:
     """One console line for a routability record (``RoutabilityResult.to_dict``)."""
     if not d["steps"]:
-        return (f"routability: K={d['k_before']} kept (cross-validated router agreement "
-                f"{d['agreement_before']:.3f}, target {d['target']})")
-    return (f"routability: K {d['k_before']} -> {d['k_after']} ({len(d['steps'])} merges); "
-            f"cross-validated router agreement {d['agreement_before']:.3f} -> "
-            f"{d['agreement_after']:.3f} (target {d['target']})")
+        return (
+            f"routability: K={d['k_before']} kept (cross-validated router agreement "
+            f"{d['agreement_before']:.3f}, target {d['target']})"
+        )
+    return (
+        f"routability: K {d['k_before']} -> {d['k_after']} ({len(d['steps'])} merges); "
+        f"cross-validated router agreement {d['agreement_before']:.3f} -> "
+        f"{d['agreement_after']:.3f} (target {d['target']})"
+    )
 
 
 def _agreement(proba: np.ndarray, labels: np.ndarray) -> float:
@@ -255,9 +259,17 @@ def merge_for_routability(
             proba[:, a] += proba[:, b]
             proba = np.delete(proba, b, axis=1)
             kc -= 1
-            steps.append(MergeStep(a, b, n_conf, (int(sizes[a]), int(sizes[b])),
-                                   float(cos[a, b]) if cos is not None else None, before,
-                                   _agreement(proba, current)))
+            steps.append(
+                MergeStep(
+                    a,
+                    b,
+                    n_conf,
+                    (int(sizes[a]), int(sizes[b])),
+                    float(cos[a, b]) if cos is not None else None,
+                    before,
+                    _agreement(proba, current),
+                )
+            )
         # ... then check with a router trained on the merged labels.
         if kc > 1:
             proba = cv_probabilities(texts, current, kc, cfg, folds, seed, features)
@@ -267,6 +279,13 @@ def merge_for_routability(
             agreement = 1.0
         if rounds >= max_rounds:
             break
-    return RoutabilityResult(mapping=mapping, k_before=k, k_after=kc, target=target,
-                             agreement_before=first, agreement_after=agreement, steps=steps,
-                             cv_rounds=rounds)
+    return RoutabilityResult(
+        mapping=mapping,
+        k_before=k,
+        k_after=kc,
+        target=target,
+        agreement_before=first,
+        agreement_after=agreement,
+        steps=steps,
+        cv_rounds=rounds,
+    )

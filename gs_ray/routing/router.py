@@ -280,8 +280,13 @@ def _metrics(
     return _pred_metrics(pred, labels, train_idx, hold_idx, n_clusters)
 
 
-def _pred_metrics(pred: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
-                  hold_idx: np.ndarray, n_clusters: int) -> dict[str, Any]:  # fmt: skip
+def _pred_metrics(
+    pred: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    hold_idx: np.ndarray,
+    n_clusters: int,
+) -> dict[str, Any]:
     """Holdout, train and per-cluster accuracy of a router's choices ``pred`` (every sample)."""
     y_hold = labels[hold_idx]
     per_cluster = [
@@ -410,8 +415,9 @@ class Router:
         (MiniLM, 1 thread, quiet-ish machine: 13.8 -> 5.2 ms p50); see benchmarks/README.md for
         its agreement with the gradient clusters. ``keep_float``: a regular expression; linear
         layers whose module name it matches stay float (MiniLM's FFN outputs,
-        ``layer.N.output.dense``, carry the activations int8 rounds worst). Dynamic quantisation scales
-        activations per tensor, so an int8 route can depend on the other prompts of its batch.
+        ``layer.N.output.dense``, carry the activations int8 rounds worst). Dynamic quantisation
+        scales activations per tensor, so an int8 route can depend on the other prompts of its
+        batch.
         The shared float encoder (``load_encoder``) is left as it is. Returns ``self``."""
         import copy
         import re
@@ -524,13 +530,23 @@ class TfidfRouter:
     def _vectorizer(cfg: RouterConfig):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        return TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(cfg.tfidf_ngrams),
-                               sublinear_tf=True, max_features=cfg.tfidf_max_features,
-                               dtype=np.float32)  # fmt: skip
+        return TfidfVectorizer(
+            analyzer="char_wb",
+            ngram_range=tuple(cfg.tfidf_ngrams),
+            sublinear_tf=True,
+            max_features=cfg.tfidf_max_features,
+            dtype=np.float32,
+        )
 
     @classmethod
-    def fit(cls, texts: Sequence[str], labels: Sequence[int] | np.ndarray, n_clusters: int,
-            cfg: RouterConfig, seed: int = 0) -> tuple[TfidfRouter, dict[str, Any]]:  # fmt: skip
+    def fit(
+        cls,
+        texts: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        n_clusters: int,
+        cfg: RouterConfig,
+        seed: int = 0,
+    ) -> tuple[TfidfRouter, dict[str, Any]]:
         """Fit on the prompts' cluster labels; ``cfg.holdout_fraction`` of each cluster is held
         out (``stratified_split``) and measured, as for the encoder router."""
         from sklearn.linear_model import LogisticRegression
@@ -550,12 +566,16 @@ class TfidfRouter:
         router = cls(vec, head, {"n_clusters": n_clusters})
         pred = router.predict(list(texts))
         metrics = _pred_metrics(pred, y, train_idx, hold_idx, n_clusters)
-        metrics.update(kind=cls.kind, n_clusters=n_clusters, n_features=len(vec.vocabulary_),
-                       seed=seed)  # fmt: skip
+        metrics.update(
+            kind=cls.kind, n_clusters=n_clusters, n_features=len(vec.vocabulary_), seed=seed
+        )
         router.metrics = metrics
-        log.info("router (tfidf): holdout accuracy %s (chance %s), %d features",
-                 _fmt(metrics["holdout_accuracy"]), _fmt(metrics["chance_accuracy"]),
-                 metrics["n_features"])  # fmt: skip
+        log.info(
+            "router (tfidf): holdout accuracy %s (chance %s), %d features",
+            _fmt(metrics["holdout_accuracy"]),
+            _fmt(metrics["chance_accuracy"]),
+            metrics["n_features"],
+        )
         return router, metrics
 
     def predict_proba(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -581,14 +601,25 @@ class TfidfRouter:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         vocab = sorted(self.vectorizer.vocabulary_, key=self.vectorizer.vocabulary_.get)
-        np.savez(folder / TFIDF_FILE, vocabulary=np.array(vocab, dtype=object).astype(str),
-                 idf=self.vectorizer.idf_, coef=self.head.coef_, intercept=self.head.intercept_,
-                 classes=np.asarray(self.head.classes_))  # fmt: skip
-        write_json(folder / ROUTER_JSON, {
-            "format": ROUTER_FORMAT, "kind": self.kind, "n_clusters": self.n_clusters,
-            "ngram_range": list(self.vectorizer.ngram_range),
-            "max_features": self.vectorizer.max_features, "metrics": self.metrics,
-        })  # fmt: skip
+        np.savez(
+            folder / TFIDF_FILE,
+            vocabulary=np.array(vocab, dtype=object).astype(str),
+            idf=self.vectorizer.idf_,
+            coef=self.head.coef_,
+            intercept=self.head.intercept_,
+            classes=np.asarray(self.head.classes_),
+        )
+        write_json(
+            folder / ROUTER_JSON,
+            {
+                "format": ROUTER_FORMAT,
+                "kind": self.kind,
+                "n_clusters": self.n_clusters,
+                "ngram_range": list(self.vectorizer.ngram_range),
+                "max_features": self.vectorizer.max_features,
+                "metrics": self.metrics,
+            },
+        )
         return folder
 
     @classmethod
@@ -596,8 +627,9 @@ class TfidfRouter:
         from sklearn.linear_model import LogisticRegression
 
         z = np.load(Path(folder) / TFIDF_FILE, allow_pickle=False)
-        cfg = RouterConfig(tfidf_ngrams=list(meta["ngram_range"]),
-                           tfidf_max_features=int(meta["max_features"]))  # fmt: skip
+        cfg = RouterConfig(
+            tfidf_ngrams=list(meta["ngram_range"]), tfidf_max_features=int(meta["max_features"])
+        )
         vec = cls._vectorizer(cfg)
         vec.vocabulary_ = {str(t): i for i, t in enumerate(z["vocabulary"])}
         vec.idf_ = z["idf"]

@@ -43,13 +43,24 @@ def router_stage(p: Prepared, resume: bool = False) -> dict:
         train = train[labels[train] >= 0]
         texts = [p.samples[i].prompt for i in train]
         task = ray.remote(fit_and_save_router).options(**task_resources())
-        metrics = ray.get(task.remote(texts, labels[train], k, p.cfg.router, p.cfg.run.seed,
-                                      str(p.run.sub("router", "features_train.npy")),
-                                      str(p.run.router)))  # fmt: skip
+        metrics = ray.get(
+            task.remote(
+                texts,
+                labels[train],
+                k,
+                p.cfg.router,
+                p.cfg.run.seed,
+                str(p.run.sub("router", "features_train.npy")),
+                str(p.run.router),
+            )
+        )
         p.run.add_metrics(router=metrics)
         info.update(holdout_accuracy=metrics.get("holdout_accuracy"))
-        log.info("router: holdout accuracy %.3f (chance %.3f)",
-                 metrics.get("holdout_accuracy") or 0, metrics.get("chance_accuracy") or 0)  # fmt: skip
+        log.info(
+            "router: holdout accuracy %.3f (chance %.3f)",
+            metrics.get("holdout_accuracy") or 0,
+            metrics.get("chance_accuracy") or 0,
+        )
     return metrics
 
 
@@ -61,8 +72,9 @@ def _routability_task(texts, labels, k, router_cfg, target, folds, seed, centroi
     features = None
     if router_cfg.kind == "encoder":
         features = encode_cached(texts, router_cfg.encoder, cache_path, router_cfg.max_length)
-    return merge_for_routability(texts, labels, k, router_cfg, target, folds, seed, centroids,
-                                 features).to_dict()
+    return merge_for_routability(
+        texts, labels, k, router_cfg, target, folds, seed, centroids, features
+    ).to_dict()
 
 
 def routability_stage(p: Prepared, resume: bool = False) -> dict:
@@ -79,22 +91,41 @@ def routability_stage(p: Prepared, resume: bool = False) -> dict:
         rows = rows[labels[rows] >= 0]
         centroids = np.load(run.centroids_path) if run.centroids_path.exists() else None
         task = ray.remote(_routability_task).options(**task_resources())
-        result = ray.get(task.remote(
-            [p.samples[i].prompt for i in rows], labels[rows], k, cfg.router,
-            cfg.clustering.routability_target, cfg.clustering.routability_folds, cfg.run.seed,
-            centroids, str(run.sub("router", "features_train.npy")),
-        ))
+        result = ray.get(
+            task.remote(
+                [p.samples[i].prompt for i in rows],
+                labels[rows],
+                k,
+                cfg.router,
+                cfg.clustering.routability_target,
+                cfg.clustering.routability_folds,
+                cfg.run.seed,
+                centroids,
+                str(run.sub("router", "features_train.npy")),
+            )
+        )
         result["n_rows"] = len(rows)
         write_json(run.routability_json, result)
         ks = json.loads(run.k_selection_json.read_text())
-        ks["routability"] = {key: result[key] for key in
-                             ("k_before", "k_after", "agreement_before", "agreement_after",
-                              "target", "met")}
+        ks["routability"] = {
+            key: result[key]
+            for key in (
+                "k_before",
+                "k_after",
+                "agreement_before",
+                "agreement_after",
+                "target",
+                "met",
+            )
+        }
         ks["routability"]["merges"] = [s["why"] for s in result["steps"]]
         write_json(run.k_selection_json, ks)
         run.add_metrics(routability=ks["routability"])
-        info.update(k_before=result["k_before"], k_after=result["k_after"],
-                    agreement_after=result["agreement_after"])
+        info.update(
+            k_before=result["k_before"],
+            k_after=result["k_after"],
+            agreement_after=result["agreement_after"],
+        )
     for step in result["steps"]:
         log.info("routability: merged %s: %s", step["merged"], step["why"])
     from gs_ray.routing.routability import summary_line
@@ -109,8 +140,10 @@ def _calibrate_task(base_path, model_cfg, adapters, pairs, pad_id, router_folder
     from gs_ray.training.loop import adapter_losses
 
     use_assigned_cpus()
-    return (adapter_losses(base_path, model_cfg, adapters, pairs, pad_id),
-            load_router(router_folder).predict_proba(prompts))
+    return (
+        adapter_losses(base_path, model_cfg, adapters, pairs, pad_id),
+        load_router(router_folder).predict_proba(prompts),
+    )
 
 
 def calibrate_stage(p: Prepared, resume: bool = False) -> dict:
@@ -125,29 +158,60 @@ def calibrate_stage(p: Prepared, resume: bool = False) -> dict:
         rows = p.calibration_rows()
         rows = rows[labels[rows] >= 0]
         if len(rows) == 0:
-            fb = Fallback(summary={"n_calibration": 0, "why": "no calibration rows (the "
-                                   "training split is too small): routed without fallback"})
+            fb = Fallback(
+                summary={
+                    "n_calibration": 0,
+                    "why": "no calibration rows (the "
+                    "training split is too small): routed without fallback",
+                }
+            )
         else:
             adapters = {expert_name(c): str(p.run.expert(c)) for c in range(k)}
             adapters[GENERALIST] = str(p.run.generalist)
             task = ray.remote(_calibrate_task).options(**task_resources())
-            losses, proba = ray.get(task.remote(
-                p.base_path, p.cfg.model, adapters, p.pairs(rows), p.pad_id, str(p.run.router),
-                [p.samples[i].prompt for i in rows]))
+            losses, proba = ray.get(
+                task.remote(
+                    p.base_path,
+                    p.cfg.model,
+                    adapters,
+                    p.pairs(rows),
+                    p.pad_id,
+                    str(p.run.router),
+                    [p.samples[i].prompt for i in rows],
+                )
+            )
             expert = np.stack([losses[expert_name(c)] for c in range(k)])
-            fb = choose_fallback(proba, labels[rows], expert, losses[GENERALIST],
-                                 p.cfg.fallback.thresholds)
+            fb = choose_fallback(
+                proba, labels[rows], expert, losses[GENERALIST], p.cfg.fallback.thresholds
+            )
         fb.save(p.run.fallback_json)
-        p.run.add_metrics(fallback={"temperature": fb.temperature, "rule": fb.rule,
-                                    "threshold": fb.threshold, **fb.summary})
-        info.update(rule=fb.rule, threshold=fb.threshold,
-                    generalist_share=fb.summary.get("generalist_share"))
+        p.run.add_metrics(
+            fallback={
+                "temperature": fb.temperature,
+                "rule": fb.rule,
+                "threshold": fb.threshold,
+                **fb.summary,
+            }
+        )
+        info.update(
+            rule=fb.rule,
+            threshold=fb.threshold,
+            generalist_share=fb.summary.get("generalist_share"),
+        )
     s = fb.summary
     if s.get("n_calibration"):
-        log.info("fallback: %s (threshold %.3f, temperature %.2f): %.0f%% of %d calibration rows "
-                 "to the generalist; calibration loss generalist %.4f, routed %.4f, chosen %.4f",
-                 fb.rule, fb.threshold, fb.temperature, 100 * s["generalist_share"],
-                 s["n_calibration"], s["loss_generalist"], s["loss_routed"], s["loss_chosen"])
+        log.info(
+            "fallback: %s (threshold %.3f, temperature %.2f): %.0f%% of %d calibration rows "
+            "to the generalist; calibration loss generalist %.4f, routed %.4f, chosen %.4f",
+            fb.rule,
+            fb.threshold,
+            fb.temperature,
+            100 * s["generalist_share"],
+            s["n_calibration"],
+            s["loss_generalist"],
+            s["loss_routed"],
+            s["loss_chosen"],
+        )
     else:
         log.info("fallback: %s", s.get("why"))
     return fb.to_dict()

@@ -61,10 +61,14 @@ class Selector(GradientConsumer):
             (
                 {"id": i, "score": float(s) if np.isfinite(s) else None, "rank": r}
                 for r, (i, s) in enumerate(zip(ids, scores))
-            ),  # fmt: skip
+            ),
         )
-        summary = {"method": self.method, "n_pool": len(ids),
-                   "stored_bytes": self.stored_bytes(), **self.info()}  # fmt: skip
+        summary = {
+            "method": self.method,
+            "n_pool": len(ids),
+            "stored_bytes": self.stored_bytes(),
+            **self.info(),
+        }
         write_json(run.selection_summary(self.name), summary)
         return summary
 
@@ -106,8 +110,12 @@ class GistSelector(Selector):
 
     def info(self) -> dict[str, Any]:
         s = self.subspace
-        return {"k": s.k, "energy": s.energy, "singular_values": s.singular_values.tolist(),
-                **storage_bytes(len(self.ids_), s.k, s.basis.shape[0])}  # fmt: skip
+        return {
+            "k": s.k,
+            "energy": s.energy,
+            "singular_values": s.singular_values.tolist(),
+            **storage_bytes(len(self.ids_), s.k, s.basis.shape[0]),
+        }
 
     def state(self) -> dict[str, Any]:
         coords, norms = self.projections()
@@ -126,8 +134,14 @@ class LessSelector(Selector):
 
     method = "less"
 
-    def __init__(self, direction: np.ndarray, dim: int, seed: int, name: str | None = None,
-                 flush_rows: int = 256):  # fmt: skip
+    def __init__(
+        self,
+        direction: np.ndarray,
+        dim: int,
+        seed: int,
+        name: str | None = None,
+        flush_rows: int = 256,
+    ):
         super().__init__(name)
         self.direction, self.dim, self.seed, self.flush_rows = direction, dim, seed, flush_rows
         self.projected_: list[np.ndarray] = []
@@ -169,8 +183,11 @@ class LessSelector(Selector):
         return {"projection_dim": self.k}
 
     def state(self) -> dict[str, Any]:
-        return {"ids": list(self.ids_), "projected": list(self.projected_),
-                "pending": list(self.pending_)}  # fmt: skip
+        return {
+            "ids": list(self.ids_),
+            "projected": list(self.projected_),
+            "pending": list(self.pending_),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.ids_ = list(state["ids"])

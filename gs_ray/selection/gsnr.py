@@ -148,8 +148,9 @@ def train_ensemble(
 
     out = EnsembleDir(work_dir)
     jobs = ensemble_jobs(cfg, train_samples, base_path, work_dir)
-    records = train_many_on_ray(jobs, cfg.model, cfg.lora, cfg.gsnr, pad_id, str(out.storage),
-                                parallel=cfg.gsnr.parallel)  # fmt: skip
+    records = train_many_on_ray(
+        jobs, cfg.model, cfg.lora, cfg.gsnr, pad_id, str(out.storage), parallel=cfg.gsnr.parallel
+    )
     failed = [n for n, r in records.items() if not r.get("ok")]
     if failed:
         errors = "; ".join(f"{n}: {records[n].get('error')}" for n in failed)
@@ -243,8 +244,11 @@ def gsnr_scores(
     trained = time.perf_counter()
     pairs = [s.pair for s in samples]
     ids = [s.id for s in samples]
-    scorer = ray.remote(_EnsembleScorerActor).options(**task_resources()).remote(
-        cfg, base_path, adapters, pad_id)  # fmt: skip
+    scorer = (
+        ray.remote(_EnsembleScorerActor)
+        .options(**task_resources())
+        .remote(cfg, base_path, adapters, pad_id)
+    )
     try:
         bar = Progress(f"G-SNR: gradients under {len(adapters)} members", total=len(samples))
         parts = []
@@ -256,8 +260,18 @@ def gsnr_scores(
         ray.kill(scorer)
     scores = np.concatenate(parts or [np.empty(0)])
     done = time.perf_counter()
-    log.info("G-SNR (%s) of %d samples under %d members: training %.1fs, scoring %.1fs",
-             cfg.gsnr.form, len(samples), len(adapters),
-             trained - start, done - trained)  # fmt: skip
-    return GSNRScores(scores, cfg.gsnr.form, adapters, records,
-                      {"training": trained - start, "scoring": done - trained})  # fmt: skip
+    log.info(
+        "G-SNR (%s) of %d samples under %d members: training %.1fs, scoring %.1fs",
+        cfg.gsnr.form,
+        len(samples),
+        len(adapters),
+        trained - start,
+        done - trained,
+    )
+    return GSNRScores(
+        scores,
+        cfg.gsnr.form,
+        adapters,
+        records,
+        {"training": trained - start, "scoring": done - trained},
+    )

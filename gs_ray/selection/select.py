@@ -65,8 +65,10 @@ def check_select_inputs(cfg: Config) -> None:
     cfg.validate()
     targeted = cfg.selection.method not in ENSEMBLE_SELECTORS
     if targeted and not cfg.selection.target:
-        raise ConfigError(f"selection.target: {cfg.selection.method} needs a target set "
-                          "(gs-ray select --target FILE)")  # fmt: skip
+        raise ConfigError(
+            f"selection.target: {cfg.selection.method} needs a target set "
+            "(gs-ray select --target FILE)"
+        )
     try:
         budget_count(cfg.selection.budget, 1)
     except ValueError as e:
@@ -111,8 +113,9 @@ def target_gradients(computer: GradientComputer, target: list[Sample], chunk: in
     return np.concatenate(parts)
 
 
-def stream_pool(computer: GradientComputer, pool: list[Sample], consumers: ConsumerSet,
-                batch_size: int) -> None:  # fmt: skip
+def stream_pool(
+    computer: GradientComputer, pool: list[Sample], consumers: ConsumerSet, batch_size: int
+) -> None:
     """One gradient pass over the pool, every batch to every consumer (plan phase ``final``)."""
     consumers.set_layout(computer.layout())
     order = np.argsort([len(s) for s in pool], kind="stable")  # similar lengths: less padding
@@ -143,9 +146,11 @@ def record_selection(run: RunDir, cfg: Config, selector, **facts: Any) -> dict[s
     ranked and the budget's selection, and the summary in metrics.json under ``selection``."""
     summary = selector.write(run)
     ranked_ids, _ = selector.ranking()
-    summary.update(write_records(run, selector.name, cfg, ranked_ids),
-                   target=str(Path(cfg.selection.target)) if cfg.selection.target else None,
-                   **facts)  # fmt: skip
+    summary.update(
+        write_records(run, selector.name, cfg, ranked_ids),
+        target=str(Path(cfg.selection.target)) if cfg.selection.target else None,
+        **facts,
+    )
     write_json(run.selection_summary(selector.name), summary)
     run.add_metrics(selection={**run.metrics().get("selection", {}), selector.name: summary})
     return summary
@@ -164,8 +169,12 @@ def stream_selectors(p: Prepared) -> list[Selector]:
     target, _ = load_samples(target_data_config(cfg), p.tokenizer, cfg.run.seed)
     computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
     T = target_gradients(computer, target)
-    log.info("stage2: %s score the run's samples for %d target samples (%s)",
-             "+".join(cfg.stage2.consumers), len(target), cfg.selection.target)  # fmt: skip
+    log.info(
+        "stage2: %s score the run's samples for %d target samples (%s)",
+        "+".join(cfg.stage2.consumers),
+        len(target),
+        cfg.selection.target,
+    )
     return [make_selector(m, T, cfg.selection, cfg.run.seed) for m in cfg.stage2.consumers]
 
 
@@ -186,10 +195,19 @@ def gsnr_selector(cfg: Config, pool: Pool) -> ScoredSelector:
     trained briefly on the pool itself on Ray (``selection.gsnr.gsnr_scores``)."""
     from gs_ray.selection.gsnr import gsnr_scores
 
-    res = gsnr_scores(cfg, pool.pool, pool.base_path, pool.pad_id,
-                      pool.run.selection(ScoredSelector.method) / "ensemble")  # fmt: skip
-    info = {"form": res.form, "members": len(res.members), "seconds": res.seconds,
-            "stored_bytes_per_sample": 0}  # fmt: skip
+    res = gsnr_scores(
+        cfg,
+        pool.pool,
+        pool.base_path,
+        pool.pad_id,
+        pool.run.selection(ScoredSelector.method) / "ensemble",
+    )
+    info = {
+        "form": res.form,
+        "members": len(res.members),
+        "seconds": res.seconds,
+        "stored_bytes_per_sample": 0,
+    }
     return ScoredSelector([s.id for s in pool.pool], res.scores, info)
 
 
@@ -211,10 +229,15 @@ def select(cfg: Config, run_dir: str | None = None, checked: bool = False) -> Ru
             selector = make_selector(sel.method, T, sel, cfg.run.seed)
             stream_pool(computer, pool.pool, ConsumerSet([selector]), cfg.gradients.batch_size)
             calls = computer.calls
-        summary = record_selection(run, cfg, selector, n_target=len(pool.target),
-                                   engine_calls=calls, pool="gs-ray select")  # fmt: skip
+        summary = record_selection(
+            run, cfg, selector, n_target=len(pool.target), engine_calls=calls, pool="gs-ray select"
+        )
         info.update(method=sel.method, n_selected=summary["n_selected"])
-        log.info("select: %s kept %d of %d pool samples -> %s", sel.method,
-                 summary["n_selected"], summary["n_pool"],
-                 run.selection_selected(selector.name))  # fmt: skip
+        log.info(
+            "select: %s kept %d of %d pool samples -> %s",
+            sel.method,
+            summary["n_selected"],
+            summary["n_pool"],
+            run.selection_selected(selector.name),
+        )
     return run

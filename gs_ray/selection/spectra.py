@@ -60,8 +60,9 @@ def factored_singular_values(D: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     ``X X^T = U diag(lambda) U^T`` (T x T Gram matrices; the out x in gradient is never formed).
     In float64 a squared singular value is exact to about 1e-16 s_max^2, so singular values are
     exact to 1e-4 down to about 1e-6 s_max, and smaller ones weigh next to nothing in the nuclear
-    norm and the effective rank; squared values under k * eps * s_max^2 are set to 0. (An SVD after thin QR factorisations of D^T and X^T is the
-    backward-stable route; it agreed to 1e-15 and took up to 2x the CPU time, docs/selection.md.)
+    norm and the effective rank; squared values under k * eps * s_max^2 are set to 0. (An SVD
+    after thin QR factorisations of D^T and X^T is the backward-stable route; it agreed to 1e-15
+    and took up to 2x the CPU time, docs/selection.md.)
     """
     D, X = D.double(), X.double()
     T, out, inp = D.shape[-2], D.shape[-1], X.shape[-1]
@@ -190,9 +191,13 @@ class SpectraEngine:
             nuc[:, li, ki] = nuclear_norm(s).cpu().numpy()
             erank[:, li, ki] = effective_rank(s).cpu().numpy()
         return Spectra(
-            nuc, erank, list(self.layers), list(self.kinds), losses.detach().float().cpu().numpy(),
+            nuc,
+            erank,
+            list(self.layers),
+            list(self.kinds),
+            losses.detach().float().cpu().numpy(),
             batch.attention_mask.sum(-1).cpu().numpy(),
-        )  # fmt: skip
+        )
 
 
 def compute_spectra(
@@ -219,8 +224,14 @@ def compute_spectra(
         bar.close()
     n = len(samples)
     shape = (n, len(engine.layers), len(engine.kinds))
-    out = Spectra(np.zeros(shape), np.zeros(shape), list(engine.layers), list(engine.kinds),
-                  np.zeros(n), np.zeros(n, dtype=np.int64))  # fmt: skip
+    out = Spectra(
+        np.zeros(shape),
+        np.zeros(shape),
+        list(engine.layers),
+        list(engine.kinds),
+        np.zeros(n),
+        np.zeros(n, dtype=np.int64),
+    )
     for chunk, s in parts:
         out.nuclear_norm[chunk] = s.nuclear_norm
         out.effective_rank[chunk] = s.effective_rank
@@ -300,15 +311,25 @@ def run_spectra(cfg, data: str, out: str, subset_b: str | None = None) -> dict:
     for label, path, bare in wanted:
         samples = load_subset(cfg, path, tokenizer, bare)
         start, cpu = time.perf_counter(), time.process_time()
-        spectra = compute_spectra(engine, [s.pair for s in samples], int(tokenizer.pad_token_id),
-                                  cfg.spectra.batch_size, progress=f"spectra: {label}")  # fmt: skip
+        spectra = compute_spectra(
+            engine,
+            [s.pair for s in samples],
+            int(tokenizer.pad_token_id),
+            cfg.spectra.batch_size,
+            progress=f"spectra: {label}",
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = (time.perf_counter() - start, time.process_time() - cpu)
         subsets.append(Subset(label, samples, spectra, *elapsed))
     summary = summarise(subsets)
-    summary.update(model=cfg.model.name, base_path=base_path, device=str(device),
-                   dtype=cfg.model.dtype, batch_size=cfg.spectra.batch_size)  # fmt: skip
+    summary.update(
+        model=cfg.model.name,
+        base_path=base_path,
+        device=str(device),
+        dtype=cfg.model.dtype,
+        batch_size=cfg.spectra.batch_size,
+    )
     write_outputs(folder, subsets, summary)
     return summary
 
@@ -319,9 +340,14 @@ def summarise(subsets: Sequence[Subset]) -> dict:
     out: dict = {"subsets": {}}
     for sub in subsets:
         s = sub.spectra
-        entry = {"n": len(sub.samples), "seconds": sub.seconds, "samples_per_s": sub.samples_per_s,
-                 "cpu_seconds": sub.cpu_seconds,
-                 "mean_tokens": float(s.n_tokens.mean()), "layers": s.layers}  # fmt: skip
+        entry = {
+            "n": len(sub.samples),
+            "seconds": sub.seconds,
+            "samples_per_s": sub.samples_per_s,
+            "cpu_seconds": sub.cpu_seconds,
+            "mean_tokens": float(s.n_tokens.mean()),
+            "layers": s.layers,
+        }
         for metric in ("nuclear_norm", "effective_rank"):
             values = getattr(s, metric)
             entry[metric] = {
@@ -353,8 +379,9 @@ def write_outputs(folder, subsets: Sequence[Subset], summary: dict) -> None:
 
     rows, lines = [], io.StringIO()
     table = csv.writer(lines)
-    table.writerow(["id", "subset", "n_tokens", "loss", "layer", "module",
-                    "nuclear_norm", "effective_rank"])  # fmt: skip
+    table.writerow(
+        ["id", "subset", "n_tokens", "loss", "layer", "module", "nuclear_norm", "effective_rank"]
+    )
     for sub in subsets:
         s = sub.spectra
         for i, sample in enumerate(sub.samples):
@@ -362,13 +389,30 @@ def write_outputs(folder, subsets: Sequence[Subset], summary: dict) -> None:
                 metric: {k: getattr(s, metric)[i, :, j].tolist() for j, k in enumerate(s.kinds)}
                 for metric in ("nuclear_norm", "effective_rank")
             }
-            rows.append({"id": sample.id, "subset": sub.label, "n_tokens": int(s.n_tokens[i]),
-                         "loss": float(s.loss[i]), "layers": s.layers, **per_kind})  # fmt: skip
+            rows.append(
+                {
+                    "id": sample.id,
+                    "subset": sub.label,
+                    "n_tokens": int(s.n_tokens[i]),
+                    "loss": float(s.loss[i]),
+                    "layers": s.layers,
+                    **per_kind,
+                }
+            )
             for li, layer in enumerate(s.layers):
                 for j, kind in enumerate(s.kinds):
-                    table.writerow([sample.id, sub.label, int(s.n_tokens[i]), f"{s.loss[i]:.6g}",
-                                    layer, kind, f"{s.nuclear_norm[i, li, j]:.8g}",
-                                    f"{s.effective_rank[i, li, j]:.8g}"])  # fmt: skip
+                    table.writerow(
+                        [
+                            sample.id,
+                            sub.label,
+                            int(s.n_tokens[i]),
+                            f"{s.loss[i]:.6g}",
+                            layer,
+                            kind,
+                            f"{s.nuclear_norm[i, li, j]:.8g}",
+                            f"{s.effective_rank[i, li, j]:.8g}",
+                        ]
+                    )
     write_jsonl(folder.jsonl, rows)
     atomic_write_text(folder.csv, lines.getvalue())
     write_json(folder.summary, summary)

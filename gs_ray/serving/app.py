@@ -86,6 +86,7 @@ from gs_ray.serving.pool import (  # noqa: F401  (the model names: this module's
 
 log = logging.getLogger(__name__)
 
+
 def _set_threads(num_cpus: float) -> None:
     import torch
 
@@ -154,17 +155,23 @@ class ExpertsDeployment:
 
     @staticmethod
     def _row(g: Generation, batch_size: int, ms: float) -> dict[str, Any]:
-        return {"text": g.text, "n_prompt_tokens": g.n_prompt_tokens,
-                "n_new_tokens": g.n_new_tokens, "finish_reason": g.finish_reason,
-                "batch_size": batch_size, "generate_ms": ms}  # fmt: skip
+        return {
+            "text": g.text,
+            "n_prompt_tokens": g.n_prompt_tokens,
+            "n_new_tokens": g.n_new_tokens,
+            "finish_reason": g.finish_reason,
+            "batch_size": batch_size,
+            "generate_ms": ms,
+        }
 
     def _greedy(self, rows: list[tuple]) -> list[dict[str, Any]]:
         """Greedy rows as one batch; if the batch fails, each row alone, so that only the rows
         that fail themselves get an error."""
         start = time.perf_counter()
         try:
-            gens = self.pool.generate([r[0] for r in rows], [r[1] for r in rows],
-                                      [r[2] for r in rows])  # fmt: skip
+            gens = self.pool.generate(
+                [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+            )
         except Exception:
             if len(rows) == 1:
                 raise
@@ -265,9 +272,12 @@ class ExpertsDeployment:
                 if isinstance(item, ServingError):
                     yield item.row()
                 elif isinstance(item, Generation):
-                    yield {"done": True, "n_prompt_tokens": item.n_prompt_tokens,
-                           "n_new_tokens": item.n_new_tokens,
-                           "finish_reason": item.finish_reason}  # fmt: skip
+                    yield {
+                        "done": True,
+                        "n_prompt_tokens": item.n_prompt_tokens,
+                        "n_new_tokens": item.n_new_tokens,
+                        "finish_reason": item.finish_reason,
+                    }
                 else:
                     yield {"text": item}
         finally:  # also when the caller cancels or closes this generator
@@ -276,8 +286,11 @@ class ExpertsDeployment:
 
     def stats(self) -> dict[str, Any]:
         """Batches and requests served so far, and the sizes of the latest 1,024 batches."""
-        return {"batches": self.n_batches, "requests": self.n_requests,
-                "batch_sizes": list(self.batch_sizes)}  # fmt: skip
+        return {
+            "batches": self.n_batches,
+            "requests": self.n_requests,
+            "batch_sizes": list(self.batch_sizes),
+        }
 
 
 # --------------------------------------------------------------------------- HTTP ingress
@@ -351,16 +364,32 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 class OpenAIError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type_: str = "invalid_request_error"):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = (
-            status, message, param, code, type_,
-        )  # fmt: skip
+            status,
+            message,
+            param,
+            code,
+            type_,
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}  # fmt: skip
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
@@ -533,31 +562,45 @@ class Gate:
 
     @classmethod
     def for_serving(cls, cfg: ServeConfig, key_sha256: str | None) -> "Gate":
-        return cls(key_sha256, cfg.max_body_bytes,
-                   key_sha256 is None and cfg.host in LOOPBACK_HOSTS)  # fmt: skip
+        return cls(
+            key_sha256, cfg.max_body_bytes, key_sha256 is None and cfg.host in LOOPBACK_HOSTS
+        )
 
     def refusal(self, path: str, headers: dict[str, str]) -> OpenAIError | None:
         """Why a request with these headers is refused before its body is read (None: pass)."""
         if path in OPEN_PATHS:
             return None
         if self.loopback_hosts_only and host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
-            return OpenAIError(400, "Host: this server answers only to a loopback name "
-                                    "(localhost, 127.0.0.1, [::1]) when it has no API key",
-                               "host", "invalid_host")  # fmt: skip
+            return OpenAIError(
+                400,
+                "Host: this server answers only to a loopback name "
+                "(localhost, 127.0.0.1, [::1]) when it has no API key",
+                "host",
+                "invalid_host",
+            )
         if self.key_sha256 is not None:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()
             if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.key_sha256):
-                return OpenAIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                   None, "invalid_api_key", "authentication_error")  # fmt: skip
+                return OpenAIError(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer KEY)",
+                    None,
+                    "invalid_api_key",
+                    "authentication_error",
+                )
         length = headers.get("content-length", "0").strip() or "0"
         if not length.isdigit() or int(length) > self.max_body_bytes:
             return self.too_large()
         return None
 
     def too_large(self) -> OpenAIError:
-        return OpenAIError(413, f"the request body is over {self.max_body_bytes} bytes "
-                                "(serve.max_body_bytes)", None, "request_too_large")  # fmt: skip
+        return OpenAIError(
+            413,
+            f"the request body is over {self.max_body_bytes} bytes (serve.max_body_bytes)",
+            None,
+            "request_too_large",
+        )
 
 
 _GATE: list[Gate] = []  # this replica's gate, set by the Ingress (install_gate)
@@ -588,8 +631,10 @@ class GateMiddleware:
         if not _GATE:
             refused: OpenAIError | None = OpenAIError(503, "not ready", None, None, "server_error")
         else:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                       for k, v in scope.get("headers", [])}  # fmt: skip
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1")
+                for k, v in scope.get("headers", [])
+            }
             refused = _GATE[0].refusal(path, headers)
         if refused is not None:
             return await refused.response()(scope, receive, send)
@@ -645,8 +690,14 @@ async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
 class Ingress:
     """HTTP front: validates, routes, generates (see the module docstring)."""
 
-    def __init__(self, router: DeploymentHandle, experts: DeploymentHandle, info: dict,
-                 cfg: ServeConfig, key_sha256: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        router: DeploymentHandle,
+        experts: DeploymentHandle,
+        info: dict,
+        cfg: ServeConfig,
+        key_sha256: str | None = None,
+    ):
         """``key_sha256``: the API key's digest, resolved where the app is built (the driver:
         on a cluster the replica's own environment is the raylet's, not the user's shell)."""
         bind_replica_grpc_to_node()  # before Ray's _on_initialized binds it
@@ -705,8 +756,11 @@ class Ingress:
         k_total = self.info_["n_experts"]
         m = req.max_new_tokens or self.cfg.max_new_tokens
         if m > self.cfg.max_new_tokens_limit:
-            raise HTTPException(400, f"max_new_tokens: {m} is over the limit "
-                                     f"{self.cfg.max_new_tokens_limit} (serve.max_new_tokens_limit)")  # fmt: skip
+            raise HTTPException(
+                400,
+                f"max_new_tokens: {m} is over the limit "
+                f"{self.cfg.max_new_tokens_limit} (serve.max_new_tokens_limit)",
+            )
         if req.expert is not None and req.expert >= k_total:
             raise HTTPException(400, f"expert: {req.expert} is not in [0, {k_total})")
         start = time.perf_counter()
@@ -720,8 +774,14 @@ class Ingress:
         if "error" in out:
             raise HTTPException(500 if out.get("server_error") else 400, out["error"])
         total_ms = 1000 * (time.perf_counter() - start)
-        return {"expert": expert, "routed_by": by, "probs": probs, **out,
-                "route_ms": route_ms, "total_ms": total_ms}  # fmt: skip
+        return {
+            "expert": expert,
+            "routed_by": by,
+            "probs": probs,
+            **out,
+            "route_ms": route_ms,
+            "total_ms": total_ms,
+        }
 
     # ------------------------------------------------------------------ OpenAI-compatible routes
 
@@ -733,10 +793,13 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self) -> dict:
         created = 0
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": created, "owned_by": APP_NAME}
-            for m in self._models()
-        ]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [
+                {"id": m, "object": "model", "created": created, "owned_by": APP_NAME}
+                for m in self._models()
+            ],
+        }
 
     @api.post("/v1/route")
     async def v1_route(self, req: RouteRequest) -> dict:
@@ -746,17 +809,27 @@ class Ingress:
         """Check the model and length, route (or not): what both generation paths share."""
         self._check_size(prompt, openai=True)
         if req.model not in self._models():
-            raise OpenAIError(404, f"model: {req.model!r} does not exist; GET /v1/models lists "
-                                   f"them", "model", "model_not_found")  # fmt: skip
+            raise OpenAIError(
+                404,
+                f"model: {req.model!r} does not exist; GET /v1/models lists them",
+                "model",
+                "model_not_found",
+            )
         m = req.max_tokens or self.cfg.max_new_tokens
         if req.model == ENSEMBLE_MODEL and not req.max_tokens:
             m = min(m, self.cfg.ensemble_max_new_tokens)
         if m > self.cfg.max_new_tokens_limit:
-            raise OpenAIError(400, f"max_tokens: {m} is over the limit "
-                                   f"{self.cfg.max_new_tokens_limit}", "max_tokens")  # fmt: skip
+            raise OpenAIError(
+                400,
+                f"max_tokens: {m} is over the limit {self.cfg.max_new_tokens_limit}",
+                "max_tokens",
+            )
         if req.model == ENSEMBLE_MODEL and m > self.cfg.ensemble_max_new_tokens:
-            raise OpenAIError(400, f"max_tokens: {m} is over the ensemble's limit "
-                                   f"{self.cfg.ensemble_max_new_tokens}", "max_tokens")  # fmt: skip
+            raise OpenAIError(
+                400,
+                f"max_tokens: {m} is over the ensemble's limit {self.cfg.ensemble_max_new_tokens}",
+                "max_tokens",
+            )
         start = time.perf_counter()
         probs, routed = None, {}
         if req.model == MODEL or req.model == ENSEMBLE_MODEL:
@@ -775,9 +848,16 @@ class Ingress:
             mode, expert = Mixture(list(probs) + pad), MIXTURE
         elif req.temperature > 0:
             mode = Sampling(float(req.temperature), float(req.top_p), req.seed)
-        return {"start": start, "m": m, "expert": expert, "probs": probs, "mode": mode,
-                "route_ms": route_ms, "fallback": bool(routed.get("fallback")),
-                "reason": routed.get("reason")}
+        return {
+            "start": start,
+            "m": m,
+            "expert": expert,
+            "probs": probs,
+            "mode": mode,
+            "route_ms": route_ms,
+            "fallback": bool(routed.get("fallback")),
+            "reason": routed.get("reason"),
+        }
 
     def _take_ensemble_slot(self, req: _OpenAIRequest) -> bool:
         """An ensemble request (a forward of every expert per token) takes one of
@@ -786,10 +866,15 @@ class Ingress:
         if req.model != ENSEMBLE_MODEL:
             return False
         if self.ensembles_running >= self.cfg.max_ensemble_requests:
-            raise OpenAIError(429, f"{self.ensembles_running} ensemble requests are running, the "
-                                   f"limit (serve.max_ensemble_requests); retry later, or name "
-                                   f"{MODEL} (routed)", "model", "rate_limit_exceeded",
-                              "rate_limit_error")  # fmt: skip
+            raise OpenAIError(
+                429,
+                f"{self.ensembles_running} ensemble requests are running, the "
+                f"limit (serve.max_ensemble_requests); retry later, or name "
+                f"{MODEL} (routed)",
+                "model",
+                "rate_limit_exceeded",
+                "rate_limit_error",
+            )
         self.ensembles_running += 1
         return True
 
@@ -804,23 +889,30 @@ class Ingress:
             return OpenAIError(500, message, None, None, "server_error")
         return OpenAIError(400, message, message.split(":")[0], out.get("code"))
 
-    def _result(self, req: _OpenAIRequest, plan: dict, out: dict, text: str,
-                stopped: bool) -> dict[str, Any]:  # fmt: skip
+    def _result(
+        self, req: _OpenAIRequest, plan: dict, out: dict, text: str, stopped: bool
+    ) -> dict[str, Any]:
         expert = plan["expert"]
         return {
             "text": text,
             "finish_reason": "stop" if stopped else out["finish_reason"],
-            "usage": {"prompt_tokens": out["n_prompt_tokens"],
-                      "completion_tokens": out["n_new_tokens"],
-                      "total_tokens": out["n_prompt_tokens"] + out["n_new_tokens"]},
-            "gs_ray": {"expert": None if expert == MIXTURE else expert, "probs": plan["probs"],
-                       "routed_by": ("fallback" if plan["fallback"] else "router")
-                       if req.model == MODEL else ("ensemble" if expert == MIXTURE else "request"),
-                       "generalist": expert >= 0 and expert == self.info_.get("generalist"),
-                       "reason": plan["reason"],
-                       "route_ms": plan["route_ms"],
-                       "total_ms": 1000 * (time.perf_counter() - plan["start"])},
-        }  # fmt: skip
+            "usage": {
+                "prompt_tokens": out["n_prompt_tokens"],
+                "completion_tokens": out["n_new_tokens"],
+                "total_tokens": out["n_prompt_tokens"] + out["n_new_tokens"],
+            },
+            "gs_ray": {
+                "expert": None if expert == MIXTURE else expert,
+                "probs": plan["probs"],
+                "routed_by": ("fallback" if plan["fallback"] else "router")
+                if req.model == MODEL
+                else ("ensemble" if expert == MIXTURE else "request"),
+                "generalist": expert >= 0 and expert == self.info_.get("generalist"),
+                "reason": plan["reason"],
+                "route_ms": plan["route_ms"],
+                "total_ms": 1000 * (time.perf_counter() - plan["start"]),
+            },
+        }
 
     async def _complete(
         self, req: _OpenAIRequest, prompt: str, chat: list[dict[str, str]] | None = None
@@ -831,8 +923,9 @@ class Ingress:
         try:
             # a chat goes to the experts as messages (their chat template, if any); the router
             # sees the instruction
-            out = await self.experts.generate.remote((chat or prompt, plan["expert"], plan["m"],
-                                                      plan["mode"]))  # fmt: skip
+            out = await self.experts.generate.remote(
+                (chat or prompt, plan["expert"], plan["m"], plan["mode"])
+            )
         finally:
             self._give_back(slot)
         if "error" in out:
@@ -893,14 +986,19 @@ class Ingress:
                     sent.append(rest)
                     yield {**head, "choices": [choice(rest, None)]}
                 out = self._result(req, plan, item, "".join(sent), cutter.stopped)
-                yield {**head, "choices": [choice("", out["finish_reason"])],
-                       "usage": out["usage"], "gs_ray": out["gs_ray"]}  # fmt: skip
+                yield {
+                    **head,
+                    "choices": [choice("", out["finish_reason"])],
+                    "usage": out["usage"],
+                    "gs_ray": out["gs_ray"],
+                }
                 if req.stream_options is not None and req.stream_options.include_usage:
                     yield {**head, "choices": [], "usage": out["usage"]}
             except Exception as e:  # e.g. the experts replica died: say so, then [DONE]
                 log.exception("a stream failed after its first chunk")
-                yield OpenAIError(500, f"generation failed ({type(e).__name__})", None, None,
-                                  "server_error").body()  # fmt: skip
+                yield OpenAIError(
+                    500, f"generation failed ({type(e).__name__})", None, None, "server_error"
+                ).body()
             finally:  # also when the client went away (the response's task is cancelled)
                 self._give_back(slot)
                 if not finished:
@@ -910,8 +1008,12 @@ class Ingress:
 
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> Any:
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": req.model}  # fmt: skip
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": req.model,
+        }
         if req.stream:
 
             def choice(text: str, finish: str | None) -> dict[str, Any]:
@@ -919,31 +1021,50 @@ class Ingress:
 
             return await self._stream(req, req.prompt, None, head, choice)
         out = await self._complete(req, req.prompt)
-        choice = {"index": 0, "text": out["text"], "logprobs": None,
-                  "finish_reason": out["finish_reason"]}  # fmt: skip
+        choice = {
+            "index": 0,
+            "text": out["text"],
+            "logprobs": None,
+            "finish_reason": out["finish_reason"],
+        }
         return {**head, "choices": [choice], "usage": out["usage"], "gs_ray": out["gs_ray"]}
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatRequest) -> Any:
         chat = [{"role": m.role, "content": m.content} for m in req.messages]
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": req.model}  # fmt: skip
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": req.model,
+        }
         if req.stream:
 
             def delta(text: str, finish: str | None) -> dict[str, Any]:
                 d = {"content": text} if text else {}
                 return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
 
-            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}  # fmt: skip
+            role = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
             chunk_head = {**head, "object": "chat.completion.chunk"}
-            return await self._stream(req, chat_prompt(req.messages), chat, chunk_head, delta,
-                                      role)  # fmt: skip
+            return await self._stream(req, chat_prompt(req.messages), chat, chunk_head, delta, role)
         out = await self._complete(req, chat_prompt(req.messages), chat)
-        choice = {"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                  "logprobs": None, "finish_reason": out["finish_reason"]}  # fmt: skip
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": out["usage"],
-                "gs_ray": out["gs_ray"]}  # fmt: skip
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": out["text"]},
+            "logprobs": None,
+            "finish_reason": out["finish_reason"],
+        }
+        return {
+            **head,
+            "object": "chat.completion",
+            "choices": [choice],
+            "usage": out["usage"],
+            "gs_ray": out["gs_ray"],
+        }
 
 
 # --------------------------------------------------------------------------- building the app
@@ -979,14 +1100,14 @@ def app_for_run(run_dir: str, cfg: ServeConfig | None = None):
     else:
         experts_opts["num_replicas"] = cfg.expert_replicas
     router = RouterDeployment.options(
-        ray_actor_options={"num_cpus": cfg.router_cpus}, max_ongoing_requests=4 * cfg.max_batch_size,
+        ray_actor_options={"num_cpus": cfg.router_cpus},
+        max_ongoing_requests=4 * cfg.max_batch_size,
         max_queued_requests=cfg.max_queued_requests,
-    ).bind(run_dir, cfg)  # fmt: skip
+    ).bind(run_dir, cfg)
     experts = ExpertsDeployment.options(**experts_opts).bind(run_dir, cfg)
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1},
-                              max_queued_requests=cfg.max_queued_requests).bind(
-        router, experts, served.info(), cfg, api_key_digest(cfg)
-    )
+    ingress = Ingress.options(
+        ray_actor_options={"num_cpus": 0.1}, max_queued_requests=cfg.max_queued_requests
+    ).bind(router, experts, served.info(), cfg, api_key_digest(cfg))
     return ingress
 
 
@@ -1002,8 +1123,10 @@ def api_key_digest(cfg: ServeConfig) -> str | None:
             f"{API_KEY_ENV} (or serve.api_key) where gs-ray serve runs, or pass "
             "--serve.allow_no_key true to serve without one"
         )
-    log.info("gs-ray serve: requests %s", "need an API key (Authorization: Bearer KEY)"
-             if key else "need no API key")  # fmt: skip
+    log.info(
+        "gs-ray serve: requests %s",
+        "need an API key (Authorization: Bearer KEY)" if key else "need no API key",
+    )
     return None if key is None else hashlib.sha256(key.encode()).hexdigest()
 
 

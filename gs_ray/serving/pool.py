@@ -103,7 +103,8 @@ def check_fits(n_prompt_tokens: int, max_new_tokens: int, max_positions: int | N
     if max_positions is not None and n_prompt_tokens + max_new_tokens > max_positions:
         raise ServingError(
             f"prompt: {n_prompt_tokens} tokens + max_new_tokens {max_new_tokens} exceed the "
-            f"model's {max_positions} positions", code=CONTEXT_LENGTH_EXCEEDED,
+            f"model's {max_positions} positions",
+            code=CONTEXT_LENGTH_EXCEEDED,
         )
 
 
@@ -165,16 +166,27 @@ def decide(p, fallback, generalist: int | None) -> dict:
     expert, or the generalist (index ``generalist``) where the calibrated confidence is below
     the fallback threshold (``routing/fallback.py``; ``fallback`` None: no generalist)."""
     expert = int(p.argmax())
-    out = {"expert": expert, "router_expert": expert, "probs": [float(x) for x in p],
-           "adapter": expert_model(expert), "fallback": False}  # fmt: skip
+    out = {
+        "expert": expert,
+        "router_expert": expert,
+        "probs": [float(x) for x in p],
+        "adapter": expert_model(expert),
+        "fallback": False,
+    }
     if fallback is None:
-        return {**out, "reason": "routed: the router's most probable expert (this run has "
-                                 "no generalist fallback)"}  # fmt: skip
+        return {
+            **out,
+            "reason": "routed: the router's most probable expert (this run has "
+            "no generalist fallback)",
+        }
     _, conf, back = fallback.route(p[None, :])
     if back[0]:
         out.update(expert=generalist, adapter=GENERALIST_MODEL, fallback=True)
-    return {**out, "confidence": float(conf[0]),
-            "reason": fallback.reason(float(conf[0]), bool(back[0]))}  # fmt: skip
+    return {
+        **out,
+        "confidence": float(conf[0]),
+        "reason": fallback.reason(float(conf[0]), bool(back[0])),
+    }
 
 
 def _locked(method):
@@ -364,9 +376,10 @@ class ExpertPool:
         results: list[Generation | None] = [None] * n
         for group in plan_batches(lens, limits, self.max_positions):
             gens = self._generate_group(
-                [texts[i] for i in group], [int(experts[i]) for i in group],
+                [texts[i] for i in group],
+                [int(experts[i]) for i in group],
                 [limits[i] for i in group],
-            )  # fmt: skip
+            )
             for i, g in zip(group, gens, strict=True):
                 results[i] = g
         return results  # type: ignore[return-value]  # every row is in exactly one group
@@ -392,12 +405,21 @@ class ExpertPool:
         ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt").to(self.device)
         with seeded(seed, self.device):
             out = self.model.generate(
-                **ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                top_p=top_p, top_k=0, pad_token_id=self.tokenizer.pad_token_id,
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
-            )  # fmt: skip
-        return self._finish(expert, out[0, ids["input_ids"].shape[1] :].tolist(),
-                            ids["input_ids"].shape[1], max_new_tokens)  # fmt: skip
+            )
+        return self._finish(
+            expert,
+            out[0, ids["input_ids"].shape[1] :].tolist(),
+            ids["input_ids"].shape[1],
+            max_new_tokens,
+        )
 
     @_locked
     def ensemble(self, prompt: str, weights: Sequence[float], max_new_tokens: int) -> Generation:
@@ -428,8 +450,15 @@ class ExpertPool:
 
         eos = self.tokenizer.eos_token_id
         names = [adapter_name(k) for k in range(self.n_experts)]
-        steps = mixture_steps(self.model, names, np.asarray([weights], dtype=np.float64),
-                              [ids[0].tolist()], max_new_tokens, self.pad_id, self.device)  # fmt: skip
+        steps = mixture_steps(
+            self.model,
+            names,
+            np.asarray([weights], dtype=np.float64),
+            [ids[0].tolist()],
+            max_new_tokens,
+            self.pad_id,
+            self.device,
+        )
         try:
             for (token,) in steps:
                 yield token
@@ -506,19 +535,23 @@ class ExpertPool:
 
         class _Halted(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)  # fmt: skip
+                return torch.full(
+                    (input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device
+                )
 
         def run() -> None:
             try:
                 with torch.no_grad(), seeded(seed, self.device):
                     self.model.generate(
-                        input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(
-                            self.device), max_new_tokens=max_new_tokens, streamer=streamer,
+                        input_ids=ids.to(self.device),
+                        attention_mask=torch.ones_like(ids).to(self.device),
+                        max_new_tokens=max_new_tokens,
+                        streamer=streamer,
                         pad_token_id=self.tokenizer.pad_token_id,
                         eos_token_id=self.tokenizer.eos_token_id,
-                        stopping_criteria=StoppingCriteriaList([_Halted()]), **how,
-                    )  # fmt: skip
+                        stopping_criteria=StoppingCriteriaList([_Halted()]),
+                        **how,
+                    )
             except BaseException as e:  # handed to the consumer, raised there
                 failure.append(e)
                 streamer.end()
@@ -583,7 +616,7 @@ class ExpertPool:
                     int(prompt_lens[i]),
                     len(new),
                     "stop" if stop else "length",
-                )  # fmt: skip
+                )
             )
         return results
 
@@ -607,8 +640,9 @@ class ServedRun:
     def __init__(self, run: RunDir, cfg: Config, n_experts: int):
         self.run, self.cfg, self.n_experts = run, cfg, n_experts
         # The generalist fallback is served as one more adapter, index K, where the run has one.
-        self.has_generalist = (cfg.fallback.enabled and run.generalist_complete()
-                               and run.fallback_json.exists())
+        self.has_generalist = (
+            cfg.fallback.enabled and run.generalist_complete() and run.fallback_json.exists()
+        )
 
     @property
     def generalist_index(self) -> int | None:
@@ -637,7 +671,8 @@ class ServedRun:
         for c in range(k):
             if not run.expert_complete(c):
                 raise ServingError(
-                    f"{run.expert(c)} is missing or incomplete (the router has {k} experts); {resume}"
+                    f"{run.expert(c)} is missing or incomplete (the router has {k} experts); "
+                    f"{resume}"
                 )
         return cls(run, cfg, k)
 
@@ -693,7 +728,7 @@ class ServedRun:
                     "adapter": adapter_name(c),
                     "n_samples": sum(sizes.get(c, {}).values()),
                     "domains": sizes.get(c, {}),
-                }  # fmt: skip
+                }
                 for c in range(self.n_experts)
             ],
             "generalist": self.generalist_index,

@@ -16,6 +16,16 @@ from gs_ray.stage2.plan import Stage2Plan
 from gs_ray.stage2.result import Stage2Result
 
 __all__ = [
-    "CentroidHost", "ConsumerSet", "GradientBatch", "GradientComputer", "GradientConsumer",
-    "NonFiniteGradientError", "Stage2Plan", "StreamBatch", "Stage2Result", "make_clusterer", "run_stage2_local", "run_stage2_ray",
-]  # fmt: skip
+    "CentroidHost",
+    "ConsumerSet",
+    "GradientBatch",
+    "GradientComputer",
+    "GradientConsumer",
+    "NonFiniteGradientError",
+    "Stage2Plan",
+    "StreamBatch",
+    "Stage2Result",
+    "make_clusterer",
+    "run_stage2_local",
+    "run_stage2_ray",
+]

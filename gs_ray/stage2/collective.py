@@ -106,14 +106,23 @@ class Replica:
     ``gradients(epoch, t, lo, hi)`` returns (GradientBatch of rows lo:hi of online batch t of epoch
     ``epoch``); ``comm`` is a ``TorchCollective`` (or anything with the same two methods)."""
 
-    def __init__(self, host: CentroidHost, plan: Stage2Plan, rank: int, world: int, comm,
-                 gradients, row_dtype: str = "float32"):  # fmt: skip
+    def __init__(
+        self,
+        host: CentroidHost,
+        plan: Stage2Plan,
+        rank: int,
+        world: int,
+        comm,
+        gradients,
+        row_dtype: str = "float32",
+    ):
         self.host, self.plan, self.rank, self.world, self.comm = host, plan, rank, world, comm
         self.gradients = gradients
         self.row_dtype = np.dtype(row_dtype) if row_dtype != "bfloat16" else "bfloat16"
         self.memo: dict[int, tuple[int, np.ndarray]] = {}  # step -> (lo, own unit rows)
-        self.where = {plan.online_step(e, t): (e, t)
-                      for e, b in enumerate(plan.online) for t in range(len(b))}  # fmt: skip
+        self.where = {
+            plan.online_step(e, t): (e, t) for e, b in enumerate(plan.online) for t in range(len(b))
+        }
         self.recomputed = 0
         self.seconds = {"compute": 0.0, "collective": 0.0, "update": 0.0}
 
@@ -224,9 +233,18 @@ class CollectiveHost(CentroidHost):
 class CollectiveWorker(GradientWorker):
     """A gradient worker that is also one rank of the collective group (one replica)."""
 
-    def __init__(self, base_path: str, cfg: Config, adapter_path: str, pad_id: int,
-                 fault_spec: str, marker_dir: str, shared: tuple, n_samples: int,
-                 clusterer_factory):  # fmt: skip
+    def __init__(
+        self,
+        base_path: str,
+        cfg: Config,
+        adapter_path: str,
+        pad_id: int,
+        fault_spec: str,
+        marker_dir: str,
+        shared: tuple,
+        n_samples: int,
+        clusterer_factory,
+    ):
         super().__init__(base_path, cfg, adapter_path, pad_id, fault_spec, marker_dir)
         self.plan, self.pairs, self.ids = shared  # the plan, every sample's pair and id
         self.n_samples = n_samples
@@ -255,8 +273,13 @@ class CollectiveWorker(GradientWorker):
 
         if is_loopback(ip) and "GLOO_SOCKET_IFNAME" not in os.environ:
             os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: talk over loopback
-        dist.init_process_group("gloo", init_method=f"tcp://{ip}:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))  # fmt: skip
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{ip}:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )
         self.rank, self.world = rank, world
         return rank
 
@@ -264,16 +287,26 @@ class CollectiveWorker(GradientWorker):
         """Start this replica from the centroid actor's state (after init, or a checkpoint)."""
         host = CentroidHost(self.clusterer_factory(), self.n_samples)
         host.load_state(state)
-        self.replica = Replica(host, self.plan, self.rank, self.world, TorchCollective(),
-                               self._share_gradients, self.row_dtype)  # fmt: skip
+        self.replica = Replica(
+            host,
+            self.plan,
+            self.rank,
+            self.world,
+            TorchCollective(),
+            self._share_gradients,
+            self.row_dtype,
+        )
         return host.position
 
     def _share_gradients(self, epoch: int, t: int, lo: int, hi: int):
         idx = self.plan.online[epoch][t][lo:hi]
         if t % self.world == self.rank:  # one rank per batch is the fault's target
             faults.maybe_die(self.faults, "worker", ONLINE, epoch, t, self.marker_dir)
-        return check_finite(self.raw_gradients([self.pairs[i] for i in idx]),
-                            [self.ids[i] for i in idx], self.computer.nonfinite)  # fmt: skip
+        return check_finite(
+            self.raw_gradients([self.pairs[i] for i in idx]),
+            [self.ids[i] for i in idx],
+            self.computer.nonfinite,
+        )
 
     def step(self, epoch: int, t: int) -> dict[str, float]:
         return self.replica.step(epoch, t)
@@ -293,9 +326,12 @@ class CollectiveWorker(GradientWorker):
 
     def collective_stats(self) -> dict[str, Any]:
         r = self.replica
-        return {**self.stats(), "recomputed": r.recomputed if r else 0,
-                "seconds": dict(r.seconds) if r else {},
-                "collective_bytes": r.comm.bytes if r else 0}  # fmt: skip
+        return {
+            **self.stats(),
+            "recomputed": r.recomputed if r else 0,
+            "seconds": dict(r.seconds) if r else {},
+            "collective_bytes": r.comm.bytes if r else 0,
+        }
 
 
 # --------------------------------------------------------------------------- the executor
@@ -322,9 +358,16 @@ class _Group:
         return stats
 
 
-def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Config,
-                          base_path: str, adapter_path: str, pad_id: int,
-                          checkpoint_dir: str | Path, resume: bool = False) -> Stage2Result:  # fmt: skip
+def run_stage2_collective(
+    plan: Stage2Plan,
+    samples: Sequence[Sample],
+    cfg: Config,
+    base_path: str,
+    adapter_path: str,
+    pad_id: int,
+    checkpoint_dir: str | Path,
+    resume: bool = False,
+) -> Stage2Result:
     """Stage II with the collective transport (see the module docstring). ``info`` holds the
     group restarts and, per online pass, compute / collective / update seconds per step."""
 
@@ -352,8 +395,17 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
     )
 
     def make_worker():
-        return Worker.remote(base_path, wcfg, adapter_path, pad_id, fault_spec, marker_dir,
-                             shared, len(samples), factory)  # fmt: skip
+        return Worker.remote(
+            base_path,
+            wcfg,
+            adapter_path,
+            pad_id,
+            fault_spec,
+            marker_dir,
+            shared,
+            len(samples),
+            factory,
+        )
 
     # The centroid actor holds the last checkpoint in memory: keep it on the driver's node.
     host = (
@@ -371,8 +423,18 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
     while True:
         group = _Group(make_worker, n_workers)
         try:
-            _run_phases(plan, samples, s2, host, group.workers, ckpt, driver_faults, marker_dir,
-                        passes, steps)  # fmt: skip
+            _run_phases(
+                plan,
+                samples,
+                s2,
+                host,
+                group.workers,
+                ckpt,
+                driver_faults,
+                marker_dir,
+                passes,
+                steps,
+            )
             layout = ray.get(group.workers[0].layout.remote())
             stats += group.stop()
             break
@@ -383,21 +445,30 @@ def run_stage2_collective(plan: Stage2Plan, samples: Sequence[Sample], cfg: Conf
                 raise
             position = ray.get(host.status.remote())["position"]
             restarted_from.append(list(position))  # the checkpoint the new group starts from
-            log.warning("stage2: collective group failed (%s); restart %d from %s",
-                        type(err).__name__, restarts, position)  # fmt: skip
+            log.warning(
+                "stage2: collective group failed (%s); restart %d from %s",
+                type(err).__name__,
+                restarts,
+                position,
+            )
     steps_arr = {k: [s[k] for s in steps if k in s] for k in ("compute", "collective", "update")}
     info = {
-        "executor": "ray", "workers": n_workers, "transport": "collective", "passes": passes,
-        "resumed_from": resumed_from, "group_restarts": restarts,
+        "executor": "ray",
+        "workers": n_workers,
+        "transport": "collective",
+        "passes": passes,
+        "resumed_from": resumed_from,
+        "group_restarts": restarts,
         "restarted_from": restarted_from,
         "bytes_in": ray.get(host.status.remote())["bytes_in"],
-        "step_seconds": {k: round(float(np.mean(v)), 6) if v else 0.0
-                         for k, v in steps_arr.items()},
+        "step_seconds": {
+            k: round(float(np.mean(v)), 6) if v else 0.0 for k, v in steps_arr.items()
+        },
         "collective_bytes_per_worker": max((s["collective_bytes"] for s in stats), default=0),
         "recomputed_batches": sum(s["recomputed"] for s in stats),
         "worker_busy_seconds": [s["busy_seconds"] for s in stats],
         "engine_calls": sum(s["engine_calls"] for s in stats),
-    }  # fmt: skip
+    }
     result: Stage2Result = ray.get(host.result.remote(info))
     result.layout = layout
     ray.kill(host)
@@ -445,7 +516,12 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
             pairs = [samples[i].pair for i in idx]
             worker = workers[t % W]
             if phase == VAL:
-                window.append((host.apply.remote(*key, idx, worker.gradients.remote(key, pairs, ids)), len(idx)))  # fmt: skip
+                window.append(
+                    (
+                        host.apply.remote(*key, idx, worker.gradients.remote(key, pairs, ids)),
+                        len(idx),
+                    )
+                )
             elif phase == FINAL:
                 labels = worker.own_final_labels.remote(key, pairs, ids)
                 window.append((host.apply_labels.remote(t, idx, labels), len(idx)))
@@ -473,10 +549,17 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
         else:
             ray.get(host.save_checkpoint.remote(ckpt))
         status = ray.get(host.status.remote())
-        passes.append({"phase": phase, "epoch": epoch, "seconds": round(time.perf_counter() - start, 3),
-                       "samples": sum(len(b) for b in batches), "wall_seconds": round(elapsed, 3),
-                       "bytes_in": status["bytes_in"] - bytes_before,
-                       "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4)})  # fmt: skip
+        passes.append(
+            {
+                "phase": phase,
+                "epoch": epoch,
+                "seconds": round(time.perf_counter() - start, 3),
+                "samples": sum(len(b) for b in batches),
+                "wall_seconds": round(elapsed, 3),
+                "bytes_in": status["bytes_in"] - bytes_before,
+                "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
+            }
+        )
 
 
 def _drain(window: deque, bar: Progress, steps: list) -> None:

@@ -99,8 +99,13 @@ class GradientComputer:
         self.micro = cfg.gradients.batch_size
         self.nonfinite = cfg.stage2.nonfinite
         k = cfg.gradients.projection_dim
-        self.project = (RandomProjection(self.engine.dim, k, seed=cfg.run.seed,
-                                         kind=cfg.gradients.projection_kind) if k else None)  # fmt: skip
+        self.project = (
+            RandomProjection(
+                self.engine.dim, k, seed=cfg.run.seed, kind=cfg.gradients.projection_kind
+            )
+            if k
+            else None
+        )
         self.dim = k or self.engine.dim
         self.prompt_mix_below = cfg.gradients.prompt_mix_below
         self.calls = 0  # engine passes (a test counts them)
@@ -111,11 +116,15 @@ class GradientComputer:
         of two tokens or more) gets ``unit(g_response) + unit(g_prompt)``."""
         self.calls += 1
         G = compute_bucketed(self.engine, pairs, self.pad_id, self.micro)
-        short = [i for i, pair in enumerate(pairs) if n_response_tokens(pair) <
-                 self.prompt_mix_below and len(prompt_pair(pair)[0]) >= 2]
+        short = [
+            i
+            for i, pair in enumerate(pairs)
+            if n_response_tokens(pair) < self.prompt_mix_below and len(prompt_pair(pair)[0]) >= 2
+        ]
         if short:
-            P = compute_bucketed(self.engine, [prompt_pair(pairs[i]) for i in short], self.pad_id,
-                                 self.micro)
+            P = compute_bucketed(
+                self.engine, [prompt_pair(pairs[i]) for i in short], self.pad_id, self.micro
+            )
             G[short] = _unit(G[short]) + _unit(P)
         return (self.project(G) if self.project else G).numpy()
 

@@ -136,8 +136,11 @@ class ClusteringConsumer(GradientConsumer):
             self.clusterer.initialize(np.concatenate(self.val_grads_))
 
     def state(self) -> dict[str, Any]:
-        return {"clusterer": self.clusterer.state_dict(), "labels": self.labels_.copy(),
-                "val_grads": [g.copy() for g in self.val_grads_]}  # fmt: skip
+        return {
+            "clusterer": self.clusterer.state_dict(),
+            "labels": self.labels_.copy(),
+            "val_grads": [g.copy() for g in self.val_grads_],
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.clusterer.load_state_dict(state["clusterer"])
@@ -149,14 +152,22 @@ class ClusteringConsumer(GradientConsumer):
         centroids (stage2/centroids.npy); returns its summary. The assignments, which need the
         run's splits, are written by ``stage2.stage``."""
         summary = self.clusterer.summary()
-        write_json(run.k_selection_json, {
-            "table": summary["k_selection"],
-            "chosen": {key: summary[key] for key in ("k", "threshold", "n_components", "silhouette")},
-            **{key: summary[key] for key in ("explained_variance_ratio", "singular_values")
-               if key in summary},
-            **{key: summary[key] for key in ("min_cluster_size", "single_cluster_reason")},
-            "structure": summary.get("structure"),
-        })  # fmt: skip
+        write_json(
+            run.k_selection_json,
+            {
+                "table": summary["k_selection"],
+                "chosen": {
+                    key: summary[key] for key in ("k", "threshold", "n_components", "silhouette")
+                },
+                **{
+                    key: summary[key]
+                    for key in ("explained_variance_ratio", "singular_values")
+                    if key in summary
+                },
+                **{key: summary[key] for key in ("min_cluster_size", "single_cluster_reason")},
+                "structure": summary.get("structure"),
+            },
+        )
         if summary.get("structure"):  # the console's word on how strong the clusters are
             log.info("K selection: %s", summary["structure"]["verdict"])
         np.save(run.centroids_path, self.clusterer.cluster_centers_)
@@ -186,8 +197,16 @@ class ConsumerSet:
             if c.wants_layers:
                 split_rows(np.zeros((0, layout.get("dim", 0)), np.float32), layout)
 
-    def feed(self, phase: str, epoch: int, t: int, idx: np.ndarray, G: np.ndarray,
-             skipped: np.ndarray, ids: list[str]) -> None:  # fmt: skip
+    def feed(
+        self,
+        phase: str,
+        epoch: int,
+        t: int,
+        idx: np.ndarray,
+        G: np.ndarray,
+        skipped: np.ndarray,
+        ids: list[str],
+    ) -> None:
         """One batch to every consumer that reads ``phase``."""
         readers = [c for c in self.consumers if phase in c.phases]
         if not readers:

@@ -72,9 +72,13 @@ def run_stage2_local(
 def log_epoch(end: dict) -> None:
     """One line per online epoch: how many samples changed cluster, and why it stops."""
     changed = end["changed_share"]
-    log.info("online epoch %d: %s of samples changed cluster, centroid shift %.4f%s",
-             end["epoch"] + 1, "?" if changed is None or changed != changed else f"{changed:.2%}",
-             end["shift"], f"; online phase stops ({end['stop']})" if end["stop"] else "")  # fmt: skip
+    log.info(
+        "online epoch %d: %s of samples changed cluster, centroid shift %.4f%s",
+        end["epoch"] + 1,
+        "?" if changed is None or changed != changed else f"{changed:.2%}",
+        end["shift"],
+        f"; online phase stops ({end['stop']})" if end["stop"] else "",
+    )
 
 
 def run_stage2_ray(
@@ -107,8 +111,9 @@ def run_stage2_ray(
     if s2.transport == "collective":  # replicated state: the group runs its own loop
         from gs_ray.stage2.collective import run_stage2_collective
 
-        return run_stage2_collective(plan, samples, cfg, base_path, adapter_path, pad_id,
-                                     checkpoint_dir, resume=resume)  # fmt: skip
+        return run_stage2_collective(
+            plan, samples, cfg, base_path, adapter_path, pad_id, checkpoint_dir, resume=resume
+        )
     transport = make_transport(s2.transport)
     ws = WorkerSetup.resolve(cfg, checkpoint_dir)
     n_workers, resources, fault_spec, driver_faults, marker_dir, wcfg, env = (
@@ -139,11 +144,18 @@ def run_stage2_ray(
         resumed_from = None
         if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
             resumed_from = tuple(ray.get(host.status.remote())["position"])
-            log.info("stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir)
+            log.info(
+                "stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir
+            )
         status = ray.get(host.status.remote())
         limit = n_workers * max(1, s2.max_in_flight)
-        log.info("stage2 on Ray: %d workers %s, transport %s, at most %d batches in flight",
-                 n_workers, resources, transport.name, limit)  # fmt: skip
+        log.info(
+            "stage2 on Ray: %d workers %s, transport %s, at most %d batches in flight",
+            n_workers,
+            resources,
+            transport.name,
+            limit,
+        )
 
         passes = []
         for phase, epoch, batches in plan.phases():
@@ -180,20 +192,28 @@ def run_stage2_ray(
                 log_epoch(ray.get(host.end_epoch.remote(epoch)))
             ray.get(host.save_checkpoint.remote(str(checkpoint_dir)))
             status = ray.get(host.status.remote())
-            passes.append({
-                "phase": phase, "epoch": epoch, "seconds": round(elapsed, 3),
-                "samples": sum(len(b) for b in batches),
-                "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
-                "bytes_in": status["bytes_in"] - bytes_before,
-            })  # fmt: skip
+            passes.append(
+                {
+                    "phase": phase,
+                    "epoch": epoch,
+                    "seconds": round(elapsed, 3),
+                    "samples": sum(len(b) for b in batches),
+                    "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
+                    "bytes_in": status["bytes_in"] - bytes_before,
+                }
+            )
         worker_stats = ray.get([w.stats.remote() for w in workers])
         info = {
-            "executor": "ray", "workers": n_workers, "transport": transport.name, "passes": passes,
-            "resumed_from": resumed_from, "bytes_in": status["bytes_in"],
+            "executor": "ray",
+            "workers": n_workers,
+            "transport": transport.name,
+            "passes": passes,
+            "resumed_from": resumed_from,
+            "bytes_in": status["bytes_in"],
             "worker_busy_seconds": [w["busy_seconds"] for w in worker_stats],
             "recomputed_batches": sum(w["recomputed"] for w in worker_stats),
             "engine_calls": sum(w["engine_calls"] for w in worker_stats),
-        }  # fmt: skip
+        }
         result: Stage2Result = ray.get(host.result.remote(info))
         result.layout = layout
         return result

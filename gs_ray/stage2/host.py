@@ -36,8 +36,13 @@ class EvictedSums(Protocol):
     """Sum, per cluster, of the cached rows the ledger evicts: ``{step: [(row, cluster)]}`` of
     batches whose rows are held elsewhere -> (K, d) float64."""
 
-    def __call__(self, evictions: dict[int, list], owners: dict[int, Any],
-                 batch_pairs: dict[int, list], shape: tuple[int, int]) -> np.ndarray: ...  # fmt: skip
+    def __call__(
+        self,
+        evictions: dict[int, list],
+        owners: dict[int, Any],
+        batch_pairs: dict[int, list],
+        shape: tuple[int, int],
+    ) -> np.ndarray: ...
 
 
 class CentroidHost:
@@ -125,8 +130,11 @@ class CentroidHost:
         """What a worker needs to assign the next batch: the centroids and the oldest batch
         still cached (older rows can be dropped)."""
         c = self.clusterer
-        return {"centers": c.cluster_centers_.copy(), "start_centers": c.epoch_start_centers.copy(),
-                "oldest_live": c.oldest_live_step()}  # fmt: skip
+        return {
+            "centers": c.cluster_centers_.copy(),
+            "start_centers": c.epoch_start_centers.copy(),
+            "oldest_live": c.oldest_live_step(),
+        }
 
     def apply_sums(self, t: int, epoch: int, step: int, out: dict, pairs: list, owner) -> dict:
         """Apply a worker's reduced batch t (global step ``step``): enter it in the ledger,
@@ -138,9 +146,11 @@ class CentroidHost:
             c = self.clusterer
             evictions = c.push_ledger(step, out["labels"], out["keep"], out["start_labels"])
             evicted = self.evicted_sums(
-                dict(sorted(evictions.items())), self.owners, self.batch_pairs,
+                dict(sorted(evictions.items())),
+                self.owners,
+                self.batch_pairs,
                 c.cluster_centers_.shape,
-            )  # fmt: skip
+            )
             c.partial_fit_external(out["sums"], evicted, len(pairs), out["n_zero"])
             self.owners[step], self.batch_pairs[step] = owner, pairs
             oldest = c.oldest_live_step()
@@ -181,9 +191,13 @@ class CentroidHost:
             c.end_epoch()
             self.done_epochs = epoch + 1
             self.finished_online = c.converged_ or self.done_epochs >= c.max_epochs
-        return {"epoch": epoch, "changed_share": c.changed_share_history_[epoch],
-                "shift": c.shift_history_[epoch], "converged": bool(c.converged_),
-                "stop": c.stop_reason_ if self.finished_online else None}  # fmt: skip
+        return {
+            "epoch": epoch,
+            "changed_share": c.changed_share_history_[epoch],
+            "shift": c.shift_history_[epoch],
+            "converged": bool(c.converged_),
+            "stop": c.stop_reason_ if self.finished_online else None,
+        }
 
     def centers(self) -> np.ndarray:
         return self.clusterer.cluster_centers_
@@ -245,8 +259,11 @@ class CentroidHost:
         state = load_state(folder, CHECKPOINT_NAME)
         if state is None:
             if (Path(folder) / LEGACY_PICKLE).exists():
-                log.warning("%s: a pickled checkpoint of an older gs-ray is not loaded (pickle "
-                            "runs code); Stage II starts afresh", Path(folder) / LEGACY_PICKLE)
+                log.warning(
+                    "%s: a pickled checkpoint of an older gs-ray is not loaded (pickle "
+                    "runs code); Stage II starts afresh",
+                    Path(folder) / LEGACY_PICKLE,
+                )
             return False
         self.load_state(state)
         return True
@@ -255,5 +272,6 @@ class CentroidHost:
         """The Stage II result (the clusterer travels without its caches)."""
         val = np.concatenate(self.val_grads) if self.val_grads else np.zeros((0, 0), np.float32)
         info = {**(info or {}), "n_skipped": len(self.skipped)}
-        return Stage2Result(self.clusterer.without_caches(), self.labels.copy(), val, {}, info,
-                            list(self.consumers))  # fmt: skip
+        return Stage2Result(
+            self.clusterer.without_caches(), self.labels.copy(), val, {}, info, list(self.consumers)
+        )

@@ -79,9 +79,16 @@ class WorkerSetup:
         )
         forwarded = ("HF_HUB_OFFLINE", "HF_HOME")
         env = {"env_vars": {k: v for k, v in os.environ.items() if k in forwarded}}
-        return cls(n_workers, resources, fault_spec, faults.parse(fault_spec),
-                   str(Path(checkpoint_dir).parent / "faults"), wcfg, env,
-                   worker_placement(cfg))  # fmt: skip
+        return cls(
+            n_workers,
+            resources,
+            fault_spec,
+            faults.parse(fault_spec),
+            str(Path(checkpoint_dir).parent / "faults"),
+            wcfg,
+            env,
+            worker_placement(cfg),
+        )
 
 
 def worker_placement(cfg: Config) -> dict[str, Any]:

@@ -61,12 +61,25 @@ def stage2_ray(
     with p.run.stage("stage2") as info:
         cfg = stage2_config(p)
         plan = Stage2Plan.build(p.lengths, p.splits, cfg)
-        res = run_stage2_ray(plan, p.samples, cfg, p.base_path, str(p.run.warmup_adapter),
-                             p.pad_id, p.run.checkpoint_dir, resume=resume,
-                             consumers=consumers)  # fmt: skip
+        res = run_stage2_ray(
+            plan,
+            p.samples,
+            cfg,
+            p.base_path,
+            str(p.run.warmup_adapter),
+            p.pad_id,
+            p.run.checkpoint_dir,
+            resume=resume,
+            consumers=consumers,
+        )
         write_stage2_outputs(p, res)
-        info.update(k=res.k, **{key: res.info.get(key) for key in
-                                ("executor", "workers", "transport", "resumed_from")})  # fmt: skip
+        info.update(
+            k=res.k,
+            **{
+                key: res.info.get(key)
+                for key in ("executor", "workers", "transport", "resumed_from")
+            },
+        )
     # Marked done with its outputs written: the checkpoint (every gradient row the centroid
     # actor holds, 393 MB at d = 65,536, ~20 GB at Llama-3.2-1B; docs/scaling.md) is only a
     # way to resume an unfinished Stage II.
@@ -85,17 +98,26 @@ def write_stage2_outputs(p: Prepared, res: Stage2Result) -> None:
         raise RuntimeError("Stage II finished with unassigned samples")
     split_of = {int(i): name for name in ("train", "test") for i in getattr(p.splits, name)}
     rows = [
-        {"id": s.id, "split": split_of[i], "domain": s.domain,
-         **({"cluster": None, "skipped": "non-finite gradient"} if res.labels[i] == SKIPPED
-            else {"cluster": int(res.labels[i])})}
+        {
+            "id": s.id,
+            "split": split_of[i],
+            "domain": s.domain,
+            **(
+                {"cluster": None, "skipped": "non-finite gradient"}
+                if res.labels[i] == SKIPPED
+                else {"cluster": int(res.labels[i])}
+            ),
+        }
         for i, s in enumerate(p.samples)
-    ]  # fmt: skip
+    ]
     run.write_jsonl(run.assignments_path, rows)
     train_labels = res.labels[p.splits.train]
     train_labels = train_labels[train_labels >= 0]
-    online = {key: v for key, v in summary.items()
-              if key not in ("k_selection", "explained_variance_ratio", "singular_values",
-                             "gradient_dim")}  # fmt: skip
+    online = {
+        key: v
+        for key, v in summary.items()
+        if key not in ("k_selection", "explained_variance_ratio", "singular_values", "gradient_dim")
+    }
     run.add_metrics(
         stage2={
             **online,

@@ -55,8 +55,9 @@ class Transport(ABC):
         """Called before a phase's first batch is submitted."""
 
     @abstractmethod
-    def submit(self, key: BatchKey, step: int, idx: np.ndarray, ids: list[str], pairs: list,
-               worker, host):  # fmt: skip
+    def submit(
+        self, key: BatchKey, step: int, idx: np.ndarray, ids: list[str], pairs: list, worker, host
+    ):
         """Submit batch ``key`` (global online step ``step``) to ``worker`` and ``host``;
         returns the object ref whose completion means the host has applied it."""
 
@@ -171,8 +172,14 @@ def assign_and_sum(
     (non-zero, not skipped) rows."""
     labels = cosine_assign(Xn, centers)
     sums, counts = cluster_sums(Xn, labels, len(centers), keep)
-    return {"labels": labels, "start_labels": cosine_assign(Xn, start_centers), "keep": keep,
-            "sums": sums, "counts": counts, "n_zero": int((~keep).sum())}  # fmt: skip
+    return {
+        "labels": labels,
+        "start_labels": cosine_assign(Xn, start_centers),
+        "keep": keep,
+        "sums": sums,
+        "counts": counts,
+        "n_zero": int((~keep).sum()),
+    }
 
 
 class PartialSumsWorker:
@@ -236,8 +243,9 @@ class PartialSumsWorker:
             out[k] += Xn[row]
         return out
 
-    def final_labels(self, key: BatchKey, pairs: list, ids: list[str],
-                     centers: np.ndarray) -> np.ndarray:  # fmt: skip
+    def final_labels(
+        self, key: BatchKey, pairs: list, ids: list[str], centers: np.ndarray
+    ) -> np.ndarray:
         """Final pass: labels only (SKIPPED for left-out samples)."""
         batch: GradientBatch = self.batch_gradients(key, pairs, ids)
         Xn, _ = normalize_rows(batch.G)

@@ -23,8 +23,15 @@ class GradientWorker(PartialSumsWorker):
     evicted-row sums), so that a batch can be assigned while the next one is computed.
     """
 
-    def __init__(self, base_path: str, cfg: Config, adapter_path: str, pad_id: int,
-                 fault_spec: str = "", marker_dir: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        base_path: str,
+        cfg: Config,
+        adapter_path: str,
+        pad_id: int,
+        fault_spec: str = "",
+        marker_dir: str = "",
+    ):
         self.computer = GradientComputer(base_path, cfg, adapter_path, pad_id)
         self.faults = faults.parse(fault_spec)
         self.marker_dir = marker_dir
@@ -47,8 +54,12 @@ class GradientWorker(PartialSumsWorker):
     gradients = batch_gradients  # the exact transport's call
 
     def stats(self) -> dict[str, float]:
-        return {"busy_seconds": self.busy_seconds, "pid": os.getpid(),
-                "recomputed": self.recomputed, "engine_calls": self.computer.calls}  # fmt: skip
+        return {
+            "busy_seconds": self.busy_seconds,
+            "pid": os.getpid(),
+            "recomputed": self.recomputed,
+            "engine_calls": self.computer.calls,
+        }
 
     def layout(self) -> dict[str, Any]:
         return self.computer.layout()
@@ -69,8 +80,15 @@ def worker_actor_class():
     import ray
 
     cls = type("GradientWorker", (GradientWorker,), {})
-    groups = {"gradients": "compute", "compute": "compute", "final_labels": "compute",
-              "reduce": "io", "evict_sums": "io", "stats": "io", "layout": "io"}  # fmt: skip
+    groups = {
+        "gradients": "compute",
+        "compute": "compute",
+        "final_labels": "compute",
+        "reduce": "io",
+        "evict_sums": "io",
+        "stats": "io",
+        "layout": "io",
+    }
     for name, group in groups.items():
         setattr(cls, name, ray.method(concurrency_group=group)(getattr(GradientWorker, name)))
     return ray.remote(concurrency_groups={"compute": 1, "io": 1})(cls)

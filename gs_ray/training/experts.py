@@ -26,10 +26,14 @@ def expert_job(p: Prepared, labels: np.ndarray, c: int, output_dir: str, name: s
 
     train = p.fit_rows()
     return AdapterJob(
-        name=name or expert_name(c), base_path=p.base_path, output_dir=output_dir,
-        samples=p.pairs(train[labels[train] == c]), init_adapter=str(p.run.warmup_adapter),
-        seed=expert_seed(p.cfg.run.seed, c), cluster=c,
-    )  # fmt: skip
+        name=name or expert_name(c),
+        base_path=p.base_path,
+        output_dir=output_dir,
+        samples=p.pairs(train[labels[train] == c]),
+        init_adapter=str(p.run.warmup_adapter),
+        seed=expert_seed(p.cfg.run.seed, c),
+        cluster=c,
+    )
 
 
 def generalist_job(p: Prepared, labels: np.ndarray, k: int, output_dir: str):
@@ -41,9 +45,13 @@ def generalist_job(p: Prepared, labels: np.ndarray, k: int, output_dir: str):
     rows = p.fit_rows()
     limit = p.cfg.experts.max_steps
     return AdapterJob(
-        name=GENERALIST, base_path=p.base_path, output_dir=output_dir,
-        samples=p.pairs(rows[labels[rows] >= 0]), init_adapter=str(p.run.warmup_adapter),
-        seed=p.cfg.run.seed, max_steps=limit * k if limit else None,
+        name=GENERALIST,
+        base_path=p.base_path,
+        output_dir=output_dir,
+        samples=p.pairs(rows[labels[rows] >= 0]),
+        init_adapter=str(p.run.warmup_adapter),
+        seed=p.cfg.run.seed,
+        max_steps=limit * k if limit else None,
     )
 
 
@@ -74,11 +82,22 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
         # had finished but whose folder is gone (deleted) is trained again from the warm-up.
         records = {}
         if jobs:
-            log.info("training %d experts (%s), %s", len(jobs), ", ".join(j.name for j in jobs),
-                     "in parallel" if cfg.experts.parallel else "one after another")  # fmt: skip
-            records = train_many_on_ray(jobs, cfg.model, cfg.lora, cfg.experts, p.pad_id,
-                                        storage_path(p), parallel=cfg.experts.parallel,
-                                        resume=resume)  # fmt: skip
+            log.info(
+                "training %d experts (%s), %s",
+                len(jobs),
+                ", ".join(j.name for j in jobs),
+                "in parallel" if cfg.experts.parallel else "one after another",
+            )
+            records = train_many_on_ray(
+                jobs,
+                cfg.model,
+                cfg.lora,
+                cfg.experts,
+                p.pad_id,
+                storage_path(p),
+                parallel=cfg.experts.parallel,
+                resume=resume,
+            )
         failed = [n for n, r in records.items() if not r.get("ok")]
         if failed:
             errors = "; ".join(f"{n}: {records[n].get('error')}" for n in failed)
@@ -86,18 +105,24 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
         for job in jobs:
             rec = records[job.name]
             record = {
-                "n_train": len(job.samples), **training_summary(rec), "losses": rec["losses"],
-                "train_start": rec.get("train_start"), "train_end": rec.get("train_end"),
+                "n_train": len(job.samples),
+                **training_summary(rec),
+                "losses": rec["losses"],
+                "train_start": rec.get("train_start"),
+                "train_end": rec.get("train_end"),
             }
             if job.name == GENERALIST:
                 write_json(run.generalist / EXPERT_RECORD, {"generalist": True, **record})
             else:
                 run.write_expert_record(job.cluster, record)
-        info.update(trained=sorted(j.cluster for j in jobs if j.name != GENERALIST),
-                    generalist=any(j.name == GENERALIST for j in jobs), kept=kept,
-                    copied_warmup=copied,
-                    engines=sorted({records[j.name]["engine"] for j in jobs}),
-                    parallel=cfg.experts.parallel)  # fmt: skip
+        info.update(
+            trained=sorted(j.cluster for j in jobs if j.name != GENERALIST),
+            generalist=any(j.name == GENERALIST for j in jobs),
+            kept=kept,
+            copied_warmup=copied,
+            engines=sorted({records[j.name]["engine"] for j in jobs}),
+            parallel=cfg.experts.parallel,
+        )
     return records
 
 
@@ -105,4 +130,5 @@ def experts_complete(p: Prepared) -> bool:
     """Every cluster's expert folder is complete (and the generalist's, where there is one)."""
     _, k = p.assignments()
     return all(p.run.expert_complete(c) for c in range(k)) and (
-        not p.cfg.fallback.enabled or p.run.generalist_complete())
+        not p.cfg.fallback.enabled or p.run.generalist_complete()
+    )

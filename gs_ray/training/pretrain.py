@@ -78,11 +78,17 @@ def training_config(cfg: Config) -> TrainingConfig:
     worker with two CPUs (the whole of the embedded default's local Ray: nothing else runs yet)."""
     m = cfg.model
     return TrainingConfig(
-        epochs=1, max_steps=m.tiny_pretrain_steps, batch_size=m.tiny_pretrain_batch_size,
-        lr=m.tiny_pretrain_lr, zero_stage=cfg.warmup.zero_stage, num_workers=1,
-        cpus_per_worker=max(2.0, cfg.warmup.cpus_per_worker), use_gpu=cfg.warmup.use_gpu, log_every=50,
+        epochs=1,
+        max_steps=m.tiny_pretrain_steps,
+        batch_size=m.tiny_pretrain_batch_size,
+        lr=m.tiny_pretrain_lr,
+        zero_stage=cfg.warmup.zero_stage,
+        num_workers=1,
+        cpus_per_worker=max(2.0, cfg.warmup.cpus_per_worker),
+        use_gpu=cfg.warmup.use_gpu,
+        log_every=50,
         max_failures=cfg.warmup.max_failures,
-    )  # fmt: skip
+    )
 
 
 def cache_key(cfg: Config, seed: int, texts: list[str]) -> str:
@@ -104,8 +110,12 @@ def pretrained_tiny(cfg: Config, seed: int, on_ray: bool | None = None) -> Path:
         return target  # no model built, no tokenizer trained
     model, tokenizer = build_tiny_llama(cfg.model, seed)
     pairs = pretraining_pairs(cfg, tokenizer, texts)
-    log.info("pretraining the tiny base model (once; cached in %s): %d texts, %d steps",
-             target, len(pairs), cfg.model.tiny_pretrain_steps)  # fmt: skip
+    log.info(
+        "pretraining the tiny base model (once; cached in %s): %d texts, %d steps",
+        target,
+        len(pairs),
+        cfg.model.tiny_pretrain_steps,
+    )
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="gs-ray-pretrain-") as tmp:
         init = Path(tmp) / "init"
@@ -116,17 +126,33 @@ def pretrained_tiny(cfg: Config, seed: int, on_ray: bool | None = None) -> Path:
             import ray
 
             on_ray = ray.is_initialized()
-        losses, engine = _train(cfg, str(init), str(trained), pairs, seed, tokenizer.pad_token_id,
-                                on_ray)  # fmt: skip
+        losses, engine = _train(
+            cfg, str(init), str(trained), pairs, seed, tokenizer.pad_token_id, on_ray
+        )
         tokenizer.save_pretrained(str(trained))
-        record = {"key": key, "seed": seed, "texts": len(pairs), "steps": len(losses),
-                  "first_loss": losses[0], "last_loss": losses[-1], "engine": engine,
-                  "seconds": time.time() - start}  # fmt: skip
+        record = {
+            "key": key,
+            "seed": seed,
+            "texts": len(pairs),
+            "steps": len(losses),
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "engine": engine,
+            "seconds": time.time() - start,
+        }
         (trained / PRETRAIN_STAMP).write_text(json.dumps(record))  # last: marks it complete
-        publish_folder(target, lambda folder: shutil.copytree(trained, folder, dirs_exist_ok=True),
-                       complete=_stamped)  # fmt: skip
-    log.info("pretrained the tiny base model in %.0f s: loss %.2f -> %.2f (%s)",
-             record["seconds"], record["first_loss"], record["last_loss"], engine)  # fmt: skip
+        publish_folder(
+            target,
+            lambda folder: shutil.copytree(trained, folder, dirs_exist_ok=True),
+            complete=_stamped,
+        )
+    log.info(
+        "pretrained the tiny base model in %.0f s: loss %.2f -> %.2f (%s)",
+        record["seconds"],
+        record["first_loss"],
+        record["last_loss"],
+        engine,
+    )
     return target
 
 
@@ -135,16 +161,21 @@ def _stamped(folder: Path) -> bool:
     return (Path(folder) / PRETRAIN_STAMP).is_file()
 
 
-def _train(cfg: Config, init: str, output: str, pairs: list, seed: int, pad_id: int,
-           on_ray: bool):  # fmt: skip
+def _train(cfg: Config, init: str, output: str, pairs: list, seed: int, pad_id: int, on_ray: bool):
     """Full-parameter training: Ray Train + DeepSpeed, or the plain loop in this process."""
     train_cfg = training_config(cfg)
     if on_ray:
         from gs_ray.training.ray_train import AdapterJob, train_on_ray
 
         with tempfile.TemporaryDirectory(prefix="gs-ray-pretrain-ray-") as storage:
-            job = AdapterJob(name="pretrain", base_path=init, output_dir=output, samples=pairs,
-                             seed=seed, full_model=True)  # fmt: skip
+            job = AdapterJob(
+                name="pretrain",
+                base_path=init,
+                output_dir=output,
+                samples=pairs,
+                seed=seed,
+                full_model=True,
+            )
             record = train_on_ray(job, cfg.model, cfg.lora, train_cfg, pad_id, storage)
         return record["losses"], f"Ray Train ({record.get('engine')})"
     import torch

@@ -50,13 +50,20 @@ class _LoopbackTorchBackend(_TorchBackend):
         worker_group.execute(_use_loopback, LOOPBACK, port)
         worker_group.execute(_set_torch_distributed_env_vars)
         url = f"tcp://{LOOPBACK}:{port}"
-        ray.get([
-            worker_group.execute_single_async(
-                i, _setup_torch_process_group, backend=backend, world_rank=i, world_size=n,
-                init_method=url, timeout_s=timeout_s,
-            )
-            for i in range(n)
-        ])  # fmt: skip
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    i,
+                    _setup_torch_process_group,
+                    backend=backend,
+                    world_rank=i,
+                    world_size=n,
+                    init_method=url,
+                    timeout_s=timeout_s,
+                )
+                for i in range(n)
+            ]
+        )
         log.debug("process group of %d on %s (%s)", n, url, backend)
 
 

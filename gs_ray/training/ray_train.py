@@ -197,8 +197,9 @@ def cluster_slots(train_cfg: TrainingConfig, use_gpu: bool) -> int:
         return 1 << 30
     total = ray.cluster_resources()
     per_run = worker_resources(train_cfg, use_gpu)
-    return max(1, min(int(total.get(k, 0.0) // (v * train_cfg.num_workers))
-                      for k, v in per_run.items()))  # fmt: skip
+    return max(
+        1, min(int(total.get(k, 0.0) // (v * train_cfg.num_workers)) for k, v in per_run.items())
+    )
 
 
 def run_name(jobs: Sequence[AdapterJob]) -> str:
@@ -374,8 +375,11 @@ def _run_group(
         ),
     )
     start = time.time()
-    what = f"{len(jobs[0].samples)} samples" if len(jobs) == 1 else (
-        f"{len(jobs)} adapters one after another: {', '.join(j.name for j in jobs)}")
+    what = (
+        f"{len(jobs[0].samples)} samples"
+        if len(jobs) == 1
+        else (f"{len(jobs)} adapters one after another: {', '.join(j.name for j in jobs)}")
+    )
     log.info("%s: Ray Train run starting (%s)", name, what)
     try:
         result = trainer.fit()
@@ -391,17 +395,25 @@ def _run_group(
         for job in jobs:
             history = _attempts_of(events, job.name)
             record: dict[str, Any] = {
-                "name": job.name, "ok": False, "error": None, "output_dir": str(job.output_dir),
-                "run": name, "attempts": len(history), "attempt_history": history,
-            }  # fmt: skip
+                "name": job.name,
+                "ok": False,
+                "error": None,
+                "output_dir": str(job.output_dir),
+                "run": name,
+                "attempts": len(history),
+                "attempt_history": history,
+            }
             times = [t for a in history for k, t in a.items() if k in _EVENT_TIMES]
             first, last = (min(times), max(times)) if times else (start, end)
             record.update(start=first, end=last, seconds=last - first)
             state = _job_state(folder, job.name) if folder else {}
             if not state.get("finished"):
                 failures = [a.get("error") or _why(a) for a in history if "end" not in a]
-                reason = failures[-1] if failures else (
-                    f"{type(error).__name__}: {error}" if error else "no checkpoint reported")
+                reason = (
+                    failures[-1]
+                    if failures
+                    else (f"{type(error).__name__}: {error}" if error else "no checkpoint reported")
+                )
                 record["error"] = reason
                 log.error("%s: failed after %d attempt(s): %s", job.name, len(history), reason)
             else:
@@ -410,9 +422,13 @@ def _run_group(
                 losses = record["losses"] or [float("nan")]
                 log.info(
                     "%s: done in %.1fs, %d steps, loss %.4f -> %.4f, %d attempt(s)",
-                    job.name, record["seconds"], len(record["losses"]), losses[0], losses[-1],
+                    job.name,
+                    record["seconds"],
+                    len(record["losses"]),
+                    losses[0],
+                    losses[-1],
                     record["attempts"],
-                )  # fmt: skip
+                )
             records[job.name] = record
     return records
 
@@ -508,8 +524,9 @@ def _train_loop(config: dict[str, Any]) -> None:
                 continue
             if job.name in given_up:
                 if rank == 0:
-                    log.error("%s: failed in more than %d attempt(s), given up", job.name,
-                              max_failures)  # fmt: skip
+                    log.error(
+                        "%s: failed in more than %d attempt(s), given up", job.name, max_failures
+                    )
                 continue
             if rank == 0:
                 _log_attempt(attempts_log, attempt=attempt, job=job.name, start=time.time())
@@ -517,8 +534,13 @@ def _train_loop(config: dict[str, Any]) -> None:
                 _train_job(job, config, work, state, rank, world, attempt, device, worker_start)
             except BaseException as e:
                 if rank == 0:
-                    _log_attempt(attempts_log, attempt=attempt, job=job.name, failed=time.time(),
-                                 error=repr(e)[:500])  # fmt: skip
+                    _log_attempt(
+                        attempts_log,
+                        attempt=attempt,
+                        job=job.name,
+                        failed=time.time(),
+                        error=repr(e)[:500],
+                    )
                 raise
             if rank == 0:
                 _log_attempt(attempts_log, attempt=attempt, job=job.name, end=time.time())
@@ -579,9 +601,16 @@ def _train_job(
         log.info(
             "%s: attempt %d, %s ZeRO-%d, world size %d on %s, from %s, %d steps planned "
             "(DeepSpeed init %.1fs)",
-            job.name, attempt, type(engine).__name__, engine.zero_optimization_stage(), world,
-            device, origin or "a fresh LoRA", planned, init_s,
-        )  # fmt: skip
+            job.name,
+            attempt,
+            type(engine).__name__,
+            engine.zero_optimization_stage(),
+            world,
+            device,
+            origin or "a fresh LoRA",
+            planned,
+            init_s,
+        )
 
     def on_step(step: int, loss: float) -> None:
         losses.append(_mean_over_ranks(loss, device, world))
@@ -660,9 +689,11 @@ def _report_epoch(engine, rank: int, work: Path, job: str, state: dict[str, Any]
 
     losses = state["losses"]
     metrics = {
-        "job": job, "epoch": state["epoch"], "step": len(losses),
+        "job": job,
+        "epoch": state["epoch"],
+        "step": len(losses),
         "loss": losses[-1] if losses else float("nan"),
-    }  # fmt: skip
+    }
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -692,8 +723,7 @@ def _crash_once(markers: Path, name: str, step: int, attempt: int) -> None:
     marker.write_text(str(step))
     time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
     log.warning("%s: fault injection, the worker process exits at step %d", name, step)
-    _log_attempt(markers / _ATTEMPTS_LOG, attempt=attempt, job=name, crashed=time.time(),
-                 step=step)  # fmt: skip
+    _log_attempt(markers / _ATTEMPTS_LOG, attempt=attempt, job=name, crashed=time.time(), step=step)
     logging.shutdown()
     os._exit(1)
 

@@ -46,8 +46,14 @@ def sample_gradients(
     return GradientComputer(base_path, cfg, adapter, pad_id)(pairs)
 
 
-def routed_partition(k: int, G_val: np.ndarray, G_fit: np.ndarray, fit_prompts: list[str],
-                     hold_prompts: list[str], cfg: Config) -> dict[str, Any]:
+def routed_partition(
+    k: int,
+    G_val: np.ndarray,
+    G_fit: np.ndarray,
+    fit_prompts: list[str],
+    hold_prompts: list[str],
+    cfg: Config,
+) -> dict[str, Any]:
     """A trial's partition as the run would deploy it: the clusterer with K fixed on ``G_fit``,
     the routability merge (if on), and a router of the run's kind fitted on the fit prompts;
     returns the fit labels, the merged K, the held-out rows' routed clusters and the clusterer's
@@ -56,11 +62,19 @@ def routed_partition(k: int, G_val: np.ndarray, G_fit: np.ndarray, fit_prompts: 
     from gs_ray.stage2.launch import make_clusterer
 
     n_fit = len(fit_prompts)
-    out: dict[str, Any] = {"k": k, "silhouette": float("nan"), "n_components": 0,
-                           "routability": None}
+    out: dict[str, Any] = {
+        "k": k,
+        "silhouette": float("nan"),
+        "n_components": 0,
+        "routability": None,
+    }
     if k == 1:
-        return {**out, "labels": np.zeros(n_fit, dtype=np.int64), "k_routed": 1,
-                "routed": np.zeros(len(hold_prompts), dtype=np.int64)}
+        return {
+            **out,
+            "labels": np.zeros(n_fit, dtype=np.int64),
+            "k_routed": 1,
+            "routed": np.zeros(len(hold_prompts), dtype=np.int64),
+        }
     c = Config.from_dict(cfg.to_dict())
     c.clustering.n_clusters = k
     est = make_clusterer(c).fit(G_fit, G_val=G_val)
@@ -68,10 +82,16 @@ def routed_partition(k: int, G_val: np.ndarray, G_fit: np.ndarray, fit_prompts: 
     if c.clustering.routability != "off":
         from gs_ray.routing.routability import merge_for_routability
 
-        merge = merge_for_routability(fit_prompts, labels, k, c.router,
-                                      c.clustering.routability_target,
-                                      c.clustering.routability_folds, c.run.seed,
-                                      est.cluster_centers_)
+        merge = merge_for_routability(
+            fit_prompts,
+            labels,
+            k,
+            c.router,
+            c.clustering.routability_target,
+            c.clustering.routability_folds,
+            c.run.seed,
+            est.cluster_centers_,
+        )
         labels, k_eff = merge.labels(labels), merge.k_after
         out["routability"] = {"k_after": merge.k_after, "agreement": merge.agreement_after}
     if k_eff == 1:
@@ -79,8 +99,14 @@ def routed_partition(k: int, G_val: np.ndarray, G_fit: np.ndarray, fit_prompts: 
     else:
         router, _ = fit_router(fit_prompts, labels, k_eff, c.router, c.run.seed)
         routed = router.predict(hold_prompts)
-    return {**out, "labels": labels, "k_routed": k_eff, "routed": routed,
-            "silhouette": float(est.silhouette_), "n_components": int(est.n_components_)}
+    return {
+        **out,
+        "labels": labels,
+        "k_routed": k_eff,
+        "routed": routed,
+        "silhouette": float(est.silhouette_),
+        "n_components": int(est.n_components_),
+    }
 
 
 def step_budget(labels: np.ndarray, k: int, total: int) -> list[int]:
@@ -97,8 +123,21 @@ def step_budget(labels: np.ndarray, k: int, total: int) -> list[int]:
     return steps.tolist()
 
 
-def k_trial(config: dict[str, Any], *, G_val, G_fit, G_hold, fit_pairs, hold_pairs, fit_prompts,
-            hold_prompts, base_path, cfg: Config, adapter: str, pad_id: int) -> None:
+def k_trial(
+    config: dict[str, Any],
+    *,
+    G_val,
+    G_fit,
+    G_hold,
+    fit_pairs,
+    hold_pairs,
+    fit_prompts,
+    hold_prompts,
+    base_path,
+    cfg: Config,
+    adapter: str,
+    pad_id: int,
+) -> None:
     """One Tune trial: the routed partition with K fixed, its experts trained on an equal total
     budget, the routed held-out loss reported. (``G_hold`` is kept for the oracle figure.)"""
     import torch
@@ -126,10 +165,16 @@ def k_trial(config: dict[str, Any], *, G_val, G_fit, G_hold, fit_pairs, hold_pai
     losses = adapter_losses(base_path, cfg.model, adapters, hold_pairs, pad_id)
     per_sample = np.stack([losses[expert_name(j)] for j in range(k)])
     rows = np.arange(per_sample.shape[1])
-    tune.report({"k": part["k"], "k_routed": k,
-                 "val_loss": float(per_sample[part["routed"], rows].mean()),
-                 "silhouette": part["silhouette"], "n_components": part["n_components"],
-                 "cluster_sizes": np.bincount(labels, minlength=k).tolist()})
+    tune.report(
+        {
+            "k": part["k"],
+            "k_routed": k,
+            "val_loss": float(per_sample[part["routed"], rows].mean()),
+            "silhouette": part["silhouette"],
+            "n_components": part["n_components"],
+            "cluster_sizes": np.bincount(labels, minlength=k).tolist(),
+        }
+    )
 
 
 def tune_k(p: Prepared, resume: bool = False) -> int:
@@ -150,52 +195,100 @@ def tune_k(p: Prepared, resume: bool = False) -> int:
     resources = task_resources(cpus=1)
     grad_task = ray.remote(sample_gradients).options(**resources)
     adapter = str(run.warmup_adapter)
-    G_val, G_fit, G_hold = ray.get([grad_task.remote(p.base_path, cfg, adapter, p.pad_id, pairs(ix))
-                                    for ix in (p.splits.val, fit, hold)])  # fmt: skip
+    G_val, G_fit, G_hold = ray.get(
+        [
+            grad_task.remote(p.base_path, cfg, adapter, p.pad_id, pairs(ix))
+            for ix in (p.splits.val, fit, hold)
+        ]
+    )
     prompts = lambda idx: [p.samples[i].prompt for i in idx]  # noqa: E731
     trainable = tune.with_parameters(
-        k_trial, G_val=G_val, G_fit=G_fit, G_hold=G_hold, fit_pairs=pairs(fit),
-        hold_pairs=pairs(hold), fit_prompts=prompts(fit), hold_prompts=prompts(hold),
-        base_path=p.base_path, cfg=cfg, adapter=adapter, pad_id=p.pad_id,
+        k_trial,
+        G_val=G_val,
+        G_fit=G_fit,
+        G_hold=G_hold,
+        fit_pairs=pairs(fit),
+        hold_pairs=pairs(hold),
+        fit_prompts=prompts(fit),
+        hold_prompts=prompts(hold),
+        base_path=p.base_path,
+        cfg=cfg,
+        adapter=adapter,
+        pad_id=p.pad_id,
     )
     per_trial = {"gpu": 1} if resources.get("num_gpus") else {"cpu": 1}
     tuner = tune.Tuner(
         tune.with_resources(trainable, per_trial),
         param_space={"k": tune.grid_search(list(cfg.tune.k_values))},
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min",
-                                    max_concurrent_trials=cfg.tune.max_concurrent_trials),
-        run_config=tune.RunConfig(name="tune_k", storage_path=str((run.path / "ray_tune").resolve())),
-    )  # fmt: skip
+        tune_config=tune.TuneConfig(
+            metric="val_loss", mode="min", max_concurrent_trials=cfg.tune.max_concurrent_trials
+        ),
+        run_config=tune.RunConfig(
+            name="tune_k", storage_path=str((run.path / "ray_tune").resolve())
+        ),
+    )
     results = tuner.fit()
     errors = [str(r.error) for r in results if r.error]
     if errors:
         raise RuntimeError(f"Tune trials failed: {errors[:2]}")
     table = sorted(
-        ({key: r.metrics[key] for key in ("k", "k_routed", "val_loss", "silhouette",
-                                          "n_components", "cluster_sizes")} for r in results),
+        (
+            {
+                key: r.metrics[key]
+                for key in (
+                    "k",
+                    "k_routed",
+                    "val_loss",
+                    "silhouette",
+                    "n_components",
+                    "cluster_sizes",
+                )
+            }
+            for r in results
+        ),
         key=lambda row: row["k"],
-    )  # fmt: skip
+    )
     best = min(table, key=lambda row: (row["val_loss"], row["k"]))
     scored = [row for row in table if np.isfinite(row["silhouette"])]
     best_silhouette = max(scored, key=lambda row: row["silhouette"]) if scored else best
     structure = gradient_structure(G_val, cfg)
     weak = bool(structure["weak"])
     run.tune_results_json.parent.mkdir(parents=True, exist_ok=True)
-    write_json(run.tune_results_json, {
-        "table": table, "best_k": best["k"], "best_silhouette_k": best_silhouette["k"],
-        "weak_structure": weak, "structure_verdict": structure["verdict"],
-        "n_fit": len(fit), "n_holdout": len(hold),
-        "rule": "routed held-out loss (router on the prompts), equal total steps per K",
-    })
-    run.add_metrics(tune={"table": table, "best_k": best["k"], "weak_structure": weak,
-                          "best_silhouette_k": best_silhouette["k"]})
+    write_json(
+        run.tune_results_json,
+        {
+            "table": table,
+            "best_k": best["k"],
+            "best_silhouette_k": best_silhouette["k"],
+            "weak_structure": weak,
+            "structure_verdict": structure["verdict"],
+            "n_fit": len(fit),
+            "n_holdout": len(hold),
+            "rule": "routed held-out loss (router on the prompts), equal total steps per K",
+        },
+    )
+    run.add_metrics(
+        tune={
+            "table": table,
+            "best_k": best["k"],
+            "weak_structure": weak,
+            "best_silhouette_k": best_silhouette["k"],
+        }
+    )
     run.mark_stage("tune", time.perf_counter() - start, best_k=best["k"])
-    log.info("Ray Tune over K (routed held-out loss): %s -> best K=%d (best silhouette at K=%d)",
-             [(r["k"], round(r["val_loss"], 4)) for r in table], best["k"], best_silhouette["k"])
+    log.info(
+        "Ray Tune over K (routed held-out loss): %s -> best K=%d (best silhouette at K=%d)",
+        [(r["k"], round(r["val_loss"], 4)) for r in table],
+        best["k"],
+        best_silhouette["k"],
+    )
     if weak:
-        log.info("Ray Tune over K: the gradient structure is weak (no K clearly above the "
-                 "structureless reference: %s); the routed loss prefers K=%d",
-                 structure["verdict"], best["k"])
+        log.info(
+            "Ray Tune over K: the gradient structure is weak (no K clearly above the "
+            "structureless reference: %s); the routed loss prefers K=%d",
+            structure["verdict"],
+            best["k"],
+        )
     return best["k"]
 
 

@@ -26,8 +26,18 @@ def storage_path(p: Prepared) -> str:
 
 def training_summary(rec: dict[str, Any]) -> dict[str, Any]:
     """The parts of a training record worth keeping in metrics.json."""
-    keys = ("engine", "zero_stage", "world_size", "device", "steps", "epochs_done", "attempts",
-            "deepspeed_init_s", "seconds", "resumed_from_epoch")  # fmt: skip
+    keys = (
+        "engine",
+        "zero_stage",
+        "world_size",
+        "device",
+        "steps",
+        "epochs_done",
+        "attempts",
+        "deepspeed_init_s",
+        "seconds",
+        "resumed_from_epoch",
+    )
     out = {k: rec.get(k) for k in keys}
     losses = rec.get("losses") or []
     out.update(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
@@ -35,14 +45,16 @@ def training_summary(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def warmup_local(p: Prepared) -> Path:
-    """Stage I in this process: a plain AdamW loop on the warm-up split; the adapter in peft format."""
+    """Stage I in this process: a plain AdamW loop on the warm-up split; the adapter in peft
+    format."""
     cfg = p.cfg
     with p.run.stage(WARMUP) as info:
         model = add_lora(load_base_model(p.base_path, cfg.model), cfg.lora, cfg.run.seed)
         warm = p.subset(p.splits.warmup)
         before = mean_loss(model, warm, p.pad_id)
-        losses = train_adapter(TorchEngine(model, cfg.warmup), warm, cfg.warmup, p.pad_id,
-                               cfg.run.seed)  # fmt: skip
+        losses = train_adapter(
+            TorchEngine(model, cfg.warmup), warm, cfg.warmup, p.pad_id, cfg.run.seed
+        )
         after = mean_loss(model, warm, p.pad_id)
         model.save_pretrained(str(p.run.warmup_adapter))
         write_json(p.run.warmup_losses, {"train_loss": losses})
@@ -58,13 +70,25 @@ def warmup_ray(p: Prepared, resume: bool = False) -> Path:
 
     cfg = p.cfg
     with p.run.stage(WARMUP) as info:
-        job = AdapterJob(name=WARMUP, base_path=p.base_path, output_dir=str(p.run.warmup_adapter),
-                         samples=p.pairs(p.splits.warmup), seed=cfg.run.seed)  # fmt: skip
+        job = AdapterJob(
+            name=WARMUP,
+            base_path=p.base_path,
+            output_dir=str(p.run.warmup_adapter),
+            samples=p.pairs(p.splits.warmup),
+            seed=cfg.run.seed,
+        )
         rec = train_on_ray(job, cfg.model, cfg.lora, cfg.warmup, p.pad_id, storage_path(p), resume)
         write_json(p.run.warmup_losses, {"train_loss": rec["losses"]})
         p.run.add_metrics(warmup=training_summary(rec))
-        info.update(engine=rec["engine"], zero_stage=rec["zero_stage"],
-                    world_size=rec["world_size"])  # fmt: skip
-        log.info("warm-up: %s ZeRO-%d, %d steps, loss %.3f -> %.3f", rec["engine"],
-                 rec["zero_stage"], rec["steps"], rec["losses"][0], rec["losses"][-1])  # fmt: skip
+        info.update(
+            engine=rec["engine"], zero_stage=rec["zero_stage"], world_size=rec["world_size"]
+        )
+        log.info(
+            "warm-up: %s ZeRO-%d, %d steps, loss %.3f -> %.3f",
+            rec["engine"],
+            rec["zero_stage"],
+            rec["steps"],
+            rec["losses"][0],
+            rec["losses"][-1],
+        )
     return p.run.warmup_adapter

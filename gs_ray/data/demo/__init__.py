@@ -9,5 +9,9 @@ from gs_ray.data.demo.corpus import (
 )
 
 __all__ = [
-    "BASE_DOMAINS", "CROSS_DOMAINS", "DOMAINS", "build_demo_corpus", "pretraining_texts",
-]  # fmt: skip
+    "BASE_DOMAINS",
+    "CROSS_DOMAINS",
+    "DOMAINS",
+    "build_demo_corpus",
+    "pretraining_texts",
+]

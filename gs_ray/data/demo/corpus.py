@@ -134,9 +134,12 @@ def _m_shopping(rng: random.Random, who: str) -> _Problem:
         f"and {b} {item2} for ${q} each."
     )
     question = rng.choice(
-        [f"How much does {who} spend altogether?", "What is the total cost in dollars?",
-         f"How many dollars does {who} pay in total?"]
-    )  # fmt: skip
+        [
+            f"How much does {who} spend altogether?",
+            "What is the total cost in dollars?",
+            f"How many dollars does {who} pay in total?",
+        ]
+    )
     steps = (
         f"The {item1} cost {a} * {p} = {x} dollars.",
         f"The {item2} cost {b} * {q} = {y} dollars.",
@@ -163,10 +166,15 @@ def _m_change(rng: random.Random, who: str) -> _Problem:
 
 def _m_share(rng: random.Random, who: str) -> _Problem:
     verb, groups, things = rng.choice(
-        [("bakes", "trays", "cookies"), ("makes", "batches", "muffins"),
-         ("folds", "plates", "dumplings"), ("picks", "baskets", "plums"),
-         ("prints", "sheets", "stickers"), ("fills", "boxes", "crayons")]
-    )  # fmt: skip
+        [
+            ("bakes", "trays", "cookies"),
+            ("makes", "batches", "muffins"),
+            ("folds", "plates", "dumplings"),
+            ("picks", "baskets", "plums"),
+            ("prints", "sheets", "stickers"),
+            ("fills", "boxes", "crayons"),
+        ]
+    )
     b, c = rng.randint(2, 6), rng.randint(6, 24)
     total = b * c
     f = rng.choice([d for d in range(2, 13) if total % d == 0 and d < total])
@@ -279,10 +287,14 @@ def _m_discount(rng: random.Random, who: str) -> _Problem:
 
 def _m_fraction(rng: random.Random, who: str) -> _Problem:
     group, noun, bad, good = rng.choice(
-        [("class", "students", "absent", "present"), ("crate", "tomatoes", "bruised", "fine"),
-         ("bus", "seats", "empty", "taken"), ("choir", "singers", "away on holiday", "singing"),
-         ("box", "light bulbs", "broken", "working")]
-    )  # fmt: skip
+        [
+            ("class", "students", "absent", "present"),
+            ("crate", "tomatoes", "bruised", "fine"),
+            ("bus", "seats", "empty", "taken"),
+            ("choir", "singers", "away on holiday", "singing"),
+            ("box", "light bulbs", "broken", "working"),
+        ]
+    )
     k = rng.randint(2, 6)
     total = k * rng.randint(4, 10)
     part = total // k
@@ -371,9 +383,13 @@ def _m_tickets(rng: random.Random, who: str) -> _Problem:
 
 def _m_weekly(rng: random.Random, who: str) -> _Problem:
     verb, unit, lo, hi = rng.choice(
-        [("runs", "km", 2, 12), ("cycles", "km", 5, 30), ("swims", "laps", 10, 40),
-         ("practises the piano for", "minutes", 15, 60)]
-    )  # fmt: skip
+        [
+            ("runs", "km", 2, 12),
+            ("cycles", "km", 5, 30),
+            ("swims", "laps", 10, 40),
+            ("practises the piano for", "minutes", 15, 60),
+        ]
+    )
     x, y, z = (rng.randint(lo, hi) for _ in range(3))
     w = rng.randint(2, 8)
     s = x + y + z
@@ -387,10 +403,23 @@ def _m_weekly(rng: random.Random, who: str) -> _Problem:
 
 
 _MATH_TEMPLATES: tuple[Callable[[random.Random, str], _Problem], ...] = (
-    _m_shopping, _m_change, _m_share, _m_distance, _m_age, _m_savings, _m_fence, _m_tiles,
-    _m_discount, _m_fraction, _m_wages, _m_inventory, _m_reading, _m_unit_rate, _m_tickets,
+    _m_shopping,
+    _m_change,
+    _m_share,
+    _m_distance,
+    _m_age,
+    _m_savings,
+    _m_fence,
+    _m_tiles,
+    _m_discount,
+    _m_fraction,
+    _m_wages,
+    _m_inventory,
+    _m_reading,
+    _m_unit_rate,
+    _m_tickets,
     _m_weekly,
-)  # fmt: skip
+)
 
 
 def _format_steps(rng: random.Random, steps: tuple[str, ...]) -> str:
@@ -428,10 +457,12 @@ def _f_simple_interest(rng: random.Random) -> tuple[str, str, str]:
     interest = round(yearly * t, 2)
     total = round(p + interest, 2)
     q = rng.choice(
-        [f"{who} deposits {_money(p)} in an account paying {_fmt(r)}% simple interest per year. "
-         f"How much interest is earned in {t} years, and what is the final balance?",
-         f"What is the simple interest on {_money(p)} at {_fmt(r)}% a year for {t} years?"]
-    )  # fmt: skip
+        [
+            f"{who} deposits {_money(p)} in an account paying {_fmt(r)}% simple interest per year. "
+            f"How much interest is earned in {t} years, and what is the final balance?",
+            f"What is the simple interest on {_money(p)} at {_fmt(r)}% a year for {t} years?",
+        ]
+    )
     out = (
         "Simple interest is principal x rate x time; interest is never earned on interest. "
         f"Each year the deposit earns {p} * {dec} = {_fmt(yearly)}. "
@@ -462,10 +493,12 @@ def _f_compound(rng: random.Random) -> tuple[str, str, str]:
     final = round(p * float(factor), 2)
     gain = round(final - p, 2)
     q = rng.choice(
-        [f"{who} invests {_money(p)} at {_fmt(r)}% interest {how}. What is it worth after {t} "
-         "years?",
-         f"How much will {_money(p)} grow to in {t} years at {_fmt(r)}% a year, {how}?"]
-    )  # fmt: skip
+        [
+            f"{who} invests {_money(p)} at {_fmt(r)}% interest {how}. What is it worth after {t} "
+            "years?",
+            f"How much will {_money(p)} grow to in {t} years at {_fmt(r)}% a year, {how}?",
+        ]
+    )
     out = (
         f"Compound interest grows the balance by a factor (1 + rate) each period. {first}"
         f"The growth factor is {_fmt(1 + float(rate_s), 8)} ^ {n} = {factor}. "
@@ -479,9 +512,15 @@ def _f_compound(rng: random.Random) -> tuple[str, str, str]:
 def _f_roi(rng: random.Random) -> tuple[str, str, str]:
     who = rng.choice(W.NAMES)
     asset = rng.choice(
-        ["shares of an index fund", "a used camera to resell", "a batch of handmade candles",
-         "a vintage guitar", "a small rental trailer", "shares of " + rng.choice(W.COMPANIES)]
-    )  # fmt: skip
+        [
+            "shares of an index fund",
+            "a used camera to resell",
+            "a batch of handmade candles",
+            "a vintage guitar",
+            "a small rental trailer",
+            "shares of " + rng.choice(W.COMPANIES),
+        ]
+    )
     cost = rng.randrange(500, 20001, 50)
     value = round(cost * (1 + rng.uniform(-0.3, 0.8)))
     if value == cost:
@@ -511,11 +550,13 @@ def _f_roi(rng: random.Random) -> tuple[str, str, str]:
 
 def _f_loan(rng: random.Random) -> tuple[str, str, str]:
     kind, lo, hi, step, years_opts = rng.choice(
-        [("car loan", 5000, 40000, 500, (3, 4, 5, 6)),
-         ("mortgage", 100000, 450000, 5000, (15, 20, 25, 30)),
-         ("student loan", 8000, 60000, 1000, (5, 10, 15)),
-         ("personal loan", 2000, 20000, 250, (2, 3, 4, 5))]
-    )  # fmt: skip
+        [
+            ("car loan", 5000, 40000, 500, (3, 4, 5, 6)),
+            ("mortgage", 100000, 450000, 5000, (15, 20, 25, 30)),
+            ("student loan", 8000, 60000, 1000, (5, 10, 15)),
+            ("personal loan", 2000, 20000, 250, (2, 3, 4, 5)),
+        ]
+    )
     p, years = rng.randrange(lo, hi + 1, step), rng.choice(years_opts)
     rate = rng.choice((3.6, 4.2, 4.8, 5.4, 6.0, 6.6, 7.2, 7.8, 8.4, 9.0))
     r_s = _fmt(rate / 1200, 6)
@@ -529,11 +570,14 @@ def _f_loan(rng: random.Random) -> tuple[str, str, str]:
     pay = round(float(b_s) / float(c_s), 2)
     total = round(pay * n, 2)
     q = rng.choice(
-        [f"What is the monthly payment on a {_money(p)} {kind} at {_fmt(rate)}% APR over "
-         f"{years} years?",
-         f"I'm taking a {kind} of {_money(p)} for {years} years at {_fmt(rate)}% a year. How much "
-         "will I pay each month, and how much interest in total?"]
-    )  # fmt: skip
+        [
+            f"What is the monthly payment on a {_money(p)} {kind} at {_fmt(rate)}% APR over "
+            f"{years} years?",
+            f"I'm taking a {kind} of {_money(p)} for {years} years at {_fmt(rate)}% a year. How "
+            "much "
+            "will I pay each month, and how much interest in total?",
+        ]
+    )
     out = (
         "For a fixed-rate loan, payment = P * r * f / (f - 1), where r is the monthly rate, "
         f"n the number of payments and f = (1 + r)^n. Here r = {_fmt(rate / 100, 4)} / 12 = {r_s} "
@@ -551,10 +595,12 @@ def _f_budget_rule(rng: random.Random) -> tuple[str, str, str]:
     income = rng.randrange(2000, 9001, 100)
     needs, wants, save = (round(income * k, 2) for k in (0.5, 0.3, 0.2))
     q = rng.choice(
-        [f"{who} takes home {_money(income)} a month. How should it be split under the "
-         "50/30/20 budgeting rule?",
-         f"Explain the 50/30/20 rule using a monthly income of {_money(income)}."]
-    )  # fmt: skip
+        [
+            f"{who} takes home {_money(income)} a month. How should it be split under the "
+            "50/30/20 budgeting rule?",
+            f"Explain the 50/30/20 rule using a monthly income of {_money(income)}.",
+        ]
+    )
     out = (
         "The 50/30/20 rule splits after-tax income into needs (rent, groceries, insurance), wants "
         f"(dining out, hobbies) and savings or debt repayment. Needs: {income} * 0.5 = "
@@ -593,10 +639,12 @@ def _f_pe_ratio(rng: random.Random) -> tuple[str, str, str]:
     pe = round(price / eps, 2)
     avg = rng.randint(12, 30)
     instr = rng.choice(
-        ["What is a P/E ratio? Explain it with an example.",
-         f"Explain the price-to-earnings ratio using {company} as an example.",
-         "How do I read a stock's P/E ratio?"]
-    )  # fmt: skip
+        [
+            "What is a P/E ratio? Explain it with an example.",
+            f"Explain the price-to-earnings ratio using {company} as an example.",
+            "How do I read a stock's P/E ratio?",
+        ]
+    )
     inp = f"{company}: share price {_money(price)}, earnings per share {_money(eps)}."
     view = (
         "investors are paying more for each dollar of profit, often because they expect growth"
@@ -620,10 +668,12 @@ def _f_diversification(rng: random.Random) -> tuple[str, str, str]:
     loss = each * d // 100
     frac = _fmt(loss / total, 4)
     instr = rng.choice(
-        ["Explain diversification with a numeric example.",
-         "Why shouldn't I put all my savings into one stock?",
-         "What does it mean to diversify a portfolio?"]
-    )  # fmt: skip
+        [
+            "Explain diversification with a numeric example.",
+            "Why shouldn't I put all my savings into one stock?",
+            "What does it mean to diversify a portfolio?",
+        ]
+    )
     inp = rng.choice(["", f"Assume I have {_money(total)} to invest."])
     out = (
         "Diversification means spreading money across investments that do not all move together, "
@@ -637,8 +687,15 @@ def _f_diversification(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _f_inflation(rng: random.Random) -> tuple[str, str, str]:
-    thing = rng.choice(["a weekly grocery basket", "a monthly bus pass", "a pair of shoes",
-                        "a year of gym membership", "a family dinner out"])  # fmt: skip
+    thing = rng.choice(
+        [
+            "a weekly grocery basket",
+            "a monthly bus pass",
+            "a pair of shoes",
+            "a year of gym membership",
+            "a family dinner out",
+        ]
+    )
     price = rng.randrange(20, 1501)
     i, n = rng.choice([2, 2.5, 3, 4, 5, 6]), rng.randint(3, 20)
     rate_s = _fmt(1 + i / 100, 4)
@@ -660,8 +717,16 @@ def _f_inflation(rng: random.Random) -> tuple[str, str, str]:
 
 def _f_savings_goal(rng: random.Random) -> tuple[str, str, str]:
     who = rng.choice(W.NAMES)
-    goal_name = rng.choice(["a trip to Japan", "a new laptop", "a house deposit", "a used car",
-                            "a wedding", "an emergency cushion"])  # fmt: skip
+    goal_name = rng.choice(
+        [
+            "a trip to Japan",
+            "a new laptop",
+            "a house deposit",
+            "a used car",
+            "a wedding",
+            "an emergency cushion",
+        ]
+    )
     m, months, have = rng.randrange(50, 801, 25), rng.randint(4, 36), rng.randrange(0, 2001, 100)
     goal = have + m * months
     need = goal - have
@@ -705,10 +770,12 @@ def _f_rule_of_72(rng: random.Random) -> tuple[str, str, str]:
     check = _fmt((1 + r / 100) ** years, 6)
     exact = math.log(2) / math.log(1 + r / 100)
     instr = rng.choice(
-        ["What is the rule of 72 and how do I use it?",
-         f"How long does it take money to double at {_fmt(r)}% a year?",
-         "Explain the rule of 72 with an example."]
-    )  # fmt: skip
+        [
+            "What is the rule of 72 and how do I use it?",
+            f"How long does it take money to double at {_fmt(r)}% a year?",
+            "Explain the rule of 72 with an example.",
+        ]
+    )
     inp = rng.choice(["", f"Say I invest {_money(amount)} at {_fmt(r)}% per year."])
     out = (
         "The rule of 72 estimates doubling time: divide 72 by the annual rate in percent. "
@@ -763,10 +830,24 @@ def _f_credit_card(rng: random.Random) -> tuple[str, str, str]:
 
 def _f_net_worth(rng: random.Random) -> tuple[str, str, str]:
     who = rng.choice(W.NAMES)
-    assets = rng.sample([("savings", 1000, 30000), ("retirement account", 5000, 120000),
-                         ("car", 3000, 25000), ("home", 150000, 500000)], 3)  # fmt: skip
-    debts = rng.sample([("car loan", 2000, 15000), ("student loan", 5000, 40000),
-                        ("credit card", 300, 6000), ("mortgage", 50000, 140000)], 2)  # fmt: skip
+    assets = rng.sample(
+        [
+            ("savings", 1000, 30000),
+            ("retirement account", 5000, 120000),
+            ("car", 3000, 25000),
+            ("home", 150000, 500000),
+        ],
+        3,
+    )
+    debts = rng.sample(
+        [
+            ("car loan", 2000, 15000),
+            ("student loan", 5000, 40000),
+            ("credit card", 300, 6000),
+            ("mortgage", 50000, 140000),
+        ],
+        2,
+    )
     a_vals = [rng.randrange(lo, hi, 100) for _, lo, hi in assets]
     d_vals = [rng.randrange(lo, hi, 100) for _, lo, hi in debts]
     a_sum, d_sum = sum(a_vals), sum(d_vals)
@@ -775,8 +856,12 @@ def _f_net_worth(rng: random.Random) -> tuple[str, str, str]:
         a_sum = sum(a_vals)
     listing = ", ".join(f"{name} {_money(v)}" for (name, _, _), v in zip(assets, a_vals))
     owing = ", ".join(f"{name} {_money(v)}" for (name, _, _), v in zip(debts, d_vals))
-    instr = rng.choice(["What is net worth, and how do I calculate it?",
-                        f"Calculate {who}'s net worth and explain the idea."])  # fmt: skip
+    instr = rng.choice(
+        [
+            "What is net worth, and how do I calculate it?",
+            f"Calculate {who}'s net worth and explain the idea.",
+        ]
+    )
     inp = f"Assets: {listing}. Debts: {owing}."
     out = (
         "Net worth is everything you own minus everything you owe. "
@@ -790,9 +875,15 @@ def _f_net_worth(rng: random.Random) -> tuple[str, str, str]:
 
 def _f_break_even(rng: random.Random) -> tuple[str, str, str]:
     biz, thing = rng.choice(
-        [("a food truck", "tacos"), ("a small bakery", "loaves"), ("a print shop", "posters"),
-         ("a candle maker", "candles"), ("a lemonade stand", "cups"), ("a pottery studio", "mugs")]
-    )  # fmt: skip
+        [
+            ("a food truck", "tacos"),
+            ("a small bakery", "loaves"),
+            ("a print shop", "posters"),
+            ("a candle maker", "candles"),
+            ("a lemonade stand", "cups"),
+            ("a pottery studio", "mugs"),
+        ]
+    )
     variable = rng.randint(1, 20)
     price = variable + rng.randint(2, 25)
     margin = price - variable
@@ -813,10 +904,23 @@ def _f_break_even(rng: random.Random) -> tuple[str, str, str]:
 
 
 _FINANCE_TEMPLATES: tuple[Callable[[random.Random], tuple[str, str, str]], ...] = (
-    _f_simple_interest, _f_compound, _f_roi, _f_loan, _f_budget_rule, _f_monthly_budget,
-    _f_pe_ratio, _f_diversification, _f_inflation, _f_savings_goal, _f_dividend, _f_rule_of_72,
-    _f_emergency_fund, _f_credit_card, _f_net_worth, _f_break_even,
-)  # fmt: skip
+    _f_simple_interest,
+    _f_compound,
+    _f_roi,
+    _f_loan,
+    _f_budget_rule,
+    _f_monthly_budget,
+    _f_pe_ratio,
+    _f_diversification,
+    _f_inflation,
+    _f_savings_goal,
+    _f_dividend,
+    _f_rule_of_72,
+    _f_emergency_fund,
+    _f_credit_card,
+    _f_net_worth,
+    _f_break_even,
+)
 
 
 def _finance_item(rng: random.Random) -> Record:
@@ -893,9 +997,13 @@ def _c_reverse_words(rng: random.Random) -> _CodeTask:
     arg = _phrase(rng, 3, 6).lower()
     how = "It splits on whitespace, reverses the list of words and joins them with single spaces."
     return _CodeTask(
-        "reverse the order of the words in a sentence", code, name, (arg,),
-        " ".join(reversed(arg.split())), how,
-    )  # fmt: skip
+        "reverse the order of the words in a sentence",
+        code,
+        name,
+        (arg,),
+        " ".join(reversed(arg.split())),
+        how,
+    )
 
 
 def _c_palindrome(rng: random.Random) -> _CodeTask:
@@ -925,8 +1033,12 @@ def _c_palindrome(rng: random.Random) -> _CodeTask:
     cleaned = [ch.lower() for ch in arg if ch.isalnum()]
     return _CodeTask(
         "check whether a string is a palindrome, ignoring case, spaces and punctuation",
-        code, name, (arg,), cleaned == cleaned[::-1], how,
-    )  # fmt: skip
+        code,
+        name,
+        (arg,),
+        cleaned == cleaned[::-1],
+        how,
+    )
 
 
 def _c_chunk(rng: random.Random) -> _CodeTask:
@@ -966,9 +1078,13 @@ def _c_top_k(rng: random.Random) -> _CodeTask:
     data, k = _ints(rng, 1, 200, 5, 9), rng.randint(1, 4)
     expected = sorted(data, reverse=True)[:k]
     return _CodeTask(
-        "return the k largest numbers from a list, biggest first", code, name, (data, k),
-        expected, how,
-    )  # fmt: skip
+        "return the k largest numbers from a list, biggest first",
+        code,
+        name,
+        (data, k),
+        expected,
+        how,
+    )
 
 
 def _c_word_counts(rng: random.Random) -> _CodeTask:
@@ -1001,8 +1117,9 @@ def _c_word_counts(rng: random.Random) -> _CodeTask:
 
 def _c_fizzbuzz(rng: random.Random) -> _CodeTask:
     name = rng.choice(["fizzbuzz", "fizz_buzz_list", "word_game", "ping_pong"])
-    w1, w2 = rng.choice([("Fizz", "Buzz"), ("Ping", "Pong"), ("Foo", "Bar"), ("Tick", "Tock"),
-                         ("Zip", "Zap")])  # fmt: skip
+    w1, w2 = rng.choice(
+        [("Fizz", "Buzz"), ("Ping", "Pong"), ("Foo", "Bar"), ("Tick", "Tock"), ("Zip", "Zap")]
+    )
     a, b = rng.sample(range(2, 8), 2)
     code = (
         f"def {name}(n: int) -> list[str]:\n"
@@ -1021,9 +1138,12 @@ def _c_fizzbuzz(rng: random.Random) -> _CodeTask:
     return _CodeTask(
         f"list the numbers 1 to n, saying {w1} for multiples of {a}, {w2} for multiples of {b} "
         "and both for multiples of both",
-        code, name, (n,), expected,
+        code,
+        name,
+        (n,),
+        expected,
         "It builds each entry from the words whose divisor divides i, falling back to the number.",
-    )  # fmt: skip
+    )
 
 
 def _c_flatten(rng: random.Random) -> _CodeTask:
@@ -1070,8 +1190,9 @@ def _c_running_total(rng: random.Random) -> _CodeTask:
         how = "It relies on itertools.accumulate, which yields the sum so far at each position."
     arg = _ints(rng, 1, 20, 4, 7)
     expected = [sum(arg[: i + 1]) for i in range(len(arg))]
-    return _CodeTask("compute the running total of a list of numbers", code, name, (arg,),
-                     expected, how)  # fmt: skip
+    return _CodeTask(
+        "compute the running total of a list of numbers", code, name, (arg,), expected, how
+    )
 
 
 def _c_dedupe(rng: random.Random) -> _CodeTask:
@@ -1096,9 +1217,13 @@ def _c_dedupe(rng: random.Random) -> _CodeTask:
         pool = rng.sample(W.WORDS, 3)
         arg = [rng.choice(pool) for _ in range(rng.randint(4, 7))]
     return _CodeTask(
-        "remove duplicates from a list while keeping the original order", code, name, (arg,),
-        list(dict.fromkeys(arg)), how,
-    )  # fmt: skip
+        "remove duplicates from a list while keeping the original order",
+        code,
+        name,
+        (arg,),
+        list(dict.fromkeys(arg)),
+        how,
+    )
 
 
 def _c_long_words(rng: random.Random) -> _CodeTask:
@@ -1111,10 +1236,13 @@ def _c_long_words(rng: random.Random) -> _CodeTask:
     arg, k = _phrase(rng, 4, 7).lower(), rng.randint(3, 6)
     expected = [w for w in arg.split() if len(w) > k]
     return _CodeTask(
-        "return the words of a text that are longer than a given length", code, name, (arg, k),
+        "return the words of a text that are longer than a given length",
+        code,
+        name,
+        (arg, k),
         expected,
         "It splits the text on whitespace and keeps words whose length exceeds the limit.",
-    )  # fmt: skip
+    )
 
 
 def _c_fibonacci(rng: random.Random) -> _CodeTask:
@@ -1132,9 +1260,13 @@ def _c_fibonacci(rng: random.Random) -> _CodeTask:
     for _ in range(n):
         a, b = b, a + b
     return _CodeTask(
-        "compute the n-th Fibonacci number iteratively", code, name, (n,), a,
+        "compute the n-th Fibonacci number iteratively",
+        code,
+        name,
+        (n,),
+        a,
         "It keeps only the last two values and updates them n times, so it runs in linear time.",
-    )  # fmt: skip
+    )
 
 
 def _c_lcm(rng: random.Random) -> _CodeTask:
@@ -1156,8 +1288,14 @@ def _c_lcm(rng: random.Random) -> _CodeTask:
         )
         how = "It finds the greatest common divisor with Euclid's algorithm, then divides by it."
     a, b = rng.randint(2, 40), rng.randint(2, 40)
-    return _CodeTask("compute the least common multiple of two positive integers", code, name,
-                     (a, b), a * b // math.gcd(a, b), how)  # fmt: skip
+    return _CodeTask(
+        "compute the least common multiple of two positive integers",
+        code,
+        name,
+        (a, b),
+        a * b // math.gcd(a, b),
+        how,
+    )
 
 
 def _c_snake_to_camel(rng: random.Random) -> _CodeTask:
@@ -1171,9 +1309,13 @@ def _c_snake_to_camel(rng: random.Random) -> _CodeTask:
     parts = rng.sample(W.WORDS, rng.randint(2, 3))
     expected = parts[0] + "".join(x.capitalize() for x in parts[1:])
     return _CodeTask(
-        "convert a snake_case identifier to camelCase", code, name, ("_".join(parts),), expected,
+        "convert a snake_case identifier to camelCase",
+        code,
+        name,
+        ("_".join(parts),),
+        expected,
         "It splits on underscores, keeps the first part and capitalises the rest.",
-    )  # fmt: skip
+    )
 
 
 def _c_digit_sum(rng: random.Random) -> _CodeTask:
@@ -1192,8 +1334,14 @@ def _c_digit_sum(rng: random.Random) -> _CodeTask:
         )
         how = "It peels off the last digit with divmod until nothing is left."
     n = rng.randint(100, 999999)
-    return _CodeTask("add up the decimal digits of an integer", code, name, (n,),
-                     sum(int(d) for d in str(n)), how)  # fmt: skip
+    return _CodeTask(
+        "add up the decimal digits of an integer",
+        code,
+        name,
+        (n,),
+        sum(int(d) for d in str(n)),
+        how,
+    )
 
 
 def _c_primes(rng: random.Random) -> _CodeTask:
@@ -1213,9 +1361,13 @@ def _c_primes(rng: random.Random) -> _CodeTask:
     limit = rng.randint(10, 50)
     expected = [i for i in range(2, limit + 1) if all(i % d for d in range(2, i))]
     return _CodeTask(
-        "list all prime numbers up to a limit", code, name, (limit,), expected,
+        "list all prime numbers up to a limit",
+        code,
+        name,
+        (limit,),
+        expected,
         "It runs the sieve of Eratosthenes, crossing out multiples of each prime it finds.",
-    )  # fmt: skip
+    )
 
 
 def _c_rotate(rng: random.Random) -> _CodeTask:
@@ -1230,9 +1382,13 @@ def _c_rotate(rng: random.Random) -> _CodeTask:
     arg, k = _ints(rng, 0, 50, 4, 7), rng.randint(1, 9)
     kk = k % len(arg)
     return _CodeTask(
-        "rotate a list to the left by k positions", code, name, (arg, k), arg[kk:] + arg[:kk],
+        "rotate a list to the left by k positions",
+        code,
+        name,
+        (arg, k),
+        arg[kk:] + arg[:kk],
         "It reduces k modulo the length and glues the two slices back together.",
-    )  # fmt: skip
+    )
 
 
 def _c_clamp(rng: random.Random) -> _CodeTask:
@@ -1244,9 +1400,13 @@ def _c_clamp(rng: random.Random) -> _CodeTask:
     arg, low, high = _ints(rng, -10, 30, 4, 7), rng.randint(0, 5), rng.randint(10, 20)
     expected = [min(max(v, low), high) for v in arg]
     return _CodeTask(
-        "clamp every number in a list into the range [low, high]", code, name, (arg, low, high),
-        expected, "It raises each value to at least low and then caps it at high.",
-    )  # fmt: skip
+        "clamp every number in a list into the range [low, high]",
+        code,
+        name,
+        (arg, low, high),
+        expected,
+        "It raises each value to at least low and then caps it at high.",
+    )
 
 
 def _c_second_largest(rng: random.Random) -> _CodeTask:
@@ -1259,10 +1419,13 @@ def _c_second_largest(rng: random.Random) -> _CodeTask:
     arg = _ints(rng, 1, 30, 3, 8)
     distinct = sorted(set(arg), reverse=True)
     return _CodeTask(
-        "find the second largest distinct value in a list, or None", code, name, (arg,),
+        "find the second largest distinct value in a list, or None",
+        code,
+        name,
+        (arg,),
         distinct[1] if len(distinct) > 1 else None,
         "It removes duplicates with a set, sorts descending and returns the second entry.",
-    )  # fmt: skip
+    )
 
 
 def _c_merge_sorted(rng: random.Random) -> _CodeTask:
@@ -1282,9 +1445,13 @@ def _c_merge_sorted(rng: random.Random) -> _CodeTask:
     )
     a, b = sorted(_ints(rng, 0, 40, 2, 5)), sorted(_ints(rng, 0, 40, 2, 5))
     return _CodeTask(
-        "merge two sorted lists into one sorted list", code, name, (a, b), sorted(a + b),
+        "merge two sorted lists into one sorted list",
+        code,
+        name,
+        (a, b),
+        sorted(a + b),
         "It walks both lists with two indices, always taking the smaller head, then adds the rest.",
-    )  # fmt: skip
+    )
 
 
 def _c_caesar(rng: random.Random) -> _CodeTask:
@@ -1303,13 +1470,18 @@ def _c_caesar(rng: random.Random) -> _CodeTask:
     arg, shift = _phrase(rng, 1, 3), rng.randint(1, 25)
     expected = "".join(
         chr((ord(c) - (97 if c.islower() else 65) + shift) % 26 + (97 if c.islower() else 65))
-        if c.isalpha() else c
+        if c.isalpha()
+        else c
         for c in arg
-    )  # fmt: skip
+    )
     return _CodeTask(
-        "apply a Caesar shift to the letters of a text", code, name, (arg, shift), expected,
+        "apply a Caesar shift to the letters of a text",
+        code,
+        name,
+        (arg, shift),
+        expected,
         "It shifts each letter within its case, wrapping after z, and keeps other characters.",
-    )  # fmt: skip
+    )
 
 
 def _c_mean(rng: random.Random) -> _CodeTask:
@@ -1321,22 +1493,45 @@ def _c_mean(rng: random.Random) -> _CodeTask:
         "        return None\n"
         "    return round(sum(present) / len(present), 2)\n"
     )
-    arg: list[int | None] = [rng.randint(0, 100) if rng.random() < 0.75 else None
-                             for _ in range(rng.randint(4, 7))]  # fmt: skip
+    arg: list[int | None] = [
+        rng.randint(0, 100) if rng.random() < 0.75 else None for _ in range(rng.randint(4, 7))
+    ]
     present = [v for v in arg if v is not None]
     expected = round(sum(present) / len(present), 2) if present else None
     return _CodeTask(
-        "average a list of numbers, skipping missing values (None)", code, name, (arg,),
-        expected, "It filters out None, returns None if nothing is left, and rounds to 2 decimals.",
-    )  # fmt: skip
+        "average a list of numbers, skipping missing values (None)",
+        code,
+        name,
+        (arg,),
+        expected,
+        "It filters out None, returns None if nothing is left, and rounds to 2 decimals.",
+    )
 
 
 _CODE_TEMPLATES: tuple[Callable[[random.Random], _CodeTask], ...] = (
-    _c_count_vowels, _c_reverse_words, _c_palindrome, _c_chunk, _c_top_k, _c_word_counts,
-    _c_fizzbuzz, _c_flatten, _c_running_total, _c_dedupe, _c_long_words, _c_fibonacci, _c_lcm,
-    _c_snake_to_camel, _c_digit_sum, _c_primes, _c_rotate, _c_clamp, _c_second_largest,
-    _c_merge_sorted, _c_caesar, _c_mean,
-)  # fmt: skip
+    _c_count_vowels,
+    _c_reverse_words,
+    _c_palindrome,
+    _c_chunk,
+    _c_top_k,
+    _c_word_counts,
+    _c_fizzbuzz,
+    _c_flatten,
+    _c_running_total,
+    _c_dedupe,
+    _c_long_words,
+    _c_fibonacci,
+    _c_lcm,
+    _c_snake_to_camel,
+    _c_digit_sum,
+    _c_primes,
+    _c_rotate,
+    _c_clamp,
+    _c_second_largest,
+    _c_merge_sorted,
+    _c_caesar,
+    _c_mean,
+)
 
 
 def _fenced(code: str) -> str:
@@ -1353,9 +1548,13 @@ def _code_record(rng: random.Random, task: _CodeTask, domain: str, asks: tuple[s
     )
     args = ", ".join(repr(a) for a in task.args)
     input_ = rng.choice(
-        ("", f"Example call: {task.call}", f"It should work for inputs like {args}.",
-         f"Test it with the arguments {args}.")
-    )  # fmt: skip
+        (
+            "",
+            f"Example call: {task.call}",
+            f"It should work for inputs like {args}.",
+            f"Test it with the arguments {args}.",
+        )
+    )
     output = (
         f"{rng.choice(W.CODE_INTROS)}\n\n{_fenced(task.code)}\n\n{task.how} {_example(rng, task)}"
     )
@@ -1382,10 +1581,13 @@ def _fc_compound(rng: random.Random) -> _CodeTask:
     args: tuple[Any, ...] = (p, r, t) if periods == 12 else (p, r, t, periods)
     expected = round(p * (1 + r / periods) ** (periods * t), 2)
     return _CodeTask(
-        "compute the future value of a deposit with compound interest", code, name, args,
+        "compute the future value of a deposit with compound interest",
+        code,
+        name,
+        args,
         expected,
         "It applies the growth factor (1 + rate / periods) once per period and rounds to cents.",
-    )  # fmt: skip
+    )
 
 
 def _fc_payment(rng: random.Random) -> _CodeTask:
@@ -1406,10 +1608,13 @@ def _fc_payment(rng: random.Random) -> _CodeTask:
     r, n = rate / 12, years * 12
     expected = round(p * r * (1 + r) ** n / ((1 + r) ** n - 1), 2)
     return _CodeTask(
-        "calculate the fixed monthly payment of an amortizing loan", code, name,
-        (p, rate, years), expected,
+        "calculate the fixed monthly payment of an amortizing loan",
+        code,
+        name,
+        (p, rate, years),
+        expected,
         "It uses the annuity formula with the monthly rate and handles a zero rate separately.",
-    )  # fmt: skip
+    )
 
 
 def _fc_simple(rng: random.Random) -> _CodeTask:
@@ -1420,10 +1625,13 @@ def _fc_simple(rng: random.Random) -> _CodeTask:
     )
     p, r, t = rng.randrange(500, 30001, 50), rng.choice(W.RATES) / 100, rng.randint(1, 12)
     return _CodeTask(
-        "compute simple interest from principal, annual rate and years", code, name, (p, r, t),
+        "compute simple interest from principal, annual rate and years",
+        code,
+        name,
+        (p, r, t),
         round(p * r * t, 2),
         "It multiplies principal, rate and time, the definition of simple interest.",
-    )  # fmt: skip
+    )
 
 
 def _fc_roi(rng: random.Random) -> _CodeTask:
@@ -1437,10 +1645,13 @@ def _fc_roi(rng: random.Random) -> _CodeTask:
     cost = rng.randrange(100, 20001, 10)
     value = round(cost * rng.uniform(0.6, 2.0))
     return _CodeTask(
-        "return the return on investment as a percentage", code, name, (cost, value),
+        "return the return on investment as a percentage",
+        code,
+        name,
+        (cost, value),
         round((value - cost) / cost * 100, 2),
         "It divides the profit by the cost, scales to percent and rejects a non-positive cost.",
-    )  # fmt: skip
+    )
 
 
 def _fc_schedule(rng: random.Random) -> _CodeTask:
@@ -1463,9 +1674,12 @@ def _fc_schedule(rng: random.Random) -> _CodeTask:
         rows.append((month, interest, balance))
     return _CodeTask(
         "list the first months of a loan's amortization schedule as (month, interest, balance)",
-        code, name, (p, rate, payment, months), rows,
+        code,
+        name,
+        (p, rate, payment, months),
+        rows,
         "It adds each month's interest to the balance, subtracts the payment and records the row.",
-    )  # fmt: skip
+    )
 
 
 def _fc_annuity(rng: random.Random) -> _CodeTask:
@@ -1480,10 +1694,13 @@ def _fc_annuity(rng: random.Random) -> _CodeTask:
     dep, rate, years = rng.randrange(50, 2001, 25), rng.choice(W.RATES) / 100, rng.randint(1, 40)
     r, n = rate / 12, years * 12
     return _CodeTask(
-        "compute the future value of equal monthly deposits with monthly compounding", code, name,
-        (dep, rate, years), round(dep * ((1 + r) ** n - 1) / r, 2),
+        "compute the future value of equal monthly deposits with monthly compounding",
+        code,
+        name,
+        (dep, rate, years),
+        round(dep * ((1 + r) ** n - 1) / r, 2),
         "It sums the geometric series of deposits in closed form, with a zero-rate shortcut.",
-    )  # fmt: skip
+    )
 
 
 def _fc_double(rng: random.Random) -> _CodeTask:
@@ -1502,9 +1719,13 @@ def _fc_double(rng: random.Random) -> _CodeTask:
         balance *= 1 + rate
         years += 1
     return _CodeTask(
-        "count the whole years needed for money to double at a given annual rate", code, name,
-        (rate,), years, "It compounds a balance of 1 year by year until it reaches 2.",
-    )  # fmt: skip
+        "count the whole years needed for money to double at a given annual rate",
+        code,
+        name,
+        (rate,),
+        years,
+        "It compounds a balance of 1 year by year until it reaches 2.",
+    )
 
 
 def _fc_npv(rng: random.Random) -> _CodeTask:
@@ -1514,14 +1735,18 @@ def _fc_npv(rng: random.Random) -> _CodeTask:
         "    return round(sum(cf / (1 + rate) ** t for t, cf in enumerate(cashflows)), 2)\n"
     )
     rate = rng.choice([0.04, 0.05, 0.06, 0.08, 0.1])
-    flows = [-rng.randrange(1000, 10001, 100)] + [rng.randrange(200, 4001, 50)
-                                                  for _ in range(rng.randint(2, 4))]  # fmt: skip
+    flows = [-rng.randrange(1000, 10001, 100)] + [
+        rng.randrange(200, 4001, 50) for _ in range(rng.randint(2, 4))
+    ]
     expected = round(sum(cf / (1 + rate) ** t for t, cf in enumerate(flows)), 2)
     return _CodeTask(
-        "compute the net present value of yearly cash flows, the first at time zero", code, name,
-        (rate, flows), expected,
+        "compute the net present value of yearly cash flows, the first at time zero",
+        code,
+        name,
+        (rate, flows),
+        expected,
         "It discounts each cash flow by (1 + rate) to the power of its year.",
-    )  # fmt: skip
+    )
 
 
 def _fc_break_even(rng: random.Random) -> _CodeTask:
@@ -1537,10 +1762,13 @@ def _fc_break_even(rng: random.Random) -> _CodeTask:
     fixed, unit = rng.randrange(500, 20001, 100), rng.randint(1, 30)
     price = unit + rng.randint(1, 30)
     return _CodeTask(
-        "compute how many units a business must sell to break even", code, name,
-        (fixed, price, unit), math.ceil(fixed / (price - unit)),
+        "compute how many units a business must sell to break even",
+        code,
+        name,
+        (fixed, price, unit),
+        math.ceil(fixed / (price - unit)),
         "It divides fixed costs by the margin per unit and rounds up to whole units.",
-    )  # fmt: skip
+    )
 
 
 def _fc_budget(rng: random.Random) -> _CodeTask:
@@ -1551,18 +1779,31 @@ def _fc_budget(rng: random.Random) -> _CodeTask:
         "    return {k: round(income * v, 2) for k, v in shares.items()}\n"
     )
     income = rng.randrange(1500, 12001, 50)
-    expected = {k: round(income * v, 2) for k, v in (("needs", 0.5), ("wants", 0.3),
-                                                      ("savings", 0.2))}  # fmt: skip
+    expected = {
+        k: round(income * v, 2) for k, v in (("needs", 0.5), ("wants", 0.3), ("savings", 0.2))
+    }
     return _CodeTask(
-        "split a monthly income using the 50/30/20 budgeting rule", code, name, (income,),
-        expected, "It applies each share to the income and rounds every amount to cents.",
-    )  # fmt: skip
+        "split a monthly income using the 50/30/20 budgeting rule",
+        code,
+        name,
+        (income,),
+        expected,
+        "It applies each share to the income and rounds every amount to cents.",
+    )
 
 
 _FIN_CODE_TEMPLATES: tuple[Callable[[random.Random], _CodeTask], ...] = (
-    _fc_compound, _fc_payment, _fc_simple, _fc_roi, _fc_schedule, _fc_annuity, _fc_double,
-    _fc_npv, _fc_break_even, _fc_budget,
-)  # fmt: skip
+    _fc_compound,
+    _fc_payment,
+    _fc_simple,
+    _fc_roi,
+    _fc_schedule,
+    _fc_annuity,
+    _fc_double,
+    _fc_npv,
+    _fc_break_even,
+    _fc_budget,
+)
 
 
 def _finance_code_item(rng: random.Random) -> Record:
@@ -1581,15 +1822,34 @@ def _story_context(rng: random.Random) -> dict[str, str]:
     virtue, flaw, event, moral = rng.choice(W.FABLES)
     season = rng.choice(W.SEASONS)
     ctx = {
-        "n": n, "n2": n2, "r": role, "r2": _bare(role2), "p": place, "o": obj, "ot": _the(obj),
-        "ob": _bare(obj), "a": a, "a2": a2, "t": t, "tl": _lc(t),
-        "f": rng.choice(W.FEELINGS), "hidden": rng.choice(W.HIDDEN),
-        "magic": rng.choice(W.MAGIC), "clue": rng.choice(W.CLUES), "planet": rng.choice(W.PLANETS),
-        "ship": rng.choice(W.SHIPS), "k": str(rng.randint(3, 400)),
-        "h": str(rng.randint(6, 72)), "season": season,
-        "season_cap": _cap(season), "virtue": virtue, "flaw": flaw, "moral": moral,
-        "habitat": rng.choice(W.HABITATS), "first": rng.choice(W.FIRST_LINES),
-    }  # fmt: skip
+        "n": n,
+        "n2": n2,
+        "r": role,
+        "r2": _bare(role2),
+        "p": place,
+        "o": obj,
+        "ot": _the(obj),
+        "ob": _bare(obj),
+        "a": a,
+        "a2": a2,
+        "t": t,
+        "tl": _lc(t),
+        "f": rng.choice(W.FEELINGS),
+        "hidden": rng.choice(W.HIDDEN),
+        "magic": rng.choice(W.MAGIC),
+        "clue": rng.choice(W.CLUES),
+        "planet": rng.choice(W.PLANETS),
+        "ship": rng.choice(W.SHIPS),
+        "k": str(rng.randint(3, 400)),
+        "h": str(rng.randint(6, 72)),
+        "season": season,
+        "season_cap": _cap(season),
+        "virtue": virtue,
+        "flaw": flaw,
+        "moral": moral,
+        "habitat": rng.choice(W.HABITATS),
+        "first": rng.choice(W.FIRST_LINES),
+    }
     for key in ("a", "a2"):
         article = "an" if ctx[key][0] in "aeiou" else "a"
         ctx["an_" + key], ctx["Aan_" + key] = f"{article} {ctx[key]}", f"{_cap(article)} {ctx[key]}"
@@ -1616,35 +1876,46 @@ def _story_item(rng: random.Random) -> Record:
 def _support_context(rng: random.Random) -> dict[str, str]:
     c = rng.choice(W.NAMES)
     return {
-        "c": c, "agent": rng.choice(W.AGENTS), "prod": rng.choice(W.PRODUCTS),
-        "oid": f"#{rng.randint(100000, 999999)}", "d": str(rng.randint(5, 21)),
-        "d2": str(rng.randint(2, 6)), "day": rng.choice(W.WEEKDAYS), "day2": rng.choice(W.WEEKDAYS),
+        "c": c,
+        "agent": rng.choice(W.AGENTS),
+        "prod": rng.choice(W.PRODUCTS),
+        "oid": f"#{rng.randint(100000, 999999)}",
+        "d": str(rng.randint(5, 21)),
+        "d2": str(rng.randint(2, 6)),
+        "day": rng.choice(W.WEEKDAYS),
+        "day2": rng.choice(W.WEEKDAYS),
         "fee": _money(rng.choice([4.99, 5.95, 6.5, 7.99, 9.99])),
-        "amount": _money(rng.randint(1500, 40000) / 100), "ref": str(rng.randint(10000, 99999)),
-        "damage": rng.choice(["cracked casing", "broken handle", "torn seam", "dented side",
-                              "missing part"]),
+        "amount": _money(rng.randint(1500, 40000) / 100),
+        "ref": str(rng.randint(10000, 99999)),
+        "damage": rng.choice(
+            ["cracked casing", "broken handle", "torn seam", "dented side", "missing part"]
+        ),
         "email": f"{c.lower()}{rng.randint(1, 99)}@example.com",
         "plan": rng.choice(["Premium", "Family", "Pro", "Basic", "Student"]),
         "garment": rng.choice(["rain jacket", "pair of jeans", "wool sweater", "dress", "hoodie"]),
-        "size": rng.choice(["S", "M", "L"]), "size2": rng.choice(["XS", "XL", "XXL"]),
+        "size": rng.choice(["S", "M", "L"]),
+        "size2": rng.choice(["XS", "XL", "XXL"]),
         "screen": rng.choice(["Settings", "Checkout", "Order history", "Profile", "Search"]),
         "device": rng.choice(["Pixel 7", "iPhone 13", "Galaxy S22", "iPad Air", "OnePlus 11"]),
         "ver": f"{rng.randint(2, 6)}.{rng.randint(0, 12)}.{rng.randint(0, 9)}",
         "addr": f"{rng.randint(1, 250)} {rng.choice(W.WORDS).capitalize()} "
-                f"{rng.choice(['Street', 'Road', 'Lane', 'Avenue'])}",
+        f"{rng.choice(['Street', 'Road', 'Lane', 'Avenue'])}",
         "code": f"{rng.choice(['SAVE', 'SPRING', 'WELCOME', 'FLASH'])}{rng.randint(10, 40)}",
         "pct": str(rng.choice([10, 15, 20])),
         "min_spend": _money(rng.choice([50, 75, 100, 150, 200])),
-    }  # fmt: skip
+    }
 
 
 def _support_item(rng: random.Random) -> Record:
     tickets, replies = rng.choice(W.SUPPORT_FAMILIES)
     ctx = _support_context(rng)
     output = "\n\n".join(
-        (rng.choice(W.GREETINGS).format(**ctx), rng.choice(replies).format(**ctx),
-         rng.choice(W.SIGNOFFS).format(**ctx))
-    )  # fmt: skip
+        (
+            rng.choice(W.GREETINGS).format(**ctx),
+            rng.choice(replies).format(**ctx),
+            rng.choice(W.SIGNOFFS).format(**ctx),
+        )
+    )
     return _record(rng.choice(W.SUPPORT_ASKS), rng.choice(tickets).format(**ctx), output, "support")
 
 
@@ -1656,8 +1927,12 @@ def _math_story_item(
 ) -> tuple[Record, int]:
     """One ``math_story`` record and its expected final answer (used by the tests)."""
     template = template or rng.choice(_MATH_TEMPLATES)
-    ctx = {"n": rng.choice(W.NAMES), "r": rng.choice(W.ROLES), "p": rng.choice(W.PLACES),
-           "t": rng.choice(W.TIMES)}  # fmt: skip
+    ctx = {
+        "n": rng.choice(W.NAMES),
+        "r": rng.choice(W.ROLES),
+        "p": rng.choice(W.PLACES),
+        "t": rng.choice(W.TIMES),
+    }
     prob = template(rng, ctx["n"])
     mids = ["Next, ", "Then "]
     connectors = ["First, "] + [mids[i % 2] for i in range(len(prob.steps) - 2)] + ["Finally, "]
@@ -1686,10 +1961,12 @@ def _math_story_item(
 
 def _cs_fairy_tale(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
     instr = rng.choice(
-        ["Explain what this Python function does by telling it as a short story.",
-         "Turn the following code into a little story that explains how it works.",
-         "Narrate, as a fairy tale, what happens when this function runs."]
-    )  # fmt: skip
+        [
+            "Explain what this Python function does by telling it as a short story.",
+            "Turn the following code into a little story that explains how it works.",
+            "Narrate, as a fairy tale, what happens when this function runs.",
+        ]
+    )
     out = (
         f"{rng.choice(['Once upon a time', 'Long ago', 'In a quiet corner of a big program'])}, "
         f"there lived a function called `{task.name}`. Its one job was to {task.goal}. "
@@ -1702,15 +1979,19 @@ def _cs_fairy_tale(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
 
 def _cs_plain(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
     instr = rng.choice(
-        ["Explain in plain English what the following code does.",
-         "What does this function do? Answer without jargon.",
-         "Describe this Python code for someone who has never programmed."]
-    )  # fmt: skip
+        [
+            "Explain in plain English what the following code does.",
+            "What does this function do? Answer without jargon.",
+            "Describe this Python code for someone who has never programmed.",
+        ]
+    )
     use = rng.choice(
-        [f"It is handy whenever you need to {task.goal} without writing the loop by hand.",
-         "You could drop it into any script that cleans up or summarises data.",
-         "Because it has no side effects, it is easy to test and reuse."]
-    )  # fmt: skip
+        [
+            f"It is handy whenever you need to {task.goal} without writing the loop by hand.",
+            "You could drop it into any script that cleans up or summarises data.",
+            "Because it has no side effects, it is easy to test and reuse.",
+        ]
+    )
     out = (
         f"This function, `{task.name}`, is a small helper: it will {task.goal}. "
         f"{task.how} For instance, `{task.call}` returns `{task.expected!r}`. {use}"
@@ -1720,9 +2001,11 @@ def _cs_plain(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
 
 def _cs_bedtime(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
     instr = rng.choice(
-        ["Describe what this code does as a bedtime story for a child.",
-         "Explain this function to a seven-year-old, as a gentle story."]
-    )  # fmt: skip
+        [
+            "Describe what this code does as a bedtime story for a child.",
+            "Explain this function to a seven-year-old, as a gentle story.",
+        ]
+    )
     helper = rng.choice(["a tidy little robot", "a patient owl", "a busy beaver", "a careful elf"])
     out = (
         f"Close your eyes, little one. In the land of Python lived {helper} named `{task.name}`. "
@@ -1736,10 +2019,12 @@ def _cs_bedtime(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
 def _cs_character(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
     n, role, place = rng.choice(W.NAMES), rng.choice(W.ROLES), rng.choice(W.PLACES)
     instr = rng.choice(
-        [f"Write a short story about {n}, {role}, who writes a small Python program to "
-         f"{task.goal}. Include the code.",
-         f"Tell a story in which {n} automates a chore in Python. Show the function {n} writes."]
-    )  # fmt: skip
+        [
+            f"Write a short story about {n}, {role}, who writes a small Python program to "
+            f"{task.goal}. Include the code.",
+            f"Tell a story in which {n} automates a chore in Python. Show the function {n} writes.",
+        ]
+    )
     out = (
         f"{n} was {role} in {place}, and every week one chore ate an evening: having to "
         f"{task.goal} by hand. "
@@ -1753,9 +2038,12 @@ def _cs_character(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
 
 def _cs_diary(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
     instr = rng.choice(
-        [f"Write a diary entry by a junior developer who just wrote `{task.name}`. Show the code.",
-         f"As a new programmer, write a journal entry about writing a function to {task.goal}."]
-    )  # fmt: skip
+        [
+            f"Write a diary entry by a junior developer who just wrote `{task.name}`. Show the "
+            "code.",
+            f"As a new programmer, write a journal entry about writing a function to {task.goal}.",
+        ]
+    )
     out = (
         f"Dear diary, today I wrote a function that can {task.goal}. "
         f"{rng.choice(['My mentor had one comment.', 'It took three tries.', 'I am oddly proud.'])}"
@@ -1766,8 +2054,12 @@ def _cs_diary(rng: random.Random, task: _CodeTask) -> tuple[str, str, str]:
 
 
 _CODE_STORY_TEMPLATES: tuple[Callable[[random.Random, _CodeTask], tuple[str, str, str]], ...] = (
-    _cs_fairy_tale, _cs_plain, _cs_bedtime, _cs_character, _cs_diary,
-)  # fmt: skip
+    _cs_fairy_tale,
+    _cs_plain,
+    _cs_bedtime,
+    _cs_character,
+    _cs_diary,
+)
 
 
 def _code_story_item(rng: random.Random) -> Record:
