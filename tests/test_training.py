@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,21 @@ def test_adapters_are_packed_into_the_runs_the_cluster_holds():
     assert len(pack_runs(jobs, cfg, 99)) == 5  # never more runs than jobs, never an empty one
     assert pack_runs(jobs, cfg, 2, "off") == [[j] for j in jobs]
     assert pack_runs(jobs[:1], cfg, 3) == [jobs[:1]]
+
+
+def test_progress_relay_gives_the_newest_whole_step_line(tmp_path):
+    from gs_ray.training.ray_train import ProgressRelay
+
+    path = tmp_path / "progress.jsonl"
+    relay = ProgressRelay(path, every=0.01)
+    assert relay.poll() is None  # no file yet
+    line = '{"job": "pretrain", "step": %d, "planned": 400, "loss": %s, "t": 1.0}\n'
+    path.write_text(line % (50, 3.5) + line % (100, 2.25) + '{"job": "pre')  # last: half written
+    assert relay.poll() == "pretrain: step 100/400 loss 2.2500"
+    assert relay.poll() is None  # nothing new, the half line is not read
+    with path.open("a") as f:
+        f.write('train", "step": 150, "planned": 400, "loss": 2.0, "t": 2.0}\n')
+    assert relay.poll() == "pretrain: step 150/400 loss 2.0000"
 
 
 def test_attempt_history_is_read_per_attempt(tmp_path):
@@ -232,7 +248,7 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
 # --------------------------------------------------------------------------- Stage I: warm-up
 
 
-def test_warmup_is_a_deepspeed_zero2_data_parallel_run(warmup, ray_session):
+def test_warmup_is_a_deepspeed_zero2_data_parallel_run(world, warmup, ray_session):
     assert warmup["ok"] and warmup["error"] is None
     assert warmup["engine"] == "DeepSpeedEngine"
     assert warmup["zero_stage"] == 2
@@ -246,6 +262,10 @@ def test_warmup_is_a_deepspeed_zero2_data_parallel_run(warmup, ray_session):
     assert losses[-3:].mean() < losses[:3].mean() - 0.05
     assert warmup["deepspeed_init_s"] > 0
     assert warmup["start"] <= warmup["train_start"] <= warmup["train_end"] <= warmup["end"]
+    # rank 0's step lines for the driver's console (every log_every steps)
+    progress = Path(world["storage"], "warmup.gs_ray", "progress.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in progress]
+    assert steps == list(range(4, warmup["steps"] + 1, 4))
 
 
 def test_warmup_adapter_loads_with_plain_peft_and_has_learned(world, warmup, ray_session):

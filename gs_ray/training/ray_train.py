@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,8 @@ _STATE_FILE = "train_state.json"  # per job, in the run's checkpoint: <job>/trai
 _RUN_FILE = "run.json"  # the run's jobs, in its checkpoint
 _EVENT_TIMES = ("start", "end", "crashed", "failed")
 _ATTEMPTS_LOG = "attempts.jsonl"
+_PROGRESS_LOG = "progress.jsonl"  # rank 0's step lines, which the driver relays to its console
+PROGRESS_EVERY_S = 15.0  # the driver relays at most one progress line per run this often
 _ADAPTER_DIR = "adapter"
 
 
@@ -381,11 +384,19 @@ def _run_group(
         else (f"{len(jobs)} adapters one after another: {', '.join(j.name for j in jobs)}")
     )
     log.info("%s: Ray Train run starting (%s)", name, what)
+    (markers / _PROGRESS_LOG).write_text("")
+    relay = ProgressRelay(markers / _PROGRESS_LOG)
+    stop = threading.Event()
+    watcher = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    watcher.start()
     try:
         result = trainer.fit()
         error = result.error  # Train V2 raises, but check anyway
     except Exception as e:  # TrainingFailedError after the retries, or a controller error
         result, error = None, e
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
     end = time.time()
     events = _read_events(markers / _ATTEMPTS_LOG)
     checkpoint = result.checkpoint if result is not None else None
@@ -431,6 +442,36 @@ def _run_group(
                 )
             records[job.name] = record
     return records
+
+
+class ProgressRelay:
+    """The driver's progress lines of a run: the workers' step lines (rank 0 appends them to the
+    run's ``progress.jsonl``) are logged here, the newest at most every ``every`` seconds, so
+    that a long training shows on the console (where only the driver's lines go) as it goes."""
+
+    def __init__(self, path: Path, every: float = PROGRESS_EVERY_S):
+        self.path, self.every, self.offset = path, every, 0
+
+    def poll(self) -> str | None:
+        """The newest step line written since the last poll, as a console line (None: none)."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return None
+        end = chunk.rfind(b"\n") + 1  # whole lines only: a line may be half written
+        if not end:
+            return None
+        self.offset += end
+        last = json.loads(chunk[:end].splitlines()[-1])
+        return f"{last['job']}: step {last['step']}/{last['planned']} loss {last['loss']:.4f}"
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.every):
+            line = self.poll()
+            if line:
+                log.info(line)
 
 
 def _why(attempt: dict[str, Any]) -> str:
@@ -616,6 +657,19 @@ def _train_job(
         losses.append(_mean_over_ranks(loss, device, world))
         if rank == 0 and len(losses) % max(1, train_cfg.log_every) == 0:
             log.info("%s: step %d/%d loss %.4f", job.name, len(losses), planned, losses[-1])
+            with (markers / _PROGRESS_LOG).open("a") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "job": job.name,
+                            "step": len(losses),
+                            "planned": planned,
+                            "loss": losses[-1],
+                            "t": time.time(),
+                        }
+                    )
+                    + "\n"
+                )
         if rank == 0 and len(losses) == job.fail_once_at_step:
             _crash_once(markers, job.name, len(losses), attempt)
 
