@@ -35,8 +35,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -> dict:
-    """One Stage II run; returns per-pass figures of the online epoch and the final pass."""
+def measure(
+    prepared,
+    cfg,
+    workers: int,
+    transport: str,
+    checkpoint_dir: Path,
+    k: int | None = None,
+    checkpoints: bool = False,
+) -> dict:
+    """One Stage II run; returns per-pass figures of the online epoch and the final pass.
+    ``k``: K fixed (None: chosen as configured); ``checkpoints``: the default checkpoint
+    interval (else none mid-pass, a pure timing run)."""
     from gs_ray.config import Config
     from gs_ray.stage2 import Stage2Plan, run_stage2_ray
 
@@ -44,7 +54,10 @@ def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -
     c.stage2.num_workers = workers
     c.stage2.transport = transport
     c.stage2.cpus_per_worker = min(1.0, 2 / workers)  # 3 collective ranks share 2 cores
-    c.stage2.checkpoint_every = 10_000  # no mid-pass checkpoints in a timing run
+    if not checkpoints:
+        c.stage2.checkpoint_every = 10_000  # no mid-pass checkpoints in a timing run
+    if k is not None:
+        c.clustering.n_clusters = k
     p = prepared
     plan = Stage2Plan.build(p.lengths, p.splits, c)
     start = time.perf_counter()
@@ -60,10 +73,13 @@ def measure(prepared, cfg, workers: int, transport: str, checkpoint_dir: Path) -
             "seconds": ps["seconds"],
             "samples_per_s": ps["samples"] / ps["seconds"],
             "centroid_busy_fraction": ps["centroid_busy_seconds"] / ps["seconds"],
+            "checkpoint_fraction": ps.get("centroid_checkpoint_seconds", 0.0) / ps["seconds"],
+            "batches": -(-ps["samples"] // c.clustering.batch_size),
             "bytes_per_sample": ps["bytes_in"] / ps["samples"],
         }
     return {
         "workers": workers,
+        "k": out.clusterer.n_clusters_,
         "transport": transport,
         "total_seconds": total,
         "labels": out.labels,
@@ -145,6 +161,125 @@ def collective_step_cost(dim: int, k: int = 7, workers: int = 2, steps: int = 4)
     }
 
 
+# ---------------------------------------------------- busy share: the real actor, synthetic workers
+
+
+class SyntheticComputer:
+    """A model-free stand-in for ``GradientComputer``: planted gradient rows (K centres plus
+    noise, the same centres on every worker) after a fixed compute time per batch, slept (a
+    GPU's time: it takes no CPU from the centroid actor)."""
+
+    nonfinite = "fail"
+
+    def __init__(self, dim: int, k: int, compute_s: float, seed: int, batch: int = 32):
+        import numpy as np
+
+        means = planted_means(dim, k)
+        rng = np.random.default_rng(seed)
+        self.pool = [
+            (means[rng.integers(0, k, batch)] + 2 * rng.standard_normal((batch, dim))).astype(
+                np.float32
+            )
+            for _ in range(4)
+        ]
+        self.compute_s, self.calls = compute_s, 0
+
+    def __call__(self, pairs: list):
+        self.calls += 1
+        time.sleep(self.compute_s)
+        return self.pool[pairs[0][0] % len(self.pool)][: len(pairs)]
+
+    def layout(self) -> dict:
+        return {}
+
+
+def planted_means(dim: int, k: int):
+    import numpy as np
+
+    return np.random.default_rng(12345).standard_normal((k, dim)).astype(np.float32)
+
+
+def synthetic_classes():
+    """(worker, host) classes for the synthetic pass: the real ``GradientWorker`` (both
+    transports' worker side) around a ``SyntheticComputer``, and the real ``CentroidHost``
+    with K planted centroids in place of the validation pass."""
+    import threading
+
+    from gs_ray.stage2.host import CentroidHost
+    from gs_ray.stage2.worker import GradientWorker
+
+    class SyntheticWorker(GradientWorker):
+        def __init__(self, dim: int, k: int, compute_s: float, seed: int):
+            self.computer = SyntheticComputer(dim, k, compute_s, seed)
+            self.faults, self.marker_dir, self.busy_seconds = [], "", 0.0
+            self.model_lock = threading.Lock()
+            self._init_partial_sums(reconstructed=False)
+
+    class PlantedHost(CentroidHost):
+        def plant(self, dim: int, k: int) -> None:
+            c = self.clusterer
+            c.n_clusters_, c.cluster_centers_ = k, planted_means(dim, k)
+            c._reset_online_state(dim)
+
+    return SyntheticWorker, PlantedHost
+
+
+def synthetic_busy(
+    dim: int, k: int, workers: int, transport: str, compute_s: float, batches: int
+) -> dict:
+    """The online pass of ``batches`` batches of 32 through the real centroid actor and the
+    transport's real calls, from ``workers`` synthetic gradient workers (Ray must be up):
+    the share of the pass's wall time the centroid actor is busy, and its time per batch."""
+    from collections import deque
+
+    import numpy as np
+    import ray
+
+    from gs_ray.core.clustering import GradientSpaceClustering
+    from gs_ray.stage2.plan import ONLINE
+    from gs_ray.stage2.transports import TRANSPORTS, make_transport
+    from gs_ray.stage2.worker import worker_actor_class
+
+    worker_cls, host_cls = synthetic_classes()
+    tr = make_transport(transport)
+    Worker = worker_actor_class(worker_cls).options(num_cpus=0)
+    ws = [Worker.remote(dim, k, compute_s, seed) for seed in range(workers)]
+    est = GradientSpaceClustering(n_clusters=k, cache=TRANSPORTS[transport].cache)
+    host = ray.remote(host_cls).options(num_cpus=0).remote(est, 32 * batches, tr.host_helper(ws))
+    try:
+        ray.get([host.plant.remote(dim, k), *[w.stats.remote() for w in ws]])
+        tr.start_phase(ONLINE, host)
+        window: deque = deque()
+        start = time.perf_counter()
+        for t in range(batches):
+            idx = np.arange(32 * t, 32 * (t + 1))
+            pairs, ids = [(t, j) for j in range(32)], [f"{t}-{j}" for j in range(32)]
+            window.append(tr.submit((ONLINE, 0, t), t, idx, ids, pairs, ws[t % workers], host))
+            while len(window) > 2 * workers:  # stage2.max_in_flight = 2
+                ray.get(window.popleft())
+        while window:
+            ray.get(window.popleft())
+        wall = time.perf_counter() - start
+        busy = ray.get(host.status.remote())["busy_seconds"]
+    finally:
+        for actor in [*ws, host]:
+            ray.kill(actor)
+    return {
+        "dim": dim,
+        "k": k,
+        "workers": workers,
+        "transport": transport,
+        "compute_s_per_batch": compute_s,
+        "batches": batches,
+        "seconds": wall,
+        "ideal_seconds": batches * compute_s / workers,
+        "centroid_busy_fraction": busy / wall,
+        "centroid_ms_per_batch": 1e3 * busy / batches,
+        # the per-batch compute time below which this actor would be busy more than 5%
+        "break_even_compute_s_at_5pct": busy / batches * workers / 0.05,
+    }
+
+
 def actor_update_cost(
     dim: int, k: int = 7, batch: int = 32, alpha: int = 5, steps: int = 12
 ) -> dict:
@@ -205,6 +340,26 @@ def main(argv: list[str] | None = None) -> dict:
         help="the model-free parts at small d (65,536 collective, 4,096 host): seconds",
     )
     parser.add_argument(
+        "--busy-ks",
+        default="2,4,8,16",
+        help="K values of the busy-share sweep (2 workers, real passes with the default "
+        "checkpoint interval, and the synthetic passes); empty: no sweep",
+    )
+    parser.add_argument(
+        "--synthetic-workers",
+        default="2,8",
+        help="worker counts of the synthetic passes (real centroid actor, model-free workers)",
+    )
+    parser.add_argument(
+        "--synthetic-compute-s",
+        type=float,
+        default=None,
+        help="compute time per batch of 32 of a synthetic worker (default: the 1-worker exact "
+        "pass's, measured here; 0.37 s with --only-synthetic, as measured on the 2-core CPU)",
+    )
+    parser.add_argument("--synthetic-batches", type=int, default=48)
+    parser.add_argument("--synthetic-dim", type=int, default=65_536)
+    parser.add_argument(
         "--actor-dim",
         type=int,
         default=1_000_000,
@@ -225,8 +380,19 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging("WARNING")
     if args.smoke:
         args.only_synthetic, args.collective_dim, args.actor_dim = True, 65_536, 4_096
+        args.busy_ks, args.synthetic_workers, args.synthetic_dim = "2,16", "2,8", 4_096
+        args.synthetic_batches, args.synthetic_compute_s = 8, 0.02
     if args.only_synthetic:
-        return synthetic(args, {})
+        start_local_ray(num_cpus=2, log_to_driver=False)
+        try:
+            report = synthetic(args, {})
+        finally:
+            ray.shutdown()
+        if args.json:
+            from gs_ray.io import write_json
+
+            write_json(Path(args.json), report)
+        return report
     tmp = Path(tempfile.mkdtemp(prefix="gsr-bench-"))
     cfg = Config()
     cfg.data.demo_size = args.samples
@@ -235,13 +401,22 @@ def main(argv: list[str] | None = None) -> dict:
     prepared = prepare(cfg, base_model=base_model_for)
     warmup_local(prepared)
     start_local_ray(num_cpus=2, log_to_driver=False)  # loopback only, reaped with us
-    results = []
+    results, sweep = [], []
     try:
         for transport in args.transports.split(","):
             for workers in (1, 2, 3) if transport == "collective" else (1, 2):
                 results.append(
                     measure(prepared, cfg, workers, transport, tmp / f"ckpt-{transport}-{workers}")
                 )
+        for k in [int(k) for k in args.busy_ks.split(",") if k]:
+            for transport in ("gradients", "partial_sums"):
+                run = measure(prepared, cfg, 2, transport, tmp / f"ckpt-k{k}-{transport}", k, True)
+                sweep.append({k_: v for k_, v in run.items() if k_ != "labels"})
+        exact1 = next(r for r in results if r["transport"] == "gradients" and r["workers"] == 1)
+        online1 = exact1["passes"]["online"]
+        if args.synthetic_compute_s is None:  # one worker's time per batch, as measured here
+            args.synthetic_compute_s = online1["seconds"] / online1["batches"]
+        report = synthetic(args, {})
     finally:
         ray.shutdown()
 
@@ -302,21 +477,79 @@ def main(argv: list[str] | None = None) -> dict:
                 f"collective {w} worker(s), per step: compute {1e3 * st['compute']:.1f} ms, "
                 f"collective {1e3 * st['collective']:.1f} ms, update {1e3 * st['update']:.1f} ms"
             )
+    if sweep:
+        print(
+            "\nbusy share of the centroid actor against K (2 workers, real passes, checkpoints "
+            "every stage2.checkpoint_every batches)"
+        )
+        print(
+            f"{'transport':<13}{'K':>4}{'online s':>10}{'busy %':>8}{'ckpt %':>8}{'ms/batch':>10}"
+        )
+        for r in sweep:
+            ps = r["passes"]["online"]
+            print(
+                f"{r['transport']:<13}{r['k']:>4}{ps['seconds']:>10.1f}"
+                f"{100 * ps['centroid_busy_fraction']:>8.2f}{100 * ps['checkpoint_fraction']:>8.2f}"
+                f"{1e3 * ps['centroid_busy_fraction'] * ps['seconds'] / ps['batches']:>10.1f}"
+            )
+        summary["busy_against_k"] = [
+            {
+                "transport": r["transport"],
+                "k": r["k"],
+                "workers": 2,
+                "centroid_busy_fraction": r["passes"]["online"]["centroid_busy_fraction"],
+                "checkpoint_fraction": r["passes"]["online"]["checkpoint_fraction"],
+            }
+            for r in sweep
+        ]
     report = {
+        **report,
         **summary,
         "runs": [{k: v for k, v in r.items() if k != "labels"} for r in results],
+        "sweep_runs": sweep,
         "samples": len(prepared.samples),
     }
-    return synthetic(args, report)
+    if args.json:
+        from gs_ray.io import write_json
+
+        write_json(Path(args.json), report)
+    return report
 
 
 def synthetic(args, report: dict) -> dict:
-    """The model-free parts: centroid-host work per batch, the collective step at the 7B d."""
+    """The model-free parts: the real centroid actor fed by synthetic workers (busy share
+    against K and workers), centroid-host work per batch, the collective step at the 7B d."""
     import platform as _platform
 
     from gs_ray.rundir import versions
 
     summary = report
+    compute_s = 0.37 if args.synthetic_compute_s is None else args.synthetic_compute_s
+    rows = []
+    for workers in [int(w) for w in args.synthetic_workers.split(",") if w]:
+        for k in [int(k) for k in args.busy_ks.split(",") if k]:
+            for transport in ("gradients", "partial_sums"):
+                rows.append(
+                    synthetic_busy(
+                        args.synthetic_dim, k, workers, transport, compute_s, args.synthetic_batches
+                    )
+                )
+    if rows:
+        print(
+            f"\nsynthetic workers (compute {1e3 * compute_s:.0f} ms per batch of 32, slept), "
+            f"real centroid actor, d={args.synthetic_dim:,}, {args.synthetic_batches} batches"
+        )
+        print(
+            f"{'transport':<13}{'workers':>8}{'K':>4}{'s':>8}{'ideal s':>9}{'busy %':>8}"
+            f"{'ms/batch':>10}{'5% needs compute >= s':>23}"
+        )
+        for r in rows:
+            print(
+                f"{r['transport']:<13}{r['workers']:>8}{r['k']:>4}{r['seconds']:>8.2f}"
+                f"{r['ideal_seconds']:>9.2f}{100 * r['centroid_busy_fraction']:>8.2f}"
+                f"{r['centroid_ms_per_batch']:>10.1f}{r['break_even_compute_s_at_5pct']:>23.3f}"
+            )
+    summary["synthetic_busy"] = rows
     cost = actor_update_cost(args.actor_dim)
     per_elem = {c: 1e9 * v / args.actor_dim for c, v in cost.items()}
     print(
@@ -349,10 +582,6 @@ def synthetic(args, report: dict) -> dict:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "versions": versions(),
     }
-    if args.json:
-        from gs_ray.io import write_json
-
-        write_json(Path(args.json), report)
     return report
 
 

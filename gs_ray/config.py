@@ -376,6 +376,14 @@ class Stage2Config:
     cpus_per_worker: float = _f(1, "CPUs per gradient worker (CPU clusters)", gt=0)
     max_in_flight: int = _f(2, "gradient batches in flight per worker (backpressure)", ge=1)
     checkpoint_every: int = _f(20, "centroid-actor checkpoint interval, in batches", ge=1)
+    checkpoint_max_share: float = _f(
+        0.05,
+        "the share of a pass that periodic checkpoints may take: one is skipped while the "
+        "time since the last is under its write time / share (1: every checkpoint_every "
+        "batches; phase ends are always saved)",
+        gt=0,
+        le=1,
+    )
     transport: Transport = _f(
         "gradients",
         "gradients (exact) | partial_sums (workers assign, send sums) | collective (replicated "

@@ -120,6 +120,7 @@ _HOW_STAGE2 = (
     "cpus_per_worker",
     "max_in_flight",
     "checkpoint_every",
+    "checkpoint_max_share",
     "worker_resource",
     "prefer_node_label",
 )

@@ -183,6 +183,58 @@ def test_running_sum_stays_exact_over_many_wraps():
             np.testing.assert_allclose(est.cache_mean(k), exact, atol=1e-6)
 
 
+def _plain_online_update(centers, batches, cap, beta):
+    """The online update written plainly: one FIFO list per cluster, its mean recomputed from
+    the rows, the EMA one cluster at a time (the reference for the host's fast path)."""
+    C = np.array(centers, dtype=np.float32)
+    fifos: list[list[np.ndarray]] = [[] for _ in C]
+    labels = []
+    for G in batches:
+        norms = np.linalg.norm(G, axis=1)
+        Xn = G / np.where(norms > 1e-12, norms, 1.0)[:, None]
+        cn = np.linalg.norm(C, axis=1)
+        lab = np.argmax((Xn @ C.T) / np.where(cn > 1e-12, cn, 1.0), axis=1)
+        for x, k, n in zip(Xn, lab, norms):
+            if n > 1e-12:
+                fifos[k] = (fifos[k] + [x])[-cap:]
+        for k, rows in enumerate(fifos):
+            if rows:
+                mean = np.asarray(rows, np.float64).mean(0)
+                C[k] = (beta * C[k].astype(np.float64) + (1 - beta) * mean).astype(np.float32)
+        labels.append(lab)
+    return C, np.concatenate(labels)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_online_update_equals_the_plain_fifo_and_ema(k):
+    # Uneven batches (some larger than a cache: everything before the last cap rows is
+    # evicted at once), zero rows, many wraps of every ring, K = 1 to 7.
+    rng = np.random.default_rng(k)
+    d, alpha, batch_size = 24, 2, 4
+    means = rng.standard_normal((k, d))
+    centers = (means + 0.3 * rng.standard_normal((k, d))).astype(np.float32)
+    batches = []
+    for t in range(120):
+        m = [1, 4, 9, 3][t % 4]
+        G = means[rng.integers(0, k, m)] + 0.8 * rng.standard_normal((m, d))
+        if t % 11 == 5:
+            G[0] = 0.0
+        batches.append(G.astype(np.float32))
+    est = _hand_est(centers.tolist(), alpha=alpha, batch_size=batch_size)
+    labels = []
+    for G in batches:
+        est.partial_fit(G)
+        labels.append(est.last_labels_)
+    ref_centers, ref_labels = _plain_online_update(centers, batches, alpha * batch_size, est.beta)
+    np.testing.assert_array_equal(np.concatenate(labels), ref_labels)
+    np.testing.assert_allclose(est.cluster_centers_, ref_centers, rtol=1e-5, atol=1e-6)
+    for c in range(k):  # the running sums are the cached rows' sums
+        n = est.cache_count_[c]
+        np.testing.assert_allclose(
+            est._cache_sum[c], est.cache_[c, :n].astype(np.float64).sum(0), atol=1e-9
+        )
+
+
 def test_end_epoch_convergence_is_the_share_of_changed_assignments():
     # beta = 0: the centroids jump to the cache means, so the hand computation is exact.
     est = _hand_est([[1, 0], [0, 1]], beta=0.0)

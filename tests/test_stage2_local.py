@@ -163,3 +163,27 @@ def test_run_stage_context_marks_done_only_on_success(tmp_path):
     assert not run.stage_done("stage2")
     run.invalidate("warmup")
     assert not run.stage_done("warmup")
+
+
+def test_periodic_checkpoints_keep_to_their_share_of_the_time(tmp_path, monkeypatch):
+    """stage2.checkpoint_max_share: a periodic checkpoint is skipped until the time since the
+    last one is at least its write time * (1 / share - 1); phase-end ones are always written;
+    share 1 writes every one (the old behaviour)."""
+    import gs_ray.stage2.host as host_module
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(host_module.time, "monotonic", lambda: clock["now"])
+    G, _ = planted(n=64)
+    host = CentroidHost(make_clusterer(config()), len(G), checkpoint_max_share=0.05)
+    assert host.save_checkpoint(tmp_path, periodic=True)  # the first: always
+    took = host._last_checkpoint[1]
+    assert took > 0 and host.status()["checkpoint_seconds"] == pytest.approx(took)
+    clock["now"] += took * 19 - 0.01  # (1 / 0.05 - 1) * took, minus a little
+    assert host.save_checkpoint(tmp_path, periodic=True) is None
+    assert host.status()["checkpoints_skipped"] == 1
+    assert host.save_checkpoint(tmp_path)  # a phase end: written whatever the budget
+    clock["now"] += host._last_checkpoint[1] * 19  # the budget counts from the newest
+    assert host.save_checkpoint(tmp_path, periodic=True)
+    every = CentroidHost(make_clusterer(config()), len(G), checkpoint_max_share=1.0)
+    assert all(every.save_checkpoint(tmp_path / "b", periodic=True) for _ in range(3))
+    assert every.status()["checkpoints_skipped"] == 0

@@ -42,11 +42,19 @@ def test_round_trip_keeps_types_keys_and_arrays(tmp_path):
         "nested": [{"k": np.float64(0.5), "n": np.int32(7), "b": np.bool_(True)}, None, "s"],
         "__array__": "a user key that looks like a tag",
         "ledger": [deque([(3, 7), (4, 1)]), deque(maxlen=5)],
+        "scalar": np.array(2.5, dtype=np.float16),
+        "empty": np.zeros((0, 3), dtype=np.int32),
+        "strided": np.arange(12.0).reshape(3, 4)[:, ::2],
+        "big_endian": np.arange(3, dtype=">i4"),
     }
-    save_state(tmp_path, "s", state)
-    back = load_state(tmp_path, "s")
     want = {**state, "nested": [{"k": 0.5, "n": 7, "b": True}, None, "s"], "inf": float("-inf")}
-    assert _equal(want, back), back
+    save_state(tmp_path, "s", {"other": np.ones(1000)})  # a larger state first: its file is
+    save_state(tmp_path, "s", {"other": np.ones(3)})  # overwritten two saves later, shorter
+    for _ in range(2):  # saves alternate between the two array files
+        save_state(tmp_path, "s", state)
+        back = load_state(tmp_path, "s")
+        assert _equal(want, back), back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.0.bin", "s.1.bin", "s.json"]
     assert load_state(tmp_path, "absent") is None
 
 
@@ -91,8 +99,10 @@ def test_crafted_files_are_refused_and_pickles_never_loaded(tmp_path, caplog):
     host = CentroidHost(GradientSpaceClustering(n_clusters=2), 10)
     assert not host.load_checkpoint(tmp_path)
     assert "not loaded" in caplog.text
-    # an .npz holding an object array (pickled inside): refused with the file named
-    save_state(tmp_path, "s", {"a": np.zeros(2)})
+    # an older gs-ray's format (arrays in an .npz) holding an object array (pickled inside):
+    # refused with the file named
+    legacy = {"format": "gs-ray state 1", "state": {"a": {"__array__": "a0"}}}
+    (tmp_path / "s.json").write_text(json.dumps(legacy))
     np.save(tmp_path / "obj.npy", np.array([_Boom()], dtype=object), allow_pickle=True)
     import zipfile
 
@@ -100,6 +110,22 @@ def test_crafted_files_are_refused_and_pickles_never_loaded(tmp_path, caplog):
         z.write(tmp_path / "obj.npy", "a0.npy")
     with pytest.raises(StateFileError, match=r"s\.npz: cannot be read without pickle"):
         load_state(tmp_path, "s")
+    # today's format: an index entry that names an object dtype, or bytes beyond the file
+    save_state(tmp_path, "r", {"a": np.arange(4.0)})
+    doc = json.loads((tmp_path / "r.json").read_text())
+    for entry, message in (
+        ({"dtype": "|O", "shape": [1], "offset": 0}, "cannot be read without pickle"),
+        ({"dtype": "<f8", "shape": [5], "offset": 0}, "lies outside the file"),
+        ({"dtype": "<f8", "shape": "x", "offset": 0}, "bad entry"),
+    ):
+        doc["arrays"]["a0"] = entry
+        (tmp_path / "r.json").write_text(json.dumps(doc))
+        with pytest.raises(StateFileError, match=rf"r\.0\.bin: array 'a0'.*{message}"):
+            load_state(tmp_path, "r")
+    doc["bin"] = "../../etc/passwd"
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    with pytest.raises(StateFileError, match=r"r\.json: 'bin' must name r\.0\.bin or r\.1\.bin"):
+        load_state(tmp_path, "r")
     import os
 
     assert not os.path.exists(marker)

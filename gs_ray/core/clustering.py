@@ -189,17 +189,26 @@ def unit_rows(X: np.ndarray, eps: float = _EPS) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=-1, keepdims=True), eps)
 
 
+def row_norms(X: np.ndarray) -> np.ndarray:
+    """``np.linalg.norm(X, axis=1)`` of a real 2-D array, the same bits, one temporary fewer
+    (the centroid host computes it for every batch and for the centroids after every update)."""
+    return np.sqrt(np.add.reduce(X * X, axis=1))
+
+
 def normalize_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unit-length rows (float32) and the original norms; zero rows stay zero."""
     X = np.asarray(X, dtype=np.float32)
-    norms = np.linalg.norm(X, axis=1)
+    norms = row_norms(X)
     safe = np.where(norms > _EPS, norms, 1.0)
     return X / safe[:, None], norms
 
 
-def cosine_assign(Xn: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """argmax_k cos(x, c_k) for unit rows Xn; ties go to the lowest k."""
-    cn = np.linalg.norm(centers, axis=1)
+def cosine_assign(
+    Xn: np.ndarray, centers: np.ndarray, center_norms: np.ndarray | None = None
+) -> np.ndarray:
+    """argmax_k cos(x, c_k) for unit rows Xn; ties go to the lowest k. ``center_norms``:
+    ``np.linalg.norm(centers, axis=1)`` when the caller already has it (a pass over (K, d))."""
+    cn = row_norms(centers) if center_norms is None else center_norms
     sims = (Xn @ centers.T) / np.where(cn > _EPS, cn, 1.0)[None, :]
     return np.argmax(sims, axis=1).astype(np.int64)
 
@@ -710,7 +719,12 @@ class GradientSpaceClustering:
         K, cap = self.n_clusters_, self.cache_size
         self.n_features_in_ = int(dim)
         if self.cache == "samples":
-            self.cache_ = np.zeros((K, cap, dim), dtype=np.float32)
+            # Committed now, not page by page as the first online epoch fills it: a first write
+            # to fresh memory cost 15x a later one here (0.6 s for 335 MB, K = 8 at d = 65,536),
+            # which made the first epoch's batches the centroid host's slowest; and a cache that
+            # does not fit fails when K is chosen, not in the middle of the online pass.
+            self.cache_ = np.empty((K, cap, dim), dtype=np.float32)
+            self.cache_.fill(0.0)
             self.cache_next_ = np.zeros(K, dtype=np.int64)  # ring position of the next write
         else:  # external: the FIFO of (batch step, row) entries per cluster
             self.ledger_: list[deque] = [deque() for _ in range(K)]
@@ -746,7 +760,8 @@ class GradientSpaceClustering:
         """FIFO, a batch's rows of cluster k at once, in their order: each row is written at the
         ring position, evicting the oldest entry when full; the running sum gains the rows
         that enter and loses those they evict, one pass over each (not three per row: at large
-        d that was the centroid host's largest per-batch cost), refreshed exactly on a wrap."""
+        d that was the centroid host's largest per-batch cost), and is summed afresh (exact)
+        when the ring wraps, instead."""
         cap, m = self.cache_size, len(rows)
         if m == 0:
             return
@@ -757,17 +772,17 @@ class GradientSpaceClustering:
             self.cache_[k, slots] = rows
             self._cache_sum[k] = rows.sum(0, dtype=np.float64)
             self.cache_count_[k] = cap
-        else:
-            slots = (pos + np.arange(m)) % cap
-            filled = slots if count == cap else slots[slots < count]  # slots that hold a row
-            if len(filled):
-                self._cache_sum[k] -= self.cache_[k, filled].sum(0, dtype=np.float64)
-            self.cache_[k, slots] = rows
+        elif pos + m >= cap:  # the ring wraps: write, then the running sum afresh (exact)
+            self.cache_[k, (pos + np.arange(m)) % cap] = rows
+            self.cache_count_[k] = n = min(cap, count + m)
+            self._cache_sum[k] = self.cache_[k, :n].sum(0, dtype=np.float64)
+        else:  # one slice of the ring: lose the rows it held, gain the new ones
+            end = min(pos + m, count)  # the slots [pos, end) hold a row (a full ring: all)
+            if end > pos:
+                self._cache_sum[k] -= self.cache_[k, pos:end].sum(0, dtype=np.float64)
+            self.cache_[k, pos : pos + m] = rows
             self._cache_sum[k] += rows.sum(0, dtype=np.float64)
             self.cache_count_[k] = min(cap, count + m)
-            if pos + m >= cap:  # wrapped: refresh the running sum exactly
-                n = int(self.cache_count_[k])
-                self._cache_sum[k] = self.cache_[k, :n].sum(0, dtype=np.float64)
         self.cache_next_[k] = (pos + m) % cap
 
     def cache_mean(self, k: int) -> np.ndarray | None:
@@ -783,13 +798,25 @@ class GradientSpaceClustering:
             raise ValueError(f"this update needs cache={cache!r}, the estimator has {self.cache!r}")
 
     def _ema(self, batch_size: int) -> None:
-        """c_k <- beta * c_k + (1 - beta) * mean(C_k) for every cluster with a non-empty cache."""
-        for k in range(self.n_clusters_):
-            mean = self.cache_mean(k)
-            if mean is not None:
-                self.cluster_centers_[k] = (
-                    self.beta * self.cluster_centers_[k] + (1 - self.beta) * mean
-                ).astype(np.float32)
+        """c_k <- beta * c_k + (1 - beta) * mean(C_k) for every cluster with a non-empty cache.
+
+        All clusters at once, in place: beta * c_k in float32, mean(C_k) and the sum in
+        float64, rounded to float32 once (per element the same operations, so the same bits, as
+        one cluster at a time; a pass over (K, d) each, with no (d,) temporaries per cluster)."""
+        live = self.cache_count_ > 0
+        if live.any():
+            c = self.cluster_centers_
+            if live.all():
+                mean = np.divide(self._cache_sum, self.cache_count_[:, None])
+                mean *= 1 - self.beta
+                mean += np.multiply(c, self.beta, dtype=np.float32)
+                c[...] = mean
+            else:
+                ks = np.flatnonzero(live)
+                mean = self._cache_sum[ks] / self.cache_count_[ks, None]
+                mean *= 1 - self.beta
+                mean += np.multiply(c[ks], self.beta, dtype=np.float32)
+                c[ks] = mean
         self.n_batches_seen_ += 1
         self.n_samples_seen_ += batch_size
 
@@ -799,11 +826,17 @@ class GradientSpaceClustering:
         The batch's labels (assigned before the update) are in ``last_labels_``.
         """
         self._check_online("samples")
-        G = check_gradients(G_batch, "partial_fit(G_batch)", self.n_features_in_)
+        G = np.asarray(G_batch)
+        if G.dtype != np.float32 or G.ndim != 2 or len(G) == 0:
+            G = check_gradients(G, "partial_fit(G_batch)", self.n_features_in_)
+        elif G.shape[1] != self.n_features_in_:
+            check_gradients(G, "partial_fit(G_batch)", self.n_features_in_)  # raises
         Xn, norms = normalize_rows(G)
+        if not np.isfinite(norms).all():  # a NaN or Inf anywhere in a row makes its norm one
+            check_gradients(G, "partial_fit(G_batch)", self.n_features_in_)  # names the rows
         labels = cosine_assign(Xn, self.cluster_centers_)
         nonzero = norms > _EPS
-        self._count(labels, nonzero, cosine_assign(Xn, self._epoch_start))
+        self._count(labels, nonzero, cosine_assign(Xn, self._epoch_start, self._epoch_start_norms))
         self.n_zero_gradients_ += int((~nonzero).sum())
         for k in np.unique(labels[nonzero]):
             self._push_rows(int(k), Xn[nonzero & (labels == k)])
@@ -812,6 +845,15 @@ class GradientSpaceClustering:
         return self
 
     # ------------------------------------------------------------------ external cache
+
+    @property
+    def _epoch_start_norms(self) -> np.ndarray:
+        """Norms of the epoch's starting centroids, computed once per epoch (not per batch)."""
+        known = getattr(self, "_start_norms", None)
+        if known is None or known[0] is not self._epoch_start:
+            known = (self._epoch_start, row_norms(self._epoch_start))
+            self._start_norms = known
+        return known[1]
 
     @property
     def epoch_start_centers(self) -> np.ndarray:
@@ -1040,9 +1082,11 @@ class GradientSpaceClustering:
         "structure_",
     )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything learned so far (arrays copied), for checkpoints."""
-        return {k: _copy(getattr(self, k)) for k in self._STATE if hasattr(self, k)}
+    def state_dict(self, copy: bool = True) -> dict[str, Any]:
+        """Everything learned so far, for checkpoints: copied, or (``copy=False``, to be
+        written out before the next update) the live objects, e.g. the cache itself."""
+        take = _copy if copy else (lambda v: v)
+        return {k: take(getattr(self, k)) for k in self._STATE if hasattr(self, k)}
 
     def load_state_dict(self, state: dict[str, Any]) -> GradientSpaceClustering:
         """Restore what ``state_dict`` returned."""

@@ -502,6 +502,7 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
         window: deque = deque()
         start = time.perf_counter()
         bytes_before, busy_before = status["bytes_in"], status["busy_seconds"]
+        ckpt_before = status["checkpoint_seconds"]
         if phase != VAL and not loaded:  # every replica starts from the host's state
             state = host.replica_state.remote()
             ray.get([w.load.remote(state) for w in workers])
@@ -558,6 +559,7 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
                 "wall_seconds": round(elapsed, 3),
                 "bytes_in": status["bytes_in"] - bytes_before,
                 "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
+                "centroid_checkpoint_seconds": round(status["checkpoint_seconds"] - ckpt_before, 4),
             }
         )
 

@@ -135,11 +135,13 @@ class ClusteringConsumer(GradientConsumer):
         if not hasattr(self.clusterer, "cluster_centers_"):
             self.clusterer.initialize(np.concatenate(self.val_grads_))
 
-    def state(self) -> dict[str, Any]:
+    def state(self, copy: bool = True) -> dict[str, Any]:
+        """``copy=False``: the live arrays, for a checkpoint written at once (no 0.7 GB copy
+        of a K = 16 exact cache before each write)."""
         return {
-            "clusterer": self.clusterer.state_dict(),
-            "labels": self.labels_.copy(),
-            "val_grads": [g.copy() for g in self.val_grads_],
+            "clusterer": self.clusterer.state_dict(copy),
+            "labels": self.labels_.copy() if copy else self.labels_,
+            "val_grads": [g.copy() for g in self.val_grads_] if copy else list(self.val_grads_),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:

@@ -135,7 +135,13 @@ def run_stage2_ray(
     host = (
         ray.remote(CentroidHost)
         .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
-        .remote(make_clusterer(cfg), len(samples), transport.host_helper(workers), list(consumers))
+        .remote(
+            make_clusterer(cfg),
+            len(samples),
+            transport.host_helper(workers),
+            list(consumers),
+            s2.checkpoint_max_share,
+        )
     )
     try:  # the actors go in every case: a failed pass must not hold the cluster's CPUs
         layout = ray.get(workers[0].layout.remote())
@@ -162,6 +168,8 @@ def run_stage2_ray(
             if phase == ONLINE and status["finished_online"]:
                 continue
             busy_before, bytes_before = status["busy_seconds"], status["bytes_in"]
+            ckpt_before = status["checkpoint_seconds"]
+            skipped_before = status["checkpoints_skipped"]
             bar = Progress(phase_label(phase, epoch), total=sum(len(b) for b in batches))
             window: deque = deque()
             applied_here = 0
@@ -178,7 +186,7 @@ def run_stage2_ray(
                 window.append((done, len(idx)))
                 applied_here += 1
                 if s2.checkpoint_every and applied_here % s2.checkpoint_every == 0:
-                    window.append((host.save_checkpoint.remote(str(checkpoint_dir)), 0))
+                    window.append((host.save_checkpoint.remote(str(checkpoint_dir), True), 0))
                 faults.maybe_die(driver_faults, "driver", phase, epoch, t, marker_dir)
                 while len(window) > limit:  # backpressure
                     _drain_one(window, bar)
@@ -199,6 +207,10 @@ def run_stage2_ray(
                     "seconds": round(elapsed, 3),
                     "samples": sum(len(b) for b in batches),
                     "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
+                    "centroid_checkpoint_seconds": round(
+                        status["checkpoint_seconds"] - ckpt_before, 4
+                    ),
+                    "checkpoints_skipped": status["checkpoints_skipped"] - skipped_before,
                     "bytes_in": status["bytes_in"] - bytes_before,
                 }
             )

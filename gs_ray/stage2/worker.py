@@ -75,11 +75,12 @@ def _was_reconstructed() -> bool:
         return False
 
 
-def worker_actor_class():
-    """GradientWorker as a Ray actor class with its two concurrency groups."""
+def worker_actor_class(base: type[GradientWorker] = GradientWorker):
+    """GradientWorker (or a subclass, e.g. a benchmark's model-free worker) as a Ray actor
+    class with its two concurrency groups."""
     import ray
 
-    cls = type("GradientWorker", (GradientWorker,), {})
+    cls = type(base.__name__, (base,), {})
     groups = {
         "gradients": "compute",
         "compute": "compute",
@@ -90,5 +91,5 @@ def worker_actor_class():
         "layout": "io",
     }
     for name, group in groups.items():
-        setattr(cls, name, ray.method(concurrency_group=group)(getattr(GradientWorker, name)))
+        setattr(cls, name, ray.method(concurrency_group=group)(getattr(base, name)))
     return ray.remote(concurrency_groups={"compute": 1, "io": 1})(cls)
