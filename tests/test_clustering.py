@@ -311,8 +311,31 @@ def test_bad_hyperparameters_are_rejected():
 
 
 def test_partial_fit_before_initialize_is_an_error():
-    with pytest.raises(RuntimeError, match="initialize"):
-        GradientSpaceClustering().partial_fit(np.ones((2, 3), np.float32))
+    from sklearn.exceptions import NotFittedError
+
+    for call in ("partial_fit", "predict"):
+        with pytest.raises(RuntimeError, match="initialize"):
+            getattr(GradientSpaceClustering(), call)(np.ones((2, 3), np.float32))
+        with pytest.raises(NotFittedError, match=f"before {call}"):  # scikit-learn's kind too
+            getattr(GradientSpaceClustering(), call)(np.ones((2, 3), np.float32))
+
+
+def test_the_clusterer_follows_scikit_learn_conventions():
+    """get_params / set_params / clone (a fresh, unfitted copy with the same settings),
+    check_is_fitted, and fit_predict equal to fit(...).labels_."""
+    from sklearn.base import clone
+    from sklearn.utils.validation import check_is_fitted
+
+    X, _ = planted(seed=3, d=300, sizes=(60, 60), noise=1.0)
+    est = GradientSpaceClustering(n_clusters=2, batch_size=16, max_epochs=2, alpha=3)
+    params = est.get_params()
+    assert params["n_clusters"] == 2 and params["alpha"] == 3 and params["cache"] == "samples"
+    labels = est.fit_predict(X)
+    check_is_fitted(est, "cluster_centers_")
+    twin = clone(est)
+    assert twin.get_params() == params and not hasattr(twin, "cluster_centers_")
+    np.testing.assert_array_equal(twin.fit(X).labels_, labels)  # same settings, same answer
+    assert twin.set_params(beta=0.5).beta == 0.5
 
 
 def test_state_dict_round_trip_continues_identically(data):

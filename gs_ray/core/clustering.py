@@ -87,9 +87,11 @@ from collections import deque
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.metrics import silhouette_score
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 _EPS = 1e-12
@@ -110,6 +112,11 @@ def _why(row: dict[str, Any] | None, est: GradientSpaceClustering) -> str:
         f"excess {row['excess']:.3f} = {row['z']:.1f} sd (clear at >= {est.null_margin:g} sd"
         f"{f' and >= {est.min_silhouette}' if est.min_silhouette > -1 else ''})"
     )
+
+
+class NotInitializedError(NotFittedError, RuntimeError):
+    """The clusterer has no centroids yet: ``initialize`` or ``fit`` first (scikit-learn's
+    NotFittedError, and the RuntimeError it always was)."""
 
 
 class DegenerateGradientsError(ValueError):
@@ -251,7 +258,7 @@ def gram_svd(X: np.ndarray, n_components: int | None = None):
     return U, s, Vt
 
 
-class GradientSpaceClustering:
+class GradientSpaceClustering(ClusterMixin, BaseEstimator):
     """Online SVD-initialised clustering of gradients (see module docstring).
 
     Parameters
@@ -321,6 +328,12 @@ class GradientSpaceClustering:
         self.min_silhouette = min_silhouette
         self.null_draws = null_draws
         self.null_margin = null_margin
+
+    def _require_centroids(self, what: str) -> None:
+        try:
+            check_is_fitted(self, "cluster_centers_")
+        except NotFittedError:
+            raise NotInitializedError(f"call initialize(G_val) or fit(G) before {what}") from None
 
     def min_size(self, n: int) -> int:
         """m(n): the smallest cluster worth having among n rows."""
@@ -792,8 +805,7 @@ class GradientSpaceClustering:
         return self._cache_sum[k] / self.cache_count_[k]
 
     def _check_online(self, cache: str) -> None:
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("call initialize(G_val) before partial_fit")
+        self._require_centroids("partial_fit")
         if self.cache != cache:
             raise ValueError(f"this update needs cache={cache!r}, the estimator has {self.cache!r}")
 
@@ -977,8 +989,7 @@ class GradientSpaceClustering:
 
     def predict(self, G: np.ndarray) -> np.ndarray:
         """Final assignment: argmax_k cos(g, c_k); zero gradients go to cluster 0."""
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("call initialize(G_val) or fit(G) before predict")
+        self._require_centroids("predict")
         G = check_gradients(G, "predict(G)", self.cluster_centers_.shape[1])
         Xn, _ = normalize_rows(G)
         return cosine_assign(Xn, self.cluster_centers_)
@@ -1006,8 +1017,7 @@ class GradientSpaceClustering:
 
     def summary(self) -> dict[str, Any]:
         """Everything worth reporting about the fit, as plain JSON-able values (NaN -> None)."""
-        if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("call initialize(G_val) or fit(G) before summary")
+        self._require_centroids("summary")
         out = {
             "k": self.n_clusters_,
             "threshold": self.threshold_,
