@@ -14,6 +14,7 @@ Prints a table and the throughput ratios a/b (``speedup_vs_loop``) and a/c
 
     .venv/bin/python benchmarks/gradient_throughput.py --json benchmarks/results/gradient_tiny.json
     .venv/bin/python benchmarks/gradient_throughput.py --model smollm2-135m --batch 8 --repeats 1
+    .venv/bin/python benchmarks/gradient_throughput.py --smoke --json /tmp/g.json   # seconds
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from gs_ray.data import load_samples  # noqa: E402
 TARGET_VS_TRAIN_STEP = 0.8  # a/c: per-sample gradients cost at most 1.25x a training step
 TARGET_VS_LOOP = 1.0  # a/b: never slower than the batch-1 loop
 B_STD = 0.02  # scale of the random LoRA B matrices (a fresh adapter has B = 0)
+SMOKE = {"batch": 4, "micro_batch": 2, "repeats": 1, "device": "cpu"}  # --smoke (the suite's)
 
 
 def parse_args(argv=None):
@@ -69,7 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="model, LoRA, sample choice")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results to this file")
-    return p.parse_args(argv)
+    p.add_argument("--smoke", action="store_true", help=f"tiny sizes, seconds: {SMOKE}")
+    args = p.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+    return args
 
 
 def stratified_by_length(lengths: np.ndarray, k: int, seed: int) -> np.ndarray:

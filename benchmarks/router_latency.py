@@ -1,22 +1,27 @@
 """The router at batch 1: latency and agreement with the gradient clusters, per variant.
 
-For a finished run, each variant of the served router (float or int8 encoder, int8 with the FFN
-output layers kept float, ``router.max_length`` as trained or shorter; ``router.kind: tfidf``
-fitted on the same training prompts) routes prompts its head never trained on (the run's
-``test`` split and the router's own hold-out, all clustered by their gradients in Stage II) and
-is scored by:
+For a finished run, each variant of the router (the encoder router: float or int8, int8 with the
+FFN output layers kept float, ``router.max_length`` as trained or shorter; and the TF-IDF router,
+``router.kind: tfidf``) routes prompts its head never trained on (the run's ``test`` split and
+the router stage's own hold-out) and is scored against the clusters the experts were trained on
+(Stage II's, ``stage2/assignments.jsonl``, with the routability step's merges). The run has one
+router of the two kinds; the other is fitted here as the router stage would fit it (same rows,
+seed and hold-out). Scores:
 
 * ``agreement_test`` / ``agreement_holdout`` / ``agreement_all``: share of prompts sent to the
-  cluster Stage II assigned them by gradient (``stage2/assignments.jsonl``), the router's own
-  measure of success, on the run's test prompts, on the training prompts the router stage held
-  out (``n_holdout`` in the router's metrics), and on both;
+  cluster they were assigned by gradient, the router's own measure of success, on the run's
+  test prompts, on the training prompts the router stage held out (``n_holdout`` in the
+  router's metrics), and on both;
 * ``agreement_with_float``: share routed as the float router with the trained max length routes;
 * ``p50_ms`` / ``p99_ms``: one prompt at a time on one torch thread (the router replica's share:
   ``serve.router_cpus`` 0.5 is one thread), tokenise + encode + head + argmax. The variants take
   turns prompt by prompt, so background load falls on all of them alike.
 
     python benchmarks/router_latency.py --run-dir runs/<run> --json benchmarks/results/router.json
-"""
+    python benchmarks/router_latency.py --run-dir runs/<run> --smoke --json /tmp/router.json
+
+``--smoke`` (seconds; the suite runs it on test_pipeline's run): 8 test and 8 holdout prompts,
+one pass, one shorter length (32)."""
 
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FFN_OUTPUT = r"layer\.\d+\.output\.dense"  # MiniLM's FFN output layers (1536 -> 384)
+SMOKE = {"max_prompts": 8, "max_lengths": "32", "repeats": 1}  # --smoke: 8 test + 8 holdout
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -36,53 +42,46 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def held_out_prompts(run_dir: str) -> dict[str, tuple[list[str], list[int]]]:
-    """Prompts the router's head never trained on, with their Stage II clusters: ``test`` (the
-    run's test split) and ``holdout`` (the training prompts ``routing.stage`` held out,
-    ``stratified_split`` with the run's seed). Rows without a cluster are left out."""
-    from gs_ray.core.models import load_tokenizer
-    from gs_ray.data import load_samples
-    from gs_ray.routing.router import stratified_split
-    from gs_ray.serving.pool import ServedRun
+def router_rows(run) -> dict[str, tuple[list[str], list[int]]]:
+    """The router stage's prompts and clusters, read from a finished run (nothing is written):
+    ``fit`` (the rows ``routing.stage`` fitted on: ``Prepared.fit_rows`` with a cluster), ``test``
+    (the run's test split) and ``holdout`` (the part of ``fit`` that the fit itself held out:
+    ``stratified_split`` with the run's seed). Clusters are those the experts and the router were
+    trained on: Stage II's, with the routability step's merges applied."""
+    import numpy as np
 
-    run = ServedRun.open(run_dir)
-    samples, _ = load_samples(run.cfg.data, load_tokenizer(run.base_path()), run.cfg.run.seed)
-    by_id = {s.id: s for s in samples}
-    rows = [r for r in run.run.assignments() if r["cluster"] is not None]
-    test = [r for r in rows if r["split"] == "test"]
-    train = [r for r in rows if r["split"] == "train"]  # in sample order, as the stage's
-    _, hold = stratified_split(
-        [r["cluster"] for r in train], run.cfg.router.holdout_fraction, run.cfg.run.seed
-    )
-    holdout = [train[i] for i in hold]
+    from gs_ray.core.models import load_tokenizer
+    from gs_ray.data import load_samples, make_splits
+    from gs_ray.prepare import Prepared
+    from gs_ray.routing.router import stratified_split
+
+    cfg, base_path = run.cfg, run.base_path()
+    tokenizer = load_tokenizer(base_path)
+    samples, _ = load_samples(cfg.data, tokenizer, cfg.run.seed)
+    splits = make_splits(len(samples), cfg.data, cfg.run.seed)
+    p = Prepared(run.run, cfg, base_path, tokenizer, samples, splits)  # no prepare(): read only
+    labels, _ = p.assignments()
+    fit = p.fit_rows()
+    fit = fit[labels[fit] >= 0]
+    _, hold = stratified_split(labels[fit], cfg.router.holdout_fraction, cfg.run.seed)
+    test = p.splits.test[labels[p.splits.test] >= 0]
     return {
-        name: ([by_id[r["id"]].prompt for r in part], [int(r["cluster"]) for r in part])
-        for name, part in (("test", test), ("holdout", holdout))
+        name: ([samples[i].prompt for i in rows], [int(labels[i]) for i in rows])
+        for name, rows in (("fit", fit), ("test", test), ("holdout", fit[np.sort(hold)]))
     }
 
 
-def tfidf_router(run_dir: str):
-    """``router.kind: tfidf`` fitted as the router stage fits a router: on the run's clustered
-    training prompts with its seed and ``holdout_fraction`` (so its hold-out is the same)."""
+def fit_other_kind(run, own, rows: dict[str, tuple[list[str], list[int]]]):
+    """The router of the kind the run does not have (``encoder`` for a TF-IDF run, ``tfidf`` for
+    an encoder run), fitted as the router stage fits one: on the same rows, with the run's
+    seed and ``holdout_fraction`` (so its hold-out is the same)."""
     import dataclasses
 
-    from gs_ray.core.models import load_tokenizer
-    from gs_ray.data import load_samples
-    from gs_ray.routing.router import TfidfRouter
-    from gs_ray.serving.pool import ServedRun
+    from gs_ray.routing.router import TfidfRouter, fit_router
 
-    run = ServedRun.open(run_dir)
-    samples, _ = load_samples(run.cfg.data, load_tokenizer(run.base_path()), run.cfg.run.seed)
-    by_id = {s.id: s for s in samples}
-    train = [r for r in run.run.assignments() if r["cluster"] is not None and r["split"] == "train"]
-    cfg = dataclasses.replace(run.cfg.router, kind="tfidf")
-    router, _ = TfidfRouter.fit(
-        [by_id[r["id"]].prompt for r in train],
-        [int(r["cluster"]) for r in train],
-        run.n_experts,
-        cfg,
-        run.cfg.run.seed,
-    )
+    kind = "encoder" if isinstance(own, TfidfRouter) else TfidfRouter.kind
+    cfg = dataclasses.replace(run.cfg.router, kind=kind)
+    router, _ = fit_router(*rows["fit"], run.n_experts, cfg, run.cfg.run.seed)
     return router
 
 
@@ -91,34 +90,45 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run-dir", required=True, help="a finished gs-ray run")
     parser.add_argument("--max-lengths", default="64,32", help="shorter encoder lengths to try")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes over the prompts")
+    parser.add_argument("--max-prompts", type=int, help="at most this many test and holdout each")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes: {SMOKE}")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+
+    import copy
 
     import numpy as np
     import torch
 
+    from gs_ray.routing.router import Router, TfidfRouter
     from gs_ray.serving.pool import ServedRun
 
     torch.set_num_threads(1)
     run = ServedRun.open(args.run_dir)
-    sets = held_out_prompts(args.run_dir)
+    rows = router_rows(run)
+    sets = {name: (p[: args.max_prompts], c[: args.max_prompts]) for name, (p, c) in rows.items()}
     prompts = sets["test"][0] + sets["holdout"][0]
     clusters = sets["test"][1] + sets["holdout"][1]
     n_test = len(sets["test"][0])
-    trained = run.router().max_length
+    own = run.router()
+    other = fit_other_kind(run, own, rows)
+    encoder, tfidf = (other, own) if isinstance(other, Router) else (own, other)
+    trained = encoder.max_length
     lengths = [trained] + [int(x) for x in args.max_lengths.split(",") if int(x) < trained]
-    variants = {}
+    variants: dict[str, Router | TfidfRouter] = {}
     for length in lengths:
         for kind in ("float", "int8", "int8-ffnout-float"):
             if kind == "int8-ffnout-float" and length != trained:
                 continue
-            router = run.router()
-            router.max_length = length  # before the encoder loads: it is loaded per length
+            # a fresh router per variant (its own head): the encoder is loaded per length
+            router = Router(copy.deepcopy(encoder.head), encoder.encoder_name, length)
             if kind != "float":
                 router.quantize(FFN_OUTPUT if kind == "int8-ffnout-float" else None)
             variants[f"{kind}@{length}"] = router
-    variants["tfidf"] = tfidf_router(args.run_dir)
-    tokens = [len(x) for x in run.router().encoder.tokenizer(prompts)["input_ids"]]
+    variants["tfidf"] = tfidf
+    tokens = [len(x) for x in variants[f"float@{trained}"].encoder.tokenizer(prompts)["input_ids"]]
     routes = {name: [] for name in variants}
     times = {name: [] for name in variants}
     for router in variants.values():  # warm-up
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     part = {"test": slice(0, n_test), "holdout": slice(n_test, None), "all": slice(None)}
     results = {
         "run": run.name,
+        "router_kind": "tfidf" if own is tfidf else "encoder",  # the run's; the other: fitted
+        "smoke": args.smoke,
         "n_test_prompts": n_test,
         "n_holdout_prompts": len(prompts) - n_test,
         "n_experts": run.n_experts,

@@ -23,10 +23,16 @@ test: nothing is asserted. Trailing ``-- --section.key value`` pairs override th
     PYTHONPATH=. .venv/bin/python benchmarks/selection_real.py --run-dir runs/data-mix \
         --out /tmp/selection-real --json benchmarks/results/selection_real.json
 
-A small smoke run (a tiny-llama run, cheap G-SNR):
+``--smoke`` (seconds; tests/test_benchmarks_smoke.py runs it): 2 steps, 6 target and 8 held-out
+records, GIST, LESS-style (256 dimensions) and random (G-SNR trains its members on Ray Train:
+give ``--methods`` to add it). Without ``--run-dir`` it needs neither a run nor the shared data:
+it first builds a tiny run here (120 demo records, a 1-layer tiny Llama with random weights, the
+warm-up in this process) and draws the target and held-out records from demo corpora of other
+seeds (``math``, written as ``{question, answer}`` JSONL like GSM8K's)::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/selection_real.py --run-dir RUN --steps 3 \
-        --n-target 6 --n-heldout 8 -- --gsnr.members 2 --gsnr.max_steps 3
+    .venv/bin/python benchmarks/selection_real.py --smoke --out /tmp/sr --json /tmp/sr.json
+    .venv/bin/python benchmarks/selection_real.py --smoke --run-dir RUN \
+        --methods gist,gsnr -- --gsnr.members 2 --gsnr.max_steps 3
 """
 
 from __future__ import annotations
@@ -51,18 +57,66 @@ import numpy as np  # noqa: E402
 from gs_ray.config import Config, MixSource, load_config  # noqa: E402
 from gs_ray.core.models import load_adapter, load_base_model, load_tokenizer  # noqa: E402
 from gs_ray.data import DataReport, Example, Sample, load_samples, read_examples  # noqa: E402
+from gs_ray.data.demo import build_demo_corpus  # noqa: E402
 from gs_ray.data.loading import tokenize  # noqa: E402
 from gs_ray.logs import setup_logging  # noqa: E402
+from gs_ray.prepare import prepare  # noqa: E402
 from gs_ray.rundir import WARMUP, RunDir, adapter_complete  # noqa: E402
 from gs_ray.selection.ranking import budget_count  # noqa: E402
 from gs_ray.selection.select import select  # noqa: E402
 from gs_ray.training.loop import TorchEngine, adapter_losses, train_adapter  # noqa: E402
 from gs_ray.training.pretrain import base_model_for  # noqa: E402
+from gs_ray.training.warmup import warmup_local  # noqa: E402
 
 REFERENCES = ("all", "none")  # the whole pool; the warm-up adapter alone
 # What a copy of a run needs for ``select(cfg, run_dir)``: its manifest and config, the warm-up
 # adapter and (tiny-llama) its base model; metrics.json is where select adds its figures.
 RUN_FILES = ("manifest.json", "config.yaml", "metrics.json", WARMUP, "base_model")
+METHODS = "gist,less,gsnr,random"
+DOMAIN = "gsm8k"
+TARGET_SOURCE = "../shared/data/math/gsm8k/train.jsonl"
+HELDOUT_SOURCE = "../shared/data/math/gsm8k/test.jsonl"
+# --smoke: tiny sizes; without --run-dir, a tiny demo run built here (random weights: seconds)
+SMOKE = {"steps": 2, "n_target": 6, "n_heldout": 8}
+SMOKE_METHODS = "gist,less,random"  # G-SNR trains its members on Ray Train: a minute here
+SMOKE_OVERRIDES = ["--selection.less_dim", "256"]
+SMOKE_RUN = [
+    "--data.demo_size",
+    "120",
+    "--model.tiny_hidden_size",
+    "32",
+    "--model.tiny_num_layers",
+    "1",
+    "--model.tiny_vocab_size",
+    "2048",
+    "--model.tiny_pretrain_steps",
+    "0",
+]
+SMOKE_DOMAIN = "math"
+
+
+def smoke_run(out: Path) -> tuple[Path, Path, Path]:
+    """For ``--smoke`` without a run: a tiny demo run with a warm-up adapter (in this process),
+    and target and held-out sources of ``SMOKE_DOMAIN`` records from demo corpora of other
+    seeds, as GSM8K-style ``{question, answer}`` JSONL. Returns (run, target, held-out)."""
+    cfg = load_config(None, [*SMOKE_RUN, "--run.output_dir", str(out), "--run.name", "smoke"])
+    p = prepare(cfg, None, base_model=base_model_for)
+    try:
+        warmup_local(p)
+    finally:
+        p.run.release_lock()
+    sources = []
+    for name, seed in (("target", 12345), ("heldout", 54321)):
+        rows = [r for r in build_demo_corpus(200, seed=seed) if r["domain"] == SMOKE_DOMAIN]
+        path = out / f"{name}-source.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps({"question": r["instruction"], "answer": r["output"]}) + "\n"
+                for r in rows
+            )
+        )
+        sources.append(path)
+    return p.run.path, sources[0], sources[1]
 
 
 def copy_run(source: Path, target: Path) -> RunDir:
@@ -178,17 +232,17 @@ def train_subset(
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run-dir", required=True, help="a finished run (config + warm-up adapter)")
-    ap.add_argument("--methods", default="gist,less,gsnr,random")
+    ap.add_argument("--run-dir", help="a finished run (config + warm-up adapter)")
+    ap.add_argument("--methods", help=f"default {METHODS} (smoke: {SMOKE_METHODS})")
     ap.add_argument("--budget", default="10%", help="a share (10%%) or a count (60)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps of every training")
     ap.add_argument("--batch-size", type=int, help="default: the run's experts.batch_size")
     ap.add_argument("--lr", type=float, help="default: the run's experts.lr")
-    ap.add_argument("--domain", default="gsm8k", help="the target's domain (as the mix names it)")
-    ap.add_argument("--target-source", default="../shared/data/math/gsm8k/train.jsonl")
-    ap.add_argument("--heldout-source", default="../shared/data/math/gsm8k/test.jsonl")
+    ap.add_argument("--domain", help=f"the target's domain as the mix names it ({DOMAIN})")
+    ap.add_argument("--target-source", help=f"default {TARGET_SOURCE}")
+    ap.add_argument("--heldout-source", help=f"default {HELDOUT_SOURCE}")
     ap.add_argument("--prompt", help="prompt template (default: the run's mix entry, {question})")
     ap.add_argument("--response", help="response template (default: the mix entry, {answer})")
     ap.add_argument("--n-target", type=int, default=24)
@@ -196,16 +250,32 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="draws the target and held-out records")
     ap.add_argument("--out", help="work folder (default: a new temporary folder)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (see above)")
     ap.add_argument("overrides", nargs="*", help="--section.key value pairs (after --)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not args.run_dir and not args.smoke:
+        ap.error("--run-dir is required (without it, only --smoke builds a tiny run)")
+    if args.smoke:
+        vars(args).update(SMOKE)
+        args.methods = args.methods or SMOKE_METHODS
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
     setup_logging("INFO")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or METHODS).split(",") if m.strip()]
     if set(methods) & set(REFERENCES):
         ap.error(f"--methods: {', '.join(REFERENCES)} are the references, always run")
     started = time.perf_counter()
 
     out = Path(args.out or tempfile.mkdtemp(prefix="selection-real-")).resolve()
-    source_run = Path(args.run_dir).resolve()
+    if args.run_dir:
+        source_run = Path(args.run_dir).resolve()
+        args.domain = args.domain or DOMAIN
+    else:  # --smoke alone: a tiny run and generated sources, no shared data needed
+        source_run, target_source, heldout_source = smoke_run(out / "source")
+        args.target_source = args.target_source or str(target_source)
+        args.heldout_source = args.heldout_source or str(heldout_source)
+        args.domain = args.domain or SMOKE_DOMAIN
+    args.target_source = args.target_source or TARGET_SOURCE
+    args.heldout_source = args.heldout_source or HELDOUT_SOURCE
     cfg = load_config(source_run / "config.yaml", args.overrides)
     if cfg.data.format == "messages":
         ap.error("data.format messages: the target would not be rendered as the held-out set")
@@ -350,6 +420,7 @@ def main() -> int:
             "heldout_truncated": held_report.truncated,
             "seed": args.seed,
             "overrides": args.overrides,
+            "smoke": args.smoke,
             "base_heldout_loss": base_loss,
             "eval_s": eval_s,
             "total_s": time.perf_counter() - started,

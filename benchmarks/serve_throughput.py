@@ -14,6 +14,7 @@ All three are greedy and give the same answers (checked). Reported: requests/s, 
 ratios b/a and b/c, and the router's time per prompt at batch 1 and in batches of ``--batch``.
 
     python benchmarks/serve_throughput.py --run-dir runs/<run> --json benchmarks/results/serve.json
+    python benchmarks/serve_throughput.py --run-dir runs/<run> --smoke   # seconds
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMOKE = {"requests": 9, "batch": 4, "max_new_tokens": 5}  # --smoke (the suite's): seconds
 
 
 def _timed(fn):
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny sizes, seconds: {SMOKE}")
     args = parser.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
 
     import torch
 

@@ -18,8 +18,7 @@ def _benchmark():
 
 def test_gradient_throughput_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--batch", "4", "--micro-batch", "2", "--repeats", "1", "--device", "cpu"]
-    result = _benchmark().main([*args, "--json", str(out)])
+    result = _benchmark().main(["--smoke", "--json", str(out)])  # batch 4, micro-batch 2, cpu
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     for key in (

@@ -210,6 +210,34 @@ def test_pipeline_stages_benchmark_smoke_on_this_run(job_run, tmp_path):
     assert set(report["stages_seconds"]) >= {"warmup", "stage2", "experts", "router"}
 
 
+def test_router_latency_benchmark_smoke_on_this_run(job_run, tmp_path):
+    """benchmarks/router_latency.py --smoke on the finished run: every variant of the encoder
+    router (fitted there: the run's router is TF-IDF) and the run's own router route the same
+    held-out prompts, scored against the clusters the router was trained on."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "router_latency.py"
+    spec = importlib.util.spec_from_file_location("router_latency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "router.json"
+    report = bench.main(["--run-dir", str(job_run["dir"]), "--smoke", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["router_kind"] == "tfidf" and report["n_experts"] == _k(_manifest(job_run["dir"]))
+    assert report["n_test_prompts"] == report["n_holdout_prompts"] == 8
+    assert set(report["variants"]) == {
+        "float@128",
+        "int8@128",
+        "int8-ffnout-float@128",
+        "float@32",
+        "int8@32",
+        "tfidf",
+    }
+    for v in report["variants"].values():
+        assert v["p50_ms"] > 0 and 0 <= v["agreement_all"] <= 1
+    assert report["variants"]["float@128"]["agreement_with_float"] == 1.0
+
+
 def test_resume_after_deleting_one_expert_retrains_only_that_expert(job_run):
     import shutil
 

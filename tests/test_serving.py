@@ -722,19 +722,7 @@ def test_serve_throughput_benchmark_runs(run_dir, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out_file = tmp_path / "serve.json"
-    argv = [
-        "--run-dir",
-        str(run_dir),
-        "--requests",
-        "9",
-        "--batch",
-        "4",
-        "--max-new-tokens",
-        "5",
-        "--json",
-        str(out_file),
-    ]
-    bench.main(argv)
+    bench.main(["--run-dir", str(run_dir), "--smoke", "--json", str(out_file)])  # 9 requests
     out = json.loads(out_file.read_text())
     assert out["identical_answers"] is True and out["requests"] == 9
     assert out["speedup_mixed_vs_one"] > 0 and out["speedup_mixed_vs_grouped"] > 0
@@ -1297,6 +1285,27 @@ def test_serve_abuse_benchmark_smoke(served, run_dir, tmp_path):
     for kind, counts in out["abusive_statuses"].items():
         assert set(counts) <= ABUSE_EXPECTED[kind], (kind, counts)
     assert json.loads((tmp_path / "abuse.json").read_text())["p99_ratio"] > 0
+
+
+@pytest.mark.ray
+def test_serve_latency_benchmark_smoke(served, run_dir, tmp_path):
+    """benchmarks/serve_latency.py --smoke against the running server (``--url``: no Ray of its
+    own): the router in process, completions at concurrency 1 and 8, streams and the ensemble,
+    all answered 200, and its JSON written."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import serve_latency
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out_file = tmp_path / "latency.json"
+    argv = ["--run-dir", str(run_dir), "--url", served, "--smoke", "--json", str(out_file)]
+    out = serve_latency.main(argv)
+    assert out["errors_5xx"] == 0 and out["non_200"] == 0, out
+    assert json.loads(out_file.read_text()) == json.loads(json.dumps(out))
+    for key in ("router_p50_ms", "completion_p50_ms_c8", "stream_first_chunk_p50_ms"):
+        assert out[key] > 0, key
+    assert 0 <= out["router_int8_agreement"] <= 1
+    assert out["ensemble_over_single_latency"] > 0 and out["requests"] == 4
 
 
 @pytest.mark.ray
