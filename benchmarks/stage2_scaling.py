@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging("WARNING")
     if args.smoke:
         args.only_synthetic, args.collective_dim, args.actor_dim = True, 65_536, 4_096
-        args.busy_ks, args.synthetic_workers, args.synthetic_dim = "2,16", "2,8", 4_096
+        args.busy_ks, args.synthetic_workers, args.synthetic_dim = "4", "2", 4_096
         args.synthetic_batches, args.synthetic_compute_s = 8, 0.02
     if args.only_synthetic:
         start_local_ray(num_cpus=2, log_to_driver=False)
