@@ -86,6 +86,13 @@ StageName = Literal[
 Routability = Literal["merge", "off"]
 Pack = Literal["auto", "off"]  # training.ray_train.pack_runs
 UseGpu = Literal["auto", "true", "false"]  # training.ray_train.resolve_use_gpu
+#: The tracking URIs gs-ray takes (tracking.mlflow, MLFLOW_TRACKING_URI), by scheme: a local file
+#: store (the ``tracking`` extra, mlflow-skinny), a database (the full ``mlflow`` package), a
+#: tracking server, Databricks; a URI with no scheme is a local folder, a file store.
+TrackingScheme = Literal[
+    "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks"
+]
+TRACKING_OFF = "off"  # tracking.mlflow: no tracking, even where MLFLOW_TRACKING_URI is set
 
 # A torch device as the config names it: auto, cpu, cuda or cuda:N.
 _DEVICE = r"auto|cpu|cuda(:\d+)?"
@@ -648,6 +655,22 @@ class SelectionConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking with MLflow (docs/tracking.md): the run as one MLflow run, a nested run
+    per stage and per adapter."""
+
+    mlflow: str | None = _f(
+        None,
+        "MLflow tracking URI: file:./mlruns (a local store), sqlite:///mlflow.db, "
+        "http(s)://host:5000, databricks; None: MLFLOW_TRACKING_URI if set, else no tracking; "
+        f"'{TRACKING_OFF}': no tracking",
+    )
+    experiment: str = _f(
+        "gs-ray", "MLflow experiment the run goes to (created if missing)", pattern=r"\S.*"
+    )
+
+
+@dataclass
 class RunConfig:
     """The run as a whole."""
 
@@ -690,6 +713,7 @@ class Config:
     spectra: SpectraConfig = field(default_factory=SpectraConfig)
     gsnr: GSNRConfig = field(default_factory=GSNRConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -861,11 +885,38 @@ def _check_relations(cfg: Config) -> None:
             f"serve.expert_replicas ({s.expert_replicas})"
         )
     _check_stream_consumers(cfg)
+    if cfg.tracking.mlflow not in (None, TRACKING_OFF):
+        check_tracking_uri(cfg.tracking.mlflow, "tracking.mlflow")
     m = cfg.model
     if m.name == "tiny-llama" and m.tiny_hidden_size % m.tiny_num_heads:
         raise ConfigError(
             f"model.tiny_hidden_size ({m.tiny_hidden_size}) must be a multiple of "
             f"model.tiny_num_heads ({m.tiny_num_heads})"
+        )
+
+
+def check_tracking_uri(uri: str, key: str) -> None:
+    """A tracking URI as MLflow takes it (``key`` names where it came from: tracking.mlflow or
+    MLFLOW_TRACKING_URI): a scheme of ``TrackingScheme`` or a local folder, and no password in
+    it (the config is kept in the run directory and logged; MLflow reads credentials from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)."""
+    from urllib.parse import urlsplit
+
+    if not uri.strip():
+        raise ConfigError(f"{key}: empty tracking URI; leave it unset, or '{TRACKING_OFF}'")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2://...: SQLAlchemy's driver form
+    allowed = typing.get_args(TrackingScheme)
+    if len(scheme) > 1 and scheme not in allowed:  # one letter: a Windows drive, a folder
+        raise ConfigError(
+            f"{key}: {uri!r}: scheme {parts.scheme!r} is not one of {_choices(allowed)} "
+            "(or a local folder)"
+        )
+    if parts.password:
+        raise ConfigError(
+            f"{key}: the URI holds a password, which would be kept in the run directory; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+            "instead"
         )
 
 

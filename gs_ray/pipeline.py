@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from gs_ray import logs
+from gs_ray import logs, tracking
 from gs_ray.config import Config, StageName
 from gs_ray.data import check_inputs
 from gs_ray.errors import RunDirError, UserError
@@ -144,6 +144,7 @@ READS: dict[str, tuple[str, ...]] = {
     "eval.latency_samples": ("evaluate",),
     # how, not what
     "run": (),
+    "tracking": (),
     "eval": (),
     "serve": (),
     "spectra": (),
@@ -329,7 +330,8 @@ def run(
     try:
         if resumed is not None:
             resume_run(p.run, cfg, redo)
-        return _run_stages(p, cfg, resumed is not None)
+        with tracking.open_tracker(cfg, p.run) as tracker:
+            return _run_stages(p, cfg, resumed is not None, tracker)
     finally:
         p.run.release_lock()
 
@@ -354,20 +356,25 @@ def check_before_ray(cfg: Config, resume: str | None = None, on_ray: bool = True
     return check_run(cfg, resume, on_ray=on_ray)
 
 
-def _run_stages(p: Prepared, cfg: Config, resume: bool) -> RunDir:
+def _run_stages(
+    p: Prepared, cfg: Config, resume: bool, tracker: tracking.Tracker | None = None
+) -> RunDir:
     from gs_ray.evaluation import plots
 
+    tracker = tracker or tracking.Tracker()  # None: no tracking
     logs.attach_run(p.run.path)
     todo = [s for s in STAGES if s.applies(cfg)]
     for i, stage in enumerate(todo, start=1):
         if stage.done(p):
             log.info("[%d/%d] %s: done before, kept", i, len(todo), stage.name)
+            tracker.log_kept(stage.name)
         else:
             log.info("[%d/%d] %s ...", i, len(todo), stage.name)
             # Before the stage can be marked done: a crash right after that must not leave
             # its dependents marked done on outputs of the stage's previous run.
             invalidate(p.run, *stage.invalidates)
-            stage.run(p, resume)
+            with tracker.stage(stage.name):
+                stage.run(p, resume)
             seconds = p.run.manifest()["stages"][stage.name]["seconds"]
             log.info("[%d/%d] %s: done in %.1f s", i, len(todo), stage.name, seconds)
         if cfg.run.until == stage.name:
@@ -382,6 +389,7 @@ def _run_stages(p: Prepared, cfg: Config, resume: bool) -> RunDir:
     except UserError as e:  # a run without a router or experts (stages left out): no cards
         log.warning("no model cards: %s", e)
     log.info("done: %s; report: %s", p.run.path, build_report(p.run.path))
+    tracker.log_outputs()
     return p.run
 
 
@@ -397,15 +405,23 @@ def run_local(
         logs.attach_run(p.run.path)
         if resumed is not None:
             resume_run(p.run, cfg, redo)
-        if not p.run.stage_done("warmup"):
-            invalidate(p.run, *_BY_NAME["warmup"].invalidates)
-            warmup_local(p)
-        if not (p.run.stage_done("stage2") and stream_selections_complete(p)):
-            from gs_ray.evaluation import plots
+        with tracking.open_tracker(cfg, p.run) as tracker:
+            if not p.run.stage_done("warmup"):
+                invalidate(p.run, *_BY_NAME["warmup"].invalidates)
+                with tracker.stage("warmup"):
+                    warmup_local(p)
+            else:
+                tracker.log_kept("warmup")
+            if not (p.run.stage_done("stage2") and stream_selections_complete(p)):
+                from gs_ray.evaluation import plots
 
-            res = stage2_local(p, consumers=stream_selectors(p))
-            record_stream_selections(p, res.consumers)
-            plots.stage2_plots(p.run)
+                with tracker.stage("stage2"):
+                    res = stage2_local(p, consumers=stream_selectors(p))
+                    record_stream_selections(p, res.consumers)
+                    plots.stage2_plots(p.run)
+            else:
+                tracker.log_kept("stage2")
+            tracker.log_outputs()
         return p.run
     finally:
         p.run.release_lock()

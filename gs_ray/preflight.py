@@ -11,7 +11,9 @@ would otherwise fail late, after Ray has started and stages have run (issue 24 i
 * ``model.device``, ``*.use_gpu``, GPU and CPU counts, ``*.worker_resource``: on a Ray started
   here (no cluster address) a request this machine cannot meet would wait forever, so it is
   refused now; on a cluster they are left to the autoscaler;
-* ``eval.sts``: the file exists and every line reads.
+* ``eval.sts``: the file exists and every line reads;
+* ``tracking.mlflow`` (or MLFLOW_TRACKING_URI): the URI is well-formed and the MLflow package it
+  needs is installed (``tracking.check``).
 
 Each check raises a ``ConfigError`` (``DataError`` for the STS file's lines) whose message starts
 with the config key; a check that cannot be made here (a hub model not on this machine) is
@@ -27,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+from gs_ray import tracking
 from gs_ray.config import Config, EvalConfig, ServeConfig, TrainingConfig
 from gs_ray.errors import ConfigError, DataError
 
@@ -48,6 +51,7 @@ def check_run(cfg: Config, run_dir: str | Path | None = None, *, on_ray: bool = 
     the key; returns notes on the checks that were skipped and why."""
     notes: list[str] = []
     _check_machine(cfg, on_ray)
+    tracking.check(cfg)  # the tracking URI (config or MLFLOW_TRACKING_URI) and its package
     if cfg.router.kind == "encoder":
         notes += check_encoder(cfg.router.encoder)
     if cfg.eval.sts:  # the run's config is what ``gs-ray eval RUN`` reads it from
@@ -60,6 +64,7 @@ def check_eval(cfg: Config) -> list[str]:
     """Everything ``gs-ray eval`` can check before Ray starts: the machine as for a run, the
     encoder (its text-router analysis always loads it) and ``eval.sts``."""
     _check_machine(cfg, on_ray=True)
+    tracking.check(cfg)
     notes = check_encoder(cfg.router.encoder)
     if cfg.eval.sts:
         check_sts(cfg.eval)

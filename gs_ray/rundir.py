@@ -29,6 +29,8 @@ re-run, resumed or inspected on its own::
                               features_prompts.npy: the encoder's features of the prompts)
     ray_train_eval/           Ray Train's runs of gs-ray eval's baselines
     metrics.json              metrics gathered by all stages
+    tracking.json             tracking.mlflow: the MLflow store, experiment, parent run and each
+                              stage's nested run (a resume and gs-ray eval continue that run)
     report/report.html        the report: every table and figure in one file (and report.json)
     plots/*.png               figures
 """
@@ -62,6 +64,7 @@ EXPERT_RECORD = "expert.json"  # an expert's (or the generalist's) training reco
 TRAIN_RECORD = "train.json"  # a gs-ray eval adapter's training record
 GENERALIST = "generalist"  # the fallback adapter: its folder, training run and peft name
 LOCK_FILE = ".lock"  # held (flock) by the process that runs the run's stages
+EVAL_SEED_PREFIX = "seed"  # gs-ray eval's folders per seed: adapters/seed<i>/, routers/seed<i>/
 _HELD_LOCKS: dict[str, Any] = {}  # run path -> the open lock file of this process
 # Config fields never written into a run directory (manifest.json, config.yaml, and so the
 # report): stored as null. Serving such a run takes the key from GS_RAY_API_KEY or
@@ -101,10 +104,17 @@ def config_hash(data: dict[str, Any]) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the stack, for the manifest."""
+    """Versions of the stack, for the manifest. DeepSpeed's is read from its package metadata:
+    importing it takes a second here, and it imports MLflow where that is installed (its
+    autotuner), which a run with tracking off must not (docs/tracking.md)."""
+    from importlib.metadata import version
+
     out = {"python": platform.python_version()}
     for name in ("gs_ray", "torch", "ray", "transformers", "peft", "deepspeed", "sklearn", "numpy"):
         try:
+            if name == "deepspeed":
+                out[name] = version(name)
+                continue
             module = __import__(name)
             out[name] = getattr(module, "__version__", "?")
         except Exception:  # an optional stack piece may be missing here
@@ -352,10 +362,18 @@ class RunDir:
 
     def eval_adapter(self, seed_index: int, method: str, name: str) -> Path:
         """A baseline's adapter trained by ``gs-ray eval`` (``name``: an expert or "single")."""
-        return self.eval_dir / "adapters" / f"seed{seed_index}" / method / name
+        return self.eval_dir / "adapters" / f"{EVAL_SEED_PREFIX}{seed_index}" / method / name
+
+    def eval_train_records(self) -> Iterator[tuple[int, str, str, Path]]:
+        """(seed index, method, adapter name, its train.json) of every baseline adapter that
+        ``gs-ray eval`` trained (``eval_adapter``'s layout)."""
+        pattern = f"{EVAL_SEED_PREFIX}*/*/*/{TRAIN_RECORD}"
+        for path in sorted((self.eval_dir / "adapters").glob(pattern)):
+            seed, method, name = path.parts[-4:-1]
+            yield int(seed.removeprefix(EVAL_SEED_PREFIX)), method, name, path
 
     def eval_router(self, method: str, seed_index: int = 0) -> Path:
-        return self.eval_dir / "routers" / f"seed{seed_index}" / method
+        return self.eval_dir / "routers" / f"{EVAL_SEED_PREFIX}{seed_index}" / method
 
     @property
     def report_html(self) -> Path:
@@ -365,6 +383,16 @@ class RunDir:
     @property
     def report_json(self) -> Path:
         return self.path / "report" / "report.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        """metrics.json: what every stage measured (``add_metrics``)."""
+        return self.path / "metrics.json"
+
+    @property
+    def tracking_json(self) -> Path:
+        """The run's MLflow ids (``gs_ray.tracking``): store, experiment, parent and stage runs."""
+        return self.path / "tracking.json"
 
     @property
     def plots(self) -> Path:
@@ -470,13 +498,13 @@ class RunDir:
         self.mark_stage(name, time.perf_counter() - start, **info)
 
     def add_metrics(self, **metrics: Any) -> None:
-        path = self.path / "metrics.json"
+        path = self.metrics_path
         current = json.loads(path.read_text()) if path.exists() else {}
         current.update(metrics)
         write_json(path, current)
 
     def metrics(self) -> dict[str, Any]:
-        path = self.path / "metrics.json"
+        path = self.metrics_path
         return json.loads(path.read_text()) if path.exists() else {}
 
     # ------------------------------------------------------------------ tables

@@ -30,6 +30,7 @@ def job_run(ray_cluster, tmp_path_factory):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     out_dir = tmp_path_factory.mktemp("e2e") / "runs"
+    store = (out_dir.parent / "mlruns").as_uri()  # tracked in MLflow (test_the_run_is_tracked)
     job_id = f"gs-ray-e2e-{int(time.time())}"
     cmd = [
         str(Path(sys.executable).with_name("ray")),
@@ -48,6 +49,8 @@ def job_run(ray_cluster, tmp_path_factory):
         str(out_dir),
         "--run.name",
         "job",
+        "--tracking.mlflow",
+        store,
         *SMALLER,
     ]
     start = time.perf_counter()
@@ -58,7 +61,7 @@ def job_run(ray_cluster, tmp_path_factory):
         JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(job_id) == JobStatus.SUCCEEDED
     )
     run_dir = out_dir / "job"
-    return {"dir": run_dir, "log": proc.stdout, "seconds": seconds}
+    return {"dir": run_dir, "log": proc.stdout, "seconds": seconds, "mlflow": store}
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -192,6 +195,71 @@ def test_every_stage_is_below_the_base_model(job_run):
     assert ev["test_loss_deployed"] < base - 0.1
 
 
+def _mlflow(job_run, monkeypatch):
+    """MLflow's client on the job's store, and the run's MLflow ids (tracking.json)."""
+    from mlflow.tracking import MlflowClient
+
+    from gs_ray import tracking
+    from gs_ray.rundir import RunDir
+
+    monkeypatch.setenv(tracking.FILE_STORE_ENV, "true")
+    ids = json.loads(RunDir(job_run["dir"]).tracking_json.read_text())
+    return MlflowClient(job_run["mlflow"]), ids
+
+
+def _nested(client, parent_id: str) -> dict[str, list]:
+    experiment = client.get_run(parent_id).info.experiment_id
+    out: dict[str, list] = {}
+    for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'"):
+        out.setdefault(r.info.run_name, []).append(r)
+    return out
+
+
+def _losses(client, run_id: str) -> list[float]:
+    history = sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, len(history) + 1))
+    return [m.value for m in history]
+
+
+def test_the_run_is_tracked_in_mlflow(job_run, monkeypatch):
+    """--tracking.mlflow file:...: the job is one MLflow run, read back with MLflow's client: a
+    nested run per stage, one per adapter with the losses of its training record, Stage II's
+    changed share per epoch, the held-out losses and the report."""
+    client, ids = _mlflow(job_run, monkeypatch)
+    run_dir = job_run["dir"]
+    m, metrics = _manifest(run_dir), _metrics(run_dir)
+    parent = client.get_run(ids["parent_run_id"])
+    assert parent.info.run_name == "job" and parent.info.status == "FINISHED"
+    assert parent.data.params["experts.max_steps"] == "40"
+    stages = _nested(client, parent.info.run_id)
+    assert set(stages) == set(ids["stages"]) == set(m["stages"]) - {"prepare"}
+    assert all(v[0].info.status == "FINISHED" for v in stages.values())
+    warmup = json.loads((run_dir / "warmup" / "losses.json").read_text())["train_loss"]
+    assert _losses(client, ids["stages"]["warmup"]) == warmup and len(warmup) > 1
+    adapters = _nested(client, ids["stages"]["experts"])
+    assert set(adapters) == {f"expert_{c}" for c in range(_k(m))} | {"generalist"}
+    for name, runs in adapters.items():
+        record = json.loads((run_dir / "experts" / name / "expert.json").read_text())
+        assert _losses(client, runs[0].info.run_id) == record["losses"], name
+    history = client.get_metric_history(ids["stages"]["stage2"], "changed_share")
+    assert [h.value for h in sorted(history, key=lambda h: h.step)] == (
+        metrics["stage2"]["changed_share"]
+    )
+    router = client.get_run(ids["stages"]["router"]).data.metrics
+    assert router["holdout_accuracy"] == metrics["router"]["holdout_accuracy"]
+    held_out = metrics["evaluation"]["test_loss_routed"]
+    assert parent.data.metrics["test_loss_routed"] == held_out
+    assert parent.data.metrics["k"] == m["stages"]["stage2"]["k"]
+    artifacts = {
+        a.path
+        for folder in ("report", "plots", "stage2")
+        for a in client.list_artifacts(parent.info.run_id, folder)
+    }
+    assert {"report/report.html", "plots/silhouette_vs_k.png", "stage2/k_selection.json"} <= (
+        artifacts
+    )
+
+
 def test_pipeline_stages_benchmark_smoke_on_this_run(job_run, tmp_path):
     """benchmarks/pipeline_stages.py --smoke on the finished run: the stage table, and its
     adapters retrained packed and one run each, which must come out identical."""
@@ -258,3 +326,22 @@ def test_resume_after_deleting_one_expert_retrains_only_that_expert(job_run):
     record = json.loads((run_dir / "experts" / "expert_1" / "expert.json").read_text())
     assert record["resumed_from_epoch"] == 0 and record["steps"] > 0
     assert m["stages"]["stage2"]["resumed_from"] is None  # Stage II was not redone
+
+
+def test_the_resume_continued_the_same_mlflow_run(job_run, monkeypatch):
+    """The resume above (experts redone) logged into the job's MLflow run: one parent, the
+    experts stage twice (the first superseded), the kept stages once."""
+    client, ids = _mlflow(job_run, monkeypatch)
+    parent = client.get_run(ids["parent_run_id"])
+    tops = client.search_runs(
+        [parent.info.experiment_id], "attributes.run_name = 'job'"
+    )  # the parent and no second top-level run
+    assert [r.info.run_id for r in tops] == [parent.info.run_id]
+    assert parent.info.status == "FINISHED" and "gs_ray.resume_1" in parent.data.tags
+    stages = _nested(client, parent.info.run_id)
+    assert len(stages["experts"]) == 2 and len(stages["warmup"]) == len(stages["stage2"]) == 1
+    old = next(r for r in stages["experts"] if r.info.run_id != ids["stages"]["experts"])
+    assert old.data.tags["gs_ray.superseded_by"] == ids["stages"]["experts"]
+    redone = _nested(client, ids["stages"]["experts"])["expert_1"][0]
+    record = json.loads((job_run["dir"] / "experts" / "expert_1" / "expert.json").read_text())
+    assert _losses(client, redone.info.run_id) == record["losses"]

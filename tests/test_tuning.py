@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -65,9 +66,18 @@ def test_every_k_gets_the_same_total_steps():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tmp_path):
+def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(
+    ray_session, tmp_path, monkeypatch
+):
+    from mlflow.tracking import MlflowClient
+
+    from gs_ray import tracking
     from gs_ray.evaluation import plots
     from gs_ray.training.tuning import tune_k
+
+    store = (tmp_path / "mlruns").as_uri()  # each trial tracked (Ray's MLflowLoggerCallback)
+    monkeypatch.setenv(tracking.FILE_STORE_ENV, "true")
+    monkeypatch.delenv(tracking.URI_ENV, raising=False)
 
     cfg = load_config(
         None,
@@ -100,11 +110,14 @@ def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tm
             str(tmp_path),
             "--run.name",
             "tune",
+            "--tracking.mlflow",
+            store,
         ],
     )
     p = prepare(cfg, base_model=base_model_for)
     warmup_local(p)
-    best = tune_k(p)
+    with tracking.open_tracker(cfg, p.run) as tracker, tracker.stage("tune") as stage:
+        best = tune_k(p)
     results = json.loads((p.run.path / "tune" / "results.json").read_text())
     table = results["table"]
     assert [row["k"] for row in table] == [1, 2]
@@ -128,3 +141,12 @@ def test_tune_picks_the_k_with_the_lowest_routed_validation_loss(ray_session, tm
     assert ("The gradient structure is weak" in section) == results["weak_structure"]
     plots.pipeline_plots(p.run, best)
     assert (p.run.path / "plots" / "tune_k.png").exists()
+    # Each trial is an MLflow run nested under the run's tune run, with its K and routed loss.
+    client = MlflowClient(store)
+    experiment = client.get_run(stage.run_id).info.experiment_id
+    trials = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{stage.run_id}'")
+    logged = sorted((int(r.data.params["k"]), r.data.metrics["val_loss"]) for r in trials)
+    assert logged == [(row["k"], row["val_loss"]) for row in table]
+    assert tracking.URI_ENV not in os.environ  # MLflow's fluent API set it; the tracker put it back
+    history = client.get_metric_history(stage.run_id, "val_loss")
+    assert sorted((h.step, h.value) for h in history) == logged  # the table over K

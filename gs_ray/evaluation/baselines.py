@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from gs_ray import tracking
 from gs_ray.config import Config, apply_overrides
 from gs_ray.core.clustering import unit_rows, within_cluster_variance
 from gs_ray.core.seeds import eval_router_seed, eval_seed, expert_seed
@@ -595,11 +596,6 @@ def eval_config(run: RunDir, overrides: list[str]) -> Config:
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Compare GradientSpace with the baselines on the run's held-out split; writes
     ``eval/eval.json`` and ``eval/partitions.json`` and returns the numbers."""
-    import ray
-
-    from gs_ray.core.ensemble import mixture_nll
-    from gs_ray.ray_utils import init_ray
-
     run = RunDir.open(run_dir)
     cfg = eval_config(run, overrides or [])
     missing = [s for s in ("warmup", "stage2", "experts", "router") if not run.stage_done(s)]
@@ -608,6 +604,24 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
             f"{run.path}: stages {missing} are not done; finish the run first "
             f"(gs-ray run --resume {run.path})"
         )
+    # The run's MLflow run (tracking.mlflow): the eval is a nested run of it.
+    with tracking.open_tracker(cfg, run) as tracker:
+        tracker.log_done_stages()
+        with tracker.stage(tracking.EVAL) as stage:
+            out = _compare(run, cfg)
+            stage.log_text(table(out), f"{tracking.EVAL}/eval_table.txt")
+        tracker.log_outputs()
+    return out
+
+
+def _compare(run: RunDir, cfg: Config) -> dict[str, Any]:
+    """``evaluate_run`` on a checked run: the baselines trained, every method scored, eval.json
+    written and the report rebuilt."""
+    import ray
+
+    from gs_ray.core.ensemble import mixture_nll
+    from gs_ray.ray_utils import init_ray
+
     init_ray(cfg.run.ray_address, cfg.run.num_cpus)
     started = time.time()
     p = prepare(cfg, run, base_model=base_model_for)

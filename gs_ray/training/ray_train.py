@@ -30,6 +30,7 @@ import torch
 from gs_ray.config import LoRAConfig, ModelConfig, Pack, TrainingConfig, UseGpu
 from gs_ray.core.models import add_lora, load_adapter, load_base_model
 from gs_ray.data import Sample
+from gs_ray.tracking import without_mlflow
 from gs_ray.training.loop import planned_steps, train_adapter
 
 log = logging.getLogger(__name__)
@@ -705,13 +706,22 @@ def _train_job(
     gc.collect()
 
 
+def import_deepspeed():
+    """DeepSpeed (and ``deepspeed.ops``), imported without the MLflow that its autotuner loads
+    where MLflow is installed (``tracking.without_mlflow``): the workers never log to MLflow,
+    and the import costs them most of a second."""
+    with without_mlflow():
+        import deepspeed
+        import deepspeed.ops  # noqa: F401 - _skip_shm_comm reads it
+    return deepspeed
+
+
 def _deepspeed_engine(
     model, train_cfg: TrainingConfig, model_cfg: ModelConfig, world: int, cuda: bool
 ):
     """``deepspeed.initialize`` with a torch AdamW (DeepSpeed's own Adam would JIT-compile
     ``fused_adam``); on CPU the shared-memory all-reduce op is skipped (see _skip_shm_comm)."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     if not cuda and os.environ.get("GS_RAY_DS_SHM_COMM", "0") != "1":
         _skip_shm_comm()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -730,9 +740,7 @@ def _skip_shm_comm() -> None:
     on a machine whose extension cache is empty): gloo, which Ray Train has already set up, does
     the all-reduce instead. GS_RAY_DS_SHM_COMM=1 lets DeepSpeed build (once, then cached under
     TORCH_EXTENSIONS_DIR) and use it."""
-    import deepspeed.ops
-
-    compatible = deepspeed.ops.__compatible_ops__
+    compatible = import_deepspeed().ops.__compatible_ops__
     compatible["deepspeed_shm_comm"] = False
 
 

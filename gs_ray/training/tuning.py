@@ -12,7 +12,8 @@ gradient assignment of a held-out row needs its answer). The K with the lowest r
 used for the full Stage II; the table K -> silhouette -> routed loss is kept in
 ``run_dir/tune/results.json`` and plotted. Where the silhouette is flat (the clusterer's
 ``structure`` says weak, or no K is clearly best), the console says so and names the K the
-routed loss prefers.
+routed loss prefers. With tracking on (``tracking.mlflow``), each trial is an MLflow run nested
+under the run's ``tune`` run (``trial_tracking``).
 
 The gradients of the sample are computed once (a Ray task) and shared with the trials through
 the object store; ``tune.n_samples`` bounds their size (n x d float32).
@@ -28,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from gs_ray import tracking
 from gs_ray.config import Config
 from gs_ray.core.seeds import tune_expert_seed, tune_sample_seed
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
-from gs_ray.rundir import expert_name
+from gs_ray.rundir import RunDir, expert_name
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,18 @@ def k_trial(
     )
 
 
+def trial_tracking(run: RunDir) -> list:
+    """Tune's callbacks that log each trial (its K, its routed loss and silhouette) as an MLflow
+    run nested under the run's ``tune`` run, with Ray's own ``MLflowLoggerCallback`` (in the
+    driver, beside the tracker); none where tracking is off."""
+    parent = tracking.trial_parent(run, "tune")
+    if parent is None:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(parent.uri, experiment_name=parent.experiment, tags=parent.tags)]
+
+
 def tune_k(p: Prepared, resume: bool = False) -> int:
     """Run the Tune search over ``tune.k_values`` for a prepared run; returns the best K."""
     import ray
@@ -224,7 +238,9 @@ def tune_k(p: Prepared, resume: bool = False) -> int:
             metric="val_loss", mode="min", max_concurrent_trials=cfg.tune.max_concurrent_trials
         ),
         run_config=tune.RunConfig(
-            name="tune_k", storage_path=str((run.path / "ray_tune").resolve())
+            name="tune_k",
+            storage_path=str((run.path / "ray_tune").resolve()),
+            callbacks=trial_tracking(run),
         ),
     )
     results = tuner.fit()
