@@ -149,10 +149,14 @@ def _listed(rows: np.ndarray) -> str:
     return f"[{shown}{', ...' if len(rows) > _MAX_LISTED else ''}]"
 
 
-def check_gradients(G: Any, name: str, n_features: int | None = None) -> np.ndarray:
+def check_gradients(
+    G: Any, name: str, n_features: int | None = None, finite: bool = True
+) -> np.ndarray:
     """``G`` as a 2-D float array (no copy for float32/float64), or a ValueError saying what was
     expected: 2-D (n_samples, n_features), at least one row, ``n_features`` columns when given,
-    finite values only (the message names the offending rows)."""
+    finite values only (the message names the offending rows). ``finite=False`` leaves that
+    scan to a caller that reads it off something it computes anyway (``partial_fit``: the row
+    norms, which are NaN or Inf exactly where a row holds one), and calls again if it fails."""
     G = np.asarray(G)
     if G.dtype == object or not (
         np.issubdtype(G.dtype, np.floating) or np.issubdtype(G.dtype, np.integer)
@@ -174,7 +178,7 @@ def check_gradients(G: Any, name: str, n_features: int | None = None) -> np.ndar
             f"{name}: expected {n_features} features (the dimension the centroids were fitted "
             f"with), got {G.shape[1]}"
         )
-    bad = nonfinite_rows(G)
+    bad = nonfinite_rows(G) if finite else ()
     if len(bad):
         raise ValueError(
             f"{name}: non-finite values (NaN or Inf) in {len(bad)} of {len(G)} rows, row indices "
@@ -838,14 +842,11 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         The batch's labels (assigned before the update) are in ``last_labels_``.
         """
         self._check_online("samples")
-        G = np.asarray(G_batch)
-        if G.dtype != np.float32 or G.ndim != 2 or len(G) == 0:
-            G = check_gradients(G, "partial_fit(G_batch)", self.n_features_in_)
-        elif G.shape[1] != self.n_features_in_:
-            check_gradients(G, "partial_fit(G_batch)", self.n_features_in_)  # raises
+        name = "partial_fit(G_batch)"
+        G = check_gradients(G_batch, name, self.n_features_in_, finite=False)
         Xn, norms = normalize_rows(G)
         if not np.isfinite(norms).all():  # a NaN or Inf anywhere in a row makes its norm one
-            check_gradients(G, "partial_fit(G_batch)", self.n_features_in_)  # names the rows
+            check_gradients(G, name, self.n_features_in_)  # raises, naming the rows
         labels = cosine_assign(Xn, self.cluster_centers_)
         nonzero = norms > _EPS
         self._count(labels, nonzero, cosine_assign(Xn, self._epoch_start, self._epoch_start_norms))

@@ -257,9 +257,9 @@ class CentroidHost:
     def checkpoint_due(self) -> bool:
         """Whether a periodic checkpoint fits the budget: the time since the last one ended is
         at least its write time * (1 / checkpoint_max_share - 1), so that writing takes at most
-        that share of the pass. (The exact cache is the state: 0.4 s per write for K = 8 at
-        d = 65,536, 0.8 s for K = 16; written every 20 batches they took 38% and 49% of the
-        online pass on the 2-core CPU, benchmarks/stage2_scaling.py.)"""
+        that share of the pass. (The exact cache is most of the state, 738 MB for K = 16 at
+        d = 65,536: written every 20 batches, checkpoints took up to 49% of the online pass on
+        the 2-core CPU before they were written in place; docs/scaling.md.)"""
         if self._last_checkpoint is None or self.checkpoint_max_share >= 1:
             return True
         ended, took = self._last_checkpoint

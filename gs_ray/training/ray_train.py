@@ -723,7 +723,7 @@ def _deepspeed_engine(
     ``fused_adam``); on CPU the shared-memory all-reduce op is skipped (see _skip_shm_comm)."""
     deepspeed = import_deepspeed()
     if not cuda and os.environ.get("GS_RAY_DS_SHM_COMM", "0") != "1":
-        _skip_shm_comm()
+        _skip_shm_comm(deepspeed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     start = time.perf_counter()
@@ -735,12 +735,12 @@ def _deepspeed_engine(
     return engine, time.perf_counter() - start
 
 
-def _skip_shm_comm() -> None:
+def _skip_shm_comm(deepspeed) -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce (``shm_comm``: 55-150 s
     on a machine whose extension cache is empty): gloo, which Ray Train has already set up, does
     the all-reduce instead. GS_RAY_DS_SHM_COMM=1 lets DeepSpeed build (once, then cached under
     TORCH_EXTENSIONS_DIR) and use it."""
-    compatible = import_deepspeed().ops.__compatible_ops__
+    compatible = deepspeed.ops.__compatible_ops__
     compatible["deepspeed_shm_comm"] = False
 
 
