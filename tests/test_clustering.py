@@ -17,6 +17,7 @@ from gs_ray.core.clustering import (
     gram_svd,
     nonfinite_rows,
     normalize_rows,
+    silhouette_precomputed,
 )
 
 
@@ -88,6 +89,30 @@ def test_clearly_better_than_kmeans_on_raw_vectors(data):
         raw = adjusted_rand_score(y, KMeans(5, n_init=4, random_state=0).fit(X).labels_)
     assert raw < 0.6  # the norm spread confuses Euclidean K-means
     assert ours >= raw + 0.3
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_silhouette_precomputed_equals_sklearn(metric):
+    """The K selection's silhouette against scikit-learn's, on partitions with a one-row
+    cluster, duplicate rows (zero distances) and many clusters; too few labels are refused."""
+    from sklearn.metrics import pairwise_distances, silhouette_score
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((60, 7))
+    X[5] = X[4]  # a zero distance off the diagonal
+    D = pairwise_distances(X, metric=metric)
+    np.fill_diagonal(D, 0.0)
+    for labels in (
+        rng.integers(0, 2, 60),
+        rng.integers(0, 9, 60),
+        np.r_[np.zeros(59, dtype=int), 1],  # a cluster of one row
+        np.r_[np.arange(30), np.arange(30)] + 7,  # pairs, labels not starting at 0
+    ):
+        want = silhouette_score(D, labels, metric="precomputed")
+        assert silhouette_precomputed(D, labels) == pytest.approx(want, rel=1e-12, abs=1e-14)
+    for labels in (np.zeros(60, dtype=int), np.arange(60)):
+        with pytest.raises(ValueError, match="distinct labels"):
+            silhouette_precomputed(D, labels)
 
 
 def test_k_selection_table_matches_sklearn(data):

@@ -90,7 +90,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
-from sklearn.metrics import silhouette_score
+from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
@@ -222,6 +222,30 @@ def cosine_assign(
     cn = row_norms(centers) if center_norms is None else center_norms
     sims = (Xn @ centers.T) / np.where(cn > _EPS, cn, 1.0)[None, :]
     return np.argmax(sims, axis=1).astype(np.int64)
+
+
+def silhouette_precomputed(D: np.ndarray, labels: np.ndarray) -> float:
+    """scikit-learn's ``silhouette_score(D, labels, metric="precomputed")`` (D: an (n, n)
+    distance matrix with a zero diagonal; 2 <= distinct labels < n), the same definition and
+    edge cases (a row alone in its cluster scores 0), to rounding: the per-cluster distance
+    sums are one (n, n) @ (n, K) product instead of a bincount per row. K selection scores
+    thousands of small partitions (every K-means run of every candidate, the structureless
+    reference's draws too), where scikit-learn's per-call checks and row loop cost half of it."""
+    _, codes = np.unique(np.asarray(labels), return_inverse=True)
+    n, k = len(codes), int(codes.max()) + 1 if len(codes) else 0
+    if not 2 <= k < n:
+        raise ValueError(f"the silhouette needs 2 <= distinct labels < rows, got {k} and {n}")
+    onehot = np.zeros((n, k), dtype=D.dtype)
+    onehot[np.arange(n), codes] = 1.0
+    sums = D @ onehot  # (n, K): each row's summed distance to every cluster
+    freqs = np.bincount(codes, minlength=k)
+    rows = np.arange(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        intra = sums[rows, codes] / (freqs - 1)[codes]
+        sums[rows, codes] = np.inf
+        inter = (sums / freqs[None, :]).min(axis=1)
+        s = (inter - intra) / np.maximum(intra, inter)
+    return float(np.mean(np.nan_to_num(s)))
 
 
 def gram_matrix(X: np.ndarray) -> np.ndarray:
@@ -465,6 +489,7 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         clusters of at least m rows; then the best silhouette). Returns the table row, the
         chosen run's centres in P's coordinates and its labels."""
         runs = []
+        euclid = euclidean_distances(P)  # the same rows for every run: computed once
         for i in range(self.n_init):
             seed = self.random_state + i
             with warnings.catch_warnings():
@@ -474,10 +499,8 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
             sizes = np.bincount(labels, minlength=K)
             distinct = int((sizes > 0).sum())
             ok = 2 <= distinct < len(P)
-            sil = float(silhouette_score(P, labels)) if ok else float("nan")
-            sil_cos = (
-                float(silhouette_score(dist, labels, metric="precomputed")) if ok else float("nan")
-            )
+            sil = silhouette_precomputed(euclid, labels) if ok else float("nan")
+            sil_cos = silhouette_precomputed(dist, labels) if ok else float("nan")
             valid = distinct == K and int(sizes.min()) >= m
             runs.append((valid, int(sizes.min()), sil, sil_cos, seed, sizes, km, labels))
         n_valid = sum(r[0] for r in runs)

@@ -43,8 +43,17 @@ log = logging.getLogger(__name__)
 # calls run in driver threads at once (Ray's placement groups queue what the cluster cannot hold
 # yet). See docs/training.md for why, and for the measured costs.
 
-# Environment a worker must share with the driver (offline hub, caches, the extension cache).
+# Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default), and a worker's checkpoint report and the run's end each wait for the next poll: a
+# small adapter's run paid 6-7 s of its 21 s in those waits here (benchmarks/README.md). gs-ray
+# sets this interval unless the environment already does; a poll is one actor call per worker.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_S = 0.2
+
+# Environment a worker must share with the driver (offline hub, caches, the extension cache,
+# the poll interval that the fault injection waits out).
 FORWARDED_ENV = (
+    TRAIN_POLL_ENV,
     "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE",
     "TRANSFORMERS_OFFLINE",
@@ -343,6 +352,7 @@ def _run_group(
     from gs_ray.training.process_group import LoopbackTorchConfig
 
     _ensure_ray()
+    os.environ.setdefault(TRAIN_POLL_ENV, str(TRAIN_POLL_S))  # read by the controller it starts
     use_gpu = resolve_use_gpu(train_cfg)
     max_failures = int(train_cfg.max_failures)
     name = run_name(jobs)
@@ -776,14 +786,15 @@ def _crash_once(markers: Path, name: str, step: int, attempt: int) -> None:
     """Fault injection: die hard, once (a marker file lets the retry pass this point).
 
     It waits one Ray Train poll interval first: Train V2 registers a reported checkpoint when
-    the controller next polls the worker (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s), so a
+    the controller next polls the worker (every TRAIN_POLL_ENV seconds: Ray's default 2 s, or
+    TRAIN_POLL_S as gs-ray sets it), so a
     process that dies sooner after ``report`` loses that checkpoint, and the retry starts over.
     """
     marker = markers / f"fault_injected.{name}"
     if marker.exists():
         return
     marker.write_text(str(step))
-    time.sleep(float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1.0)
+    time.sleep(float(os.environ.get(TRAIN_POLL_ENV, 2.0)) + 1.0)
     log.warning("%s: fault injection, the worker process exits at step %d", name, step)
     _log_attempt(markers / _ATTEMPTS_LOG, attempt=attempt, job=name, crashed=time.time(), step=step)
     logging.shutdown()
