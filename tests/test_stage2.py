@@ -142,35 +142,31 @@ def test_partial_sums_survives_a_killed_worker(ray_session, reference, tmp_path,
 
 
 def test_driver_killed_mid_epoch_resumes_from_checkpoint(ray_session, reference, tmp_path):
-    """A real process dies (os._exit in the driver); --resume finishes with the same result."""
-    cfg_path = reference["config_path"]
-    out_dir = tmp_path / "runs"
+    """A real process dies (os._exit in the driver); --resume finishes with the same result.
+    Both are `gs-ray run --resume` on a copy of the warmed reference run (its warm-up kept)."""
+    import shutil
+
+    run_dir = tmp_path / "killed"
+    shutil.copytree(reference["p"].run.path, run_dir)
     env = {
         **ray_session.env(),
         "RAY_ADDRESS": ray_session.address,
         "GS_RAY_FAULTS": "driver:online:1:7",
         "HF_HUB_OFFLINE": "1",
     }
-    cmd = [
+    resume = [
         sys.executable,
         "-m",
         "gs_ray.cli",
         "run",
-        "--config",
-        str(cfg_path),
-        "--output-dir",
-        str(out_dir),
-        "--run.name",
-        "killed",
-        "--run.until",
-        "stage2",
+        "--resume",
+        str(run_dir),
+        "--run.until=stage2",
     ]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode != 0, first.stdout[-2000:] + first.stderr[-2000:]
-    run_dir = out_dir / "killed"
     assert (run_dir / "stage2" / "checkpoint" / "centroids.json").exists()
     assert not (run_dir / "stage2" / "assignments.jsonl").exists()
-    resume = [sys.executable, "-m", "gs_ray.cli", "run", "--resume", str(run_dir)]
     second = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
