@@ -24,6 +24,7 @@ BASE = (
     "gs_ray.progress",
     "gs_ray.logs",
     "gs_ray.tracking",
+    "gs_ray.faults",
 )
 # What a stage's sub-package may import besides BASE and its own modules.
 SHARED = ("gs_ray.prepare", "gs_ray.ray_utils", "gs_ray.local_ray")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from gs_ray import faults
 from gs_ray.config import DataConfig, ExpertConfig, LoRAConfig, ModelConfig, TrainingConfig
 from gs_ray.core.gradients import collate, per_sample_loss
 from gs_ray.core.models import add_lora, load_base_model, load_tokenizer, materialize_base_model
@@ -41,6 +42,7 @@ EXPERT_CFG = ExpertConfig(
     epochs=2, batch_size=8, lr=5e-3, zero_stage=1, num_workers=1, use_gpu="false", max_failures=1
 )
 FAIL_AT = 4  # the first step of the second epoch (3 steps per epoch)
+FAULT = "trainer:expert_1:1:1"  # gs_ray.faults: expert_1 dies after step 1 of epoch 1 (FAIL_AT)
 
 
 # --------------------------------------------------------------------------- no Ray needed
@@ -186,13 +188,14 @@ def experts(world, warmup, ray_cluster):
             world["expert_pairs"][k],
             init_adapter=warmup["output_dir"],
             seed=k,
-            fail_once_at_step=FAIL_AT if k == 1 else None,
         )
         for k in range(3)
     ]
-    records = train_many_on_ray(
-        jobs, MODEL, LORA, EXPERT_CFG, world["pad"], world["storage"], parallel=True
-    )
+    with pytest.MonkeyPatch.context() as env:  # the runs' workers get it with their environment
+        env.setenv(faults.ENV, FAULT)
+        records = train_many_on_ray(
+            jobs, MODEL, LORA, EXPERT_CFG, world["pad"], world["storage"], parallel=True
+        )
     return {"jobs": {j.name: j for j in jobs}, "records": records}
 
 
@@ -328,8 +331,8 @@ def test_a_crashed_expert_is_retried_alone_from_its_checkpoint(world, experts, r
     assert crashed["resumed_from_epoch"] == 1
     assert crashed["steps"] == planned_steps(N_EXPERT, EXPERT_CFG) == 2 * (FAIL_AT - 1)
     run = crashed["run"]
-    fault_marker = Path(world["storage"]) / f"{run}.gs_ray" / "fault_injected.expert_1"
-    assert fault_marker.read_text() == str(FAIL_AT)
+    markers = Path(world["storage"]) / f"{run}.gs_ray"
+    assert [m.name for m in markers.glob("fault-*")] == ["fault-trainer-expert_1-1-1"]
     # expert_0 and expert_2 shared the other run (2 CPUs: two runs), one after the other.
     assert records["expert_0"]["run"] == records["expert_2"]["run"] == "expert_0+expert_2"
     assert records["expert_0"]["end"] <= records["expert_2"]["start"]

@@ -42,13 +42,13 @@ from typing import Any
 
 import numpy as np
 
+from gs_ray import faults
 from gs_ray.config import Config
 from gs_ray.core.clustering import cluster_sums, cosine_assign, normalize_rows
 from gs_ray.data import Sample
 from gs_ray.local_ray import LOOPBACK, host_loopback_store, is_loopback
 from gs_ray.progress import Progress
 from gs_ray.rundir import SKIPPED
-from gs_ray.stage2 import faults
 from gs_ray.stage2.computer import check_finite
 from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, Stage2Plan, order_key, phase_label

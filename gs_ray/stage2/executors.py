@@ -26,10 +26,10 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+from gs_ray import faults
 from gs_ray.config import Config
 from gs_ray.data import Sample
 from gs_ray.progress import Progress
-from gs_ray.stage2 import faults
 from gs_ray.stage2.computer import GradientComputer
 from gs_ray.stage2.consumers import GradientConsumer
 from gs_ray.stage2.host import CentroidHost

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gs_ray import faults
 from gs_ray.config import Config
 from gs_ray.core.clustering import GradientSpaceClustering
-from gs_ray.stage2 import faults
 from gs_ray.stage2.transports import TRANSPORTS
 
 

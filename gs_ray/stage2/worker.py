@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from gs_ray import faults
 from gs_ray.config import Config
-from gs_ray.stage2 import faults
 from gs_ray.stage2.computer import GradientBatch, GradientComputer, check_finite
 from gs_ray.stage2.plan import BatchKey
 from gs_ray.stage2.transports import PartialSumsWorker

@@ -27,6 +27,7 @@ from typing import Any, get_args
 
 import torch
 
+from gs_ray import faults
 from gs_ray.config import LoRAConfig, ModelConfig, Pack, TrainingConfig, UseGpu
 from gs_ray.core.models import add_lora, load_adapter, load_base_model
 from gs_ray.data import Sample
@@ -51,9 +52,10 @@ TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = 0.2
 
 # Environment a worker must share with the driver (offline hub, caches, the extension cache,
-# the poll interval that the fault injection waits out).
+# the poll interval that the fault injection waits out, the planned faults of a test).
 FORWARDED_ENV = (
     TRAIN_POLL_ENV,
+    faults.ENV,
     "HF_HUB_OFFLINE",
     "HF_DATASETS_OFFLINE",
     "TRANSFORMERS_OFFLINE",
@@ -93,9 +95,6 @@ class AdapterJob:
     full_model: bool = False
     """Train every weight of the base model (pretraining) instead of a LoRA adapter; the output
     folder is then a whole model (``load_base_model`` loads it)."""
-    fail_once_at_step: int | None = None
-    """Fault injection for tests: the first attempt's rank-0 worker process dies (``os._exit``)
-    after this optimizer step; a marker file under the run folder keeps the retry alive."""
 
 
 def train_on_ray(
@@ -681,11 +680,14 @@ def _train_job(
                     )
                     + "\n"
                 )
-        if rank == 0 and len(losses) == job.fail_once_at_step:
-            _crash_once(markers, job.name, len(losses), attempt)
+        if rank == 0 and planned:
+            _crash_if_planned(planned, markers, job.name, epoch_now, len(losses), attempt)
 
+    planned = faults.parse()  # fault injection (tests); empty unless GS_RAY_FAULTS is set
+    epoch_now = [resumed_from, len(losses)]  # the epoch in progress, the steps before it
     train_start = time.time()
     for epoch in range(resumed_from, train_cfg.epochs):
+        epoch_now[:] = [epoch, len(losses)]
         remaining = (train_cfg.max_steps or 10**12) - len(losses)
         if remaining <= 0:
             break
@@ -782,18 +784,20 @@ def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
     return float(t.item()) / world
 
 
-def _crash_once(markers: Path, name: str, step: int, attempt: int) -> None:
-    """Fault injection: die hard, once (a marker file lets the retry pass this point).
+def _crash_if_planned(
+    planned, markers: Path, name: str, epoch_now: list[int], step: int, attempt: int
+) -> None:
+    """Fault injection (``gs_ray.faults``, ``trainer:<job>:<epoch>:<t>``): die hard, once,
+    after step t of that epoch (a marker file lets the retry pass this point).
 
     It waits one Ray Train poll interval first: Train V2 registers a reported checkpoint when
     the controller next polls the worker (every TRAIN_POLL_ENV seconds: Ray's default 2 s, or
-    TRAIN_POLL_S as gs-ray sets it), so a
-    process that dies sooner after ``report`` loses that checkpoint, and the retry starts over.
+    TRAIN_POLL_S as gs-ray sets it), so a process that dies sooner after ``report`` loses that
+    checkpoint, and the retry starts over.
     """
-    marker = markers / f"fault_injected.{name}"
-    if marker.exists():
+    epoch, before = epoch_now
+    if not faults.fires(planned, "trainer", name, epoch, step - before, markers):
         return
-    marker.write_text(str(step))
     time.sleep(float(os.environ.get(TRAIN_POLL_ENV, 2.0)) + 1.0)
     log.warning("%s: fault injection, the worker process exits at step %d", name, step)
     _log_attempt(markers / _ATTEMPTS_LOG, attempt=attempt, job=name, crashed=time.time(), step=step)
