@@ -47,10 +47,10 @@ def measure(
     """One Stage II run; returns per-pass figures of the online epoch and the final pass.
     ``k``: K fixed (None: chosen as configured); ``checkpoints``: the default checkpoint
     interval (else none mid-pass, a pure timing run)."""
-    from gs_ray.config import Config
+    from gs_ray.config import config_from_dict
     from gs_ray.stage2 import Stage2Plan, run_stage2_ray
 
-    c = Config.from_dict(cfg.to_dict())
+    c = config_from_dict(cfg.to_dict())
     c.stage2.num_workers = workers
     c.stage2.transport = transport
     c.stage2.cpus_per_worker = min(1.0, 2 / workers)  # 3 collective ranks share 2 cores

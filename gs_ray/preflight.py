@@ -242,7 +242,7 @@ def check_encoder(name: str, key: str = "router.encoder") -> list[str]:
     """The router's encoder can be loaded: the bundled copy is installed, a folder has a
     ``config.json``, a hub id is cached (online: a near miss of the bundled name is refused,
     any other id is left to download). Returns a note when it could not be checked."""
-    from gs_ray.routing.router import BUNDLED_ENCODER, resolve_encoder
+    from gs_ray.routing.encoder import BUNDLED_ENCODER, resolve_encoder
 
     try:
         path = Path(resolve_encoder(name))

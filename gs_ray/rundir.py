@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from gs_ray.config import Config, ConfigError
+from gs_ray.config import Config, ConfigError, config_from_dict
 from gs_ray.errors import RunDirError, UserError
 from gs_ray.io import atomic_write_text, write_json, write_jsonl
 
@@ -436,7 +436,7 @@ class RunDir:
         if "config" not in m:
             raise RunDirError(f"{self.manifest_path}: has no 'config'")
         try:
-            return Config.from_dict(m["config"])
+            return config_from_dict(m["config"])
         except ConfigError as e:
             raise RunDirError(f"{self.manifest_path}: config: {e}") from e
 

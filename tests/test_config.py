@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gs_ray.config import Config, ConfigError, apply_overrides, help_lines, load_config
+from gs_ray.config import Config, ConfigError, apply_overrides, help_lines, load_config, validate
 
 
 def test_defaults_follow_the_paper():
@@ -272,10 +272,10 @@ def test_command_line_values_parse_as_the_field_type(tmp_path):
 
 def test_a_config_built_in_python_is_checked_by_validate():
     cfg = Config()
-    assert cfg.validate() == cfg
+    assert validate(cfg) == cfg
     cfg.clustering.k_selection = "tnue"
     with pytest.raises(ConfigError, match="clustering.k_selection: 'tnue'"):
-        cfg.validate()
+        validate(cfg)
 
 
 def test_config_file_that_is_a_directory(tmp_path):

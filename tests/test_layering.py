@@ -49,11 +49,12 @@ CROSSINGS = {
     },
     "gs_ray.routing.stage": {"gs_ray.training.loop"},
     "gs_ray.evaluation.analyses": {
-        "gs_ray.routing.router",
+        "gs_ray.routing.encoder",
         "gs_ray.stage2.computer",
         "gs_ray.stage2.launch",
     },
     "gs_ray.evaluation.baselines": {
+        "gs_ray.routing.encoder",
         "gs_ray.routing.router",
         "gs_ray.routing.fallback",
         "gs_ray.routing.stage",
@@ -79,7 +80,7 @@ CROSSINGS = {
     },
     "gs_ray.selection.spectra": {"gs_ray.training.pretrain"},
     "gs_ray.export": {"gs_ray.evaluation.compare", "gs_ray.serving.pool"},
-    "gs_ray.preflight": {"gs_ray.routing.router"},
+    "gs_ray.preflight": {"gs_ray.routing.encoder"},
 }
 
 

@@ -18,24 +18,18 @@ from fastapi.responses import JSONResponse
 
 from gs_ray.config import ServeConfig
 from gs_ray.core.generate import mixture_steps
-from gs_ray.serving.app import (
-    ENSEMBLE_MODEL,
-    MODEL,
+from gs_ray.serving.app import ExpertsDeployment, Ingress
+from gs_ray.serving.gate import Gate, GateMiddleware, install_gate
+from gs_ray.serving.pool import ENSEMBLE_MODEL, MODEL, TextDeltas, expert_model
+from gs_ray.serving.protocol import (
     ChatRequest,
     CompletionRequest,
-    ExpertsDeployment,
-    Gate,
-    GateMiddleware,
-    Ingress,
     OpenAIError,
     StopCutter,
     chat_prompt,
     cut_at_stop,
-    expert_model,
-    install_gate,
     openai_validation_error,
 )
-from gs_ray.serving.pool import TextDeltas
 
 
 class _FixedLogits:
@@ -86,7 +80,7 @@ def test_cut_at_stop_and_chat_prompt():
     assert cut_at_stop("abc", "z") == ("abc", False)
     assert cut_at_stop("abc", None) == ("abc", False)
     assert cut_at_stop("abc", ["", "c"]) == ("ab", True)
-    from gs_ray.serving.app import ChatMessage
+    from gs_ray.serving.protocol import ChatMessage
 
     msgs = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
     assert chat_prompt(msgs) == "Be brief.\n\nHi"
@@ -111,7 +105,7 @@ def test_openai_error_shape():
 def _through_gate(gate, path="/v1/completions", headers=None, chunks=(b"{}",), method="POST"):
     """One request through ``GateMiddleware`` (with ``gate`` installed) in front of an app that
     echoes what it read: (status, JSON body, what the app read or None, receive() calls)."""
-    from gs_ray.serving import app as app_module
+    from gs_ray.serving import gate as gate_module
 
     seen: dict = {}
     calls = {"receive": 0}
@@ -147,7 +141,7 @@ def _through_gate(gate, path="/v1/completions", headers=None, chunks=(b"{}",), m
         "query_string": b"",
     }
     if gate is None:
-        app_module._GATE.clear()
+        gate_module._GATE.clear()
     else:
         install_gate(gate)
     asyncio.run(GateMiddleware(downstream)(scope, receive, send))
@@ -162,7 +156,7 @@ def test_api_key_is_checked_before_the_body_is_read(monkeypatch):
     """The key is resolved where the app is built (the driver), from serve.api_key or the
     shell's GS_RAY_API_KEY; the gate in front of every route but /healthz (the docs too)
     refuses a request without it before anything reads its body."""
-    from gs_ray.serving.app import api_key_digest
+    from gs_ray.serving.gate import api_key_digest
 
     monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
     assert api_key_digest(ServeConfig()) is None
@@ -226,7 +220,7 @@ def test_without_a_key_only_loopback_host_names_are_answered():
 
 
 def test_a_public_host_without_a_key_is_refused(monkeypatch):
-    from gs_ray.serving.app import api_key_digest
+    from gs_ray.serving.gate import api_key_digest
     from gs_ray.serving.pool import ServingError
 
     monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
@@ -358,7 +352,8 @@ def test_route_says_which_adapter_and_why_with_the_generalist_fallback():
     generalist (index K, model gs-ray/generalist) below it, each with its reason; the generalist
     is listed and can be asked for by name."""
     from gs_ray.routing.fallback import Fallback
-    from gs_ray.serving.app import GENERALIST_MODEL, Ingress, RouterDeployment, expert_model
+    from gs_ray.serving.app import Ingress, RouterDeployment
+    from gs_ray.serving.pool import GENERALIST_MODEL, expert_model
 
     deployment = RouterDeployment.func_or_class
     shell = object.__new__(deployment)

@@ -268,7 +268,7 @@ def test_secrets_never_reach_the_run_directory(tmp_path, monkeypatch):
             assert SECRET not in path.read_text(errors="replace"), path
     loaded = RunDir.open(run.path).config()
     assert loaded.serve.api_key is None
-    from gs_ray.serving.app import API_KEY_ENV, api_key_digest
+    from gs_ray.serving.gate import API_KEY_ENV, api_key_digest
 
     assert api_key_digest(loaded.serve) is None  # no key given again: none
     monkeypatch.setenv(API_KEY_ENV, "from-the-environment")

@@ -13,17 +13,9 @@ import torch
 
 from gs_ray.config import RouterConfig
 from gs_ray.data.demo import build_demo_corpus
-from gs_ray.routing import router as rt
-from gs_ray.routing.router import (
-    FrozenEncoder,
-    Router,
-    encode_cached,
-    fit_router,
-    load_encoder,
-    resolve_encoder,
-    stratified_split,
-    train_router,
-)
+from gs_ray.routing import encoder as enc
+from gs_ray.routing.encoder import FrozenEncoder, encode_cached, load_encoder, resolve_encoder
+from gs_ray.routing.router import Router, fit_router, stratified_split, train_router
 
 # Demo prompts are 36 tokens at the median and 58 at the 90th percentile: 64 keeps nearly all of
 # every prompt and bounds the encode time on a 2-core machine.
@@ -41,7 +33,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def minilm() -> FrozenEncoder:
-    return load_encoder(rt.BUNDLED_ENCODER, 128)
+    return load_encoder(enc.BUNDLED_ENCODER, 128)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def demo(tmp_path_factory):
     domains = sorted({r["domain"] for r in records})
     labels = np.array([domains.index(r["domain"]) for r in records])
     cache = tmp_path_factory.mktemp("router") / "features.npy"
-    feats = encode_cached(texts, rt.BUNDLED_ENCODER, cache, max_length=DEMO_MAX_LENGTH)
+    feats = encode_cached(texts, enc.BUNDLED_ENCODER, cache, max_length=DEMO_MAX_LENGTH)
     return texts, labels, domains, feats
 
 
@@ -158,7 +150,7 @@ def test_cache_reuses_and_recomputes(tmp_path, monkeypatch):
 
 
 def test_cache_key_sees_text_boundaries():
-    key = rt.features_key
+    key = enc.features_key
     assert key(["ab", "c"], "enc", 128) != key(["a", "bc"], "enc", 128)
     assert key(["a"], "enc", 128) != key(["a"], "enc", 64) != key(["a"], "other", 64)
 
@@ -302,7 +294,7 @@ def test_tfidf_router_learns_demo_domains_and_round_trips(demo, tmp_path):
     assert not list((tmp_path / "r").glob("*.pkl"))
     loaded = load_router(tmp_path / "r")
     assert isinstance(loaded, TfidfRouter) and loaded.n_clusters == len(domains)
-    assert isinstance(rt.Router.load(tmp_path / "r"), TfidfRouter)  # older callers keep working
+    assert isinstance(Router.load(tmp_path / "r"), TfidfRouter)  # older callers keep working
     np.testing.assert_allclose(loaded.predict_proba(texts[:20]), p, atol=1e-6)
     assert loaded.metrics["holdout_accuracy"] == m["holdout_accuracy"]
     assert loaded.route_latency_ms(texts[:5]) > 0

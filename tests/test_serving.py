@@ -25,8 +25,7 @@ import pytest
 import torch
 
 from gs_ray.config import Config
-from gs_ray.serving.app import expert_model
-from gs_ray.serving.pool import ExpertPool, ServedRun, ServingError, plan_batches
+from gs_ray.serving.pool import ExpertPool, ServedRun, ServingError, expert_model, plan_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3
@@ -306,7 +305,7 @@ def test_serve_config_yaml_is_valid_and_builds(run_dir):
 def test_request_models_are_strict():
     from pydantic import ValidationError
 
-    from gs_ray.serving.app import GenerateRequest, RouteRequest
+    from gs_ray.serving.protocol import GenerateRequest, RouteRequest
 
     ok = GenerateRequest.model_validate_json('{"prompt": "hi", "max_new_tokens": 8, "expert": 1}')
     assert (ok.prompt, ok.max_new_tokens, ok.expert) == ("hi", 8, 1)
@@ -332,7 +331,7 @@ def test_request_models_are_strict():
 
 
 def test_validation_error_body_never_fails_to_encode():
-    from gs_ray.serving.app import validation_error_body
+    from gs_ray.serving.protocol import validation_error_body
 
     body = validation_error_body(
         [{"loc": ("body", "\udc00"), "msg": "bad \ud800", "type": "x", "input": "\ud800" * 9}]
@@ -1177,7 +1176,8 @@ def keyed(served, run_dir):
     from ray import serve
 
     from gs_ray.config import ServeConfig
-    from gs_ray.serving.app import APP_NAME, Ingress, api_key_digest
+    from gs_ray.serving.app import APP_NAME, Ingress
+    from gs_ray.serving.gate import api_key_digest
 
     handles = [
         serve.get_deployment_handle(d, APP_NAME) for d in ("RouterDeployment", "ExpertsDeployment")

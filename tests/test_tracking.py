@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gs_ray import tracking
-from gs_ray.config import Config, ConfigError, load_config
+from gs_ray.config import ConfigError, config_from_dict, load_config
 from gs_ray.io import atomic_write_text, write_json
 from gs_ray.rundir import EXPERT_RECORD, TRAIN_RECORD, RunDir
 
@@ -164,7 +164,7 @@ def test_the_tracking_section_is_checked_when_the_config_loads():
         with pytest.raises(ConfigError, match=message):
             load_config(None, args)
     with pytest.raises(ConfigError, match="tracking.mlflow: empty tracking URI"):
-        Config.from_dict({"tracking": {"mlflow": " "}})  # as a YAML file may have it
+        config_from_dict({"tracking": {"mlflow": " "}})  # as a YAML file may have it
 
 
 def test_the_uri_comes_from_the_config_else_the_environment_and_is_made_absolute(

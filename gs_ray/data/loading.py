@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from gs_ray.config import Config, DataConfig
+from gs_ray.config import Config, DataConfig, validate
 from gs_ray.data.mix import read_mix
 from gs_ray.data.records import Example, detect_format, guess_format, read_rows, to_example
 from gs_ray.errors import DataError
@@ -239,7 +239,7 @@ def check_inputs(cfg: Config) -> DataReport:
     """Everything a run can check before it starts Ray or creates a directory: every config
     value (as loading does, for a Config built in Python) and every data record. Raises
     ConfigError or DataError; returns the data counts."""
-    cfg.validate()
+    validate(cfg)
     report = check_source(cfg.data, cfg.run.seed)
     if cfg.stage2.consumers:  # the selectors riding Stage II read a target set
         read_examples(target_data_config(cfg), cfg.run.seed)

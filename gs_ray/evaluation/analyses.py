@@ -179,7 +179,7 @@ def _text_routers_task(
 ):
     """Keyword and embedding-similarity routers: choices on the test prompts and milliseconds
     per prompt at batch 1."""
-    from gs_ray.routing.router import encode_cached, load_encoder
+    from gs_ray.routing.encoder import encode_cached, load_encoder
 
     keyword = KeywordRouter(train_prompts, train_labels)
     feats = encode_cached(train_prompts, router_cfg.encoder, cache_path, router_cfg.max_length)
@@ -267,7 +267,7 @@ def _sts_task(base_path, cfg, adapter, pad_id, pairs, encoder, max_length):
     import torch
 
     from gs_ray.core.gradients import compute_bucketed
-    from gs_ray.routing.router import load_encoder
+    from gs_ray.routing.encoder import load_encoder
     from gs_ray.stage2.computer import GradientComputer
 
     use_assigned_cpus()

@@ -116,7 +116,7 @@ def _on_train(n: int, train: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _encode_task(texts, router_cfg, cache_path):
-    from gs_ray.routing.router import encode_cached
+    from gs_ray.routing.encoder import encode_cached
 
     return encode_cached(texts, router_cfg.encoder, cache_path, router_cfg.max_length)
 

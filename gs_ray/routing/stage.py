@@ -65,8 +65,8 @@ def router_stage(p: Prepared, resume: bool = False) -> dict:
 
 
 def _routability_task(texts, labels, k, router_cfg, target, folds, seed, centroids, cache_path):
+    from gs_ray.routing.encoder import encode_cached
     from gs_ray.routing.routability import merge_for_routability
-    from gs_ray.routing.router import encode_cached
 
     use_assigned_cpus()
     features = None

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gs_ray.config import Config, ConfigError
+from gs_ray.config import Config, ConfigError, validate
 from gs_ray.core.models import load_tokenizer
 from gs_ray.data import (
     Sample,
@@ -62,7 +62,7 @@ class Pool:
 def check_select_inputs(cfg: Config) -> None:
     """What can be checked before a model is loaded: the config, the budget, the pool's records
     and the target's (ConfigError / DataError naming the key or the file)."""
-    cfg.validate()
+    validate(cfg)
     targeted = cfg.selection.method not in ENSEMBLE_SELECTORS
     if targeted and not cfg.selection.target:
         raise ConfigError(

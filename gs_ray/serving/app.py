@@ -43,28 +43,22 @@ Start it with ``gs-ray serve RUN_DIR`` (or ``serve run serve/config.yaml``, or
 # (with string annotations under @serve.ingress, it took the body for a query parameter).
 import asyncio
 import collections
-import hashlib
-import hmac
-import json
 import logging
-import os
-import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gs_ray.config import Config, ServeConfig, apply_overrides
+from gs_ray.serving.gate import Gate, GateMiddleware, api_key_digest, install_gate
 from gs_ray.serving.loopback import bind_replica_grpc_to_node
 from gs_ray.serving.pool import (  # noqa: F401  (the model names: this module's API too)
     APP_NAME,
@@ -82,6 +76,20 @@ from gs_ray.serving.pool import (  # noqa: F401  (the model names: this module's
     chat_instruction,
     decide,
     expert_model,
+)
+from gs_ray.serving.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    GenerateRequest,
+    OpenAIError,
+    OpenAIRequest,
+    RouteRequest,
+    StopCutter,
+    chat_prompt,
+    cut_at_stop,
+    openai_validation_error,
+    sse_response,
+    validation_error_body,
 )
 
 log = logging.getLogger(__name__)
@@ -293,372 +301,6 @@ class ExpertsDeployment:
         }
 
 
-# --------------------------------------------------------------------------- HTTP ingress
-
-
-def check_prompt(prompt: str) -> str:
-    """A prompt must hold some non-space text and be valid Unicode (JSON lets a lone UTF-16
-    surrogate such as ``"\\ud800"`` through, which no tokenizer or UTF-8 reply can carry)."""
-    if not prompt.strip():
-        raise ValueError("must contain a non-whitespace character")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(
-            f"is not valid Unicode (a lone surrogate at character {e.start})"
-        ) from None
-    return prompt
-
-
-class RouteRequest(BaseModel):
-    # strict: "8" and true are not integers; forbid: a misspelt field is an error, not a default
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    prompt: str = Field(min_length=1, description="the instruction, without any template")
-
-    _check_prompt = field_validator("prompt")(check_prompt)
-
-
-class GenerateRequest(RouteRequest):
-    max_new_tokens: StrictInt | None = Field(
-        default=None, ge=1, description="default: serve config"
-    )
-    expert: StrictInt | None = Field(
-        default=None, ge=0, description="force this expert (no routing)"
-    )
-
-
-def validation_error_body(errors: Any) -> dict[str, Any]:
-    """The 422 body for pydantic errors: each error's location, message and type, without the
-    request's own input (it may be large, or hold a lone surrogate that UTF-8 cannot encode) and
-    with any string that UTF-8 cannot encode escaped, so the reply itself never fails."""
-
-    def safe(x: Any) -> Any:
-        if isinstance(x, str):
-            return x.encode("utf-8", "backslashreplace").decode("utf-8")
-        return x if isinstance(x, (int, float, bool)) or x is None else safe(str(x))
-
-    return {
-        "detail": [
-            {
-                "loc": [safe(part) for part in e.get("loc", ())],
-                "msg": safe(e.get("msg", "")),
-                "type": safe(e.get("type", "")),
-            }
-            for e in errors
-        ]
-    }
-
-
-# --------------------------------------------------------------------------- the OpenAI API
-
-API_KEY_ENV = "GS_RAY_API_KEY"
-# Bounds of a request's fields (OpenAI's own where it has one: four stop strings).
-MIN_TEMPERATURE = 0.01
-MAX_STOP_STRINGS = 4
-MAX_STOP_CHARS = 256
-MAX_MESSAGES = 256
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-class OpenAIError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type_: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = (
-            status,
-            message,
-            param,
-            code,
-            type_,
-        )
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    include_usage: bool = Field(
-        default=False, description="one more chunk after the last: no choices, the usage"
-    )
-
-
-class _OpenAIRequest(BaseModel):
-    # strict types as the rest of the API; unknown OpenAI fields (user, logprobs...) are ignored
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    model: str
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: StrictFloat | StrictInt = Field(default=1.0, ge=0, le=2)
-    top_p: StrictFloat | StrictInt = Field(default=1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: StrictInt | None = Field(default=None, ge=0, lt=2**63)
-    n: Literal[1] = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_or_above_the_floor(cls, v: float) -> float:
-        # below the floor the sampler's probabilities overflow to inf / nan
-        if 0 < v < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        if any(len(x) > MAX_STOP_CHARS for x in stops):
-            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
-        return v
-
-
-class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("must be one string (a list of exactly one)")
-            v = v[0]
-        return check_prompt(v)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str
-
-
-class ChatRequest(_OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-
-    @field_validator("messages")
-    @classmethod
-    def _has_text(cls, v: list[ChatMessage]) -> list[ChatMessage]:
-        check_prompt("".join(m.content for m in v))
-        return v
-
-
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The instruction a chat becomes for the router (and for the experts when the model has no
-    chat template, ``ExpertPool.render``): the contents in order, a blank line apart."""
-    return chat_instruction([{"role": m.role, "content": m.content} for m in messages])
-
-
-def cut_at_stop(text: str, stop: str | list[str] | None) -> tuple[str, bool]:
-    """``text`` up to the first occurrence of any stop string, and whether one was found."""
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    cut = min((i for i in (text.find(x) for x in stops if x) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-_UNION_MEMBER = re.compile(r"str|int|float|bool|none|.*\[.*\]")
-
-
-def openai_validation_error(errors: Any) -> OpenAIError:
-    """A pydantic error list as one OpenAI 400: the first error's field and message."""
-    body = validation_error_body(errors)["detail"]
-    first = body[0] if body else {"loc": [], "msg": "invalid request", "type": ""}
-    if first["type"] == "json_invalid":
-        return OpenAIError(400, f"invalid JSON: {first['msg']}", None, "invalid_json")
-    # pydantic names the member of a union it tried ("prompt.str"): keep the fields only
-    loc = [str(x) for x in first["loc"] if x != "body" and not _UNION_MEMBER.fullmatch(str(x))]
-    param = ".".join(loc) or None
-    return OpenAIError(400, f"{param}: {first['msg']}", param, first["type"] or None)
-
-
-class StopCutter:
-    """Stop strings over text that arrives in pieces: ``feed`` returns what may be sent now,
-    holding back a tail that could still begin a stop string; ``finish`` the rest. The pieces
-    join to ``cut_at_stop(whole text, stop)[0]``, and ``stopped`` tells whether one was found."""
-
-    def __init__(self, stop: str | list[str] | None):
-        self.stops = [x for x in ([stop] if isinstance(stop, str) else list(stop or [])) if x]
-        self.hold = max((len(x) for x in self.stops), default=1) - 1
-        self.buffer, self.stopped = "", False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.buffer += piece
-        text, self.stopped = cut_at_stop(self.buffer, self.stops)
-        if self.stopped:
-            self.buffer = ""
-            return text
-        n = len(self.buffer) - self.hold
-        if n <= 0:
-            return ""
-        out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
-
-    def finish(self) -> str:
-        out, self.buffer = ("" if self.stopped else self.buffer), ""
-        return out
-
-
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events in OpenAI's chunk format, one ``data:`` line per chunk, ending
-    ``data: [DONE]``."""
-
-    async def body():
-        async for chunk in events:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
-
-
-# --------------------------------------------------------------------------- the gate
-
-
-OPEN_PATHS = frozenset({"/healthz"})  # the only path a request without the key may reach
-
-
-def host_name(header: str) -> str:
-    """The host of a ``Host`` header, without its port: ``[::1]:8000`` -> ``::1``."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
-
-
-@dataclass(frozen=True)
-class Gate:
-    """What every request passes before its body is read (``GateMiddleware``): the API key
-    (its SHA-256), the Host header where no key is set on a loopback host (a web page must
-    not reach the server through a name that resolves to 127.0.0.1: DNS rebinding), and the
-    body's size."""
-
-    key_sha256: str | None
-    max_body_bytes: int
-    loopback_hosts_only: bool
-
-    @classmethod
-    def for_serving(cls, cfg: ServeConfig, key_sha256: str | None) -> "Gate":
-        return cls(
-            key_sha256, cfg.max_body_bytes, key_sha256 is None and cfg.host in LOOPBACK_HOSTS
-        )
-
-    def refusal(self, path: str, headers: dict[str, str]) -> OpenAIError | None:
-        """Why a request with these headers is refused before its body is read (None: pass)."""
-        if path in OPEN_PATHS:
-            return None
-        if self.loopback_hosts_only and host_name(headers.get("host", "")) not in LOOPBACK_HOSTS:
-            return OpenAIError(
-                400,
-                "Host: this server answers only to a loopback name "
-                "(localhost, 127.0.0.1, [::1]) when it has no API key",
-                "host",
-                "invalid_host",
-            )
-        if self.key_sha256 is not None:
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.key_sha256):
-                return OpenAIError(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer KEY)",
-                    None,
-                    "invalid_api_key",
-                    "authentication_error",
-                )
-        length = headers.get("content-length", "0").strip() or "0"
-        if not length.isdigit() or int(length) > self.max_body_bytes:
-            return self.too_large()
-        return None
-
-    def too_large(self) -> OpenAIError:
-        return OpenAIError(
-            413,
-            f"the request body is over {self.max_body_bytes} bytes (serve.max_body_bytes)",
-            None,
-            "request_too_large",
-        )
-
-
-_GATE: list[Gate] = []  # this replica's gate, set by the Ingress (install_gate)
-
-
-def install_gate(gate: Gate) -> None:
-    """Give this process's ``GateMiddleware`` its gate (called in the Ingress's constructor;
-    a module function so that the Ingress, pickled by value into its replica, reaches this
-    module's state)."""
-    _GATE[:] = [gate]
-
-
-class GateMiddleware:
-    """ASGI middleware in front of every route: refuses by headers (``Gate.refusal``: key,
-    Host, declared length) before anything reads the body, then reads the body itself,
-    counting, so that a chunked body over the limit is cut off at the limit (413). No gate
-    installed yet: 503 (nothing is served unchecked)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
-        if not _GATE:
-            refused: OpenAIError | None = OpenAIError(503, "not ready", None, None, "server_error")
-        else:
-            headers = {
-                k.decode("latin-1").lower(): v.decode("latin-1")
-                for k, v in scope.get("headers", [])
-            }
-            refused = _GATE[0].refusal(path, headers)
-        if refused is not None:
-            return await refused.response()(scope, receive, send)
-        if scope.get("method") in ("GET", "HEAD"):
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > _GATE[0].max_body_bytes:
-                return await _GATE[0].too_large().response()(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay():
-            return body.pop() if body else await receive()
-
-        return await self.app(scope, replay, send)
-
-
 # (Defined before Ingress: serve.ingress captures the class's globals when it is decorated.)
 # The docs routes are the Ingress's own, answering only with serve.api_docs (see Ingress.docs).
 api = FastAPI(
@@ -805,7 +447,7 @@ class Ingress:
     async def v1_route(self, req: RouteRequest) -> dict:
         return await self.route(req)
 
-    async def _plan(self, req: _OpenAIRequest, prompt: str) -> dict[str, Any]:
+    async def _plan(self, req: OpenAIRequest, prompt: str) -> dict[str, Any]:
         """Check the model and length, route (or not): what both generation paths share."""
         self._check_size(prompt, openai=True)
         if req.model not in self._models():
@@ -859,7 +501,7 @@ class Ingress:
             "reason": routed.get("reason"),
         }
 
-    def _take_ensemble_slot(self, req: _OpenAIRequest) -> bool:
+    def _take_ensemble_slot(self, req: OpenAIRequest) -> bool:
         """An ensemble request (a forward of every expert per token) takes one of
         ``serve.max_ensemble_requests`` slots of this replica, or is refused (429); True when
         a slot was taken (give it back with ``_give_back``)."""
@@ -890,7 +532,7 @@ class Ingress:
         return OpenAIError(400, message, message.split(":")[0], out.get("code"))
 
     def _result(
-        self, req: _OpenAIRequest, plan: dict, out: dict, text: str, stopped: bool
+        self, req: OpenAIRequest, plan: dict, out: dict, text: str, stopped: bool
     ) -> dict[str, Any]:
         expert = plan["expert"]
         return {
@@ -915,7 +557,7 @@ class Ingress:
         }
 
     async def _complete(
-        self, req: _OpenAIRequest, prompt: str, chat: list[dict[str, str]] | None = None
+        self, req: OpenAIRequest, prompt: str, chat: list[dict[str, str]] | None = None
     ) -> dict[str, Any]:
         """Route (or not), generate, cut at stop: the non-streamed body of both OpenAI routes."""
         plan = await self._plan(req, prompt)
@@ -935,7 +577,7 @@ class Ingress:
 
     async def _stream(
         self,
-        req: _OpenAIRequest,
+        req: OpenAIRequest,
         prompt: str,
         chat: list[dict[str, str]] | None,
         head: dict[str, Any],
@@ -1004,7 +646,7 @@ class Ingress:
                 if not finished:
                     pieces.cancel()
 
-        return _sse(chunks())
+        return sse_response(chunks())
 
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> Any:
@@ -1109,25 +751,6 @@ def app_for_run(run_dir: str, cfg: ServeConfig | None = None):
         ray_actor_options={"num_cpus": 0.1}, max_queued_requests=cfg.max_queued_requests
     ).bind(router, experts, served.info(), cfg, api_key_digest(cfg))
     return ingress
-
-
-def api_key_digest(cfg: ServeConfig) -> str | None:
-    """The API key, resolved here (the driver: ``serve.api_key``, else ``GS_RAY_API_KEY`` of
-    the shell that builds the app), as its SHA-256 hex digest for the Ingress. Refuses a
-    host other than loopback with no key unless ``serve.allow_no_key`` says so; logs whether
-    requests need a key."""
-    key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
-    if key is None and cfg.host not in LOOPBACK_HOSTS and not cfg.allow_no_key:
-        raise ServingError(
-            f"serve.host is {cfg.host!r} (not loopback) but no API key is set: set "
-            f"{API_KEY_ENV} (or serve.api_key) where gs-ray serve runs, or pass "
-            "--serve.allow_no_key true to serve without one"
-        )
-    log.info(
-        "gs-ray serve: requests %s",
-        "need an API key (Authorization: Bearer KEY)" if key else "need no API key",
-    )
-    return None if key is None else hashlib.sha256(key.encode()).hexdigest()
 
 
 def serve_config_for(run_dir: str, overrides: list[str] | None = None) -> ServeConfig:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray import faults
-from gs_ray.config import Config
+from gs_ray.config import Config, config_from_dict
 from gs_ray.core.clustering import cluster_sums, cosine_assign, normalize_rows
 from gs_ray.data import Sample
 from gs_ray.local_ray import LOOPBACK, host_loopback_store, is_loopback
@@ -484,7 +484,7 @@ class _ClustererFactory:
     def __call__(self):
         from gs_ray.stage2.launch import make_clusterer
 
-        return make_clusterer(Config.from_dict(self.cfg))
+        return make_clusterer(config_from_dict(self.cfg))
 
 
 def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_dir, passes, steps):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gs_ray import faults
-from gs_ray.config import Config
+from gs_ray.config import Config, config_from_dict
 from gs_ray.core.clustering import GradientSpaceClustering
 from gs_ray.stage2.transports import TRANSPORTS
 
@@ -73,7 +73,7 @@ class WorkerSetup:
     def resolve(cls, cfg: Config, checkpoint_dir: str | Path) -> WorkerSetup:
         n_workers, resources = resolve_num_workers(cfg)
         fault_spec = os.environ.get(faults.ENV, "")
-        wcfg = Config.from_dict(cfg.to_dict())
+        wcfg = config_from_dict(cfg.to_dict())
         wcfg.gradients.torch_threads = cfg.gradients.torch_threads or max(
             1, int(resources.get("num_cpus", 1))
         )

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gs_ray.config import Config
+from gs_ray.config import Config, config_from_dict
 from gs_ray.core.clustering import within_cluster_variance
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
@@ -30,7 +30,7 @@ def stage2_config(p: Prepared) -> Config:
     cfg = p.cfg
     if cfg.clustering.k_selection != "tune":
         return cfg
-    cfg = Config.from_dict(cfg.to_dict())
+    cfg = config_from_dict(cfg.to_dict())
     cfg.clustering.n_clusters = p.run.manifest()["stages"]["tune"]["best_k"]
     return cfg
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray import tracking
-from gs_ray.config import Config
+from gs_ray.config import Config, config_from_dict
 from gs_ray.core.seeds import tune_expert_seed, tune_sample_seed
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
@@ -77,7 +77,7 @@ def routed_partition(
             "k_routed": 1,
             "routed": np.zeros(len(hold_prompts), dtype=np.int64),
         }
-    c = Config.from_dict(cfg.to_dict())
+    c = config_from_dict(cfg.to_dict())
     c.clustering.n_clusters = k
     est = make_clusterer(c).fit(G_fit, G_val=G_val)
     labels, k_eff = est.labels_.astype(np.int64), k
@@ -315,7 +315,7 @@ def gradient_structure(G_val: np.ndarray, cfg: Config) -> dict[str, Any]:
     decides (weak: no K >= 2 at ``min_silhouette``)."""
     from gs_ray.stage2.launch import make_clusterer
 
-    c = Config.from_dict(cfg.to_dict())
+    c = config_from_dict(cfg.to_dict())
     c.clustering.n_clusters = None
     structure = make_clusterer(c).initialize(G_val).summary()["structure"]
     return structure or {"weak": False, "verdict": "no K selection (one candidate K)"}
