@@ -48,7 +48,7 @@ def ray_cluster():
     `ray start --head` on 127.0.0.1 with free ports, so that `ray job submit` can use it too."""
     import ray
 
-    from gs_ray.local_ray import LocalHead
+    from gs_ray.local_cluster import LocalHead
 
     head = LocalHead(num_cpus=2).start()
     try:

@@ -192,7 +192,7 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_experts_and_removes_them_when_
     from ray.util.state import list_actors
 
     from gs_ray.cluster_config import FAKE_GPU, SPEC, render_fake
-    from gs_ray.local_ray import LocalAutoscalingCluster
+    from gs_ray.local_cluster import LocalAutoscalingCluster
     from gs_ray.rundir import RunDir
     from gs_ray.stage2.result import SKIPPED
 
