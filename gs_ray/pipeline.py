@@ -46,7 +46,7 @@ from gs_ray.stage2.stage import stage2_local, stage2_ray
 from gs_ray.training.experts import experts_complete, experts_ray
 from gs_ray.training.pretrain import base_model_for
 from gs_ray.training.tuning import tune_k
-from gs_ray.training.warmup import warmup_local, warmup_ray
+from gs_ray.training.warmup import warmup_complete, warmup_local, warmup_ray
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def stage2_stage(p: Prepared, resume: bool) -> None:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("warmup", warmup_ray, invalidates=("tune", "stage2")),
+    Stage("warmup", warmup_ray, invalidates=("tune", "stage2"), complete=warmup_complete),
     Stage(
         "tune",
         tune_k,
@@ -406,7 +406,7 @@ def run_local(
         if resumed is not None:
             resume_run(p.run, cfg, redo)
         with tracking.open_tracker(cfg, p.run) as tracker:
-            if not p.run.stage_done("warmup"):
+            if not _BY_NAME["warmup"].done(p):
                 invalidate(p.run, *_BY_NAME["warmup"].invalidates)
                 with tracker.stage("warmup"):
                     warmup_local(p)

@@ -80,9 +80,36 @@ def expert_name(c: int) -> str:
     return f"{EXPERT_PREFIX}{c}"
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # peft's files in an adapter folder
+ADAPTER_WEIGHTS = "adapter_model.*"
+ADAPTER_SHA256 = "adapter_sha256"  # key of an adapter record (expert.json): adapter_digest
+
+
 def adapter_complete(folder: Path) -> bool:
     """A peft adapter folder with its config and its weights (a finished export)."""
-    return (folder / "adapter_config.json").exists() and any(folder.glob("adapter_model.*"))
+    return (folder / ADAPTER_CONFIG).exists() and any(folder.glob(ADAPTER_WEIGHTS))
+
+
+def adapter_digest(folder: Path) -> str:
+    """SHA-256 over an adapter folder's peft files (config and weights, by name, in order): what
+    a resume keeps is what was trained there (``RunDir.check_adapter``)."""
+    h = hashlib.sha256()
+    for path in [folder / ADAPTER_CONFIG, *sorted(folder.glob(ADAPTER_WEIGHTS))]:
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _check_digest(folder: Path, want: str | None, where: str, remedy: str) -> None:
+    """RunDirError when the adapter in ``folder`` is not the one whose digest ``where`` kept
+    (None: nothing kept, an older gs-ray: taken as it is)."""
+    if want is not None and adapter_digest(folder) != want:
+        raise RunDirError(
+            f"{folder}: its adapter files differ from those gs-ray trained there ({where} "
+            f"{ADAPTER_SHA256}); restore them, " + remedy.format(folder=folder)
+        )
 
 
 def stored_config(cfg: Config) -> tuple[dict[str, Any], list[str]]:
@@ -274,7 +301,35 @@ class RunDir:
         return sorted(records, key=lambda r: r.get("cluster", 0))
 
     def write_expert_record(self, k: int, record: dict[str, Any]) -> None:
-        write_json(self.expert(k) / EXPERT_RECORD, {"cluster": k, **record})
+        self.write_adapter_record(self.expert(k), {"cluster": k, **record})
+
+    def write_adapter_record(self, folder: Path, record: dict[str, Any]) -> None:
+        """An adapter's ``expert.json``, with the digest of the files it describes."""
+        write_json(folder / EXPERT_RECORD, {**record, ADAPTER_SHA256: adapter_digest(folder)})
+
+    def check_adapter(self, folder: Path) -> None:
+        """Refuse to keep an adapter whose files are not those its record was written for (a
+        file replaced or edited by hand, a copy from another run): a resume would build the
+        router, the calibration and the evaluation on it. A record without a digest (an older
+        gs-ray) is taken as it is."""
+        want = json.loads((folder / EXPERT_RECORD).read_text()).get(ADAPTER_SHA256)
+        _check_digest(
+            folder,
+            want,
+            EXPERT_RECORD,
+            "delete {folder} to train it again, or resume with --redo experts",
+        )
+
+    def check_warmup_adapter(self) -> None:
+        """``check_adapter`` for the warm-up adapter, whose digest is in the manifest's warm-up
+        stage (Stage II's gradients are taken with it)."""
+        stage = self.manifest().get("stages", {}).get("warmup", {})
+        _check_digest(
+            self.warmup_adapter,
+            stage.get(ADAPTER_SHA256),
+            "manifest.json's warmup",
+            "or resume with --redo warmup",
+        )
 
     @property
     def generalist(self) -> Path:

@@ -344,3 +344,27 @@ def test_the_resume_continued_the_same_mlflow_run(job_run, monkeypatch):
     redone = _nested(client, ids["stages"]["experts"])["expert_1"][0]
     record = json.loads((job_run["dir"] / "experts" / "expert_1" / "expert.json").read_text())
     assert _losses(client, redone.info.run_id) == record["losses"]
+
+
+def test_a_resume_refuses_an_expert_replaced_by_hand(job_run):
+    """After the resumes above: expert_0's weights swapped for expert_1's (a complete, loadable
+    adapter, but not the one trained there). The resume refuses before it trains or serves
+    anything on it, naming the folder; the stages' records are left as they were."""
+    import shutil
+
+    from gs_ray.errors import RunDirError
+    from gs_ray.pipeline import run as run_pipeline
+    from gs_ray.rundir import RunDir
+
+    run_dir = job_run["dir"]
+    weights = run_dir / "experts" / "expert_0" / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    shutil.copyfile(run_dir / "experts" / "expert_1" / "adapter_model.safetensors", weights)
+    stages = _manifest(run_dir)["stages"]
+    with pytest.raises(RunDirError, match=r"expert_0: its adapter files differ"):
+        run_pipeline(RunDir(run_dir).config(), resume=str(run_dir))
+    after = _manifest(run_dir)["stages"]
+    assert {s: after[s] for s in after if s != "prepare"} == {  # (a resume prepares again)
+        s: stages[s] for s in stages if s != "prepare"
+    }
+    assert weights.read_bytes() != before  # refused, not retrained over the user's file

@@ -114,3 +114,58 @@ def test_resume_refuses_data_that_changed(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(RunDirError, match=r"runs/r: the data changed since this run started"):
         prepare(run.config(), run, base_model=base_model_for)
+
+
+def test_an_adapter_changed_by_hand_is_refused_not_kept(tmp_path):
+    """An expert's record carries the digest of its peft files: the same files pass, weights or
+    a config changed afterwards are refused naming the folder, a record of an older gs-ray
+    (no digest) is taken as it is."""
+    import json
+
+    from gs_ray.errors import RunDirError
+    from gs_ray.rundir import ADAPTER_SHA256, EXPERT_RECORD
+
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "r"])
+    run = RunDir.create(cfg)
+    folder = run.expert(0)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "adapter_model.safetensors").write_bytes(b"weights" * 100)
+    run.write_expert_record(0, {"n_train": 3})
+    assert run.expert_complete(0)
+    run.check_adapter(folder)  # as trained: kept
+    record = json.loads((folder / EXPERT_RECORD).read_text())
+    assert record["cluster"] == 0 and len(record[ADAPTER_SHA256]) == 64
+
+    (folder / "adapter_model.safetensors").write_bytes(b"weightz" * 100)  # same size
+    with pytest.raises(RunDirError, match="expert_0: its adapter files differ"):
+        run.check_adapter(folder)
+    (folder / "adapter_model.safetensors").write_bytes(b"weights" * 100)
+    (folder / "adapter_config.json").write_text('{"r": 16}')
+    with pytest.raises(RunDirError, match="--redo experts"):
+        run.check_adapter(folder)
+    del record[ADAPTER_SHA256]  # an older gs-ray's record
+    (folder / EXPERT_RECORD).write_text(json.dumps(record))
+    run.check_adapter(folder)
+    run.release_lock()
+
+
+def test_a_warmup_adapter_changed_by_hand_is_refused(tmp_path):
+    """The warm-up stage keeps its adapter's digest in the manifest; Stage II on a resume would
+    take its gradients with that adapter, so another one is refused."""
+    from gs_ray.errors import RunDirError
+    from gs_ray.rundir import ADAPTER_SHA256, adapter_digest
+
+    cfg = load_config(None, ["--run.output_dir", str(tmp_path), "--run.name", "w"])
+    run = RunDir.create(cfg)
+    folder = run.warmup_adapter
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "adapter_model.safetensors").write_bytes(b"warm" * 50)
+    run.check_warmup_adapter()  # no warm-up recorded yet: nothing to compare
+    run.mark_stage("warmup", 1.0, **{ADAPTER_SHA256: adapter_digest(folder)})
+    run.check_warmup_adapter()
+    (folder / "adapter_model.safetensors").write_bytes(b"cold" * 50)
+    with pytest.raises(RunDirError, match=r"adapter: its adapter files differ.*--redo warmup"):
+        run.check_warmup_adapter()
+    run.release_lock()

@@ -11,9 +11,8 @@ import shutil
 import numpy as np
 
 from gs_ray.core.seeds import expert_seed
-from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
-from gs_ray.rundir import EXPERT_RECORD, GENERALIST, expert_name
+from gs_ray.rundir import GENERALIST, expert_name
 from gs_ray.training.warmup import storage_path, training_summary
 
 log = logging.getLogger(__name__)
@@ -66,6 +65,7 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
         jobs, kept, copied = [], [], []
         for c in range(k):
             if run.expert_complete(c):
+                run.check_adapter(run.expert(c))  # the files it was trained into, or refuse
                 kept.append(c)
                 continue
             job = expert_job(p, labels, c, str(run.expert(c)))
@@ -76,7 +76,9 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
                 copied.append(c)
                 continue
             jobs.append(job)
-        if cfg.fallback.enabled and not run.generalist_complete():
+        if cfg.fallback.enabled and run.generalist_complete():
+            run.check_adapter(run.generalist)
+        elif cfg.fallback.enabled:
             jobs.append(generalist_job(p, labels, k, str(run.generalist)))
         # A resume continues an interrupted training from its checkpoint; an expert whose run
         # had finished but whose folder is gone (deleted) is trained again from the warm-up.
@@ -112,7 +114,7 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
                 "train_end": rec.get("train_end"),
             }
             if job.name == GENERALIST:
-                write_json(run.generalist / EXPERT_RECORD, {"generalist": True, **record})
+                run.write_adapter_record(run.generalist, {"generalist": True, **record})
             else:
                 run.write_expert_record(job.cluster, record)
         info.update(
@@ -127,8 +129,16 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
 
 
 def experts_complete(p: Prepared) -> bool:
-    """Every cluster's expert folder is complete (and the generalist's, where there is one)."""
+    """Every cluster's expert folder is complete (and the generalist's, where there is one);
+    RunDirError if one of them is not what was trained there (``RunDir.check_adapter``)."""
     _, k = p.assignments()
-    return all(p.run.expert_complete(c) for c in range(k)) and (
-        not p.cfg.fallback.enabled or p.run.generalist_complete()
-    )
+    folders = [p.run.expert(c) for c in range(k) if p.run.expert_complete(c)]
+    if len(folders) < k:
+        return False
+    if p.cfg.fallback.enabled:
+        if not p.run.generalist_complete():
+            return False
+        folders.append(p.run.generalist)
+    for folder in folders:  # kept as they are only if they are what was trained there
+        p.run.check_adapter(folder)
+    return True

@@ -13,7 +13,7 @@ from typing import Any
 from gs_ray.core.models import add_lora, load_base_model
 from gs_ray.io import write_json
 from gs_ray.prepare import Prepared
-from gs_ray.rundir import WARMUP
+from gs_ray.rundir import ADAPTER_SHA256, WARMUP, adapter_digest
 from gs_ray.training.loop import TorchEngine, mean_loss, train_adapter
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,15 @@ def warmup_local(p: Prepared) -> Path:
         write_json(p.run.warmup_losses, {"train_loss": losses})
         p.run.add_metrics(warmup={"loss_before": before, "loss_after": after, "steps": len(losses)})
         log.info("warm-up: %d steps, loss %.3f -> %.3f", len(losses), before, after)
-        info.update(engine="torch")
+        info.update(engine="torch", **{ADAPTER_SHA256: adapter_digest(p.run.warmup_adapter)})
     return p.run.warmup_adapter
+
+
+def warmup_complete(p: Prepared) -> bool:
+    """The warm-up adapter is the one the stage trained (RunDirError if not: Stage II's
+    gradients would be taken with another adapter)."""
+    p.run.check_warmup_adapter()
+    return True
 
 
 def warmup_ray(p: Prepared, resume: bool = False) -> Path:
@@ -81,7 +88,10 @@ def warmup_ray(p: Prepared, resume: bool = False) -> Path:
         write_json(p.run.warmup_losses, {"train_loss": rec["losses"]})
         p.run.add_metrics(warmup=training_summary(rec))
         info.update(
-            engine=rec["engine"], zero_stage=rec["zero_stage"], world_size=rec["world_size"]
+            engine=rec["engine"],
+            zero_stage=rec["zero_stage"],
+            world_size=rec["world_size"],
+            **{ADAPTER_SHA256: adapter_digest(p.run.warmup_adapter)},
         )
         log.info(
             "warm-up: %s ZeRO-%d, %d steps, loss %.3f -> %.3f",
