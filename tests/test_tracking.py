@@ -73,7 +73,8 @@ def _stage2(run: RunDir) -> None:
 
 def _experts(run: RunDir, losses: dict[int, list[float]] = EXPERT_LOSSES) -> None:
     for c, values in losses.items():
-        run.write_expert_record(c, {"n_train": 10 + c, "steps": len(values), "losses": values})
+        record = {"cluster": c, "n_train": 10 + c, "steps": len(values), "losses": values}
+        write_json(run.expert(c) / EXPERT_RECORD, record)  # records only: no adapter files
     record = {"generalist": True, "n_train": 21, "losses": GENERALIST_LOSSES}
     write_json(run.generalist / EXPERT_RECORD, record)
     run.mark_stage("experts", 3.0, trained=sorted(losses), generalist=True)
