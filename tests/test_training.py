@@ -267,8 +267,9 @@ def test_warmup_is_a_deepspeed_zero2_data_parallel_run(world, warmup, ray_sessio
     assert warmup["start"] <= warmup["train_start"] <= warmup["train_end"] <= warmup["end"]
     # rank 0's step lines for the driver's console (every log_every steps)
     progress = Path(world["storage"], "warmup.gs_ray", "progress.jsonl").read_text().splitlines()
-    steps = [json.loads(x)["step"] for x in progress]
-    assert steps == list(range(4, warmup["steps"] + 1, 4))
+    lines = [json.loads(x) for x in progress]
+    assert [x["step"] for x in lines] == list(range(4, warmup["steps"] + 1, 4))
+    assert {x["planned"] for x in lines} == {warmup["steps"]}
 
 
 def test_warmup_adapter_loads_with_plain_peft_and_has_learned(world, warmup, ray_session):

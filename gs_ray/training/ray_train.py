@@ -680,14 +680,12 @@ def _train_job(
                     )
                     + "\n"
                 )
-        if rank == 0 and planned:
-            _crash_if_planned(planned, markers, job.name, epoch_now, len(losses), attempt)
+        if rank == 0 and fault_plan:  # step: within the epoch (train_adapter runs one epoch)
+            _crash_if_planned(fault_plan, markers, job.name, epoch, step, len(losses), attempt)
 
-    planned = faults.parse()  # fault injection (tests); empty unless GS_RAY_FAULTS is set
-    epoch_now = [resumed_from, len(losses)]  # the epoch in progress, the steps before it
+    fault_plan = faults.parse()  # fault injection (tests); empty unless GS_RAY_FAULTS is set
     train_start = time.time()
-    for epoch in range(resumed_from, train_cfg.epochs):
-        epoch_now[:] = [epoch, len(losses)]
+    for epoch in range(resumed_from, train_cfg.epochs):  # on_step reads `epoch`
         remaining = (train_cfg.max_steps or 10**12) - len(losses)
         if remaining <= 0:
             break
@@ -785,18 +783,18 @@ def _mean_over_ranks(value: float, device: torch.device, world: int) -> float:
 
 
 def _crash_if_planned(
-    planned, markers: Path, name: str, epoch_now: list[int], step: int, attempt: int
+    fault_plan, markers: Path, name: str, epoch: int, t: int, step: int, attempt: int
 ) -> None:
     """Fault injection (``gs_ray.faults``, ``trainer:<job>:<epoch>:<t>``): die hard, once,
-    after step t of that epoch (a marker file lets the retry pass this point).
+    after step t of that epoch (``step``: counted from the job's start, for the attempts log; a
+    marker file lets the retry pass this point).
 
     It waits one Ray Train poll interval first: Train V2 registers a reported checkpoint when
     the controller next polls the worker (every TRAIN_POLL_ENV seconds: Ray's default 2 s, or
     TRAIN_POLL_S as gs-ray sets it), so a process that dies sooner after ``report`` loses that
     checkpoint, and the retry starts over.
     """
-    epoch, before = epoch_now
-    if not faults.fires(planned, "trainer", name, epoch, step - before, markers):
+    if not faults.fires(fault_plan, "trainer", name, epoch, t, markers):
         return
     time.sleep(float(os.environ.get(TRAIN_POLL_ENV, 2.0)) + 1.0)
     log.warning("%s: fault injection, the worker process exits at step %d", name, step)
