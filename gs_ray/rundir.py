@@ -108,7 +108,7 @@ def _check_digest(folder: Path, want: str | None, where: str, remedy: str) -> No
     if want is not None and adapter_digest(folder) != want:
         raise RunDirError(
             f"{folder}: its adapter files differ from those gs-ray trained there ({where} "
-            f"{ADAPTER_SHA256}); restore them, " + remedy.format(folder=folder)
+            f"{ADAPTER_SHA256}); restore them, {remedy}"
         )
 
 
@@ -317,7 +317,7 @@ class RunDir:
             folder,
             want,
             EXPERT_RECORD,
-            "delete {folder} to train it again, or resume with --redo experts",
+            f"delete {folder} to train it again, or resume with --redo experts",
         )
 
     def check_warmup_adapter(self) -> None:
