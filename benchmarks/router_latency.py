@@ -77,12 +77,11 @@ def fit_other_kind(run, own, rows: dict[str, tuple[list[str], list[int]]]):
     seed and ``holdout_fraction`` (so its hold-out is the same)."""
     import dataclasses
 
-    from gs_ray.routing.router import TfidfRouter, fit_router
+    from gs_ray.routing.router import TfidfRouter, make_router
 
     kind = "encoder" if isinstance(own, TfidfRouter) else TfidfRouter.kind
     cfg = dataclasses.replace(run.cfg.router, kind=kind)
-    router, _ = fit_router(*rows["fit"], run.n_experts, cfg, run.cfg.run.seed)
-    return router
+    return make_router(cfg, run.n_experts, run.cfg.run.seed).fit(*rows["fit"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
             if kind == "int8-ffnout-float" and length != trained:
                 continue
             # a fresh router per variant (its own head): the encoder is loaded per length
-            router = Router(copy.deepcopy(encoder.head), encoder.encoder_name, length)
+            router = Router.from_head(
+                copy.deepcopy(encoder.head), encoder=encoder.encoder_name, max_length=length
+            )
             if kind != "float":
                 router.quantize(FFN_OUTPUT if kind == "int8-ffnout-float" else None)
             variants[f"{kind}@{length}"] = router

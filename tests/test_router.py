@@ -15,7 +15,7 @@ from gs_ray.config import RouterConfig
 from gs_ray.data.demo import build_demo_corpus
 from gs_ray.routing import encoder as enc
 from gs_ray.routing.encoder import FrozenEncoder, encode_cached, load_encoder, resolve_encoder
-from gs_ray.routing.router import Router, fit_router, stratified_split, train_router
+from gs_ray.routing.router import Router, make_router, stratified_split
 
 # Demo prompts are 36 tokens at the median and 58 at the 90th percentile: 64 keeps nearly all of
 # every prompt and bounds the encode time on a 2-core machine.
@@ -113,9 +113,8 @@ def test_other_architecture_distilbert(tmp_path, minilm):
     feats = enc.encode(["one prompt", "and another, longer prompt"])
     assert enc.dim == 32 and feats.shape == (2, 32)
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
-    router, _ = train_router(
-        feats, [0, 1], 2, RouterConfig(encoder=str(tmp_path), max_length=32, epochs=5), seed=0
-    )
+    cfg = RouterConfig(encoder=str(tmp_path), max_length=32, epochs=5)
+    router = Router(cfg, 2, seed=0).fit_features(feats, [0, 1])
     assert router.predict(["one prompt", "x"]).shape == (2,)
 
 
@@ -172,7 +171,8 @@ def test_stratified_split():
 
 def test_router_learns_demo_domains(demo):
     texts, labels, domains, feats = demo
-    router, m = train_router(feats, labels, len(domains), demo_cfg(), seed=0)
+    router = Router(demo_cfg(), len(domains), seed=0).fit_features(feats, labels)
+    m = router.metrics
     print(f"\ndemo router: holdout {m['holdout_accuracy']:.3f}, chance {m['chance_accuracy']:.3f}")
     assert m["holdout_accuracy"] >= 0.8
     assert m["holdout_accuracy"] >= m["chance_accuracy"] + 0.4
@@ -184,7 +184,7 @@ def test_router_learns_demo_domains(demo):
     np.testing.assert_allclose(
         router.predict_proba(texts[:8]), router.proba_from_features(feats[:8]), atol=1e-4
     )
-    again, _ = train_router(feats, labels, len(domains), demo_cfg(), seed=0)
+    again = Router(demo_cfg(), len(domains), seed=0).fit_features(feats, labels)
     torch.testing.assert_close(again.head.weight, router.head.weight)
 
 
@@ -193,7 +193,7 @@ def test_random_labels_are_not_learnable(demo):
     holdout stays at chance; a leak between train and holdout would lift it."""
     _, _, _, feats = demo
     labels = np.random.default_rng(7).integers(0, 5, len(feats))
-    _, m = train_router(feats, labels, 5, demo_cfg(), seed=0)
+    m = Router(demo_cfg(), 5, seed=0).fit_features(feats, labels).metrics
     assert m["holdout_accuracy"] <= m["chance_accuracy"] + 0.15
     assert m["train_accuracy"] >= m["holdout_accuracy"] + 0.3
 
@@ -202,21 +202,22 @@ def test_tiny_clusters_do_not_crash():
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((23, 16)).astype(np.float32)
     labels = np.array([0] * 20 + [1] * 2 + [2])
-    router, m = train_router(feats, labels, 4, RouterConfig(epochs=20), seed=0)
+    router = Router(RouterConfig(epochs=20), 4, seed=0).fit_features(feats, labels)
+    m = router.metrics
     assert m["n_train"] + m["n_holdout"] == 23
     assert m["cluster_sizes"] == [20, 2, 1, 0]
     assert m["per_cluster_holdout_accuracy"][2] is None  # the singleton is trained on, not held out
     assert m["per_cluster_holdout_accuracy"][3] is None  # an empty cluster keeps its output
     assert router.proba_from_features(feats).shape == (23, 4)
-    only_one, m1 = train_router(feats[:1], [0], 1, RouterConfig(epochs=3), seed=0)
+    m1 = Router(RouterConfig(epochs=3), 1, seed=0).fit_features(feats[:1], [0]).metrics
     assert m1["n_holdout"] == 0 and m1["holdout_accuracy"] is None
 
 
 def test_bad_labels_are_rejected():
     with pytest.raises(ValueError, match="labels must lie"):
-        train_router(np.zeros((3, 4), np.float32), [0, 1, 3], 3, RouterConfig(), seed=0)
+        Router(RouterConfig(), 3, seed=0).fit_features(np.zeros((3, 4), np.float32), [0, 1, 3])
     with pytest.raises(ValueError, match="do not match"):
-        train_router(np.zeros((3, 4), np.float32), [0, 1], 3, RouterConfig(), seed=0)
+        Router(RouterConfig(), 3, seed=0).fit_features(np.zeros((3, 4), np.float32), [0, 1])
 
 
 # --------------------------------------------------------------------------- save, load, latency
@@ -224,7 +225,8 @@ def test_bad_labels_are_rejected():
 
 def test_save_load_round_trip(demo, tmp_path):
     texts, labels, domains, feats = demo
-    router, metrics = train_router(feats, labels, len(domains), demo_cfg(epochs=50), seed=0)
+    router = Router(demo_cfg(epochs=50), len(domains), seed=0).fit_features(feats, labels)
+    metrics = router.metrics
     router.save(tmp_path / "router")
     meta = json.loads((tmp_path / "router" / "router.json").read_text())
     assert {
@@ -248,22 +250,53 @@ def test_save_load_round_trip(demo, tmp_path):
 
 
 def test_loaded_router_checks_encoder_dim(tmp_path):
-    router = Router(torch.nn.Linear(10, 2), encoder="all-MiniLM-L6-v2")
+    router = Router.from_head(torch.nn.Linear(10, 2), encoder="all-MiniLM-L6-v2")
     router.save(tmp_path)
     with pytest.raises(ValueError, match="expects 10"):
         Router.load(tmp_path).predict(["hello"])
 
 
-def test_fit_router_and_latency(demo, tmp_path):
+def test_make_router_and_latency(demo, tmp_path):
     texts, labels, domains, _ = demo
     cfg = demo_cfg(epochs=50, holdout_fraction=0.25)
-    router, m = fit_router(
-        texts[:40], labels[:40], len(domains), cfg, cache_path=tmp_path / "f.npy"
-    )
+    router = make_router(cfg, len(domains), cache_path=tmp_path / "f.npy")
+    m = router.fit(texts[:40], labels[:40]).metrics
     assert (tmp_path / "f.npy").exists() and m["n_train"] + m["n_holdout"] == 40
     ms = router.route_latency_ms(texts[:10], warmup=2)
     print(f"\nrouting latency (batch 1, {torch.get_num_threads()} thread): {ms:.1f} ms/prompt")
     assert 0.0 < ms < 5000.0
+
+
+def test_routers_are_estimators(demo, tmp_path):
+    """scikit-learn style: ``fit`` returns the router, an unfitted router raises
+    ``NotFittedError``, and the encoder router's ``fit(texts, y)`` is
+    ``fit_features(encode(texts), y)``, to the bit."""
+    from sklearn.exceptions import NotFittedError
+
+    from gs_ray.routing.router import TfidfRouter
+
+    texts, labels, domains, _ = demo
+    texts, labels = texts[:60], labels[:60]
+    cfg = demo_cfg(epochs=30)
+    for unfitted in (Router(cfg, 3), TfidfRouter(demo_cfg(kind="tfidf"), 3)):
+        assert unfitted.n_clusters == 3 and unfitted.metrics == {}
+        with pytest.raises(NotFittedError, match="not fitted"):
+            unfitted.predict(texts[:2])
+        with pytest.raises(NotFittedError, match="not fitted"):
+            unfitted.save(tmp_path / "unfitted")
+    with pytest.raises(NotFittedError, match="not fitted"):
+        Router(cfg).proba_from_features(np.zeros((1, 384), np.float32))
+
+    router = Router(cfg, seed=1)  # n_clusters None: one more than the largest label
+    assert router.fit(texts, labels) is router
+    feats = load_encoder(cfg.encoder, cfg.max_length).encode(texts)
+    direct = Router(cfg, seed=1).fit_features(feats, labels)
+    torch.testing.assert_close(router.head.weight, direct.head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(router.head.bias, direct.head.bias, rtol=0, atol=0)
+    assert router.metrics == direct.metrics and router.n_clusters == int(labels.max()) + 1
+    tfidf = make_router(demo_cfg(kind="tfidf"), len(domains))
+    assert isinstance(tfidf, TfidfRouter) and tfidf.fit(texts, labels) is tfidf
+    assert tfidf.n_clusters == len(domains) and tfidf.predict(texts[:3]).shape == (3,)
 
 
 # --------------------------------------------------------------------------- router.kind: tfidf
@@ -273,18 +306,19 @@ def test_tfidf_router_learns_demo_domains_and_round_trips(demo, tmp_path):
     """The TF-IDF router on the demo's domains: within a few points of the encoder router on the
     same split (planted labels: the 8 domains; 0.975 vs 0.992 here), chance on shuffled labels,
     and a saved router (plain arrays, no pickle) loads back to the same probabilities."""
-    from gs_ray.routing.router import TfidfRouter, fit_router, load_router
+    from gs_ray.routing.router import TfidfRouter, load_router
 
     texts, labels, domains, feats = demo
     cfg = demo_cfg(kind="tfidf")
-    router, m = fit_router(texts, labels, len(domains), cfg, seed=0)
+    router = make_router(cfg, len(domains), seed=0).fit(texts, labels)
+    m = router.metrics
     assert isinstance(router, TfidfRouter) and m["kind"] == "tfidf"
-    _, enc = train_router(feats, labels, len(domains), demo_cfg(), seed=0)
+    enc = Router(demo_cfg(), len(domains), seed=0).fit_features(feats, labels).metrics
     assert m["n_holdout"] == enc["n_holdout"]  # the same stratified split
     assert m["holdout_accuracy"] >= 0.95 and m["holdout_accuracy"] >= enc["holdout_accuracy"] - 0.03
     assert m["holdout_accuracy"] >= m["chance_accuracy"] + 0.4
     shuffled = np.random.default_rng(0).permutation(labels)
-    _, bad = fit_router(texts, shuffled, len(domains), cfg, seed=0)
+    bad = make_router(cfg, len(domains), seed=0).fit(texts, shuffled).metrics
     assert bad["holdout_accuracy"] < bad["chance_accuracy"] + 0.15
 
     p = router.predict_proba(texts[:20])
@@ -306,11 +340,11 @@ def test_tfidf_router_with_an_empty_cluster_and_a_single_cluster(tmp_path):
 
     texts = [f"alpha beta {i}" for i in range(6)] + [f"gamma delta {i}" for i in range(6)]
     labels = np.array([0] * 6 + [2] * 6)  # cluster 1 has no sample
-    router, _ = TfidfRouter.fit(texts, labels, 3, RouterConfig(kind="tfidf"), 0)
+    router = TfidfRouter(RouterConfig(kind="tfidf"), 3, 0).fit(texts, labels)
     p = router.predict_proba(["alpha beta", "gamma delta"])
     assert p.shape == (2, 3) and (p[:, 1] == 0).all()
     assert router.predict(["alpha beta", "gamma delta"]).tolist() == [0, 2]
-    one, _ = TfidfRouter.fit(texts, np.full(12, 1), 2, RouterConfig(kind="tfidf"), 0)
+    one = TfidfRouter(RouterConfig(kind="tfidf"), 2, 0).fit(texts, np.full(12, 1))
     assert one.predict(["anything"]).tolist() == [1]
     one.save(tmp_path / "one")
     assert load_router(tmp_path / "one").predict(["x"]).tolist() == [1]

@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory) -> Path:
     """A finished-looking run: tiny base, K experts with distinct weights, a trained router."""
     from gs_ray.core.models import add_lora, load_base_model, materialize_base_model
     from gs_ray.data.demo import build_demo_corpus
-    from gs_ray.routing.router import fit_router
+    from gs_ray.routing.router import make_router
     from gs_ray.rundir import RunDir
 
     cfg = Config()
@@ -66,8 +66,7 @@ def run_dir(tmp_path_factory) -> Path:
     rows = [r for r in build_demo_corpus(600, seed=0) if r["domain"] in DOMAINS]
     texts = [r["instruction"] for r in rows]
     labels = [DOMAINS.index(r["domain"]) for r in rows]
-    router, _ = fit_router(texts, labels, K, cfg.router, seed=0)
-    router.save(run.router)
+    make_router(cfg.router, K, seed=0).fit(texts, labels).save(run.router)
     return run.path
 
 
@@ -1129,18 +1128,14 @@ def test_int8_router_agrees_with_the_float_router(tmp_path):
     float one on 150 held-out demo prompts of three domains, with probabilities close."""
     from gs_ray.config import RouterConfig
     from gs_ray.data.demo import build_demo_corpus
-    from gs_ray.routing.router import fit_router, load_router
+    from gs_ray.routing.router import load_router, make_router
 
     def domain_rows(seed, n):
         return [r for r in build_demo_corpus(900, seed=seed) if r["domain"] in DOMAINS][:n]
 
     train = domain_rows(6, 300)
-    fitted, _ = fit_router(
-        [r["instruction"] for r in train],
-        [DOMAINS.index(r["domain"]) for r in train],
-        len(DOMAINS),
-        RouterConfig(kind="encoder"),
-        0,
+    fitted = make_router(RouterConfig(kind="encoder"), len(DOMAINS), 0).fit(
+        [r["instruction"] for r in train], [DOMAINS.index(r["domain"]) for r in train]
     )
     fitted.save(tmp_path / "router")
 

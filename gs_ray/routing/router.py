@@ -6,16 +6,21 @@ trained, with cross-entropy on the cluster assignments of Stage II
 (``L = -sum_i log p(k_i | x_i)``). The router sees prompts only (``Sample.prompt``): at inference
 time there is no response.
 
-Pieces, each usable on its own:
+Both routers are scikit-learn style estimators: the constructor takes hyperparameters only,
+``fit(texts, labels)`` returns the router itself, and ``router.metrics`` describes the fitted
+head. Pieces, each usable on its own:
 
 * ``FrozenEncoder``, ``encode_cached`` - the frozen encoder and its feature cache
   (``routing/encoder.py``).
-* ``stratified_split`` / ``train_router`` - a seeded stratified hold-out and full-batch AdamW on
-  the head; the metrics describe exactly the head that is returned.
-* ``Router`` - predict, save, load, latency. In the run directory (``router/``) it is two lines::
+* ``stratified_split`` - a seeded stratified hold-out; ``Router.fit_features`` trains the head
+  on precomputed features with full-batch AdamW on the rest.
+* ``Router`` (``kind: encoder``) and ``TfidfRouter`` (``kind: tfidf``) - fit, predict, save,
+  load, latency; ``make_router(cfg, k, seed).fit(texts, labels)`` fits the kind ``cfg`` names,
+  ``Router.from_head`` / ``TfidfRouter.from_parts`` wrap already-fitted parts. In the run
+  directory (``router/``) a saved router is two lines::
 
-      from gs_ray.routing.router import Router
-      expert = Router.load("runs/my-run/router").predict(["How do I reset my password?"])[0]
+      from gs_ray.routing.router import load_router
+      expert = load_router("runs/my-run/router").predict(["How do I reset my password?"])[0]
 """
 
 from __future__ import annotations
@@ -134,50 +139,6 @@ def _pred_metrics(
     }
 
 
-def train_router(
-    features: np.ndarray,
-    labels: Sequence[int] | np.ndarray,
-    n_clusters: int,
-    cfg: RouterConfig,
-    seed: int = 0,
-) -> tuple[Router, dict[str, Any]]:
-    """Train the linear head on encoder features of the prompts and their cluster labels.
-
-    ``features`` must come from ``cfg.encoder`` with ``cfg.max_length`` (e.g. ``encode_cached``):
-    the returned ``Router`` uses them to encode new prompts. ``cfg.holdout_fraction`` of each
-    cluster is held out (``stratified_split``) and the head is trained on the rest only, so the
-    metrics describe the returned head. Metrics: ``holdout_accuracy``, ``train_accuracy``,
-    ``chance_accuracy`` (majority-cluster share of the holdout), ``per_cluster_holdout_accuracy``
-    (None where a cluster has no holdout sample), ``cluster_sizes``, ``n_train``, ``n_holdout``,
-    ``final_train_loss``, ``holdout_loss``, ``epochs``, ``lr``, ``seed``.
-    """
-    feats = np.ascontiguousarray(features, dtype=np.float32)
-    y = np.asarray(labels, dtype=np.int64)
-    if feats.ndim != 2 or len(feats) != len(y):
-        raise ValueError(f"features {feats.shape} and labels ({len(y)},) do not match")
-    if len(y) == 0:
-        raise ValueError("no samples to train the router on")
-    if y.min() < 0 or y.max() >= n_clusters:
-        raise ValueError(f"labels must lie in [0, {n_clusters}), got [{y.min()}, {y.max()}]")
-    train_idx, hold_idx = stratified_split(y, cfg.holdout_fraction, seed)
-    x_train = torch.from_numpy(feats[train_idx])
-    head, final_loss = _fit_head(x_train, torch.from_numpy(y[train_idx]), n_clusters, cfg)
-    metrics = _metrics(head, feats, y, train_idx, hold_idx, n_clusters)
-    metrics["final_train_loss"] = final_loss
-    metrics["holdout_loss"] = _loss(head, feats[hold_idx], y[hold_idx])
-    metrics.update(epochs=cfg.epochs, lr=cfg.lr, seed=seed)
-    log.info(
-        "router: holdout accuracy %s (chance %s), train accuracy %.3f, %d train / %d holdout",
-        _fmt(metrics["holdout_accuracy"]),
-        _fmt(metrics["chance_accuracy"]),
-        metrics["train_accuracy"],
-        metrics["n_train"],
-        metrics["n_holdout"],
-    )
-    router = Router(head, cfg.encoder, cfg.max_length, metrics=metrics)
-    return router, metrics
-
-
 def _loss(head: nn.Linear, feats: np.ndarray, y: np.ndarray) -> float | None:
     if len(y) == 0:
         return None
@@ -191,39 +152,139 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _n_clusters(n_clusters: int | None, y: np.ndarray) -> int:
+    """K as given, else one more than the largest label."""
+    return int(y.max()) + 1 if n_clusters is None else int(n_clusters)
+
+
+def _check_fitted(router: Router | TfidfRouter, fitted: bool) -> None:
+    from sklearn.exceptions import NotFittedError
+
+    if not fitted:
+        name = type(router).__name__
+        raise NotFittedError(
+            f"this {name} is not fitted yet: call fit(texts, labels) first, or use "
+            f"{name}.load for a saved router"
+        )
+
+
 # --------------------------------------------------------------------------- the router
 
 
 class Router:
     """Encoder + linear head: ``predict(prompts)`` gives the expert index of each prompt.
 
+    Hyperparameters: ``cfg`` (encoder, max_length, epochs, lr, holdout_fraction; default
+    ``RouterConfig(kind="encoder")``), ``n_clusters`` (K; None: one more than the largest label),
+    ``seed`` (the hold-out split), ``cache_path`` (the feature cache ``fit`` encodes through) and
+    ``device`` (where the encoder runs to predict, and to fit without a cache; None:
+    ``load_encoder``'s choice).
+
     The encoder is loaded on first use (``load_encoder``), so loading a saved router is cheap and
-    a router built in the same process as its features shares the already-loaded encoder.
+    a router fitted in the same process as its features shares the already-loaded encoder.
     """
 
     def __init__(
         self,
+        cfg: RouterConfig | None = None,
+        n_clusters: int | None = None,
+        seed: int = 0,
+        cache_path: str | Path | None = None,
+        device: str | None = None,
+    ):
+        self.cfg = cfg if cfg is not None else RouterConfig(kind="encoder")
+        self._n_clusters, self.seed, self.cache_path = n_clusters, seed, cache_path
+        self.device = device
+        self.encoder_name, self.max_length = self.cfg.encoder, self.cfg.max_length
+        self.head: nn.Linear | None = None
+        self.metrics: dict[str, Any] = {}
+        self._encoder: FrozenEncoder | None = None
+
+    @classmethod
+    def from_head(
+        cls,
         head: nn.Linear,
         encoder: str = BUNDLED_ENCODER,
         max_length: int = 128,
         metrics: dict[str, Any] | None = None,
         device: str | None = None,
-    ):
+    ) -> Router:
+        """A fitted router from a trained head and the encoder (name, max_length) its features
+        came from."""
+        cfg = RouterConfig(kind="encoder", encoder=encoder, max_length=max_length)
+        return cls(cfg, int(head.out_features), device=device)._set_head(head, metrics)
+
+    def _set_head(self, head: nn.Linear, metrics: dict[str, Any] | None) -> Router:
         self.head = head.requires_grad_(False).eval()
-        self.encoder_name, self.max_length = encoder, max_length
         self.metrics = dict(metrics or {})
-        self.device = device
-        self._encoder: FrozenEncoder | None = None
+        self._encoder = None  # loaded (and the head moved to its device) on first use
+        return self
+
+    def fit(self, X: Sequence[str], y: Sequence[int] | np.ndarray) -> Router:
+        """Encode the prompts ``X`` (through the feature cache when ``cache_path`` is set) and
+        ``fit_features`` on them and their cluster labels ``y``. Returns ``self``."""
+        texts = list(X)
+        if self.cache_path is not None:
+            feats = encode_cached(texts, self.cfg.encoder, self.cache_path, self.cfg.max_length)
+        else:
+            feats = load_encoder(self.cfg.encoder, self.cfg.max_length, self.device).encode(texts)
+        return self.fit_features(feats, y)
+
+    def fit_features(self, F: np.ndarray, y: Sequence[int] | np.ndarray) -> Router:
+        """Train the linear head on encoder features ``F`` of the prompts and their cluster
+        labels ``y``. Returns ``self``.
+
+        ``F`` must come from ``cfg.encoder`` with ``cfg.max_length`` (e.g. ``encode_cached``):
+        the router uses them to encode new prompts. ``cfg.holdout_fraction`` of each cluster is
+        held out (``stratified_split``) and the head is trained on the rest only, so
+        ``metrics`` describes the fitted head: ``holdout_accuracy``, ``train_accuracy``,
+        ``chance_accuracy`` (majority-cluster share of the holdout),
+        ``per_cluster_holdout_accuracy`` (None where a cluster has no holdout sample),
+        ``cluster_sizes``, ``n_train``, ``n_holdout``, ``final_train_loss``, ``holdout_loss``,
+        ``epochs``, ``lr``, ``seed``.
+        """
+        cfg, seed = self.cfg, self.seed
+        feats = np.ascontiguousarray(F, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        if feats.ndim != 2 or len(feats) != len(y):
+            raise ValueError(f"features {feats.shape} and labels ({len(y)},) do not match")
+        if len(y) == 0:
+            raise ValueError("no samples to train the router on")
+        n_clusters = _n_clusters(self._n_clusters, y)
+        if y.min() < 0 or y.max() >= n_clusters:
+            raise ValueError(f"labels must lie in [0, {n_clusters}), got [{y.min()}, {y.max()}]")
+        train_idx, hold_idx = stratified_split(y, cfg.holdout_fraction, seed)
+        x_train = torch.from_numpy(feats[train_idx])
+        head, final_loss = _fit_head(x_train, torch.from_numpy(y[train_idx]), n_clusters, cfg)
+        metrics = _metrics(head, feats, y, train_idx, hold_idx, n_clusters)
+        metrics["final_train_loss"] = final_loss
+        metrics["holdout_loss"] = _loss(head, feats[hold_idx], y[hold_idx])
+        metrics.update(epochs=cfg.epochs, lr=cfg.lr, seed=seed)
+        log.info(
+            "router: holdout accuracy %s (chance %s), train accuracy %.3f, %d train / %d holdout",
+            _fmt(metrics["holdout_accuracy"]),
+            _fmt(metrics["chance_accuracy"]),
+            metrics["train_accuracy"],
+            metrics["n_train"],
+            metrics["n_holdout"],
+        )
+        self.encoder_name, self.max_length = cfg.encoder, cfg.max_length
+        return self._set_head(head, metrics)
 
     @property
-    def n_clusters(self) -> int:
-        """K, the number of experts."""
-        return int(self.head.out_features)
+    def n_clusters(self) -> int | None:
+        """K, the number of experts: the fitted head's outputs (unfitted: the constructor's)."""
+        return self._n_clusters if self.head is None else int(self.head.out_features)
 
     @property
     def feature_dim(self) -> int:
         """Encoder feature dimension the head expects."""
-        return int(self.head.in_features)
+        return int(self._fitted_head().in_features)
+
+    def _fitted_head(self) -> nn.Linear:
+        _check_fitted(self, self.head is not None)
+        assert self.head is not None
+        return self.head
 
     @property
     def encoder(self) -> FrozenEncoder:
@@ -236,7 +297,7 @@ class Router:
                     f"the router head expects {self.feature_dim}"
                 )
             self._encoder = enc
-            self.head.to(enc.device)
+            self._fitted_head().to(enc.device)
         return self._encoder
 
     def quantize(self, keep_float: str | None = None) -> Router:
@@ -265,19 +326,21 @@ class Router:
             enc.model = torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
         enc.device = torch.device("cpu")
         self._encoder = enc
-        self.head.cpu()
+        self._fitted_head().cpu()
         return self
 
     def proba_from_features(self, features: np.ndarray) -> np.ndarray:
         """p(k | x) for precomputed encoder features, ``(n, K)`` float32."""
+        head = self._fitted_head()
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
         with torch.no_grad():
-            x = x.to(self.head.weight.device)
-            return torch.softmax(self.head(x), dim=-1).cpu().numpy()
+            x = x.to(head.weight.device)
+            return torch.softmax(head(x), dim=-1).cpu().numpy()
 
     def predict_proba(self, texts: str | Sequence[str]) -> np.ndarray:
         """p(k | x) for each prompt, ``(n, K)``; a single string counts as one prompt."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        self._fitted_head()
         return self.proba_from_features(self.encoder.encode(texts))
 
     def predict(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -304,9 +367,10 @@ class Router:
         feature_dim, head file name, metrics) and ``head.safetensors`` (``weight``, ``bias``)."""
         from safetensors.torch import save_file
 
+        head = self._fitted_head()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         save_file(tensors, str(folder / HEAD_FILE))
         write_json(
             folder / ROUTER_JSON,
@@ -337,7 +401,9 @@ class Router:
             return TfidfRouter.load(folder, meta)
         head = nn.Linear(int(meta["feature_dim"]), int(meta["n_clusters"]))
         head.load_state_dict(load_file(str(folder / meta.get("head", HEAD_FILE))))
-        return cls(head, meta["encoder"], int(meta["max_length"]), meta.get("metrics"), device)
+        return cls.from_head(
+            head, meta["encoder"], int(meta["max_length"]), meta.get("metrics"), device
+        )
 
 
 class TfidfRouter:
@@ -348,12 +414,32 @@ class TfidfRouter:
 
     kind = "tfidf"
 
-    def __init__(self, vectorizer, head, metrics: dict[str, Any] | None = None):
-        self.vectorizer, self.head = vectorizer, head
-        self.metrics = dict(metrics or {})
+    def __init__(
+        self, cfg: RouterConfig | None = None, n_clusters: int | None = None, seed: int = 0
+    ):
+        """``cfg``: the ``tfidf_*`` settings and ``holdout_fraction`` (default
+        ``RouterConfig(kind="tfidf")``); ``n_clusters``: K (None: one more than the largest
+        label); ``seed``: the hold-out split."""
+        self.cfg = cfg if cfg is not None else RouterConfig(kind="tfidf")
+        self._n_clusters, self.seed = n_clusters, seed
+        self.vectorizer: Any = None
+        self.head: Any = None
+        self.metrics: dict[str, Any] = {}
+
+    @classmethod
+    def from_parts(cls, vectorizer, head, metrics: dict[str, Any] | None = None) -> TfidfRouter:
+        """A fitted router from a fitted ``TfidfVectorizer`` and classifier head (``coef_``,
+        ``classes_``, ``predict_proba``); ``metrics["n_clusters"]`` sets K when present."""
+        router = cls()
+        router.vectorizer, router.head = vectorizer, head
+        router.metrics = dict(metrics or {})
+        return router
 
     @property
-    def n_clusters(self) -> int:
+    def n_clusters(self) -> int | None:
+        """K, the number of experts (unfitted: the constructor's)."""
+        if self.head is None:
+            return self._n_clusters
         return int(self.metrics.get("n_clusters") or len(self.head.coef_))
 
     @staticmethod
@@ -368,49 +454,45 @@ class TfidfRouter:
             dtype=np.float32,
         )
 
-    @classmethod
-    def fit(
-        cls,
-        texts: Sequence[str],
-        labels: Sequence[int] | np.ndarray,
-        n_clusters: int,
-        cfg: RouterConfig,
-        seed: int = 0,
-    ) -> tuple[TfidfRouter, dict[str, Any]]:
-        """Fit on the prompts' cluster labels; ``cfg.holdout_fraction`` of each cluster is held
-        out (``stratified_split``) and measured, as for the encoder router."""
+    def fit(self, X: Sequence[str], y: Sequence[int] | np.ndarray) -> TfidfRouter:
+        """Fit on the prompts ``X`` and their cluster labels ``y``; ``cfg.holdout_fraction`` of
+        each cluster is held out (``stratified_split``) and measured, as for the encoder router
+        (``metrics``, plus ``kind``, ``n_clusters``, ``n_features``). Returns ``self``."""
         from sklearn.linear_model import LogisticRegression
 
-        y = np.asarray(labels, dtype=np.int64)
+        cfg, seed, texts = self.cfg, self.seed, list(X)
+        y = np.asarray(y, dtype=np.int64)
         if len(y) == 0 or len(y) != len(texts):
             raise ValueError(
                 f"{len(texts)} texts and {len(y)} labels: nothing to fit or a mismatch"
             )
+        n_clusters = _n_clusters(self._n_clusters, y)
         train_idx, hold_idx = stratified_split(y, cfg.holdout_fraction, seed)
-        vec = cls._vectorizer(cfg)
-        X = vec.fit_transform([texts[i] for i in train_idx])
+        vec = self._vectorizer(cfg)
+        X_train = vec.fit_transform([texts[i] for i in train_idx])
         if len(set(y[train_idx].tolist())) < 2:
             head = _ConstantHead(int(y[train_idx][0]) if len(train_idx) else 0, n_clusters)
         else:
-            head = LogisticRegression(C=cfg.tfidf_c, max_iter=2000).fit(X, y[train_idx])
-        router = cls(vec, head, {"n_clusters": n_clusters})
-        pred = router.predict(list(texts))
+            head = LogisticRegression(C=cfg.tfidf_c, max_iter=2000).fit(X_train, y[train_idx])
+        self.vectorizer, self.head, self.metrics = vec, head, {"n_clusters": n_clusters}
+        pred = self.predict(texts)
         metrics = _pred_metrics(pred, y, train_idx, hold_idx, n_clusters)
         metrics.update(
-            kind=cls.kind, n_clusters=n_clusters, n_features=len(vec.vocabulary_), seed=seed
+            kind=self.kind, n_clusters=n_clusters, n_features=len(vec.vocabulary_), seed=seed
         )
-        router.metrics = metrics
+        self.metrics = metrics
         log.info(
             "router (tfidf): holdout accuracy %s (chance %s), %d features",
             _fmt(metrics["holdout_accuracy"]),
             _fmt(metrics["chance_accuracy"]),
             metrics["n_features"],
         )
-        return router, metrics
+        return self
 
     def predict_proba(self, texts: str | Sequence[str]) -> np.ndarray:
         """p(k | x) for each prompt, ``(n, K)`` (clusters without training samples: 0)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        _check_fitted(self, self.head is not None)
         p = self.head.predict_proba(self.vectorizer.transform(texts))
         out = np.zeros((len(texts), self.n_clusters), dtype=np.float32)
         out[:, np.asarray(self.head.classes_, dtype=np.int64)] = p
@@ -428,6 +510,7 @@ class TfidfRouter:
     def save(self, folder: str | Path) -> Path:
         """``router.json`` (format, kind, vectorizer settings, metrics) and ``tfidf.npz``
         (vocabulary, idf, coefficients, intercepts, classes): plain arrays, no pickle."""
+        _check_fitted(self, self.head is not None)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         vocab = sorted(self.vectorizer.vocabulary_, key=self.vectorizer.vocabulary_.get)
@@ -458,7 +541,9 @@ class TfidfRouter:
 
         z = np.load(Path(folder) / TFIDF_FILE, allow_pickle=False)
         cfg = RouterConfig(
-            tfidf_ngrams=list(meta["ngram_range"]), tfidf_max_features=int(meta["max_features"])
+            kind="tfidf",
+            tfidf_ngrams=list(meta["ngram_range"]),
+            tfidf_max_features=int(meta["max_features"]),
         )
         vec = cls._vectorizer(cfg)
         vec.vocabulary_ = {str(t): i for i, t in enumerate(z["vocabulary"])}
@@ -467,7 +552,11 @@ class TfidfRouter:
         head.coef_, head.intercept_, head.classes_ = z["coef"], z["intercept"], z["classes"]
         if len(head.classes_) == 1:
             head = _ConstantHead(int(head.classes_[0]), int(meta["n_clusters"]))
-        return cls(vec, head, {**meta.get("metrics", {}), "n_clusters": meta["n_clusters"]})
+        router = cls.from_parts(
+            vec, head, {**meta.get("metrics", {}), "n_clusters": meta["n_clusters"]}
+        )
+        router.cfg = cfg  # the vectorizer's settings
+        return router
 
 
 class _ConstantHead:
@@ -491,20 +580,15 @@ def load_router(folder: str | Path, device: str | None = None) -> Router | Tfidf
     return Router.load(folder, device)
 
 
-def fit_router(
-    texts: Sequence[str],
-    labels: Sequence[int] | np.ndarray,
-    n_clusters: int,
+def make_router(
     cfg: RouterConfig,
+    n_clusters: int | None = None,
     seed: int = 0,
     cache_path: str | Path | None = None,
-) -> tuple[Router | TfidfRouter, dict[str, Any]]:
-    """Encode the prompts (through the feature cache when ``cache_path`` is given) and train the
-    router on them: the whole of router training in one call (``cfg.kind`` picks the router)."""
-    if cfg.kind == TfidfRouter.kind:
-        return TfidfRouter.fit(texts, labels, n_clusters, cfg, seed)
-    if cache_path is not None:
-        feats = encode_cached(texts, cfg.encoder, cache_path, cfg.max_length)
-    else:
-        feats = load_encoder(cfg.encoder, cfg.max_length).encode(texts)
-    return train_router(feats, labels, n_clusters, cfg, seed)
+) -> Router | TfidfRouter:
+    """The unfitted router of kind ``cfg.kind`` (``ROUTERS``); ``cache_path``: the encoder
+    router's feature cache (a TF-IDF router has none). Fit it with ``.fit(texts, labels)``."""
+    cls = ROUTERS[cfg.kind]
+    if cls is Router:
+        return Router(cfg, n_clusters, seed, cache_path=cache_path)
+    return cls(cfg, n_clusters, seed)

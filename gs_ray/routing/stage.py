@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 
 def fit_and_save_router(texts, labels, k, cfg, seed, cache_path, folder) -> dict:
     """Fit a router on the prompts' cluster labels and save it in ``folder`` (a Ray task)."""
-    from gs_ray.routing.router import fit_router
+    from gs_ray.routing.router import make_router
 
-    router, metrics = fit_router(texts, labels, k, cfg, seed, cache_path=cache_path)
+    router = make_router(cfg, k, seed, cache_path=cache_path).fit(texts, labels)
     router.save(folder)
-    return metrics
+    return router.metrics
 
 
 def router_stage(p: Prepared, resume: bool = False) -> dict:

@@ -60,7 +60,7 @@ def routed_partition(
     the routability merge (if on), and a router of the run's kind fitted on the fit prompts;
     returns the fit labels, the merged K, the held-out rows' routed clusters and the clusterer's
     figures. K = 1: every row in one cluster, nothing to route."""
-    from gs_ray.routing.router import fit_router
+    from gs_ray.routing.router import make_router
     from gs_ray.stage2.launch import make_clusterer
 
     n_fit = len(fit_prompts)
@@ -99,7 +99,7 @@ def routed_partition(
     if k_eff == 1:
         routed = np.zeros(len(hold_prompts), dtype=np.int64)
     else:
-        router, _ = fit_router(fit_prompts, labels, k_eff, c.router, c.run.seed)
+        router = make_router(c.router, k_eff, c.run.seed).fit(fit_prompts, labels)
         routed = router.predict(hold_prompts)
     return {
         **out,
