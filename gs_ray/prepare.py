@@ -16,6 +16,7 @@ import numpy as np
 from gs_ray.config import Config
 from gs_ray.core.models import load_tokenizer, model_card
 from gs_ray.data import Sample, Splits, load_samples, make_splits
+from gs_ray.data.loading import DataReport
 from gs_ray.errors import RunDirError
 from gs_ray.rundir import RunDir
 
@@ -38,6 +39,8 @@ class Prepared:
     tokenizer: object
     samples: list[Sample]
     splits: Splits
+    report: DataReport | None = field(default=None, repr=False)  # what loading kept, dropped
+    fingerprint: str = ""  # data_fingerprint(samples): the run's data, checked on every reopen
     _assignments: tuple[np.ndarray, int] | None = field(default=None, repr=False)
 
     @property
@@ -109,10 +112,19 @@ def data_fingerprint(samples: list) -> str:
     return h.hexdigest()
 
 
-def prepare(cfg: Config, run: RunDir | None = None, *, base_model: BaseModel) -> Prepared:
+def prepare(
+    cfg: Config, run: RunDir | None = None, *, base_model: BaseModel, read_only: bool = False
+) -> Prepared:
     """Create (or reopen) the run directory, materialise the base model (``base_model(cfg,
-    run folder)``), load and split data."""
+    run folder)``), load and split data. ``read_only``: an existing run as it is (``gs-ray
+    eval``): the data are checked against its fingerprint, and neither the manifest nor the
+    samples list is written."""
     start = time.perf_counter()
+    if read_only:
+        if run is None:
+            raise ValueError("prepare(read_only=True) needs an existing run directory")
+        run.hold_lock()  # what reads the run writes beside it (eval/): one process at a time
+        return _load(cfg, run, base_model)
     if run is None:  # a new run (created exclusively, locked): a failed start leaves nothing
         run = RunDir.create(cfg)
         try:
@@ -125,7 +137,8 @@ def prepare(cfg: Config, run: RunDir | None = None, *, base_model: BaseModel) ->
     return _prepare(cfg, run, start, base_model)
 
 
-def _prepare(cfg: Config, run: RunDir, start: float, base_model: BaseModel) -> Prepared:
+def _load(cfg: Config, run: RunDir, base_model: BaseModel) -> Prepared:
+    """The run's base model, data and splits, checked against the data it started with."""
     seed = cfg.run.seed
     base_path = base_model(cfg, run.path)
     tokenizer = load_tokenizer(base_path)
@@ -139,6 +152,12 @@ def _prepare(cfg: Config, run: RunDir, start: float, base_model: BaseModel) -> P
             "resuming would mix its clusters and adapters with other data: start a new run"
         )
     splits = make_splits(len(samples), cfg.data, seed)
+    return Prepared(run, cfg, base_path, tokenizer, samples, splits, report, fingerprint)
+
+
+def _prepare(cfg: Config, run: RunDir, start: float, base_model: BaseModel) -> Prepared:
+    p = _load(cfg, run, base_model)
+    samples, splits = p.samples, p.splits
     split_of = np.empty(len(samples), dtype=object)
     for name in SPLIT_NAMES:
         split_of[getattr(splits, name)] = name
@@ -148,9 +167,9 @@ def _prepare(cfg: Config, run: RunDir, start: float, base_model: BaseModel) -> P
     )
     run.write_jsonl(run.sub("data", "samples.jsonl"), rows)
     run.update_manifest(
-        data={**report.to_dict(), "splits": splits.counts(), "fingerprint": fingerprint},
-        base_model=model_card(base_path),
+        data={**p.report.to_dict(), "splits": splits.counts(), "fingerprint": p.fingerprint},
+        base_model=model_card(p.base_path),
     )
-    log.info("run directory %s; data: %s; splits %s", run.path, report.summary(), splits.counts())
+    log.info("run directory %s; data: %s; splits %s", run.path, p.report.summary(), splits.counts())
     run.mark_stage("prepare", time.perf_counter() - start)
-    return Prepared(run, cfg, base_path, tokenizer, samples, splits)
+    return p

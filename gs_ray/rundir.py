@@ -202,7 +202,7 @@ class RunDir:
         return run
 
     def _write_config_yaml(self, stored: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(stored, sort_keys=False))
+        atomic_write_text(self.config_yaml, yaml.safe_dump(stored, sort_keys=False))
 
     def hold_lock(self) -> None:
         """Hold the run's lock (``.lock``, an exclusive ``flock``) until this process ends, so
@@ -240,6 +240,10 @@ class RunDir:
     @property
     def manifest_path(self) -> Path:
         return self.path / "manifest.json"
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.path / "config.yaml"
 
     def sub(self, *parts: str) -> Path:
         """A path inside the run directory (parent folders created)."""

@@ -260,6 +260,9 @@ def evaluated(ray_cluster, tmp_path_factory):
     ]
     assert main(["run", *small]) == 0
     run = RunDir(tmp_path / "r")
+    # What gs-ray eval must leave as it is (it opens the run read-only).
+    kept = [run.manifest_path, run.sub("data", "samples.jsonl"), run.config_yaml]
+    before = {path: path.read_bytes() for path in kept}
     sts = tmp_path / "sts.csv"
     sts.write_text("\n".join(STS_ROWS * 4) + "\n")
     out = baselines.evaluate_run(
@@ -275,6 +278,7 @@ def evaluated(ray_cluster, tmp_path_factory):
             "8",
         ],
     )
+    run.unchanged_by_eval = {path: path.read_bytes() == data for path, data in before.items()}
     return run, out
 
 
@@ -361,7 +365,8 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
         heldout["test_loss_oracle"], rel=1e-6
     )
     assert m["warmup"]["test_loss"] == pytest.approx(heldout["test_loss_warmup"], rel=1e-6)
-    p = prepare(run.config(), run, base_model=base_model_for)
+    assert all(run.unchanged_by_eval.values()), run.unchanged_by_eval  # the run read-only
+    p = prepare(run.config(), run, base_model=base_model_for, read_only=True)
     labels, k = p.assignments()
     test = p.splits.test[labels[p.splits.test] >= 0]
     import hashlib
@@ -400,7 +405,14 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
 
     # A second eval keeps every adapter (nothing to train); that it gives the same numbers is
     # test_eval_seeds_show_the_spread's seed 0.
-    assert baselines._jobs(p, {n: parts[n] for n in parts}, 0) == []
+    from gs_ray.evaluation.analyses import ablation_ks
+    from gs_ray.evaluation.methods import METHODS, Evaluation, KAblation
+
+    ev = Evaluation(p)
+    ev.parts[0] = parts
+    every = [METHODS[name] for name in cfg.eval.methods]
+    every += [KAblation(kk) for kk in ablation_ks(cfg, k)]
+    assert len(every) > len(METHODS) and baselines.pending_jobs(ev, 0, every) == []
 
     # Only --eval.* overrides; an unfinished run is refused with a plain message.
     assert main(["eval", str(run.path), "--lora.r", "4"]) == 2

@@ -54,14 +54,13 @@ CROSSINGS = {
         "gs_ray.stage2.launch",
     },
     "gs_ray.evaluation.baselines": {
-        "gs_ray.routing.encoder",
         "gs_ray.routing.router",
-        "gs_ray.routing.fallback",
         "gs_ray.routing.stage",
-        "gs_ray.training.loop",
         "gs_ray.training.ray_train",
         "gs_ray.training.pretrain",
     },
+    "gs_ray.evaluation.methods": {"gs_ray.routing.encoder", "gs_ray.routing.fallback"},
+    "gs_ray.evaluation.scorer": {"gs_ray.training.loop"},
     "gs_ray.evaluation.heldout": {
         "gs_ray.routing.router",
         "gs_ray.routing.fallback",
