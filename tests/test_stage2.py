@@ -211,3 +211,70 @@ def test_consumers_read_the_stream_inside_the_centroid_actor(ray_session, refere
     np.testing.assert_allclose(gist.projections()[0][: len(first)], coords, atol=1e-4)
     with pytest.raises(ValueError, match="transport: gradients"):
         _run_ray(reference, tmp_path, consumers=consumers, **{"stage2.transport": "partial_sums"})
+
+
+def _echo_actor():
+    """A model-free actor class for the worker group's test: who answered, and its stats.
+    Defined in a function so that Ray ships it by value (workers cannot import test modules)."""
+    import ray
+
+    class Echo:
+        def __init__(self, tag: str):
+            self.tag = tag
+
+        def who(self, x: int) -> tuple[str, str, int]:
+            return ray.get_runtime_context().get_actor_id(), self.tag, x
+
+        def stats(self) -> dict[str, str]:
+            return {"tag": self.tag}
+
+        def die(self) -> None:
+            os._exit(1)
+
+    return ray.remote(Echo)
+
+
+def _dead(actor, within_s: float = 60.0) -> bool:
+    """Whether ``actor`` is gone: a call fails with RayActorError (a kill takes effect soon, not
+    at once, so a call may still pass just after it)."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.who.remote(0), timeout=within_s)
+        except ray.exceptions.RayActorError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_worker_group_calls_every_worker_and_kills_all_when_the_block_raises(ray_session):
+    """WorkerGroup: a call reaches every worker, in rank order; batch t goes to rank t mod n;
+    when the block raises, the stats of the live workers are read, then every worker and the
+    attached actor are killed (a failed pass holds no CPUs)."""
+    import ray
+
+    from gs_ray.stage2.group import WorkerGroup
+
+    Echo = _echo_actor()
+    with (
+        pytest.raises(RuntimeError, match="the pass failed"),
+        WorkerGroup(Echo, 3, "w", options={"num_cpus": 0}, stats="stats") as group,
+    ):
+        host = group.attach(Echo.options(num_cpus=0).remote("host"))
+        answers = group.gather("who", 7)
+        ids = [w._actor_id.hex() for w in group]
+        assert len(group) == 3 and len(set(ids)) == 3
+        assert answers == [(i, "w", 7) for i in ids]
+        assert ray.get(group.call_all("who", 8))[1] == (ids[1], "w", 8)
+        assert group.for_batch(4) is group[1] and group.for_batch(2) is group.workers[2]
+        with pytest.raises(ray.exceptions.RayActorError):  # a worker dies mid-pass
+            ray.get(group[2].die.remote())
+        raise RuntimeError("the pass failed")
+    assert group.stats == [{"tag": "w"}, {"tag": "w"}]  # the dead one has none
+    assert all(_dead(a) for a in [*group, host])
+    group.kill()  # a second exit does nothing
+    assert len(group.stats) == 2

@@ -187,3 +187,49 @@ def test_periodic_checkpoints_keep_to_their_share_of_the_time(tmp_path, monkeypa
     every = CentroidHost(make_clusterer(config()), len(G), checkpoint_max_share=1.0)
     assert all(every.save_checkpoint(tmp_path / "b", periodic=True) for _ in range(3))
     assert every.status()["checkpoints_skipped"] == 0
+
+
+def test_phase_end_closes_each_pass_then_checkpoints_then_records(tmp_path):
+    """PhaseEnd, every executor's end of a pass: K after the validation pass, the epoch's close
+    after an online one, then the checkpoint, then the pass's record of what the host's status
+    says changed; without ``status`` (the local executor) no record."""
+    from gs_ray.stage2.phase_end import PhaseEnd
+
+    G, _ = planted()
+    plan = plan_for(len(G))
+    host = CentroidHost(make_clusterer(config()), len(G))
+    computer = PlantedComputer(G)
+    saved = []
+
+    def checkpoint(phase):
+        saved.append((phase, host.status()["position"], host.initialized))
+        host.save_checkpoint(tmp_path)
+
+    end = PhaseEnd(host.initialize, host.end_epoch, checkpoint, host.status)
+    for phase, epoch, batches in list(plan.phases())[:2]:  # validation, online epoch 0
+        end.begin(host.status())
+        for t, idx in enumerate(batches):
+            host.apply(phase, epoch, t, idx, computer.batch([([i], [i]) for i in idx], list(idx)))
+        assert end(phase, epoch, batches, 0.12345) == host.status()
+    assert host.initialized and host.done_epochs == 1
+    assert [(p, i) for p, _, i in saved] == [("val", True), ("online", True)]
+    val, online = end.passes
+    assert set(val) == {
+        "phase",
+        "epoch",
+        "seconds",
+        "samples",
+        "centroid_busy_seconds",
+        "centroid_checkpoint_seconds",
+        "checkpoints_skipped",
+        "bytes_in",
+    }
+    assert (val["phase"], val["samples"], val["seconds"]) == ("val", 64, 0.123)
+    assert online["samples"] == len(G) and online["bytes_in"] == G.nbytes
+    assert val["centroid_checkpoint_seconds"] > 0 and val["checkpoints_skipped"] == 0
+    # the collective executor's records: seconds of the whole pass, the batches' apart
+    whole = PhaseEnd(host.initialize, host.end_epoch, None, host.status, whole_pass_seconds=True)
+    whole.begin(host.status())
+    whole("final", 0, plan.final, 0.5)
+    assert whole.passes[0]["wall_seconds"] == 0.5 and whole.passes[0]["seconds"] < 0.5
+    assert PhaseEnd(host.initialize, host.end_epoch)("final", 0, plan.final, 0.5) is None

@@ -2,9 +2,11 @@
 
 ``plan`` (which batch when), ``computer`` (gradients of a batch), ``host`` (the clusterer and
 its position: what the centroid actor hosts), ``transports`` (how gradients reach the host),
-``worker`` (the gradient actor), ``executors`` (one process, or Ray), ``result`` (what Stage II
-returns, whichever executor ran it), ``consumers`` (other readers of the same gradient stream)
-and ``stage`` (Stage II inside the pipeline).
+``worker`` (the gradient actor), ``executors`` (one process, or Ray), ``collective`` (the
+replicated transport's own Ray loop), ``launch`` and ``group`` (starting the Ray actors, and the
+gradient workers as one ``WorkerGroup``), ``phase_end`` (the end of a pass, for every executor),
+``result`` (what Stage II returns, whichever executor ran it), ``consumers`` (other readers of
+the same gradient stream) and ``stage`` (Stage II inside the pipeline).
 """
 
 from gs_ray.stage2.computer import GradientBatch, GradientComputer, NonFiniteGradientError

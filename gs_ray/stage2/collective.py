@@ -21,8 +21,9 @@ The centroid actor
 silhouette), checkpoints (a replica's state, adopted every ``stage2.checkpoint_every`` steps) and
 the final assignment merge.
 
-Faults: the group is all-or-nothing. When a worker dies (or a collective fails because a peer
-died), the driver ends the whole group, starts a new one and loads the centroid actor's last
+Faults: the group (a ``WorkerGroup``, joined into one process group) is all-or-nothing. When a
+worker dies (or a collective fails because a peer died), the driver ends the whole group (its
+workers' stats read, then all killed), starts a new one and loads the centroid actor's last
 checkpoint into every replica; live cached rows whose holder was restarted are recomputed when the
 ledger evicts them. Steps replayed after the checkpoint are computed exactly as the first time, so
 the result is identical.
@@ -30,7 +31,6 @@ the result is identical.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import time
@@ -50,7 +50,9 @@ from gs_ray.local_ray import LOOPBACK, host_loopback_store, is_loopback
 from gs_ray.progress import Progress
 from gs_ray.rundir import SKIPPED
 from gs_ray.stage2.computer import check_finite
+from gs_ray.stage2.group import WorkerGroup
 from gs_ray.stage2.host import CentroidHost
+from gs_ray.stage2.phase_end import PhaseEnd
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, Stage2Plan, order_key, phase_label
 from gs_ray.stage2.result import Stage2Result
 from gs_ray.stage2.worker import GradientWorker
@@ -311,7 +313,7 @@ class CollectiveWorker(GradientWorker):
     def step(self, epoch: int, t: int) -> dict[str, float]:
         return self.replica.step(epoch, t)
 
-    def end_epoch(self, epoch: int) -> bool:
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
         return self.replica.host.end_epoch(epoch)
 
     def state(self) -> dict[str, Any]:
@@ -337,25 +339,13 @@ class CollectiveWorker(GradientWorker):
 # --------------------------------------------------------------------------- the executor
 
 
-class _Group:
-    """W collective workers joined in one process group."""
+def _join(group: WorkerGroup) -> None:
+    """Make the group's workers one process group: rank 0 opens the rendezvous, all join."""
+    import ray
 
-    def __init__(self, make_worker, n: int):
-        import ray
-
-        self.workers = [make_worker() for _ in range(n)]
-        ip, port = ray.get(self.workers[0].address.remote(n))
-        ray.get([w.join.remote(ip, port, r, n) for r, w in enumerate(self.workers)])
-
-    def stop(self) -> list[dict]:
-        import ray
-
-        stats = []
-        for w in self.workers:
-            with contextlib.suppress(Exception):  # a dead worker has no stats
-                stats.append(ray.get(w.collective_stats.remote(), timeout=30))
-            ray.kill(w)
-        return stats
+    n = len(group)
+    ip, port = ray.get(group[0].address.remote(n))
+    ray.get([w.join.remote(ip, port, r, n) for r, w in enumerate(group)])
 
 
 def run_stage2_collective(
@@ -377,102 +367,94 @@ def run_stage2_collective(
 
     s2 = cfg.stage2
     ws = WorkerSetup.resolve(cfg, checkpoint_dir)
-    n_workers, resources, fault_spec, driver_faults, marker_dir, wcfg, env = (
-        ws.n_workers,
-        ws.resources,
-        ws.fault_spec,
-        ws.driver_faults,
-        ws.marker_dir,
-        ws.cfg,
-        ws.env,
-    )
+    n_workers = ws.n_workers
     shared = ray.put((plan, [s.pair for s in samples], [s.id for s in samples]))
-    factory = _ClustererFactory(cfg)
     # worker_actor_class() marks GradientWorker's methods with its concurrency groups; the
     # subclass inherits the marks, so it declares the same groups (one thread each).
-    Worker = ray.remote(concurrency_groups={"compute": 1, "io": 1})(CollectiveWorker).options(
-        max_restarts=0, runtime_env=env, **resources, **ws.placement
+    Worker = ray.remote(concurrency_groups={"compute": 1, "io": 1})(CollectiveWorker)
+    worker_args = (
+        base_path,
+        ws.cfg,
+        adapter_path,
+        pad_id,
+        ws.fault_spec,
+        ws.marker_dir,
+        shared,
+        len(samples),
+        _ClustererFactory(cfg),
     )
 
-    def make_worker():
-        return Worker.remote(
-            base_path,
-            wcfg,
-            adapter_path,
-            pad_id,
-            fault_spec,
-            marker_dir,
-            shared,
-            len(samples),
-            factory,
-        )
-
-    # The centroid actor holds the last checkpoint in memory: keep it on the driver's node.
+    # The centroid actor holds the last checkpoint in memory: keep it on the driver's node. It
+    # outlives the groups (a new group starts from its checkpoint) and goes when the run does.
     host = (
         ray.remote(CollectiveHost)
         .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
         .remote(make_clusterer(cfg), len(samples))
     )
-    resumed_from = None
-    if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
-        resumed_from = tuple(ray.get(host.status.remote())["position"])
-        log.info("stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir)
-    log.info("stage2 on Ray: %d workers %s, transport collective", n_workers, resources)
-    ckpt = str(checkpoint_dir)
-    restarts, stats, passes, steps, restarted_from = 0, [], [], [], []
-    while True:
-        group = _Group(make_worker, n_workers)
-        try:
-            _run_phases(
-                plan,
-                samples,
-                s2,
-                host,
-                group.workers,
-                ckpt,
-                driver_faults,
-                marker_dir,
-                passes,
-                steps,
+    try:
+        resumed_from = None
+        if resume and ray.get(host.load_checkpoint.remote(str(checkpoint_dir))):
+            resumed_from = tuple(ray.get(host.status.remote())["position"])
+            log.info(
+                "stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir
             )
-            layout = ray.get(group.workers[0].layout.remote())
-            stats += group.stop()
-            break
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-            stats += group.stop()
-            restarts += 1
-            if restarts > MAX_GROUP_RESTARTS:
-                raise
-            position = ray.get(host.status.remote())["position"]
-            restarted_from.append(list(position))  # the checkpoint the new group starts from
-            log.warning(
-                "stage2: collective group failed (%s); restart %d from %s",
-                type(err).__name__,
-                restarts,
-                position,
+        log.info("stage2 on Ray: %d workers %s, transport collective", n_workers, ws.resources)
+        ckpt = str(checkpoint_dir)
+        restarts, stats, passes, steps, restarted_from = 0, [], [], [], []
+        while True:
+            # every exit of the group reads its workers' stats and kills them all
+            group = WorkerGroup(
+                Worker,
+                n_workers,
+                *worker_args,
+                options=ws.actor_options(max_restarts=0),
+                stats="collective_stats",
             )
-    steps_arr = {k: [s[k] for s in steps if k in s] for k in ("compute", "collective", "update")}
-    info = {
-        "executor": "ray",
-        "workers": n_workers,
-        "transport": "collective",
-        "passes": passes,
-        "resumed_from": resumed_from,
-        "group_restarts": restarts,
-        "restarted_from": restarted_from,
-        "bytes_in": ray.get(host.status.remote())["bytes_in"],
-        "step_seconds": {
-            k: round(float(np.mean(v)), 6) if v else 0.0 for k, v in steps_arr.items()
-        },
-        "collective_bytes_per_worker": max((s["collective_bytes"] for s in stats), default=0),
-        "recomputed_batches": sum(s["recomputed"] for s in stats),
-        "worker_busy_seconds": [s["busy_seconds"] for s in stats],
-        "engine_calls": sum(s["engine_calls"] for s in stats),
-    }
-    result: Stage2Result = ray.get(host.result.remote(info))
-    result.layout = layout
-    ray.kill(host)
-    return result
+            try:
+                with group:
+                    _join(group)
+                    _run_phases(plan, samples, s2, host, group, ckpt, ws, passes, steps)
+                    layout = ray.get(group[0].layout.remote())
+                stats += group.stats
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                stats += group.stats
+                restarts += 1
+                if restarts > MAX_GROUP_RESTARTS:
+                    raise
+                position = ray.get(host.status.remote())["position"]
+                restarted_from.append(list(position))  # the checkpoint the new group starts from
+                log.warning(
+                    "stage2: collective group failed (%s); restart %d from %s",
+                    type(err).__name__,
+                    restarts,
+                    position,
+                )
+        steps_arr = {
+            k: [s[k] for s in steps if k in s] for k in ("compute", "collective", "update")
+        }
+        info = {
+            "executor": "ray",
+            "workers": n_workers,
+            "transport": "collective",
+            "passes": passes,
+            "resumed_from": resumed_from,
+            "group_restarts": restarts,
+            "restarted_from": restarted_from,
+            "bytes_in": ray.get(host.status.remote())["bytes_in"],
+            "step_seconds": {
+                k: round(float(np.mean(v)), 6) if v else 0.0 for k, v in steps_arr.items()
+            },
+            "collective_bytes_per_worker": max((s["collective_bytes"] for s in stats), default=0),
+            "recomputed_batches": sum(s["recomputed"] for s in stats),
+            "worker_busy_seconds": [s["busy_seconds"] for s in stats],
+            "engine_calls": sum(s["engine_calls"] for s in stats),
+        }
+        result: Stage2Result = ray.get(host.result.remote(info))
+        result.layout = layout
+        return result
+    finally:
+        ray.kill(host)
 
 
 class _ClustererFactory:
@@ -487,12 +469,25 @@ class _ClustererFactory:
         return make_clusterer(config_from_dict(self.cfg))
 
 
-def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_dir, passes, steps):
+def _run_phases(plan, samples, s2, host, group, ckpt, ws, passes, steps):
     """Walk the plan from the centroid actor's position with one group (raises if it fails)."""
     import ray
 
-    W = len(workers)
-    status = ray.get(host.status.remote())
+    def adopt():  # a replica's state becomes the host's, and its checkpoint
+        ray.get(host.adopt.remote(group[0].state.remote(), ckpt))
+
+    end = PhaseEnd.of_actor(
+        host,
+        ckpt,
+        end_epoch=lambda epoch: group.gather("end_epoch", epoch)[0],  # every replica closes it
+        checkpoint=lambda phase: (
+            adopt() if phase == ONLINE else ray.get(host.save_checkpoint.remote(ckpt))
+        ),
+        whole_pass_seconds=True,
+        passes=passes,
+    )
+    W = len(group)
+    status = end.status()
     limit = W * max(1, s2.max_in_flight)
     loaded = False
     for phase, epoch, batches in plan.phases():
@@ -500,12 +495,9 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
             continue
         bar = Progress(phase_label(phase, epoch), total=sum(len(b) for b in batches))
         window: deque = deque()
-        start = time.perf_counter()
-        bytes_before, busy_before = status["bytes_in"], status["busy_seconds"]
-        ckpt_before = status["checkpoint_seconds"]
+        end.begin(status)
         if phase != VAL and not loaded:  # every replica starts from the host's state
-            state = host.replica_state.remote()
-            ray.get([w.load.remote(state) for w in workers])
+            group.gather("load", host.replica_state.remote())
             loaded = True
         done_here = 0
         for t, idx in enumerate(batches):
@@ -515,7 +507,7 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
                 continue
             ids = [samples[i].id for i in idx]
             pairs = [samples[i].pair for i in idx]
-            worker = workers[t % W]
+            worker = group.for_batch(t)
             if phase == VAL:
                 window.append(
                     (
@@ -527,41 +519,18 @@ def _run_phases(plan, samples, s2, host, workers, ckpt, driver_faults, marker_di
                 labels = worker.own_final_labels.remote(key, pairs, ids)
                 window.append((host.apply_labels.remote(t, idx, labels), len(idx)))
             else:
-                refs = [w.step.remote(epoch, t) for w in workers]
-                window.append((refs, len(idx)))
+                window.append((group.call_all("step", epoch, t), len(idx)))
                 done_here += 1
                 if s2.checkpoint_every and done_here % s2.checkpoint_every == 0:
                     while window:
                         _drain(window, bar, steps)
-                    ray.get(host.adopt.remote(workers[0].state.remote(), ckpt))
-            faults.maybe_die(driver_faults, "driver", phase, epoch, t, marker_dir)
+                    adopt()
+            faults.maybe_die(ws.driver_faults, "driver", phase, epoch, t, ws.marker_dir)
             while len(window) > limit:
                 _drain(window, bar, steps)
         while window:
             _drain(window, bar, steps)
-        elapsed = bar.close()
-        if phase == VAL:
-            info = ray.get(host.initialize.remote())
-            log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
-            ray.get(host.save_checkpoint.remote(ckpt))
-        elif phase == ONLINE:
-            ray.get([w.end_epoch.remote(epoch) for w in workers])
-            ray.get(host.adopt.remote(workers[0].state.remote(), ckpt))
-        else:
-            ray.get(host.save_checkpoint.remote(ckpt))
-        status = ray.get(host.status.remote())
-        passes.append(
-            {
-                "phase": phase,
-                "epoch": epoch,
-                "seconds": round(time.perf_counter() - start, 3),
-                "samples": sum(len(b) for b in batches),
-                "wall_seconds": round(elapsed, 3),
-                "bytes_in": status["bytes_in"] - bytes_before,
-                "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
-                "centroid_checkpoint_seconds": round(status["checkpoint_seconds"] - ckpt_before, 4),
-            }
-        )
+        status = end(phase, epoch, batches, bar.close())
 
 
 def _drain(window: deque, bar: Progress, steps: list) -> None:

@@ -3,7 +3,9 @@
 * ``run_stage2_local`` - one process, exact transport: the reference pipeline and the oracle.
 * ``run_stage2_ray`` - gradient workers as Ray actors (one per GPU, else one per CPU), one
   centroid actor hosting a ``CentroidHost``, batches sent by the configured transport
-  (``gs_ray.stage2.transports``). The loop here only orders, bounds and checkpoints.
+  (``gs_ray.stage2.transports``). The loop here only orders, bounds and checkpoints; the
+  workers are one ``WorkerGroup`` (``gs_ray.stage2.group``) with the centroid actor attached,
+  and every pass ends in ``PhaseEnd`` (``gs_ray.stage2.phase_end``), as in the other executors.
 
 Why hand-made actors and not Ray Data ``map_batches``: the consumer is one stateful actor that
 must see batches in the plan's global order; Ray already executes one caller's actor tasks in
@@ -32,9 +34,11 @@ from gs_ray.data import Sample
 from gs_ray.progress import Progress
 from gs_ray.stage2.computer import GradientComputer
 from gs_ray.stage2.consumers import GradientConsumer
+from gs_ray.stage2.group import WorkerGroup
 from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.launch import WorkerSetup, driver_node_affinity, make_clusterer
-from gs_ray.stage2.plan import ONLINE, VAL, Stage2Plan, order_key, phase_label
+from gs_ray.stage2.phase_end import PhaseEnd
+from gs_ray.stage2.plan import ONLINE, Stage2Plan, order_key, phase_label
 from gs_ray.stage2.result import Stage2Result
 from gs_ray.stage2.transports import TRANSPORTS, make_transport
 from gs_ray.stage2.worker import worker_actor_class
@@ -49,6 +53,7 @@ def run_stage2_local(
     consumers read the same batches (``CentroidHost(..., consumers=[...])``)."""
     if len(host.consumers):
         host.set_layout(computer.layout())
+    end = PhaseEnd(host.initialize, host.end_epoch)  # no checkpoints, no pass records
     for phase, epoch, batches in plan.phases():
         if phase == ONLINE and host.finished_online:
             continue
@@ -58,27 +63,10 @@ def run_stage2_local(
                 batch = computer.batch([samples[i].pair for i in idx], [samples[i].id for i in idx])
                 host.apply(phase, epoch, t, idx, batch)
             bar.update(len(idx))
-        bar.close()
-        if phase == VAL:
-            info = host.initialize()
-            log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
-        elif phase == ONLINE:
-            log_epoch(host.end_epoch(epoch))
+        end(phase, epoch, batches, bar.close())
     res = host.result({"executor": "local", "engine_calls": computer.calls})
     res.layout = computer.layout()
     return res
-
-
-def log_epoch(end: dict) -> None:
-    """One line per online epoch: how many samples changed cluster, and why it stops."""
-    changed = end["changed_share"]
-    log.info(
-        "online epoch %d: %s of samples changed cluster, centroid shift %.4f%s",
-        end["epoch"] + 1,
-        "?" if changed is None or changed != changed else f"{changed:.2%}",
-        end["shift"],
-        f"; online phase stops ({end['stop']})" if end["stop"] else "",
-    )
 
 
 def run_stage2_ray(
@@ -116,34 +104,30 @@ def run_stage2_ray(
         )
     transport = make_transport(s2.transport)
     ws = WorkerSetup.resolve(cfg, checkpoint_dir)
-    n_workers, resources, fault_spec, driver_faults, marker_dir, wcfg, env = (
-        ws.n_workers,
-        ws.resources,
-        ws.fault_spec,
-        ws.driver_faults,
-        ws.marker_dir,
+    n_workers, marker_dir = ws.n_workers, ws.marker_dir
+    # the actors go in every case (the group's exit): a failed pass must not hold the CPUs
+    with WorkerGroup(
+        worker_actor_class(),
+        n_workers,
+        base_path,
         ws.cfg,
-        ws.env,
-    )
-    Worker = worker_actor_class().options(
-        max_restarts=-1, max_task_retries=-1, runtime_env=env, **resources, **ws.placement
-    )
-    workers = [
-        Worker.remote(base_path, wcfg, str(adapter_path), pad_id, fault_spec, marker_dir)
-        for _ in range(n_workers)
-    ]
-    host = (
-        ray.remote(CentroidHost)
-        .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
-        .remote(
-            make_clusterer(cfg),
-            len(samples),
-            transport.host_helper(workers),
-            list(consumers),
-            s2.checkpoint_max_share,
+        str(adapter_path),
+        pad_id,
+        ws.fault_spec,
+        marker_dir,
+        options=ws.actor_options(max_restarts=-1, max_task_retries=-1),
+    ) as workers:
+        host = workers.attach(
+            ray.remote(CentroidHost)
+            .options(num_cpus=0, scheduling_strategy=driver_node_affinity())
+            .remote(
+                make_clusterer(cfg),
+                len(samples),
+                transport.host_helper(workers.workers),
+                list(consumers),
+                s2.checkpoint_max_share,
+            )
         )
-    )
-    try:  # the actors go in every case: a failed pass must not hold the cluster's CPUs
         layout = ray.get(workers[0].layout.remote())
         if consumers:
             ray.get(host.set_layout.remote(layout))
@@ -153,23 +137,21 @@ def run_stage2_ray(
             log.info(
                 "stage2: resumed the centroid actor at %s from %s", resumed_from, checkpoint_dir
             )
-        status = ray.get(host.status.remote())
+        end = PhaseEnd.of_actor(host, checkpoint_dir)
+        status = end.status()
         limit = n_workers * max(1, s2.max_in_flight)
         log.info(
             "stage2 on Ray: %d workers %s, transport %s, at most %d batches in flight",
             n_workers,
-            resources,
+            ws.resources,
             transport.name,
             limit,
         )
 
-        passes = []
         for phase, epoch, batches in plan.phases():
             if phase == ONLINE and status["finished_online"]:
                 continue
-            busy_before, bytes_before = status["busy_seconds"], status["bytes_in"]
-            ckpt_before = status["checkpoint_seconds"]
-            skipped_before = status["checkpoints_skipped"]
+            end.begin(status)
             bar = Progress(phase_label(phase, epoch), total=sum(len(b) for b in batches))
             window: deque = deque()
             applied_here = 0
@@ -182,44 +164,23 @@ def run_stage2_ray(
                 step = plan.online_step(epoch, t) if phase == ONLINE else -1
                 ids = [samples[i].id for i in idx]
                 pairs = [samples[i].pair for i in idx]
-                done = transport.submit(key, step, idx, ids, pairs, workers[t % n_workers], host)
+                done = transport.submit(key, step, idx, ids, pairs, workers.for_batch(t), host)
                 window.append((done, len(idx)))
                 applied_here += 1
                 if s2.checkpoint_every and applied_here % s2.checkpoint_every == 0:
                     window.append((host.save_checkpoint.remote(str(checkpoint_dir), True), 0))
-                faults.maybe_die(driver_faults, "driver", phase, epoch, t, marker_dir)
+                faults.maybe_die(ws.driver_faults, "driver", phase, epoch, t, marker_dir)
                 while len(window) > limit:  # backpressure
                     _drain_one(window, bar)
             while window:
                 _drain_one(window, bar)
-            elapsed = bar.close()
-            if phase == VAL:
-                info = ray.get(host.initialize.remote())
-                log.info("K selection: K=%d (silhouette %.3f)", info["k"], info["silhouette"])
-            elif phase == ONLINE:
-                log_epoch(ray.get(host.end_epoch.remote(epoch)))
-            ray.get(host.save_checkpoint.remote(str(checkpoint_dir)))
-            status = ray.get(host.status.remote())
-            passes.append(
-                {
-                    "phase": phase,
-                    "epoch": epoch,
-                    "seconds": round(elapsed, 3),
-                    "samples": sum(len(b) for b in batches),
-                    "centroid_busy_seconds": round(status["busy_seconds"] - busy_before, 4),
-                    "centroid_checkpoint_seconds": round(
-                        status["checkpoint_seconds"] - ckpt_before, 4
-                    ),
-                    "checkpoints_skipped": status["checkpoints_skipped"] - skipped_before,
-                    "bytes_in": status["bytes_in"] - bytes_before,
-                }
-            )
-        worker_stats = ray.get([w.stats.remote() for w in workers])
+            status = end(phase, epoch, batches, bar.close())
+        worker_stats = workers.gather("stats")
         info = {
             "executor": "ray",
             "workers": n_workers,
             "transport": transport.name,
-            "passes": passes,
+            "passes": end.passes,
             "resumed_from": resumed_from,
             "bytes_in": status["bytes_in"],
             "worker_busy_seconds": [w["busy_seconds"] for w in worker_stats],
@@ -229,9 +190,6 @@ def run_stage2_ray(
         result: Stage2Result = ray.get(host.result.remote(info))
         result.layout = layout
         return result
-    finally:
-        for actor in [*workers, host]:
-            ray.kill(actor)
 
 
 def _drain_one(window: deque, bar: Progress) -> None:

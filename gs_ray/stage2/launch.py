@@ -1,7 +1,8 @@
 """What the Ray executors of Stage II (``executors.run_stage2_ray`` and the ``collective``
 transport's loop) share to launch it: the clusterer built from the config, the gradient
-workers' number, resources, configuration and placement (``WorkerSetup``), and the centroid
-actor's place on the driver's node."""
+workers' number, resources, configuration and placement (``WorkerSetup``, whose
+``actor_options`` a ``group.WorkerGroup`` starts them with), and the centroid actor's place on
+the driver's node."""
 
 from __future__ import annotations
 
@@ -89,6 +90,12 @@ class WorkerSetup:
             env,
             worker_placement(cfg),
         )
+
+    def actor_options(self, **restarts: Any) -> dict[str, Any]:
+        """Ray actor options of a gradient worker (a ``WorkerGroup``'s ``options``): its
+        resources, runtime environment and placement, plus ``restarts`` (``max_restarts``,
+        ``max_task_retries``: each executor's own fault policy)."""
+        return {**restarts, "runtime_env": self.env, **self.resources, **self.placement}
 
 
 def worker_placement(cfg: Config) -> dict[str, Any]:
