@@ -14,8 +14,10 @@ the reference, one Ray Train run per adapter (``pack: off``), both in parallel. 
     python benchmarks/pipeline_stages.py --json benchmarks/results/pipeline_stages.json
     python benchmarks/pipeline_stages.py --smoke --json /tmp/p.json   # tiny sizes, minutes
 
-``--smoke`` runs a small pipeline (240 demo samples, one online epoch) and retrains with at most
-2 steps per adapter; with ``--run-dir`` it only shortens the retraining.
+``--smoke`` runs a small pipeline (240 demo samples, one online epoch) and retrains two adapters
+with at most 2 steps each, packed into one run against one run each; with ``--run-dir`` it only
+shortens the retraining. (That an adapter trained in a shared run equals the one trained alone
+is also a test of its own: tests/test_training.py.)
 """
 
 from __future__ import annotations
@@ -33,11 +35,15 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 SMOKE_RUN = ["--data.demo_size", "240", "--clustering.max_epochs", "1", "--experts.max_steps", "4"]
 SMOKE_STEPS = 2
+SMOKE_ADAPTERS = 2  # retrained twice: packed into one run, and one run each
 
 
-def retrain(run_dir: Path, scratch: Path, max_steps: int | None = None) -> dict:
+def retrain(
+    run_dir: Path, scratch: Path, max_steps: int | None = None, smoke: bool = False
+) -> dict:
     """The run's adapters trained again, packed and one run per adapter; wall seconds of each,
-    and whether every adapter came out the same both ways."""
+    and whether every adapter came out the same both ways. ``smoke``: the first
+    ``SMOKE_ADAPTERS`` of them, packed into a single run."""
     from gs_ray.prepare import prepare
     from gs_ray.rundir import GENERALIST, RunDir
     from gs_ray.training.experts import expert_job, generalist_job
@@ -45,7 +51,7 @@ def retrain(run_dir: Path, scratch: Path, max_steps: int | None = None) -> dict:
     from gs_ray.training.ray_train import train_many_on_ray
 
     run = RunDir(run_dir)
-    p = prepare(run.config(), run, base_model=base_model_for)
+    p = prepare(run.config(), run, base_model=base_model_for, read_only=True)
     try:
         labels, k = p.assignments()
         experts = p.cfg.experts
@@ -59,10 +65,17 @@ def retrain(run_dir: Path, scratch: Path, max_steps: int | None = None) -> dict:
             jobs = [j for j in jobs if j.samples]
             if p.cfg.fallback.enabled:
                 jobs.append(generalist_job(p, labels, k, str(folder / GENERALIST)))
+            jobs = jobs[:SMOKE_ADAPTERS] if smoke else jobs
             cfg = dataclasses.replace(experts, pack=pack, parallel=True)
             start = time.perf_counter()
             records = train_many_on_ray(
-                jobs, p.cfg.model, p.cfg.lora, cfg, p.pad_id, str(folder.resolve() / "ray_train")
+                jobs,
+                p.cfg.model,
+                p.cfg.lora,
+                cfg,
+                p.pad_id,
+                str(folder.resolve() / "ray_train"),
+                max_concurrent=1 if smoke and pack != "off" else None,
             )
             seconds = time.perf_counter() - start
             failed = {n: r.get("error") for n, r in records.items() if not r.get("ok")}
@@ -126,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = time.perf_counter() - start
     manifest = run.manifest()
     stages = {name: st["seconds"] for name, st in manifest["stages"].items()}
-    again = retrain(run.path, tmp / "retrain", SMOKE_STEPS if args.smoke else None)
+    again = retrain(run.path, tmp / "retrain", SMOKE_STEPS if args.smoke else None, args.smoke)
     if not args.run_dir:
         ray.shutdown()
 

@@ -50,16 +50,13 @@ def router_rows(run) -> dict[str, tuple[list[str], list[int]]]:
     trained on: Stage II's, with the routability step's merges applied."""
     import numpy as np
 
-    from gs_ray.core.models import load_tokenizer
-    from gs_ray.data import load_samples, make_splits
-    from gs_ray.prepare import Prepared
+    from gs_ray.prepare import prepare
     from gs_ray.routing.router import stratified_split
 
     cfg, base_path = run.cfg, run.base_path()
-    tokenizer = load_tokenizer(base_path)
-    samples, _ = load_samples(cfg.data, tokenizer, cfg.run.seed)
-    splits = make_splits(len(samples), cfg.data, cfg.run.seed)
-    p = Prepared(run.run, cfg, base_path, tokenizer, samples, splits)  # no prepare(): read only
+    p = prepare(cfg, run.run, base_model=lambda *_: base_path, read_only=True)
+    p.run.release_lock()  # read only: nothing of the run is written here
+    samples = p.samples
     labels, _ = p.assignments()
     fit = p.fit_rows()
     fit = fit[labels[fit] >= 0]
