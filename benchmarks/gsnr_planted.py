@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per member")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--smoke", action="store_true", help="32 samples, 2 members, 2 steps")
+    ap.add_argument(
+        "--smoke", action="store_true", help="32 samples, 2 members, 2 steps, in one Ray Train run"
+    )
     ap.add_argument("overrides", nargs="*", help="--section.key value pairs (after --)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "1",
             "--run.seed",
             str(args.seed),
+            *(["--gsnr.parallel", "false"] if args.smoke else []),  # one run: one start-up
             *args.overrides,
         ],
     )

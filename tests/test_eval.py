@@ -638,7 +638,8 @@ def test_the_shared_sts_benchmark_reads_whole():
 def test_eval_seeds_show_the_spread(evaluated, tmp_path):
     """--eval.seeds 2 on a copy of the evaluated run: seed 0's adapters are kept and give the
     same numbers as the first eval, seed 1 trains its own (GradientSpace's experts again too),
-    and the table shows mean ± std over both."""
+    and the table shows mean ± std over both. With --eval.analyses false: no analysis gradient
+    pass, no K ablation, no routers compared (the domains per cluster stay)."""
     import shutil
 
     from gs_ray.evaluation import baselines
@@ -653,12 +654,18 @@ def test_eval_seeds_show_the_spread(evaluated, tmp_path):
             "2",
             "--eval.methods",
             "[single_lora, gradientspace]",
-            "--eval.k_ablation",
-            "[]",
+            "--eval.analyses",
+            "false",
             "--eval.max_generate",
             "0",
         ],
     )
+    assert set(two["analyses"]) == {"gradientspace"}  # domains and top terms only
+    assert "theorem2" not in two["analyses"]["gradientspace"]
+    from gs_ray.rundir import RunDir
+
+    assert "k4" in json.loads(run.eval_partitions.read_text())  # the first eval's K = 4 ablation
+    assert set(json.loads(RunDir(copy).eval_partitions.read_text())) == {"gradientspace"}
     m = two["methods"]
     assert set(m) == {"single_lora", "gradientspace"}
     for name, v in m.items():

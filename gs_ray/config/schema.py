@@ -452,6 +452,12 @@ class EvalConfig:
         "gradient- vs embedding-similarity analysis (paper Fig. 4); None: skipped",
     )
     sts_pairs: int = _f(500, "sentence pairs drawn from eval.sts (the paper: 500)", ge=2)
+    analyses: bool = _f(
+        True,
+        "the paper's analyses: Theorem 2's variances, routers compared and the K ablation (one "
+        "more gradient pass over the training rows and every query) and STS; false: the "
+        "comparison and its verdict alone (elrea still takes its gradient pass)",
+    )
 
 
 @dataclass

@@ -96,7 +96,7 @@ def partition(ev: Evaluation, seed_index: int, methods: list[Method]) -> dict[st
     ev.extra[seed_index] = {}
     gs = GradientSpace()
     parts = ev.parts[seed_index] = {gs.family: gs.partition(ev, seed_index)}
-    if seed_index == 0:
+    if seed_index == 0 and ev.cfg.eval.analyses:
         ev.gradients()  # the analyses' rows and the K ablation's partitions
     for m in methods:
         if m.family not in parts:
@@ -347,7 +347,7 @@ def _compare(run: RunDir, cfg: Config) -> dict[str, Any]:
     ev = Evaluation(p)
     k, train, test = ev.k, ev.train, ev.test
     methods = [METHODS[m] for m in ec.methods]
-    ablations = [KAblation(kk) for kk in ablation_ks(cfg, k)]
+    ablations = [KAblation(kk) for kk in ablation_ks(cfg, k)] if ec.analyses else []
     log.info(
         "eval: %d methods, %d seed(s), K=%d, %d train / %d test samples",
         len(methods),
@@ -480,13 +480,14 @@ def _compare(run: RunDir, cfg: Config) -> dict[str, Any]:
         routing = routing_costs(expert_rows, gs_probs.argmax(1), ev.labels[test], seed=cfg.run.seed)
 
     # 6. The paper's analyses: routers compared, the K ablation, STS similarity.
-    grads = ev.gradients() if ev.has_gradients else None
-    analyses["routers"] = router_table(
-        p, train, test, ev.labels, k, grads, (gs_probs.argmax(1), gs_ms)
-    )
-    analyses["k_ablation"] = _ablation_rows(ev, ablations, nll, rows, routes)
-    analyses["sts"] = sts_similarity(p)
-    _analysis_plots(run, analyses)
+    if ec.analyses:
+        grads = ev.gradients() if ev.has_gradients else None
+        analyses["routers"] = router_table(
+            p, train, test, ev.labels, k, grads, (gs_probs.argmax(1), gs_ms)
+        )
+        analyses["k_ablation"] = _ablation_rows(ev, ablations, nll, rows, routes)
+        analyses["sts"] = sts_similarity(p)
+        _analysis_plots(run, analyses)
     verdict = None
     if "vs_reference" in rows.get(GradientSpace.name, {}):
         verdict = {
