@@ -251,10 +251,13 @@ def _select(args: argparse.Namespace, rest: list[str]) -> int:
         "run.output_dir": args.output_dir,
     }
     cfg = apply_overrides(cfg, [f"--{k}={v}" for k, v in flags.items() if v is not None])
+    from gs_ray.preflight import check_select, log_notes
     from gs_ray.selection.select import check_select_inputs, select
 
     check_select_inputs(cfg)  # config, budget, pool and target: before any model is loaded
+    notes = check_select(cfg, args.run_dir)  # the machine, the target modules: before Ray
     with logs.capture(quiet=not args.verbose, level=args.log_level):
+        log_notes(notes)
         run = select(cfg, args.run_dir, checked=True)
     name = cfg.selection.method
     print(

@@ -27,15 +27,17 @@ import json
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 from gs_ray import tracking
-from gs_ray.config import Config, EvalConfig, ServeConfig, TrainingConfig
+from gs_ray.config import Config, EvalConfig, ServeConfig, StreamSelector, TrainingConfig
 from gs_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-#: The training sections a run (and ``gs-ray eval``) trains with on Ray Train.
+#: The training sections a run (and ``gs-ray eval``) trains with on Ray Train (``gs-ray select``
+#: checks its own: ``check_select``).
 TRAINING_SECTIONS = ("warmup", "experts")
 #: Resources every node of a Ray started here offers (a GPU only where torch sees one).
 LOCAL_RESOURCES = ("CPU", "memory", "object_store_memory")
@@ -69,6 +71,17 @@ def check_eval(cfg: Config) -> list[str]:
     if cfg.eval.sts:
         check_sts(cfg.eval)
     return notes
+
+
+def check_select(cfg: Config, run_dir: str | Path | None = None) -> list[str]:
+    """Everything ``gs-ray select`` can check before a model loads or Ray starts: the machine
+    for the training it may run (G-SNR's ensemble, ``gsnr.*``; for the other methods the
+    warm-up, ``warmup.*``, which runs where ``run_dir`` has no warm-up adapter) and the LoRA
+    target modules (of ``run_dir``'s base model when given). Raises ConfigError naming the key;
+    returns notes on what was skipped."""
+    ensemble = cfg.selection.method not in typing.get_args(StreamSelector)
+    _check_machine(cfg, on_ray=True, sections=("gsnr",) if ensemble else ("warmup",), stage2=False)
+    return check_target_modules(cfg, run_dir)
 
 
 def check_serve(cfg: ServeConfig) -> None:
@@ -127,8 +140,11 @@ def _local_resources(cfg: Config, gpus: int) -> dict[str, float]:
     return out
 
 
-def _check_machine(cfg: Config, on_ray: bool) -> None:
-    """Devices and Ray resources that cannot exist where the job will run."""
+def _check_machine(
+    cfg: Config, on_ray: bool, sections: tuple[str, ...] = TRAINING_SECTIONS, stage2: bool = True
+) -> None:
+    """Devices and Ray resources that cannot exist where the job will run: the model's device,
+    each training section's workers and (``stage2``) Stage II's gradient workers."""
     local = on_ray and starts_local_ray(cfg.run.ray_address)
     if on_ray and not local:
         return  # a cluster: the autoscaler may add what is asked for
@@ -137,8 +153,10 @@ def _check_machine(cfg: Config, on_ray: bool) -> None:
     if not on_ray:
         return
     have = _local_resources(cfg, gpus)
-    for name in TRAINING_SECTIONS:
+    for name in sections:
         _check_training(getattr(cfg, name), name, have)
+    if not stage2:
+        return
     s2 = cfg.stage2
     if s2.worker_resource and s2.worker_resource not in have:
         raise ConfigError(_no_resource("stage2.worker_resource", s2.worker_resource, have))

@@ -327,3 +327,33 @@ def test_serve_refuses_a_gpu_this_machine_does_not_have(local):
     check_serve(ServeConfig(device="cuda:1", expert_gpus=1.0, expert_replicas=2))
     with pytest.raises(ConfigError, match="^serve.expert_gpus"):
         check_serve(ServeConfig(expert_gpus=1.0, expert_replicas=3))
+
+
+def test_select_checks_the_sections_it_trains_with_before_ray(tmp_path, local, capsys):
+    """gs-ray select: G-SNR trains its ensemble (gsnr.*), the other methods may warm up
+    (warmup.*); a device, GPU or target module the job cannot have fails before Ray starts."""
+    from gs_ray.cli import main
+    from gs_ray.preflight import check_select
+
+    gsnr = ["--selection.method", "gsnr"]
+    with pytest.raises(ConfigError, match="^gsnr.use_gpu is true but this machine has no GPU"):
+        check_select(_cfg(tmp_path, *gsnr, "--gsnr.use_gpu", "true"))
+    with pytest.raises(ConfigError, match="^warmup.use_gpu is true"):
+        check_select(_cfg(tmp_path, "--selection.method", "gist", "--warmup.use_gpu", "true"))
+    # only the sections select trains with: the experts' and Stage II's are not its business
+    assert check_select(_cfg(tmp_path, *gsnr, "--experts.use_gpu", "true")) == []
+    assert check_select(_cfg(tmp_path, *gsnr, "--warmup.use_gpu", "true")) == []
+    assert check_select(_cfg(tmp_path, "--stage2.cpus_per_worker", "64")) == []
+    with pytest.raises(ConfigError, match="^model.device is 'cuda'"):
+        check_select(_cfg(tmp_path, *gsnr, "--model.device", "cuda"))
+    with pytest.raises(ConfigError, match=r"^lora.target_modules\[1\]: 'v_prj'"):
+        check_select(_cfg(tmp_path, *gsnr, "--lora.target_modules", "[q_proj, v_prj]"))
+    # the command: one line naming the key, exit status 2, nothing written
+    out = tmp_path / "runs"
+    code = main(
+        ["select", "--method", "gsnr", "--output-dir", str(out), "--gsnr.use_gpu", "true"]
+        + ["--model.cache_dir", str(tmp_path / "c"), "--data.demo_size", "64"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("gs-ray: config error: gsnr.use_gpu is true"), err
+    assert not out.exists() or not any(out.iterdir())
