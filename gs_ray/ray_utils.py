@@ -16,8 +16,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
     """Connect to the given/ambient cluster, or start a local one. Returns a description.
 
     A cluster given by ``address`` or RAY_ADDRESS is joined with the user's own authentication
-    settings (RAY_AUTH_MODE, ~/.ray/auth_token) untouched, so token auth works there. Only the
-    cluster started here, every listener on 127.0.0.1, runs with token auth off.
+    settings (RAY_AUTH_MODE, ~/.ray/auth_token) untouched, so token auth works there. The
+    cluster started here, every listener on 127.0.0.1, runs with token auth and a fresh token
+    of its own unless the user set RAY_AUTH_MODE (``local_ray.start_local_ray``).
     """
     import ray
 

@@ -1,15 +1,20 @@
-"""gs-ray's own Ray clusters listen on loopback only, and a killed driver's cluster goes away.
+"""gs-ray's own Ray clusters listen on loopback only, gs-ray's own local Ray wants its token, and a
+killed driver's cluster goes away.
 
-The clusters run with token authentication off, which is safe only if nothing listens beyond
-127.0.0.1 / ::1. Each check collects the listening TCP sockets of one cluster's processes (found as
-the process tree of the driver that started it, or of ``ray start``) from the kernel's table
-(psutil.net_connections), so that other Ray instances on the machine do not count.
+Nothing may listen beyond 127.0.0.1 / ::1. Each check collects the listening TCP sockets of one
+cluster's processes (found as the process tree of the driver that started it, or of ``ray start``)
+from the kernel's table (psutil.net_connections), so that other Ray instances on the machine do not
+count. Loopback still lets another user of the machine in: gs-ray's own local Ray (a run with no
+cluster) therefore runs with token authentication, a fresh token per cluster in a private file;
+the test clusters (``ray start --head``) run without it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gs_ray.local_ray import is_loopback
+from gs_ray.local_ray import LOOPBACK, is_loopback
 
 pytestmark = pytest.mark.ray
 
@@ -27,7 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 30.0
 
 DRIVER = """
-import sys, time
+import json, logging, os, sys, time
+log_out = logging.StreamHandler(sys.stdout)
+log_out.setFormatter(logging.Formatter("LOG %(message)s"))
+logging.getLogger("gs_ray").addHandler(log_out)
+logging.getLogger("gs_ray").setLevel(logging.INFO)
 from gs_ray.ray_utils import init_ray
 print(init_ray(*sys.argv[1:2], num_cpus=1), flush=True)
 import ray
@@ -37,9 +46,17 @@ def one():
     return 1
 
 assert ray.get(one.remote()) == 1  # a worker process exists, listening too
+cluster = {
+    "gcs": ray.get_runtime_context().gcs_address,
+    "auth_mode": os.environ.get("RAY_AUTH_MODE"),
+    "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH"),
+}
+print("CLUSTER", json.dumps(cluster), flush=True)
 print("READY", flush=True)
 time.sleep(600)
 """
+# Ray's authentication settings, none of which a plain user shell has.
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def listening(pids: set[int]) -> list[tuple[str, int, str]]:
@@ -61,7 +78,9 @@ def tree(pid: int) -> list[psutil.Process]:
 
 
 def start_driver(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A driver process running DRIVER (init_ray, one task), ready when it prints READY."""
+    """A driver process running DRIVER (init_ray, one task), ready when it prints READY;
+    ``proc.cluster`` is what it printed of its cluster (GCS address, auth settings),
+    ``proc.lines`` all it printed (gs_ray's log lines start with "LOG ")."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH")) if x)
     env.pop("RAY_ADDRESS", None)
@@ -71,10 +90,22 @@ def start_driver(*args: str, env: dict[str, str] | None = None) -> subprocess.Po
     lines = []
     for line in proc.stdout:
         lines.append(line)
+        if line.startswith("CLUSTER "):
+            proc.cluster = json.loads(line.split(" ", 1)[1])
         if line.strip() == "READY":
+            proc.lines = lines
             return proc
     proc.wait()
     raise AssertionError(f"driver exited {proc.returncode}: {''.join(lines)}")
+
+
+def stop_driver(proc: subprocess.Popen) -> None:
+    """Kill a driver and wait for its cluster (its process tree) to end."""
+    if proc.poll() is None:
+        procs = tree(proc.pid)
+        proc.kill()
+        proc.wait()
+        psutil.wait_procs(alive(procs), timeout=GONE_WITHIN_S)
 
 
 def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -88,18 +119,55 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+def user_env(home: Path, **settings: str) -> dict[str, str]:
+    """This environment as a user's shell that set none of Ray's auth settings but ``settings``,
+    with HOME ``home`` (so that a token Ray wrote into ~/.ray would be seen)."""
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
+    return {**env, "HOME": str(home), **settings}
+
+
 @pytest.fixture(scope="module")
-def local_driver():
+def local_driver(tmp_path_factory):
     """A driver that started gs-ray's own local Ray (init_ray with no address), as `gs-ray run`
-    does; a subprocess, so that it does not meet the shared test cluster."""
-    proc = start_driver()
+    does for a user who set no RAY_AUTH_MODE; a subprocess, so that it does not meet the shared
+    test cluster (whose settings, RAY_AUTH_MODE=disabled, this test process has)."""
+    home = tmp_path_factory.mktemp("home")
+    proc = start_driver(env=user_env(home))
+    proc.home = home
     time.sleep(2)  # agents finish binding their ports
     yield proc
-    if proc.poll() is None:
-        procs = tree(proc.pid)
-        proc.kill()
-        proc.wait()
-        psutil.wait_procs(alive(procs), timeout=GONE_WITHIN_S)
+    stop_driver(proc)
+
+
+def grpc_call(port: int, call: str, token: str | None = None):
+    """One gRPC call to a Ray server on 127.0.0.1:``port``, with the token or without any:
+    ``call`` is "gcs" (the GCS's node table: what every client asks first), "raylet" (a node's
+    stats) or "worker" (a core worker's pending tasks). Returns (status code, reply)."""
+    import grpc
+    from ray.core.generated import (
+        core_worker_pb2,
+        core_worker_pb2_grpc,
+        gcs_service_pb2,
+        gcs_service_pb2_grpc,
+        node_manager_pb2,
+        node_manager_pb2_grpc,
+    )
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+        if call == "gcs":
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            method, request = stub.GetAllNodeInfo, gcs_service_pb2.GetAllNodeInfoRequest()
+        elif call == "raylet":
+            stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
+            method, request = stub.GetNodeStats, node_manager_pb2.GetNodeStatsRequest()
+        else:
+            stub = core_worker_pb2_grpc.CoreWorkerServiceStub(channel)
+            method, request = stub.NumPendingTasks, core_worker_pb2.NumPendingTasksRequest()
+        try:
+            return grpc.StatusCode.OK, method(request, timeout=10, metadata=metadata)
+        except grpc.RpcError as e:
+            return e.code(), e.details()
 
 
 def test_own_local_ray_listens_on_loopback_only(local_driver):
@@ -115,10 +183,101 @@ def test_own_local_ray_listens_on_loopback_only(local_driver):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+# Ray's own GCS client, as `ray.init(address=...)`, `ray status` and the state API start.
+GCS_CLIENT = """
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1]).internal_kv_get(b"x", None, timeout=10)
+    print("ANSWERED")
+except Exception as e:
+    print("REFUSED", type(e).__name__, e)
+"""
+
+
+def test_own_local_ray_refuses_a_process_without_its_token(local_driver, tmp_path):
+    """The GCS, the raylet and the driver's core worker answer only calls that carry the
+    cluster's token (a tokenless or wrong-token one gets UNAUTHENTICATED), while the driver and
+    its workers ran a task (DRIVER); Ray's own client in another process without the token
+    is refused too."""
+    import grpc
+
+    cluster = local_driver.cluster
+    assert cluster["auth_mode"] == "token", cluster
+    token = Path(cluster["token_path"]).read_text()
+    gcs_port = int(cluster["gcs"].rsplit(":", 1)[1])
+    code, reply = grpc_call(gcs_port, "gcs", token)
+    assert code == grpc.StatusCode.OK, reply  # the right token opens it
+    (node,) = reply.node_info_list
+    driver_ports = [port for _, port, _ in listening({local_driver.pid})]
+    assert driver_ports, "the driver's core worker listens"
+    servers = [(gcs_port, "gcs"), (node.node_manager_port, "raylet")]
+    servers += [(port, "worker") for port in driver_ports]
+    for port, call in servers:
+        assert grpc_call(port, call, token)[0] == grpc.StatusCode.OK, call
+        for wrong in (None, "0" * 64):
+            code, details = grpc_call(port, call, wrong)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (call, wrong, code, details)
+    for settings in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}):
+        out = subprocess.run(
+            [sys.executable, "-c", GCS_CLIENT, cluster["gcs"]],
+            env=user_env(tmp_path, **settings),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        assert out.startswith("REFUSED AuthenticationError"), (settings, out)
+
+
+def test_own_local_ray_token_is_fresh_private_and_not_in_home(local_driver):
+    """The token is 256 random bits in a 0600 file in a 0700 folder of the temp dir, only its
+    path is in the environment, Ray wrote no ~/.ray/auth_token, and the log says that token
+    authentication is on, without the token."""
+    path = Path(local_driver.cluster["token_path"])
+    assert path.name == "auth_token" and path.parent.name.startswith("gs-ray-auth-")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert path.stat().st_uid == os.getuid() == path.parent.stat().st_uid
+    token = path.read_text()
+    assert len(token) == 64 and set(token) <= set("0123456789abcdef")
+    logs = [line for line in local_driver.lines if line.startswith("LOG ")]
+    assert any("token authentication on" in line for line in logs), logs
+    assert not any(token in line for line in local_driver.lines)
+    assert not (local_driver.home / ".ray").exists()
+    assert not path.is_relative_to(local_driver.home)
+    for p in tree(local_driver.pid)[1:]:  # the driver's own environ is the one it started with
+        if p.name() in {"gcs_server", "raylet"}:
+            env = p.environ()
+            assert env.get("RAY_AUTH_TOKEN_PATH") == str(path), p.name()
+            assert "RAY_AUTH_TOKEN" not in env and token not in " ".join(p.cmdline())
+
+
+def test_own_local_ray_keeps_a_users_auth_mode(local_driver, tmp_path):
+    """A user's RAY_AUTH_MODE=disabled is kept: no token is made and a tokenless call is
+    answered, where the same driver without the setting (local_driver) refuses one."""
+    import grpc
+
+    own_gcs = int(local_driver.cluster["gcs"].rsplit(":", 1)[1])
+    assert grpc_call(own_gcs, "gcs")[0] == grpc.StatusCode.UNAUTHENTICATED
+    driver = start_driver(env=user_env(tmp_path, RAY_AUTH_MODE="disabled"))
+    try:
+        cluster = driver.cluster
+        assert cluster["auth_mode"] == "disabled" and cluster["token_path"] is None, cluster
+        assert not any("token authentication" in line for line in driver.lines)
+        code, reply = grpc_call(int(cluster["gcs"].rsplit(":", 1)[1]), "gcs")
+        assert code == grpc.StatusCode.OK, reply
+        assert not (tmp_path / ".ray").exists()
+    finally:
+        stop_driver(driver)
+
+
 def test_own_local_ray_ends_soon_after_its_driver_is_killed(local_driver):
+    """The cluster's processes and its token folder are gone soon after the driver."""
     procs = tree(local_driver.pid)[1:]
     ports = {(ip, port) for ip, port, _ in listening({p.pid for p in procs})}
     assert ports and len(procs) >= 6
+    token_dir = Path(local_driver.cluster["token_path"]).parent
+    assert token_dir.is_dir()
     start = time.monotonic()
     local_driver.send_signal(signal.SIGKILL)
     local_driver.wait()
@@ -129,6 +288,9 @@ def test_own_local_ray_ends_soon_after_its_driver_is_killed(local_driver):
     took = time.monotonic() - start
     assert not left, f"alive {took:.0f}s after the driver: {[p.name() for p in left]}"
     assert not listening({p.pid for p in procs})
+    while token_dir.exists() and time.monotonic() - start < GONE_WITHIN_S:
+        time.sleep(0.5)  # the reaper removes it last
+    assert not token_dir.exists(), "the token outlived its cluster"
 
 
 def test_reaper_tracks_descendants_and_forgets_ended_processes():
