@@ -132,7 +132,7 @@ def pending_jobs(ev: Evaluation, seed_index: int, methods: list[Method]) -> list
             single = a.cluster is None
             jobs.append(
                 AdapterJob(
-                    name=f"eval-s{seed_index}-{a.method}-{a.leaf}",
+                    name=a.job_name,
                     base_path=p.base_path,
                     output_dir=str(out),
                     samples=p.pairs(rows),

@@ -74,6 +74,12 @@ class Adapter:
         return f"{EVAL_SEED_PREFIX}{self.seed}/{self.method}/{self.leaf}"
 
     @property
+    def job_name(self) -> str:
+        """The Ray Train job that trains an eval adapter (its folder under ``eval_ray_train``:
+        a resumed eval continues it)."""
+        return f"eval-s{self.seed}-{self.method}-{self.leaf}"
+
+    @property
     def leaf(self) -> str:
         """An eval adapter's folder name: ``expert_<c>``, or ``single``."""
         return SINGLE if self.cluster is None else expert_name(self.cluster)
