@@ -25,6 +25,7 @@ from gs_ray.local_ray import (
     loopback_env,
     terminate,
     use_loopback_env,
+    with_gs_ray_importable,
 )
 
 log = logging.getLogger(__name__)
@@ -224,10 +225,7 @@ class LocalNode:
         import ray
 
         cmd = [sys.executable, "-m", "gs_ray.local_cluster", "node", json.dumps(self.spec())]
-        env = self.head.env()
-        env["PYTHONPATH"] = os.pathsep.join(
-            x for x in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if x
-        )
+        env = with_gs_ray_importable(self.head.env())
         log_path = Path(self.head.temp_dir) / f"node-{self.node_manager_port}.log"
         with open(log_path, "wb") as out:
             self.proc = subprocess.Popen(

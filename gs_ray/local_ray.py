@@ -204,6 +204,15 @@ def use_token_auth(token_path: Path) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def with_gs_ray_importable(env: dict[str, str]) -> dict[str, str]:
+    """``env`` (changed in place and returned) with this gs_ray package first on PYTHONPATH, so
+    that a ``python -m gs_ray...`` child imports it however the parent found it."""
+    env["PYTHONPATH"] = os.pathsep.join(
+        x for x in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if x
+    )
+    return env
+
+
 def start_reaper(
     driver_pid: int, root_pids: list[int], token_dir: Path | None = None
 ) -> subprocess.Popen:
@@ -215,13 +224,9 @@ def start_reaper(
     cmd = [sys.executable, "-m", "gs_ray.local_ray", str(driver_pid), *map(str, root_pids)]
     if token_dir is not None:
         cmd += ["--remove", str(token_dir)]
-    env = dict(os.environ)  # gs_ray importable however the driver found it
-    env["PYTHONPATH"] = os.pathsep.join(
-        x for x in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if x
-    )
     return subprocess.Popen(
         cmd,
-        env=env,
+        env=with_gs_ray_importable(dict(os.environ)),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -251,7 +251,7 @@ def _names(adapters: list[Adapter | None]) -> list[str | None]:
     return [a.name if a is not None else None for a in adapters]
 
 
-def _ablation_rows(ev, ablations, nll, methods, routes) -> list[dict[str, Any]]:
+def _ablation_rows(ev, ablations, ab_plans, nll, methods, routes) -> list[dict[str, Any]]:
     """The paper's Fig. 6 as rows: per K, the cosine silhouette of the training gradients'
     partition (full dimension) and the held-out loss, routed and oracle; K = 1 is one LoRA on
     everything, the run's K is the run itself (online clustering, its own experts and router)."""
@@ -282,14 +282,15 @@ def _ablation_rows(ev, ablations, nll, methods, routes) -> list[dict[str, Any]]:
         )
     for ab in ablations:
         fit = ab.fit(ev)
+        routed_plan, oracle_plan = ab_plans[ab.name]
         probs, _ = routes.of(ab.name, 0)
         rows.append(
             {
                 "k": ab.k,
                 "source": "ablation",
                 "silhouette": fit["silhouette"],
-                "test_loss_routed": float(nll(ab.plan(ev, 0, routes)).mean()),
-                "test_loss_oracle": float(nll(ab.oracle(ev)).mean()),
+                "test_loss_routed": float(nll(routed_plan).mean()),
+                "test_loss_oracle": float(nll(oracle_plan).mean()),
                 "router_agreement": agreement(probs.argmax(1), fit["test"]),
                 "cluster_sizes": np.bincount(fit["train"], minlength=ab.k).tolist(),
             }
@@ -372,10 +373,10 @@ def _compare(run: RunDir, cfg: Config) -> dict[str, Any]:
     # 2. Every router on the test prompts; every method's plan per seed.
     routes = route(ev, per_seed)
     plans = {i: {m.name: m.plan(ev, i, routes) for m in methods} for i in seeds}
-    ab_plans = [ab.plan(ev, 0, routes) for ab in ablations] + [ab.oracle(ev) for ab in ablations]
+    ab_plans = {ab.name: (ab.plan(ev, 0, routes), ab.oracle(ev)) for ab in ablations}
     merges = {key: parts for m in methods for i in seeds for key, parts in m.merges(ev, i).items()}
     used = {a for mp in plans.values() for plan in mp.values() for a in plan.adapters}
-    used |= {a for plan in ab_plans for a in plan.adapters}
+    used |= {a for pair in ab_plans.values() for plan in pair for a in plan.adapters}
     used |= {a for parts in merges.values() for a in parts}
     warmup = Adapter("warmup")
     loaded = sorted((a for a in used - set(merges) - {None, warmup}), key=lambda a: a.name)
@@ -485,7 +486,7 @@ def _compare(run: RunDir, cfg: Config) -> dict[str, Any]:
         analyses["routers"] = router_table(
             p, train, test, ev.labels, k, grads, (gs_probs.argmax(1), gs_ms)
         )
-        analyses["k_ablation"] = _ablation_rows(ev, ablations, nll, rows, routes)
+        analyses["k_ablation"] = _ablation_rows(ev, ablations, ab_plans, nll, rows, routes)
         analyses["sts"] = sts_similarity(p)
         _analysis_plots(run, analyses)
     verdict = None

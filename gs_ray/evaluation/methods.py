@@ -406,31 +406,32 @@ class GradientSpace(Method):
 
     name = "gradientspace"
     family: ClassVar[str] = "gradientspace"  # the variants share it
+    falls_back: ClassVar[bool] = True  # to the run's generalist (its cost counts the generalist's)
 
     def partition(self, ev, seed_index):
         return on_train(ev.n, ev.train, ev.labels[ev.train])
 
     def uses(self, ev, seed_index):
         experts = ev.experts(self.family, seed_index)
-        return experts + ([ev.generalist(seed_index)] if ev.fallback else [])
+        return experts + ([ev.generalist(seed_index)] if self._fallback(ev) else [])
 
-    def _routed(self, ev, seed_index, routes) -> Plan:
-        probs, ms = routes.of(self.family, seed_index)
-        return Plan(ev.experts(self.family, seed_index), one_hot(probs.argmax(1), ev.k), 1, ms)
+    def _fallback(self, ev: Evaluation) -> bool:
+        """This method falls back, and the run has a calibrated generalist to fall back to."""
+        return self.falls_back and ev.fallback
 
     def plan(self, ev, seed_index, routes):
-        if not ev.fallback:
-            return self._routed(ev, seed_index, routes)
+        probs, ms = routes.of(self.family, seed_index)
+        if not self._fallback(ev):  # the router's expert always
+            return Plan(ev.experts(self.family, seed_index), one_hot(probs.argmax(1), ev.k), 1, ms)
         from gs_ray.routing.fallback import Fallback
 
-        probs, ms = routes.of(self.family, seed_index)
         _, _, back = Fallback.load(ev.run.fallback_json).route(probs)
         adapters = ev.experts(self.family, seed_index) + [ev.generalist(seed_index)]
         return Plan(adapters, one_hot(np.where(back, ev.k, probs.argmax(1)), ev.k + 1), 1, ms)
 
     def cost(self, ev):
         records = ev.run.expert_records()
-        if self.name == "gradientspace" and ev.run.generalist_complete():
+        if self.falls_back and ev.run.generalist_complete():
             records.append(json.loads((ev.run.generalist / EXPERT_RECORD).read_text()))
         return _cost(records)
 
@@ -439,12 +440,7 @@ class GradientSpaceNoFallback(GradientSpace):
     """The router's expert always."""
 
     name = "gradientspace_nofallback"
-
-    def uses(self, ev, seed_index):
-        return ev.experts(self.family, seed_index)
-
-    def plan(self, ev, seed_index, routes):
-        return self._routed(ev, seed_index, routes)
+    falls_back = False
 
 
 class GradientSpaceOracle(GradientSpaceNoFallback):

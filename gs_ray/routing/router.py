@@ -195,7 +195,6 @@ class Router:
         self.cfg = cfg if cfg is not None else RouterConfig(kind="encoder")
         self._n_clusters, self.seed, self.cache_path = n_clusters, seed, cache_path
         self.device = device
-        self.encoder_name, self.max_length = self.cfg.encoder, self.cfg.max_length
         self.head: nn.Linear | None = None
         self.metrics: dict[str, Any] = {}
         self._encoder: FrozenEncoder | None = None
@@ -268,8 +267,17 @@ class Router:
             metrics["n_train"],
             metrics["n_holdout"],
         )
-        self.encoder_name, self.max_length = cfg.encoder, cfg.max_length
         return self._set_head(head, metrics)
+
+    @property
+    def encoder_name(self) -> str:
+        """The encoder the head's features come from (``cfg.encoder``)."""
+        return self.cfg.encoder
+
+    @property
+    def max_length(self) -> int:
+        """The encoder's max tokens (``cfg.max_length``)."""
+        return self.cfg.max_length
 
     @property
     def n_clusters(self) -> int | None:
