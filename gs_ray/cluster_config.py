@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gs_ray.cluster_tls import CA_CERT, CA_KEY, ray_env
+
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 #: The stand-in for "GPU" on fake nodes: gradient workers ask for it with
 #: ``stage2.worker_resource``; a real GPU would make Ray and torch expect CUDA.
@@ -121,6 +123,15 @@ HEADER = """\
 # the token on your side too:
 #   ray exec cluster.yaml 'cat ~/.ray/auth_token' > ~/.ray/auth_token; chmod 600 ~/.ray/auth_token
 #   export RAY_AUTH_MODE=token
+#
+# Every node also runs Ray's gRPC with mutual TLS (RAY_USE_TLS=1): the GCS, the raylets, every
+# worker and every Ray Serve replica's inter-deployment server (which listens on all interfaces)
+# accept only peers with a certificate of this cluster. The head makes the cluster's CA once
+# (~/.gs-ray-tls, python -m gs_ray.cluster_tls ca) and leaves it beside the token for the
+# workers; every node makes its own key and certificate for its address (cluster_tls node) before
+# ray start, and its shells get the same settings (~/.bashrc), so a driver started there
+# (ray attach, ray exec) connects too. A Ray Client from outside the cluster needs a node
+# certificate of its own: use `ray job submit` through the dashboard tunnel instead.
 """
 
 REPO = "/home/ubuntu/gs-ray"  # where file_mounts puts this repository on every node
@@ -135,7 +146,14 @@ PYTHON_CHECK = (
 )
 TOKEN = "~/.ray/auth_token"  # where Ray 2.60 reads its cluster token
 SHARED_TOKEN_DIR = "/mnt/shared/.gs-ray-auth"  # the head's copy for the workers
-AUTH = "export RAY_AUTH_MODE=token; "  # before every ray start
+TLS_DIR = "$HOME/.gs-ray-tls"  # the node's CA copy, key and certificate (gs_ray.cluster_tls)
+TLS_ENV = " ".join(f"{k}={v}" for k, v in ray_env(TLS_DIR).items())  # mutual TLS, for a shell
+#: Before every ray start: token authentication and mutual TLS.
+AUTH = f"export RAY_AUTH_MODE=token {TLS_ENV}; "
+#: The node's shells get the same settings, so that a driver started there connects (once).
+TLS_SHELL = (
+    f"grep -qs RAY_USE_TLS ~/.bashrc || echo 'export RAY_AUTH_MODE=token {TLS_ENV}' >> ~/.bashrc"
+)
 
 
 def _aws_node(spec: ClusterSpec, node: NodeType, worker: bool) -> dict[str, Any]:
@@ -192,10 +210,19 @@ def aws_config(spec: ClusterSpec = SPEC) -> dict[str, Any]:
             f"-c 'import secrets; print(secrets.token_hex(32))' > {TOKEN})) && chmod 600 {TOKEN}",
             f"sudo install -d -m 700 -o $(id -u) -g $(id -g) {SHARED_TOKEN_DIR} && install -m 600 "
             f"{TOKEN} {SHARED_TOKEN_DIR}/ray_auth_token",
+            # the cluster's CA: made once on the head, left beside the token for the workers
+            f"{venv}/python -m gs_ray.cluster_tls ca {TLS_DIR} && install -m 600 "
+            f"{TLS_DIR}/{CA_CERT} {TLS_DIR}/{CA_KEY} {SHARED_TOKEN_DIR}/",
+            f"{venv}/python -m gs_ray.cluster_tls node {TLS_DIR}",
+            TLS_SHELL,
         ],
         "worker_setup_commands": [
             f"mkdir -p ~/.ray && chmod 700 ~/.ray && install -m 600 "
             f"{SHARED_TOKEN_DIR}/ray_auth_token {TOKEN}",
+            f"install -d -m 700 {TLS_DIR} && install -m 600 {SHARED_TOKEN_DIR}/{CA_CERT} "
+            f"{SHARED_TOKEN_DIR}/{CA_KEY} {TLS_DIR}/",
+            f"{venv}/python -m gs_ray.cluster_tls node {TLS_DIR}",
+            TLS_SHELL,
         ],
         "head_start_ray_commands": [
             f"{venv}/ray stop",

@@ -40,11 +40,41 @@ def test_cluster_yaml_runs_every_node_with_token_auth():
         and "chmod 600 ~/.ray/auth_token" in head
     )
     assert "install -m 600 ~/.ray/auth_token" in head and "install -d -m 700" in head
-    workers = " ".join(config["worker_setup_commands"])
-    assert "install -m 600" in workers and workers.endswith("~/.ray/auth_token")
+    take = config["worker_setup_commands"][0]
+    assert "install -m 600" in take and take.endswith("~/.ray/auth_token")
     text = (ROOT / "cluster.yaml").read_text()
     assert "token authentication (RAY_AUTH_MODE=token)" in text
+    assert "mutual TLS (RAY_USE_TLS=1)" in text
     assert "loopback only" not in text.split("token authentication")[0]  # the old claim is gone
+
+
+def test_cluster_yaml_runs_every_node_with_mutual_tls():
+    """Every ray start has Ray's TLS on with the node's own certificate; the head makes the CA
+    and leaves it (0600) beside the token; every node makes its certificate before ray start, in
+    its setup, and its shells get the same settings."""
+    from gs_ray.cluster_tls import ray_env
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    tls = ray_env("$HOME/.gs-ray-tls")
+    for kind in ("head", "worker"):
+        starts = [c for c in config[f"{kind}_start_ray_commands"] if "ray start" in c]
+        assert starts and all(f"{k}={v}" in c for c in starts for k, v in tls.items()), kind
+        setup = config[f"{kind}_setup_commands"]
+        node = [i for i, c in enumerate(setup) if "gs_ray.cluster_tls node $HOME/.gs-ray-tls" in c]
+        shell = [c for c in setup if ">> ~/.bashrc" in c and "RAY_USE_TLS=1" in c]
+        assert len(node) == 1 and len(shell) == 1, kind
+    head = config["head_setup_commands"]
+    ca = [i for i, c in enumerate(head) if "gs_ray.cluster_tls ca $HOME/.gs-ray-tls" in c]
+    assert (
+        len(ca) == 1
+        and "install -m 600" in head[ca[0]]
+        and "/mnt/shared/.gs-ray-auth/" in head[ca[0]]
+    )
+    assert ca[0] < next(i for i, c in enumerate(head) if "cluster_tls node" in c)
+    workers = config["worker_setup_commands"]
+    take = next(i for i, c in enumerate(workers) if "/mnt/shared/.gs-ray-auth/ca.key" in c)
+    assert "install -m 600" in workers[take] and "install -d -m 700" in workers[take]
+    assert take < next(i for i, c in enumerate(workers) if "cluster_tls node" in c)
 
 
 def test_cluster_yaml_schema_check_is_not_vacuous():

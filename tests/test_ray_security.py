@@ -139,10 +139,11 @@ def local_driver(tmp_path_factory):
     stop_driver(proc)
 
 
-def grpc_call(port: int, call: str, token: str | None = None):
+def grpc_call(port: int, call: str, token: str | None = None, credentials=None):
     """One gRPC call to a Ray server on 127.0.0.1:``port``, with the token or without any:
     ``call`` is "gcs" (the GCS's node table: what every client asks first), "raylet" (a node's
-    stats) or "worker" (a core worker's pending tasks). Returns (status code, reply)."""
+    stats) or "worker" (a core worker's pending tasks); ``credentials``: TLS channel credentials
+    (None: plaintext). Returns (status code, reply)."""
     import grpc
     from ray.core.generated import (
         core_worker_pb2,
@@ -154,7 +155,13 @@ def grpc_call(port: int, call: str, token: str | None = None):
     )
 
     metadata = [("authorization", f"Bearer {token}")] if token else None
-    with grpc.insecure_channel(f"{LOOPBACK}:{port}") as channel:
+    target = f"{LOOPBACK}:{port}"
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
         if call == "gcs":
             stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
             method, request = stub.GetAllNodeInfo, gcs_service_pb2.GetAllNodeInfoRequest()
@@ -472,3 +479,105 @@ def test_added_worker_node_leaves_the_heads_working_dirs_alone(ray_session, tmp_
         node.kill()
     assert unpacked.is_dir(), "the worker node deleted the head's copy of the working_dir"
     assert submit() == uri  # the head still serves that folder
+
+
+# A head and a worker node with cluster.yaml's settings: token authentication and mutual TLS with
+# certificates made by gs_ray.cluster_tls (here for 127.0.0.1), the worker joining over TLS.
+TLS_DRIVER = """
+import json, os, sys
+from gs_ray import cluster_tls
+os.environ.update(cluster_tls.ray_env(sys.argv[1]))
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=sys.argv[2])
+from gs_ray.local_cluster import LocalHead
+head = LocalHead(num_cpus=1, dashboard=False).start()
+try:
+    import ray
+    ray.init(address=head.address, log_to_driver=False)
+    node = head.add_node(num_cpus=1, resources={"far": 1})
+
+    @ray.remote(resources={"far": 1})
+    def where():
+        return ray.get_runtime_context().get_node_id()
+
+    cluster = {"gcs": head.port, "raylet": node.node_manager_port, "node": node.node_id,
+               "ran_on": ray.get(where.remote(), timeout=120)}
+    print("CLUSTER", json.dumps(cluster), flush=True)
+    sys.stdin.read()  # until the test is done
+    ray.shutdown()
+finally:
+    head.stop()
+"""
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory):
+    from gs_ray import cluster_tls
+
+    tmp = tmp_path_factory.mktemp("tls")
+    certs, other = tmp / "node", tmp / "other"
+    for d in (certs, other):  # the cluster's CA and node certificate; a stranger's
+        cluster_tls.make_ca(d)
+        cluster_tls.make_node_cert(d, ["127.0.0.1"])
+    token = tmp / "auth_token"
+    token.write_text("ab" * 32)
+    token.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH")) if x)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TLS_DRIVER, str(certs), str(token)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("CLUSTER "):
+            proc.cluster = json.loads(line.split(" ", 1)[1])
+            break
+    else:
+        proc.wait()
+        raise AssertionError(f"TLS driver exited {proc.returncode}: {''.join(lines)}")
+    proc.certs, proc.other, proc.token = certs, other, token.read_text()
+    yield proc
+    proc.stdin.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        stop_driver(proc)
+
+
+def _tls(certs: Path, ca: Path | None = None, client: bool = True):
+    """Channel credentials: trust ``ca``'s CA (default the one in ``certs``) and, with
+    ``client``, present ``certs``' node certificate."""
+    import grpc
+
+    ca_pem = ((ca or certs) / "ca.crt").read_bytes()
+    if not client:
+        return grpc.ssl_channel_credentials(ca_pem)
+    return grpc.ssl_channel_credentials(
+        ca_pem, (certs / "node.key").read_bytes(), (certs / "node.crt").read_bytes()
+    )
+
+
+def test_cluster_tls_head_and_worker_accept_only_this_clusters_certificates(tls_cluster):
+    """cluster.yaml's settings on a head and a worker node (here on loopback): the worker joined
+    and ran a task over mutual TLS; the GCS and the worker's raylet answer a client with a node
+    certificate of this cluster and the token, and refuse a plaintext client, a client that
+    presents no certificate or one of another CA (even with the token), and a client with the
+    right certificate and no token. Every Ray gRPC server uses the same TLS set-up
+    (ray._common.tls_utils), Serve replicas' inter-deployment servers too."""
+    import grpc
+
+    c = tls_cluster.cluster
+    assert c["ran_on"] == c["node"]  # the worker node joined and ran a task over TLS
+    certs, other, token = tls_cluster.certs, tls_cluster.other, tls_cluster.token
+    refused = grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails: no call is made
+    for port, call in ((c["gcs"], "gcs"), (c["raylet"], "raylet")):
+        assert grpc_call(port, call, token, _tls(certs))[0] == grpc.StatusCode.OK, call
+        assert grpc_call(port, call, token)[0] == refused, call
+        assert grpc_call(port, call, token, _tls(certs, client=False))[0] == refused, call
+        assert grpc_call(port, call, token, _tls(other, ca=certs))[0] == refused, call
+        code, _ = grpc_call(port, call, None, _tls(certs))
+        assert code == grpc.StatusCode.UNAUTHENTICATED, call
