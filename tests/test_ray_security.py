@@ -501,8 +501,21 @@ try:
 
     cluster = {"gcs": head.port, "raylet": node.node_manager_port, "node": node.node_id,
                "ran_on": ray.get(where.remote(), timeout=120)}
+
+    import psutil
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Replica:
+        def pid(self):
+            return os.getpid()
+
+    pid = serve.run(Replica.bind(), name="tls", route_prefix=None).pid.remote().result()
+    cluster["replica"] = sorted({c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
+                                 if c.status == psutil.CONN_LISTEN})
     print("CLUSTER", json.dumps(cluster), flush=True)
     sys.stdin.read()  # until the test is done
+    serve.shutdown()
     ray.shutdown()
 finally:
     head.stop()
@@ -566,8 +579,8 @@ def test_cluster_tls_head_and_worker_accept_only_this_clusters_certificates(tls_
     and ran a task over mutual TLS; the GCS and the worker's raylet answer a client with a node
     certificate of this cluster and the token, and refuse a plaintext client, a client that
     presents no certificate or one of another CA (even with the token), and a client with the
-    right certificate and no token. Every Ray gRPC server uses the same TLS set-up
-    (ray._common.tls_utils), Serve replicas' inter-deployment servers too."""
+    right certificate and no token. A Ray Serve replica's servers, its inter-deployment one on
+    every interface included, refuse every client but the cluster's too."""
     import grpc
 
     c = tls_cluster.cluster
@@ -581,3 +594,10 @@ def test_cluster_tls_head_and_worker_accept_only_this_clusters_certificates(tls_
         assert grpc_call(port, call, token, _tls(other, ca=certs))[0] == refused, call
         code, _ = grpc_call(port, call, None, _tls(certs))
         assert code == grpc.StatusCode.UNAUTHENTICATED, call
+    # A Serve replica's servers (Ray 2.60: its inter-deployment gRPC server on [::]): a TLS
+    # client of the cluster reaches the server (an unknown method: UNIMPLEMENTED); others do not.
+    assert c["replica"], "the replica listens"
+    for port in c["replica"]:
+        assert grpc_call(port, "worker", token)[0] == refused, port
+        assert grpc_call(port, "worker", token, _tls(other, ca=certs))[0] == refused, port
+        assert grpc_call(port, "worker", token, _tls(certs))[0] != refused, port
