@@ -227,6 +227,11 @@ def test_every_choice_is_checked_at_load_time(key, allowed):
             ],
             r"need stage2.transport: gradients \(got 'partial_sums'\)",
         ),
+        (
+            ["--experts.init", "generalist", "--fallback.enabled", "false"],
+            r"experts.init: generalist needs the run's generalist \(fallback.enabled: true\)",
+        ),
+        (["--experts.init", "base"], r"experts.init: 'base'.*warmup.*generalist"),
     ],
 )
 def test_ranges_and_choices_name_key_value_and_allowed(overrides, message):

@@ -186,6 +186,11 @@ def _check_relations(cfg: Config) -> None:
             f"serve.expert_replicas ({s.expert_replicas})"
         )
     _check_stream_consumers(cfg)
+    if cfg.experts.init == "generalist" and not cfg.fallback.enabled:
+        raise ConfigError(
+            "experts.init: generalist needs the run's generalist (fallback.enabled: true); "
+            "allowed with fallback.enabled false: warmup"
+        )
     if cfg.tracking.mlflow not in (None, TRACKING_OFF):
         check_tracking_uri(cfg.tracking.mlflow, "tracking.mlflow")
     m = cfg.model

@@ -60,6 +60,9 @@ StageName = Literal[
 #: apart (routing/routability.py), ``off`` keeps Stage II's partition exactly (the paper).
 Routability = Literal["merge", "off"]
 Pack = Literal["auto", "off"]  # training.ray_train.pack_runs
+#: Where each expert starts (training.experts.expert_job): the warm-up adapter (the paper) or
+#: the run's generalist (one LoRA on every training row, trained first).
+ExpertInit = Literal["warmup", "generalist"]
 UseGpu = Literal["auto", "true", "false"]  # training.ray_train.resolve_use_gpu
 #: The tracking URIs gs-ray takes (tracking.mlflow, MLFLOW_TRACKING_URI), by scheme: a local file
 #: store (the ``tracking`` extra, mlflow-skinny), a database (the full ``mlflow`` package), a
@@ -259,6 +262,12 @@ class ExpertConfig(TrainingConfig):
     """Stage III: one LoRA expert per cluster, trained from the warm-up adapter."""
 
     epochs: int = _f(2, "passes over the cluster's data", ge=1)
+    init: ExpertInit = _f(
+        "warmup",
+        "warmup: each expert starts from the warm-up adapter (the paper) | generalist: from the "
+        "run's generalist (fallback.enabled), trained first; the experts then refine it on "
+        "their clusters",
+    )
     parallel: bool = _f(True, "train the K experts concurrently")
     pack: Pack = _f(
         "auto",

@@ -113,34 +113,41 @@ def _n_clusters(part: np.ndarray, train: np.ndarray) -> int:
 def pending_jobs(ev: Evaluation, seed_index: int, methods: list[Method]) -> list:
     """The adapters a seed's plans use that gs-ray eval trains and has not trained yet (one LoRA
     on everything, K per partitioned method, GradientSpace's experts again for later seeds), as
-    Ray Train jobs with the experts' settings."""
+    Ray Train jobs with the experts' settings. An adapter that starts from one not trained yet
+    (``Evaluation.init_of``) waits: that one is in the jobs instead, and the next call, after
+    they are trained, gives the waiting ones."""
     from gs_ray.training.ray_train import AdapterJob
 
     p = ev.p
     limit = p.cfg.experts.max_steps
-    seen: set[Adapter] = set()
+    wanted = list(dict.fromkeys(a for m in methods for a in m.uses(ev, seed_index)))
+    seen = set(wanted)
     jobs = []
-    for m in methods:
-        for a in m.uses(ev, seed_index):
-            if a.source != "eval" or a in seen:
-                continue
-            seen.add(a)
-            rows, out = ev.rows(a), a.path(ev.run)
-            if adapter_complete(out) or len(rows) == 0:
-                continue
-            # With a step limit per expert, one LoRA on everything gets the K experts' steps.
-            single = a.cluster is None
-            jobs.append(
-                AdapterJob(
-                    name=a.job_name,
-                    base_path=p.base_path,
-                    output_dir=str(out),
-                    samples=p.pairs(rows),
-                    init_adapter=str(p.run.warmup_adapter),
-                    seed=ev.training_seed(a),
-                    max_steps=limit * ev.k if limit and single else None,
-                )
+    for a in wanted:  # grows with the adapters others start from
+        if a.source != "eval":
+            continue
+        rows, out = ev.rows(a), a.path(ev.run)
+        if adapter_complete(out) or len(rows) == 0:
+            continue
+        init = ev.init_of(a)
+        if init.source == "eval" and not adapter_complete(init.path(ev.run)):
+            if init not in seen:
+                seen.add(init)
+                wanted.append(init)
+            continue
+        # With a step limit per expert, one LoRA on everything gets the K experts' steps.
+        single = a.cluster is None
+        jobs.append(
+            AdapterJob(
+                name=a.job_name,
+                base_path=p.base_path,
+                output_dir=str(out),
+                samples=p.pairs(rows),
+                init_adapter=str(init.path(ev.run)),
+                seed=ev.training_seed(a),
+                max_steps=limit * ev.k if limit and single else None,
             )
+        )
     return jobs
 
 
@@ -173,6 +180,7 @@ def train_baselines(p: Prepared, jobs: list) -> dict[str, dict]:
             Path(job.output_dir) / TRAIN_RECORD,
             {
                 "n_train": len(job.samples),
+                "init": job.init_adapter,  # the adapter it started from
                 "steps": len(rec.get("losses", [])),
                 "seconds": rec.get("seconds"),
                 "losses": rec.get("losses"),
@@ -367,7 +375,8 @@ def _compare(run: RunDir, cfg: Config) -> dict[str, Any]:
             write_json(run.eval_partitions, {m: v.tolist() for m, v in parts.items()})
             analysed = {m: v for m, v in parts.items() if m in METHODS}
             analyses = analyse(p, ev, analysed)
-        train_baselines(p, pending_jobs(ev, i, per_seed[i]))
+        for _wave in range(2):  # an expert waits for what it starts from (pending_jobs)
+            train_baselines(p, pending_jobs(ev, i, per_seed[i]))
         fit_routers(ev, i, per_seed[i])
 
     # 2. Every router on the test prompts; every method's plan per seed.

@@ -209,6 +209,14 @@ class Evaluation:
             return [Adapter("expert", cluster=c) for c in range(k)]
         return [Adapter("eval", seed_index, method, c) for c in range(k)]
 
+    def init_of(self, adapter: Adapter) -> Adapter:
+        """Where an adapter gs-ray eval trains starts: an expert of any method where the run's
+        experts start (``experts.init``: the warm-up adapter, or the seed's one LoRA on
+        everything), one LoRA on everything from the warm-up adapter."""
+        if adapter.cluster is not None and self.cfg.experts.init == "generalist":
+            return self.generalist(adapter.seed)
+        return Adapter("warmup")
+
     def rows(self, adapter: Adapter) -> np.ndarray:
         """The training rows of an adapter gs-ray eval trains."""
         if adapter.cluster is None:
@@ -292,6 +300,17 @@ class Warmup(Method):
         return _single(ev, [Adapter("warmup")])
 
 
+def _init_records(ev: Evaluation) -> list[dict]:
+    """The training record of what the first seed's experts started from, where that is one
+    LoRA on everything (``experts.init: generalist``): part of their cost."""
+    adapter = ev.init_of(Adapter("eval", 0, "", 0))
+    if adapter.source == "generalist":
+        return [json.loads((ev.run.generalist / EXPERT_RECORD).read_text())]
+    if adapter.source == "eval":
+        return [_train_record(adapter.path(ev.run))]
+    return []
+
+
 class SingleLora(Method):
     """One LoRA on all the training data: the run's generalist for the first seed."""
 
@@ -343,7 +362,9 @@ class Partitioned(Method):
         return Plan(ev.experts(self.name, seed_index), one_hot(probs.argmax(1), ev.k), 1, ms)
 
     def cost(self, ev):
-        return _cost([_train_record(a.path(ev.run)) for a in ev.experts(self.name, 0)])
+        return _cost(
+            [_train_record(a.path(ev.run)) for a in ev.experts(self.name, 0)] + _init_records(ev)
+        )
 
 
 class RandomClusters(Partitioned):
@@ -433,6 +454,8 @@ class GradientSpace(Method):
         records = ev.run.expert_records()
         if self.falls_back and ev.run.generalist_complete():
             records.append(json.loads((ev.run.generalist / EXPERT_RECORD).read_text()))
+        elif not self.falls_back:
+            records += _init_records(ev)
         return _cost(records)
 
 

@@ -1,7 +1,8 @@
 """Stage III, the experts: one LoRA expert per cluster, from the warm-up adapter, on that
 cluster's training samples; the K trainings run in parallel (Ray Train + DeepSpeed). With
 ``fallback.enabled`` the generalist (one LoRA on all the training rows, the budget of ``gs-ray
-eval``'s ``single_lora``) trains beside them, in the same parallel batch."""
+eval``'s ``single_lora``) trains beside them, in the same parallel batch; with ``experts.init:
+generalist`` it trains first and every expert starts from it."""
 
 from __future__ import annotations
 
@@ -18,9 +19,16 @@ from gs_ray.training.warmup import storage_path, training_summary
 log = logging.getLogger(__name__)
 
 
+def expert_init(p: Prepared) -> str:
+    """The adapter every expert of the run starts from (``experts.init``)."""
+    if p.cfg.experts.init == "generalist":
+        return str(p.run.generalist)
+    return str(p.run.warmup_adapter)
+
+
 def expert_job(p: Prepared, labels: np.ndarray, c: int, output_dir: str, name: str = ""):
-    """The training job of expert c: cluster c's training samples, starting from the warm-up
-    adapter, seeded by the cluster (``name`` defaults to the expert's name)."""
+    """The training job of expert c: cluster c's training samples, starting from
+    ``expert_init``, seeded by the cluster (``name`` defaults to the expert's name)."""
     from gs_ray.training.ray_train import AdapterJob
 
     train = p.fit_rows()
@@ -29,7 +37,7 @@ def expert_job(p: Prepared, labels: np.ndarray, c: int, output_dir: str, name: s
         base_path=p.base_path,
         output_dir=output_dir,
         samples=p.pairs(train[labels[train] == c]),
-        init_adapter=str(p.run.warmup_adapter),
+        init_adapter=expert_init(p),
         seed=expert_seed(p.cfg.run.seed, c),
         cluster=c,
     )
@@ -54,14 +62,54 @@ def generalist_job(p: Prepared, labels: np.ndarray, k: int, output_dir: str):
     )
 
 
-def experts_ray(p: Prepared, resume: bool = False) -> dict:
-    """Train the experts that are missing. Experts whose folder is complete are kept; a cluster
-    with no training sample gets a copy of the warm-up adapter."""
+def _train(p: Prepared, jobs: list, resume: bool) -> dict:
+    """Train ``jobs`` on Ray Train with the experts' settings; raises when one failed after
+    its retries."""
     from gs_ray.training.ray_train import train_many_on_ray
 
+    cfg = p.cfg
+    if not jobs:
+        return {}
+    log.info(
+        "training %d adapters (%s), %s",
+        len(jobs),
+        ", ".join(j.name for j in jobs),
+        "in parallel" if cfg.experts.parallel else "one after another",
+    )
+    records = train_many_on_ray(
+        jobs,
+        cfg.model,
+        cfg.lora,
+        cfg.experts,
+        p.pad_id,
+        storage_path(p),
+        parallel=cfg.experts.parallel,
+        resume=resume,
+    )
+    failed = [n for n, r in records.items() if not r.get("ok")]
+    if failed:
+        errors = "; ".join(f"{n}: {records[n].get('error')}" for n in failed)
+        raise RuntimeError(f"expert training failed after retries: {errors}")
+    return records
+
+
+def experts_ray(p: Prepared, resume: bool = False) -> dict:
+    """Train the experts that are missing. Experts whose folder is complete are kept; a cluster
+    with no training sample gets a copy of the adapter the experts start from. With
+    ``experts.init: generalist`` the generalist trains first, then the experts from it."""
     cfg, run = p.cfg, p.run
     labels, k = p.assignments()
+    from_generalist = cfg.experts.init == "generalist"
     with run.stage("experts") as info:
+        # A resume continues an interrupted training from its checkpoint; an adapter whose run
+        # had finished but whose folder is gone (deleted) is trained again from the start.
+        generalist = []
+        if cfg.fallback.enabled and run.generalist_complete():
+            run.check_adapter(run.generalist)
+        elif cfg.fallback.enabled:
+            generalist.append(generalist_job(p, labels, k, str(run.generalist)))
+        # experts.init generalist: the experts start from it, so it trains first, alone
+        records = _train(p, generalist, resume) if from_generalist else {}
         jobs, kept, copied = [], [], []
         for c in range(k):
             if run.expert_complete(c):
@@ -71,43 +119,18 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
             job = expert_job(p, labels, c, str(run.expert(c)))
             if not job.samples:
                 shutil.rmtree(run.expert(c), ignore_errors=True)
-                shutil.copytree(run.warmup_adapter, run.expert(c))
-                run.write_expert_record(c, {"n_train": 0, "copied_warmup": True})
+                shutil.copytree(job.init_adapter, run.expert(c))
+                run.write_expert_record(c, {"n_train": 0, "copied_init": cfg.experts.init})
                 copied.append(c)
                 continue
             jobs.append(job)
-        if cfg.fallback.enabled and run.generalist_complete():
-            run.check_adapter(run.generalist)
-        elif cfg.fallback.enabled:
-            jobs.append(generalist_job(p, labels, k, str(run.generalist)))
-        # A resume continues an interrupted training from its checkpoint; an expert whose run
-        # had finished but whose folder is gone (deleted) is trained again from the warm-up.
-        records = {}
-        if jobs:
-            log.info(
-                "training %d experts (%s), %s",
-                len(jobs),
-                ", ".join(j.name for j in jobs),
-                "in parallel" if cfg.experts.parallel else "one after another",
-            )
-            records = train_many_on_ray(
-                jobs,
-                cfg.model,
-                cfg.lora,
-                cfg.experts,
-                p.pad_id,
-                storage_path(p),
-                parallel=cfg.experts.parallel,
-                resume=resume,
-            )
-        failed = [n for n, r in records.items() if not r.get("ok")]
-        if failed:
-            errors = "; ".join(f"{n}: {records[n].get('error')}" for n in failed)
-            raise RuntimeError(f"expert training failed after retries: {errors}")
+        records.update(_train(p, jobs if from_generalist else jobs + generalist, resume))
+        jobs += generalist
         for job in jobs:
             rec = records[job.name]
             record = {
                 "n_train": len(job.samples),
+                "init": job.init_adapter,  # the adapter it started from
                 **training_summary(rec),
                 "losses": rec["losses"],
                 "train_start": rec.get("train_start"),
@@ -121,7 +144,8 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
             trained=sorted(j.cluster for j in jobs if j.name != GENERALIST),
             generalist=any(j.name == GENERALIST for j in jobs),
             kept=kept,
-            copied_warmup=copied,
+            copied_init=copied,
+            init=cfg.experts.init,
             engines=sorted({records[j.name]["engine"] for j in jobs}),
             parallel=cfg.experts.parallel,
         )
