@@ -386,17 +386,25 @@ def test_eval_compares_every_method_on_the_same_rows(evaluated, tmp_path):
     )
 
     # Every trained method really trained, at the same budget: each expert its cluster's steps
-    # (at most experts.max_steps = 3), one LoRA on everything K times the limit.
+    # (at most experts.max_steps = 3) from where the run's experts start (by default the
+    # generalist, whose steps count too), one LoRA on everything K times the limit.
+    from gs_ray.rundir import TRAIN_RECORD
     from gs_ray.training.loop import planned_steps
 
     cfg = run.config()
+    assert cfg.expert_start == "generalist"
     train = p.fit_rows()  # the calibration rows train nothing
     assert len(p.calibration_rows()) > 0 and not set(p.calibration_rows()) & set(train)
     assert m["single_lora"]["train_steps"] == 3 * k
+    assert m["single_lora_matched"]["train_steps"] == 3 * k + 3 * k  # its own, the generalist's
+    assert (parts["single_lora_matched"][train] == 0).all()
     for name in ("random_clusters", "embedding_kmeans", "elrea"):
         sizes = np.bincount(parts[name][train][parts[name][train] >= 0], minlength=k)
-        assert m[name]["train_steps"] == sum(planned_steps(n, cfg.experts) for n in sizes), name
+        experts = sum(planned_steps(n, cfg.experts) for n in sizes)
+        assert m[name]["train_steps"] == experts + 3 * k, name
         assert m[name]["test_loss"] < m["base"]["test_loss"], name
+        record = json.loads((run.eval_adapter(0, name, "expert_0") / TRAIN_RECORD).read_text())
+        assert record["init"] == str(run.generalist), name
     assert m["single_lora"]["test_loss"] != m["warmup"]["test_loss"]
     assert m["gradientspace_ensemble"]["forward_passes_per_query"] == k
     assert m["elrea"]["forward_passes_per_query"] == k + 1
@@ -679,3 +687,74 @@ def test_eval_seeds_show_the_spread(evaluated, tmp_path):
         != m["gradientspace"]["per_seed"][0]["test_loss"]
     )  # retrained experts: another seed
     assert "±" in baselines.table(two)
+
+
+@pytest.mark.slow
+def test_experts_from_the_generalist_train_after_it_in_the_run_and_in_eval(
+    evaluated, tmp_path, monkeypatch
+):
+    """experts.init generalist: the experts stage trains the generalist first, alone, then every
+    expert from it; gs-ray eval trains a later seed's one LoRA in a first wave and every
+    partitioned method's experts from it in the next (the first seed's from the run's
+    generalist). Ray Train is replaced by a copy of the starting adapter: what is checked is the
+    order and where each adapter starts (that an adapter starts from its init_adapter is
+    test_training's)."""
+    import shutil
+
+    from gs_ray.config import apply_overrides
+    from gs_ray.evaluation import baselines
+    from gs_ray.evaluation.methods import METHODS, Adapter, Evaluation
+    from gs_ray.pipeline import base_model_for
+    from gs_ray.prepare import prepare
+    from gs_ray.rundir import GENERALIST, RunDir
+    from gs_ray.training import experts
+
+    run, _ = evaluated
+    copy = tmp_path / "r"
+    shutil.copytree(run.path, copy)
+    cfg = apply_overrides(RunDir(copy).config(), ["--experts.init", "generalist"])
+    p = prepare(cfg, RunDir(copy), base_model=base_model_for, read_only=True)
+    k = p.assignments()[1]
+    for folder in [p.run.generalist, *(p.run.expert(c) for c in range(k))]:
+        shutil.rmtree(folder)
+
+    calls = []
+
+    def fake_train(p, jobs, resume):
+        calls.append([(j.name, j.init_adapter) for j in jobs])
+        for j in jobs:
+            shutil.copytree(j.init_adapter, j.output_dir, dirs_exist_ok=True)
+        return {j.name: {"ok": True, "losses": [1.0], "engine": "fake"} for j in jobs}
+
+    monkeypatch.setattr(experts, "_train", fake_train)
+    with monkeypatch.context() as m:  # the stage writes into the copy only
+        m.setattr(p.run, "stage", _null_stage)
+        experts.experts_ray(p)
+    warm, generalist = str(p.run.warmup_adapter), str(p.run.generalist)
+    assert calls[0] == [(GENERALIST, warm)]
+    assert sorted(calls[1]) == sorted((f"expert_{c}", generalist) for c in range(k))
+    assert json.loads((p.run.expert(0) / "expert.json").read_text())["init"] == generalist
+
+    ev = Evaluation(p)
+    methods = [METHODS[m] for m in ("single_lora", "gradientspace", "embedding_kmeans")]
+    assert ev.init_of(Adapter("eval", 0, "embedding_kmeans", 0)) == Adapter("generalist")
+    baselines.partition(ev, 1, methods)
+    single = Adapter("eval", 1, "single_lora", None)
+    first = baselines.pending_jobs(ev, 1, methods)
+    assert [(j.name, j.init_adapter) for j in first] == [(single.job_name, warm)]
+    shutil.copytree(p.run.generalist, single.path(p.run))  # as if trained
+    second = baselines.pending_jobs(ev, 1, methods)
+    assert len(second) == 2 * k  # GradientSpace's and embedding K-means' experts
+    assert {j.init_adapter for j in second} == {str(single.path(p.run))}
+    assert {j.name for j in second}.isdisjoint({j.name for j in first})
+
+
+class _null_stage:
+    def __init__(self, name):
+        self.info = {}
+
+    def __enter__(self):
+        return self.info
+
+    def __exit__(self, *exc):
+        return False

@@ -35,6 +35,7 @@ EvalMethod = Literal[
     "base",
     "warmup",
     "single_lora",
+    "single_lora_matched",
     "random_clusters",
     "embedding_kmeans",
     "merged",
@@ -60,9 +61,9 @@ StageName = Literal[
 #: apart (routing/routability.py), ``off`` keeps Stage II's partition exactly (the paper).
 Routability = Literal["merge", "off"]
 Pack = Literal["auto", "off"]  # training.ray_train.pack_runs
-#: Where each expert starts (training.experts.expert_job): the warm-up adapter (the paper) or
-#: the run's generalist (one LoRA on every training row, trained first).
-ExpertInit = Literal["warmup", "generalist"]
+#: Where each expert starts (``Config.expert_start``): the run's generalist (one LoRA on every
+#: training row, trained first) where the run has one, the warm-up adapter (the paper), or auto.
+ExpertInit = Literal["auto", "warmup", "generalist"]
 UseGpu = Literal["auto", "true", "false"]  # training.ray_train.resolve_use_gpu
 #: The tracking URIs gs-ray takes (tracking.mlflow, MLFLOW_TRACKING_URI), by scheme: a local file
 #: store (the ``tracking`` extra, mlflow-skinny), a database (the full ``mlflow`` package), a
@@ -263,10 +264,10 @@ class ExpertConfig(TrainingConfig):
 
     epochs: int = _f(2, "passes over the cluster's data", ge=1)
     init: ExpertInit = _f(
-        "warmup",
-        "warmup: each expert starts from the warm-up adapter (the paper) | generalist: from the "
-        "run's generalist (fallback.enabled), trained first; the experts then refine it on "
-        "their clusters",
+        "auto",
+        "auto: generalist where the run has one (fallback.enabled), else warmup | generalist: "
+        "the run's generalist trains first and each expert refines it on its cluster | warmup: "
+        "each expert starts from the warm-up adapter (the paper)",
     )
     parallel: bool = _f(True, "train the K experts concurrently")
     pack: Pack = _f(
@@ -705,6 +706,14 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def expert_start(self) -> Literal["warmup", "generalist"]:
+        """Where every expert starts: ``experts.init`` with auto resolved (the generalist where
+        the run trains one, ``fallback.enabled``; else the warm-up adapter, as the paper)."""
+        if self.experts.init == "auto":
+            return "generalist" if self.fallback.enabled else "warmup"
+        return self.experts.init
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON friendly)."""

@@ -82,7 +82,15 @@ from gs_ray.training.pretrain import base_model_for
 log = logging.getLogger(__name__)
 
 # The baselines every method is also compared with (the best of them, row by row).
-BASELINES = ("single_lora", "embedding_kmeans", "random_clusters", "merged", "elrea", "warmup")
+BASELINES = (
+    "single_lora",
+    "single_lora_matched",
+    "embedding_kmeans",
+    "random_clusters",
+    "merged",
+    "elrea",
+    "warmup",
+)
 REFERENCE = "single_lora"  # the verdict's reference: one LoRA on everything
 
 
@@ -120,6 +128,8 @@ def pending_jobs(ev: Evaluation, seed_index: int, methods: list[Method]) -> list
 
     p = ev.p
     limit = p.cfg.experts.max_steps
+    # One LoRA on everything gets the K experts' steps where experts.max_steps limits each.
+    whole = {a for m in methods if m.whole for a in m.uses(ev, seed_index)}
     wanted = list(dict.fromkeys(a for m in methods for a in m.uses(ev, seed_index)))
     seen = set(wanted)
     jobs = []
@@ -135,8 +145,7 @@ def pending_jobs(ev: Evaluation, seed_index: int, methods: list[Method]) -> list
                 seen.add(init)
                 wanted.append(init)
             continue
-        # With a step limit per expert, one LoRA on everything gets the K experts' steps.
-        single = a.cluster is None
+        single = a.cluster is None or a in whole
         jobs.append(
             AdapterJob(
                 name=a.job_name,

@@ -211,9 +211,9 @@ class Evaluation:
 
     def init_of(self, adapter: Adapter) -> Adapter:
         """Where an adapter gs-ray eval trains starts: an expert of any method where the run's
-        experts start (``experts.init``: the warm-up adapter, or the seed's one LoRA on
+        experts start (``Config.expert_start``: the warm-up adapter, or the seed's one LoRA on
         everything), one LoRA on everything from the warm-up adapter."""
-        if adapter.cluster is not None and self.cfg.experts.init == "generalist":
+        if adapter.cluster is not None and self.cfg.expert_start == "generalist":
             return self.generalist(adapter.seed)
         return Adapter("warmup")
 
@@ -253,6 +253,7 @@ class Method:
 
     name: str
     routed: ClassVar[bool] = False  # gs-ray eval fits a router on its partition
+    whole: ClassVar[bool] = False  # its experts train on every row: the K experts' step limit
 
     @property
     def family(self) -> str:
@@ -302,7 +303,7 @@ class Warmup(Method):
 
 def _init_records(ev: Evaluation) -> list[dict]:
     """The training record of what the first seed's experts started from, where that is one
-    LoRA on everything (``experts.init: generalist``): part of their cost."""
+    LoRA on everything (``Config.expert_start``): part of their cost."""
     adapter = ev.init_of(Adapter("eval", 0, "", 0))
     if adapter.source == "generalist":
         return [json.loads((ev.run.generalist / EXPERT_RECORD).read_text())]
@@ -365,6 +366,32 @@ class Partitioned(Method):
         return _cost(
             [_train_record(a.path(ev.run)) for a in ev.experts(self.name, 0)] + _init_records(ev)
         )
+
+
+class SingleLoraMatched(Partitioned):
+    """One LoRA on everything with the product's budget: one "expert" of a one-cluster partition,
+    so it starts where the run's experts start (``Config.expert_start``; from the generalist it
+    is the generalist trained on for the experts' epochs over every row: the passes of the
+    generalist and the K experts together) and, with ``experts.max_steps``, gets the K experts'
+    steps. With experts from the warm-up adapter it is one LoRA like ``single_lora``, another
+    seed."""
+
+    name = "single_lora_matched"
+    routed = False
+    whole = True
+
+    def partition(self, ev, seed_index):
+        return on_train(ev.n, ev.train, np.zeros(len(ev.train), dtype=np.int64))
+
+    def uses(self, ev, seed_index):
+        return ev.experts(self.name, seed_index, k=1)
+
+    def plan(self, ev, seed_index, routes):
+        return _single(ev, ev.experts(self.name, seed_index, k=1))
+
+    def cost(self, ev):
+        records = [_train_record(a.path(ev.run)) for a in ev.experts(self.name, 0, k=1)]
+        return _cost(records + _init_records(ev))
 
 
 class RandomClusters(Partitioned):
@@ -522,6 +549,7 @@ METHODS: dict[str, Method] = {
         Base(),
         Warmup(),
         SingleLora(),
+        SingleLoraMatched(),
         RandomClusters(),
         EmbeddingKMeans(),
         Merged(),

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def expert_init(p: Prepared) -> str:
     """The adapter every expert of the run starts from (``experts.init``)."""
-    if p.cfg.experts.init == "generalist":
+    if p.cfg.expert_start == "generalist":
         return str(p.run.generalist)
     return str(p.run.warmup_adapter)
 
@@ -99,7 +99,7 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
     ``experts.init: generalist`` the generalist trains first, then the experts from it."""
     cfg, run = p.cfg, p.run
     labels, k = p.assignments()
-    from_generalist = cfg.experts.init == "generalist"
+    from_generalist = cfg.expert_start == "generalist"
     with run.stage("experts") as info:
         # A resume continues an interrupted training from its checkpoint; an adapter whose run
         # had finished but whose folder is gone (deleted) is trained again from the start.
@@ -108,7 +108,7 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
             run.check_adapter(run.generalist)
         elif cfg.fallback.enabled:
             generalist.append(generalist_job(p, labels, k, str(run.generalist)))
-        # experts.init generalist: the experts start from it, so it trains first, alone
+        # experts from the generalist (Config.expert_start): it trains first, alone
         records = _train(p, generalist, resume) if from_generalist else {}
         jobs, kept, copied = [], [], []
         for c in range(k):
@@ -120,7 +120,7 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
             if not job.samples:
                 shutil.rmtree(run.expert(c), ignore_errors=True)
                 shutil.copytree(job.init_adapter, run.expert(c))
-                run.write_expert_record(c, {"n_train": 0, "copied_init": cfg.experts.init})
+                run.write_expert_record(c, {"n_train": 0, "copied_init": cfg.expert_start})
                 copied.append(c)
                 continue
             jobs.append(job)
@@ -145,7 +145,7 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
             generalist=any(j.name == GENERALIST for j in jobs),
             kept=kept,
             copied_init=copied,
-            init=cfg.experts.init,
+            init=cfg.expert_start,
             engines=sorted({records[j.name]["engine"] for j in jobs}),
             parallel=cfg.experts.parallel,
         )
