@@ -260,7 +260,8 @@ class WarmupConfig(TrainingConfig):
 
 @dataclass
 class ExpertConfig(TrainingConfig):
-    """Stage III: one LoRA expert per cluster, trained from the warm-up adapter."""
+    """Stage III: one LoRA expert per cluster, trained from the generalist or the warm-up
+    adapter (``init``)."""
 
     epochs: int = _f(2, "passes over the cluster's data", ge=1)
     init: ExpertInit = _f(

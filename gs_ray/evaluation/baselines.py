@@ -2,12 +2,13 @@
 
 Every method is scored on exactly the same test rows (the run's test split, less samples left
 out of clustering) and every trained method sees the same training budget: each training sample
-``experts.epochs`` times, from the warm-up adapter, with the experts' optimiser settings (one
-LoRA on everything takes as many sample passes as the K experts together). Methods
-(docs/evaluation.md):
+``experts.epochs`` times with the experts' optimiser settings (one LoRA on everything, from the
+warm-up adapter, takes as many sample passes as the K experts together); every method's experts
+start where the run's do (``Config.expert_start``). Methods (docs/evaluation.md):
 
 * ``base`` - the base model; ``warmup`` - the warm-up adapter alone;
 * ``single_lora`` - one LoRA on all the training data;
+* ``single_lora_matched`` - one LoRA with the product's whole budget (from the generalist);
 * ``random_clusters`` - the run's cluster sizes, samples dealt at random; K LoRAs + a router;
 * ``embedding_kmeans`` - K-means (K of the run) on the router encoder's prompt embeddings; K
   LoRAs + a router ("Mixture of LoRA");
@@ -527,8 +528,9 @@ def _compare(run: RunDir, cfg: Config) -> dict[str, Any]:
         "budget": {
             "epochs": cfg.experts.epochs,
             "rule": "every trained method sees each training "
-            "sample experts.epochs times, from the warm-up adapter, with the experts' "
-            "optimiser settings",
+            "sample experts.epochs times, with the experts' optimiser settings; experts start "
+            "where the run's start",
+            "experts_start": cfg.expert_start,
         },
         "n_exact_match_items": len(gen_rows),
         "forward_ms": forward_ms,
