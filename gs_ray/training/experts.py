@@ -1,8 +1,9 @@
-"""Stage III, the experts: one LoRA expert per cluster, from the warm-up adapter, on that
-cluster's training samples; the K trainings run in parallel (Ray Train + DeepSpeed). With
-``fallback.enabled`` the generalist (one LoRA on all the training rows, the budget of ``gs-ray
-eval``'s ``single_lora``) trains beside them, in the same parallel batch; with ``experts.init:
-generalist`` it trains first and every expert starts from it."""
+"""Stage III, the experts: one LoRA expert per cluster, on that cluster's training samples; the
+K trainings run in parallel (Ray Train + DeepSpeed). With ``fallback.enabled`` the run also
+trains the generalist (one LoRA on all the training rows, from the warm-up adapter: the budget of
+``gs-ray eval``'s ``single_lora``). Where the experts start is ``Config.expert_start``: by
+default the generalist, which then trains first, alone; with ``experts.init: warmup`` (or no
+fallback) the warm-up adapter, as in the paper, and the generalist trains beside them."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def expert_init(p: Prepared) -> str:
-    """The adapter every expert of the run starts from (``experts.init``)."""
+    """The adapter every expert of the run starts from (``Config.expert_start``)."""
     if p.cfg.expert_start == "generalist":
         return str(p.run.generalist)
     return str(p.run.warmup_adapter)
