@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 import socket
 import sys
 from pathlib import Path
+
+from gs_ray.io import atomic_write_bytes
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -39,23 +40,6 @@ LOOPBACK_NAMES = ("127.0.0.1", "::1", "localhost")
 
 class TLSError(RuntimeError):
     """A CA or node certificate that cannot be made or used (the message names the file)."""
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file readable by its owner only (0600 from the start)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
 
 
 def _private_dir(directory: Path) -> Path:
@@ -142,8 +126,8 @@ def make_ca(directory: str | Path, days: int = CA_DAYS) -> tuple[Path, Path]:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(key_path, _pem_key(key))
-    _write_public(cert_path, _pem_cert(cert))
+    atomic_write_bytes(key_path, _pem_key(key), mode=0o600)
+    atomic_write_bytes(cert_path, _pem_cert(cert), mode=0o644)
     return cert_path, key_path
 
 
@@ -231,8 +215,8 @@ def make_node_cert(
         .sign(ca_key, hashes.SHA256())
     )
     key_path, cert_path = directory / NODE_KEY, directory / NODE_CERT
-    _write_private(key_path, _pem_key(key))
-    _write_public(cert_path, _pem_cert(cert))
+    atomic_write_bytes(key_path, _pem_key(key), mode=0o600)
+    atomic_write_bytes(cert_path, _pem_cert(cert), mode=0o644)
     return cert_path, key_path
 
 

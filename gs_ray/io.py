@@ -23,6 +23,23 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write via a temporary file and rename; ``mode``: the file's permissions from the moment
+    it exists (0o600: never readable by others, not even briefly), None: the umask's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if mode is None:
+        tmp.write_bytes(data)
+    else:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # os.open's mode is masked by the umask
+            f.write(data)
+    os.replace(tmp, path)
+
+
 def jsonable(o: Any) -> Any:
     """``json.dumps`` default: numpy scalars and arrays become plain numbers and lists."""
     if isinstance(o, np.ndarray):
