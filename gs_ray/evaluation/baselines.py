@@ -129,9 +129,10 @@ def pending_jobs(ev: Evaluation, seed_index: int, methods: list[Method]) -> list
 
     p = ev.p
     limit = p.cfg.experts.max_steps
+    uses = {m.name: m.uses(ev, seed_index) for m in methods}
     # One LoRA on everything gets the K experts' steps where experts.max_steps limits each.
-    whole = {a for m in methods if m.whole for a in m.uses(ev, seed_index)}
-    wanted = list(dict.fromkeys(a for m in methods for a in m.uses(ev, seed_index)))
+    whole = {a for m in methods if m.whole for a in uses[m.name]}
+    wanted = list(dict.fromkeys(a for m in methods for a in uses[m.name]))
     seen = set(wanted)
     jobs = []
     for a in wanted:  # grows with the adapters others start from

@@ -150,6 +150,13 @@ def _train_record(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _record(ev: Evaluation, adapter: Adapter) -> dict:
+    """An adapter's training record: the run's generalist's, or one gs-ray eval trained."""
+    if adapter.source == "generalist":
+        return json.loads((ev.run.generalist / EXPERT_RECORD).read_text())
+    return _train_record(adapter.path(ev.run))
+
+
 def _cost(records: list[dict]) -> dict[str, Any]:
     return {
         "train_steps": sum(r.get("steps", 0) or 0 for r in records),
@@ -209,13 +216,17 @@ class Evaluation:
             return [Adapter("expert", cluster=c) for c in range(k)]
         return [Adapter("eval", seed_index, method, c) for c in range(k)]
 
-    def init_of(self, adapter: Adapter) -> Adapter:
-        """Where an adapter gs-ray eval trains starts: an expert of any method where the run's
-        experts start (``Config.expert_start``: the warm-up adapter, or the seed's one LoRA on
-        everything), one LoRA on everything from the warm-up adapter."""
-        if adapter.cluster is not None and self.cfg.expert_start == "generalist":
-            return self.generalist(adapter.seed)
+    def expert_init(self, seed_index: int) -> Adapter:
+        """Where a seed's experts (of any method) start: where the run's experts start
+        (``Config.expert_start``): the seed's one LoRA on everything, or the warm-up adapter."""
+        if self.cfg.expert_start == "generalist":
+            return self.generalist(seed_index)
         return Adapter("warmup")
+
+    def init_of(self, adapter: Adapter) -> Adapter:
+        """Where an adapter gs-ray eval trains starts: an expert at ``expert_init``, one LoRA on
+        everything at the warm-up adapter."""
+        return Adapter("warmup") if adapter.cluster is None else self.expert_init(adapter.seed)
 
     def rows(self, adapter: Adapter) -> np.ndarray:
         """The training rows of an adapter gs-ray eval trains."""
@@ -303,13 +314,9 @@ class Warmup(Method):
 
 def _init_records(ev: Evaluation) -> list[dict]:
     """The training record of what the first seed's experts started from, where that is one
-    LoRA on everything (``Config.expert_start``): part of their cost."""
-    adapter = ev.init_of(Adapter("eval", 0, "", 0))
-    if adapter.source == "generalist":
-        return [json.loads((ev.run.generalist / EXPERT_RECORD).read_text())]
-    if adapter.source == "eval":
-        return [_train_record(adapter.path(ev.run))]
-    return []
+    LoRA on everything (``Evaluation.expert_init``): part of their cost."""
+    adapter = ev.expert_init(0)
+    return [] if adapter.source == "warmup" else [_record(ev, adapter)]
 
 
 class SingleLora(Method):
@@ -324,14 +331,7 @@ class SingleLora(Method):
         return _single(ev, [ev.generalist(seed_index)])
 
     def cost(self, ev):
-        adapter = ev.generalist(0)
-        if adapter.source == "generalist":
-            rec = json.loads((ev.run.generalist / EXPERT_RECORD).read_text())
-            return {
-                "train_steps": rec.get("steps") or 0,
-                "train_seconds": rec.get("seconds") or 0.0,
-            }
-        return _cost([_train_record(adapter.path(ev.run))])
+        return _cost([_record(ev, ev.generalist(0))])
 
 
 class Merged(Method):
@@ -480,7 +480,7 @@ class GradientSpace(Method):
     def cost(self, ev):
         records = ev.run.expert_records()
         if self.falls_back and ev.run.generalist_complete():
-            records.append(json.loads((ev.run.generalist / EXPERT_RECORD).read_text()))
+            records.append(_record(ev, Adapter("generalist")))
         elif not self.falls_back:
             records += _init_records(ev)
         return _cost(records)
