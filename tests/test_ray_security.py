@@ -77,15 +77,21 @@ def tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
-def start_driver(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A driver process running DRIVER (init_ray, one task), ready when it prints READY;
-    ``proc.cluster`` is what it printed of its cluster (GCS address, auth settings),
-    ``proc.lines`` all it printed (gs_ray's log lines start with "LOG ")."""
+def start_driver(
+    *args: str, env: dict[str, str] | None = None, script: str = DRIVER, stdin=None
+) -> subprocess.Popen:
+    """A driver process running ``script`` (default DRIVER: init_ray, one task), ready when it
+    prints READY; ``proc.cluster`` is what it printed of its cluster (GCS address, auth
+    settings), ``proc.lines`` all it printed (gs_ray's log lines start with "LOG ")."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH")) if x)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, *args], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     lines = []
     for line in proc.stdout:
@@ -514,6 +520,7 @@ try:
     cluster["replica"] = sorted({c.laddr.port for c in psutil.Process(pid).net_connections("tcp")
                                  if c.status == psutil.CONN_LISTEN})
     print("CLUSTER", json.dumps(cluster), flush=True)
+    print("READY", flush=True)
     sys.stdin.read()  # until the test is done
     serve.shutdown()
     ray.shutdown()
@@ -534,24 +541,8 @@ def tls_cluster(tmp_path_factory):
     token = tmp / "auth_token"
     token.write_text("ab" * 32)
     token.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV and k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH")) if x)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", TLS_DRIVER, str(certs), str(token)],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("CLUSTER "):
-            proc.cluster = json.loads(line.split(" ", 1)[1])
-            break
-    else:
-        proc.wait()
-        raise AssertionError(f"TLS driver exited {proc.returncode}: {''.join(lines)}")
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_ENV}
+    proc = start_driver(str(certs), str(token), env=env, script=TLS_DRIVER, stdin=subprocess.PIPE)
     proc.certs, proc.other, proc.token = certs, other, token.read_text()
     yield proc
     proc.stdin.close()
