@@ -96,8 +96,8 @@ def _train(p: Prepared, jobs: list, resume: bool) -> dict:
 
 def experts_ray(p: Prepared, resume: bool = False) -> dict:
     """Train the experts that are missing. Experts whose folder is complete are kept; a cluster
-    with no training sample gets a copy of the adapter the experts start from. With
-    ``experts.init: generalist`` the generalist trains first, then the experts from it."""
+    with no training sample gets a copy of the adapter the experts start from. Where that is
+    the generalist (``Config.expert_start``), the generalist trains first, then the experts."""
     cfg, run = p.cfg, p.run
     labels, k = p.assignments()
     from_generalist = cfg.expert_start == "generalist"
