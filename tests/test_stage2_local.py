@@ -21,6 +21,7 @@ from gs_ray.stage2 import (
 )
 from gs_ray.stage2.computer import check_finite
 from gs_ray.stage2.result import SKIPPED
+from gs_ray.stage2.rows import RowStore
 from gs_ray.stage2.transports import TRANSPORTS, make_transport
 
 D, K_TRUE = 400, 3
@@ -35,21 +36,23 @@ class PlantedComputer:
         self.G[list(poison)] = np.nan
         self.nonfinite = nonfinite
         self.calls = 0
+        self.rows = 0  # rows computed
 
     def batch(self, pairs, ids):
         self.calls += 1
+        self.rows += len(pairs)
         return check_finite(self.G[[p[0][0] for p in pairs]], ids, self.nonfinite)
 
     def layout(self):
         return {"dim": self.G.shape[1], "projection_dim": None}
 
 
-def planted(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def planted(n: int = 240, seed: int = 0, noise: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     directions = np.linalg.qr(rng.normal(size=(D, K_TRUE)))[0].T  # orthonormal
     truth = rng.integers(0, K_TRUE, size=n)
     norms = 10 ** rng.uniform(-1, 1, size=(n, 1))
-    G = norms * (directions[truth] + 0.15 * rng.normal(size=(n, D)) / np.sqrt(D))
+    G = norms * (directions[truth] + noise * rng.normal(size=(n, D)) / np.sqrt(D))
     return G.astype(np.float32), truth
 
 
@@ -126,6 +129,68 @@ def test_check_finite_names_every_bad_row():
     batch = check_finite(G, ["a", "b", "c", "d"], "skip")
     assert batch.skipped.tolist() == [False, True, False, True]
     assert np.isfinite(batch.G).all() and batch.kept().shape == (2, 3)
+
+
+def _held_out_plan(n: int, n_train: int, seed: int = 0) -> Stage2Plan:
+    """plan_for, but the online epochs see the first ``n_train`` samples only and the final
+    pass all ``n`` (the rest stand for the test split, whose rows no online epoch computes)."""
+    rng = np.random.default_rng(seed)
+    online = [np.array_split(rng.permutation(n_train), n_train // 16) for _ in range(3)]
+    final = np.array_split(rng.permutation(n), n // 16)
+    return Stage2Plan(val=[np.arange(32), np.arange(32, 64)], online=online, final=final)
+
+
+@pytest.mark.parametrize("poison", [(), (70, 133)])
+def test_kept_rows_give_the_same_clusters_and_only_new_rows_are_computed(poison):
+    """stage2.keep_rows_mb: the later online epochs and the final pass take the training rows
+    the first epoch computed; a run that keeps them ends exactly where one that recomputes every
+    pass ends (planted rows do not depend on their batch), and computes only the validation
+    rows, one epoch's rows and the final pass's test rows. Skipped rows stay skipped."""
+    G, _ = planted(noise=5.0)  # overlapping clusters: three online epochs move samples
+    n, n_train = len(G), 200
+    plan = _held_out_plan(n, n_train)
+    cfg = config(max_epochs=3, tol=0.0, n_clusters=3)
+    results, computed = [], []
+    for budget in (0, 1024):
+        computer = PlantedComputer(G, nonfinite="skip", poison=poison)
+        rows = RowStore.of_plan(plan, n, budget)
+        host = CentroidHost(make_clusterer(cfg), n, rows=rows)
+        results.append(run_stage2_local(plan, samples(n), computer, host))
+        computed.append(computer.rows)
+        assert host.status()["rows_kept_bytes"] == (n_train * D * 4 if budget else 0)
+    streamed, kept = results
+    np.testing.assert_array_equal(kept.labels, streamed.labels)
+    np.testing.assert_array_equal(
+        kept.clusterer.cluster_centers_, streamed.clusterer.cluster_centers_
+    )
+    history = kept.clusterer.changed_share_history_
+    assert history == streamed.clusterer.changed_share_history_
+    assert len(history) == 3 and min(history) > 0  # every epoch ran, and moved samples
+    assert computed == [64 + 3 * n_train + n, 64 + n_train + (n - n_train)]
+    assert sorted(kept.skipped.tolist()) == list(poison)
+
+
+def test_row_store_keeps_nothing_over_its_budget_and_refuses_rows_it_lacks():
+    G, _ = planted(n=64)
+    idx = np.arange(16)
+    batch = PlantedComputer(G).batch([([j], [j]) for j in idx], [str(j) for j in idx])
+    small = RowStore(np.arange(64), 64, budget_mb=64 * D * 4 / 2**20 - 1e-3)  # one byte short
+    small.keep(idx, batch)
+    assert small.held() is None and small.nbytes == 0 and not small.enabled
+    store = RowStore(np.arange(32), 64, budget_mb=1)
+    store.keep(idx, batch)
+    assert store.held() is None  # 16 of 32 rows: a batch cannot be assembled yet
+    with pytest.raises(RuntimeError, match="neither kept nor computed"):
+        store.assemble(idx, [str(j) for j in idx], None)
+    store.keep(idx + 16, PlantedComputer(G).batch([([j], [j]) for j in idx + 16], list("x" * 16)))
+    held = store.held()
+    assert held.sum() == 32 and held[:32].all()
+    mixed = np.array([3, 40, 17])  # sample 40 is not kept: one computed row fills its place
+    part = PlantedComputer(G).batch([([40], [40])], ["s40"])
+    out = store.assemble(mixed, ["s3", "s40", "s17"], part)
+    np.testing.assert_array_equal(out.G, G[mixed])
+    with pytest.raises(RuntimeError, match="2 computed rows for 1"):
+        store.assemble(mixed, ["a", "b", "c"], PlantedComputer(G).batch([([1], [1])] * 2, "ab"))
 
 
 def test_transports_registry_matches_the_config_choices():

@@ -382,6 +382,14 @@ class Stage2Config:
         "gradients (exact) | partial_sums (workers assign, send sums) | collective (replicated "
         "centroids, one all-reduce per step)",
     )
+    keep_rows_mb: float = _f(
+        1024,
+        "gradients transport: the centroid actor keeps the first online epoch's gradient rows "
+        "when they fit in this many MB (float32), and the later online epochs and the final "
+        "pass reuse them instead of recomputing (Stage II's model is frozen); 0: recompute in "
+        "every pass (the paper's streaming)",
+        ge=0,
+    )
     row_dtype: RowDtype = _f(
         "float32", "collective: dtype of the cached unit gradients a worker keeps (bfloat16 halves)"
     )

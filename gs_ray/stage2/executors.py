@@ -40,6 +40,7 @@ from gs_ray.stage2.launch import WorkerSetup, driver_node_affinity, make_cluster
 from gs_ray.stage2.phase_end import PhaseEnd
 from gs_ray.stage2.plan import ONLINE, Stage2Plan, order_key, phase_label
 from gs_ray.stage2.result import Stage2Result
+from gs_ray.stage2.rows import RowStore, part_of, rows_to_compute
 from gs_ray.stage2.transports import TRANSPORTS, make_transport
 from gs_ray.stage2.worker import worker_actor_class
 
@@ -58,10 +59,16 @@ def run_stage2_local(
         if phase == ONLINE and host.finished_online:
             continue
         bar = Progress(phase_label(phase, epoch), total=sum(len(b) for b in batches))
+        held = host.held()  # the rows kept from an earlier pass (gs_ray/stage2/rows.py)
         for t, idx in enumerate(batches):
             if not host.is_applied(phase, epoch, t):
-                batch = computer.batch([samples[i].pair for i in idx], [samples[i].id for i in idx])
-                host.apply(phase, epoch, t, idx, batch)
+                ids, pairs = [samples[i].id for i in idx], [samples[i].pair for i in idx]
+                todo = rows_to_compute(idx, held)
+                if todo is None:
+                    host.apply(phase, epoch, t, idx, computer.batch(pairs, ids))
+                else:
+                    part = computer.batch(*part_of(todo, pairs, ids)) if len(todo) else None
+                    host.apply_reusing(phase, epoch, t, idx, ids, part)
             bar.update(len(idx))
         end(phase, epoch, batches, bar.close())
     res = host.result({"executor": "local", "engine_calls": computer.calls})
@@ -126,6 +133,9 @@ def run_stage2_ray(
                 transport.host_helper(workers.workers),
                 list(consumers),
                 s2.checkpoint_max_share,
+                RowStore.of_plan(plan, len(samples), s2.keep_rows_mb)
+                if transport.whole_gradients
+                else None,
             )
         )
         layout = ray.get(workers[0].layout.remote())
@@ -156,6 +166,7 @@ def run_stage2_ray(
             window: deque = deque()
             applied_here = 0
             transport.start_phase(phase, host)
+            held = ray.get(host.held.remote()) if transport.whole_gradients else None
             for t, idx in enumerate(batches):
                 key = (phase, epoch, t)
                 if order_key(*key) <= order_key(*status["position"]):
@@ -164,7 +175,17 @@ def run_stage2_ray(
                 step = plan.online_step(epoch, t) if phase == ONLINE else -1
                 ids = [samples[i].id for i in idx]
                 pairs = [samples[i].pair for i in idx]
-                done = transport.submit(key, step, idx, ids, pairs, workers.for_batch(t), host)
+                worker = workers.for_batch(t)
+                todo = rows_to_compute(idx, held)
+                if todo is None:
+                    done = transport.submit(key, step, idx, ids, pairs, worker, host)
+                else:  # rows kept by the host: only the others are computed
+                    part = (
+                        worker.gradients.remote(key, *part_of(todo, pairs, ids))
+                        if len(todo)
+                        else None
+                    )
+                    done = host.apply_reusing.remote(*key, idx, ids, part)
                 window.append((done, len(idx)))
                 applied_here += 1
                 if s2.checkpoint_every and applied_here % s2.checkpoint_every == 0:

@@ -24,6 +24,7 @@ from gs_ray.stage2.computer import GradientBatch
 from gs_ray.stage2.consumers import ClusteringConsumer, ConsumerSet, GradientConsumer
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, order_key
 from gs_ray.stage2.result import Stage2Result
+from gs_ray.stage2.rows import RowStore
 from gs_ray.statefile import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class CentroidHost:
         evicted_sums: EvictedSums | None = None,
         consumers: list[GradientConsumer] | tuple[GradientConsumer, ...] = (),
         checkpoint_max_share: float = 1.0,
+        rows: RowStore | None = None,
     ):
         self.clustering = ClusteringConsumer(clusterer, n_samples)
         # periodic checkpoints take at most this share of the time (stage2.checkpoint_max_share)
@@ -79,6 +81,8 @@ class CentroidHost:
         self.evicted_sums = evicted_sums
         self.owners: dict[int, Any] = {}
         self.batch_pairs: dict[int, list] = {}
+        # the training rows kept for the later passes (stage2.keep_rows_mb; gs_ray/stage2/rows.py)
+        self.rows = rows
 
     @property
     def clusterer(self) -> GradientSpaceClustering:
@@ -115,16 +119,43 @@ class CentroidHost:
 
     def apply(self, phase: str, epoch: int, t: int, idx: np.ndarray, batch: GradientBatch) -> bool:
         """Apply one batch of gradients; False if it was already applied (replay)."""
+        return self._apply(phase, epoch, t, idx, lambda: batch, batch.nbytes)
+
+    def apply_reusing(
+        self,
+        phase: str,
+        epoch: int,
+        t: int,
+        idx: np.ndarray,
+        ids: list[str],
+        part: GradientBatch | None,
+    ) -> bool:
+        """Apply batch ``idx`` assembled from the kept rows and ``part``, the computed rows of
+        its samples that are not kept (``rows.rows_to_compute``); False if already applied."""
+        rows = self.rows
+        if rows is None:
+            raise RuntimeError("this host keeps no gradient rows")
+        nbytes = part.nbytes if part is not None else 0
+        return self._apply(phase, epoch, t, idx, lambda: rows.assemble(idx, ids, part), nbytes)
+
+    def _apply(self, phase: str, epoch: int, t: int, idx: np.ndarray, make, nbytes: int) -> bool:
         if not self._advance(phase, epoch, t):
             return False
         start = time.perf_counter()
-        self.bytes_in += batch.nbytes
+        batch: GradientBatch = make()
+        self.bytes_in += nbytes
         self._note_skipped(idx, batch.skipped)
         if len(self.consumers) and len(batch.ids) != len(batch.G):
             raise ValueError("gradient consumers need the batch's sample ids")
         self.stream.feed(phase, epoch, t, idx, batch.G, batch.skipped, batch.ids)
+        if phase == ONLINE and self.rows is not None:
+            self.rows.keep(idx, batch)
         self.busy_seconds += time.perf_counter() - start
         return True
+
+    def held(self) -> np.ndarray | None:
+        """The samples whose gradient rows this host keeps for the next pass (None: none)."""
+        return self.rows.held() if self.rows is not None else None
 
     def set_layout(self, layout: dict[str, Any]) -> None:
         """The gradient layout, for consumers that read per-layer pieces (before any batch)."""
@@ -218,6 +249,7 @@ class CentroidHost:
             "checkpoint_seconds": self.checkpoint_seconds,
             "checkpoints_skipped": self.checkpoints_skipped,
             "bytes_in": self.bytes_in,
+            "rows_kept_bytes": self.rows.nbytes if self.rows is not None else 0,
         }
 
     # ------------------------------------------------------------------ checkpoints

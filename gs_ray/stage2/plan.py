@@ -63,6 +63,13 @@ class Stage2Plan:
         out.append((FINAL, 0, self.final))
         return out
 
+    @property
+    def train(self) -> np.ndarray:
+        """The samples of the online epochs (each epoch is a shuffle of the same ones), sorted."""
+        if not self.online or not self.online[0]:
+            return np.zeros(0, dtype=np.int64)
+        return np.sort(np.concatenate(self.online[0]))
+
     def online_step(self, epoch: int, t: int) -> int:
         """Global index of online batch t of epoch ``epoch`` (counts across epochs)."""
         return sum(len(b) for b in self.online[:epoch]) + t

@@ -20,6 +20,7 @@ from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.launch import make_clusterer
 from gs_ray.stage2.plan import Stage2Plan
 from gs_ray.stage2.result import Stage2Result
+from gs_ray.stage2.rows import RowStore
 from gs_ray.stage2.transports import TRANSPORTS
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,10 @@ def stage2_local(p: Prepared, consumers: Sequence[GradientConsumer] = ()) -> Sta
         if not TRANSPORTS[cfg.stage2.transport].whole_gradients:
             raise ValueError("the local reference pipeline implements the exact transport only")
         computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
-        host = CentroidHost(make_clusterer(cfg), len(p.samples), consumers=consumers)
-        res = run_stage2_local(
-            Stage2Plan.build(p.lengths, p.splits, cfg), p.samples, computer, host
-        )
+        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+        rows = RowStore.of_plan(plan, len(p.samples), cfg.stage2.keep_rows_mb)
+        host = CentroidHost(make_clusterer(cfg), len(p.samples), consumers=consumers, rows=rows)
+        res = run_stage2_local(plan, p.samples, computer, host)
         write_stage2_outputs(p, res)
         info.update(k=res.k, executor="local")
     p.run.discard_stage2_checkpoint()  # a stale one (a Ray attempt before): done, never resumed

@@ -1,0 +1,139 @@
+"""Gradient rows kept for reuse: Stage II's later passes read what the first online epoch computed.
+
+Stage II's model (the base model and the warm-up adapter) is frozen, so a sample's gradient is the
+same in every pass; only the rounding can differ, because a row is computed beside the other
+samples of its batch. Recomputing it in every online epoch and again in the final pass is the
+paper's streaming, which holds nothing but the clusterer's caches. Where the training rows fit a
+budget (``stage2.keep_rows_mb``) the centroid host keeps those of the first online epoch that
+reaches them, and every later batch is assembled from them: a worker computes only the rows that
+are not kept (the final pass's test samples). Every executor that sends whole gradients (the local
+oracle, the Ray executor with the ``gradients`` transport) walks the same plan and keeps the same
+rows, so their results stay equal. The rows are never checkpointed: after a restart the host
+holds none, and the passes recompute (and keep) them again.
+
+Free of Ray: the host owns a ``RowStore``; executors ask the host which samples it holds at the
+start of each pass (``RowStore.held``) and split each batch with ``rows_to_compute``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from gs_ray.stage2.computer import GradientBatch
+from gs_ray.stage2.plan import Stage2Plan
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+
+
+class RowStore:
+    """The float32 gradient rows of the samples ``kept`` (the training rows), up to a budget.
+
+    Nothing is held until the first row arrives; then the whole set is held if
+    ``len(kept) * d * 4`` bytes fit ``budget_mb``, or never (the store turns itself off and
+    says so once).
+    """
+
+    def __init__(self, kept: np.ndarray, n_samples: int, budget_mb: float):
+        kept = np.unique(np.asarray(kept, dtype=np.int64))
+        self.n_samples = n_samples
+        self.budget_bytes = int(budget_mb * MB)
+        self.slot = np.full(n_samples, -1, dtype=np.int64)
+        self.slot[kept] = np.arange(len(kept))
+        self.n_kept = len(kept)
+        # allocated with the first row, where the store lives (arrays that reached a Ray actor
+        # through its constructor are read-only)
+        self.rows: np.ndarray | None = None
+        self.filled = np.zeros(0, dtype=bool)
+        self.skipped = np.zeros(0, dtype=bool)
+        self.enabled = self.budget_bytes > 0 and len(kept) > 0
+
+    def _fits(self, d: int) -> bool:
+        need = self.n_kept * d * 4
+        if need <= self.budget_bytes:
+            return True
+        log.info(
+            "stage2: the %d training rows take %.0f MB (d = %d), over stage2.keep_rows_mb = "
+            "%.0f: every pass recomputes them",
+            self.n_kept,
+            need / MB,
+            d,
+            self.budget_bytes / MB,
+        )
+        return False
+
+    def keep(self, idx: np.ndarray, batch: GradientBatch) -> None:
+        """Keep the rows of ``batch`` (samples ``idx``) that belong to the set and are new."""
+        if not self.enabled:
+            return
+        if self.rows is None:
+            if not self._fits(batch.G.shape[1]):
+                self.enabled = False
+                return
+            self.rows = np.empty((self.n_kept, batch.G.shape[1]), dtype=np.float32)
+            self.filled = np.zeros(self.n_kept, dtype=bool)
+            self.skipped = np.zeros(self.n_kept, dtype=bool)
+        slots = self.slot[np.asarray(idx, dtype=np.int64)]
+        new = (slots >= 0) & ~self.filled[np.maximum(slots, 0)]
+        if new.any():
+            self.rows[slots[new]] = batch.G[new]
+            self.skipped[slots[new]] = batch.skipped[new]
+            self.filled[slots[new]] = True
+
+    @classmethod
+    def of_plan(cls, plan: Stage2Plan, n_samples: int, budget_mb: float) -> RowStore:
+        """The store of ``plan``'s training rows (every online epoch's samples)."""
+        return cls(plan.train, n_samples, budget_mb)
+
+    @property
+    def complete(self) -> bool:
+        return self.enabled and self.rows is not None and bool(self.filled.all())
+
+    def held(self) -> np.ndarray | None:
+        """(n_samples,) bool: the samples whose rows a batch can take from here; None while the
+        set is incomplete (a pass then computes whole batches, and fills the set)."""
+        return (self.slot >= 0) if self.complete else None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.rows is None else int(self.rows.nbytes)
+
+    def assemble(
+        self, idx: np.ndarray, ids: list[str], part: GradientBatch | None
+    ) -> GradientBatch:
+        """Batch ``idx`` from the kept rows and ``part``, the computed rows of the samples not
+        kept (``rows_to_compute``'s positions, in order)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        slots = self.slot[idx]
+        here = slots >= 0
+        if not self.complete or (part is None and not here.all()):
+            raise RuntimeError("a batch needs rows that are neither kept nor computed")
+        d = self.rows.shape[1]
+        G = np.empty((len(idx), d), dtype=np.float32)
+        skipped = np.zeros(len(idx), dtype=bool)
+        G[here] = self.rows[slots[here]]
+        skipped[here] = self.skipped[slots[here]]
+        if part is not None:
+            if len(part.G) != int((~here).sum()):
+                raise RuntimeError(
+                    f"{len(part.G)} computed rows for {int((~here).sum())} samples not kept"
+                )
+            G[~here] = part.G
+            skipped[~here] = part.skipped
+        return GradientBatch(G, skipped, list(ids))
+
+
+def rows_to_compute(idx: np.ndarray, held: np.ndarray | None) -> np.ndarray | None:
+    """Positions in batch ``idx`` whose rows must be computed; None when no rows are held (the
+    whole batch is computed and applied the usual way)."""
+    if held is None:
+        return None
+    return np.flatnonzero(~held[np.asarray(idx, dtype=np.int64)])
+
+
+def part_of(todo: np.ndarray, pairs: list, ids: list[str]) -> tuple[list, list[str]]:
+    """The (pairs, ids) of a batch's positions ``todo``: the rows a worker computes."""
+    return [pairs[j] for j in todo], [ids[j] for j in todo]
