@@ -63,14 +63,16 @@ def generalist_job(p: Prepared, labels: np.ndarray, k: int, output_dir: str):
     )
 
 
-def _train(p: Prepared, jobs: list, resume: bool) -> dict:
+def _train(p: Prepared, jobs: list, resume: bool, alone: bool = False) -> dict:
     """Train ``jobs`` on Ray Train with the experts' settings; raises when one failed after
-    its retries."""
-    from gs_ray.training.ray_train import train_many_on_ray
+    its retries. ``alone``: one run that the others wait for, which may take every CPU slot
+    (``ray_train.alone_on_the_cluster``)."""
+    from gs_ray.training.ray_train import alone_on_the_cluster, train_many_on_ray
 
     cfg = p.cfg
     if not jobs:
         return {}
+    settings = alone_on_the_cluster(cfg.experts) if alone else cfg.experts
     log.info(
         "training %d adapters (%s), %s",
         len(jobs),
@@ -81,7 +83,7 @@ def _train(p: Prepared, jobs: list, resume: bool) -> dict:
         jobs,
         cfg.model,
         cfg.lora,
-        cfg.experts,
+        settings,
         p.pad_id,
         storage_path(p),
         parallel=cfg.experts.parallel,
@@ -110,7 +112,7 @@ def experts_ray(p: Prepared, resume: bool = False) -> dict:
         elif cfg.fallback.enabled:
             generalist.append(generalist_job(p, labels, k, str(run.generalist)))
         # experts from the generalist (Config.expert_start): it trains first, alone
-        records = _train(p, generalist, resume) if from_generalist else {}
+        records = _train(p, generalist, resume, alone=True) if from_generalist else {}
         jobs, kept, copied = [], [], []
         for c in range(k):
             if run.expert_complete(c):

@@ -214,6 +214,25 @@ def cluster_slots(train_cfg: TrainingConfig, use_gpu: bool) -> int:
     )
 
 
+def alone_on_the_cluster(train_cfg: TrainingConfig) -> TrainingConfig:
+    """``train_cfg`` for a run that trains while every other waits for it (the generalist, which
+    the experts start from). On CPUs each of its workers takes the CPUs of all the runs the
+    cluster holds at once (``cluster_slots``), up to what the largest node has, and trains on
+    that many threads, so that the cores do not idle; GPU runs and runs on a node type's
+    resource (``worker_resource``) are left as they are."""
+    import ray
+
+    _ensure_ray()
+    if resolve_use_gpu(train_cfg) or train_cfg.worker_resource:
+        return train_cfg
+    slots = cluster_slots(train_cfg, use_gpu=False)
+    node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    cpus = int(min(train_cfg.cpus_per_worker * slots, node))
+    if cpus <= train_cfg.cpus_per_worker:
+        return train_cfg
+    return replace(train_cfg, cpus_per_worker=float(cpus))
+
+
 def run_name(jobs: Sequence[AdapterJob]) -> str:
     """The Ray Train run (and folder) name of a group of jobs: their names joined by ``+``."""
     return "+".join(job.name for job in jobs)
