@@ -109,6 +109,21 @@ def test_adapters_are_packed_into_the_runs_the_cluster_holds():
     assert pack_runs(jobs[:1], cfg, 3) == [jobs[:1]]
 
 
+def test_a_run_the_others_wait_for_takes_every_cpu_slot(ray_session, monkeypatch):
+    """alone_on_the_cluster on the suite's 2-CPU head: a 1-CPU worker takes both CPUs, a
+    2-CPU one stays, a wider one is never cut; GPU runs and runs on a node type's resource are
+    left as they are."""
+    from gs_ray.training import ray_train
+    from gs_ray.training.ray_train import alone_on_the_cluster
+
+    assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=1)).cpus_per_worker == 2.0
+    assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=2)).cpus_per_worker == 2.0
+    assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=4)).cpus_per_worker == 4.0
+    assert alone_on_the_cluster(ExpertConfig(worker_resource="fake_gpu")).cpus_per_worker == 1
+    monkeypatch.setattr(ray_train, "resolve_use_gpu", lambda cfg: True)
+    assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=1)).cpus_per_worker == 1
+
+
 def test_progress_relay_gives_the_newest_whole_step_line(tmp_path):
     from gs_ray.training.ray_train import ProgressRelay
 
