@@ -159,6 +159,7 @@ def test_kept_rows_give_the_same_clusters_and_only_new_rows_are_computed(poison)
         computed.append(computer.rows)
         assert host.status()["rows_kept_bytes"] == (n_train * D * 4 if budget else 0)
     streamed, kept = results
+    assert (streamed.info["rows_kept_bytes"], kept.info["rows_kept_bytes"]) == (0, n_train * D * 4)
     np.testing.assert_array_equal(kept.labels, streamed.labels)
     np.testing.assert_array_equal(
         kept.clusterer.cluster_centers_, streamed.clusterer.cluster_centers_

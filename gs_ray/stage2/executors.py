@@ -71,7 +71,13 @@ def run_stage2_local(
                     host.apply_reusing(phase, epoch, t, idx, ids, part)
             bar.update(len(idx))
         end(phase, epoch, batches, bar.close())
-    res = host.result({"executor": "local", "engine_calls": computer.calls})
+    res = host.result(
+        {
+            "executor": "local",
+            "engine_calls": computer.calls,
+            "rows_kept_bytes": host.status()["rows_kept_bytes"],
+        }
+    )
     res.layout = computer.layout()
     return res
 
@@ -204,6 +210,7 @@ def run_stage2_ray(
             "passes": end.passes,
             "resumed_from": resumed_from,
             "bytes_in": status["bytes_in"],
+            "rows_kept_bytes": status["rows_kept_bytes"],
             "worker_busy_seconds": [w["busy_seconds"] for w in worker_stats],
             "recomputed_batches": sum(w["recomputed"] for w in worker_stats),
             "engine_calls": sum(w["engine_calls"] for w in worker_stats),

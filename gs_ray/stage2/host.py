@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -138,7 +139,17 @@ class CentroidHost:
         nbytes = part.nbytes if part is not None else 0
         return self._apply(phase, epoch, t, idx, lambda: rows.assemble(idx, ids, part), nbytes)
 
-    def _apply(self, phase: str, epoch: int, t: int, idx: np.ndarray, make, nbytes: int) -> bool:
+    def _apply(
+        self,
+        phase: str,
+        epoch: int,
+        t: int,
+        idx: np.ndarray,
+        make: Callable[[], GradientBatch],
+        nbytes: int,
+    ) -> bool:
+        """Apply the batch ``make()`` builds (built only if it is not a replay; its building
+        counts as busy time); ``nbytes`` is what travelled to the host for it."""
         if not self._advance(phase, epoch, t):
             return False
         start = time.perf_counter()

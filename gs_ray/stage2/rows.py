@@ -74,6 +74,11 @@ class RowStore:
                 self.enabled = False
                 return
             self.rows = np.empty((self.n_kept, batch.G.shape[1]), dtype=np.float32)
+            log.info(
+                "stage2: keeping the %d training rows (%.0f MB) for the later passes",
+                self.n_kept,
+                self.rows.nbytes / MB,
+            )
             self.filled = np.zeros(self.n_kept, dtype=bool)
             self.skipped = np.zeros(self.n_kept, dtype=bool)
         slots = self.slot[np.asarray(idx, dtype=np.int64)]
