@@ -141,7 +141,7 @@ def _held_out_plan(n: int, n_train: int, seed: int = 0) -> Stage2Plan:
 
 
 @pytest.mark.parametrize("poison", [(), (70, 133)])
-def test_kept_rows_give_the_same_clusters_and_only_new_rows_are_computed(poison):
+def test_kept_rows_give_the_same_clusters_and_only_new_rows_are_computed(poison, caplog):
     """stage2.keep_rows_mb: the later online epochs and the final pass take the training rows
     the first epoch computed; a run that keeps them ends exactly where one that recomputes every
     pass ends (planted rows do not depend on their batch), and computes only the validation
@@ -155,7 +155,11 @@ def test_kept_rows_give_the_same_clusters_and_only_new_rows_are_computed(poison)
         computer = PlantedComputer(G, nonfinite="skip", poison=poison)
         rows = RowStore.of_plan(plan, n, budget)
         host = CentroidHost(make_clusterer(cfg), n, rows=rows)
-        results.append(run_stage2_local(plan, samples(n), computer, host))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="gs_ray.stage2.rows"):
+            results.append(run_stage2_local(plan, samples(n), computer, host))
+        said = [r.message for r in caplog.records if "training rows" in r.message]
+        assert said == ([f"stage2: {rows.decision}"] if budget else [])  # said once, if kept
         computed.append(computer.rows)
         assert host.status()["rows_kept_bytes"] == (n_train * D * 4 if budget else 0)
     streamed, kept = results
@@ -178,6 +182,7 @@ def test_row_store_keeps_nothing_over_its_budget_and_refuses_rows_it_lacks():
     small = RowStore(np.arange(64), 64, budget_mb=64 * D * 4 / 2**20 - 1e-3)  # one byte short
     small.keep(idx, batch)
     assert small.held() is None and small.nbytes == 0 and not small.enabled
+    assert "over stage2.keep_rows_mb" in small.decision
     store = RowStore(np.arange(32), 64, budget_mb=1)
     store.keep(idx, batch)
     assert store.held() is None  # 16 of 32 rows: a batch cannot be assembled yet
@@ -186,6 +191,7 @@ def test_row_store_keeps_nothing_over_its_budget_and_refuses_rows_it_lacks():
     store.keep(idx + 16, PlantedComputer(G).batch([([j], [j]) for j in idx + 16], list("x" * 16)))
     held = store.held()
     assert held.sum() == 32 and held[:32].all()
+    assert "keeps the 32 training rows" in store.decision
     mixed = np.array([3, 40, 17])  # sample 40 is not kept: one computed row fills its place
     part = PlantedComputer(G).batch([([40], [40])], ["s40"])
     out = store.assemble(mixed, ["s3", "s40", "s17"], part)

@@ -40,7 +40,7 @@ from gs_ray.stage2.launch import WorkerSetup, driver_node_affinity, make_cluster
 from gs_ray.stage2.phase_end import PhaseEnd
 from gs_ray.stage2.plan import ONLINE, Stage2Plan, order_key, phase_label
 from gs_ray.stage2.result import Stage2Result
-from gs_ray.stage2.rows import RowStore, part_of, rows_to_compute
+from gs_ray.stage2.rows import RowStore, announce, part_of, rows_to_compute
 from gs_ray.stage2.transports import TRANSPORTS, make_transport
 from gs_ray.stage2.worker import worker_actor_class
 
@@ -55,11 +55,13 @@ def run_stage2_local(
     if len(host.consumers):
         host.set_layout(computer.layout())
     end = PhaseEnd(host.initialize, host.end_epoch)  # no checkpoints, no pass records
+    said = False
     for phase, epoch, batches in plan.phases():
         if phase == ONLINE and host.finished_online:
             continue
         bar = Progress(phase_label(phase, epoch), total=sum(len(b) for b in batches))
-        held = host.held()  # the rows kept from an earlier pass (gs_ray/stage2/rows.py)
+        held, decision = host.kept_rows()  # rows kept from an earlier pass (stage2/rows.py)
+        said = announce(decision, said)
         for t, idx in enumerate(batches):
             if not host.is_applied(phase, epoch, t):
                 ids, pairs = [samples[i].id for i in idx], [samples[i].pair for i in idx]
@@ -155,6 +157,7 @@ def run_stage2_ray(
             )
         end = PhaseEnd.of_actor(host, checkpoint_dir)
         status = end.status()
+        said = False  # what the host's row store decided (stage2/rows.py), said once
         limit = n_workers * max(1, s2.max_in_flight)
         log.info(
             "stage2 on Ray: %d workers %s, transport %s, at most %d batches in flight",
@@ -172,7 +175,8 @@ def run_stage2_ray(
             window: deque = deque()
             applied_here = 0
             transport.start_phase(phase, host)
-            held = ray.get(host.held.remote()) if transport.whole_gradients else None
+            held, decision = ray.get(host.kept_rows.remote())
+            said = announce(decision, said)
             for t, idx in enumerate(batches):
                 key = (phase, epoch, t)
                 if order_key(*key) <= order_key(*status["position"]):

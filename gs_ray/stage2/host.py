@@ -164,9 +164,12 @@ class CentroidHost:
         self.busy_seconds += time.perf_counter() - start
         return True
 
-    def held(self) -> np.ndarray | None:
-        """The samples whose gradient rows this host keeps for the next pass (None: none)."""
-        return self.rows.held() if self.rows is not None else None
+    def kept_rows(self) -> tuple[np.ndarray | None, str | None]:
+        """The samples whose gradient rows this host keeps for the next pass (None: none), and
+        what its row store decided (None: nothing yet, or no store)."""
+        if self.rows is None:
+            return None, None
+        return self.rows.held(), self.rows.decision
 
     def set_layout(self, layout: dict[str, Any]) -> None:
         """The gradient layout, for consumers that read per-layer pieces (before any batch)."""

@@ -12,7 +12,8 @@ rows, so their results stay equal. The rows are never checkpointed: after a rest
 holds none, and the passes recompute (and keep) them again.
 
 Free of Ray: the host owns a ``RowStore``; executors ask the host which samples it holds at the
-start of each pass (``RowStore.held``) and split each batch with ``rows_to_compute``.
+start of each pass (``CentroidHost.kept_rows``), say once what the store decided (``announce``)
+and split each batch with ``rows_to_compute``.
 """
 
 from __future__ import annotations
@@ -50,18 +51,21 @@ class RowStore:
         self.filled = np.zeros(0, dtype=bool)
         self.skipped = np.zeros(0, dtype=bool)
         self.enabled = self.budget_bytes > 0 and len(kept) > 0
+        # what was decided, for the driver's console (the centroid actor's own log lines do not
+        # reach it): None until the first row arrives
+        self.decision: str | None = None
 
     def _fits(self, d: int) -> bool:
         need = self.n_kept * d * 4
         if need <= self.budget_bytes:
+            self.decision = (
+                f"the centroid actor keeps the {self.n_kept} training rows ({need / MB:.0f} MB, "
+                "stage2.keep_rows_mb): the later passes reuse them"
+            )
             return True
-        log.info(
-            "stage2: the %d training rows take %.0f MB (d = %d), over stage2.keep_rows_mb = "
-            "%.0f: every pass recomputes them",
-            self.n_kept,
-            need / MB,
-            d,
-            self.budget_bytes / MB,
+        self.decision = (
+            f"the {self.n_kept} training rows take {need / MB:.0f} MB (d = {d}), over "
+            f"stage2.keep_rows_mb = {self.budget_bytes / MB:.0f}: every pass recomputes them"
         )
         return False
 
@@ -74,11 +78,6 @@ class RowStore:
                 self.enabled = False
                 return
             self.rows = np.empty((self.n_kept, batch.G.shape[1]), dtype=np.float32)
-            log.info(
-                "stage2: keeping the %d training rows (%.0f MB) for the later passes",
-                self.n_kept,
-                self.rows.nbytes / MB,
-            )
             self.filled = np.zeros(self.n_kept, dtype=bool)
             self.skipped = np.zeros(self.n_kept, dtype=bool)
         slots = self.slot[np.asarray(idx, dtype=np.int64)]
@@ -129,6 +128,14 @@ class RowStore:
             G[~here] = part.G
             skipped[~here] = part.skipped
         return GradientBatch(G, skipped, list(ids))
+
+
+def announce(decision: str | None, said: bool) -> bool:
+    """Log the store's ``decision`` once, on the driver; returns whether it has been said."""
+    if decision and not said:
+        log.info("stage2: %s", decision)
+        return True
+    return said
 
 
 def rows_to_compute(idx: np.ndarray, held: np.ndarray | None) -> np.ndarray | None:
