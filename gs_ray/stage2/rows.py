@@ -55,7 +55,8 @@ class RowStore:
         # reach it): None until the first row arrives
         self.decision: str | None = None
 
-    def _fits(self, d: int) -> bool:
+    def _decide(self, d: int) -> bool:
+        """Whether the set's rows of dimension d fit the budget; records the decision."""
         need = self.n_kept * d * 4
         if need <= self.budget_bytes:
             self.decision = (
@@ -74,7 +75,7 @@ class RowStore:
         if not self.enabled:
             return
         if self.rows is None:
-            if not self._fits(batch.G.shape[1]):
+            if not self._decide(batch.G.shape[1]):
                 self.enabled = False
                 return
             self.rows = np.empty((self.n_kept, batch.G.shape[1]), dtype=np.float32)
