@@ -61,7 +61,7 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(greater + 0.5 * (p[:, None] == n[None, :]).mean())
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=96, help="demo samples")
     ap.add_argument("--noisy", type=float, default=0.25, help="share with a swapped response")
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per member")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--work", help="where the members go (default: a new temporary folder)")
     ap.add_argument(
         "--smoke", action="store_true", help="32 samples, 2 members, 2 steps, in one Ray Train run"
     )
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.members, args.steps = 32, 2, 2
+    return args
+
+
+def setup(args: argparse.Namespace, work: str):
+    """The config, the base model, the samples (a seeded share with a swapped response) and the
+    noisy mask of a run with these arguments: the same every time."""
     cfg = load_config(
         None,
         [
@@ -95,12 +102,17 @@ def main(argv: list[str] | None = None) -> int:
             *args.overrides,
         ],
     )
-    work = tempfile.mkdtemp(prefix="gsnr-planted-")
     base = base_model_for(cfg, work)
     tokenizer = load_tokenizer(base)
     samples, _ = load_samples(cfg.data, tokenizer, cfg.run.seed)
     noisy = swap_responses(samples, args.noisy, args.seed)
-    pad = int(tokenizer.pad_token_id)
+    return cfg, base, samples, noisy, int(tokenizer.pad_token_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    work = args.work or tempfile.mkdtemp(prefix="gsnr-planted-")
+    cfg, base, samples, noisy, pad = setup(args, work)
     start = time.perf_counter()
     result = gsnr_scores(cfg, samples, base, pad, work)
     coord_cfg = dataclasses.replace(cfg, gsnr=dataclasses.replace(cfg.gsnr, form="coordinate"))
@@ -139,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": result.seconds,
             "total_s": time.perf_counter() - start,
             "member_final_loss": {k: r["losses"][-1] for k, r in result.records.items()},
+            "member_steps": {k: len(r["losses"]) for k, r in result.records.items()},
+            "member_paths": [str(m) for m in result.members],
+            "scores": {form: [float(x) for x in s] for form, s in scores.items()},
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

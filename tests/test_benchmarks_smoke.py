@@ -7,7 +7,8 @@ runs, so that an import or API change breaks the build, not the next measurement
   already has one, in the test named there: gradient_throughput in test_benchmarks_gradient.py;
   serve_throughput, serve_latency and serve_abuse on test_serving.py's run and server;
   pipeline_stages and router_latency on test_pipeline.py's end-to-end run; stage2_checkpoint in
-  test_benchmarks_stage2_checkpoint.py.
+  test_benchmarks_stage2_checkpoint.py; gsnr_planted in test_spectra_gsnr.py, on the shared Ray,
+  as that module's end-to-end test of the G-SNR ensemble.
 * A guard lists benchmarks/*.py and fails for a script without a ``--smoke`` option or without a
   test that runs it (a new benchmark must be added to ``SMOKE`` or ``ELSEWHERE``).
 """
@@ -33,12 +34,9 @@ SMOKE = {
     "clustering_memory.py": ("rows",),
     "stage2_scaling.py": ("actor_seconds_per_batch", "collective_7b", "collective_step_seconds_7b"),
     "selection_demo.py": ("base_rate", "rows"),
-    "gsnr_planted.py": ("results", "seconds", "member_final_loss"),
     "selection_real.py": ("methods", "heldout_losses", "pool_size", "base_heldout_loss"),
 }
 TAKES_OUT = {"selection_demo.py", "selection_real.py"}  # their work folder: --out
-# these use RAY_ADDRESS when set: the suite's cluster, instead of a Ray started for them
-ON_SHARED_RAY = {"gsnr_planted.py"}
 
 # script -> "test file::test function" that runs its smoke mode beside a fixture that has what
 # it needs (a finished run, a running server)
@@ -49,25 +47,21 @@ ELSEWHERE = {
     "serve_abuse.py": "test_serving.py::test_serve_abuse_benchmark_smoke",
     "pipeline_stages.py": "test_pipeline.py::test_pipeline_stages_benchmark_smoke_on_this_run",
     "router_latency.py": "test_pipeline.py::test_router_latency_benchmark_smoke_on_this_run",
+    "gsnr_planted.py": "test_spectra_gsnr.py::test_gsnr_ensemble_end_to_end_on_ray",
     "stage2_checkpoint.py": "test_benchmarks_stage2_checkpoint.py::test_stage2_checkpoint_smoke",
 }
 
 
 @pytest.mark.parametrize("script", sorted(SMOKE))
-def test_benchmark_smoke_mode_runs_and_writes_its_json(script, tmp_path, request):
+def test_benchmark_smoke_mode_runs_and_writes_its_json(script, tmp_path):
     out = tmp_path / "out.json"
     extra = ["--out", str(tmp_path / "work")] if script in TAKES_OUT else []
-    env = None
-    if script in ON_SHARED_RAY:
-        cluster = request.getfixturevalue("ray_cluster")
-        env = {**cluster.env(), "RAY_ADDRESS": cluster.address}
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--smoke", "--json", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=tmp_path,
-        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())

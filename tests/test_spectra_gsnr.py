@@ -363,67 +363,41 @@ def test_spectra_on_gsm8k_worked_vs_bare(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_gsnr_ensemble_end_to_end_on_ray(tmp_path, ray_session):
-    """Two LoRA members trained at once on Ray (different seeds and data orders), then every
-    demo sample's G-SNR under them: finite, positive, equal to the same scoring in this process,
-    and the members really differ."""
-    from gs_ray.config import load_config
-    from gs_ray.core.models import load_tokenizer, materialize_base_model
-    from gs_ray.data import load_samples
-    from gs_ray.selection.gsnr import GSNRScores, gsnr_scores, member_scores
+    """benchmarks/gsnr_planted.py --smoke, in this process on the shared Ray (the suite's run of
+    that benchmark): two LoRA members trained on Ray Train, then every sample's G-SNR under them
+    (energy, and coordinate with the same members): finite, positive, equal to the same scoring
+    in this process, and the members really differ."""
+    import importlib.util
+    import json
 
-    cfg = load_config(
-        None,
-        [
-            "--model.tiny_hidden_size",
-            "64",
-            "--model.tiny_num_layers",
-            "2",
-            "--model.tiny_pretrain_steps",
-            "0",
-            "--lora.r",
-            "8",
-            "--lora.alpha",
-            "16",
-            "--lora.dropout",
-            "0",
-            "--data.demo_size",
-            "24",
-            "--gsnr.members",
-            "2",
-            "--gsnr.max_steps",
-            "3",
-            "--gsnr.batch_size",
-            "8",
-            "--gsnr.lr",
-            "5e-3",
-            "--gsnr.zero_stage",
-            "1",
-            "--gsnr.use_gpu",
-            "false",
-            "--gsnr.max_failures",
-            "0",
-            "--gradients.batch_size",
-            "8",
-        ],
-    )
-    base = materialize_base_model(cfg.model, tmp_path, seed=0)
-    tokenizer = load_tokenizer(base)
-    samples, _ = load_samples(cfg.data, tokenizer, 0)
-    pad = int(tokenizer.pad_token_id)
-    result = gsnr_scores(cfg, samples, base, pad, tmp_path / "ensemble")
-    assert isinstance(result, GSNRScores) and result.form == "energy"
-    assert result.scores.shape == (len(samples),)
-    assert np.isfinite(result.scores).all() and (result.scores > 0).all()
-    assert sorted(result.records) == ["member_0", "member_1"]
-    assert all(len(r["losses"]) == 3 for r in result.records.values())
     from safetensors.torch import load_file
 
-    a, b = (load_file(str(Path(m) / "adapter_model.safetensors")) for m in result.members)
+    from gs_ray.selection.gsnr import member_scores
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gsnr_planted.py"
+    spec = importlib.util.spec_from_file_location("gsnr_planted", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, work = tmp_path / "gsnr.json", tmp_path / "work"
+    argv = ["--smoke", "--json", str(out), "--work", str(work)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    for key in ("results", "seconds", "member_final_loss"):  # what docs' tables are built from
+        assert key in report, key
+    assert set(report["results"]) == {"energy", "coordinate"}
+    assert report["member_steps"] == {"member_0": 2, "member_1": 2}
+    cfg, base, samples, _, pad = bench.setup(bench.parse(argv), str(work))
+    scores = np.array(report["scores"]["energy"])
+    assert scores.shape == (len(samples),) == (32,)
+    assert np.isfinite(scores).all() and (scores > 0).all()
+    assert np.isfinite(report["scores"]["coordinate"]).all()
+    members = report["member_paths"]
+    a, b = (load_file(str(Path(m) / "adapter_model.safetensors")) for m in members)
     assert any(not torch.equal(a[k], b[k]) for k in a)
     pairs, ids = [s.pair for s in samples], [s.id for s in samples]
-    local = member_scores(cfg, base, result.members, pairs, ids, pad)
-    assert np.allclose(local, result.scores, rtol=1e-5)  # the actor, a chunk per call
-    uneven = member_scores(cfg, base, result.members, pairs, ids, pad, chunk=5)  # 24 = 4 x 5 + 4
+    local = member_scores(cfg, base, members, pairs, ids, pad)
+    assert np.allclose(local, scores, rtol=1e-5)  # the actor, a chunk per call
+    uneven = member_scores(cfg, base, members, pairs, ids, pad, chunk=5)  # 32 = 6 x 5 + 2
     assert np.allclose(uneven, local, rtol=1e-5)
 
 

@@ -360,29 +360,6 @@ def test_a_crashed_expert_is_retried_alone_from_its_checkpoint(world, experts, r
 
 
 @pytest.mark.slow
-def test_an_adapter_trained_in_a_shared_run_is_the_one_trained_alone(world, experts, ray_session):
-    """expert_2 was trained after expert_0 in one run: the same weights and losses, bit for bit,
-    as its own run (the embedded default's numbers do not depend on the packing)."""
-    shared = experts["records"]["expert_2"]
-    job = experts["jobs"]["expert_2"]
-    alone = train_on_ray(
-        dataclasses.replace(job, name="expert_2_alone", output_dir=str(world["root"] / "alone")),
-        MODEL,
-        LORA,
-        EXPERT_CFG,
-        world["pad"],
-        world["storage"],
-    )
-    assert alone["run"] == "expert_2_alone" and shared["run"] != alone["run"]
-    assert alone["losses"] == shared["losses"]
-    w_alone = _lora_weights(_peft(world["base"], alone["output_dir"]))
-    w_shared = _lora_weights(_peft(world["base"], shared["output_dir"]))
-    assert w_alone.keys() == w_shared.keys()
-    for k in w_alone:
-        assert torch.equal(w_alone[k], w_shared[k]), k
-
-
-@pytest.mark.slow
 def test_sequential_runs_do_not_overlap_and_a_failure_stays_isolated(world, warmup, ray_session):
     cfg = dataclasses.replace(EXPERT_CFG, epochs=1, zero_stage=0, max_failures=0, parallel=False)
     good = AdapterJob(
