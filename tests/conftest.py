@@ -1,5 +1,11 @@
 """Shared test settings: offline hub, one local Ray per test run (loopback only, so without
-token auth)."""
+token auth), and the two lanes the suite runs in (pytest-xdist, ``-n 2 --dist loadgroup``).
+
+The lanes: every test of a module that uses Ray (the shared cluster, the ``ray`` mark, or a Ray
+of its own: ``STARTS_RAY``) goes to one lane, in order, so that they all share the one local Ray
+as before; every other module is a group of its own, free to run in the other lane at the same
+time (pure NumPy, scikit-learn and torch work that uses one core, while the Ray tests wait on
+start-ups). ``-p no:xdist`` (or ``-n 0``) runs everything in one process, as before."""
 
 from __future__ import annotations
 
@@ -12,6 +18,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+RAY_LANE = "ray"
+RAY_FIXTURES = frozenset({"ray_cluster", "ray_session"})
+# modules whose tests start a Ray of their own (a benchmark's subprocess) without the fixture
+STARTS_RAY = frozenset({"test_benchmarks_smoke"})
+
+
+def uses_ray(item: pytest.Item) -> bool:
+    """A test that needs Ray: the shared cluster, the ``ray`` mark, or its module's own Ray."""
+    return (
+        bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+        or item.get_closest_marker("ray") is not None
+        or _module(item) in STARTS_RAY
+    )
+
+
+def _module(item: pytest.Item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None else item.nodeid.split("::")[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test's lane (``xdist_group``): the Ray lane for every test of a module that uses
+    Ray (its module-scoped fixtures are then built once, in that lane), else its module."""
+    ray_modules = {_module(item) for item in items if uses_ray(item)}
+    for item in items:
+        name = _module(item)
+        item.add_marker(pytest.mark.xdist_group(RAY_LANE if name in ray_modules else name))
 
 
 @pytest.fixture
