@@ -37,6 +37,7 @@ SMOKE = {
     "selection_real.py": ("methods", "heldout_losses", "pool_size", "base_heldout_loss"),
 }
 TAKES_OUT = {"selection_demo.py", "selection_real.py"}  # their work folder: --out
+OWN_RAY = {"stage2_scaling.py"}  # starts a local Ray of its own: in the suite's Ray lane
 
 # script -> "test file::test function" that runs its smoke mode beside a fixture that has what
 # it needs (a finished run, a running server)
@@ -52,7 +53,10 @@ ELSEWHERE = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(SMOKE))
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(s, marks=[pytest.mark.ray] if s in OWN_RAY else []) for s in sorted(SMOKE)],
+)
 def test_benchmark_smoke_mode_runs_and_writes_its_json(script, tmp_path):
     out = tmp_path / "out.json"
     extra = ["--out", str(tmp_path / "work")] if script in TAKES_OUT else []
