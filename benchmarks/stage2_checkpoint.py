@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gs_ray.config import Config  # noqa: E402
-from gs_ray.stage2.computer import GradientBatch  # noqa: E402
+from gs_ray.stage2.batch import GradientBatch  # noqa: E402
 from gs_ray.stage2.host import CentroidHost  # noqa: E402
 from gs_ray.stage2.launch import make_clusterer  # noqa: E402
 from gs_ray.stage2.plan import ONLINE, VAL  # noqa: E402

@@ -71,6 +71,7 @@ CROSSINGS = {
     "gs_ray.selection.consumers": {"gs_ray.stage2.consumers"},
     "gs_ray.selection.gsnr": {"gs_ray.stage2.computer", "gs_ray.training.ray_train"},
     "gs_ray.selection.select": {
+        "gs_ray.stage2.batch",
         "gs_ray.stage2.computer",
         "gs_ray.stage2.consumers",
         "gs_ray.stage2.plan",

@@ -23,7 +23,7 @@ from gs_ray.selection.consumers import (
 from gs_ray.selection.gist import fit_subspace, storage_bytes
 from gs_ray.selection.ranking import budget_count, rank
 from gs_ray.stage2 import CentroidHost, ConsumerSet, Stage2Plan, make_clusterer, run_stage2_local
-from gs_ray.stage2.computer import check_finite
+from gs_ray.stage2.batch import check_finite
 from gs_ray.stage2.consumers import GradientConsumer, split_rows
 from gs_ray.stage2.plan import FINAL
 

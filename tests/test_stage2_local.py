@@ -19,7 +19,7 @@ from gs_ray.stage2 import (
     make_clusterer,
     run_stage2_local,
 )
-from gs_ray.stage2.computer import check_finite
+from gs_ray.stage2.batch import check_finite
 from gs_ray.stage2.result import SKIPPED
 from gs_ray.stage2.rows import RowStore
 from gs_ray.stage2.transports import TRANSPORTS, make_transport

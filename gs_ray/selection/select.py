@@ -38,7 +38,8 @@ from gs_ray.selection.consumers import (
     make_selector,
 )
 from gs_ray.selection.ranking import budget_count
-from gs_ray.stage2.computer import GradientComputer, check_finite
+from gs_ray.stage2.batch import check_finite
+from gs_ray.stage2.computer import GradientComputer
 from gs_ray.stage2.consumers import ConsumerSet
 from gs_ray.stage2.plan import FINAL
 from gs_ray.training.pretrain import base_model_for

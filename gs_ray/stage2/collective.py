@@ -49,7 +49,7 @@ from gs_ray.data import Sample
 from gs_ray.local_ray import LOOPBACK, host_loopback_store, is_loopback
 from gs_ray.progress import Progress
 from gs_ray.rundir import SKIPPED
-from gs_ray.stage2.computer import check_finite
+from gs_ray.stage2.batch import check_finite
 from gs_ray.stage2.group import WorkerGroup
 from gs_ray.stage2.host import CentroidHost
 from gs_ray.stage2.phase_end import PhaseEnd

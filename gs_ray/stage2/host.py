@@ -21,7 +21,7 @@ import numpy as np
 from gs_ray.core.clustering import GradientSpaceClustering
 from gs_ray.io import atomic_write_text
 from gs_ray.rundir import SKIPPED
-from gs_ray.stage2.computer import GradientBatch
+from gs_ray.stage2.batch import GradientBatch
 from gs_ray.stage2.consumers import ClusteringConsumer, ConsumerSet, GradientConsumer
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, order_key
 from gs_ray.stage2.result import Stage2Result

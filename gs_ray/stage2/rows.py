@@ -22,7 +22,7 @@ import logging
 
 import numpy as np
 
-from gs_ray.stage2.computer import GradientBatch
+from gs_ray.stage2.batch import GradientBatch
 from gs_ray.stage2.plan import Stage2Plan
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ import numpy as np
 
 from gs_ray import faults
 from gs_ray.config import Config
-from gs_ray.stage2.computer import GradientBatch, GradientComputer, check_finite
+from gs_ray.stage2.batch import GradientBatch, check_finite
+from gs_ray.stage2.computer import GradientComputer
 from gs_ray.stage2.plan import BatchKey
 from gs_ray.stage2.transports import PartialSumsWorker
 
