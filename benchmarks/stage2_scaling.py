@@ -383,7 +383,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.busy_ks, args.synthetic_workers, args.synthetic_dim = "4", "2", 4_096
         args.synthetic_batches, args.synthetic_compute_s = 8, 0.02
     if args.only_synthetic:
-        start_local_ray(num_cpus=2, log_to_driver=False)
+        if os.environ.get("RAY_ADDRESS"):  # a running cluster (the test suite's): no start-up
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        else:
+            start_local_ray(num_cpus=2, log_to_driver=False)
         try:
             report = synthetic(args, {})
         finally:

@@ -37,7 +37,7 @@ SMOKE = {
     "selection_real.py": ("methods", "heldout_losses", "pool_size", "base_heldout_loss"),
 }
 TAKES_OUT = {"selection_demo.py", "selection_real.py"}  # their work folder: --out
-OWN_RAY = {"stage2_scaling.py"}  # starts a local Ray of its own: in the suite's Ray lane
+ON_SHARED_RAY = {"stage2_scaling.py"}  # run on the suite's cluster (RAY_ADDRESS): the Ray lane
 
 # script -> "test file::test function" that runs its smoke mode beside a fixture that has what
 # it needs (a finished run, a running server)
@@ -55,17 +55,22 @@ ELSEWHERE = {
 
 @pytest.mark.parametrize(
     "script",
-    [pytest.param(s, marks=[pytest.mark.ray] if s in OWN_RAY else []) for s in sorted(SMOKE)],
+    [pytest.param(s, marks=[pytest.mark.ray] if s in ON_SHARED_RAY else []) for s in sorted(SMOKE)],
 )
-def test_benchmark_smoke_mode_runs_and_writes_its_json(script, tmp_path):
+def test_benchmark_smoke_mode_runs_and_writes_its_json(script, tmp_path, request):
     out = tmp_path / "out.json"
     extra = ["--out", str(tmp_path / "work")] if script in TAKES_OUT else []
+    env = None
+    if script in ON_SHARED_RAY:
+        cluster = request.getfixturevalue("ray_cluster")
+        env = {**cluster.env(), "RAY_ADDRESS": cluster.address}
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--smoke", "--json", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=tmp_path,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
