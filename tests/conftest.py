@@ -1,13 +1,12 @@
 """Shared test settings: offline hub, one local Ray per test run (loopback only, so without
 token auth), and the two lanes the suite runs in (pytest-xdist, ``-n 2 --dist loadgroup``).
 
-The lanes: every test that uses Ray (the shared cluster, or the ``ray`` mark: also a Ray of its
-own), and every test that shares a module- or session-scoped
-fixture with one, goes to one lane, in order, so that they all share the one local Ray as before
-and each such fixture is built once. Every other test runs in a group of its module, free to run
-in the other lane at the same time (NumPy, scikit-learn and small torch work on one core, while
-the Ray tests wait on start-ups). ``-n 0`` runs everything in one process,
-as before."""
+The lanes: every test that uses Ray (the shared cluster, or the ``ray`` mark, which a test that
+starts a Ray of its own has too), and every test that shares a module- or session-scoped fixture
+with one, goes to one lane, in order, so that they all share the one local Ray as before and each
+such fixture is built once. Every other test runs in a group of its module, free to run in the
+other lane at the same time (NumPy, scikit-learn and small torch work on one core, while the Ray
+tests wait on start-ups). ``-n 0`` runs everything in one process, as before."""
 
 from __future__ import annotations
 
