@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     from gs_ray.local_ray import start_local_ray
     from gs_ray.logs import setup_logging
     from gs_ray.prepare import prepare
+    from gs_ray.ray_utils import init_ray
     from gs_ray.training.pretrain import base_model_for
     from gs_ray.training.warmup import warmup_local
 
@@ -383,10 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.busy_ks, args.synthetic_workers, args.synthetic_dim = "4", "2", 4_096
         args.synthetic_batches, args.synthetic_compute_s = 8, 0.02
     if args.only_synthetic:
-        if os.environ.get("RAY_ADDRESS"):  # a running cluster (the test suite's): no start-up
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-        else:
-            start_local_ray(num_cpus=2, log_to_driver=False)
+        init_ray(num_cpus=2, log_to_driver=False)  # RAY_ADDRESS (the suite's cluster), or a new one
         try:
             report = synthetic(args, {})
         finally:

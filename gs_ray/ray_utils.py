@@ -12,7 +12,9 @@ import os
 STARTED_LOCAL = "started a local Ray"
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True
+) -> str:
     """Connect to the given/ambient cluster, or start a local one. Returns a description.
 
     A cluster given by ``address`` or RAY_ADDRESS is joined with the user's own authentication
@@ -27,11 +29,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str:
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return f"connected to {address}"
     from gs_ray.local_ray import start_local_ray
 
-    start_local_ray(num_cpus)
+    start_local_ray(num_cpus, log_to_driver=log_to_driver)
     return STARTED_LOCAL
 
 

@@ -58,11 +58,11 @@ def _wide_fixtures(item: pytest.Item) -> set[tuple[str, str]]:
 def pytest_collection_modifyitems(config, items):
     """Each test's lane (``xdist_group``): the Ray lane for the tests that use Ray and for those
     that share a wider-scoped fixture with one (built once, in that lane), else its module."""
-    ray_items = [item for item in items if uses_ray(item)]
-    shared = set().union(*(_wide_fixtures(item) for item in ray_items))
-    ray_ids = {id(item) for item in ray_items}
+    wide = {id(item): _wide_fixtures(item) for item in items}
+    ray_ids = {id(item) for item in items if uses_ray(item)}
+    shared = set().union(*(wide[i] for i in ray_ids))
     for item in items:
-        in_ray = id(item) in ray_ids or bool(_wide_fixtures(item) & shared)
+        in_ray = id(item) in ray_ids or bool(wide[id(item)] & shared)
         item.add_marker(pytest.mark.xdist_group(RAY_LANE if in_ray else _module(item)))
 
 

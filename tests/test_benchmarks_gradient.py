@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gradient_throughput.py"
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("gradient_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_gradient_throughput_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    result = _benchmark().main(["--smoke", "--json", str(out)])  # batch 4, micro-batch 2, cpu
+    result = load_benchmark("gradient_throughput").main(
+        ["--smoke", "--json", str(out)]
+    )  # batch 4, micro-batch 2, cpu
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     for key in (

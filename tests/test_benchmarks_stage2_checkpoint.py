@@ -3,23 +3,16 @@ hang together (bytes grow as rows * 4 d; the exact cache holds more than the led
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stage2_checkpoint.py"
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("stage2_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark
 
 
 def test_stage2_checkpoint_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    result = _benchmark().main(["--smoke", "--json", str(out), "--work", str(tmp_path / "w")])
+    result = load_benchmark("stage2_checkpoint").main(
+        ["--smoke", "--json", str(out), "--work", str(tmp_path / "w")]
+    )
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     rows = {(r["cache"], r["d"]): r for r in data["rows"]}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -62,16 +63,6 @@ def job_run(ray_cluster, tmp_path_factory):
     )
     run_dir = out_dir / "job"
     return {"dir": run_dir, "log": proc.stdout, "seconds": seconds, "mlflow": store}
-
-
-def _benchmark(name: str):
-    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -273,7 +264,7 @@ def test_the_run_is_tracked_in_mlflow(job_run, monkeypatch):
 def test_pipeline_stages_benchmark_smoke_on_this_run(job_run, tmp_path):
     """benchmarks/pipeline_stages.py --smoke on the finished run: the stage table, and two of
     its adapters retrained packed into one run and one run each, which must come out identical."""
-    bench = _benchmark("pipeline_stages")
+    bench = load_benchmark("pipeline_stages")
     out = tmp_path / "bench.json"
     report = bench.main(["--run-dir", str(job_run["dir"]), "--smoke", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
@@ -286,7 +277,7 @@ def test_router_latency_benchmark_smoke_on_this_run(job_run, tmp_path):
     """benchmarks/router_latency.py --smoke on the finished run: every variant of the encoder
     router (fitted there: the run's router is TF-IDF) and the run's own router route the same
     held-out prompts, scored against the clusters the router was trained on."""
-    bench = _benchmark("router_latency")
+    bench = load_benchmark("router_latency")
     out = tmp_path / "router.json"
     report = bench.main(["--run-dir", str(job_run["dir"]), "--smoke", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))

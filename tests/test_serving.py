@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from gs_ray.config import Config
 from gs_ray.serving.pool import ExpertPool, ServedRun, ServingError, expert_model, plan_batches
@@ -712,13 +713,7 @@ def test_http_random_mix_no_5xx_and_answers_as_alone(served, pool, long_prompts)
 
 def test_serve_throughput_benchmark_runs(run_dir, tmp_path):
     """The benchmark's three variants agree on every answer and its JSON has the ratios."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "serve_throughput", ROOT / "benchmarks" / "serve_throughput.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("serve_throughput")
     out_file = tmp_path / "serve.json"
     bench.main(["--run-dir", str(run_dir), "--smoke", "--json", str(out_file)])  # 9 requests
     out = json.loads(out_file.read_text())
@@ -1258,11 +1253,7 @@ def test_serve_abuse_benchmark_smoke(served, run_dir, tmp_path):
     """benchmarks/serve_abuse.py --smoke against the running server: every valid request
     answered, every abusive kind refused with its own 4xx (or a stream that hangs up), no 5xx,
     and its JSON written."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import serve_abuse
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    serve_abuse = load_benchmark("serve_abuse")
     out = serve_abuse.main(
         [
             "--url",
@@ -1287,11 +1278,7 @@ def test_serve_latency_benchmark_smoke(served, run_dir, tmp_path):
     """benchmarks/serve_latency.py --smoke against the running server (``--url``: no Ray of its
     own): the router in process, completions at concurrency 1 and 8, streams and the ensemble,
     all answered 200, and its JSON written."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import serve_latency
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    serve_latency = load_benchmark("serve_latency")
     out_file = tmp_path / "latency.json"
     argv = ["--run-dir", str(run_dir), "--url", served, "--smoke", "--json", str(out_file)]
     out = serve_latency.main(argv)

@@ -367,17 +367,14 @@ def test_gsnr_ensemble_end_to_end_on_ray(tmp_path, ray_session):
     that benchmark): two LoRA members trained on Ray Train, then every sample's G-SNR under them
     (energy, and coordinate with the same members): finite, positive, equal to the same scoring
     in this process, and the members really differ."""
-    import importlib.util
     import json
 
+    from benchmark_scripts import load_benchmark
     from safetensors.torch import load_file
 
     from gs_ray.selection.gsnr import member_scores
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gsnr_planted.py"
-    spec = importlib.util.spec_from_file_location("gsnr_planted", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("gsnr_planted")
     out, work = tmp_path / "gsnr.json", tmp_path / "work"
     argv = ["--smoke", "--json", str(out), "--work", str(work)]
     assert bench.main(argv) == 0

@@ -42,17 +42,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
 
 
-__all__ = [
-    "CentroidHost",
-    "ConsumerSet",
-    "GradientBatch",
-    "GradientComputer",
-    "GradientConsumer",
-    "NonFiniteGradientError",
-    "Stage2Plan",
-    "StreamBatch",
-    "Stage2Result",
-    "make_clusterer",
-    "run_stage2_local",
-    "run_stage2_ray",
-]
+__all__ = sorted(_WHERE)
