@@ -2,11 +2,14 @@
 token auth), and the two lanes the suite runs in (pytest-xdist, ``-n 2 --dist loadgroup``).
 
 The lanes: every test that uses Ray (the shared cluster, or the ``ray`` mark, which a test that
-starts a Ray of its own has too), and every test that shares a module- or session-scoped fixture
-with one, goes to one lane, in order, so that they all share the one local Ray as before and each
-such fixture is built once. Every other test runs in a group of its module, free to run in the
-other lane at the same time (NumPy, scikit-learn and small torch work on one core, while the Ray
-tests wait on start-ups). ``-n 0`` runs everything in one process, as before."""
+starts a Ray in this process has too), and every test that shares a module- or session-scoped
+fixture with one, goes to one lane, in order, so that they all share the one local Ray as before
+and each such fixture is built once. Every other test runs in a group of its module, free to run
+in the other lane at the same time (NumPy, scikit-learn and small torch work on one core, while
+the Ray tests wait on start-ups). So do the tests marked ``own_ray``: their clusters (gs-ray's own
+local Ray, a TLS cluster, an autoscaling cluster) run in subprocesses, on private temp dirs and
+free ports, beside the shared one, and this process never connects to them. ``-n 0`` runs
+everything in one process, as before."""
 
 from __future__ import annotations
 
@@ -26,12 +29,12 @@ RAY_FIXTURES = frozenset({"ray_cluster", "ray_session"})
 
 
 def uses_ray(item: pytest.Item) -> bool:
-    """A test that needs Ray: the shared cluster (directly or through its fixtures), or the
-    ``ray`` mark (a test that starts a Ray of its own has it too)."""
-    return (
-        bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
-        or item.get_closest_marker("ray") is not None
-    )
+    """A test that needs Ray in this process: the shared cluster (directly or through its
+    fixtures), or the ``ray`` mark (a test that starts a Ray in this process has it too) where
+    the test is not marked ``own_ray`` (its Rays run in subprocesses)."""
+    if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    return item.get_closest_marker("ray") is not None and item.get_closest_marker("own_ray") is None
 
 
 def _module(item: pytest.Item) -> str:

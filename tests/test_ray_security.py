@@ -25,8 +25,6 @@ import pytest
 
 from gs_ray.local_ray import LOOPBACK, is_loopback
 
-pytestmark = pytest.mark.ray
-
 ROOT = Path(__file__).resolve().parents[1]
 # The reaper gives Ray 1 s, then SIGTERM and 3 s before SIGKILL; Ray's agents alone took 60-90 s.
 GONE_WITHIN_S = 30.0
@@ -183,6 +181,7 @@ def grpc_call(port: int, call: str, token: str | None = None, credentials=None):
             return e.code(), e.details()
 
 
+@pytest.mark.own_ray
 def test_own_local_ray_listens_on_loopback_only(local_driver):
     procs = tree(local_driver.pid)
     names = {p.name() for p in procs}
@@ -208,6 +207,7 @@ except Exception as e:
 """
 
 
+@pytest.mark.own_ray
 def test_own_local_ray_refuses_a_process_without_its_token(local_driver, tmp_path):
     """The GCS, the raylet and the driver's core worker answer only calls that carry the
     cluster's token (a tokenless or wrong-token one gets UNAUTHENTICATED), while the driver and
@@ -242,6 +242,7 @@ def test_own_local_ray_refuses_a_process_without_its_token(local_driver, tmp_pat
         assert out.startswith("REFUSED AuthenticationError"), (settings, out)
 
 
+@pytest.mark.own_ray
 def test_own_local_ray_token_is_fresh_private_and_not_in_home(local_driver):
     """The token is 256 random bits in a 0600 file in a 0700 folder of the temp dir, only its
     path is in the environment, Ray wrote no ~/.ray/auth_token, and the log says that token
@@ -265,6 +266,7 @@ def test_own_local_ray_token_is_fresh_private_and_not_in_home(local_driver):
             assert "RAY_AUTH_TOKEN" not in env and token not in " ".join(p.cmdline())
 
 
+@pytest.mark.own_ray
 def test_own_local_ray_keeps_a_users_auth_mode(local_driver, tmp_path):
     """A user's RAY_AUTH_MODE=disabled is kept: no token is made and a tokenless call is
     answered, where the same driver without the setting (local_driver) refuses one."""
@@ -284,6 +286,7 @@ def test_own_local_ray_keeps_a_users_auth_mode(local_driver, tmp_path):
         stop_driver(driver)
 
 
+@pytest.mark.own_ray
 def test_own_local_ray_ends_soon_after_its_driver_is_killed(local_driver):
     """The cluster's processes and its token folder are gone soon after the driver."""
     procs = tree(local_driver.pid)[1:]
@@ -565,6 +568,7 @@ def _tls(certs: Path, ca: Path | None = None, client: bool = True):
     )
 
 
+@pytest.mark.own_ray
 def test_cluster_tls_head_and_worker_accept_only_this_clusters_certificates(tls_cluster):
     """cluster.yaml's settings on a head and a worker node (here on loopback): the worker joined
     and ran a task over mutual TLS; the GCS and the worker's raylet answer a client with a node

@@ -9,7 +9,9 @@ SIGKILLs every process of that node at once.
 
 The autoscaling cluster is a head of its own (``LocalAutoscalingCluster``) with Ray's fake
 multi-node provider and the node types of cluster.yaml (``cluster_config.render_fake``); its
-driver is a subprocess, since this process is connected to the shared head."""
+driver is a subprocess, as ``ray job submit`` runs it. That test starts and ends its own cluster and
+never connects this process (``own_ray``): it runs in the suite's other lane, beside the shared
+head, with its own copy of the warmed run."""
 
 from __future__ import annotations
 
@@ -43,6 +45,17 @@ STALL = ("online", 0, 5)  # a worker hangs on online batch 5: checkpoints exist 
 def warmed(tmp_path_factory):
     """A warmed-up small run and its single-process reference (batch size 2 * B): the labels
     an undisturbed run gives (tests/test_stage2*.py check that equality for every transport)."""
+    return _warmed(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def warmed_apart(tmp_path_factory):
+    """``warmed`` built again (a few seconds) for the autoscaler's test, which runs in the
+    other lane (``own_ray``): a fixture shared with the Ray lane's tests would pull it there."""
+    return _warmed(tmp_path_factory)
+
+
+def _warmed(tmp_path_factory) -> dict:
     from gs_ray.prepare import prepare
     from gs_ray.training.pretrain import base_model_for
 
@@ -176,10 +189,10 @@ def _watch_nodes(cluster, seen: list, exposed: list, stop: threading.Event) -> N
             exposed.extend(x for x in socks if not is_loopback(x[0]))
 
 
-@pytest.mark.ray
+@pytest.mark.own_ray
 @pytest.mark.slow
 def test_autoscaler_adds_gpu_nodes_for_stage2_and_experts_and_removes_them_when_idle(
-    warmed, tmp_path
+    warmed_apart, tmp_path
 ):
     """The job, as ``ray job submit`` runs it (``jobs/gradientspace.py --resume``, a driver of
     its own on the autoscaling head), on a copy of the warmed run: Stage II's gradient workers
@@ -199,7 +212,7 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_experts_and_removes_them_when_
     gpu_type = next(w for w in SPEC.workers if w.gpus)
     config = render_fake(max_workers=2, cpus_per_node=1, head_cpus=1, idle_timeout_minutes=0.1)
     run_dir = tmp_path / "run"
-    shutil.copytree(warmed["p"].run.path, run_dir)
+    shutil.copytree(warmed_apart["p"].run.path, run_dir)
     cluster = LocalAutoscalingCluster(config, num_cpus=1).start()
     seen: list = []
     exposed: list = []
@@ -237,7 +250,7 @@ def test_autoscaler_adds_gpu_nodes_for_stage2_and_experts_and_removes_them_when_
         )
         out = RunDir.open(run_dir)
         labels = [SKIPPED if r["cluster"] is None else r["cluster"] for r in out.assignments()]
-        ref = warmed["ref"]
+        ref = warmed_apart["ref"]
         np.testing.assert_array_equal(labels, ref.labels)
         k = int(ref.labels.max()) + 1
         assert all(out.expert_complete(c) for c in range(k))

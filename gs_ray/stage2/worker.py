@@ -12,7 +12,6 @@ import numpy as np
 from gs_ray import faults
 from gs_ray.config import Config
 from gs_ray.stage2.batch import GradientBatch, check_finite
-from gs_ray.stage2.computer import GradientComputer
 from gs_ray.stage2.plan import BatchKey
 from gs_ray.stage2.transports import PartialSumsWorker
 
@@ -33,6 +32,10 @@ class GradientWorker(PartialSumsWorker):
         fault_spec: str = "",
         marker_dir: str = "",
     ):
+        # imported here: torch, transformers and peft load in the processes that compute
+        # gradients, not in every process that imports this module (a synthetic worker's)
+        from gs_ray.stage2.computer import GradientComputer
+
         self.computer = GradientComputer(base_path, cfg, adapter_path, pad_id)
         self.faults = faults.parse(fault_spec)
         self.marker_dir = marker_dir
