@@ -30,6 +30,12 @@ from gs_ray.local_ray import (
 
 log = logging.getLogger(__name__)
 
+PORT_TAKEN = 3  # a LocalNode launcher's exit status: one of its ports was taken before it started
+
+
+class _PortTaken(RuntimeError):
+    """The launcher ended at once: one of its ports was taken (``start`` tries other ports)."""
+
 
 class LocalHead:
     """``ray start --head`` on 127.0.0.1 with free ports; ``stop()`` ends only this cluster.
@@ -220,8 +226,19 @@ class LocalNode:
             "runtime_env_dir_name": f"runtime_resources_node{self.node_manager_port}",
         }
 
-    def start(self, timeout: float = 300.0) -> LocalNode:
-        """Launch the node and wait until the head lists it (this process must be connected)."""
+    def start(self, timeout: float = 300.0, tries: int = 3) -> LocalNode:
+        """Launch the node and wait until the head lists it (this process must be connected);
+        where the launcher found one of its ports taken, again on other ports."""
+        for attempt in range(tries):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                if attempt == tries - 1:
+                    raise
+                self.node_manager_port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> LocalNode:
         import ray
 
         cmd = [sys.executable, "-m", "gs_ray.local_cluster", "node", json.dumps(self.spec())]
@@ -239,8 +256,12 @@ class LocalNode:
         deadline = time.monotonic() + timeout
         while self.node_id is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                taken = self.proc.poll() == PORT_TAKEN
                 self.kill()
-                raise RuntimeError(f"worker node did not join:\n{log_path.read_text()[-3000:]}")
+                said = log_path.read_text()[-3000:]
+                if taken:
+                    raise _PortTaken(said)
+                raise RuntimeError(f"worker node did not join:\n{said}")
             time.sleep(0.5)
             self.node_id = self._find_node_id(ray.nodes())
         return self
@@ -292,6 +313,13 @@ def run_node(spec: dict) -> None:
 
     try:
         Node(RayParams(**spec), head=False, shutdown_at_exit=False, spawn_reaper=False)
+    except ValueError as err:
+        if "port" not in str(err):
+            raise
+        # A port another process took between its choice and now: nothing was started, so the
+        # launcher ends at once (LocalNode.start chooses other ports), not after a timeout.
+        print(f"node start: {err}", file=sys.stderr, flush=True)
+        sys.exit(PORT_TAKEN)
     except Exception as err:
         # Ray waits a fixed 30 s for the raylet to register; on a loaded machine it may take
         # longer. Its processes run on: LocalNode.start decides, with its own timeout.

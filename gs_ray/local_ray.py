@@ -118,11 +118,21 @@ def host_loopback_store(world_size: int, timeout_s: float) -> int:
     return port
 
 
+_HANDED_OUT: set[int] = set()  # every port free_port has returned in this process
+
+
 def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+    """A currently free TCP port on 127.0.0.1, never one this process was given before: the
+    kernel may hand a port just released to the next ``bind(0)``, and a Ray node given two
+    equal ports refuses to start (a worker node's raylet and its agent got the same one)."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 that this process was not given before")
 
 
 def loopback_env(env: dict[str, str] | None = None) -> dict[str, str]:

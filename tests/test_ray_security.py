@@ -410,6 +410,13 @@ def test_training_process_group_listens_on_loopback_only(ray_session, tmp_path):
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
+def test_free_port_never_hands_out_a_port_twice():
+    from gs_ray.local_ray import free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+
+
 def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("127.5.0.1") and is_loopback("::1")
     assert is_loopback("::ffff:127.0.0.1")
@@ -429,11 +436,26 @@ def _node_id_of_a_task_on(node, **options) -> str:
     return ray.get(where.options(scheduling_strategy=on_node, **options).remote(), timeout=120)
 
 
-def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session):
+def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session, monkeypatch):
     """LocalHead.add_node(): a second raylet on 127.0.0.1 (its own launcher, not `ray start`);
-    kill() leaves none of its processes."""
+    kill() leaves none of its processes. Its first launch is given one port twice, as a port
+    taken between its choice and the launch would be: the launcher ends at once and the node
+    starts on other ports (it used to wait out the 300 s timeout and fail)."""
+    from gs_ray.local_cluster import LocalNode
+
+    spec, first = LocalNode.spec, []
+
+    def one_port_twice(self):
+        out = spec(self)
+        if not first:
+            first.append(out["node_manager_port"])
+            out["dashboard_agent_listen_port"] = out["node_manager_port"]
+        return out
+
+    monkeypatch.setattr(LocalNode, "spec", one_port_twice)
     node = ray_session.add_node(num_cpus=1)
     try:
+        assert first and node.node_manager_port != first[0]
         assert _node_id_of_a_task_on(node) == node.node_id
         procs = node.processes()
         assert "raylet" in {p.name() for p in procs}
