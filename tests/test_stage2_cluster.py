@@ -15,6 +15,9 @@ head, with its own copy of the warmed run."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -105,7 +108,9 @@ def test_cuda_workers_ask_for_gpus_before_any_gpu_node_is_up(monkeypatch):
 
 
 def _kill_node_when_stalled(node, marker, seen: dict, stop: threading.Event):
-    """Wait for the stalled worker's marker, note where the gradient workers run, kill the node."""
+    """Wait for the stalled worker's marker, note where the gradient workers run, kill the node.
+    A gradient worker that ran elsewhere is killed too: the stalled one would hang the pass for
+    ever, and the test fails on ``seen`` instead."""
     from ray.util.state import list_actors
 
     while not marker.exists():
@@ -119,6 +124,34 @@ def _kill_node_when_stalled(node, marker, seen: dict, stop: threading.Event):
     seen["workers"] = [a.node_id for a in alive if a.class_name in WORKERS]
     seen["hosts"] = [a.node_id for a in alive if a.class_name in HOSTS]
     node.kill()
+    for a in alive:
+        if a.class_name in WORKERS and a.node_id != node.node_id and a.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(a.pid, signal.SIGKILL)
+
+
+def _until_preferred(node, cfg, n: int, timeout: float = 60.0) -> None:
+    """Wait until ``n`` tasks placed as the gradient workers are (``worker_placement``: the soft
+    label preference) all land on ``node``: a node the GCS lists may not be in the head
+    raylet's view yet, and the soft preference then places workers on the head (one stalled
+    there and the pass hung)."""
+    import ray
+
+    from gs_ray.stage2.launch import worker_placement
+
+    @ray.remote(num_cpus=1)
+    def where(wait_s: float) -> str:
+        time.sleep(wait_s)  # held together, as n workers are
+        return ray.get_runtime_context().get_node_id()
+
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = where.options(**worker_placement(cfg))
+        got = ray.get([probe.remote(0.5) for _ in range(n)], timeout=timeout)
+        if all(x == node.node_id for x in got):
+            return
+        assert time.monotonic() < deadline, f"the preferred node never got the workers: {got}"
+        time.sleep(0.5)
 
 
 @pytest.mark.ray
@@ -143,6 +176,7 @@ def test_lost_worker_node_resumes_with_the_same_assignments(
             "stage2.prefer_node_label": LABEL,
         }
         cfg = load_config(warmed["path"], [f"--{k}={v}" for k, v in args.items()])
+        _until_preferred(node, cfg, n=2)
         plan = Stage2Plan.build(p.lengths, p.splits, cfg)
         out = run_stage2_ray(
             plan,
