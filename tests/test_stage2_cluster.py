@@ -149,6 +149,14 @@ def _until_preferred(node, cfg, n: int, timeout: float = 60.0) -> None:
         probe = where.options(**worker_placement(cfg))
         got = ray.get([probe.remote(0.5) for _ in range(n)], timeout=timeout)
         if all(x == node.node_id for x in got):
+            # ... and until the probes' CPUs are free again in the cluster's view, and a resource
+            # report later in the head raylet's too: a node whose CPUs still look taken gets no
+            # preferred worker (the preference is soft; the head takes it)
+            total = ray.cluster_resources().get("CPU", 0.0)
+            while ray.available_resources().get("CPU", 0.0) < total:
+                assert time.monotonic() < deadline, "the probes' CPUs were never released"
+                time.sleep(0.2)
+            time.sleep(1.0)
             return
         assert time.monotonic() < deadline, f"the preferred node never got the workers: {got}"
         time.sleep(0.5)
