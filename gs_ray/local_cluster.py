@@ -314,10 +314,10 @@ def run_node(spec: dict) -> None:
     try:
         Node(RayParams(**spec), head=False, shutdown_at_exit=False, spawn_reaper=False)
     except ValueError as err:
-        if "port" not in str(err):
+        if "used by other components" not in str(err):  # RayParams' check of its ports
             raise
-        # A port another process took between its choice and now: nothing was started, so the
-        # launcher ends at once (LocalNode.start chooses other ports), not after a timeout.
+        # Two of its ports are one: nothing was started, so the launcher ends at once
+        # (LocalNode.start chooses other ports) instead of waiting out LocalNode's timeout.
         print(f"node start: {err}", file=sys.stderr, flush=True)
         sys.exit(PORT_TAKEN)
     except Exception as err:
