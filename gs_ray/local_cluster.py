@@ -229,14 +229,12 @@ class LocalNode:
     def start(self, timeout: float = 300.0, tries: int = 3) -> LocalNode:
         """Launch the node and wait until the head lists it (this process must be connected);
         where the launcher found one of its ports taken, again on other ports."""
-        for attempt in range(tries):
+        for _ in range(tries - 1):
             try:
                 return self._start(timeout)
             except _PortTaken:
-                if attempt == tries - 1:
-                    raise
-                self.node_manager_port = free_port()
-        raise AssertionError("unreachable")
+                self.node_manager_port = free_port()  # spec() chooses the other ports anew
+        return self._start(timeout)
 
     def _start(self, timeout: float) -> LocalNode:
         import ray

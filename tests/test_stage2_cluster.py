@@ -144,9 +144,9 @@ def _until_preferred(node, cfg, n: int, timeout: float = 60.0) -> None:
         time.sleep(wait_s)  # held together, as n workers are
         return ray.get_runtime_context().get_node_id()
 
+    probe = where.options(**worker_placement(cfg))
     deadline = time.monotonic() + timeout
     while True:
-        probe = where.options(**worker_placement(cfg))
         got = ray.get([probe.remote(0.5) for _ in range(n)], timeout=timeout)
         if all(x == node.node_id for x in got):
             # ... and until the probes' CPUs are free again in the cluster's view, and a resource
