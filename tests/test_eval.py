@@ -249,6 +249,10 @@ def evaluated(ray_cluster, tmp_path_factory):
         "2",
         "--experts.max_steps",
         "3",
+        # One worker takes both CPUs: each wave of adapters (the run's, the eval's, a seed's)
+        # trains in one Ray Train run instead of two (start-ups cost more than these 3 steps).
+        "--experts.cpus_per_worker",
+        "2",
         # K = 2 fixed for the baselines' shapes (the routability merge has tests of its own);
         # the generalist fallback is on, as by default. The experts start from the warm-up
         # adapter, beside the generalist: one wave of Ray Train start-ups instead of two (the

@@ -186,10 +186,26 @@ def world(tmp_path_factory):
     }
 
 
+def _dataset_managers(cluster) -> set[str]:
+    """Ray Train's dataset manager actors on the cluster, alive or dead (their ids)."""
+    from ray.util.state import list_actors
+
+    found = list_actors(
+        address=cluster.dashboard_url,
+        filters=[("class_name", "=", "DatasetManager")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return {a.actor_id for a in found}
+
+
 @pytest.fixture(scope="module")
 def warmup(world, ray_cluster):
     job = AdapterJob("warmup", world["base"], str(world["root"] / "warmup"), world["warmup_pairs"])
-    return train_on_ray(job, MODEL, LORA, WARMUP_CFG, world["pad"], world["storage"])
+    managers = _dataset_managers(ray_cluster)
+    record = train_on_ray(job, MODEL, LORA, WARMUP_CFG, world["pad"], world["storage"])
+    world["dataset_managers_started"] = _dataset_managers(ray_cluster) - managers
+    return record
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +296,9 @@ def test_warmup_is_a_deepspeed_zero2_data_parallel_run(world, warmup, ray_sessio
     assert losses[-3:].mean() < losses[:3].mean() - 0.05
     assert warmup["deepspeed_init_s"] > 0
     assert warmup["start"] <= warmup["train_start"] <= warmup["train_end"] <= warmup["end"]
+    # gs-ray passes Ray Train no datasets: the run starts no dataset manager (a process that
+    # did nothing, and outlived its run)
+    assert world["dataset_managers_started"] == set()
     # rank 0's step lines for the driver's console (every log_every steps)
     progress = Path(world["storage"], "warmup.gs_ray", "progress.jsonl").read_text().splitlines()
     lines = [json.loads(x) for x in progress]
