@@ -149,11 +149,17 @@ def _until_preferred(node, cfg, n: int, timeout: float = 60.0) -> None:
     while True:
         got = ray.get([probe.remote(0.5) for _ in range(n)], timeout=timeout)
         if all(x == node.node_id for x in got):
-            # ... and until the probes' CPUs are free again in the cluster's view, and a resource
-            # report later in the head raylet's too: a node whose CPUs still look taken gets no
-            # preferred worker (the preference is soft; the head takes it)
-            total = ray.cluster_resources().get("CPU", 0.0)
-            while ray.available_resources().get("CPU", 0.0) < total:
+            # ... and until the probes' CPUs on the node are free again in the GCS's view, and a
+            # resource report later in the head raylet's too: a node whose CPUs still look taken
+            # gets no preferred worker (the preference is soft; the head takes it). The node's
+            # own CPUs, not the cluster's: a node an earlier test killed may still count in the
+            # cluster's total until its death is noticed.
+            from ray._private.state import available_resources_per_node
+
+            def free() -> float:
+                return available_resources_per_node().get(node.node_id, {}).get("CPU", 0.0)
+
+            while free() < node.num_cpus:
                 assert time.monotonic() < deadline, "the probes' CPUs were never released"
                 time.sleep(0.2)
             time.sleep(1.0)

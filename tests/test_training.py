@@ -109,6 +109,29 @@ def test_adapters_are_packed_into_the_runs_the_cluster_holds():
     assert pack_runs(jobs[:1], cfg, 3) == [jobs[:1]]
 
 
+def test_a_run_of_many_adapters_has_a_folder_name_that_fits(tmp_path):
+    """Sixteen experts of gs-ray eval in one run (a one-GPU cluster): their names joined were
+    over 255 bytes, and the run could not make its folder. The name is short, stable, and
+    tells runs apart; a short join stays as it was."""
+    from gs_ray.training.ray_train import RUN_NAME_MAX, run_name
+
+    def jobs(prefix, n):
+        return [AdapterJob(f"{prefix}-expert_{k}", "base", "out", []) for k in range(n)]
+
+    many = jobs("eval-s0-embedding_kmeans", 16)
+    name = run_name(many)
+    assert len(f"{name}.gs_ray".encode()) <= RUN_NAME_MAX + len(".gs_ray") < 255
+    assert name.startswith("eval-s0-embedding_kmeans-expert_0+15-more-")
+    (tmp_path / f"{name}.gs_ray").mkdir()
+    assert run_name(many) == name  # a resumed call finds its run
+    assert run_name(many[:15]) != name and run_name(jobs("eval-s1-embedding_kmeans", 16)) != name
+    assert (
+        run_name(many[:2]) == "eval-s0-embedding_kmeans-expert_0+eval-s0-embedding_kmeans-expert_1"
+    )
+    long_first = [AdapterJob("x" * 300, "base", "out", []), *many]
+    assert len(run_name(long_first).encode()) <= RUN_NAME_MAX
+
+
 def test_a_run_the_others_wait_for_takes_every_cpu_slot(ray_session, monkeypatch):
     """alone_on_the_cluster on the suite's 2-CPU head: a 1-CPU worker takes both CPUs, a
     2-CPU one stays, a wider one is never cut; GPU runs and runs on a node type's resource are

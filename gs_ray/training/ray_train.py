@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import os
@@ -70,6 +71,9 @@ _ATTEMPTS_LOG = "attempts.jsonl"
 _PROGRESS_LOG = "progress.jsonl"  # rank 0's step lines, which the driver relays to its console
 PROGRESS_EVERY_S = 15.0  # the driver relays at most one progress line per run this often
 _ADAPTER_DIR = "adapter"
+# A run's folder names (Ray Train's and ``<name>.gs_ray``) stay well under the 255 bytes a file
+# name may have.
+RUN_NAME_MAX = 160
 _LOOP_CONFIG = "loop_config"  # train_loop_config's one key: the loop's config, by reference
 
 
@@ -235,8 +239,16 @@ def alone_on_the_cluster(train_cfg: TrainingConfig) -> TrainingConfig:
 
 
 def run_name(jobs: Sequence[AdapterJob]) -> str:
-    """The Ray Train run (and folder) name of a group of jobs: their names joined by ``+``."""
-    return "+".join(job.name for job in jobs)
+    """The Ray Train run (and folder) name of a group of jobs: their names joined by ``+``; a
+    longer join (many adapters in one run, say a one-GPU cluster's K experts) is the first name,
+    the count of the others and a digest of them all, since a folder name has at most 255
+    bytes. The same jobs always give the same name (a resumed call finds its run)."""
+    joined = "+".join(job.name for job in jobs)
+    if len(joined.encode()) <= RUN_NAME_MAX:
+        return joined
+    digest = hashlib.sha256(joined.encode()).hexdigest()[:16]
+    first = jobs[0].name.encode()[: RUN_NAME_MAX // 2].decode(errors="ignore")
+    return f"{first}+{len(jobs) - 1}-more-{digest}"
 
 
 def _planned(job: AdapterJob, train_cfg: TrainingConfig) -> int:
