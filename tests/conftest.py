@@ -29,14 +29,6 @@ import torch  # noqa: E402
 
 RAY_LANE = "ray"
 RAY_FIXTURES = frozenset({"ray_cluster", "ray_session"})
-# The Ray lane's order, by module. The other lane's tests (6-7 minutes of one core) run beside
-# the Ray lane's first part: the modules that mostly wait (HTTP round trips, killed nodes, Serve
-# and actor start-ups) go first, the two whose fixtures keep both cores busy for minutes (the
-# eval fixture's run and evaluation, the end-to-end job) go last, when they have the machine to
-# themselves. Beside the other lane they took about twice as long. A module not named here runs
-# between the two lists, in its collection order; a module's tests stay together.
-RAY_LANE_FIRST = ("test_serving", "test_ray_security", "test_stage2_cluster", "test_spectra_gsnr")
-RAY_LANE_LAST = ("test_pipeline", "test_eval")
 
 
 def uses_ray(item: pytest.Item) -> bool:
@@ -78,20 +70,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         in_ray = id(item) in ray_ids or bool(wide[id(item)] & shared)
         item.add_marker(pytest.mark.xdist_group(RAY_LANE if in_ray else _module(item)))
-    # Whole modules move (their fixtures are built once, with -n 0 too); sort is stable, so
-    # every xdist worker collects the same order.
-    items.sort(key=lambda item: _ray_lane_rank(_module(item)))
-
-
-def _ray_lane_rank(module: str) -> int:
-    """Where a module's tests go in the Ray lane (RAY_LANE_FIRST, then the rest, then
-    RAY_LANE_LAST)."""
-    name = module.rsplit(".", 1)[-1]
-    if name in RAY_LANE_FIRST:
-        return RAY_LANE_FIRST.index(name)
-    if name in RAY_LANE_LAST:
-        return len(RAY_LANE_FIRST) + 1 + RAY_LANE_LAST.index(name)
-    return len(RAY_LANE_FIRST)
 
 
 @pytest.fixture(autouse=True)
