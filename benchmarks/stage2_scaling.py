@@ -288,12 +288,8 @@ def actor_update_cost(
     (ledger + per-cluster sums, as with the partial_sums transport)."""
     import numpy as np
 
-    from gs_ray.core.clustering import (
-        GradientSpaceClustering,
-        cluster_sums,
-        cosine_assign,
-        normalize_rows,
-    )
+    from gs_ray.core.clustering import GradientSpaceClustering
+    from gs_ray.core.cosine import cluster_sums, cosine_assign, normalize_rows
 
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((k, dim)).astype(np.float32)

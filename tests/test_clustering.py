@@ -12,13 +12,11 @@ from threadpoolctl import threadpool_limits
 from gs_ray.core.clustering import (
     DegenerateGradientsError,
     GradientSpaceClustering,
-    cluster_sums,
-    cosine_assign,
     gram_svd,
     nonfinite_rows,
-    normalize_rows,
     silhouette_precomputed,
 )
+from gs_ray.core.cosine import cluster_sums, cosine_assign, normalize_rows
 
 
 def planted(

@@ -8,6 +8,8 @@ the rule named; an exception that is meant goes into ``CROSSINGS`` and into docs
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gs_ray"
@@ -186,3 +188,17 @@ def test_crossings_are_real_and_no_import_goes_in_a_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_a_gradient_worker_process_imports_no_scikit_learn():
+    """A gradient worker (started once per worker of every Stage II) loads its actor's module
+    and the gradient engine, and with them only the cosine geometry of core/cosine.py: not the
+    clusterer's scikit-learn (about 1.3 s of import, docs/architecture.md). In a fresh process."""
+    code = (
+        "import sys\n"
+        "import gs_ray.stage2.worker, gs_ray.stage2.computer\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'pandas'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sklearn" not in out.stdout.splitlines()[-1], out.stdout

@@ -94,7 +94,14 @@ from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
-_EPS = 1e-12
+from gs_ray.core.cosine import (
+    ROW_EPS,
+    cosine_assign,
+    normalize_rows,
+    row_norms,
+    unit_rows,
+)
+
 _CHUNK_BYTES = 32 * 2**20  # working-set bound of the chunked passes over an (n, d) input
 _MAX_LISTED = 20  # row indices quoted in an error message
 
@@ -192,38 +199,6 @@ def check_gradients(
 # --------------------------------------------------------------------------- linear algebra
 
 
-def unit_rows(X: np.ndarray, eps: float = _EPS) -> np.ndarray:
-    """Rows scaled to unit length, in their own dtype (rows shorter than ``eps`` are divided by
-    ``eps``: a zero row stays zero). The one unit-row normalisation outside the clusterer's
-    float32 ``normalize_rows``."""
-    X = np.asarray(X)
-    return X / np.maximum(np.linalg.norm(X, axis=-1, keepdims=True), eps)
-
-
-def row_norms(X: np.ndarray) -> np.ndarray:
-    """``np.linalg.norm(X, axis=1)`` of a real 2-D array, the same bits, one temporary fewer
-    (the centroid host computes it for every batch and for the centroids after every update)."""
-    return np.sqrt(np.add.reduce(X * X, axis=1))
-
-
-def normalize_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unit-length rows (float32) and the original norms; zero rows stay zero."""
-    X = np.asarray(X, dtype=np.float32)
-    norms = row_norms(X)
-    safe = np.where(norms > _EPS, norms, 1.0)
-    return X / safe[:, None], norms
-
-
-def cosine_assign(
-    Xn: np.ndarray, centers: np.ndarray, center_norms: np.ndarray | None = None
-) -> np.ndarray:
-    """argmax_k cos(x, c_k) for unit rows Xn; ties go to the lowest k. ``center_norms``:
-    ``np.linalg.norm(centers, axis=1)`` when the caller already has it (a pass over (K, d))."""
-    cn = row_norms(centers) if center_norms is None else center_norms
-    sims = (Xn @ centers.T) / np.where(cn > _EPS, cn, 1.0)[None, :]
-    return np.argmax(sims, axis=1).astype(np.int64)
-
-
 def silhouette_precomputed(D: np.ndarray, labels: np.ndarray) -> float:
     """scikit-learn's ``silhouette_score(D, labels, metric="precomputed")`` (D: an (n, n)
     distance matrix with a zero diagonal; 2 <= distinct labels < n), the same definition and
@@ -280,7 +255,7 @@ def gram_svd(X: np.ndarray, n_components: int | None = None):
     rank = min(X.shape)
     k = rank if n_components is None else min(n_components, rank)
     U, s = _eigh_desc(gram_matrix(X), k)
-    inv = np.where(s > _EPS * max(s[0], _EPS), 1.0 / np.where(s > 0, s, 1.0), 0.0)
+    inv = np.where(s > ROW_EPS * max(s[0], ROW_EPS), 1.0 / np.where(s > 0, s, 1.0), 0.0)
     dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
     Vt = ((U * inv[None, :]).T.astype(dtype)) @ X
     return U, s, Vt
@@ -375,7 +350,7 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         G = check_gradients(G_val, "initialize(G_val)")
         gram = gram_matrix(G)
         norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
-        keep = norms > _EPS
+        keep = norms > ROW_EPS
         n = int(keep.sum())
         if n == 0:
             raise DegenerateGradientsError("all validation gradients are zero")
@@ -545,11 +520,11 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         n = len(Y)
         mean = Y.mean(0)
         norm = float(np.linalg.norm(mean))
-        direction = mean / norm if norm > _EPS else np.zeros_like(mean)
+        direction = mean / norm if norm > ROW_EPS else np.zeros_like(mean)
         a = np.clip(Y @ direction, -1.0, 1.0)
         tangent = Y - a[:, None] * direction[None, :]
         tn = np.linalg.norm(tangent, axis=1)
-        tangent /= np.where(tn > _EPS, tn, 1.0)[:, None]
+        tangent /= np.where(tn > ROW_EPS, tn, 1.0)[:, None]
         _, st, vt = np.linalg.svd(tangent, full_matrices=False)
         target = st**2 / n
         scale = np.sqrt(_acg_variances(target, rng))
@@ -557,10 +532,10 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         # and the data's spectrum is already such a sample: one pilot draw measures the
         # widening, and the reference is drawn from the spectrum narrowed by it.
         pilot = (rng.standard_normal((n, len(st))) * scale[None, :]) @ vt
-        pilot /= np.maximum(np.linalg.norm(pilot, axis=1), _EPS)[:, None]
+        pilot /= np.maximum(np.linalg.norm(pilot, axis=1), ROW_EPS)[:, None]
         widened = np.linalg.svd(pilot, compute_uv=False) ** 2 / n
-        narrowed = target * target / np.maximum(widened[: len(target)], _EPS)
-        narrowed *= target.sum() / max(narrowed.sum(), _EPS)
+        narrowed = target * target / np.maximum(widened[: len(target)], ROW_EPS)
+        narrowed *= target.sum() / max(narrowed.sum(), ROW_EPS)
         scale = np.sqrt(_acg_variances(narrowed, rng))
         off = ~np.eye(n, dtype=bool)
         spread = float(np.mean((tangent @ tangent.T)[off] ** 2))
@@ -569,10 +544,10 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         sil: dict[tuple[int, int], list[float]] = {key: [] for key in keys}
         for _ in range(draws):
             T = (rng.standard_normal((n, len(st))) * scale[None, :]) @ vt
-            T /= np.maximum(np.linalg.norm(T, axis=1), _EPS)[:, None]
+            T /= np.maximum(np.linalg.norm(T, axis=1), ROW_EPS)[:, None]
             TT = T @ T.T
             if shared is None:  # the share of each tangent that lies in the span
-                shared = min(1.0, math.sqrt(spread / max(float(np.mean(TT[off] ** 2)), _EPS)))
+                shared = min(1.0, math.sqrt(spread / max(float(np.mean(TT[off] ** 2)), ROW_EPS)))
             cos0 = np.outer(a, a) + shared * np.outer(b, b) * TT
             np.fill_diagonal(cos0, 1.0)
             cos0 = np.clip(cos0, -1.0, 1.0)
@@ -871,7 +846,7 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         if not np.isfinite(norms).all():  # a NaN or Inf anywhere in a row makes its norm one
             check_gradients(G, name, self.n_features_in_)  # raises, naming the rows
         labels = cosine_assign(Xn, self.cluster_centers_)
-        nonzero = norms > _EPS
+        nonzero = norms > ROW_EPS
         self._count(labels, nonzero, cosine_assign(Xn, self._epoch_start, self._epoch_start_norms))
         self.n_zero_gradients_ += int((~nonzero).sum())
         for k in np.unique(labels[nonzero]):
@@ -980,7 +955,7 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         sizes; report small clusters; True when converged (changed share <= tol)."""
         a, b = self._epoch_start, self.cluster_centers_
         cos = (a * b).sum(1) / np.maximum(
-            np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), _EPS
+            np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), ROW_EPS
         )
         self.shift_history_.append(float(np.max(1.0 - cos)))
         seen = int(self._epoch_counts.sum())
@@ -1152,7 +1127,7 @@ def _null_stats(null: dict[tuple[int, int], list[float]]) -> dict[tuple[int, int
             for k_v, _ in null
         }
         mean = {key: float(np.nanmean(v)) for key, v in null.items()}
-    spread = {key: float(np.nanmax([np.sqrt(var[key]), pooled[key[0]], _EPS])) for key in null}
+    spread = {key: float(np.nanmax([np.sqrt(var[key]), pooled[key[0]], ROW_EPS])) for key in null}
     return {key: (mean[key], spread[key]) for key in null}
 
 
@@ -1167,15 +1142,15 @@ def _acg_variances(target: np.ndarray, rng: np.random.Generator, iters: int = 30
     converges in about ten steps."""
     target = np.clip(np.asarray(target, dtype=np.float64), 0.0, None)
     total = target.sum()
-    if total <= _EPS:
+    if total <= ROW_EPS:
         return target
     target = target / total
     Z2 = rng.standard_normal((max(4096, 4 * len(target)), len(target))) ** 2
     lam = target.copy()
     for _ in range(iters):
         w = Z2 * lam[None, :]
-        moments = (w / np.maximum(w.sum(1, keepdims=True), _EPS)).mean(0)
-        lam = lam * target / np.maximum(moments, _EPS)
+        moments = (w / np.maximum(w.sum(1, keepdims=True), ROW_EPS)).mean(0)
+        lam = lam * target / np.maximum(moments, ROW_EPS)
         lam /= lam.sum()
     return lam * total
 
@@ -1199,16 +1174,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (np.floating, float)):
         return float(v) if math.isfinite(v) else None
     return v
-
-
-def cluster_sums(
-    Xn: np.ndarray, labels: np.ndarray, n_clusters: int, keep: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-cluster sums (K, d) float64 and counts (K,) of unit gradients (rows where keep)."""
-    keep = np.ones(len(Xn), dtype=bool) if keep is None else keep
-    onehot = np.zeros((n_clusters, len(Xn)), dtype=np.float64)
-    onehot[labels[keep], np.flatnonzero(keep)] = 1.0
-    return onehot @ Xn.astype(np.float64), onehot.sum(1).astype(np.int64)
 
 
 def within_cluster_variance(G: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gs_ray.core.clustering import unit_rows
+from gs_ray.core.cosine import unit_rows
 
 
 def gradient_similarity_probs(

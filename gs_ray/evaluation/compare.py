@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from gs_ray.core.clustering import unit_rows
+from gs_ray.core.cosine import unit_rows
 
 MAX_LABEL_WORDS = 3
 KeyKind = Literal["final_number", "answer_is", "label", "amount"]

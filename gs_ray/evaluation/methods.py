@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from gs_ray.config import EvalMethod
-from gs_ray.core.clustering import unit_rows
+from gs_ray.core.cosine import unit_rows
 from gs_ray.core.seeds import eval_seed, expert_seed
 from gs_ray.evaluation.analyses import Gradients, ablation_ks, gradients
 from gs_ray.evaluation.compare import random_partition

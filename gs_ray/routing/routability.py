@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from gs_ray.config import RouterConfig
-from gs_ray.core.clustering import unit_rows
+from gs_ray.core.cosine import unit_rows
 
 log = logging.getLogger(__name__)
 

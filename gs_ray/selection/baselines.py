@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 import torch
 
-from gs_ray.core.clustering import unit_rows
+from gs_ray.core.cosine import unit_rows
 from gs_ray.core.gradients import RandomProjection
 
 

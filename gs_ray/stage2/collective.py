@@ -44,7 +44,7 @@ import numpy as np
 
 from gs_ray import faults
 from gs_ray.config import Config, config_from_dict
-from gs_ray.core.clustering import cluster_sums, cosine_assign, normalize_rows
+from gs_ray.core.cosine import cluster_sums, cosine_assign, normalize_rows
 from gs_ray.data import Sample
 from gs_ray.local_ray import LOOPBACK, host_loopback_store, is_loopback
 from gs_ray.progress import Progress

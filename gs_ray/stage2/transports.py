@@ -32,7 +32,7 @@ import numpy as np
 
 from gs_ray.config import WHOLE_GRADIENT_TRANSPORTS
 from gs_ray.config import Transport as TransportName
-from gs_ray.core.clustering import cluster_sums, cosine_assign, normalize_rows
+from gs_ray.core.cosine import cluster_sums, cosine_assign, normalize_rows
 from gs_ray.rundir import SKIPPED
 from gs_ray.stage2.batch import GradientBatch
 from gs_ray.stage2.plan import FINAL, ONLINE, VAL, BatchKey
