@@ -188,9 +188,10 @@ class LocalNode:
     would replace 127.0.0.1 by the machine's external address), so the node is started the way
     Ray's own fake multi-node provider does it: ``ray._private.node.Node(head=False)``, in a
     launcher process of ours (``python -m gs_ray.local_cluster node SPEC``) that stays the parent of
-    the node's raylet and log monitor, in a session of its own. ``kill()`` SIGKILLs that group and
-    every descendant of the raylet (workers, agents): the node is lost as a machine would be,
-    with no clean-up. Every port of the node is a free port of its own.
+    the node's raylet (no log monitor: the head's reads its logs), in a session of its own.
+    ``kill()`` SIGKILLs that group and every descendant of the raylet (workers, agents): the node
+    is lost as a machine would be, with no clean-up. Every port of the node is a free port of its
+    own.
     """
 
     def __init__(
@@ -219,6 +220,10 @@ class LocalNode:
             "min_worker_port": 0,
             "max_worker_port": 0,
             "object_store_memory": 200_000_000,
+            # No log monitor of its own: the head's reads the session folder that every node of
+            # this machine shares, workers' logs included (Ray: one log monitor per host, or
+            # each line reaches the drivers twice).
+            "include_log_monitor": False,
             # Its own runtime-env folder: every node of this machine shares the head's session
             # folder, and a node asked for a working_dir whose package had left the GCS deleted
             # the head's unpacked copy, which the head still listed as installed: the next

@@ -1,15 +1,18 @@
-"""Shared test settings: offline hub, one local Ray per test run (loopback only, so without
-token auth), and the two lanes the suite runs in (pytest-xdist, ``-n 2 --dist loadgroup``).
+"""Shared test settings: offline hub, one local Ray per Ray lane (loopback only, so without
+token auth), and the lanes the suite runs in (pytest-xdist, ``-n 3 --dist loadgroup``).
 
-The lanes: every test that uses Ray (the shared cluster, or the ``ray`` mark, which a test that
+The lanes: every test that uses Ray (a shared cluster, or the ``ray`` mark, which a test that
 starts a Ray in this process has too), and every test that shares a module- or session-scoped
-fixture with one, goes to one lane, in order, so that they all share the one local Ray as before
-and each such fixture is built once. Every other test runs in a group of its module, free to run
-in the other lane at the same time (NumPy, scikit-learn and small torch work on one core, while
-the Ray tests wait on start-ups). So do the tests marked ``own_ray``: their clusters (gs-ray's own
-local Ray, a TLS cluster, an autoscaling cluster) run in subprocesses, on private temp dirs and
-free ports, beside the shared one, and this process never connects to them. ``-n 0`` runs
-everything in one process, as before."""
+fixture with one, goes to one of two Ray lanes, in order, so that they share that lane's one
+local Ray and each such fixture is built once. Each Ray lane runs in a worker of its own with a
+cluster of its own; ``SECOND_RAY_LANE`` names the modules of the second, chosen to balance the
+two. Every other test runs in a group of its module, in the third worker, at the same time
+(NumPy, scikit-learn and small torch work on one core, while the Ray tests wait on start-ups).
+So do the tests marked ``own_ray``: their clusters (gs-ray's own local Ray, a TLS cluster, an
+autoscaling cluster) run in subprocesses, on private temp dirs and free ports, beside the shared
+ones, and this process never connects to them. The Ray lanes' tests come first in the
+collection, so that xdist (``--no-loadscope-reorder``) hands each lane to a worker of its own at
+the start. ``-n 0`` runs everything in one process, against one cluster."""
 
 from __future__ import annotations
 
@@ -23,11 +26,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's preemption watcher (an actor per run, about 1.3 s of CPU to start) watches for
 # nodes being drained; the suite's nodes are killed, never drained. The product keeps it on.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The lanes keep both cores busy, so a thread that waits must sleep, not spin: torch's OpenMP
+# threads spin after every parallel region by default, which on this suite's tiny models costs
+# more than the work (six serving tests beside one busy core: 62 s of CPU, 26 s with this).
+# Inherited by the clusters the suite starts; read when torch loads (below).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-RAY_LANE = "ray"
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # a lane is one core: each lane's own work runs on one thread
+
+RAY_LANES = ("ray", "ray-b")
+# The modules whose Ray tests run in the second Ray lane: the two lanes' times balance (measured
+# on 2 cores, 2026-12-05, in three workers: eval 356 s and pipeline 383 s, with the G-SNR end to
+# end 45 s and Tune 22 s, against serving 239 s, Stage II 167 s, the Ray clusters' tests 99 s,
+# the collective 100 s, training 40 s, ...).
+SECOND_RAY_LANE = frozenset({"test_eval", "test_pipeline", "test_spectra_gsnr", "test_tuning"})
 RAY_FIXTURES = frozenset({"ray_cluster", "ray_session"})
 
 
@@ -60,22 +76,62 @@ def _wide_fixtures(item: pytest.Item) -> set[tuple[str, str]]:
     }
 
 
+def _ray_lane(item: pytest.Item) -> str:
+    return RAY_LANES[_module(item) in SECOND_RAY_LANE]
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its own hook, in the workers)
 def pytest_collection_modifyitems(config, items):
-    """Each test's lane (``xdist_group``): the Ray lane for the tests that use Ray and for those
-    that share a wider-scoped fixture with one (built once, in that lane), else its module."""
+    """Each test's lane (``xdist_group``): its module's Ray lane for the tests that use Ray and
+    for those that share a wider-scoped fixture with one (built once, in that lane), else its
+    module. The Ray lanes' tests first, each lane in its own order."""
     wide = {id(item): _wide_fixtures(item) for item in items}
     ray_ids = {id(item) for item in items if uses_ray(item)}
     shared = set().union(*(wide[i] for i in ray_ids))
+    in_ray_lane = set()
     for item in items:
-        in_ray = id(item) in ray_ids or bool(wide[id(item)] & shared)
-        item.add_marker(pytest.mark.xdist_group(RAY_LANE if in_ray else _module(item)))
+        if id(item) in ray_ids or wide[id(item)] & shared:
+            in_ray_lane.add(id(item))
+            item.add_marker(pytest.mark.xdist_group(_ray_lane(item)))
+        else:
+            item.add_marker(pytest.mark.xdist_group(_module(item)))
+    items[:] = sorted(items, key=lambda item: id(item) not in in_ray_lane)  # a stable sort
+
+
+_CLAIMED: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _one_worker_per_ray_lane(request, tmp_path_factory):
+    """Under pytest-xdist, each Ray lane must run in one worker, which starts its cluster: the
+    lanes rely on xdist's ``loadgroup`` honouring the groups (pytest-xdist 3.8 does not under
+    pytest 9, whose node ids it cannot extend; constraints.txt pins pytest 8). A second worker
+    that gets a test of a lane fails here."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and uses_ray(request.node):
+        lane = _ray_lane(request.node)
+        if lane not in _CLAIMED:
+            claim = tmp_path_factory.getbasetemp().parent / f"ray-lane-{lane}"
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                if claim.read_text() != worker:
+                    pytest.fail(
+                        f"the Ray lane {lane!r} runs in two workers ({claim.read_text()} and "
+                        f"{worker}): pytest-xdist did not keep its xdist_group on one worker "
+                        "(see tests/conftest.py)"
+                    )
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(worker)
+            _CLAIMED.add(lane)
+    yield
 
 
 @pytest.fixture(autouse=True)
 def _ray_only_in_the_ray_lane(request):
     """A test without the ``ray`` mark or the cluster fixture must not start Ray: it would run
-    in the other lane, beside the shared cluster, with a Ray of its own."""
+    in another worker, beside the shared clusters, with a Ray of its own."""
     before = _ray_connected()
     yield
     if not before and _ray_connected() and not uses_ray(request.node):
@@ -120,11 +176,10 @@ def tiny_peft_model():
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """One local Ray head for the whole test run (started on first use, torn down at the end):
+    """One local Ray head for the Ray lane's worker (started on first use, torn down at the end):
     `ray start --head` on 127.0.0.1 with free ports, so that `ray job submit` can use it too."""
     import ray
 
-    _claim_the_ray_lane(tmp_path_factory)
     from gs_ray.local_cluster import LocalHead
 
     head = LocalHead(num_cpus=2).start()
@@ -134,25 +189,6 @@ def ray_cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         head.stop()
-
-
-def _claim_the_ray_lane(tmp_path_factory) -> None:
-    """Under pytest-xdist, only one worker may start the cluster: the lanes rely on xdist's
-    ``loadgroup`` honouring the groups (pytest-xdist 3.8 does not under pytest 9, whose node
-    ids it cannot extend; constraints.txt pins pytest 8). A second worker fails here."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
-        return
-    claim = tmp_path_factory.getbasetemp().parent / "ray-lane"
-    try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        pytest.fail(
-            f"Ray tests run in two lanes ({claim.read_text()} and {worker}): pytest-xdist "
-            "did not keep the xdist_group 'ray' on one worker (see tests/conftest.py)"
-        )
-    with os.fdopen(fd, "w") as f:
-        f.write(worker)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ SMOKE = {
     "selection_real.py": ("methods", "heldout_losses", "pool_size", "base_heldout_loss"),
 }
 TAKES_OUT = {"selection_demo.py", "selection_real.py"}  # their work folder: --out
-ON_SHARED_RAY = {"stage2_scaling.py"}  # run on the suite's cluster (RAY_ADDRESS): the Ray lane
+ON_SHARED_RAY = {"stage2_scaling.py"}  # run on the suite's cluster (RAY_ADDRESS): a Ray lane
 
 # script -> "test file::test function" that runs its smoke mode beside a fixture that has what
 # it needs (a finished run, a running server)

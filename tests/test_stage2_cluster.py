@@ -10,8 +10,8 @@ SIGKILLs every process of that node at once.
 The autoscaling cluster is a head of its own (``LocalAutoscalingCluster``) with Ray's fake
 multi-node provider and the node types of cluster.yaml (``cluster_config.render_fake``); its
 driver is a subprocess, as ``ray job submit`` runs it. That test starts and ends its own cluster and
-never connects this process (``own_ray``): it runs in the suite's other lane, beside the shared
-head, with its own copy of the warmed run."""
+never connects this process (``own_ray``): it runs in the suite's third worker, beside the shared
+heads, with its own copy of the warmed run."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def warmed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def warmed_apart(tmp_path_factory):
     """``warmed`` built again (a few seconds) for the autoscaler's test, which runs in the
-    other lane (``own_ray``): a fixture shared with the Ray lane's tests would pull it there."""
+    third worker (``own_ray``): a fixture shared with a Ray lane's tests would pull it there."""
     return _warmed(tmp_path_factory)
 
 
