@@ -39,10 +39,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # a lane is one core: each lane's own work runs on one thread
 
 RAY_LANES = ("ray", "ray-b")
-# The modules whose Ray tests run in the second Ray lane: the two lanes' times balance (measured
-# on 2 cores, 2026-12-05, in three workers: eval 356 s and pipeline 383 s, with the G-SNR end to
-# end 45 s and Tune 22 s, against serving 239 s, Stage II 167 s, the Ray clusters' tests 99 s,
-# the collective 100 s, training 40 s, ...).
+# The modules whose Ray tests run in the second Ray lane, chosen so that the two lanes end
+# together (a fresh clone, 2 cores, 2026-12-05: eval 349 s, pipeline 404, G-SNR 38, Tune 36:
+# 827 s; the first lane: benchmarks 40, pretrain 45, security 57, serving 238, Stage II 194,
+# lost nodes 97, collective 149, training 57: 877 s).
 SECOND_RAY_LANE = frozenset({"test_eval", "test_pipeline", "test_spectra_gsnr", "test_tuning"})
 RAY_FIXTURES = frozenset({"ray_cluster", "ray_session"})
 
