@@ -98,13 +98,10 @@ def build_host(
     n_online = k * alpha * batch
     n_samples = n_val + n_online
 
-    def no_evictions(evictions, owners, batch_pairs, shape):  # the caches only fill here
-        assert not any(evictions.values()), "the benchmark fills the caches, never evicts"
-        return np.zeros(shape)
+    def no_evictions(plan):  # the caches only fill here
+        raise AssertionError("the benchmark fills the caches, never evicts")
 
-    host = CentroidHost(
-        make_clusterer(cfg), n_samples, evicted_sums=no_evictions if cache == "external" else None
-    )
+    host = CentroidHost(make_clusterer(cfg), n_samples)
     gen = Planted(d, k, seed)
     for t, start in enumerate(range(0, n_val, batch)):
         G, _ = gen.rows(start, min(batch, n_val - start))
@@ -131,7 +128,7 @@ def build_host(
                 "sums": sums,
                 "n_zero": 0,
             }
-            host.apply_sums(t, 0, t, out, [pair] * batch, owner=None)
+            host.apply_sums(t, 0, t, out, [pair] * batch, 0, no_evictions)
     counts = host.clusterer.cache_count_
     if not (counts == alpha * batch).all():
         raise RuntimeError(f"caches not filled evenly: {counts.tolist()} (d={d})")

@@ -110,7 +110,6 @@ def _collective_rank(rank: int, world: int, port: int, dim: int, k: int, steps: 
     est._reset_online_state(dim)
     comm = TorchCollective()
     delta = np.full((k, dim), 1e-3, dtype=np.float64)  # stands for (entering - evicted) sums
-    nothing = np.broadcast_to(0.0, delta.shape)
     times = []
     for step in range(steps):
         delta.fill(1e-3 / (step + 1))
@@ -118,7 +117,7 @@ def _collective_rank(rank: int, world: int, port: int, dim: int, k: int, steps: 
         t0 = time.perf_counter()
         total = comm.all_reduce_sum(delta)
         t1 = time.perf_counter()
-        est.partial_fit_external(total, nothing, 32 * world, 0)
+        est.partial_fit_external(total, None, 32 * world, 0)  # evictions are in the total
         t2 = time.perf_counter()
         times.append((t1 - t0, t2 - t1))
     dist.destroy_process_group()
@@ -245,7 +244,8 @@ def synthetic_busy(
     Worker = worker_actor_class(worker_cls).options(num_cpus=0)
     ws = [Worker.remote(dim, k, compute_s, seed) for seed in range(workers)]
     est = GradientSpaceClustering(n_clusters=k, cache=TRANSPORTS[transport].cache)
-    host = ray.remote(host_cls).options(num_cpus=0).remote(est, 32 * batches, tr.host_helper(ws))
+    host = ray.remote(host_cls).options(num_cpus=0).remote(est, 32 * batches)
+    tr.bind(ws)
     try:
         ray.get([host.plant.remote(dim, k), *[w.stats.remote() for w in ws]])
         tr.start_phase(ONLINE, host)
@@ -254,7 +254,7 @@ def synthetic_busy(
         for t in range(batches):
             idx = np.arange(32 * t, 32 * (t + 1))
             pairs, ids = [(t, j) for j in range(32)], [f"{t}-{j}" for j in range(32)]
-            window.append(tr.submit((ONLINE, 0, t), t, idx, ids, pairs, ws[t % workers], host))
+            window.append(tr.submit((ONLINE, 0, t), t, idx, ids, pairs, t % workers, host))
             while len(window) > 2 * workers:  # stage2.max_in_flight = 2
                 ray.get(window.popleft())
         while window:

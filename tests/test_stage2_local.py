@@ -305,3 +305,68 @@ def test_phase_end_closes_each_pass_then_checkpoints_then_records(tmp_path):
     whole("final", 0, plan.final, 0.5)
     assert whole.passes[0]["wall_seconds"] == 0.5 and whole.passes[0]["seconds"] < 0.5
     assert PhaseEnd(host.initialize, host.end_epoch)("final", 0, plan.final, 0.5) is None
+
+
+class _HeldRows:
+    """The partial-sums worker side (``PartialSumsWorker``) without Ray or a model: the batches
+    this rank reduced are in its memo; a batch it does not hold is recomputed from ``G``."""
+
+    def __new__(cls, G: np.ndarray):
+        from gs_ray.stage2.transports import PartialSumsWorker
+
+        class Worker(PartialSumsWorker):
+            def raw_gradients(self, pairs):
+                return G[[p[0][0] for p in pairs]]
+
+        w = Worker()
+        w._init_partial_sums(reconstructed=False)
+        return w
+
+
+def test_partial_sums_host_in_two_halves_equals_the_exact_host_and_never_mixes_shares():
+    """The centroid actor books a batch (``enter_sums``), each of two workers sums its share of
+    the evicted rows (``evicted_share``: the batches it holds, and unknown ones by rank), then
+    ``finish_sums`` updates: the same labels and centroids as the exact cache, batch after
+    batch; no checkpoint between the halves; a replay changes nothing."""
+    from gs_ray.core.cosine import normalize_rows
+    from gs_ray.stage2.transports import assign_and_sum
+
+    G, _ = planted(n=240)
+    exact = CentroidHost(make_clusterer(config(alpha=1)), len(G))
+    sums = config(alpha=1)
+    sums.stage2.transport = "partial_sums"
+    ext = CentroidHost(make_clusterer(sums), len(G))
+    val = np.arange(64)
+    for host in (exact, ext):
+        host.apply("val", 0, 0, val, check_finite(G[val], [str(i) for i in val], "fail"))
+        host.initialize()
+    workers = [_HeldRows(G), _HeldRows(G)]
+    order = np.random.default_rng(1).permutation(len(G))
+    shares_seen = 0
+    for t in range(30):  # two passes over the rows: the caches (alpha 1) evict many times
+        idx = order[np.arange(16 * t, 16 * (t + 1)) % len(G)]
+        pairs = [([int(i)], [int(i)]) for i in idx]
+        exact.apply("online", 0, t, idx, check_finite(G[idx], [str(i) for i in idx], "fail"))
+        rank = t % 2
+        Xn, norms = normalize_rows(G[idx])
+        if t != 5:  # batch 5's holder restarts and loses it: recomputed when evicted
+            workers[rank].memo[t] = (Xn, norms > 1e-12)
+        state = ext.online_state()
+        out = assign_and_sum(Xn, norms > 1e-12, state["centers"], state["start_centers"])
+        plan = ext.enter_sums(t, 0, t, out, pairs, rank if t != 3 else None)  # 3: by its rank
+        with pytest.raises(RuntimeError, match="entered but not finished"):
+            ext.state()
+        parts = [w.evicted_share(plan, r, 2) for r, w in enumerate(workers)]
+        shares_seen += sum(p is not None for p in parts)
+        ext.finish_sums(t, 0, *parts)
+        np.testing.assert_array_equal(exact.clusterer.last_labels_, out["labels"])
+        np.testing.assert_allclose(
+            exact.clusterer.cluster_centers_, ext.clusterer.cluster_centers_, atol=1e-5
+        )
+    assert shares_seen > 10
+    assert workers[0].recomputed == 0 and workers[1].recomputed >= 1  # only batch 5
+    before = ext.clusterer.cluster_centers_.copy()
+    replay = ext.enter_sums(29, 0, 29, out, pairs, 1)
+    assert replay["evictions"] == {}
+    ext.finish_sums(29, 0, None)
+    np.testing.assert_array_equal(before, ext.clusterer.cluster_centers_)

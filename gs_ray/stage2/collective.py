@@ -194,8 +194,8 @@ class Replica:
         t3 = time.perf_counter()
         total = self.comm.all_reduce_sum(delta)
         t4 = time.perf_counter()
-        nothing = np.broadcast_to(0.0, total.shape)  # evicted sums are inside ``total``
-        c.partial_fit_external(total, nothing, n_used, int((codes == _ZERO).sum()))
+        # the evicted sums are inside ``total``
+        c.partial_fit_external(total, None, n_used, int((codes == _ZERO).sum()))
         oldest = c.oldest_live_step()
         for old in [s for s in self.memo if oldest is None or s < oldest]:
             del self.memo[old]

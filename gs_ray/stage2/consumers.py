@@ -107,7 +107,7 @@ class ClusteringConsumer(GradientConsumer):
     by the host); online batches: ``partial_fit`` (cosine assignment, FIFO cache, EMA); the final
     pass: one label per sample (``SKIPPED`` for a non-finite gradient). Learned state: the
     clusterer, ``labels_`` and ``val_grads_``. The partial-sums and collective transports update
-    the same clusterer from reduced sums instead of rows (``CentroidHost.apply_sums``,
+    the same clusterer from reduced sums instead of rows (``CentroidHost.enter_sums``,
     ``stage2.collective``); only what reaches the host as rows passes through ``consume``."""
 
     name = "clustering"

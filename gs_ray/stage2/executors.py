@@ -138,7 +138,6 @@ def run_stage2_ray(
             .remote(
                 make_clusterer(cfg),
                 len(samples),
-                transport.host_helper(workers.workers),
                 list(consumers),
                 s2.checkpoint_max_share,
                 RowStore.of_plan(plan, len(samples), s2.keep_rows_mb)
@@ -146,6 +145,7 @@ def run_stage2_ray(
                 else None,
             )
         )
+        transport.bind(workers.workers)
         layout = ray.get(workers[0].layout.remote())
         if consumers:
             ray.get(host.set_layout.remote(layout))
@@ -185,13 +185,13 @@ def run_stage2_ray(
                 step = plan.online_step(epoch, t) if phase == ONLINE else -1
                 ids = [samples[i].id for i in idx]
                 pairs = [samples[i].pair for i in idx]
-                worker = workers.for_batch(t)
+                rank = workers.rank_of_batch(t)
                 todo = rows_to_compute(idx, held)
                 if todo is None:
-                    done = transport.submit(key, step, idx, ids, pairs, worker, host)
+                    done = transport.submit(key, step, idx, ids, pairs, rank, host)
                 else:  # rows kept by the host: only the others are computed
                     part = (
-                        worker.gradients.remote(key, *part_of(todo, pairs, ids))
+                        workers[rank].gradients.remote(key, *part_of(todo, pairs, ids))
                         if len(todo)
                         else None
                     )

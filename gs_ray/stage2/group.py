@@ -23,10 +23,11 @@ class WorkerGroup:
     ``options`` (Ray actor options: resources, restarts, runtime environment, placement).
 
     ``with WorkerGroup(...) as group:`` - ``group.workers``, ``len(group)``, ``group[i]``,
-    ``group.for_batch(t)``, ``group.call_all(name, *args)`` (one ref per worker, in rank order),
-    ``group.gather(name, *args)`` (their values). On exit, with ``stats`` (a method name) each
-    worker's answer to it is read into ``group.stats`` first, skipping workers that are dead or
-    do not answer; then every worker, and every attached actor, is killed.
+    ``group.for_batch(t)`` (rank ``group.rank_of_batch(t)``), ``group.call_all(name, *args)``
+    (one ref per worker, in rank order), ``group.gather(name, *args)`` (their values). On exit,
+    with ``stats`` (a method name) each worker's answer to it is read into ``group.stats``
+    first, skipping workers that are dead or do not answer; then every worker, and every
+    attached actor, is killed.
     """
 
     def __init__(
@@ -59,9 +60,13 @@ class WorkerGroup:
     def __iter__(self):
         return iter(self.workers)
 
+    def rank_of_batch(self, t: int) -> int:
+        """The rank of batch ``t``'s worker (round robin)."""
+        return t % len(self.workers)
+
     def for_batch(self, t: int):
-        """The worker of batch ``t`` (round robin over the ranks)."""
-        return self.workers[t % len(self.workers)]
+        """The worker of batch ``t``."""
+        return self.workers[self.rank_of_batch(t)]
 
     def call_all(self, name: str, *args: Any) -> list:
         """``name(*args)`` submitted to every worker: the object refs, in rank order."""

@@ -4,8 +4,10 @@ actor hosts).
 Free of Ray: batches arrive through method calls in plan order, whoever sends them. The host is
 where the gradient stream is read: by the clusterer (``ClusteringConsumer``) first, then by any
 other consumers (``gs_ray.stage2.consumers``) on the phases they read, from the same batch. The
-``partial_sums`` transport needs the sums of the rows its cluster caches evict; those rows live
-on the gradient workers, so the host is given a fetcher (``EvictedSums``) that gets them.
+``partial_sums`` transport applies a batch in two calls: ``enter_sums`` books the batch's rows in
+the cluster caches' ledger and says which cached rows fall out and which worker holds them;
+``finish_sums`` takes those rows' sums, computed by the workers meanwhile, and updates the
+centroids. The host never waits on a worker: between the two calls it is free.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -34,19 +36,6 @@ CHECKPOINT_NAME = "centroids"  # centroids.json + centroids.[01].bin (gs_ray/sta
 LEGACY_PICKLE = "centroids.ckpt"  # older gs-ray: never loaded
 
 
-class EvictedSums(Protocol):
-    """Sum, per cluster, of the cached rows the ledger evicts: ``{step: [(row, cluster)]}`` of
-    batches whose rows are held elsewhere -> (K, d) float64."""
-
-    def __call__(
-        self,
-        evictions: dict[int, list],
-        owners: dict[int, Any],
-        batch_pairs: dict[int, list],
-        shape: tuple[int, int],
-    ) -> np.ndarray: ...
-
-
 class CentroidHost:
     """The stream's consumers (the clusterer first) plus their position in the plan.
 
@@ -59,7 +48,6 @@ class CentroidHost:
         self,
         clusterer: GradientSpaceClustering,
         n_samples: int,
-        evicted_sums: EvictedSums | None = None,
         consumers: list[GradientConsumer] | tuple[GradientConsumer, ...] = (),
         checkpoint_max_share: float = 1.0,
         rows: RowStore | None = None,
@@ -78,10 +66,11 @@ class CentroidHost:
         self.checkpoint_seconds = 0.0  # writing checkpoints (the actor is busy then too)
         self.bytes_in = 0
         self.skipped: set[int] = set()  # sample indices with non-finite gradients (policy skip)
-        # partial sums: who holds each live batch's rows, and its samples (to recompute them)
-        self.evicted_sums = evicted_sums
-        self.owners: dict[int, Any] = {}
+        # partial sums: the rank of the worker that holds each live batch's rows, and the
+        # batch's samples (to recompute them); the batch entered but not yet finished
+        self.owners: dict[int, int] = {}
         self.batch_pairs: dict[int, list] = {}
+        self._entered: dict[str, Any] | None = None
         # the training rows kept for the later passes (stage2.keep_rows_mb; gs_ray/stage2/rows.py)
         self.rows = rows
 
@@ -177,39 +166,84 @@ class CentroidHost:
 
     # ------------------------------------------------------------------ partial sums
 
-    def online_state(self) -> dict[str, Any]:
+    def online_state(self, copy: bool = True) -> dict[str, Any]:
         """What a worker needs to assign the next batch: the centroids and the oldest batch
-        still cached (older rows can be dropped)."""
+        still cached (older rows can be dropped). ``copy=False``: the live arrays, for a
+        return value that is serialized before the host runs its next call (the centroid
+        actor runs one call at a time), not for a caller in this process that keeps it."""
         c = self.clusterer
+        centers, start = c.cluster_centers_, c.epoch_start_centers
         return {
-            "centers": c.cluster_centers_.copy(),
-            "start_centers": c.epoch_start_centers.copy(),
+            "centers": centers.copy() if copy else centers,
+            "start_centers": start.copy() if copy else start,
             "oldest_live": c.oldest_live_step(),
         }
 
-    def apply_sums(self, t: int, epoch: int, step: int, out: dict, pairs: list, owner) -> dict:
-        """Apply a worker's reduced batch t (global step ``step``): enter it in the ledger,
-        fetch the sums of the evicted rows, update the centroids. Returns ``online_state()``."""
-        if self._advance(ONLINE, epoch, t):
-            if self.evicted_sums is None:
-                raise RuntimeError("partial sums need an evicted-sums fetcher")
-            start = time.perf_counter()
-            c = self.clusterer
-            evictions = c.push_ledger(step, out["labels"], out["keep"], out["start_labels"])
-            evicted = self.evicted_sums(
-                dict(sorted(evictions.items())),
-                self.owners,
-                self.batch_pairs,
-                c.cluster_centers_.shape,
-            )
-            c.partial_fit_external(out["sums"], evicted, len(pairs), out["n_zero"])
-            self.owners[step], self.batch_pairs[step] = owner, pairs
-            oldest = c.oldest_live_step()
-            for old in [s for s in self.batch_pairs if oldest is None or s < oldest]:
-                self.batch_pairs.pop(old, None)
-                self.owners.pop(old, None)
-            self.bytes_in += out["sums"].nbytes + evicted.nbytes + out["labels"].nbytes
-            self.busy_seconds += time.perf_counter() - start
+    def enter_sums(
+        self, t: int, epoch: int, step: int, out: dict, pairs: list, owner: int
+    ) -> dict[str, Any]:
+        """First half of applying a worker's reduced batch t (global step ``step``, held by the
+        worker of rank ``owner``): enter its rows in the caches' ledger. Returns what the
+        workers must sum for ``finish_sums``: ``{"k": K, "evictions": {old_step: [holder rank
+        or None (unknown after a resume), [(row, cluster), ...], the batch's pairs]}}``
+        (``evicted_share``); no evictions on a replay."""
+        if not self._advance(ONLINE, epoch, t):
+            return {"k": self.clusterer.n_clusters_, "evictions": {}}
+        start = time.perf_counter()
+        c = self.clusterer
+        evictions = c.push_ledger(step, out["labels"], out["keep"], out["start_labels"])
+        plan = {
+            old: [self.owners.get(old), entries, self.batch_pairs[old]]
+            for old, entries in sorted(evictions.items())
+        }
+        self.owners[step], self.batch_pairs[step] = owner, pairs
+        oldest = c.oldest_live_step()
+        for old in [s for s in self.batch_pairs if oldest is None or s < oldest]:
+            self.batch_pairs.pop(old, None)
+            self.owners.pop(old, None)
+        self._entered = {"t": t, "epoch": epoch, "sums": out["sums"], "n": len(pairs)}
+        self._entered["n_zero"] = out["n_zero"]
+        self.bytes_in += out["sums"].nbytes + out["labels"].nbytes
+        self.busy_seconds += time.perf_counter() - start
+        return {"k": c.n_clusters_, "evictions": plan}
+
+    def finish_sums(self, t: int, epoch: int, *evicted: np.ndarray | None) -> dict:
+        """Second half: the evicted rows' sums, one (K, d) part per worker (None: it held none
+        of them), update the centroids. Returns ``online_state()`` (also on a replay)."""
+        entered = self._entered
+        if entered is None or (entered["t"], entered["epoch"]) != (t, epoch):
+            return self.online_state()  # a replay
+        start = time.perf_counter()
+        c = self.clusterer
+        parts = [p for p in evicted if p is not None]
+        total = parts[0] if parts else None
+        if len(parts) > 1:  # into a buffer kept for it (fresh (K, d) arrays cost page faults)
+            if getattr(self, "_evicted", None) is None or self._evicted.shape != total.shape:
+                self._evicted = np.empty(total.shape, np.float64)
+            total = np.add(parts[0], parts[1], out=self._evicted)
+            for part in parts[2:]:
+                total += part
+        self.bytes_in += sum(p.nbytes for p in parts)
+        c.partial_fit_external(entered["sums"], total, entered["n"], entered["n_zero"])
+        self._entered = None
+        state = self.online_state(copy=False)  # Ray serializes it before the next call
+        self.busy_seconds += time.perf_counter() - start
+        return state
+
+    def apply_sums(
+        self,
+        t: int,
+        epoch: int,
+        step: int,
+        out: dict,
+        pairs: list,
+        owner: int,
+        evicted: Callable[[dict[str, Any]], np.ndarray | None],
+    ) -> dict:
+        """Both halves in one process; ``evicted(plan)`` sums every row the plan evicts (tests
+        and benchmarks: the Ray transport has the workers sum their shares between the calls)."""
+        plan = self.enter_sums(t, epoch, step, out, pairs, owner)
+        self.finish_sums(t, epoch, evicted(plan) if plan["evictions"] else None)
         return self.online_state()
 
     def apply_labels(self, t: int, idx: np.ndarray, labels: np.ndarray) -> bool:
@@ -271,13 +305,17 @@ class CentroidHost:
     def state(self, copy: bool = True) -> dict[str, Any]:
         """The clusterer's state (top level), the position, and the other consumers' states;
         ``copy=False``: the clusterer's live arrays (what a checkpoint writes at once)."""
+        if self._entered is not None:
+            raise RuntimeError(
+                f"batch {self._entered['t']} is entered but not finished: no consistent state"
+            )
         return {
             **self.clustering.state(copy),
             "position": self.position,
             "done_epochs": self.done_epochs,
             "finished_online": self.finished_online,
             "skipped": sorted(self.skipped),
-            "batch_pairs": dict(self.batch_pairs),  # owners are actor handles: not kept
+            "batch_pairs": dict(self.batch_pairs),  # owners: ranks of this pass's workers
             "consumers": self.consumers.state(),
         }
 

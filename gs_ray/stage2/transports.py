@@ -7,19 +7,20 @@
 * ``partial_sums`` (``PartialSumsTransport``): each worker keeps its batch's unit gradients,
   receives the centroids after batch t-1 and assigns the batch itself, then sends one sum and
   count per cluster. The centroid actor keeps the cluster caches as a ledger of (batch, row)
-  entries and running sums; for what the ledger evicts it asks the worker that holds those rows
-  for their sum (``RayEvictedSums``; a restarted worker recomputes them). Same centroids and
-  assignments as ``gradients`` up to rounding, while the actor holds K * d sums instead of
-  K * alpha * |B| * d cached gradients and does K * d work per batch instead of |B| * K * d
-  (docs/scaling.md).
+  entries and running sums, and applies a batch in two calls: ``enter_sums`` books the batch
+  and names the rows the caches evict; every worker then sums its share of those rows
+  (``evicted_share``; a restarted worker recomputes them), and ``finish_sums`` updates the
+  centroids. The actor never waits on a worker. Same centroids and assignments as
+  ``gradients`` up to rounding, while the actor holds K * d sums instead of K * alpha * |B| * d
+  cached gradients and does K * d work per batch instead of |B| * K * d (docs/scaling.md).
 * ``collective`` (``CollectiveTransport``): every worker holds a replica of the centroids, the
   running sums and the ledger; one all-reduce of per-cluster sums plus an all-gather of labels
   per step (``gs_ray.stage2.collective``). No actor touches K * d per step.
 
-A transport has a driver side (``submit``: which remote calls one batch becomes) and, where it
-needs one, a worker side (``PartialSumsWorker``, mixed into ``GradientWorker``) and a host-side
-helper injected into the Ray-free ``CentroidHost``. The executor (``run_stage2_ray``) keeps only
-the loop, backpressure and checkpoints.
+A transport has a driver side (``bind`` to the worker group, then ``submit``: which remote calls
+one batch becomes) and, where it needs one, a worker side (``PartialSumsWorker``, mixed into
+``GradientWorker``). The executor (``run_stage2_ray``) keeps only the loop, backpressure and
+checkpoints.
 """
 
 from __future__ import annotations
@@ -47,19 +48,27 @@ class Transport(ABC):
     cache: ClassVar[str]  # the clusterer's cache: "samples" (per-sample FIFO) or "external"
     whole_gradients: ClassVar[bool] = False  # every gradient row reaches the centroid actor
 
-    def host_helper(self, workers: list) -> Any:
-        """What the centroid host needs injected (e.g. an evicted-sums fetcher), or None."""
-        return None
+    def bind(self, workers: list) -> None:
+        """The worker group's actors, in rank order (called once, before any batch)."""
+        self.workers = list(workers)
 
     def start_phase(self, phase: str, host) -> None:  # noqa: B027 - optional hook
         """Called before a phase's first batch is submitted."""
 
     @abstractmethod
     def submit(
-        self, key: BatchKey, step: int, idx: np.ndarray, ids: list[str], pairs: list, worker, host
+        self,
+        key: BatchKey,
+        step: int,
+        idx: np.ndarray,
+        ids: list[str],
+        pairs: list,
+        rank: int,
+        host,
     ):
-        """Submit batch ``key`` (global online step ``step``) to ``worker`` and ``host``;
-        returns the object ref whose completion means the host has applied it."""
+        """Submit batch ``key`` (global online step ``step``) to the worker of rank ``rank``
+        and to ``host``; returns the object ref whose completion means the host has applied
+        it."""
 
 
 def send_gradients(key: BatchKey, idx: np.ndarray, ids: list[str], pairs: list, worker, host):
@@ -73,8 +82,8 @@ class ExactTransport(Transport):
 
     name, cache, whole_gradients = "gradients", "samples", True
 
-    def submit(self, key, step, idx, ids, pairs, worker, host):
-        return send_gradients(key, idx, ids, pairs, worker, host)
+    def submit(self, key, step, idx, ids, pairs, rank, host):
+        return send_gradients(key, idx, ids, pairs, self.workers[rank], host)
 
 
 class PartialSumsTransport(Transport):
@@ -86,24 +95,25 @@ class PartialSumsTransport(Transport):
         self.state = None  # ref: the host's online state after the last submitted batch
         self.final_centers = None
 
-    def host_helper(self, workers: list) -> RayEvictedSums:
-        return RayEvictedSums(workers)
-
     def start_phase(self, phase: str, host) -> None:
         if phase == ONLINE:
             self.state = host.online_state.remote()
         elif phase == FINAL:
             self.final_centers = host.centers.remote()
 
-    def submit(self, key, step, idx, ids, pairs, worker, host):
+    def submit(self, key, step, idx, ids, pairs, rank, host):
         phase, epoch, t = key
+        worker = self.workers[rank]
         if phase == VAL:  # validation gradients travel whole, as in the exact transport
             return send_gradients(key, idx, ids, pairs, worker, host)
         if phase == ONLINE:
             # Gradients start at once; the assignment waits for the centroids after t-1.
             worker.compute.remote(key, step, pairs, ids)
             out = worker.reduce.remote(key, step, pairs, ids, self.state)
-            self.state = host.apply_sums.remote(t, epoch, step, out, pairs, worker)
+            plan = host.enter_sums.remote(t, epoch, step, out, pairs, rank)
+            n = len(self.workers)
+            shares = [w.evicted_share.remote(plan, r, n) for r, w in enumerate(self.workers)]
+            self.state = host.finish_sums.remote(t, epoch, *shares)
             return self.state
         labels = worker.final_labels.remote(key, pairs, ids, self.final_centers)
         return host.apply_labels.remote(t, idx, labels)
@@ -116,7 +126,7 @@ class CollectiveTransport(Transport):
 
     name, cache = "collective", "external"
 
-    def submit(self, key, step, idx, ids, pairs, worker, host):
+    def submit(self, key, step, idx, ids, pairs, rank, host):
         raise NotImplementedError("the collective transport runs in run_stage2_collective")
 
 
@@ -135,30 +145,6 @@ def make_transport(name: str) -> Transport:
 
 
 # --------------------------------------------------------------------------- host side
-
-
-class RayEvictedSums:
-    """Fetches the sums of evicted cache rows from the workers that hold them (partial sums).
-
-    A batch whose owner is unknown (after a resume) is asked of a fixed worker, which
-    recomputes it."""
-
-    def __init__(self, workers: list):
-        self.workers = list(workers)
-
-    def __call__(self, evictions, owners, batch_pairs, shape) -> np.ndarray:
-        import ray
-
-        refs = [
-            (owners.get(old) or self.workers[old % len(self.workers)]).evict_sums.remote(
-                old, entries, batch_pairs[old], shape[0]
-            )
-            for old, entries in evictions.items()
-        ]
-        out = np.zeros(shape, dtype=np.float64)
-        for part in ray.get(refs):
-            out += part
-        return out
 
 
 # --------------------------------------------------------------------------- worker side
@@ -229,6 +215,17 @@ class PartialSumsWorker:
             for old in [s for s in self.memo if oldest is not None and s < oldest and s != step]:
                 self.memo.pop(old, None)
         return assign_and_sum(Xn, keep, state["centers"], state["start_centers"])
+
+    def evicted_share(self, plan: dict, rank: int, n_workers: int) -> np.ndarray | None:
+        """This worker's share of the rows a batch evicts (``CentroidHost.enter_sums``'s
+        plan): the (K, d) sum of those of the batches it holds, and of those whose holder is
+        unknown (after a resume) that fall to its rank; None when it has none."""
+        out = None
+        for old, (holder, entries, pairs) in plan["evictions"].items():
+            if (holder if holder is not None else old % n_workers) == rank:
+                part = self.evict_sums(old, entries, pairs, plan["k"])
+                out = part if out is None else out + part
+        return out
 
     def evict_sums(self, step: int, entries: list, pairs: list, n_clusters: int) -> np.ndarray:
         """(K, d) sums of rows of batch ``step`` that left the caches."""

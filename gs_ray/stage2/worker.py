@@ -90,10 +90,18 @@ def worker_actor_class(base: type[GradientWorker] = GradientWorker):
         "compute": "compute",
         "final_labels": "compute",
         "reduce": "io",
-        "evict_sums": "io",
+        "evicted_share": "io",
         "stats": "io",
         "layout": "io",
     }
     for name, group in groups.items():
         setattr(cls, name, ray.method(concurrency_group=group)(getattr(base, name)))
-    return ray.remote(concurrency_groups={"compute": 1, "io": 1})(cls)
+    # Out of order: a call runs once its arguments are ready, not after every call submitted
+    # before it. The partial-sums transport sends every worker each batch's evicted-row share,
+    # which waits for that batch's assignment; in order, the next batch's gradients (submitted
+    # later) would wait for it too, and the workers would compute one after another. The
+    # order that matters is carried by the arguments (each assignment waits for the centroids
+    # after the batch before it) and by the concurrency groups (one computation at a time).
+    return ray.remote(
+        concurrency_groups={"compute": 1, "io": 1}, allow_out_of_order_execution=True
+    )(cls)
