@@ -84,6 +84,7 @@ import copy
 import math
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -925,16 +926,22 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
     def partial_fit_external(
         self,
         added: np.ndarray,
-        evicted: np.ndarray | None,
+        evicted: np.ndarray | Sequence[np.ndarray] | None,
         batch_size: int,
         n_zero: int = 0,
     ) -> GradientSpaceClustering:
         """External cache, second half: per-cluster sums (K, d) of the unit gradients that
-        entered (``cluster_sums`` of the batch) and of those ``push_ledger`` evicted (None:
-        none were)."""
+        entered (``cluster_sums`` of the batch) and of those ``push_ledger`` evicted: one
+        array, or a sequence of parts (one per worker that held some), or None (none were)."""
         self._check_online("external")
         shape = (self.n_clusters_, self.n_features_in_)
-        given = {"added": added} if evicted is None else {"added": added, "evicted": evicted}
+        if evicted is None or isinstance(evicted, np.ndarray):
+            parts = [] if evicted is None else [evicted]
+        else:
+            parts = list(evicted)
+        given = {"added": added}
+        for i, part in enumerate(parts):
+            given["evicted" if len(parts) == 1 else f"evicted[{i}]"] = part
         for name, arr in given.items():
             if np.shape(arr) != shape:
                 raise ValueError(
@@ -946,10 +953,12 @@ class GradientSpaceClustering(ClusterMixin, BaseEstimator):
                 f"partial_fit_external: expected batch_size >= 1, got {batch_size} "
                 "(an empty batch is not an online step)"
             )
-        if evicted is None:
+        if not parts:
             delta = np.asarray(added, dtype=np.float64)
-        else:
-            delta = np.subtract(added, evicted, dtype=np.float64, out=self._work_buffers()[0])
+        else:  # into the scratch buffer: no (K, d) temporaries per batch
+            delta = np.subtract(added, parts[0], dtype=np.float64, out=self._work_buffers()[0])
+            for part in parts[1:]:
+                delta -= part
         # One pass instead of a scan of each input: a NaN or Inf anywhere makes the total
         # non-finite (and finite sums of unit rows cannot overflow), so only then look for it.
         if not np.isfinite(delta.sum()):

@@ -201,8 +201,13 @@ class CentroidHost:
         for old in [s for s in self.batch_pairs if oldest is None or s < oldest]:
             self.batch_pairs.pop(old, None)
             self.owners.pop(old, None)
-        self._entered = {"t": t, "epoch": epoch, "sums": out["sums"], "n": len(pairs)}
-        self._entered["n_zero"] = out["n_zero"]
+        self._entered = {
+            "t": t,
+            "epoch": epoch,
+            "sums": out["sums"],
+            "n": len(pairs),
+            "n_zero": out["n_zero"],
+        }
         self.bytes_in += out["sums"].nbytes + out["labels"].nbytes
         self.busy_seconds += time.perf_counter() - start
         return {"k": c.n_clusters_, "evictions": plan}
@@ -214,17 +219,9 @@ class CentroidHost:
         if entered is None or (entered["t"], entered["epoch"]) != (t, epoch):
             return self.online_state()  # a replay
         start = time.perf_counter()
-        c = self.clusterer
         parts = [p for p in evicted if p is not None]
-        total = parts[0] if parts else None
-        if len(parts) > 1:  # into a buffer kept for it (fresh (K, d) arrays cost page faults)
-            if getattr(self, "_evicted", None) is None or self._evicted.shape != total.shape:
-                self._evicted = np.empty(total.shape, np.float64)
-            total = np.add(parts[0], parts[1], out=self._evicted)
-            for part in parts[2:]:
-                total += part
         self.bytes_in += sum(p.nbytes for p in parts)
-        c.partial_fit_external(entered["sums"], total, entered["n"], entered["n_zero"])
+        self.clusterer.partial_fit_external(entered["sums"], parts, entered["n"], entered["n_zero"])
         self._entered = None
         state = self.online_state(copy=False)  # Ray serializes it before the next call
         self.busy_seconds += time.perf_counter() - start
