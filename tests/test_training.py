@@ -109,6 +109,28 @@ def test_adapters_are_packed_into_the_runs_the_cluster_holds():
     assert pack_runs(jobs[:1], cfg, 3) == [jobs[:1]]
 
 
+def test_uneven_adapters_share_fewer_wider_runs_and_even_ones_keep_a_run_per_slot():
+    """fewest_runs: a run of m CPU slots trains 1 + 0.35 (m - 1) times as fast as one. Even work,
+    or work two slots share well, keeps one run per slot; one large adapter beside small ones
+    (a dominant cluster) takes every slot in one run, which would otherwise idle; never more
+    runs than adapters, and no widening past the largest node. widened asks for the slots' CPUs
+    up to the node's."""
+    from gs_ray.training.ray_train import fewest_runs, widened
+
+    assert fewest_runs([100] * 8, 2) == 2
+    assert fewest_runs([300, 200], 2) == 2  # 300 against 500 / 1.35 = 370
+    assert fewest_runs([448, 40], 2) == 1  # the default run's experts: 448 against 488 / 1.35
+    assert fewest_runs([448, 40], 2, widest=1) == 2  # no node holds a wider worker
+    assert fewest_runs([400, 50, 50, 50], 4) == 1  # 550 / 2.05 = 268 < 400 / 1.35 = 296 < 400
+    assert fewest_runs([400, 300, 300, 200], 4) == 4  # 400 < 600 / 1.35 < 1200 / 2.05
+    assert fewest_runs([7], 4) == 1 and fewest_runs([5, 5], 8) == 2
+    cfg = ExpertConfig(cpus_per_worker=1)
+    assert widened(cfg, 2, node_cpus=16).cpus_per_worker == 2.0
+    assert widened(cfg, 4, node_cpus=3).cpus_per_worker == 3.0
+    assert widened(ExpertConfig(cpus_per_worker=4), 2, node_cpus=2).cpus_per_worker == 4.0
+    assert widened(cfg, 1, node_cpus=16) is cfg
+
+
 def test_a_run_of_many_adapters_has_a_folder_name_that_fits(tmp_path):
     """Sixteen experts of gs-ray eval in one run (a one-GPU cluster): their names joined were
     over 255 bytes, and the run could not make its folder. The name is short, stable, and
