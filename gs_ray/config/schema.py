@@ -369,6 +369,14 @@ class Stage2Config:
     cpus_per_worker: float = _f(1, "CPUs per gradient worker (CPU clusters)", gt=0)
     max_in_flight: int = _f(2, "gradient batches in flight per worker (backpressure)", ge=1)
     checkpoint_every: int = _f(20, "centroid-actor checkpoint interval, in batches", ge=1)
+    worker_nice: int = _f(
+        5,
+        "CPU gradient workers lower their own scheduling priority by this much (os.nice), so "
+        "that the centroid actor, which every batch passes through, never waits behind them "
+        "for a core; 0: the same priority (GPU workers are left as they are)",
+        ge=0,
+        le=19,
+    )
     checkpoint_max_share: float = _f(
         0.05,
         "the share of a pass that periodic checkpoints may take: one is skipped while the "

@@ -13,6 +13,7 @@ centroids. The host never waits on a worker: between the two calls it is free.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -295,6 +296,7 @@ class CentroidHost:
             "checkpoints_skipped": self.checkpoints_skipped,
             "bytes_in": self.bytes_in,
             "rows_kept_bytes": self.rows.nbytes if self.rows is not None else 0,
+            "nice": os.nice(0),  # its process's scheduling niceness (stage2.worker_nice)
         }
 
     # ------------------------------------------------------------------ checkpoints

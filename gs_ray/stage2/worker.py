@@ -37,6 +37,9 @@ class GradientWorker(PartialSumsWorker):
         from gs_ray.stage2.computer import GradientComputer
 
         self.computer = GradientComputer(base_path, cfg, adapter_path, pad_id)
+        if self.computer.device.type == "cpu" and cfg.stage2.worker_nice:
+            # The worker's process is its own (Ray gives each actor one, and ends it with it).
+            os.nice(cfg.stage2.worker_nice)
         self.faults = faults.parse(fault_spec)
         self.marker_dir = marker_dir
         self.busy_seconds = 0.0
@@ -63,6 +66,7 @@ class GradientWorker(PartialSumsWorker):
             "pid": os.getpid(),
             "recomputed": self.recomputed,
             "engine_calls": self.computer.calls,
+            "nice": os.nice(0),  # its scheduling niceness (stage2.worker_nice)
         }
 
     def layout(self) -> dict[str, Any]:
