@@ -43,8 +43,17 @@ RAY_LANES = ("ray", "ray-b")
 # together (two fresh clones, 2 cores, 2026-12-05: eval 310-349 s, pipeline 404-420, G-SNR
 # 38-43, Tune 36-37, against benchmarks 39-40, pretrain 42-45, security 57-61, serving 228-238,
 # Stage II 194-233, lost nodes 97-101, collective 133-149, training 55-57; pretrain moved over).
+# Two more, 2026-12-05 afternoon: ray 821-855 s, ray-b 750-779 s; the benchmarks' Ray smoke
+# runs (35-40 s) moved over, and collective lost its 2-rank twin (23 s).
 SECOND_RAY_LANE = frozenset(
-    {"test_eval", "test_pipeline", "test_pretrain", "test_spectra_gsnr", "test_tuning"}
+    {
+        "test_benchmarks_smoke",
+        "test_eval",
+        "test_pipeline",
+        "test_pretrain",
+        "test_spectra_gsnr",
+        "test_tuning",
+    }
 )
 RAY_FIXTURES = frozenset({"ray_cluster", "ray_session"})
 

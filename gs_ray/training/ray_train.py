@@ -171,7 +171,7 @@ def train_many_on_ray(
         # On CPUs, fewer and wider runs where the work is uneven (one large cluster, say, or a
         # single adapter): the cores that a short run would leave idle train the long one.
         costs = [_planned(job, train_cfg) for job in jobs]
-        node = _largest_node_cpus()
+        node = _widest_worker_cpus()
         runs = fewest_runs(costs, cap, int(node // train_cfg.cpus_per_worker))
         train_cfg = widened(train_cfg, cap // runs, node)
         if runs < min(len(jobs), cap):
@@ -285,11 +285,15 @@ def widened(train_cfg: TrainingConfig, slots: int, node_cpus: float) -> Training
     return replace(train_cfg, cpus_per_worker=float(cpus))
 
 
-def _largest_node_cpus() -> float:
+def _widest_worker_cpus() -> float:
+    """The CPUs one widened worker may ask for now: the largest node's, and no more than the
+    cluster has free (a Serve deployment or another job holding CPUs would leave a wider
+    worker waiting for them)."""
     import ray
 
     _ensure_ray()
-    return max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    return min(node, ray.available_resources().get("CPU", 0.0))
 
 
 def alone_on_the_cluster(train_cfg: TrainingConfig) -> TrainingConfig:
@@ -301,7 +305,7 @@ def alone_on_the_cluster(train_cfg: TrainingConfig) -> TrainingConfig:
     _ensure_ray()
     if not widens(train_cfg):
         return train_cfg
-    return widened(train_cfg, cluster_slots(train_cfg, use_gpu=False), _largest_node_cpus())
+    return widened(train_cfg, cluster_slots(train_cfg, use_gpu=False), _widest_worker_cpus())
 
 
 def run_name(jobs: Sequence[AdapterJob]) -> str:
