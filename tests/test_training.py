@@ -121,6 +121,7 @@ def test_uneven_adapters_share_fewer_wider_runs_and_even_ones_keep_a_run_per_slo
     assert fewest_runs([300, 200], 2) == 2  # 300 against 500 / 1.35 = 370
     assert fewest_runs([448, 40], 2) == 1  # the default run's experts: 448 against 488 / 1.35
     assert fewest_runs([448, 40], 2, widest=1) == 2  # no node holds a wider worker
+    assert fewest_runs([448, 40], 2, widest=0) == 2  # no CPU free now: no wider worker either
     assert fewest_runs([400, 50, 50, 50], 4) == 1  # 550 / 2.05 = 268 < 400 / 1.35 = 296 < 400
     assert fewest_runs([400, 300, 300, 200], 4) == 4  # 400 < 600 / 1.35 < 1200 / 2.05
     assert fewest_runs([7], 4) == 1 and fewest_runs([5, 5], 8) == 2

@@ -262,8 +262,8 @@ def fewest_runs(costs: Sequence[int], runs: int, widest: int | None = None) -> i
         loads = [0] * r
         for c in sorted(costs, reverse=True):
             loads[loads.index(min(loads))] += c
-        m = min(runs // r, widest) if widest else runs // r
-        return max(loads) / (1.0 + EXTRA_THREAD_GAIN * (max(1, m) - 1))
+        m = runs // r if widest is None else max(1, min(runs // r, widest))
+        return max(loads) / (1.0 + EXTRA_THREAD_GAIN * (m - 1))
 
     return min(range(runs, 0, -1), key=makespan)  # the first minimum: the most runs
 
