@@ -242,6 +242,7 @@ def cluster_slots(train_cfg: TrainingConfig, use_gpu: bool) -> int:
 # extra CPU of a worker as this share of one, so that it widens a run only where the cores would
 # otherwise idle, not where they are shared evenly.
 EXTRA_THREAD_GAIN = 0.35
+FREE_CPU_SETTLE_S = 2.0  # _widest_worker_cpus
 
 
 def fewest_runs(costs: Sequence[int], runs: int, widest: int | None = None) -> int:
@@ -293,7 +294,14 @@ def _widest_worker_cpus() -> float:
 
     _ensure_ray()
     node = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
-    return min(node, ray.available_resources().get("CPU", 0.0))
+    # Actors killed just before (Stage II's, a run that just ended) give their CPUs back a moment
+    # later: wait up to FREE_CPU_SETTLE_S for them before settling for fewer.
+    deadline = time.monotonic() + FREE_CPU_SETTLE_S
+    free = ray.available_resources().get("CPU", 0.0)
+    while free < node and time.monotonic() < deadline:
+        time.sleep(0.2)
+        free = ray.available_resources().get("CPU", 0.0)
+    return min(node, free)
 
 
 def alone_on_the_cluster(train_cfg: TrainingConfig) -> TrainingConfig:
