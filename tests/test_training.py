@@ -157,11 +157,29 @@ def test_a_run_of_many_adapters_has_a_folder_name_that_fits(tmp_path):
 
 def test_a_run_the_others_wait_for_takes_every_cpu_slot(ray_session, monkeypatch):
     """alone_on_the_cluster on the suite's 2-CPU head: a 1-CPU worker takes both CPUs, a
-    2-CPU one stays, a wider one is never cut; GPU runs and runs on a node type's resource are
-    left as they are."""
+    2-CPU one stays, a wider one is never cut; not the CPUs something else holds (an actor
+    here); GPU runs and runs on a node type's resource are left as they are."""
+    import time
+
+    import ray
+
     from gs_ray.training import ray_train
     from gs_ray.training.ray_train import alone_on_the_cluster
 
+    deadline = time.time() + 60  # the lane's earlier tests' actors give their CPUs back
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=1)).cpus_per_worker == 2.0
+    settle = ray_train.FREE_CPU_SETTLE_S
+    monkeypatch.setattr(ray_train, "FREE_CPU_SETTLE_S", 0.5)
+    holder = ray.util.placement_group([{"CPU": 1}])  # another job's reservation, say
+    try:
+        ray.get(holder.ready(), timeout=60)
+        assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=1)).cpus_per_worker == 1
+    finally:
+        ray.util.remove_placement_group(holder)
+    # given back a moment later: the settle waits for it
+    monkeypatch.setattr(ray_train, "FREE_CPU_SETTLE_S", settle)
     assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=1)).cpus_per_worker == 2.0
     assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=2)).cpus_per_worker == 2.0
     assert alone_on_the_cluster(ExpertConfig(cpus_per_worker=4)).cpus_per_worker == 4.0
