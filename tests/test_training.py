@@ -157,8 +157,8 @@ def test_a_run_of_many_adapters_has_a_folder_name_that_fits(tmp_path):
 
 def test_a_run_the_others_wait_for_takes_every_cpu_slot(ray_session, monkeypatch):
     """alone_on_the_cluster on the suite's 2-CPU head: a 1-CPU worker takes both CPUs, a
-    2-CPU one stays, a wider one is never cut; not the CPUs something else holds (an actor
-    here); GPU runs and runs on a node type's resource are left as they are."""
+    2-CPU one stays, a wider one is never cut; not the CPUs something else holds (a placement
+    group here); GPU runs and runs on a node type's resource are left as they are."""
     import time
 
     import ray

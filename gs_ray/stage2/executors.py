@@ -218,7 +218,7 @@ def run_stage2_ray(
             "worker_busy_seconds": [w["busy_seconds"] for w in worker_stats],
             "recomputed_batches": sum(w["recomputed"] for w in worker_stats),
             "engine_calls": sum(w["engine_calls"] for w in worker_stats),
-            "worker_nice": [w.get("nice", 0) for w in worker_stats],
+            "worker_nice": [w["nice"] for w in worker_stats],
             "centroid_nice": status["nice"],
         }
         result: Stage2Result = ray.get(host.result.remote(info))

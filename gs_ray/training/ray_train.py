@@ -171,9 +171,13 @@ def train_many_on_ray(
         # On CPUs, fewer and wider runs where the work is uneven (one large cluster, say, or a
         # single adapter): the cores that a short run would leave idle train the long one.
         costs = [_planned(job, train_cfg) for job in jobs]
-        node = _widest_worker_cpus()
-        runs = fewest_runs(costs, cap, int(node // train_cfg.cpus_per_worker))
-        train_cfg = widened(train_cfg, cap // runs, node)
+        # Even work keeps a run per slot whatever the nodes hold (a cap on the width only makes
+        # fewer runs worse): ask the cluster for its free CPUs only where fewer runs than slots
+        # would win (uneven work, or fewer adapters than slots).
+        if fewest_runs(costs, cap) < cap:
+            node = _widest_worker_cpus()
+            runs = fewest_runs(costs, cap, int(node // train_cfg.cpus_per_worker))
+            train_cfg = widened(train_cfg, cap // runs, node)
         if runs < min(len(jobs), cap):
             log.info(
                 "%d adapters in %d run(s) of %g CPUs per worker (the planned steps %s are "
@@ -213,13 +217,19 @@ def pack_runs(
     if pack == "off" or len(jobs) <= 1:
         return [[job] for job in jobs]
     n = max(1, min(len(jobs), runs))
-    cost = [_planned(job, train_cfg) for job in jobs]
-    loads, members = [0] * n, [[] for _ in range(n)]
-    for i in sorted(range(len(jobs)), key=lambda i: -cost[i]):
+    _, members = _longest_first([_planned(job, train_cfg) for job in jobs], n)
+    return [[jobs[i] for i in sorted(m)] for m in members if m]
+
+
+def _longest_first(costs: Sequence[int], runs: int) -> tuple[list[int], list[list[int]]]:
+    """Longest-processing-time packing: each cost, the longest first, to the run with the least
+    so far; (each run's load, each run's indices into ``costs``)."""
+    loads, members = [0] * runs, [[] for _ in range(runs)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
         g = loads.index(min(loads))
         members[g].append(i)
-        loads[g] += cost[i]
-    return [[jobs[i] for i in sorted(m)] for m in members if m]
+        loads[g] += costs[i]
+    return loads, members
 
 
 def cluster_slots(train_cfg: TrainingConfig, use_gpu: bool) -> int:
@@ -260,11 +270,8 @@ def fewest_runs(costs: Sequence[int], runs: int, widest: int | None = None) -> i
         return 1
 
     def makespan(r: int) -> float:
-        loads = [0] * r
-        for c in sorted(costs, reverse=True):
-            loads[loads.index(min(loads))] += c
         m = runs // r if widest is None else max(1, min(runs // r, widest))
-        return max(loads) / (1.0 + EXTRA_THREAD_GAIN * (m - 1))
+        return max(_longest_first(costs, r)[0]) / (1.0 + EXTRA_THREAD_GAIN * (m - 1))
 
     return min(range(runs, 0, -1), key=makespan)  # the first minimum: the most runs
 
