@@ -195,15 +195,17 @@ def test_fifo_cache_evicts_oldest_and_ema_matches_hand_computation():
 
 
 def test_running_sum_stays_exact_over_many_wraps():
+    """The running sums are updated, never summed afresh: over 3,000 batches (about 2,000
+    wraps of each ring, uneven batches that wrap mid-write) they stay the cached rows' sums."""
     rng = np.random.default_rng(0)
     est = _hand_est([[1] + [0] * 7, [0, 1] + [0] * 6], alpha=3, batch_size=2)
-    for _ in range(50):
-        est.partial_fit(rng.standard_normal((2, 8)).astype(np.float32))
+    for t in range(3000):
+        est.partial_fit(rng.standard_normal((1 + t % 4, 8)).astype(np.float32))
     for k in range(2):
         n = est.cache_count_[k]
-        if n:
-            exact = est.cache_[k, :n].astype(np.float64).mean(0)
-            np.testing.assert_allclose(est.cache_mean(k), exact, atol=1e-6)
+        assert n == est.cache_size
+        exact = est.cache_[k, :n].astype(np.float64).sum(0)
+        np.testing.assert_allclose(est._cache_sum[k], exact, rtol=0, atol=1e-12)
 
 
 def _plain_online_update(centers, batches, cap, beta):

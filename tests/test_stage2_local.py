@@ -184,7 +184,9 @@ def test_row_store_keeps_nothing_over_its_budget_and_refuses_rows_it_lacks():
     assert small.held() is None and small.nbytes == 0 and not small.enabled
     assert "over stage2.keep_rows_mb" in small.decision
     store = RowStore(np.arange(32), 64, budget_mb=1)
+    batch.G.flags.writeable = False  # as a batch arrives on Ray: a view of the object store
     store.keep(idx, batch)
+    assert store.blocks[0] is batch.G  # kept by reference, not copied
     assert store.held() is None  # 16 of 32 rows: a batch cannot be assembled yet
     with pytest.raises(RuntimeError, match="neither kept nor computed"):
         store.assemble(idx, [str(j) for j in idx], None)
@@ -292,6 +294,7 @@ def test_phase_end_closes_each_pass_then_checkpoints_then_records(tmp_path):
         "seconds",
         "samples",
         "centroid_busy_seconds",
+        "centroid_busy_cpu_seconds",
         "centroid_checkpoint_seconds",
         "checkpoints_skipped",
         "bytes_in",

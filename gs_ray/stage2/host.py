@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,10 @@ class CentroidHost:
         self.position: tuple[str, int, int] = (VAL, 0, -1)  # last applied batch
         self.done_epochs = 0
         self.finished_online = False
-        self.busy_seconds = 0.0  # applying batches and phase ends (checkpoints apart)
+        self.busy_seconds = 0.0  # applying batches and phase ends (checkpoints apart), wall
+        # the CPU time of the same work (its thread's): where it falls short of busy_seconds,
+        # the actor waited for a core (or memory) that others held
+        self.busy_cpu_seconds = 0.0
         self.checkpoint_seconds = 0.0  # writing checkpoints (the actor is busy then too)
         self.bytes_in = 0
         self.skipped: set[int] = set()  # sample indices with non-finite gradients (policy skip)
@@ -142,17 +146,26 @@ class CentroidHost:
         counts as busy time); ``nbytes`` is what travelled to the host for it."""
         if not self._advance(phase, epoch, t):
             return False
-        start = time.perf_counter()
-        batch: GradientBatch = make()
-        self.bytes_in += nbytes
-        self._note_skipped(idx, batch.skipped)
-        if len(self.consumers) and len(batch.ids) != len(batch.G):
-            raise ValueError("gradient consumers need the batch's sample ids")
-        self.stream.feed(phase, epoch, t, idx, batch.G, batch.skipped, batch.ids)
-        if phase == ONLINE and self.rows is not None:
-            self.rows.keep(idx, batch)
-        self.busy_seconds += time.perf_counter() - start
+        with self._busy():
+            batch: GradientBatch = make()
+            self.bytes_in += nbytes
+            self._note_skipped(idx, batch.skipped)
+            if len(self.consumers) and len(batch.ids) != len(batch.G):
+                raise ValueError("gradient consumers need the batch's sample ids")
+            self.stream.feed(phase, epoch, t, idx, batch.G, batch.skipped, batch.ids)
+            if phase == ONLINE and self.rows is not None:
+                self.rows.keep(idx, batch)
         return True
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Count the block's wall time as busy, and its thread's CPU time as busy CPU."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.busy_seconds += time.perf_counter() - wall
+            self.busy_cpu_seconds += time.thread_time() - cpu
 
     def kept_rows(self) -> tuple[np.ndarray | None, str | None]:
         """The samples whose gradient rows this host keeps for the next pass (None: none), and
@@ -190,27 +203,26 @@ class CentroidHost:
         (``evicted_share``); no evictions on a replay."""
         if not self._advance(ONLINE, epoch, t):
             return {"k": self.clusterer.n_clusters_, "evictions": {}}
-        start = time.perf_counter()
-        c = self.clusterer
-        evictions = c.push_ledger(step, out["labels"], out["keep"], out["start_labels"])
-        plan = {
-            old: [self.owners.get(old), entries, self.batch_pairs[old]]
-            for old, entries in sorted(evictions.items())
-        }
-        self.owners[step], self.batch_pairs[step] = owner, pairs
-        oldest = c.oldest_live_step()
-        for old in [s for s in self.batch_pairs if oldest is None or s < oldest]:
-            self.batch_pairs.pop(old, None)
-            self.owners.pop(old, None)
-        self._entered = {
-            "t": t,
-            "epoch": epoch,
-            "sums": out["sums"],
-            "n": len(pairs),
-            "n_zero": out["n_zero"],
-        }
-        self.bytes_in += out["sums"].nbytes + out["labels"].nbytes
-        self.busy_seconds += time.perf_counter() - start
+        with self._busy():
+            c = self.clusterer
+            evictions = c.push_ledger(step, out["labels"], out["keep"], out["start_labels"])
+            plan = {
+                old: [self.owners.get(old), entries, self.batch_pairs[old]]
+                for old, entries in sorted(evictions.items())
+            }
+            self.owners[step], self.batch_pairs[step] = owner, pairs
+            oldest = c.oldest_live_step()
+            for old in [s for s in self.batch_pairs if oldest is None or s < oldest]:
+                self.batch_pairs.pop(old, None)
+                self.owners.pop(old, None)
+            self._entered = {
+                "t": t,
+                "epoch": epoch,
+                "sums": out["sums"],
+                "n": len(pairs),
+                "n_zero": out["n_zero"],
+            }
+            self.bytes_in += out["sums"].nbytes + out["labels"].nbytes
         return {"k": c.n_clusters_, "evictions": plan}
 
     def finish_sums(self, t: int, epoch: int, *evicted: np.ndarray | None) -> dict:
@@ -219,13 +231,13 @@ class CentroidHost:
         entered = self._entered
         if entered is None or (entered["t"], entered["epoch"]) != (t, epoch):
             return self.online_state()  # a replay
-        start = time.perf_counter()
-        parts = [p for p in evicted if p is not None]
-        self.bytes_in += sum(p.nbytes for p in parts)
-        self.clusterer.partial_fit_external(entered["sums"], parts, entered["n"], entered["n_zero"])
-        self._entered = None
-        state = self.online_state(copy=False)  # Ray serializes it before the next call
-        self.busy_seconds += time.perf_counter() - start
+        with self._busy():
+            parts = [p for p in evicted if p is not None]
+            self.bytes_in += sum(p.nbytes for p in parts)
+            c = self.clusterer
+            c.partial_fit_external(entered["sums"], parts, entered["n"], entered["n_zero"])
+            self._entered = None
+            state = self.online_state(copy=False)  # Ray serializes it before the next call
         return state
 
     def apply_sums(
@@ -257,9 +269,8 @@ class CentroidHost:
 
     def initialize(self) -> dict[str, Any]:
         """SVD + silhouette on the collected validation gradients (once)."""
-        start = time.perf_counter()
-        self.clustering.initialize()
-        self.busy_seconds += time.perf_counter() - start
+        with self._busy():
+            self.clustering.initialize()
         return {"k": self.clusterer.n_clusters_, "silhouette": self.clusterer.silhouette_}
 
     @property
@@ -292,6 +303,7 @@ class CentroidHost:
             "done_epochs": self.done_epochs,
             "initialized": self.initialized,
             "busy_seconds": self.busy_seconds,
+            "busy_cpu_seconds": self.busy_cpu_seconds,
             "checkpoint_seconds": self.checkpoint_seconds,
             "checkpoints_skipped": self.checkpoints_skipped,
             "bytes_in": self.bytes_in,

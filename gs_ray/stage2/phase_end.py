@@ -115,6 +115,9 @@ class PhaseEnd:
                 **seconds,
                 "samples": sum(len(b) for b in batches),
                 "centroid_busy_seconds": round(after["busy_seconds"] - before["busy_seconds"], 4),
+                "centroid_busy_cpu_seconds": round(
+                    after["busy_cpu_seconds"] - before["busy_cpu_seconds"], 4
+                ),
                 "centroid_checkpoint_seconds": round(
                     after["checkpoint_seconds"] - before["checkpoint_seconds"], 4
                 ),

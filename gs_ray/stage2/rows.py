@@ -36,6 +36,13 @@ class RowStore:
     Nothing is held until the first row arrives; then the whole set is held if
     ``len(kept) * d * 4`` bytes fit ``budget_mb``, or never (the store turns itself off and
     says so once).
+
+    Rows are kept by reference, not copied: the store holds the batches' own (b, d) arrays
+    (``blocks``) and, per kept sample, which block and row hold it. A batch's array is never
+    written after it reaches the host (on Ray it is a read-only view of the object store), so
+    the reference is the row. Copying cost the centroid actor more than its whole clustering
+    update: 10-16 ms per batch of 32 at d = 65,536 (a first write into fresh pages), against
+    9 ms for the update (benchmarks/stage2_scaling.py, docs/scaling.md).
     """
 
     def __init__(self, kept: np.ndarray, n_samples: int, budget_mb: float):
@@ -45,11 +52,14 @@ class RowStore:
         self.slot = np.full(n_samples, -1, dtype=np.int64)
         self.slot[kept] = np.arange(len(kept))
         self.n_kept = len(kept)
-        # allocated with the first row, where the store lives (arrays that reached a Ray actor
-        # through its constructor are read-only)
-        self.rows: np.ndarray | None = None
-        self.filled = np.zeros(0, dtype=bool)
+        self.blocks: list[np.ndarray] = []  # the kept batches' gradient arrays, by reference
+        # per slot: its block (-1: none yet), its row there, whether it was skipped; allocated
+        # with the first row, where the store lives (arrays that reached a Ray actor through
+        # its constructor are read-only)
+        self.block = np.full(0, -1, dtype=np.int64)
+        self.row = np.zeros(0, dtype=np.int64)
         self.skipped = np.zeros(0, dtype=bool)
+        self.dim: int | None = None
         self.enabled = self.budget_bytes > 0 and len(kept) > 0
         # what was decided, for the driver's console (the centroid actor's own log lines do not
         # reach it): None until the first row arrives
@@ -70,23 +80,32 @@ class RowStore:
         )
         return False
 
+    @property
+    def filled(self) -> np.ndarray:
+        """(n_kept,) bool: the slots whose row is held (empty before the first row)."""
+        return self.block >= 0
+
     def keep(self, idx: np.ndarray, batch: GradientBatch) -> None:
-        """Keep the rows of ``batch`` (samples ``idx``) that belong to the set and are new."""
+        """Keep the rows of ``batch`` (samples ``idx``) that belong to the set and are new: the
+        store then references ``batch.G``, which nobody may write afterwards."""
         if not self.enabled:
             return
-        if self.rows is None:
+        if self.dim is None:
             if not self._decide(batch.G.shape[1]):
                 self.enabled = False
                 return
-            self.rows = np.empty((self.n_kept, batch.G.shape[1]), dtype=np.float32)
-            self.filled = np.zeros(self.n_kept, dtype=bool)
+            self.dim = int(batch.G.shape[1])
+            self.block = np.full(self.n_kept, -1, dtype=np.int64)
+            self.row = np.zeros(self.n_kept, dtype=np.int64)
             self.skipped = np.zeros(self.n_kept, dtype=bool)
         slots = self.slot[np.asarray(idx, dtype=np.int64)]
-        new = (slots >= 0) & ~self.filled[np.maximum(slots, 0)]
+        new = (slots >= 0) & (self.block[np.maximum(slots, 0)] < 0)
         if new.any():
-            self.rows[slots[new]] = batch.G[new]
+            G = batch.G if batch.G.dtype == np.float32 else batch.G.astype(np.float32)
+            self.block[slots[new]] = len(self.blocks)
+            self.row[slots[new]] = np.flatnonzero(new)
             self.skipped[slots[new]] = batch.skipped[new]
-            self.filled[slots[new]] = True
+            self.blocks.append(G)
 
     @classmethod
     def of_plan(cls, plan: Stage2Plan, n_samples: int, budget_mb: float) -> RowStore:
@@ -95,7 +114,7 @@ class RowStore:
 
     @property
     def complete(self) -> bool:
-        return self.enabled and self.rows is not None and bool(self.filled.all())
+        return self.enabled and self.dim is not None and bool(self.filled.all())
 
     def held(self) -> np.ndarray | None:
         """(n_samples,) bool: the samples whose rows a batch can take from here; None while the
@@ -104,7 +123,8 @@ class RowStore:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.rows is None else int(self.rows.nbytes)
+        """The bytes the store holds alive (its blocks, whole)."""
+        return sum(int(b.nbytes) for b in self.blocks)
 
     def assemble(
         self, idx: np.ndarray, ids: list[str], part: GradientBatch | None
@@ -116,10 +136,11 @@ class RowStore:
         here = slots >= 0
         if not self.complete or (part is None and not here.all()):
             raise RuntimeError("a batch needs rows that are neither kept nor computed")
-        d = self.rows.shape[1]
-        G = np.empty((len(idx), d), dtype=np.float32)
+        G = np.empty((len(idx), self.dim), dtype=np.float32)
         skipped = np.zeros(len(idx), dtype=bool)
-        G[here] = self.rows[slots[here]]
+        at = np.flatnonzero(here)
+        for j, s in zip(at.tolist(), slots[at].tolist(), strict=True):
+            G[j] = self.blocks[self.block[s]][self.row[s]]
         skipped[here] = self.skipped[slots[here]]
         if part is not None:
             if len(part.G) != int((~here).sum()):
