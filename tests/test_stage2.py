@@ -109,9 +109,11 @@ def test_ray_reproduces_the_reference(ray_session, reference, tmp_path, workers)
     assert out.info["engine_calls"] == _calls_keeping_rows(reference["plan"])
     if workers == 2:
         assert all(b > 0 for b in out.info["worker_busy_seconds"])
-        # CPU workers yield to the centroid actor (stage2.worker_nice, default 5)
+        # CPU workers yield to the centroid actor (stage2.worker_nice, default 5, and
+        # stage2.worker_idle: the SCHED_IDLE policy)
         base = out.info["centroid_nice"]
         assert base < 19 and out.info["worker_nice"] == [min(19, base + 5)] * 2
+        assert out.info["worker_policy"] == ["idle"] * 2
 
 
 def _calls_keeping_rows(plan: Stage2Plan) -> int:

@@ -373,3 +373,39 @@ def test_partial_sums_host_in_two_halves_equals_the_exact_host_and_never_mixes_s
     assert replay["evictions"] == {}
     ext.finish_sums(29, 0, None)
     np.testing.assert_array_equal(before, ext.clusterer.cluster_centers_)
+
+
+PRIORITY_SCRIPT = """
+import os, threading
+from gs_ray.stage2.worker import lower_priority, scheduling_policy
+go, seen = threading.Event(), {}
+def look(name):
+    seen[name] = (os.getpriority(os.PRIO_PROCESS, 0), scheduling_policy())
+def earlier():
+    go.wait()
+    look("earlier")
+t = threading.Thread(target=earlier)
+t.start()
+base = os.getpriority(os.PRIO_PROCESS, 0)
+lower_priority(5, True)
+look("main")
+t2 = threading.Thread(target=look, args=("later",))
+t2.start(); t2.join(); go.set(); t.join()
+print(base, sorted(seen.items()))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_IDLE"), reason="Linux scheduling")
+def test_lower_priority_reaches_the_threads_already_running_and_those_started_later():
+    """stage2.worker_nice / worker_idle: Linux sets both per thread, so a worker that lowered
+    only the thread of its constructor would leave a thread started before it (e.g. Ray's
+    executor of its compute calls) at full priority."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", PRIORITY_SCRIPT], capture_output=True, text=True, check=True
+    ).stdout.split(" ", 1)
+    base, seen = int(out[0]), out[1].strip()
+    want = (min(19, base + 5), "idle")
+    assert seen == str(sorted({n: want for n in ("earlier", "main", "later")}.items()))

@@ -377,6 +377,13 @@ class Stage2Config:
         ge=0,
         le=19,
     )
+    worker_idle: bool = _f(
+        True,
+        "CPU gradient workers also take the SCHED_IDLE scheduling policy (Linux): they run on "
+        "CPU time that no other process wants, so the centroid actor gets a core as soon as a "
+        "batch arrives (niced workers still took 30% of a shared core from it); false: "
+        "worker_nice alone",
+    )
     checkpoint_max_share: float = _f(
         0.05,
         "the share of a pass that periodic checkpoints may take: one is skipped while the "

@@ -219,6 +219,7 @@ def run_stage2_ray(
             "recomputed_batches": sum(w["recomputed"] for w in worker_stats),
             "engine_calls": sum(w["engine_calls"] for w in worker_stats),
             "worker_nice": [w["nice"] for w in worker_stats],
+            "worker_policy": [w["policy"] for w in worker_stats],
             "centroid_nice": status["nice"],
         }
         result: Stage2Result = ray.get(host.result.remote(info))

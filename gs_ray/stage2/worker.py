@@ -37,9 +37,9 @@ class GradientWorker(PartialSumsWorker):
         from gs_ray.stage2.computer import GradientComputer
 
         self.computer = GradientComputer(base_path, cfg, adapter_path, pad_id)
-        if self.computer.device.type == "cpu" and cfg.stage2.worker_nice:
+        if self.computer.device.type == "cpu":
             # The worker's process is its own (Ray gives each actor one, and ends it with it).
-            os.nice(cfg.stage2.worker_nice)
+            lower_priority(cfg.stage2.worker_nice, cfg.stage2.worker_idle)
         self.faults = faults.parse(fault_spec)
         self.marker_dir = marker_dir
         self.busy_seconds = 0.0
@@ -67,10 +67,35 @@ class GradientWorker(PartialSumsWorker):
             "recomputed": self.recomputed,
             "engine_calls": self.computer.calls,
             "nice": os.nice(0),  # its scheduling niceness (stage2.worker_nice)
+            "policy": scheduling_policy(),  # "idle" with stage2.worker_idle on a CPU
         }
 
     def layout(self) -> dict[str, Any]:
         return self.computer.layout()
+
+
+def lower_priority(nice: int, idle: bool) -> None:
+    """Lower this process's scheduling priority: every thread's niceness by ``nice`` (at most
+    19), and the SCHED_IDLE policy if ``idle`` (Linux; elsewhere only the niceness). Linux
+    applies both per thread, and a thread inherits them from the thread that starts it, so
+    every thread that exists now is set, and those started later follow."""
+    task = "/proc/self/task"
+    tids = [int(t) for t in os.listdir(task)] if os.path.isdir(task) else [0]
+    for tid in tids:
+        try:
+            if nice:
+                was = os.getpriority(os.PRIO_PROCESS, tid)
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, was + nice))
+            if idle and hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+
+
+def scheduling_policy() -> str:
+    """The calling thread's scheduling policy: "idle" (SCHED_IDLE), or "other"."""
+    idle = getattr(os, "SCHED_IDLE", None)
+    return "idle" if idle is not None and os.sched_getscheduler(0) == idle else "other"
 
 
 def _was_reconstructed() -> bool:
