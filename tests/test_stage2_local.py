@@ -193,6 +193,19 @@ def test_row_store_keeps_nothing_over_its_budget_and_refuses_rows_it_lacks():
     store.keep(idx + 16, PlantedComputer(G).batch([([j], [j]) for j in idx + 16], list("x" * 16)))
     held = store.held()
     assert held.sum() == 32 and held[:32].all()
+    assert store.nbytes == 32 * D * 4  # the kept rows' bytes
+    # A batch that meets rows already held (a pass after a resume) adds a copy of its new rows
+    # only: the store never holds more than its rows.
+    again = RowStore(np.arange(32), 64, budget_mb=1)
+    again.keep(idx, batch)
+    overlap = np.arange(8, 24)  # 8 rows held, 8 new
+    again.keep(overlap, PlantedComputer(G).batch([([j], [j]) for j in overlap], list("y" * 16)))
+    assert again.nbytes == 24 * D * 4 and again.blocks[1].shape == (8, D)
+    np.testing.assert_array_equal(again.blocks[1], G[16:24])
+    rest = np.arange(24, 32)
+    again.keep(rest, PlantedComputer(G).batch([([j], [j]) for j in rest], list("z" * 8)))
+    spread = np.array([30, 2, 17, 9, 23])  # rows from all three blocks
+    np.testing.assert_array_equal(again.assemble(spread, list("abcde"), None).G, G[spread])
     assert "keeps the 32 training rows" in store.decision
     mixed = np.array([3, 40, 17])  # sample 40 is not kept: one computed row fills its place
     part = PlantedComputer(G).batch([([40], [40])], ["s40"])

@@ -101,11 +101,14 @@ class RowStore:
         slots = self.slot[np.asarray(idx, dtype=np.int64)]
         new = (slots >= 0) & (self.block[np.maximum(slots, 0)] < 0)
         if new.any():
-            G = batch.G if batch.G.dtype == np.float32 else batch.G.astype(np.float32)
+            # The whole batch by reference where every row is new (a first online epoch);
+            # else a copy of the new rows only (after a resume a pass can meet rows already
+            # held), so that the store never holds more than its rows' bytes.
+            G = batch.G if new.all() else batch.G[new]
             self.block[slots[new]] = len(self.blocks)
-            self.row[slots[new]] = np.flatnonzero(new)
+            self.row[slots[new]] = np.arange(len(G))
             self.skipped[slots[new]] = batch.skipped[new]
-            self.blocks.append(G)
+            self.blocks.append(G if G.dtype == np.float32 else G.astype(np.float32))
 
     @classmethod
     def of_plan(cls, plan: Stage2Plan, n_samples: int, budget_mb: float) -> RowStore:
@@ -123,7 +126,7 @@ class RowStore:
 
     @property
     def nbytes(self) -> int:
-        """The bytes the store holds alive (its blocks, whole)."""
+        """The bytes the store holds alive (its blocks: only kept rows, at most the budget)."""
         return sum(int(b.nbytes) for b in self.blocks)
 
     def assemble(
