@@ -371,7 +371,7 @@ class Stage2Config:
     checkpoint_every: int = _f(20, "centroid-actor checkpoint interval, in batches", ge=1)
     worker_nice: int = _f(
         5,
-        "CPU gradient workers lower their own scheduling priority by this much (os.nice), so "
+        "CPU gradient workers lower every thread of their process by this much niceness, so "
         "that the centroid actor, which every batch passes through, never waits behind them "
         "for a core; 0: the same priority (GPU workers are left as they are)",
         ge=0,
