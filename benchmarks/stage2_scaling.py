@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
         report = synthetic(args, {})
     finally:
         ray.shutdown()
+        # the run and its checkpoints (GBs at K = 16): the figures are in the report
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print(
         f"\nStage II scaling, embedded default, {len(prepared.samples)} samples, "

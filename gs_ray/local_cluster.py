@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,8 @@ class LocalHead:
         for node in list(self.nodes):
             node.kill()
         terminate(self.processes(), timeout)
+        # its sessions' logs and sockets: a throwaway cluster leaves nothing in /tmp
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def add_node(
         self,

@@ -1,6 +1,6 @@
 """End to end, submitted with `ray job submit` to a `ray start --head` cluster: every stage, every
 artifact, and the properties the stages promise, on the embedded default's model and settings
-with less work (SMALLER: 960 samples, at most 40 steps per adapter, the experts in one Ray Train
+with less work (SMALLER: 960 samples, at most 20 steps per expert, the experts in one Ray Train
 run; the default's 2,400 samples take minutes longer here, and the README's command runs them).
 
 One job run serves all tests of this module (it takes minutes); the tests that change the run
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each expert run's one worker takes both CPUs of the suite's cluster, so the experts after the
 # generalist train in one Ray Train run, not two (a run's start-up costs more CPU than these
 # adapters' training; test_training checks runs side by side).
-SMALLER = ["--data.demo_size", "960", "--experts.max_steps", "40", "--experts.cpus_per_worker", "2"]
+SMALLER = ["--data.demo_size", "960", "--experts.max_steps", "20", "--experts.cpus_per_worker", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_the_run_is_tracked_in_mlflow(job_run, monkeypatch):
     m, metrics = _manifest(run_dir), _metrics(run_dir)
     parent = client.get_run(ids["parent_run_id"])
     assert parent.info.run_name == "job" and parent.info.status == "FINISHED"
-    assert parent.data.params["experts.max_steps"] == "40"
+    assert parent.data.params["experts.max_steps"] == "20"
     stages = _nested(client, parent.info.run_id)
     assert set(stages) == set(ids["stages"]) == set(m["stages"]) - {"prepare"}
     assert all(v[0].info.status == "FINISHED" for v in stages.values())
