@@ -282,7 +282,9 @@ class LocalNode:
         """The node's processes: the launcher and its descendants (raylet, workers, agents)."""
         import psutil
 
-        if self.proc is None:
+        if self.proc is None or self.proc.poll() is not None:
+            # Reaped: its pid is free, and on a busy machine soon another process's (pid_max
+            # is 32,768 here): a second kill() would take that process and its children.
             return []
         try:
             root = psutil.Process(self.proc.pid)

@@ -417,6 +417,27 @@ def test_free_port_never_hands_out_a_port_twice():
     assert len(set(ports)) == len(ports)
 
 
+def test_a_killed_node_killed_again_touches_no_process_that_took_its_pid():
+    """LocalNode.kill is idempotent: after the first kill its launcher is reaped and its pid is
+    free (pid_max is 32,768 here: the suite's thousands of processes wrap it), so a second
+    kill must not signal the process that now has that pid, nor its children."""
+    from gs_ray.local_cluster import LocalNode
+
+    node = LocalNode.__new__(LocalNode)  # no cluster: only its launcher handle matters here
+    node.head = type("Head", (), {"nodes": []})()
+    node.proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    node.proc.wait()  # reaped, as after a kill
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        node.proc.pid = bystander.pid  # the pid taken by another process
+        assert node.processes() == []
+        node.kill()
+        assert bystander.poll() is None  # untouched
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
 def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("127.5.0.1") and is_loopback("::1")
     assert is_loopback("::ffff:127.0.0.1")
