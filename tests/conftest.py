@@ -115,20 +115,39 @@ _CLAIMED: set[str] = set()
 #: Ray runs its workers at niceness 15 (``RAY_worker_niceness``), so a pytest worker at 0 that
 #: runs the tests without Ray took a core from the Ray lanes' actors whenever it wanted one
 #: (weight 1,024 against 36), while the Ray lanes are the suite's longest. The worker whose
-#: first test is not in a Ray lane (the third, which runs the pure tests) takes the same
-#: niceness as the Ray workers (every thread: Linux sets niceness per thread), and so do the
-#: clusters its ``own_ray`` tests start. The Ray lanes' own workers (the test drivers) keep
-#: theirs. (A fresh clone, 2026-12-05: lanes ray 905 s, ray-b 819, pure 463 before; 857, 723
-#: and 627 after; pytest 900-924 s -> 876 s.)
+#: first test is not in a Ray lane (the third, which runs the pure tests) runs them at the Ray
+#: workers' niceness (every thread: Linux sets niceness per thread). Its ``own_ray`` tests run
+#: at 0, as before, and so do the clusters they start: a TLS head started at 15 beside the
+#: busy lanes lost its raylet at start-up in two suites of two (its agents start within a
+#: timeout). Raising the niceness back needs root: elsewhere the worker stays at 0. (Fresh
+#: clones, 2026-12-05: lanes ray 905 s, ray-b 819, pure 463 before; 857, 723, 627 after.)
 PURE_LANE_NICE = 15
-_LANE_PRIORITY_SET: list[bool] = []
+_PURE_WORKER: list[bool] = []  # decided at the worker's first test
 
 
-def _lower_this_process(nice: int) -> None:
+def _set_niceness(nice: int) -> None:
     task = "/proc/self/task"
     for tid in [int(t) for t in os.listdir(task)] if os.path.isdir(task) else [0]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+            if os.getpriority(os.PRIO_PROCESS, tid) != nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+
+
+def _lane_priority(item: pytest.Item) -> None:
+    """The niceness of this test in the third worker (above); nothing in a Ray lane's."""
+    if not _PURE_WORKER:
+        group = item.get_closest_marker("xdist_group")
+        pure = group is None or group.args[0] not in RAY_LANES
+        _PURE_WORKER.append(pure and hasattr(os, "geteuid") and os.geteuid() == 0)
+    if _PURE_WORKER[0]:
+        _set_niceness(0 if item.get_closest_marker("own_ray") else PURE_LANE_NICE)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test is set up (a module's cluster among them)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _lane_priority(item)
 
 
 @pytest.fixture(autouse=True)
@@ -138,11 +157,6 @@ def _one_worker_per_ray_lane(request, tmp_path_factory):
     pytest 9, whose node ids it cannot extend; constraints.txt pins pytest 8). A second worker
     that gets a test of a lane fails here."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and not _LANE_PRIORITY_SET:
-        _LANE_PRIORITY_SET.append(True)
-        group = request.node.get_closest_marker("xdist_group")
-        if group is None or group.args[0] not in RAY_LANES:
-            _lower_this_process(PURE_LANE_NICE)
     if worker and uses_ray(request.node):
         lane = _ray_lane(request.node)
         if lane not in _CLAIMED:
