@@ -118,9 +118,10 @@ _CLAIMED: set[str] = set()
 #: first test is not in a Ray lane (the third, which runs the pure tests) runs them at the Ray
 #: workers' niceness (every thread: Linux sets niceness per thread). Its ``own_ray`` tests run
 #: at 0, as before, and so do the clusters they start: a TLS head started at 15 beside the
-#: busy lanes lost its raylet at start-up in two suites of two (its agents start within a
-#: timeout). Raising the niceness back needs root: elsewhere the worker stays at 0. (Fresh
-#: clones, 2026-12-05: lanes ray 905 s, ray-b 819, pure 463 before; 857, 723, 627 after.)
+#: busy lanes lost its raylet at start-up in two suites of two (why is not established: a
+#: guess is its agents' start-up timeout). Raising the niceness back needs root: elsewhere
+#: the worker stays at 0. (Fresh clones, 2026-12-05: lanes ray 905 s, ray-b 819, pure 463
+#: before; 857, 723, 627 after.)
 PURE_LANE_NICE = 15
 _PURE_WORKER: list[bool] = []  # decided at the worker's first test
 
