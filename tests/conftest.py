@@ -127,8 +127,9 @@ _PURE_WORKER: list[bool] = []  # decided at the worker's first test
 
 
 def _set_niceness(nice: int) -> None:
-    task = "/proc/self/task"
-    for tid in [int(t) for t in os.listdir(task)] if os.path.isdir(task) else [0]:
+    from gs_ray.stage2.worker import process_threads
+
+    for tid in process_threads():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpriority(os.PRIO_PROCESS, tid) != nice:
                 os.setpriority(os.PRIO_PROCESS, tid, nice)

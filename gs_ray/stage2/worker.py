@@ -79,9 +79,7 @@ def lower_priority(nice: int, idle: bool) -> None:
     19), and the SCHED_IDLE policy if ``idle`` (Linux; elsewhere only the niceness). Linux
     applies both per thread, and a thread inherits them from the thread that starts it, so
     every thread that exists now is set, and those started later follow."""
-    task = "/proc/self/task"
-    tids = [int(t) for t in os.listdir(task)] if os.path.isdir(task) else [0]
-    for tid in tids:
+    for tid in process_threads():
         try:
             if nice:
                 was = os.getpriority(os.PRIO_PROCESS, tid)
@@ -90,6 +88,13 @@ def lower_priority(nice: int, idle: bool) -> None:
                 os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except ProcessLookupError:  # a thread that ended meanwhile
             continue
+
+
+def process_threads() -> list[int]:
+    """The ids of this process's threads (Linux: /proc/self/task), for the calls that Linux
+    applies per thread (niceness, scheduling policy); elsewhere [0], the calling thread."""
+    task = "/proc/self/task"
+    return [int(t) for t in os.listdir(task)] if os.path.isdir(task) else [0]
 
 
 def scheduling_policy() -> str:
