@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     manifest = run.manifest()
     stages = {name: st["seconds"] for name, st in manifest["stages"].items()}
     again = retrain(run.path, tmp / "retrain", SMOKE_STEPS if args.smoke else None, args.smoke)
+    # The retrained adapters are scratch; the run made here (no --run-dir) stays, reported.
+    shutil.rmtree(tmp if args.run_dir else tmp / "retrain", ignore_errors=True)
     if not args.run_dir:
         ray.shutdown()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gs_ray.local_ray import (
     LOOPBACK,
+    alive,
     descendants,
     free_port,
     loopback_env,
@@ -31,11 +32,21 @@ from gs_ray.local_ray import (
 
 log = logging.getLogger(__name__)
 
-PORT_TAKEN = 3  # a LocalNode launcher's exit status: one of its ports was taken before it started
+# A LocalNode launcher's exit statuses: one of its ports was taken before it started; its raylet
+# ended (at start-up: Ray 2.60's raylet aborts when its dashboard agent has not written its port
+# file within a fixed 15 s, which a loaded machine can miss).
+PORT_TAKEN = 3
+RAYLET_ENDED = 4
+# How often the launcher looks at its raylet (and notes the node's processes).
+LAUNCHER_POLL_S = 1.0
 
 
 class _PortTaken(RuntimeError):
     """The launcher ended at once: one of its ports was taken (``start`` tries other ports)."""
+
+
+class _RayletEnded(RuntimeError):
+    """The node's raylet ended before the node joined (``start`` tries again)."""
 
 
 class LocalHead:
@@ -236,11 +247,13 @@ class LocalNode:
 
     def start(self, timeout: float = 300.0, tries: int = 3) -> LocalNode:
         """Launch the node and wait until the head lists it (this process must be connected);
-        where the launcher found one of its ports taken, again on other ports."""
-        for _ in range(tries - 1):
+        where the launcher found one of its ports taken, or its raylet ended before the node
+        joined, again on other ports."""
+        for attempt in range(tries - 1):
             try:
                 return self._start(timeout)
-            except _PortTaken:
+            except (_PortTaken, _RayletEnded) as err:
+                log.warning("worker node start %d of %d failed, again: %s", attempt + 1, tries, err)
                 self.node_manager_port = free_port()  # spec() chooses the other ports anew
         return self._start(timeout)
 
@@ -262,15 +275,26 @@ class LocalNode:
         deadline = time.monotonic() + timeout
         while self.node_id is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                taken = self.proc.poll() == PORT_TAKEN
+                status = self.proc.poll()
                 self.kill()
                 said = log_path.read_text()[-3000:]
-                if taken:
+                if status == PORT_TAKEN:
                     raise _PortTaken(said)
+                if status == RAYLET_ENDED:
+                    raise _RayletEnded(said + self._raylet_errors())
                 raise RuntimeError(f"worker node did not join:\n{said}")
             time.sleep(0.5)
             self.node_id = self._find_node_id(ray.nodes())
         return self
+
+    def _raylet_errors(self) -> str:
+        """The last lines of the head's session's raylet error logs that name an error (where a
+        raylet that aborted says why)."""
+        said = []
+        for path in sorted(Path(self.head.temp_dir).glob("session_*/logs/raylet*.err")):
+            lines = [x for x in path.read_text(errors="replace").splitlines() if " C " in x[:40]]
+            said += [f"{path.name}: {x}" for x in lines[-2:]]
+        return "\n" + "\n".join(said) if said else ""
 
     def _find_node_id(self, nodes: list[dict]) -> str | None:
         for n in nodes:
@@ -314,8 +338,6 @@ class LocalNode:
 
 def run_node(spec: dict) -> None:
     """The launcher of a ``LocalNode``: start the raylet and stay its parent until killed."""
-    import signal
-
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
@@ -332,8 +354,42 @@ def run_node(spec: dict) -> None:
         # Ray waits a fixed 30 s for the raylet to register; on a loaded machine it may take
         # longer. Its processes run on: LocalNode.start decides, with its own timeout.
         print(f"node start: {err}; waiting for the raylet anyway", file=sys.stderr, flush=True)
-    while True:
-        signal.pause()
+    watch_raylet()
+
+
+def watch_raylet() -> None:
+    """Stay the parent of the node's raylet; if it ends (a raylet that aborted at start-up,
+    see ``RAYLET_ENDED``), SIGKILL what is left of the node (the processes of this launcher's
+    process group, which its agents share, and its children) and exit ``RAYLET_ENDED``: without
+    it the launcher would wait on, and ``LocalNode.start`` out its whole timeout, for a node
+    that can no longer join."""
+    import psutil
+
+    me = psutil.Process()
+    raylets = [p for p in me.children(recursive=True) if _is_raylet(p)]
+    while raylets and all(alive(p) for p in raylets):
+        time.sleep(LAUNCHER_POLL_S)
+    pids = " ".join(str(p.pid) for p in raylets) or "none found"
+    print(f"node start: the raylet ended (pid {pids})", file=sys.stderr, flush=True)
+    group = os.getpgid(0)
+    left = set(me.children(recursive=True))
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.pid != me.pid and os.getpgid(p.pid) == group:
+                left.add(p)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    sys.exit(RAYLET_ENDED)
+
+
+def _is_raylet(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.name() == "raylet"
+    except psutil.Error:
+        return False
 
 
 if __name__ == "__main__":  # a LocalNode's launcher: python -m gs_ray.local_cluster node SPEC_JSON

@@ -11,6 +11,7 @@ the test clusters (``ray start --head``) run without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -460,11 +461,17 @@ def _node_id_of_a_task_on(node, **options) -> str:
 def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session, monkeypatch):
     """LocalHead.add_node(): a second raylet on 127.0.0.1 (its own launcher, not `ray start`);
     kill() leaves none of its processes. Its first launch is given one port twice, as a port
-    taken between its choice and the launch would be: the launcher ends at once and the node
-    starts on other ports (it used to wait out the 300 s timeout and fail)."""
-    from gs_ray.local_cluster import LocalNode
+    taken between its choice and the launch would be: the launcher ends at once. Its second
+    launch's raylet ends before the node joins, as Ray's raylet aborts when its dashboard agent
+    misses a fixed 15 s at start-up on a loaded machine: the launcher ends at once too, leaving
+    none of that node's processes. The third starts. (Both used to wait out the 300 s timeout
+    and fail: the second is what failed the suite's TLS cluster.)"""
+    import threading
 
-    spec, first = LocalNode.spec, []
+    from gs_ray.local_cluster import RAYLET_ENDED, LocalNode
+
+    spec, start, find = LocalNode.spec, LocalNode._start, LocalNode._find_node_id
+    first, second = [], {}
 
     def one_port_twice(self):
         out = spec(self)
@@ -473,10 +480,44 @@ def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session, 
             out["dashboard_agent_listen_port"] = out["node_manager_port"]
         return out
 
+    def end_the_raylet(node, before):
+        """Kill the second launch's raylet once it has started its agents; note its node's
+        processes."""
+        while "launcher" not in second:
+            with contextlib.suppress(psutil.Error, StopIteration):
+                if node.proc is before or node.proc.poll() is not None:
+                    raise StopIteration  # not launched yet
+                launcher = psutil.Process(node.proc.pid)
+                raylet = next(p for p in launcher.children() if p.name() == "raylet")
+                if raylet.children():
+                    second["procs"] = [launcher, *launcher.children(recursive=True)]
+                    second["launcher"] = node.proc
+                    raylet.kill()
+                    return
+            time.sleep(0.05)
+
+    def launch(self, timeout):
+        if first and "launcher" not in second:  # the second launch
+            args = (self, self.proc)
+            killer = threading.Thread(target=end_the_raylet, args=args, daemon=True)
+            killer.start()
+        return start(self, timeout)
+
+    def not_before_the_kill(self, nodes):  # the second launch must not join before its kill
+        return find(self, nodes) if "launcher" in second or not first else None
+
     monkeypatch.setattr(LocalNode, "spec", one_port_twice)
+    monkeypatch.setattr(LocalNode, "_start", launch)
+    monkeypatch.setattr(LocalNode, "_find_node_id", not_before_the_kill)
+    started = time.monotonic()
     node = ray_session.add_node(num_cpus=1)
     try:
+        assert time.monotonic() - started < 200  # not a 300 s timeout
         assert first and node.node_manager_port != first[0]
+        assert second["launcher"].returncode == RAYLET_ENDED
+        assert len(second["procs"]) >= 3  # the launcher, the raylet, an agent at least
+        assert not alive(second["procs"]), "the failed launch left processes"
+        assert node.proc is not second["launcher"]
         assert _node_id_of_a_task_on(node) == node.node_id
         procs = node.processes()
         assert "raylet" in {p.name() for p in procs}
