@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--less-dim", type=int, default=8192)
     ap.add_argument("--out", default="benchmarks/results/selection_demo")
     ap.add_argument("--json")
-    ap.add_argument("--smoke", action="store_true", help="120 samples, a tiny model: seconds")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="120 samples, a tiny model with random weights (no pretraining): seconds",
+    )
     args = ap.parse_args(argv)
     if args.smoke:
         args.demo_size, args.n_target, args.hidden, args.layers = 120, 8, 32, 1
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         str(args.layers),
         "--model.tiny_vocab_size",
         "2048",
+        *(["--model.tiny_pretrain_steps", "0"] if args.smoke else []),
         "--selection.target",
         str(target),
         "--selection.budget",

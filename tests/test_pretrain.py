@@ -94,13 +94,18 @@ def test_local_pretraining_learns_and_is_cached(tmp_path, monkeypatch):
     # The same settings again: the cached folder, no training, not even a model built.
     monkeypatch.setattr(pretrain, "_train", lambda *a, **k: pytest.fail("trained again"))
     monkeypatch.setattr(pretrain, "build_tiny_llama", lambda *a, **k: pytest.fail("built"))
-    assert pretrain.pretrained_tiny(cfg, seed=0) == folder
+    assert pretrain.pretrained_tiny(cfg, seed=0, on_ray=False) == folder
     # Any tiny_* setting, the seed or the texts change the key.
     assert pretrain.cache_key(
         _cfg(tmp_path, "--model.tiny_pretrain_lr", "0.01"), 0, ["a"]
     ) != pretrain.cache_key(cfg, 0, ["a"])
     assert pretrain.cache_key(cfg, 1, ["a"]) != pretrain.cache_key(cfg, 0, ["a"])
     assert pretrain.cache_key(cfg, 0, ["a", "b"]) != pretrain.cache_key(cfg, 0, ["a b"])
+    # So does the engine (this process's loop and Ray Train's DeepSpeed differ in their weights).
+    assert pretrain.cache_key(cfg, 0, ["a"], on_ray=False) != pretrain.cache_key(cfg, 0, ["a"])
+    assert folder.name.endswith(
+        pretrain.cache_key(cfg, 0, pretrain.pretraining_corpus(cfg, 0), False)
+    )
 
 
 def test_prepare_copies_the_pretrained_model_into_the_run(tmp_path):

@@ -205,8 +205,8 @@ class ModelConfig:
     tiny_pretrain_steps: int = _f(
         400,
         "tiny-llama: full-parameter pretraining steps on a disjoint part of the demo corpus, "
-        "once per seed and tiny_* settings, cached (400: ~2.3 nats, chance is 8.3; 0: random "
-        "weights)",
+        "once per seed, tiny_* settings and engine (Ray Train or this process), cached "
+        "(400: ~2.3 nats, chance is 8.3; 0: random weights)",
         ge=0,
     )
     tiny_pretrain_records: int = _f(
