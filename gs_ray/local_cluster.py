@@ -21,7 +21,6 @@ from pathlib import Path
 
 from gs_ray.local_ray import (
     LOOPBACK,
-    alive,
     descendants,
     free_port,
     loopback_env,
@@ -366,9 +365,14 @@ def watch_raylet() -> None:
     import psutil
 
     me = psutil.Process()
-    raylets = [p for p in me.children(recursive=True) if _is_raylet(p)]
-    while raylets and all(alive(p) for p in raylets):
-        time.sleep(LAUNCHER_POLL_S)
+    raylets = [p for p in me.children() if _is_raylet(p)]
+    for raylet in raylets[:1]:
+        while True:  # waitpid on a child of ours: exact, where a status read could fail
+            try:
+                raylet.wait(timeout=LAUNCHER_POLL_S)
+                break
+            except psutil.TimeoutExpired:
+                continue
     pids = " ".join(str(p.pid) for p in raylets) or "none found"
     print(f"node start: the raylet ended (pid {pids})", file=sys.stderr, flush=True)
     group = os.getpgid(0)

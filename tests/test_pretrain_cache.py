@@ -55,7 +55,7 @@ def cfg(tmp_path, monkeypatch):
 
 
 def _target(cfg) -> Path:
-    key = pretrain.cache_key(cfg, 0, TEXTS)
+    key = pretrain.cache_key(cfg, 0, TEXTS, on_ray=False)
     return Path(cfg.model.cache_dir) / "models" / f"tiny-llama-pretrained-{key}"
 
 
