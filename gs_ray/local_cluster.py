@@ -244,7 +244,7 @@ class LocalNode:
             "runtime_env_dir_name": f"runtime_resources_node{self.node_manager_port}",
         }
 
-    def start(self, timeout: float = 300.0, tries: int = 3) -> LocalNode:
+    def start(self, timeout: float = 300.0, tries: int = 5) -> LocalNode:
         """Launch the node and wait until the head lists it (this process must be connected);
         where the launcher found one of its ports taken, or its raylet ended before the node
         joined, again on other ports."""

@@ -1,8 +1,7 @@
 """End to end, submitted with `ray job submit` to a `ray start --head` cluster: every stage, every
 artifact, and the properties the stages promise, on the embedded default's model and settings
-with less work (SMALLER: 960 samples, a base model pretrained for 120 steps, at most 20 steps per
-expert, the experts in one Ray Train run; the default's 2,400 samples and 400 pretraining steps
-take minutes longer here, and the README's command runs them).
+with less work (SMALLER: 960 samples, at most 20 steps per expert, the experts in one Ray Train
+run; the default's 2,400 samples take minutes longer here, and the README's command runs them).
 
 One job run serves all tests of this module (it takes minutes); the tests that change the run
 directory come last.
@@ -11,7 +10,6 @@ directory come last.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time
@@ -27,19 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each expert run's one worker takes both CPUs of the suite's cluster, so the experts after the
 # generalist train in one Ray Train run, not two (a run's start-up costs more CPU than these
 # adapters' training; test_training checks runs side by side).
-# Its base model is pretrained for 120 steps, not the default's 400: on a machine whose cache is
-# new (as CI's) the pretraining is part of this job, and 400 steps took 360 s of its lane there.
-PRETRAIN_STEPS = 120
-SMALLER = [
-    "--data.demo_size",
-    "960",
-    "--experts.max_steps",
-    "20",
-    "--experts.cpus_per_worker",
-    "2",
-    "--model.tiny_pretrain_steps",
-    str(PRETRAIN_STEPS),
-]
+SMALLER = ["--data.demo_size", "960", "--experts.max_steps", "20", "--experts.cpus_per_worker", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +93,7 @@ def test_every_stage_ran_on_ray(job_run):
         "calibrate",
         "evaluate",
     ]
-    assert m["base_model"]["pretrained"]["steps"] == PRETRAIN_STEPS  # the base model has learned
+    assert m["base_model"]["pretrained"]["steps"] == 400  # the default base model has learned
     assert m["stages"]["stage2"]["executor"] == "ray"
     assert m["stages"]["stage2"]["workers"] == 2  # one gradient worker per CPU
     assert m["data"]["used"] == 960 and m["data"]["splits"]["test"] > 0
@@ -201,13 +187,11 @@ def test_router_is_well_above_chance(job_run):
 
 
 def test_every_stage_is_below_the_base_model(job_run):
-    """The base model has learned something (held-out loss at least 3 nats below chance, ln 4096
-    = 8.3 nats: 4.6 after this job's 120 pretraining steps, 2.6 after the default's 400), and
-    the warm-up and the routed experts are measurably below it."""
+    """The default base model has learned something (held-out loss far below chance, ln 4096 =
+    8.3 nats), and the warm-up and the routed experts are measurably below it."""
     ev = _metrics(job_run["dir"])["evaluation"]
     base, warmup, routed = ev["test_loss_base"], ev["test_loss_warmup"], ev["test_loss_routed"]
-    chance = math.log(_manifest(job_run["dir"])["config"]["model"]["tiny_vocab_size"])
-    assert base < chance - 3.0, ev
+    assert base < 4.0, ev
     assert warmup < base - 0.1 and routed < base - 0.1, ev
     # The deployed routing is never worse than the generalist on the calibration rows.
     fb = _metrics(job_run["dir"])["fallback"]

@@ -464,8 +464,10 @@ def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session, 
     taken between its choice and the launch would be: the launcher ends at once. Its second
     launch's raylet ends before the node joins, as Ray's raylet aborts when its dashboard agent
     misses a fixed 15 s at start-up on a loaded machine: the launcher ends at once too, leaving
-    none of that node's processes. The third starts. (Both used to wait out the 300 s timeout
-    and fail: the second is what failed the suite's TLS cluster.)"""
+    none of that node's processes. A later one starts (``start`` tries five times: on a
+    machine as loaded as the suite's first minutes a raylet can also end so on its own). (Both
+    used to wait out the 300 s timeout and fail: the second is what failed the suite's TLS
+    cluster.)"""
     import threading
 
     from gs_ray.local_cluster import RAYLET_ENDED, LocalNode
