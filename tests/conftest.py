@@ -117,11 +117,11 @@ _CLAIMED: set[str] = set()
 #: (weight 1,024 against 36), while the Ray lanes are the suite's longest. The worker whose
 #: first test is not in a Ray lane (the third, which runs the pure tests) runs them at the Ray
 #: workers' niceness (every thread: Linux sets niceness per thread). Its ``own_ray`` tests run
-#: at 0, as before, and so do the clusters they start: a TLS head started at 15 beside the
-#: busy lanes lost its raylet at start-up in two suites of two (why is not established: a
-#: guess is its agents' start-up timeout). Raising the niceness back needs root: elsewhere
-#: the worker stays at 0. (Fresh clones, 2026-12-05: lanes ray 905 s, ray-b 819, pure 463
-#: before; 857, 723, 627 after.)
+#: at 0, as before, and so do the clusters they start: their agents must write their ports
+#: within Ray's fixed 15 s, or the raylet aborts (the TLS cluster's worker node did so in
+#: loaded suites, at 0 too; ``LocalNode.start`` now tries again). Raising the niceness back
+#: needs root: elsewhere the worker stays at 0. (Fresh clones, 2026-12-05: lanes ray 905 s,
+#: ray-b 819, pure 463 before; 857, 723, 627 after.)
 PURE_LANE_NICE = 15
 _PURE_WORKER: list[bool] = []  # decided at the worker's first test
 
