@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # file within a fixed 15 s, which a loaded machine can miss).
 PORT_TAKEN = 3
 RAYLET_ENDED = 4
-# How often the launcher looks at its raylet (and notes the node's processes).
+# How often the launcher looks at its raylet.
 LAUNCHER_POLL_S = 1.0
 
 
@@ -288,7 +288,8 @@ class LocalNode:
 
     def _raylet_errors(self) -> str:
         """The last lines of the head's session's raylet error logs that name an error (where a
-        raylet that aborted says why)."""
+        raylet that aborted says why); every node of this machine writes there, so an earlier
+        node's error may be among them, named by its file."""
         said = []
         for path in sorted(Path(self.head.temp_dir).glob("session_*/logs/raylet*.err")):
             lines = [x for x in path.read_text(errors="replace").splitlines() if " C " in x[:40]]
