@@ -101,9 +101,9 @@ def capture(quiet: bool = True, level: str = "INFO") -> Iterator[None]:
         console_stream.close()
         path, _state.console, _state.saved_fds, _state.log_path = _state.log_path, None, None, None
         if path is not None and path.parent == Path(tempfile.gettempdir()):
-            if failed:
+            if failed and path.stat().st_size > 0:
                 print(f"gs-ray: the full log is {path}", file=sys.stderr)
-            else:
+            else:  # a failure with nothing logged leaves no empty file to point at
                 path.unlink(missing_ok=True)
 
 

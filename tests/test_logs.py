@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -54,3 +55,37 @@ def test_verbose_keeps_everything_on_the_console(tmp_path):
     for line in ("stage line one", "stage line two", *NOISE):
         assert line in both, line
     assert not (tmp_path / "logs").exists()
+
+
+FAILING = textwrap.dedent(
+    """
+    import os, sys
+    from gs_ray import logs
+    with logs.capture(quiet=True):
+        if sys.argv[1] == "noisy":
+            os.write(2, b"worker chatter before the failure\\n")
+        raise SystemExit(3)
+    """
+)
+
+
+def test_a_failure_keeps_its_log_only_where_something_was_logged(tmp_path):
+    """A command that fails before attaching a run keeps its temporary log and names it; one
+    that logged nothing leaves no empty file behind (they piled up in /tmp)."""
+    for mode in ("noisy", "silent"):
+        tmp = tmp_path / mode
+        tmp.mkdir()
+        out = subprocess.run(
+            [sys.executable, "-c", FAILING, mode],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "TMPDIR": str(tmp)},
+        )
+        assert out.returncode == 3, out.stderr
+        left = list(tmp.glob("gs-ray-*.log"))
+        if mode == "noisy":
+            assert len(left) == 1 and f"the full log is {left[0]}" in out.stderr
+            assert "worker chatter before the failure" in left[0].read_text()
+        else:
+            assert left == [] and "full log" not in out.stderr
