@@ -366,18 +366,17 @@ def watch_raylet() -> None:
     import psutil
 
     me = psutil.Process()
-    raylets = [p for p in me.children() if _is_raylet(p)]
-    for raylet in raylets[:1]:
-        while True:  # waitpid on a child of ours: exact, where a status read could fail
-            try:
-                raylet.wait(timeout=LAUNCHER_POLL_S)
-                break
-            except psutil.TimeoutExpired:
-                continue
-    pids = " ".join(str(p.pid) for p in raylets) or "none found"
-    print(f"node start: the raylet ended (pid {pids})", file=sys.stderr, flush=True)
+    raylet = next((p for p in me.children() if _is_raylet(p)), None)
+    while raylet is not None:  # waitpid on a child of ours: exact, where a status read could fail
+        try:
+            raylet.wait(timeout=LAUNCHER_POLL_S)
+            break
+        except psutil.TimeoutExpired:
+            continue
+    pid = raylet.pid if raylet is not None else "none found"
+    print(f"node start: the raylet ended (pid {pid})", file=sys.stderr, flush=True)
     group = os.getpgid(0)
-    left = set(me.children(recursive=True))
+    left = set(descendants(me))
     for p in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
             if p.pid != me.pid and os.getpgid(p.pid) == group:
