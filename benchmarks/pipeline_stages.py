@@ -17,7 +17,7 @@ the reference, one Ray Train run per adapter (``pack: off``), both in parallel. 
 ``--smoke`` runs a small pipeline (240 demo samples, one online epoch) and retrains two adapters
 with at most 2 steps each, packed into one run against one run each; with ``--run-dir`` it only
 shortens the retraining. (That an adapter trained in a shared run equals the one trained alone
-is also a test of its own: tests/test_training.py.)
+is checked only here: the suite runs this smoke on its end-to-end run, tests/test_pipeline.py.)
 """
 
 from __future__ import annotations
