@@ -36,8 +36,6 @@ log = logging.getLogger(__name__)
 # file within a fixed 15 s, which a loaded machine can miss).
 PORT_TAKEN = 3
 RAYLET_ENDED = 4
-# How often the launcher looks at its raylet.
-LAUNCHER_POLL_S = 1.0
 
 
 class _PortTaken(RuntimeError):
@@ -367,12 +365,8 @@ def watch_raylet() -> None:
 
     me = psutil.Process()
     raylet = next((p for p in me.children() if _is_raylet(p)), None)
-    while raylet is not None:  # waitpid on a child of ours: exact, where a status read could fail
-        try:
-            raylet.wait(timeout=LAUNCHER_POLL_S)
-            break
-        except psutil.TimeoutExpired:
-            continue
+    if raylet is not None:  # waitpid on a child of ours: exact, where a status read could fail
+        raylet.wait()
     pid = raylet.pid if raylet is not None else "none found"
     print(f"node start: the raylet ended (pid {pid})", file=sys.stderr, flush=True)
     group = os.getpgid(0)
