@@ -266,13 +266,15 @@ def test_the_run_is_tracked_in_mlflow(job_run, monkeypatch):
 
 def test_pipeline_stages_benchmark_smoke_on_this_run(job_run, tmp_path):
     """benchmarks/pipeline_stages.py --smoke on the finished run: the stage table, and two of
-    its adapters retrained packed into one run and one run each, which must come out identical."""
+    its adapters retrained packed into one run, the second also alone in a run of its own: it
+    must come out identical."""
     bench = load_benchmark("pipeline_stages")
     out = tmp_path / "bench.json"
     report = bench.main(["--run-dir", str(job_run["dir"]), "--smoke", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["identical"] is True
     assert report["adapters"] == 2 and len(report["packed_runs"]) == 1  # smoke: 2 in one run
+    assert len(report["alone"]) == 1 and report["alone"][0] in report["packed"]
     assert set(report["stages_seconds"]) >= {"warmup", "stage2", "experts", "router"}
 
 

@@ -85,8 +85,10 @@ def _run_ray(ref, tmp_path, consumers=(), **overrides):
     )
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ray_reproduces_the_reference(ray_session, reference, tmp_path, workers):
+def test_ray_reproduces_the_reference(ray_session, reference, tmp_path):
+    """Two gradient workers give the oracle's labels and centroids (one worker: the consumers'
+    test below, on the same transport)."""
+    workers = 2
     out = _run_ray(
         reference, tmp_path, **{"stage2.num_workers": workers, "stage2.worker_idle": True}
     )
@@ -111,13 +113,12 @@ def test_ray_reproduces_the_reference(ray_session, reference, tmp_path, workers)
     # centroid actor (stage2.keep_rows_mb) and computes each row once: the same result.
     assert out.info["bytes_in"] == 4 * d * (len(p.splits.val) + n_all)
     assert out.info["engine_calls"] == _calls_keeping_rows(reference["plan"])
-    if workers == 2:
-        assert all(b > 0 for b in out.info["worker_busy_seconds"])
-        # CPU workers yield to the centroid actor (stage2.worker_nice, default 5, and
-        # stage2.worker_idle: the SCHED_IDLE policy)
-        base = out.info["centroid_nice"]
-        assert base < 19 and out.info["worker_nice"] == [min(19, base + 5)] * 2
-        assert out.info["worker_policy"] == ["idle"] * 2
+    assert all(b > 0 for b in out.info["worker_busy_seconds"])
+    # CPU workers yield to the centroid actor (stage2.worker_nice, default 5, and
+    # stage2.worker_idle: the SCHED_IDLE policy)
+    base = out.info["centroid_nice"]
+    assert base < 19 and out.info["worker_nice"] == [min(19, base + 5)] * 2
+    assert out.info["worker_policy"] == ["idle"] * 2
 
 
 def _calls_keeping_rows(plan: Stage2Plan) -> int:
@@ -212,7 +213,8 @@ def test_reference_pipeline_run_directory(reference):
 
 def test_consumers_read_the_stream_inside_the_centroid_actor(ray_session, reference, tmp_path):
     """GIST and random selection ride the Ray run: same labels, no extra gradient computation,
-    every final-pass sample once, GIST's projections equal to those of local gradients."""
+    every final-pass sample once, GIST's projections equal to those of local gradients. One
+    gradient worker: the transport's one-worker case (two: test_ray_reproduces_the_reference)."""
     from gs_ray.config import SelectionConfig
     from gs_ray.selection.consumers import make_selector
 
@@ -220,8 +222,12 @@ def test_consumers_read_the_stream_inside_the_centroid_actor(ray_session, refere
     T = exact.val_grads[:24]  # a target: some validation gradients
     cfg = SelectionConfig()
     consumers = [make_selector(m, T, cfg, seed=0) for m in ("gist", "random")]
-    out = _run_ray(reference, tmp_path, consumers=consumers, **{"stage2.num_workers": 2})
+    out = _run_ray(reference, tmp_path, consumers=consumers, **{"stage2.num_workers": 1})
+    assert out.info["workers"] == 1
     np.testing.assert_array_equal(out.labels, exact.labels)
+    np.testing.assert_allclose(
+        out.clusterer.cluster_centers_, exact.clusterer.cluster_centers_, rtol=0, atol=1e-6
+    )
     assert out.info["engine_calls"] == _calls_keeping_rows(plan)  # no extra gradients
     gist, rnd = out.consumers
     final_ids = [p.samples[i].id for b in plan.final for i in b]
