@@ -70,11 +70,9 @@ def retrain(
             if p.cfg.fallback.enabled:
                 jobs.append(generalist_job(p, labels, k, str(folder / GENERALIST)))
             if smoke:
-                jobs = (
-                    jobs[:SMOKE_ADAPTERS]
-                    if pack != "off"
-                    else jobs[SMOKE_ADAPTERS - 1 : SMOKE_ADAPTERS]
-                )
+                jobs = jobs[:SMOKE_ADAPTERS]
+                if pack == "off":
+                    jobs = jobs[-1:]  # the last of the packed ones, alone
             cfg = dataclasses.replace(experts, pack=pack, parallel=True)
             start = time.perf_counter()
             records = train_many_on_ray(
