@@ -9,6 +9,7 @@ import asyncio
 import collections
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse
 from gs_ray.config import ServeConfig
 from gs_ray.core.generate import mixture_steps
 from gs_ray.serving.app import ExpertsDeployment, Ingress
-from gs_ray.serving.gate import Gate, GateMiddleware, install_gate
+from gs_ray.serving.gate import Clients, Gate, GateMiddleware, install_gate
 from gs_ray.serving.pool import ENSEMBLE_MODEL, MODEL, TextDeltas, expert_model
 from gs_ray.serving.protocol import (
     ChatRequest,
@@ -102,9 +103,12 @@ def test_openai_error_shape():
     assert openai_validation_error(e.value.errors()).param == "prompt"
 
 
-def _through_gate(gate, path="/v1/completions", headers=None, chunks=(b"{}",), method="POST"):
+def _through_gate(
+    gate, path="/v1/completions", headers=None, chunks=(b"{}",), method="POST", peer=None
+):
     """One request through ``GateMiddleware`` (with ``gate`` installed) in front of an app that
-    echoes what it read: (status, JSON body, what the app read or None, receive() calls)."""
+    echoes what it read: (status, JSON body, what the app read or None, receive() calls).
+    ``peer``: the client's address in the ASGI scope."""
     from gs_ray.serving import gate as gate_module
 
     seen: dict = {}
@@ -140,6 +144,8 @@ def _through_gate(gate, path="/v1/completions", headers=None, chunks=(b"{}",), m
         "headers": raw,
         "query_string": b"",
     }
+    if peer is not None:
+        scope["client"] = (peer, 50000)
     if gate is None:
         gate_module._GATE.clear()
     else:
@@ -156,20 +162,20 @@ def test_api_key_is_checked_before_the_body_is_read(monkeypatch):
     """The key is resolved where the app is built (the driver), from serve.api_key or the
     shell's GS_RAY_API_KEY; the gate in front of every route but /healthz (the docs too)
     refuses a request without it before anything reads its body."""
-    from gs_ray.serving.gate import api_key_digest
+    from gs_ray.serving.gate import client_keys
 
     monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
-    assert api_key_digest(ServeConfig()) is None
+    assert client_keys(ServeConfig()).keys == {}
     host = {"host": "127.0.0.1:8000"}
     open_gate = Gate.for_serving(ServeConfig(), None)
     assert _through_gate(open_gate, headers=host)[0] == 200  # no key: open (loopback only)
     for cfg, env in ((ServeConfig(api_key="s3cret"), None), (ServeConfig(), "s3cret")):
         if env:
             monkeypatch.setenv("GS_RAY_API_KEY", env)
-        digest = api_key_digest(cfg)
+        keys = client_keys(cfg)
         monkeypatch.delenv("GS_RAY_API_KEY", raising=False)  # the replica's env does not matter
-        assert digest and "s3cret" not in digest
-        gate = Gate.for_serving(cfg, digest)
+        assert list(keys.keys.values()) == ["default"] and "s3cret" not in str(keys)
+        gate = Gate.for_serving(cfg, keys)
         for bad in (None, "s3cret", "Bearer nope", "Basic s3cret", "Bearer ", "Bearer \xe9"):
             for path, method in (
                 ("/v1/completions", "POST"),
@@ -190,7 +196,7 @@ def test_api_key_is_checked_before_the_body_is_read(monkeypatch):
 
 
 def test_the_body_size_is_bounded_before_parsing():
-    gate = Gate(None, 1024, False)
+    gate = Gate({}, 1024, False)
     status, body, read, receives = _through_gate(gate, headers={"content-length": "4096"})
     assert status == 413 and body["error"]["code"] == "request_too_large" and receives == 0
     assert _through_gate(gate, headers={"content-length": "x"})[0] == 413
@@ -213,25 +219,163 @@ def test_without_a_key_only_loopback_host_names_are_answered():
         assert status == 400 and body["error"]["code"] == "invalid_host" and read is None, bad
     assert _through_gate(gate, "/healthz", headers={"host": "x"}, method="GET")[0] == 200
     # a key, or a public host opened on purpose: the Host is not what protects the server
-    keyed = Gate.for_serving(ServeConfig(), "0" * 64)
+    keyed = Gate.for_serving(ServeConfig(), Clients({"0" * 64: "someone"}))
     assert _through_gate(keyed, headers={"host": "gpu-box.example"})[0] == 401
     public = Gate.for_serving(ServeConfig(host="0.0.0.0", allow_no_key=True), None)
     assert _through_gate(public, headers={"host": "gpu-box.example"})[0] == 200
 
 
 def test_a_public_host_without_a_key_is_refused(monkeypatch):
-    from gs_ray.serving.gate import api_key_digest
+    from gs_ray.serving.gate import client_keys
     from gs_ray.serving.pool import ServingError
 
     monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
     with pytest.raises(ServingError, match="0.0.0.0.*no API key.*allow_no_key"):
-        api_key_digest(ServeConfig(host="0.0.0.0"))
-    assert api_key_digest(ServeConfig(host="0.0.0.0", allow_no_key=True)) is None
+        client_keys(ServeConfig(host="0.0.0.0"))
+    assert client_keys(ServeConfig(host="0.0.0.0", allow_no_key=True)).keys == {}
     monkeypatch.setenv("GS_RAY_API_KEY", "k")
-    assert api_key_digest(ServeConfig(host="0.0.0.0")) is not None
+    assert client_keys(ServeConfig(host="0.0.0.0")).keys != {}
     for host in ("127.0.0.1", "localhost", "::1"):
         monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
-        assert api_key_digest(ServeConfig(host=host)) is None
+        assert client_keys(ServeConfig(host=host)).keys == {}
+
+
+def _keys_file(tmp_path, text: str, mode: int = 0o600):
+    path = tmp_path / "keys"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_api_keys_file_names_each_client_and_refuses_what_is_unsafe(tmp_path, monkeypatch):
+    """serve.api_keys_file: a client per line (NAME KEY, and a share of its own as options),
+    read in the driver; only the keys' digests reach the Ingress, each with its client's name
+    (serve.api_key is "default"). A file others may read, a malformed line or option, a short
+    or shared key, a name given twice: refused, naming the file and the line."""
+    import hashlib
+
+    from gs_ray.serving.gate import Share, client_keys
+    from gs_ray.serving.pool import ServingError
+
+    monkeypatch.delenv("GS_RAY_API_KEY", raising=False)
+    alice, bob = "a" * 20, "b" * 24
+    path = _keys_file(
+        tmp_path, f"# clients\n\nalice {alice}\n  bob   {bob}  in_flight=2 rate=0.5\n"
+    )
+    clients = client_keys(ServeConfig(api_keys_file=path, api_key="the-default-key"))
+    assert clients.keys == {
+        hashlib.sha256(k.encode()).hexdigest(): name
+        for name, k in (("default", "the-default-key"), ("alice", alice), ("bob", bob))
+    }
+    assert clients.shares == {"bob": Share(max_in_flight=2, rate=0.5)}
+    gate = Gate.for_serving(ServeConfig(), clients)
+    for key, status in ((alice, 200), (bob, 200), ("the-default-key", 200), ("a" * 19, 401)):
+        assert _through_gate(gate, headers={"authorization": f"Bearer {key}"})[0] == status
+    # bob's own share, over the serve.client_* default; the others keep the default
+    assert gate.limits.share("key bob") == Share(2, 0.5, 8)
+    assert gate.limits.share("key alice") == Share(None, None, 8)
+    # a public host with a keys file alone is keyed, not refused
+    assert len(client_keys(ServeConfig(host="0.0.0.0", api_keys_file=path)).keys) == 2
+    bad = {
+        f"alice {alice}\n": ("others may read it", 0o644),
+        "alice\n": ("line 1: expected NAME KEY [in_flight=N]", 0o600),
+        f"alice {alice} fast\n": ("line 1: 'fast' is not one of in_flight=N", 0o600),
+        f"alice {alice} rate=-1\n": ("line 1: rate of 'alice' must be given once", 0o600),
+        f"alice {alice} in_flight=1.5\n": ("line 1: in_flight of 'alice' must be", 0o600),
+        f"alice {alice} burst=2 burst=3\n": ("line 1: burst of 'alice' must be given once", 0o600),
+        f"# c\nal/ice {alice}\n": ("line 2: client name 'al/ice'", 0o600),
+        "alice short\n": ("line 1: the key of 'alice' has 5 characters", 0o600),
+        f"alice {alice}\nalice {bob}\n": ("line 2: client 'alice' is named twice", 0o600),
+        f"alice {alice}\nbob {alice}\n": ("line 2: the key of 'bob' is another client's", 0o600),
+        "# nothing\n": ("no NAME KEY line", 0o600),
+    }
+    for text, (message, mode) in bad.items():
+        with pytest.raises(ServingError, match=f"serve.api_keys_file .*keys.*{re.escape(message)}"):
+            client_keys(ServeConfig(api_keys_file=_keys_file(tmp_path, text, mode)))
+    with pytest.raises(ServingError, match="'default' or its key is serve.api_key's"):
+        client_keys(
+            ServeConfig(api_keys_file=_keys_file(tmp_path, f"default {alice}\n"), api_key="k")
+        )
+    with pytest.raises(ServingError, match="cannot read it"):
+        client_keys(ServeConfig(api_keys_file=str(tmp_path / "absent")))
+
+
+def test_client_limits_share_a_replica_between_clients():
+    """ClientLimits, on a fake clock: a client over its requests in progress or its rate
+    gets 429 with Retry-After (OpenAI's rate-limit shape) while another client is served; a
+    request that ends gives its slot back; a client's own share overrides the default; idle
+    clients are forgotten, so that many addresses cannot grow the table without bound."""
+    from gs_ray.serving.gate import ClientLimits, Share
+
+    now = [0.0]
+    lim = ClientLimits(Share(max_in_flight=2, burst=1), clock=lambda: now[0])
+    assert lim.acquire("a") is None and lim.acquire("a") is None
+    refused = lim.acquire("a")
+    assert refused.status == 429 and refused.code == "rate_limit_exceeded"
+    assert refused.type == "rate_limit_error" and refused.headers == {"Retry-After": "1"}
+    assert "serve.client_max_in_flight" in refused.message
+    assert lim.acquire("b") is None  # another client is not held back by a
+    lim.release("a")
+    assert lim.acquire("a") is None
+
+    lim = ClientLimits(Share(rate=2.0, burst=3), clock=lambda: now[0])
+    for _ in range(3):  # the burst
+        assert lim.acquire("a") is None
+        lim.release("a")
+    refused = lim.acquire("a")
+    assert refused.status == 429 and "serve.client_rate" in refused.message
+    assert refused.headers == {"Retry-After": "1"}  # 0.5 s to the next token, rounded up
+    assert lim.acquire("b") is None
+    now[0] += 0.5  # one token back at 2 per second
+    assert lim.acquire("a") is None and lim.acquire("a") is not None
+
+    # a client of its own share: the batch job may run 1 request, at 0.1 per second
+    lim = ClientLimits(
+        Share(max_in_flight=4, burst=2), {"batch": Share(1, 0.1)}, clock=lambda: now[0]
+    )
+    assert lim.acquire("batch") is None and lim.acquire("batch") is not None
+    lim.release("batch")
+    refused = lim.acquire("batch")  # its slot is back, its second token is not (burst 2)
+    assert refused is None
+    lim.release("batch")
+    refused = lim.acquire("batch")
+    assert refused.headers == {"Retry-After": "10"}
+    assert all(lim.acquire("web") is None for _ in range(4))  # the default: 4 at once
+
+    lim = ClientLimits(Share(1, 1.0, 1), clock=lambda: now[0], max_clients=3)
+    for c in ("x", "y", "z"):
+        assert lim.acquire(c) is None
+    assert lim.acquire("w").message == "too many clients at once; retry later"  # all busy
+    lim.release("x")
+    now[0] += 1.0  # x is idle and its bucket full again: forgotten, w takes its place
+    assert lim.acquire("w") is None and "x" not in lim.buckets
+
+
+def test_the_gate_takes_a_clients_share_before_the_body_and_gives_it_back():
+    """Through GateMiddleware: the share is taken by the key's client (else the address)
+    before anything reads the body, and given back when the request ends."""
+    import hashlib
+
+    from gs_ray.serving.gate import ClientLimits, Share
+
+    alice = hashlib.sha256(b"alice-key").hexdigest()
+    gate = Gate({alice: "alice"}, 1024, False, ClientLimits(Share(max_in_flight=1, burst=1)))
+    gate.limits.in_flight["key alice"] = 1  # alice has a request in progress
+    status, _, _, _ = _through_gate(gate, headers={"authorization": "Bearer x"})
+    assert status == 401 and gate.limits.in_flight == {"key alice": 1}  # no share taken
+    status, body, read, receives = _through_gate(
+        gate, headers={"authorization": "Bearer alice-key"}
+    )
+    assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+    assert read is None and receives == 0  # refused before the body was read
+    gate.limits.release("key alice")
+    status, _, read, _ = _through_gate(gate, headers={"authorization": "Bearer alice-key"})
+    assert status == 200 and gate.limits.in_flight == {}  # served, and its slot given back
+    keyless = Gate({}, 1024, False, ClientLimits(Share(max_in_flight=1, burst=1)))
+    keyless.limits.in_flight["address 10.0.0.9"] = 1
+    assert _through_gate(keyless, peer="10.0.0.9")[0] == 429
+    assert _through_gate(keyless, peer="10.0.0.7")[0] == 200  # another address
+    assert _through_gate(keyless, "/healthz", method="GET", peer="10.0.0.9")[0] == 200
 
 
 @pytest.mark.parametrize(

@@ -804,6 +804,49 @@ def test_a_stream_closed_early_stops_its_generation(pool, monkeypatch):
     pool.lock.release()
 
 
+def test_a_long_stream_gives_its_turn_to_the_requests_that_wait(pool):
+    """A stream takes the pool a token at a time: a batch, a sampled answer and an ensemble
+    asked for while it runs are answered before it ends (not after its last token), each as
+    if alone; and the stream's own answer, seeded, is the one it gives alone (its adapter and
+    its random state are its own again after each turn)."""
+    import threading
+
+    n, sampling = 300, (1.0, 0.9, 3)
+    *alone, alone_done = pool.stream(PROMPTS[0], 0, n, sampling=sampling)
+    assert alone_done.n_new_tokens > 100  # long enough to be running when the others come
+    want = (
+        pool.generate([PROMPTS[1]], [2], 6)[0],
+        pool.sample(PROMPTS[2], 1, 4, 1.0, 0.9, 11),
+        pool.ensemble(PROMPTS[3], [0.2, 0.5, 0.3], 4),
+    )
+    stream = pool.stream(PROMPTS[0], 0, n, sampling=sampling)
+    pieces = [next(stream)]  # its generation runs, holding the pool between two tokens
+    got: list = []
+    streaming: list[bool] = []
+
+    def others() -> None:
+        for _ in range(2):
+            got.append(
+                (
+                    pool.generate([PROMPTS[1]], [2], 6)[0],
+                    pool.sample(PROMPTS[2], 1, 4, 1.0, 0.9, 11),
+                    pool.ensemble(PROMPTS[3], [0.2, 0.5, 0.3], 4),
+                )
+            )
+            pool.sample(PROMPTS[2], 1, 4, 1.0, 0.9, None)  # unseeded: moves the global RNG
+        streaming.append(
+            any(t.name == "gs-ray-stream" and t.is_alive() for t in threading.enumerate())
+        )
+
+    waiter = threading.Thread(target=others)
+    waiter.start()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and got == [want, want]
+    assert streaming == [True], "the others waited for the stream's last token"
+    *rest, done = list(stream)
+    assert done == alone_done and "".join(pieces + rest) == "".join(alone)
+
+
 def test_a_seeded_request_leaves_the_rng_as_it_was(pool):
     """A seed decides its own request's draws only: the global RNG is restored after."""
     state = torch.get_rng_state()
@@ -1156,25 +1199,30 @@ def test_int8_router_agrees_with_the_float_router(tmp_path):
 
 
 KEY = "s3cret-test-key"
+BATCH_KEY = "batch-client-key-0123456789"  # a client of serve.api_keys_file, one request at once
 
 
 @pytest.fixture
-def keyed(served, run_dir):
-    """A second ingress on the running Serve, at /keyed, with serve.api_key set: it reuses the
+def keyed(served, run_dir, tmp_path):
+    """A second ingress on the running Serve, at /keyed, with serve.api_key set and a keys
+    file with a second client (``batch``, one request in progress at once): it reuses the
     served app's router and experts replicas (their handles), so no model loads twice. Deleted
     after its test (test_serve_shuts_down_cleanly stops Serve altogether)."""
     from ray import serve
 
     from gs_ray.config import ServeConfig
     from gs_ray.serving.app import APP_NAME, Ingress
-    from gs_ray.serving.gate import api_key_digest
+    from gs_ray.serving.gate import client_keys
 
     handles = [
         serve.get_deployment_handle(d, APP_NAME) for d in ("RouterDeployment", "ExpertsDeployment")
     ]
-    cfg = ServeConfig(api_key=KEY)
+    keys_file = tmp_path / "api_keys"
+    keys_file.write_text(f"batch {BATCH_KEY} in_flight=1\n")
+    keys_file.chmod(0o600)
+    cfg = ServeConfig(api_key=KEY, api_keys_file=str(keys_file))
     app = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        *handles, ServedRun.open(run_dir).info(), cfg, api_key_digest(cfg)
+        *handles, ServedRun.open(run_dir).info(), cfg, client_keys(cfg)
     )
     serve.run(app, name="gs-ray-keyed", route_prefix="/keyed")
     yield f"{served}/keyed"
@@ -1235,6 +1283,51 @@ def test_http_api_key_401_without_it(keyed):
         bad.completions.create(model="gs-ray", prompt=PROMPTS[1], max_tokens=4, stream=True)
 
 
+@pytest.mark.ray
+def test_http_a_client_over_its_share_gets_429_and_the_others_are_served(keyed):
+    """Over HTTP, on the deployed app: the keys file's ``batch`` client (in_flight=1) holding
+    a stream open gets 429 (OpenAI's rate-limit shape, Retry-After) for a second request, while
+    the default client is served; when its stream ends, its slot is back."""
+    import http.client
+    import urllib.parse
+
+    def completion(key: str, stream: bool = False):
+        parts = urllib.parse.urlsplit(keyed)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        body = {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 200, "stream": stream}
+        conn.request(
+            "POST",
+            parts.path + "/v1/completions",
+            body=json.dumps(body if stream else {**body, "max_tokens": 2}),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        return conn, conn.getresponse()
+
+    conn, held = completion(BATCH_KEY, stream=True)
+    try:
+        assert held.status == 200 and held.readline().startswith(b"data: ")  # streaming
+        second, refused = completion(BATCH_KEY)
+        out = json.loads(refused.read())
+        second.close()
+        assert refused.status == 429 and refused.getheader("Retry-After") == "1", out
+        assert out["error"]["code"] == "rate_limit_exceeded", out
+        assert "serve.client_max_in_flight" in out["error"]["message"]
+        other, served = completion(KEY)
+        assert served.status == 200 and json.loads(served.read())["choices"]
+        other.close()
+    finally:
+        conn.close()  # the stream's client goes away: its generation stops, its slot is freed
+    for _ in range(50):
+        again, answer = completion(BATCH_KEY)
+        status = answer.status
+        answer.read()
+        again.close()
+        if status == 200:
+            break
+        time.sleep(0.2)
+    assert status == 200
+
+
 ABUSE_EXPECTED = {
     "body_over_limit": {"413", "-1"},
     "prompt_over_limit": {"400"},
@@ -1245,6 +1338,7 @@ ABUSE_EXPECTED = {
     "foreign_host": {"400"},
     "broken_json": {"400"},
     "stream_hangs_up": {"200"},
+    "stream_long": {"200"},
 }
 
 

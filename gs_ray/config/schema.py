@@ -557,6 +557,25 @@ class ServeConfig:
         "bearer API key every route but /healthz requires (None: the GS_RAY_API_KEY environment "
         "variable, else no key)",
     )
+    api_keys_file: str | None = _f(
+        None,
+        "file of named API keys, one client per line: NAME KEY (mode 0600, keys of 16+ "
+        "characters); read where the app is built; each client gets its own share "
+        "(serve.client_*)",
+    )
+    client_max_in_flight: int | None = _f(
+        None,
+        "requests one client (its API key's name, else its address) may have in progress at "
+        "once per ingress replica; 429 beyond (None: no limit)",
+        ge=1,
+    )
+    client_rate: float | None = _f(
+        None,
+        "requests per second one client may start, sustained, per ingress replica; 429 with "
+        "Retry-After beyond (None: no limit)",
+        gt=0,
+    )
+    client_burst: int = _f(8, "requests a client may start at once above serve.client_rate", ge=1)
     allow_no_key: bool = _f(
         False,
         "serve on a non-loopback host with no API key (refused otherwise: anyone who can reach "

@@ -58,7 +58,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from gs_ray.config import Config, ServeConfig, apply_overrides
-from gs_ray.serving.gate import Gate, GateMiddleware, api_key_digest, install_gate
+from gs_ray.serving.gate import Clients, Gate, GateMiddleware, client_keys, install_gate
 from gs_ray.serving.loopback import bind_replica_grpc_to_node
 from gs_ray.serving.pool import (  # noqa: F401  (the model names: this module's API too)
     APP_NAME,
@@ -338,13 +338,16 @@ class Ingress:
         experts: DeploymentHandle,
         info: dict,
         cfg: ServeConfig,
-        key_sha256: str | None = None,
+        clients: Clients | None = None,
     ):
-        """``key_sha256``: the API key's digest, resolved where the app is built (the driver:
-        on a cluster the replica's own environment is the raylet's, not the user's shell)."""
+        """``clients``: the API keys' digests, each with its client's name, and the clients'
+        own shares (``client_keys``), resolved where the app is built (the driver: on a
+        cluster the replica's own environment is the raylet's, not the user's shell)."""
         bind_replica_grpc_to_node()  # before Ray's _on_initialized binds it
         self.router, self.experts, self.info_, self.cfg = router, experts, info, cfg
-        install_gate(Gate.for_serving(cfg, key_sha256))  # key, Host, body size: GateMiddleware
+        install_gate(
+            Gate.for_serving(cfg, clients)
+        )  # keys, Host, shares, body size: GateMiddleware
         self.ensembles_running = 0
 
     def _docs_allowed(self) -> None:
@@ -749,7 +752,7 @@ def app_for_run(run_dir: str, cfg: ServeConfig | None = None):
     experts = ExpertsDeployment.options(**experts_opts).bind(run_dir, cfg)
     ingress = Ingress.options(
         ray_actor_options={"num_cpus": 0.1}, max_queued_requests=cfg.max_queued_requests
-    ).bind(router, experts, served.info(), cfg, api_key_digest(cfg))
+    ).bind(router, experts, served.info(), cfg, client_keys(cfg))
     return ingress
 
 

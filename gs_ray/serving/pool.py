@@ -28,6 +28,7 @@ expert sees at inference exactly the prompt format it was trained on.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -189,6 +190,102 @@ def decide(p, fallback, generalist: int | None) -> dict:
     }
 
 
+class TurnLock:
+    """The pool's lock: reentrant, and handed over in the order it was asked for, so that a
+    generation that gives its turn back between two tokens (``give_turn``) lets every request
+    waiting at that moment run first. ``waiting`` says how many threads wait for it."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._queue: collections.deque[object] = collections.deque()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if not blocking and (self._owner is not None or self._queue):
+                return False
+            ticket = object()
+            self._queue.append(ticket)
+            while self._owner is not None or self._queue[0] is not ticket:
+                self._cond.wait()
+            self._queue.popleft()
+            self._owner, self._depth = me, 1
+            self._cond.notify_all()  # the next in line re-checks: it waits for this owner now
+        return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("TurnLock released by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def give_turn(self) -> bool:
+        """Between two steps of a long generation (held once): if anyone waits, release, let
+        all of them run, and take the lock back; True if the turn was given."""
+        if not self._queue:
+            return False
+        self.release()
+        self.acquire()
+        return True
+
+    def __enter__(self) -> TurnLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _OwnRng:
+    """A seeded generation's random state, kept apart from torch's global one while the
+    generation gives its turn to others (``pause`` / ``resume`` around a turn): its draws are
+    those it would make alone, and it leaves no trace in the global state (``seeded``, for a
+    generation that holds the lock throughout)."""
+
+    def __init__(self, seed: int | None, device: torch.device):
+        self.seed, self.device = seed, device
+        self.outside = self.ours = None
+
+    def _get(self):
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set(self, state) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def enter(self) -> None:
+        if self.seed is not None:
+            self.outside = self._get()
+            torch.manual_seed(self.seed)
+
+    def pause(self) -> None:
+        if self.seed is not None:
+            self.ours = self._get()
+            self._set(self.outside)
+
+    def resume(self) -> None:
+        if self.seed is not None:
+            self.outside = self._get()
+            self._set(self.ours)
+
+    def leave(self) -> None:
+        if self.seed is not None:
+            self._set(self.outside)
+
+
 def _locked(method):
     """Run ``method`` holding the pool's lock (see ``ExpertPool.lock``)."""
     import functools
@@ -313,8 +410,9 @@ class ExpertPool:
         self.n_experts = len(expert_paths)
         self.max_positions = getattr(base.config, "max_position_embeddings", None)
         # The active adapter is the model's state: one generation at a time (a batch, a sampled
-        # or ensemble answer, or a stream from its first token to its last).
-        self.lock = threading.RLock()
+        # answer; a stream or an ensemble one step at a time, giving its turn to the requests
+        # that wait between two tokens, so that a long answer does not hold up the others).
+        self.lock = TurnLock()
 
     def render(self, prompt: str | Sequence[dict[str, str]]) -> str:
         """The prompt as the experts saw prompts in training (``data.template``). A chat (a list
@@ -421,7 +519,6 @@ class ExpertPool:
             max_new_tokens,
         )
 
-    @_locked
     def ensemble(self, prompt: str, weights: Sequence[float], max_new_tokens: int) -> Generation:
         """The ensemble of all K experts: greedy over the mixture ``sum_k w_k softmax(logits_k)``
         of the experts with weight, until EOS or ``max_new_tokens`` (``core.generate.
@@ -445,7 +542,9 @@ class ExpertPool:
     def _ensemble_tokens(
         self, ids: torch.Tensor, weights: Sequence[float], max_new_tokens: int
     ) -> Iterator[int]:
-        """The ensemble's tokens one by one (EOS included when it comes); hold ``lock``."""
+        """The ensemble's tokens one by one (EOS included when it comes). Takes the lock for
+        each step (every expert's forward sets its own adapter, each with its own KV cache), so
+        the requests that wait run between two tokens; do not hold it."""
         from gs_ray.core.generate import mixture_steps
 
         eos = self.tokenizer.eos_token_id
@@ -460,12 +559,18 @@ class ExpertPool:
             self.device,
         )
         try:
-            for (token,) in steps:
+            while True:
+                with self.lock:
+                    step = next(steps, None)
+                if step is None:
+                    return
+                (token,) = step
                 yield token
                 if token == eos:
                     return
         finally:
-            steps.close()
+            with self.lock:
+                steps.close()
 
     def stream(
         self,
@@ -479,9 +584,10 @@ class ExpertPool:
         ``Generation`` (the whole text, token counts, finish reason). Greedy by default (the
         answer ``generate`` gives, piece by piece), ``sampling`` = (temperature, top_p, seed) as
         ``sample``, or ``weights`` for the ensemble of all experts as ``ensemble``. A request
-        that cannot be served raises ``ServingError`` before anything is yielded. The pool's
-        lock is held from the first token to the last (batches wait for a stream), so consume
-        the iterator in one thread; closing it early stops the generation."""
+        that cannot be served raises ``ServingError`` before anything is yielded. The generation
+        takes the pool's lock a step at a time: the requests that wait run between two of its
+        tokens. Consume the iterator in one thread (not holding the lock); closing it early
+        stops the generation."""
         if weights is not None:
             ids = self._ensemble_ids(prompt, weights, max_new_tokens)
             n_prompt, expert = ids.shape[1], MIXTURE
@@ -494,21 +600,20 @@ class ExpertPool:
         deltas = TextDeltas(self.tokenizer)
         new: list[int] = []
         stop = False
-        with self.lock:
-            tokens = self._stream_tokens(ids, expert, max_new_tokens, sampling, weights)
-            try:
-                for token in tokens:
-                    if eos is not None and token == eos:
-                        stop = True
-                        break
-                    if len(new) == max_new_tokens:
-                        break
-                    new.append(token)
-                    piece = deltas.add(token)
-                    if piece:
-                        yield piece
-            finally:  # a consumer that stops early stops the generation before the lock is free
-                tokens.close()
+        tokens = self._stream_tokens(ids, expert, max_new_tokens, sampling, weights)
+        try:
+            for token in tokens:
+                if eos is not None and token == eos:
+                    stop = True
+                    break
+                if len(new) == max_new_tokens:
+                    break
+                new.append(token)
+                piece = deltas.add(token)
+                if piece:
+                    yield piece
+        finally:  # a consumer that stops early stops the generation (at its next token)
+            tokens.close()
         rest = deltas.finish()
         if rest:
             yield rest
@@ -516,14 +621,16 @@ class ExpertPool:
 
     def _stream_tokens(self, ids, expert, max_new_tokens, sampling, weights) -> Iterator[int]:
         """New token ids of one generation as they come (``generate`` runs in a thread and
-        hands them over through a ``_TokenQueue``); hold ``lock``."""
+        hands them over through a ``_TokenQueue``). That thread holds the pool's lock, and
+        gives its turn to the requests that wait after each token (the stopping criterion runs
+        between two steps): it then takes the lock back, its adapter and its random state
+        again (``_OwnRng``), and goes on with its own KV cache. Do not hold the lock."""
         if weights is not None:
             yield from self._ensemble_tokens(ids.to(self.device), weights, max_new_tokens)
             return
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteria
 
-        self.model.set_adapter(adapter_name(expert))
-        seed = None
+        pool, seed = self, None
         if sampling is None:
             how: dict = {"do_sample": False}
         else:
@@ -533,25 +640,31 @@ class ExpertPool:
         failure: list[BaseException] = []
         halt = threading.Event()  # set when the consumer stops early (a client that went away)
 
-        class _Halted(StoppingCriteria):
+        rng = _OwnRng(seed, self.device)
+
+        class _Turns(StoppingCriteria):
+            """After each token: stop if the consumer went away, else give the turn to the
+            requests that wait."""
+
             def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+                if not halt.is_set() and pool.lock.waiting():
+                    rng.pause()
+                    pool.lock.give_turn()
+                    rng.resume()
+                    pool.model.set_adapter(adapter_name(expert))
                 return torch.full(
                     (input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device
                 )
 
         def run() -> None:
             try:
-                with torch.no_grad(), seeded(seed, self.device):
-                    self.model.generate(
-                        input_ids=ids.to(self.device),
-                        attention_mask=torch.ones_like(ids).to(self.device),
-                        max_new_tokens=max_new_tokens,
-                        streamer=streamer,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        eos_token_id=self.tokenizer.eos_token_id,
-                        stopping_criteria=StoppingCriteriaList([_Halted()]),
-                        **how,
-                    )
+                with self.lock, torch.no_grad():
+                    self.model.set_adapter(adapter_name(expert))
+                    rng.enter()
+                    try:
+                        self._generate_stream(ids, max_new_tokens, streamer, _Turns(), how)
+                    finally:
+                        rng.leave()
             except BaseException as e:  # handed to the consumer, raised there
                 failure.append(e)
                 streamer.end()
@@ -566,6 +679,20 @@ class ExpertPool:
             worker.join()
         if failure:
             raise failure[0]
+
+    def _generate_stream(self, ids, max_new_tokens, streamer, turns, how) -> None:
+        from transformers import StoppingCriteriaList
+
+        self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=torch.ones_like(ids).to(self.device),
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([turns]),
+            **how,
+        )
 
     def _finish(self, expert: int, new: list[int], n_prompt: int, limit: int) -> Generation:
         new = new[:limit]

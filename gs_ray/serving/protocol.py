@@ -90,6 +90,7 @@ class OpenAIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = (
@@ -99,6 +100,7 @@ class OpenAIError(Exception):
             code,
             type_,
         )
+        self.headers = headers  # e.g. Retry-After of a 429
 
     def body(self) -> dict[str, Any]:
         return {
@@ -111,7 +113,7 @@ class OpenAIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class StreamOptions(BaseModel):
