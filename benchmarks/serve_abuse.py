@@ -120,7 +120,13 @@ def abusive_requests(
 
     def body(**fields) -> bytes:
         return json.dumps(
-            {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, **fields}
+            {
+                "model": "gs-ray",
+                "prompt": PROMPTS[0],
+                "max_tokens": 4,
+                "temperature": 0,
+                **fields,
+            }
         ).encode()
 
     every = [
@@ -149,13 +155,14 @@ OPEN_LOOP_THREADS = 64  # the valid client's threads in the open-loop phases (no
 
 def _attack() -> None:
     """The attacker's process (``--attack``): the spec on stdin (JSON: url, limits, kinds,
-    concurrency, min_count, until, headers). Its ``concurrency`` threads send the abusive kinds
-    in turn, every kind at least once (``min_count``), and on until "stop" comes on stdin (or
-    stdin ends), never past ``until`` seconds; prints "started", then one JSON line of (kind,
-    status, ms) rows."""
-    with contextlib.suppress(OSError):
-        os.nice(ATTACKER_NICE)
+    concurrency, rate, min_count, until, nice, headers). Its ``concurrency`` threads send the
+    abusive kinds in turn, one every 1/``rate`` seconds (a thread that is free takes the next
+    when it is due), every kind at least once (``min_count``), and on until "stop" comes on
+    stdin (or stdin ends), never past ``until`` seconds; prints "started", then one JSON line
+    of (kind, status, ms) rows."""
     spec = json.loads(sys.stdin.readline())
+    with contextlib.suppress(OSError):
+        os.nice(spec["nice"])
     kinds = abusive_requests(*spec["limits"], len(spec["kinds"] or ALL_KINDS), spec["kinds"])
     start = time.perf_counter()
     stop = threading.Event()
@@ -167,14 +174,19 @@ def _attack() -> None:
             if (n >= spec["min_count"] and stop.is_set()) or elapsed > spec["until"]:
                 return None
             sent[0] += 1
-            return kinds[n % len(kinds)]
+        time.sleep(max(0.0, start + n / spec["rate"] - time.perf_counter()))
+        return kinds[n % len(kinds)]
 
     def worker() -> list:
         rows = []
         while (item := next_item()) is not None:
             kind, body, headers, hang_up = item
             status, ms = _send(
-                spec["url"], "/v1/completions", body, {**spec["headers"], **headers}, hang_up
+                spec["url"],
+                "/v1/completions",
+                body,
+                {**spec["headers"], **headers},
+                hang_up,
             )
             rows.append((kind, status, ms))
         return rows
@@ -202,12 +214,14 @@ def measure(
     valid_headers: dict | None = None,
     abuse_headers: dict | None = None,
     load: float = 0.5,
+    attacker_nice: int = ATTACKER_NICE,
 ) -> dict:
     """Against ``url`` (the server's base URL; ``cfg``: its ``ServeConfig``): the valid
     client's capacity (``n_valid`` completions, ``concurrency`` at a time: closed loop), then
     the same completions sent at ``load`` times that rate (open loop: each at its time,
     whatever the answers before it) alone, and again while the attacker sends its abusive
-    kinds all along. ``valid_headers`` / ``abuse_headers``: each client's own (its API key)."""
+    kinds all along, at the valid requests' rate (as many of them, as long).
+    ``valid_headers`` / ``abuse_headers``: each client's own (its API key)."""
     valid = [
         json.dumps(
             {
@@ -271,6 +285,8 @@ def measure(
         "limits": [cfg.max_body_bytes, cfg.max_prompt_chars, cfg.max_new_tokens_limit],
         "kinds": kinds,
         "concurrency": concurrency,
+        "rate": rate,
+        "nice": attacker_nice,
         "min_count": len(abusive_requests(1, 1, 1, len(kinds or ALL_KINDS), kinds)),
         "until": max(1.0, deadline - time.perf_counter()),
         "headers": abuse_headers or {},
@@ -326,7 +342,11 @@ def _table(results: dict) -> str:
     rows = [("phase", "p50 ms", "p99 ms")]
     for label in ("alone", "with_abuse"):
         rows.append(
-            (label, f"{results[f'p50_ms_{label}']:.0f}", f"{results[f'p99_ms_{label}']:.0f}")
+            (
+                label,
+                f"{results[f'p50_ms_{label}']:.0f}",
+                f"{results[f'p99_ms_{label}']:.0f}",
+            )
         )
     lines += [" | ".join(f"{c:>12}" for c in r) for r in rows]
     lines.append(
@@ -363,7 +383,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--serve-run-dir", help="with --url: the run it serves (its limits)")
     parser.add_argument("--requests", type=int, default=120, help="valid completions per phase")
     parser.add_argument(
-        "--concurrency", type=int, default=4, help="the capacity phase's and the attacker's"
+        "--concurrency",
+        type=int,
+        default=4,
+        help="the capacity phase's and the attacker's",
     )
     parser.add_argument(
         "--load",
@@ -386,7 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a few requests: seconds")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    nice = ATTACKER_NICE
     if args.smoke:
+        nice = 0  # a loaded suite must not starve the smoke's attacker: its figures do not count
         args.requests, args.concurrency, args.max_tokens = 10, 2, 2
         args.time_limit = min(args.time_limit, 240)
 
@@ -412,6 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.kinds,
             **headers,
             load=args.load,
+            attacker_nice=nice,
         )
     else:
         import ray
@@ -435,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.kinds,
                 **headers,
                 load=args.load,
+                attacker_nice=nice,
             )
         finally:
             serve.shutdown()
