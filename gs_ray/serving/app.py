@@ -14,9 +14,9 @@ Three deployments, each a thin shell over ``gs_ray.serving.pool`` (STYLE: thin a
   honoured), ``GET /v1/models`` (``gs-ray`` routed, ``gs-ray/expert-K`` one expert,
   ``gs-ray/ensemble`` all K weighted by the router's probabilities, ``ExpertPool.ensemble``) and
   ``POST /v1/route``; errors in OpenAI's shape (``OpenAIError``). Greedy requests share the
-  experts' batches; sampled (``temperature`` > 0, seeded) requests run one at a time; streamed
-  and ensemble requests take the pool a token at a time, so that the requests waiting run
-  between two of their tokens (``pool.TurnLock``).
+  experts' batches; sampled (``temperature`` > 0, seeded), streamed and ensemble requests
+  each run alone, taking the pool a token at a time, so that the requests waiting run between
+  two of their tokens (``pool.TurnLock``).
   With ``serve.api_key`` (or ``GS_RAY_API_KEY``) or ``serve.api_keys_file`` (named clients)
   set, every route but ``/healthz`` needs ``Authorization: Bearer KEY`` (401); each client
   (its key's name, else its address) gets a share of the Ingress (``serve.client_*``, or its

@@ -29,7 +29,6 @@ expert sees at inference exactly the prompt format it was trained on.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import queue
 import threading
@@ -250,8 +249,7 @@ class TurnLock:
 class _OwnRng:
     """A seeded generation's random state, kept apart from torch's global one while the
     generation gives its turn to others (``pause`` / ``resume`` around a turn): its draws are
-    those it would make alone, and it leaves no trace in the global state (``seeded``, for a
-    generation that holds the lock throughout)."""
+    those it would make alone, and it leaves no trace in the global state."""
 
     def __init__(self, seed: int | None, device: torch.device):
         self.seed, self.device = seed, device
@@ -482,8 +480,6 @@ class ExpertPool:
                 results[i] = g
         return results  # type: ignore[return-value]  # every row is in exactly one group
 
-    @_locked
-    @torch.no_grad()
     def sample(
         self,
         prompt: str,
@@ -494,30 +490,12 @@ class ExpertPool:
         seed: int | None,
     ) -> Generation:
         """One sampled answer (``temperature`` > 0, nucleus ``top_p``); the same ``seed`` gives
-        the same answer (``seeded``: the RNG's state is the request's own and restored after,
-        so one client's seed never decides the next client's draws)."""
-        self.check(expert, max_new_tokens)
-        text = self.render(prompt)
-        check_fits(self._n_tokens(text), max_new_tokens, self.max_positions)
-        self.model.set_adapter(adapter_name(expert))
-        ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt").to(self.device)
-        with seeded(seed, self.device):
-            out = self.model.generate(
-                **ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-            )
-        return self._finish(
-            expert,
-            out[0, ids["input_ids"].shape[1] :].tolist(),
-            ids["input_ids"].shape[1],
-            max_new_tokens,
-        )
+        the same answer (its random state is the request's own and the global one is left as
+        it was, so one client's seed never decides the next client's draws). It runs as a
+        stream read to its end, so that a long answer gives the pool's turn to the requests
+        that wait between two of its tokens."""
+        *_, done = self.stream(prompt, expert, max_new_tokens, sampling=(temperature, top_p, seed))
+        return done
 
     def ensemble(self, prompt: str, weights: Sequence[float], max_new_tokens: int) -> Generation:
         """The ensemble of all K experts: greedy over the mixture ``sum_k w_k softmax(logits_k)``
@@ -746,19 +724,6 @@ class ExpertPool:
                 )
             )
         return results
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Inside: torch's RNG seeded with ``seed`` (none: as it was); after: restored to its state
-    before, so a seeded request leaves no trace for the next one (hold the pool's lock)."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.manual_seed(seed)
-        yield
 
 
 class ServedRun:
