@@ -6,6 +6,7 @@ the body's size (``serve.max_body_bytes``). Pure ASGI, no Ray: ``app.py`` instal
 Ingress replica (``install_gate``) and adds ``GateMiddleware`` to the FastAPI app."""
 
 import hashlib
+import hmac
 import logging
 import math
 import os
@@ -213,7 +214,10 @@ class Gate:
         if self.keys:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()
-            name = self.keys.get(digest) if scheme.lower() == "bearer" else None
+            name = None
+            for known, who in self.keys.items():  # every digest, each in constant time
+                if hmac.compare_digest(digest, known) and scheme.lower() == "bearer":
+                    name = who
             if name is None:
                 return OpenAIError(
                     401,
