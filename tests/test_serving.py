@@ -804,6 +804,42 @@ def test_a_stream_closed_early_stops_its_generation(pool, monkeypatch):
     pool.lock.release()
 
 
+def test_turn_lock_hands_over_in_order_and_is_reentrant():
+    """TurnLock: reentrant for its owner; ``give_turn`` lets every thread that waits run, in the
+    order they came, before the owner has it back; only the owner may release it."""
+    import threading
+
+    from gs_ray.serving.pool import TurnLock
+
+    lock, order = TurnLock(), []
+    lock.acquire()
+    assert lock.acquire() and lock.waiting() == 0  # reentrant
+    lock.release()
+
+    def take(i: int) -> None:
+        with lock:
+            order.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(3)]
+    for i, t in enumerate(threads):
+        t.start()
+        deadline = time.monotonic() + 30
+        while lock.waiting() < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert lock.waiting() == 3 and order == []
+    assert lock.give_turn() and order == [0, 1, 2]  # all three ran, in turn, before it was back
+    assert lock.waiting() == 0 and not lock.give_turn()
+    other = threading.Thread(target=lambda: order.append(lock.acquire(blocking=False)))
+    other.start()
+    other.join()
+    assert order[-1] is False  # held by this thread: another one does not get it without waiting
+    lock.release()
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        lock.release()
+    for t in threads:
+        t.join()
+
+
 def test_a_long_stream_gives_its_turn_to_the_requests_that_wait(pool):
     """A stream takes the pool a token at a time: a batch, a sampled answer and an ensemble
     asked for while it runs are answered before it ends (not after its last token), each as
