@@ -840,12 +840,14 @@ def test_turn_lock_hands_over_in_order_and_is_reentrant():
         t.join()
 
 
-def test_a_long_stream_gives_its_turn_to_the_requests_that_wait(pool):
+def test_a_long_stream_gives_its_turn_to_the_requests_that_wait(pool, monkeypatch):
     """A stream takes the pool a token at a time: a batch, a sampled answer and an ensemble
     asked for while it runs are answered before it ends (not after its last token), each as
     if alone; and the stream's own answer, seeded, is the one it gives alone (its adapter and
     its random state are its own again after each turn)."""
     import threading
+
+    from gs_ray.serving import pool as pool_module
 
     n, sampling = 300, (1.0, 0.9, 3)
     *alone, alone_done = pool.stream(PROMPTS[0], 0, n, sampling=sampling)
@@ -855,6 +857,15 @@ def test_a_long_stream_gives_its_turn_to_the_requests_that_wait(pool):
         pool.sample(PROMPTS[2], 1, 4, 1.0, 0.9, 11),
         pool.ensemble(PROMPTS[3], [0.2, 0.5, 0.3], 4),
     )
+    # Each streamed token now takes at least 20 ms (inside its step, holding the pool): the
+    # stream lasts seconds, so that the others come while it runs even on a loaded machine.
+    put = pool_module._TokenQueue.put
+
+    def slow_put(self, value) -> None:
+        time.sleep(0.02)
+        put(self, value)
+
+    monkeypatch.setattr(pool_module._TokenQueue, "put", slow_put)
     stream = pool.stream(PROMPTS[0], 0, n, sampling=sampling)
     pieces = [next(stream)]  # its generation runs, holding the pool between two tokens
     got: list = []
