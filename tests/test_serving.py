@@ -1341,7 +1341,7 @@ def test_http_a_client_over_its_share_gets_429_and_the_others_are_served(keyed):
     def completion(key: str, stream: bool = False):
         parts = urllib.parse.urlsplit(keyed)
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-        body = {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 200, "stream": stream}
+        body = {"model": "gs-ray", "prompt": PROMPTS[0], "max_tokens": 500, "stream": stream}
         conn.request(
             "POST",
             parts.path + "/v1/completions",
