@@ -214,9 +214,9 @@ class Gate:
         if self.keys:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             digest = hashlib.sha256(token.strip().encode("utf-8", "surrogatepass")).hexdigest()
-            name = None
+            bearer, name = scheme.lower() == "bearer", None
             for known, who in self.keys.items():  # every digest, each in constant time
-                if hmac.compare_digest(digest, known) and scheme.lower() == "bearer":
+                if hmac.compare_digest(digest, known) and bearer:
                     name = who
             if name is None:
                 return OpenAIError(
@@ -259,10 +259,11 @@ def install_gate(gate: Gate) -> None:
 
 
 class GateMiddleware:
-    """ASGI middleware in front of every route: refuses by headers (``Gate.refusal``: key,
-    Host, declared length) before anything reads the body, then reads the body itself,
-    counting, so that a chunked body over the limit is cut off at the limit (413). No gate
-    installed yet: 503 (nothing is served unchecked)."""
+    """ASGI middleware in front of every route: refuses by headers (``Gate.admit``: key,
+    Host, declared length, the client's share) before anything reads the body, then reads the
+    body itself, counting, so that a chunked body over the limit is cut off at the limit (413);
+    the client's share is given back when the request ends. No gate installed yet: 503
+    (nothing is served unchecked)."""
 
     def __init__(self, app):
         self.app = app

@@ -214,7 +214,6 @@ class TurnLock:
                 self._cond.wait()
             self._queue.popleft()
             self._owner, self._depth = me, 1
-            self._cond.notify_all()  # the next in line re-checks: it waits for this owner now
         return True
 
     def release(self) -> None:
@@ -248,12 +247,12 @@ class TurnLock:
 
 class _OwnRng:
     """A seeded generation's random state, kept apart from torch's global one while the
-    generation gives its turn to others (``pause`` / ``resume`` around a turn): its draws are
+    generation gives its turn to others (``swap`` before and after a turn): its draws are
     those it would make alone, and it leaves no trace in the global state."""
 
     def __init__(self, seed: int | None, device: torch.device):
         self.seed, self.device = seed, device
-        self.outside = self.ours = None
+        self.held = None  # the state not installed now: the outside one, or during a turn ours
 
     def _get(self):
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -266,22 +265,19 @@ class _OwnRng:
 
     def enter(self) -> None:
         if self.seed is not None:
-            self.outside = self._get()
+            self.held = self._get()
             torch.manual_seed(self.seed)
 
-    def pause(self) -> None:
+    def swap(self) -> None:
+        """Install the held state and hold the installed one (ours out, or back in)."""
         if self.seed is not None:
-            self.ours = self._get()
-            self._set(self.outside)
-
-    def resume(self) -> None:
-        if self.seed is not None:
-            self.outside = self._get()
-            self._set(self.ours)
+            installed = self._get()
+            self._set(self.held)
+            self.held = installed
 
     def leave(self) -> None:
         if self.seed is not None:
-            self._set(self.outside)
+            self._set(self.held)
 
 
 def _locked(method):
@@ -626,9 +622,9 @@ class ExpertPool:
 
             def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
                 if not halt.is_set() and pool.lock.waiting():
-                    rng.pause()
+                    rng.swap()  # the outside state in while the others run, ours out
                     pool.lock.give_turn()
-                    rng.resume()
+                    rng.swap()
                     pool.model.set_adapter(adapter_name(expert))
                 return torch.full(
                     (input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device
