@@ -22,7 +22,8 @@ re-run, resumed or inspected on its own::
                               name): scores.jsonl (id, score, rank; best first), summary.json,
                               and from gs-ray select ranked.jsonl / selected.jsonl (the input
                               records, best first / the budget's top)
-    router/                   the router head and its settings
+    router/                   the router head and its settings (and features_train.npy,
+                              features_calibration.npy: the encoder's features of the prompts)
     router/fallback.json      the router's calibration: temperature, confidence threshold
     eval/eval.json            gs-ray eval: every method's held-out numbers (and partitions.json,
                               adapters/seed<i>/<method>/... with train.json, routers/<method>/,
@@ -395,6 +396,16 @@ class RunDir:
     @property
     def router(self) -> Path:
         return self.path / "router"
+
+    @property
+    def router_features(self) -> Path:
+        """The router encoder's features of the training prompts (``router.kind encoder``)."""
+        return self.router / "features_train.npy"
+
+    @property
+    def calibration_features(self) -> Path:
+        """... and of the calibration prompts (the routability step's held-out check)."""
+        return self.router / "features_calibration.npy"
 
     @property
     def eval_dir(self) -> Path:

@@ -87,6 +87,44 @@ def test_splits_inside_a_domain_are_merged_with_centroids_given():
     assert res.k_after == 2
 
 
+def test_held_out_rows_merge_what_cross_validation_on_the_training_rows_keeps():
+    """Four domains whose training rows' clusters follow the prompts (cross-validation: no merge),
+    while on held-out rows (clusters assigned to centroids they did not build) code and math
+    fall at random into each other's cluster: the held-out check merges those two, and only them.
+    Fewer held-out rows than 1 / (1 - target) are not checked."""
+    from gs_ray.routing.routability import min_held_rows
+
+    rng = np.random.default_rng(7)
+    texts, labels = [], []
+    for c, domain in enumerate(["finance", "code", "story", "math"]):
+        texts += prompts(domain, 50, rng)
+        labels += [c] * 50
+    labels = np.array(labels)
+    held_texts, held = [], []
+    for c, domain in enumerate(["finance", "code", "story", "math"]):
+        held_texts += prompts(domain, 15, rng)
+        held += [int(rng.choice([1, 3])) if c in (1, 3) else c for _ in range(15)]
+    held = np.array(held)
+    cfg = RouterConfig(kind="tfidf")
+    plain = merge_for_routability(texts, labels, 4, cfg, target=0.95)
+    assert plain.k_after == 4 and not plain.steps and plain.to_dict()["n_held"] == 0
+    res = merge_for_routability(
+        texts, labels, 4, cfg, target=0.95, held_texts=held_texts, held_labels=held
+    )
+    assert res.n_held == 60 and res.held_agreement_before < 0.9
+    assert res.k_after == 3 and res.mapping[1] == res.mapping[3]
+    assert len({res.mapping[c] for c in (0, 1, 2)}) == 3  # finance and stories stay apart
+    step = res.to_dict()["steps"][0]
+    assert step["basis"] == "held-out" and "held-out agreement" in step["why"]
+    assert res.held_agreement_after >= 0.95 and res.to_dict()["met"]
+    few = min_held_rows(0.95) - 1
+    assert few == 19
+    small = merge_for_routability(
+        texts, labels, 4, cfg, target=0.95, held_texts=held_texts[:few], held_labels=held[:few]
+    )
+    assert small.k_after == 4 and small.n_held == 0 and small.held_agreement_after is None
+
+
 def test_encoder_kind_needs_features():
     with pytest.raises(ValueError, match="features"):
         cv_probabilities(["a b", "c d"], np.array([0, 1]), 2, RouterConfig(kind="encoder"))
@@ -144,3 +182,17 @@ def test_product_mode_applies_the_merge_and_holds_out_calibration_rows(tmp_path)
     assert len(cal) >= 2 and not set(cal) & set(p.splits.warmup)
     assert set(cal) <= set(p.splits.train) and not set(cal) & set(p.fit_rows())
     assert (p.calibration_rows() == cal).all()  # seeded: the same rows every time
+    # Stage II builds its centroids without them (validation subset, online epochs) and assigns
+    # them in the final pass, as the test rows; nothing else of the plan moves.
+    from gs_ray.stage2.plan import Stage2Plan
+
+    whole = Stage2Plan.build(p.lengths, p.splits, p.cfg)
+    plan = Stage2Plan.build(p.lengths, p.splits, p.cfg, cal)
+    assert (plan.train == np.setdiff1d(p.splits.train, cal)).all()
+    assert not set(np.concatenate(plan.val)) & set(cal)
+    assert set(np.concatenate(plan.val)) == set(p.splits.val) - set(cal)
+    assert all(not set(np.concatenate(epoch)) & set(cal) for epoch in plan.online)
+    assert set(np.concatenate(plan.final)) == set(np.concatenate(whole.final))
+    assert set(cal) <= set(np.concatenate(plan.final))
+    empty = Stage2Plan.build(p.lengths, p.splits, p.cfg, np.zeros(0, dtype=np.int64))
+    assert all((a == b).all() for a, b in zip(empty.online[0], whole.online[0]))

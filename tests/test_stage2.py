@@ -61,7 +61,10 @@ def reference(tmp_path_factory):
     cfg, path = small_config(tmp, "ref")
     p = prepare(cfg, base_model=base_model_for)
     warmup_local(p)
-    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+    # The calibration rows take no part in the centroids, as in the pipeline's Stage II (the
+    # driver-killed test resumes a pipeline run and compares with this reference).
+    plan = Stage2Plan.build(p.lengths, p.splits, cfg, p.calibration_rows())
+    assert len(plan.train) < len(p.splits.train)
     computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
     res = run_stage2_local(
         plan, p.samples, computer, CentroidHost(make_clusterer(cfg), len(p.samples))
@@ -72,7 +75,7 @@ def reference(tmp_path_factory):
 def _run_ray(ref, tmp_path, consumers=(), **overrides):
     p = ref["p"]
     cfg = load_config(ref["config_path"], [f"--{k}={v}" for k, v in overrides.items()])
-    plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+    plan = Stage2Plan.build(p.lengths, p.splits, cfg, p.calibration_rows())
     return run_stage2_ray(
         plan,
         p.samples,
@@ -103,7 +106,7 @@ def test_ray_reproduces_the_reference(ray_session, reference, tmp_path):
     # Every gradient went through the centroid actor, once: val + online epochs + final.
     p = reference["p"]
     n_train, n_all, d = (
-        len(p.splits.train),
+        len(reference["plan"].train),
         len(p.samples),
         host.clusterer.cluster_centers_.shape[1],
     )
@@ -111,7 +114,7 @@ def test_ray_reproduces_the_reference(ray_session, reference, tmp_path):
     assert epochs >= 2 and out.clusterer.n_samples_seen_ == epochs * n_train
     # The oracle recomputes every pass; this run keeps the first online epoch's rows in the
     # centroid actor (stage2.keep_rows_mb) and computes each row once: the same result.
-    assert out.info["bytes_in"] == 4 * d * (len(p.splits.val) + n_all)
+    assert out.info["bytes_in"] == 4 * d * (sum(map(len, reference["plan"].val)) + n_all)
     assert out.info["engine_calls"] == _calls_keeping_rows(reference["plan"])
     assert all(b > 0 for b in out.info["worker_busy_seconds"])
     # CPU workers yield to the centroid actor (stage2.worker_nice, default 5, and
@@ -139,8 +142,7 @@ def test_killed_gradient_worker_is_replaced_without_losing_or_repeating_samples(
     fired = sorted(f.name for f in (tmp_path / "faults").iterdir())
     assert fired == ["fault-worker-final-0-5", "fault-worker-online-0-3"]
     np.testing.assert_array_equal(out.labels, reference["res"].labels)
-    p = reference["p"]
-    assert out.clusterer.n_samples_seen_ == out.clusterer.epoch_ * len(p.splits.train)
+    assert out.clusterer.n_samples_seen_ == out.clusterer.epoch_ * len(reference["plan"].train)
 
 
 def test_partial_sums_transport_matches_exact_assignments(ray_session, reference, tmp_path):

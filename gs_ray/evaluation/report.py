@@ -439,8 +439,15 @@ def build_report(run_dir: str | Path) -> Path:
             parts.append(
                 f"<p>Routability: K {_num(merge['k_before'])} &rarr; {_num(merge['k_after'])}; the "
                 f"cross-validated router agreement went from "
-                f"{_num(merge['agreement_before'])} to {_num(merge['agreement_after'])} "
-                f"(target {_num(merge['target'])}).</p>"
+                f"{_num(merge['agreement_before'])} to {_num(merge['agreement_after'])}"
+                + (
+                    f"; on {_num(merge['n_held'])} held-out calibration rows (not part of the "
+                    f"centroids) from {_num(merge['held_agreement_before'])} to "
+                    f"{_num(merge['held_agreement_after'])}"
+                    if merge.get("n_held")
+                    else ""
+                )
+                + f" (target {_num(merge['target'])}).</p>"
             )
             if merge.get("merges"):
                 parts.append(

@@ -21,6 +21,13 @@ The rule, greedy and deterministic:
 3. The merged partition is cross-validated again (a router trained on the merged labels, not the
    summed probabilities): if that agreement is still below the target, steps 2-3 repeat.
 
+Cross-validation on the training rows overstates what new prompts show: those rows built the
+centroids they are assigned to, a new prompt's gradient did not (on the data mix, 0.96
+cross-validated against 0.89-0.94 on the test prompts; docs/evaluation.md). So where the run holds
+rows out of the centroids (the calibration rows: ``Stage2Plan.build``'s ``held_out``), a router
+fitted on every training row must also reach the target on them, and their confusions count in
+step 2 beside the out-of-fold ones.
+
 Every merge is recorded with its reason (confusions, the clusters' sizes, the centroid cosine).
 Pure (scikit-learn / torch), no Ray: the pipeline's ``routability`` stage runs it in a Ray task.
 """
@@ -30,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,6 +45,8 @@ from gs_ray.config import RouterConfig
 from gs_ray.core.cosine import unit_rows
 
 log = logging.getLogger(__name__)
+
+Basis = Literal["cross-validated", "held-out"]
 
 
 def fold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
@@ -113,13 +122,17 @@ class MergeStep:
 
     a: int
     b: int
-    confusions: int  # rows of a routed to b plus rows of b routed to a (out of fold)
+    confusions: int  # rows of a routed to b plus rows of b routed to a (out of sample)
     sizes: tuple[int, int]
     centroid_cosine: float | None
     agreement_before: float
     agreement_after: float
+    held_agreement_before: float | None = None  # on the held-out rows, where they are used
+    basis: Basis = "cross-validated"  # the agreement below the target that called for it
 
     def to_dict(self) -> dict[str, Any]:
+        cv = self.basis == "cross-validated"
+        short = self.agreement_before if cv else self.held_agreement_before
         return {
             "merged": [self.a, self.b],
             "confusions": self.confusions,
@@ -127,10 +140,11 @@ class MergeStep:
             "centroid_cosine": self.centroid_cosine,
             "agreement_before": self.agreement_before,
             "agreement_after": self.agreement_after,
+            "held_agreement_before": self.held_agreement_before,
+            "basis": self.basis,
             "why": (
                 f"the router confused clusters {self.a} and {self.b} on {self.confusions} of "
-                f"{sum(self.sizes)} rows (cross-validated agreement {self.agreement_before:.3f} "
-                f"< target)"
+                f"{sum(self.sizes)} rows ({self.basis} agreement {short:.3f} < target)"
             ),
         }
 
@@ -147,6 +161,9 @@ class RoutabilityResult:
     agreement_after: float  # ... with the merged partition (a router trained on it)
     steps: list[MergeStep] = field(default_factory=list)
     cv_rounds: int = 1
+    n_held: int = 0  # held-out rows whose agreement is also checked (0: none)
+    held_agreement_before: float | None = None  # a router fitted on every training row
+    held_agreement_after: float | None = None
 
     def labels(self, labels: np.ndarray) -> np.ndarray:
         """Stage II labels mapped to the merged partition (negative codes are kept)."""
@@ -157,6 +174,7 @@ class RoutabilityResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        held_met = self.held_agreement_after is None or self.held_agreement_after >= self.target
         return {
             "mapping": self.mapping.tolist(),
             "k_before": self.k_before,
@@ -164,7 +182,10 @@ class RoutabilityResult:
             "target": self.target,
             "agreement_before": self.agreement_before,
             "agreement_after": self.agreement_after,
-            "met": bool(self.agreement_after >= self.target or self.k_after == 1),
+            "n_held": self.n_held,
+            "held_agreement_before": self.held_agreement_before,
+            "held_agreement_after": self.held_agreement_after,
+            "met": bool((self.agreement_after >= self.target and held_met) or self.k_after == 1),
             "cv_rounds": self.cv_rounds,
             "steps": [s.to_dict() for s in self.steps],
         }
@@ -176,15 +197,20 @@ class RoutabilityResult:
 
 def summary_line(d: dict[str, Any]) -> str:
     """One console line for a routability record (``RoutabilityResult.to_dict``)."""
+    held = ""
+    if d.get("n_held"):
+        held = f"; on {d['n_held']} held-out rows {d['held_agreement_before']:.3f}" + (
+            "" if not d["steps"] else f" -> {d['held_agreement_after']:.3f}"
+        )
     if not d["steps"]:
         return (
             f"routability: K={d['k_before']} kept (cross-validated router agreement "
-            f"{d['agreement_before']:.3f}, target {d['target']})"
+            f"{d['agreement_before']:.3f}{held}, target {d['target']})"
         )
     return (
         f"routability: K {d['k_before']} -> {d['k_after']} ({len(d['steps'])} merges); "
         f"cross-validated router agreement {d['agreement_before']:.3f} -> "
-        f"{d['agreement_after']:.3f} (target {d['target']})"
+        f"{d['agreement_after']:.3f}{held} (target {d['target']})"
     )
 
 
@@ -192,12 +218,18 @@ def _agreement(proba: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(proba.argmax(1) == labels)) if len(labels) else 1.0
 
 
-def _merge_once(proba, labels, cos) -> tuple[int, int, int]:
-    """The pair to merge: most confusions, then the closest centroids, then the lowest indices."""
+def _confusions(proba: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(k, k) counts of rows of cluster a routed to b (argmax of ``proba``)."""
     k = proba.shape[1]
-    pred = proba.argmax(1)
     conf = np.zeros((k, k), dtype=np.int64)
-    np.add.at(conf, (labels, pred), 1)
+    np.add.at(conf, (labels, proba.argmax(1)), 1)
+    return conf
+
+
+def _merge_once(conf: np.ndarray, cos: np.ndarray | None) -> tuple[int, int, int]:
+    """The pair to merge: most confusions (both ways), then the closest centroids, then the
+    lowest indices."""
+    k = conf.shape[0]
     sym = conf + conf.T
     best = None
     for a in range(k):
@@ -207,6 +239,18 @@ def _merge_once(proba, labels, cos) -> tuple[int, int, int]:
                 best = (key, a, b)
     assert best is not None
     return best[1], best[2], best[0][0]
+
+
+def min_held_rows(target: float) -> int:
+    """Held-out rows needed before their agreement is checked: 1 / (1 - target), the fewest on
+    which a single disagreement still meets the target (20 for 0.95)."""
+    return int(np.ceil(1.0 / max(1e-9, 1.0 - target))) if target < 1.0 else 1
+
+
+def _merged(x: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Labels after b joined a (clusters above b move down by one)."""
+    x = np.where(x == b, a, x)
+    return np.where(x > b, x - 1, x)
 
 
 def merge_for_routability(
@@ -220,44 +264,88 @@ def merge_for_routability(
     centroids: np.ndarray | None = None,
     features: np.ndarray | None = None,
     max_rounds: int = 4,
+    held_texts: Sequence[str] = (),
+    held_labels: np.ndarray | None = None,
+    held_features: np.ndarray | None = None,
 ) -> RoutabilityResult:
-    """Merge the clusters that a cross-validated router cannot tell apart (module docstring).
+    """Merge the clusters that a router cannot tell apart (module docstring).
 
     ``labels``: the training rows' clusters in ``[0, k)``; ``centroids``: Stage II's (k, d)
-    centroids, for ties (optional). Returns the mapping from Stage II's clusters to the merged
-    ones; merged clusters are numbered by their smallest original cluster, in order."""
+    centroids, for ties (optional). ``held_texts``/``held_labels``: rows that took no part in
+    the centroids (the calibration rows), whose clusters are what a new prompt's would be; where
+    there are at least ``min_held_rows(target)`` of them, a router fitted on every training row
+    must also reach the target on them (cross-validation on the rows the partition was built
+    on overstates what new prompts show), and their confusions count in the choice of a merge.
+    Returns the mapping from Stage II's clusters to the merged ones; merged clusters are
+    numbered by their smallest original cluster, in order."""
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"labels must lie in [0, {k})")
+    held = np.asarray(held_labels if held_labels is not None else [], dtype=np.int64)
+    if len(held) != len(held_texts):
+        raise ValueError(f"{len(held_texts)} held-out texts and {len(held)} labels")
+    if len(held) and (held.min() < 0 or held.max() >= k):
+        raise ValueError(f"held-out labels must lie in [0, {k})")
+    use_held = len(held) >= min_held_rows(target)
+    if use_held and cfg.kind == "encoder" and held_features is None:
+        raise ValueError("router.kind encoder: pass the held-out prompts' encoder features")
+    all_texts = list(texts) + list(held_texts)
+    all_features = (
+        np.concatenate([features, held_features]) if use_held and features is not None else features
+    )
+    n = len(labels)
+    fit_ix, held_ix = np.arange(n), np.arange(n, n + len(held))
+
+    def evidence(current, held_cur, kc):
+        """Out-of-fold probabilities of the training rows; the held-out rows' from a router
+        fitted on every training row (None where they are not used)."""
+        proba = cv_probabilities(texts, current, kc, cfg, folds, seed, features)
+        if not use_held:
+            return proba, None
+        both = np.concatenate([current, held_cur])
+        return proba, _fold_proba(all_texts, both, kc, cfg, fit_ix, held_ix, all_features, seed)
+
     mapping = np.arange(k)  # original cluster -> current cluster
     cent = None
     if centroids is not None:
         cent = np.asarray(centroids, dtype=np.float64)
         cent = unit_rows(cent)
     steps: list[MergeStep] = []
-    current = labels.copy()
+    current, held_cur = labels.copy(), held.copy()
     kc = k
-    proba = cv_probabilities(texts, current, kc, cfg, folds, seed, features) if kc > 1 else None
+    proba, hproba = evidence(current, held_cur, kc) if kc > 1 else (None, None)
     first = _agreement(proba, current) if proba is not None else 1.0
-    agreement, rounds = first, 1
-    while kc > 1 and agreement < target:
-        # Merge on the summed out-of-fold probabilities until the target is met ...
-        while kc > 1 and _agreement(proba, current) < target:
+    held_first = _agreement(hproba, held_cur) if hproba is not None else None
+    agreement, held_agreement, rounds = first, held_first, 1
+
+    def met(cv: float, ho: float | None) -> bool:
+        return cv >= target and (ho is None or ho >= target)
+
+    while kc > 1 and not met(agreement, held_agreement):
+        # Merge on the summed out-of-sample probabilities until the target is met ...
+        while kc > 1:
             before = _agreement(proba, current)
+            held_before = _agreement(hproba, held_cur) if hproba is not None else None
+            if met(before, held_before):
+                break
             sizes = np.bincount(current, minlength=kc)
             cos = cent @ cent.T if cent is not None else None
-            a, b, n_conf = _merge_once(proba, current, cos)
+            conf = _confusions(proba, current)
+            if hproba is not None:
+                conf = conf + _confusions(hproba, held_cur)
+            a, b, n_conf = _merge_once(conf, cos)
             if cent is not None:  # the merged centroid: the size-weighted mean direction
                 merged = cent[a] * max(sizes[a], 1) + cent[b] * max(sizes[b], 1)
                 cent[a] = unit_rows(merged)
                 cent = np.delete(cent, b, axis=0)
             # b joins a; clusters above b move down by one.
-            mapping = np.where(mapping == b, a, mapping)
-            mapping = np.where(mapping > b, mapping - 1, mapping)
-            current = np.where(current == b, a, current)
-            current = np.where(current > b, current - 1, current)
+            mapping = _merged(mapping, a, b)
+            current, held_cur = _merged(current, a, b), _merged(held_cur, a, b)
             proba[:, a] += proba[:, b]
             proba = np.delete(proba, b, axis=1)
+            if hproba is not None:
+                hproba[:, a] += hproba[:, b]
+                hproba = np.delete(hproba, b, axis=1)
             kc -= 1
             steps.append(
                 MergeStep(
@@ -268,15 +356,19 @@ def merge_for_routability(
                     float(cos[a, b]) if cos is not None else None,
                     before,
                     _agreement(proba, current),
+                    held_before,
+                    "cross-validated" if before < target else "held-out",
                 )
             )
-        # ... then check with a router trained on the merged labels.
+        # ... then check with routers trained on the merged labels.
         if kc > 1:
-            proba = cv_probabilities(texts, current, kc, cfg, folds, seed, features)
+            proba, hproba = evidence(current, held_cur, kc)
             agreement = _agreement(proba, current)
+            held_agreement = _agreement(hproba, held_cur) if hproba is not None else None
             rounds += 1
         else:
             agreement = 1.0
+            held_agreement = 1.0 if use_held else None
         if rounds >= max_rounds:
             break
     return RoutabilityResult(
@@ -288,4 +380,7 @@ def merge_for_routability(
         agreement_after=agreement,
         steps=steps,
         cv_rounds=rounds,
+        n_held=len(held) if use_held else 0,
+        held_agreement_before=held_first,
+        held_agreement_after=held_agreement,
     )

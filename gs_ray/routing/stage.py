@@ -50,7 +50,7 @@ def router_stage(p: Prepared, resume: bool = False) -> dict:
                 k,
                 p.cfg.router,
                 p.cfg.run.seed,
-                str(p.run.sub("router", "features_train.npy")),
+                str(p.run.router_features),
                 str(p.run.router),
             )
         )
@@ -64,16 +64,34 @@ def router_stage(p: Prepared, resume: bool = False) -> dict:
     return metrics
 
 
-def _routability_task(texts, labels, k, router_cfg, target, folds, seed, centroids, cache_path):
+def _routability_task(
+    texts, labels, k, router_cfg, target, folds, seed, centroids, cache_path, held=((), None, "")
+):
+    """``held``: the calibration rows' (prompts, clusters, encoder features' cache path)."""
     from gs_ray.routing.encoder import encode_cached
     from gs_ray.routing.routability import merge_for_routability
 
     use_assigned_cpus()
-    features = None
+    (held_texts, held_labels, held_cache), features, held_features = held, None, None
     if router_cfg.kind == "encoder":
         features = encode_cached(texts, router_cfg.encoder, cache_path, router_cfg.max_length)
+        if len(held_texts):
+            held_features = encode_cached(
+                held_texts, router_cfg.encoder, held_cache, router_cfg.max_length
+            )
     return merge_for_routability(
-        texts, labels, k, router_cfg, target, folds, seed, centroids, features
+        texts,
+        labels,
+        k,
+        router_cfg,
+        target,
+        folds,
+        seed,
+        centroids,
+        features,
+        held_texts=held_texts,
+        held_labels=held_labels,
+        held_features=held_features,
     ).to_dict()
 
 
@@ -89,6 +107,10 @@ def routability_stage(p: Prepared, resume: bool = False) -> dict:
     with run.stage("routability") as info:
         rows = p.fit_rows()
         rows = rows[labels[rows] >= 0]
+        # The calibration rows took no part in Stage II's centroids (Stage2Plan.build): their
+        # clusters are what a new prompt's would be, and the merge checks the router on them.
+        held = p.calibration_rows()
+        held = held[labels[held] >= 0]
         centroids = np.load(run.centroids_path) if run.centroids_path.exists() else None
         task = ray.remote(_routability_task).options(**task_resources())
         result = ray.get(
@@ -101,7 +123,12 @@ def routability_stage(p: Prepared, resume: bool = False) -> dict:
                 cfg.clustering.routability_folds,
                 cfg.run.seed,
                 centroids,
-                str(run.sub("router", "features_train.npy")),
+                str(run.router_features),
+                (
+                    [p.samples[i].prompt for i in held],
+                    labels[held],
+                    str(run.calibration_features),
+                ),
             )
         )
         result["n_rows"] = len(rows)
@@ -114,6 +141,9 @@ def routability_stage(p: Prepared, resume: bool = False) -> dict:
                 "k_after",
                 "agreement_before",
                 "agreement_after",
+                "n_held",
+                "held_agreement_before",
+                "held_agreement_after",
                 "target",
                 "met",
             )

@@ -41,12 +41,22 @@ class Stage2Plan:
     final: list[np.ndarray]
 
     @classmethod
-    def build(cls, lengths: np.ndarray, splits: Splits, cfg: Config) -> Stage2Plan:
+    def build(
+        cls, lengths: np.ndarray, splits: Splits, cfg: Config, held_out: np.ndarray | None = None
+    ) -> Stage2Plan:
+        """``held_out``: training rows that take no part in the centroids (neither the K
+        selection's validation subset nor the online epochs; ``Prepared.calibration_rows``): the
+        final pass assigns them as it assigns the test rows, so that their clusters are what a
+        new prompt's would be."""
         c, g, seed = cfg.clustering, cfg.gradients, cfg.run.seed
-        val = [splits.val[i : i + c.batch_size] for i in range(0, len(splits.val), c.batch_size)]
+        kept_val, kept_train = splits.val, splits.train
+        if held_out is not None and len(held_out):
+            kept_val = np.setdiff1d(kept_val, held_out)
+            kept_train = np.setdiff1d(kept_train, held_out)
+        val = [kept_val[i : i + c.batch_size] for i in range(0, len(kept_val), c.batch_size)]
         online = [
             length_bucketed_batches(
-                lengths, splits.train, c.batch_size, g.bucket_window, online_order_seed(seed, e)
+                lengths, kept_train, c.batch_size, g.bucket_window, online_order_seed(seed, e)
             )
             for e in range(c.max_epochs)
         ]

@@ -44,7 +44,7 @@ def stage2_local(p: Prepared, consumers: Sequence[GradientConsumer] = ()) -> Sta
         if not TRANSPORTS[cfg.stage2.transport].whole_gradients:
             raise ValueError("the local reference pipeline implements the exact transport only")
         computer = GradientComputer(p.base_path, cfg, p.run.warmup_adapter, p.pad_id)
-        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+        plan = Stage2Plan.build(p.lengths, p.splits, cfg, p.calibration_rows())
         rows = RowStore.of_plan(plan, len(p.samples), cfg.stage2.keep_rows_mb)
         host = CentroidHost(make_clusterer(cfg), len(p.samples), consumers=consumers, rows=rows)
         res = run_stage2_local(plan, p.samples, computer, host)
@@ -61,7 +61,7 @@ def stage2_ray(
     ``consumers`` read the same gradients inside the centroid actor."""
     with p.run.stage("stage2") as info:
         cfg = stage2_config(p)
-        plan = Stage2Plan.build(p.lengths, p.splits, cfg)
+        plan = Stage2Plan.build(p.lengths, p.splits, cfg, p.calibration_rows())
         res = run_stage2_ray(
             plan,
             p.samples,
