@@ -14,13 +14,14 @@ the reference, one Ray Train run per adapter (``pack: off``), both in parallel. 
     python benchmarks/pipeline_stages.py --json benchmarks/results/pipeline_stages.json
     python benchmarks/pipeline_stages.py --smoke --json /tmp/p.json   # tiny sizes, minutes
 
-``--smoke`` runs a small pipeline (240 demo samples, one online epoch) and retrains two adapters
-with at most 2 steps each, packed into one run, and the second of them again alone, in a run of
-its own (one adapter alone checks packed = alone as well as two, and each Ray Train run's
-start-up costs more CPU than these steps); with ``--run-dir`` it only shortens the retraining.
-No speed-up is reported then (the two legs train different numbers of adapters). That an
-adapter trained in a shared run equals the one trained alone is checked only here: the suite
-runs this smoke on its end-to-end run (tests/test_pipeline.py).
+``--smoke`` runs a small pipeline (240 demo samples, one online epoch) and trains one Ray Train
+run instead of two (each run's start-up costs more CPU than these adapters' steps): where the run
+trained several adapters in one shared run, the one of them with the fewest steps is trained
+again alone, with the run's own settings, and compared with the run's (packed = alone, against
+what the pipeline itself trained); otherwise two adapters with at most 2 steps each are
+trained packed into one run and the second of them again alone. No speed-up is reported then.
+That an adapter trained in a shared run equals the one trained alone is checked only here: the
+suite runs this smoke on its end-to-end run (tests/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def retrain(
     p = prepare(run.config(), run, base_model=base_model_for, read_only=True)
     try:
         labels, k = p.assignments()
+        if smoke:
+            shared = _one_of_a_shared_run(run, k, p.cfg.fallback.enabled)
+            if shared is not None:
+                return _alone_against_the_run(p, labels, k, shared, scratch)
         experts = p.cfg.experts
         if max_steps is not None:
             experts = dataclasses.replace(experts, max_steps=max_steps)
@@ -105,6 +110,61 @@ def retrain(
         "packed": out["auto"]["jobs"],
         "alone": out["off"]["jobs"],
         "identical": identical,
+        "k": k,
+    }
+
+
+def _one_of_a_shared_run(run, k: int, generalist: bool) -> str | None:
+    """The adapter with the fewest steps among those the run trained in a Ray Train run shared
+    with another adapter (its records' ``run``), or None where every adapter had a run alone."""
+    from collections import Counter
+
+    from gs_ray.rundir import GENERALIST, expert_name
+
+    folders = {expert_name(c): run.expert(c) for c in range(k)}
+    if generalist:
+        folders[GENERALIST] = run.generalist
+    records = {}
+    for name, folder in folders.items():
+        record = run.adapter_record(folder)
+        if record and record.get("run") and record.get("steps"):
+            records[name] = record
+    sizes = Counter(r["run"] for r in records.values())
+    shared = [n for n, r in records.items() if sizes[r["run"]] > 1]
+    return min(shared, key=lambda n: (records[n]["steps"], n)) if shared else None
+
+
+def _alone_against_the_run(p, labels, k: int, name: str, scratch: Path) -> dict:
+    """``name`` (trained by the run in a shared Ray Train run) trained again alone, with the
+    run's settings, and compared with the run's adapter."""
+    from gs_ray.rundir import GENERALIST, expert_name
+    from gs_ray.training.experts import expert_job, generalist_job
+    from gs_ray.training.ray_train import train_many_on_ray
+
+    folder = scratch / "off"
+    if name == GENERALIST:
+        job, theirs = generalist_job(p, labels, k, str(folder / name)), p.run.generalist
+    else:
+        c = next(c for c in range(k) if expert_name(c) == name)
+        job, theirs = expert_job(p, labels, c, str(folder / name)), p.run.expert(c)
+    cfg = dataclasses.replace(p.cfg.experts, pack="off", parallel=True)
+    start = time.perf_counter()
+    records = train_many_on_ray(
+        [job], p.cfg.model, p.cfg.lora, cfg, p.pad_id, str(folder.resolve() / "ray_train")
+    )
+    seconds = time.perf_counter() - start
+    if not records[name].get("ok"):
+        raise RuntimeError(f"{name}: training failed: {records[name].get('error')}")
+    packed_in = p.run.adapter_record(theirs)["run"]
+    return {
+        "adapters": 1,
+        "packed_runs": [packed_in],
+        "experts_packed_seconds": None,  # the run's own training
+        "experts_unpacked_seconds": seconds,
+        "packing_speedup": None,
+        "packed": [name],
+        "alone": [name],
+        "identical": _same_adapter(theirs, folder / name),
         "k": k,
     }
 
@@ -163,9 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<12}{sec:>10.1f}{100 * sec / sum(stages.values()):>7.1f}%")
     print(f"{'total':<12}{sum(stages.values()):>10.1f}   (wall incl. Ray start-up {total:.1f}s)")
     speedup = again["packing_speedup"]
+    packed_s = again["experts_packed_seconds"]
     print(
         f"\n{again['adapters']} adapters: packed into {len(again['packed_runs'])} runs "
-        f"{again['experts_packed_seconds']:.1f}s; {len(again['alone'])} of them one run each "
+        + (f"{packed_s:.1f}s" if packed_s is not None else "(the run's own training)")
+        + f"; {len(again['alone'])} of them one run each "
         f"{again['experts_unpacked_seconds']:.1f}s"
         + (f" -> speed-up {speedup:.2f}x" if speedup is not None else "")
         + f"; identical adapters: {again['identical']}"

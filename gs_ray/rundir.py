@@ -312,6 +312,11 @@ class RunDir:
         """An adapter's ``expert.json``, with the digest of the files it describes."""
         write_json(folder / EXPERT_RECORD, {**record, ADAPTER_SHA256: adapter_digest(folder)})
 
+    def adapter_record(self, folder: Path) -> dict[str, Any] | None:
+        """An adapter's ``expert.json`` (None where there is none)."""
+        path = folder / EXPERT_RECORD
+        return json.loads(path.read_text()) if path.exists() else None
+
     def check_adapter(self, folder: Path) -> None:
         """Refuse to keep an adapter whose files are not those its record was written for (a
         file replaced or edited by hand, a copy from another run): a resume would build the

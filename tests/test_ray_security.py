@@ -458,19 +458,60 @@ def _node_id_of_a_task_on(node, **options) -> str:
     return ray.get(where.options(scheduling_strategy=on_node, **options).remote(), timeout=120)
 
 
-def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session, monkeypatch):
-    """LocalHead.add_node(): a second raylet on 127.0.0.1 (its own launcher, not `ray start`);
-    kill() leaves none of its processes. Its first launch is given one port twice, as a port
-    taken between its choice and the launch would be: the launcher ends at once. Its second
-    launch's raylet ends before the node joins, as Ray's raylet aborts when its dashboard agent
-    misses a fixed 15 s at start-up on a loaded machine: the launcher ends at once too, leaving
-    none of that node's processes. A later one starts (``start`` tries five times: on a
-    machine as loaded as the suite's first minutes a raylet can also end so on its own). (Both
-    used to wait out the 300 s timeout and fail: the second is what failed the suite's TLS
-    cluster.)"""
+def _submit_and_wait(client, work: Path) -> str:
+    """A job that reads a file of the ``work`` folder (its working_dir); its package URI."""
+    from ray.job_submission import JobStatus
+
+    job = client.submit_job(
+        entrypoint="python -c \"print(open('hello.txt').read())\"",
+        runtime_env={"working_dir": str(work)},
+    )
+    deadline = time.monotonic() + 180
+    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+        assert time.monotonic() < deadline, client.get_job_logs(job)
+        time.sleep(0.5)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_info(job).message
+    return client.get_job_info(job).runtime_env["working_dir"]
+
+
+def test_added_worker_node_listens_on_loopback_only_leaves_the_heads_working_dirs_and_dies_whole(
+    ray_session, monkeypatch, tmp_path
+):
+    """LocalHead.add_node(): a second raylet on 127.0.0.1 (its own launcher, not `ray start`).
+
+    Its launches: the first is given one port twice, as a port taken between its choice and the
+    launch would be: the launcher ends at once. The second's raylet ends before the node joins,
+    as Ray's raylet aborts when its dashboard agent misses a fixed 15 s at start-up on a loaded
+    machine: the launcher ends at once too, leaving none of that node's processes. A later one
+    starts (``start`` tries five times: on a machine as loaded as the suite's first minutes a
+    raylet can also end so on its own). (Both used to wait out the 300 s timeout and fail: the
+    second is what failed the suite's TLS cluster.)
+
+    The node listens on loopback only; it sets up runtime envs in a folder of its own (it used
+    to share the head's: asked for a working_dir whose package the GCS no longer held, as Ray
+    drops it when the job that uploaded it ends, the node's agent deleted the head's unpacked
+    copy, and the next `ray job submit` of the same folder failed on the head); kill() leaves
+    none of its processes. One node for all of these: each start costs a loaded machine more
+    than the checks."""
     import threading
 
+    from ray.exceptions import RuntimeEnvSetupError
+    from ray.experimental.internal_kv import _internal_kv_del
+    from ray.job_submission import JobSubmissionClient
+
     from gs_ray.local_cluster import RAYLET_ENDED, LocalNode
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "hello.txt").write_text("hello")
+    client = JobSubmissionClient(ray_session.dashboard_url)
+    uri = _submit_and_wait(client, work)
+    unpacked = next(
+        Path(ray_session.temp_dir).glob(
+            f"session_2*/runtime_resources/working_dir_files/{uri.split('//')[1][:-4]}"
+        )
+    )
+    _internal_kv_del(uri)  # the package has left the GCS, as after its job ended
 
     spec, start, find = LocalNode.spec, LocalNode._start, LocalNode._find_node_id
     first, second = [], {}
@@ -527,53 +568,13 @@ def test_added_worker_node_listens_on_loopback_only_and_dies_whole(ray_session, 
         assert len(socks) >= 3
         exposed = [s for s in socks if not is_loopback(s[0])]
         assert not exposed, f"listening beyond loopback: {exposed}"
-    finally:
-        node.kill()
-    assert not alive(procs)
-
-
-def test_added_worker_node_leaves_the_heads_working_dirs_alone(ray_session, tmp_path):
-    """A worker node on this machine sets up runtime envs in a folder of its own. It used to
-    share the head's: asked for a working_dir whose package the GCS no longer held (Ray drops it
-    when the job that uploaded it ends), the node's agent deleted the head's unpacked copy, and
-    the next `ray job submit` of the same folder failed on the head."""
-    from ray.exceptions import RuntimeEnvSetupError
-    from ray.experimental.internal_kv import _internal_kv_del
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "hello.txt").write_text("hello")
-    client = JobSubmissionClient(ray_session.dashboard_url)
-
-    def submit() -> str:
-        job = client.submit_job(
-            entrypoint="python -c \"print(open('hello.txt').read())\"",
-            runtime_env={"working_dir": str(work)},
-        )
-        deadline = time.monotonic() + 180
-        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
-            assert time.monotonic() < deadline, client.get_job_logs(job)
-            time.sleep(0.5)
-        assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_info(job).message
-        return client.get_job_info(job).runtime_env["working_dir"]
-
-    uri = submit()
-    unpacked = next(
-        Path(ray_session.temp_dir).glob(
-            f"session_2*/runtime_resources/working_dir_files/{uri.split('//')[1][:-4]}"
-        )
-    )
-    _internal_kv_del(uri)  # the package has left the GCS, as after its job ended
-
-    node = ray_session.add_node(num_cpus=1)
-    try:
         with pytest.raises(RuntimeEnvSetupError):  # the node cannot fetch it: that is right
             _node_id_of_a_task_on(node, runtime_env={"working_dir": uri})
     finally:
         node.kill()
+    assert not alive(procs)
     assert unpacked.is_dir(), "the worker node deleted the head's copy of the working_dir"
-    assert submit() == uri  # the head still serves that folder
+    assert _submit_and_wait(client, work) == uri  # the head still serves that folder
 
 
 # A head and a worker node with cluster.yaml's settings: token authentication and mutual TLS with

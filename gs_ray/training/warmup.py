@@ -37,6 +37,7 @@ def training_summary(rec: dict[str, Any]) -> dict[str, Any]:
         "deepspeed_init_s",
         "seconds",
         "resumed_from_epoch",
+        "run",  # the Ray Train run that trained it (adapters packed into one share its name)
     )
     out = {k: rec.get(k) for k in keys}
     losses = rec.get("losses") or []
