@@ -238,7 +238,14 @@ def test_the_stage2_checkpoint_is_deleted_once_stage2_is_done(tmp_path, monkeypa
     monkeypatch.setattr(stage, "write_stage2_outputs", lambda p, res: None)
     monkeypatch.setattr(stage.Stage2Plan, "build", staticmethod(lambda *a: None))
     p = SimpleNamespace(
-        run=run, cfg=cfg, lengths=None, splits=None, samples=[], base_path="base", pad_id=0
+        run=run,
+        cfg=cfg,
+        lengths=None,
+        splits=None,
+        samples=[],
+        base_path="base",
+        pad_id=0,
+        calibration_rows=lambda: None,
     )
     fail = True
     with pytest.raises(RuntimeError):
