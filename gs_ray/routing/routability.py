@@ -322,12 +322,17 @@ def merge_for_routability(
         return cv >= target and (ho is None or ho >= target)
 
     while kc > 1 and not met(agreement, held_agreement):
-        # Merge on the summed out-of-sample probabilities until the target is met ...
+        # Merge on the summed out-of-fold probabilities until the cross-validated target is met;
+        # or, where it is met and the held-out rows fall short (routers fitted on the merged
+        # labels, not summed probabilities: those underrate a merged partition), merge once ...
+        held_short = held_agreement is not None and held_agreement < target
+        merged_this_round = False
         while kc > 1:
             before = _agreement(proba, current)
             held_before = _agreement(hproba, held_cur) if hproba is not None else None
-            if met(before, held_before):
+            if before >= target and (merged_this_round or not held_short):
                 break
+            merged_this_round = True
             sizes = np.bincount(current, minlength=kc)
             cos = cent @ cent.T if cent is not None else None
             conf = _confusions(proba, current)
@@ -360,7 +365,7 @@ def merge_for_routability(
                     "cross-validated" if before < target else "held-out",
                 )
             )
-        # ... then check with routers trained on the merged labels.
+        # ... then check again with routers trained on the merged labels.
         if kc > 1:
             proba, hproba = evidence(current, held_cur, kc)
             agreement = _agreement(proba, current)
