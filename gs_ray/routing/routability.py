@@ -26,7 +26,9 @@ centroids they are assigned to, a new prompt's gradient did not (on the data mix
 cross-validated against 0.89-0.94 on the test prompts; docs/evaluation.md). So where the run holds
 rows out of the centroids (the calibration rows: ``Stage2Plan.build``'s ``held_out``), a router
 fitted on every training row must also reach the target on them, and their confusions count in
-step 2 beside the out-of-fold ones.
+step 2 beside the out-of-fold ones. A shortfall there is judged only with a router fitted on
+the merged labels (step 3), never on summed probabilities, which underrate a merged partition
+on rows the router did not see; it then calls for one merge, and step 3 again.
 
 Every merge is recorded with its reason (confusions, the clusters' sizes, the centroid cosine).
 Pure (scikit-learn / torch), no Ray: the pipeline's ``routability`` stage runs it in a Ray task.
