@@ -42,7 +42,7 @@ from urllib.parse import unquote, urlsplit
 from gs_ray.config import TRACKING_OFF, Config, StageName, TrackingConfig, check_tracking_uri
 from gs_ray.errors import ConfigError, UserError
 from gs_ray.io import write_json
-from gs_ray.rundir import EXPERT_RECORD, GENERALIST, RunDir, expert_name, stored_config
+from gs_ray.rundir import GENERALIST, RunDir, expert_name, stored_config
 
 log = logging.getLogger(__name__)
 
@@ -577,7 +577,7 @@ def _log_experts(run: RunDir, out: _Run) -> None:
     for record in run.expert_records():
         name = expert_name(record["cluster"])
         _adapter(out, name, record, {"gs_ray.cluster": str(record["cluster"])})
-    generalist = _read(run.generalist / EXPERT_RECORD)
+    generalist = run.adapter_record(run.generalist)
     if generalist is not None:
         _adapter(out, GENERALIST, generalist, {})
 

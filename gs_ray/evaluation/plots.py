@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gs_ray.rundir import EXPERT_RECORD, RunDir  # noqa: E402
+from gs_ray.rundir import RunDir  # noqa: E402
 
 
 def stage2_plots(run: RunDir) -> list[str]:
@@ -179,9 +179,9 @@ def pipeline_plots(run: RunDir, k: int) -> list[str]:
     if warm.exists():
         curves["warm-up"] = json.loads(warm.read_text())["train_loss"]
     for c in range(k):
-        path = run.expert(c) / EXPERT_RECORD
-        if path.exists() and json.loads(path.read_text()).get("losses"):
-            curves[f"expert {c}"] = json.loads(path.read_text())["losses"]
+        record = run.adapter_record(run.expert(c))
+        if record and record.get("losses"):
+            curves[f"expert {c}"] = record["losses"]
     if curves:
         out.append(loss_curves_plot(run, curves, "training_loss.png", "LoRA training loss"))
     ev = run.metrics().get("evaluation")

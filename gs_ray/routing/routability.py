@@ -176,7 +176,7 @@ class RoutabilityResult:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        held_met = self.held_agreement_after is None or self.held_agreement_after >= self.target
+        met = _meets(self.agreement_after, self.held_agreement_after, self.target)
         return {
             "mapping": self.mapping.tolist(),
             "k_before": self.k_before,
@@ -187,7 +187,7 @@ class RoutabilityResult:
             "n_held": self.n_held,
             "held_agreement_before": self.held_agreement_before,
             "held_agreement_after": self.held_agreement_after,
-            "met": bool((self.agreement_after >= self.target and held_met) or self.k_after == 1),
+            "met": bool(met or self.k_after == 1),
             "cv_rounds": self.cv_rounds,
             "steps": [s.to_dict() for s in self.steps],
         }
@@ -214,6 +214,11 @@ def summary_line(d: dict[str, Any]) -> str:
         f"cross-validated router agreement {d['agreement_before']:.3f} -> "
         f"{d['agreement_after']:.3f}{held} (target {d['target']})"
     )
+
+
+def _meets(agreement: float, held_agreement: float | None, target: float) -> bool:
+    """The target is met: cross-validated, and on the held-out rows where they are used."""
+    return agreement >= target and (held_agreement is None or held_agreement >= target)
 
 
 def _agreement(proba: np.ndarray, labels: np.ndarray) -> float:
@@ -320,10 +325,7 @@ def merge_for_routability(
     held_first = _agreement(hproba, held_cur) if hproba is not None else None
     agreement, held_agreement, rounds = first, held_first, 1
 
-    def met(cv: float, ho: float | None) -> bool:
-        return cv >= target and (ho is None or ho >= target)
-
-    while kc > 1 and not met(agreement, held_agreement):
+    while kc > 1 and not _meets(agreement, held_agreement, target):
         # Merge on the summed out-of-fold probabilities until the cross-validated target is met;
         # or, where it is met and the held-out rows fall short (routers fitted on the merged
         # labels, not summed probabilities: those underrate a merged partition), merge once ...
