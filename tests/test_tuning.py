@@ -37,12 +37,14 @@ def test_a_trial_routes_with_a_router_and_merges_what_it_cannot_follow(hidden):
     cfg = load_config(None, ["--clustering.kmeans_n_init", "2"])
     fit, hold = np.arange(120), np.arange(120, 160)
     part = routed_partition(
-        2, G[:40], G[fit], [prompts[i] for i in fit], [prompts[i] for i in hold], cfg
+        2, G[:40], G[fit], [prompts[i] for i in fit], [prompts[i] for i in hold], cfg, G[hold]
     )
+    # The held-out rows (their clusters from their gradients) are the merge's held-out check.
+    assert part["routability"]["n_held"] == len(hold)
     if hidden:  # the gradient clusters exist, but no router can follow them: one cluster left
         assert part["k_routed"] == 1 and (part["routed"] == 0).all()
     else:  # a routable split is kept, and the router follows it on held-out prompts
-        assert part["k_routed"] == 2
+        assert part["k_routed"] == 2 and part["routability"]["held_agreement"] > 0.95
         mapped = np.array([np.bincount(part["labels"][truth[fit] == t]).argmax() for t in (0, 1)])
         assert (part["routed"] == mapped[truth[hold]]).mean() > 0.95
     one = routed_partition(

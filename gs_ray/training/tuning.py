@@ -55,11 +55,14 @@ def routed_partition(
     fit_prompts: list[str],
     hold_prompts: list[str],
     cfg: Config,
+    G_hold: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """A trial's partition as the run would deploy it: the clusterer with K fixed on ``G_fit``,
     the routability merge (if on), and a router of the run's kind fitted on the fit prompts;
     returns the fit labels, the merged K, the held-out rows' routed clusters and the clusterer's
-    figures. K = 1: every row in one cluster, nothing to route."""
+    figures. K = 1: every row in one cluster, nothing to route. ``G_hold``: the held-out rows'
+    gradients, which took no part in the centroids: their clusters are the merge's held-out
+    check, as the calibration rows are the run's (``merge_for_routability``)."""
     from gs_ray.routing.router import make_router
     from gs_ray.stage2.launch import make_clusterer
 
@@ -84,6 +87,16 @@ def routed_partition(
     if c.clustering.routability != "off":
         from gs_ray.routing.routability import merge_for_routability
 
+        held: dict[str, Any] = {}
+        if G_hold is not None and len(hold_prompts):
+            held = {"held_texts": hold_prompts, "held_labels": est.predict(G_hold)}
+        features = None
+        if held and c.router.kind == "encoder":
+            from gs_ray.routing.encoder import load_encoder
+
+            encoder = load_encoder(c.router.encoder, c.router.max_length)
+            features = encoder.encode(fit_prompts)
+            held["held_features"] = encoder.encode(hold_prompts)
         merge = merge_for_routability(
             fit_prompts,
             labels,
@@ -93,9 +106,16 @@ def routed_partition(
             c.clustering.routability_folds,
             c.run.seed,
             est.cluster_centers_,
+            features,
+            **held,
         )
         labels, k_eff = merge.labels(labels), merge.k_after
-        out["routability"] = {"k_after": merge.k_after, "agreement": merge.agreement_after}
+        out["routability"] = {
+            "k_after": merge.k_after,
+            "agreement": merge.agreement_after,
+            "n_held": merge.n_held,
+            "held_agreement": merge.held_agreement_after,
+        }
     if k_eff == 1:
         routed = np.zeros(len(hold_prompts), dtype=np.int64)
     else:
@@ -141,7 +161,8 @@ def k_trial(
     pad_id: int,
 ) -> None:
     """One Tune trial: the routed partition with K fixed, its experts trained on an equal total
-    budget, the routed held-out loss reported. (``G_hold`` is kept for the oracle figure.)"""
+    budget, the routed held-out loss reported. ``G_hold`` gives the held-out rows' clusters (the
+    routability merge's held-out check; the oracle figure)."""
     import torch
     from ray import tune
 
@@ -149,7 +170,9 @@ def k_trial(
     from gs_ray.data import Sample
     from gs_ray.training.loop import TorchEngine, adapter_losses, train_adapter
 
-    part = routed_partition(int(config["k"]), G_val, G_fit, fit_prompts, hold_prompts, cfg)
+    part = routed_partition(
+        int(config["k"]), G_val, G_fit, fit_prompts, hold_prompts, cfg, G_hold
+    )
     labels, k = part["labels"], part["k_routed"]
     folder = tune.get_context().get_trial_dir()
     adapters = {}
