@@ -170,9 +170,7 @@ def k_trial(
     from gs_ray.data import Sample
     from gs_ray.training.loop import TorchEngine, adapter_losses, train_adapter
 
-    part = routed_partition(
-        int(config["k"]), G_val, G_fit, fit_prompts, hold_prompts, cfg, G_hold
-    )
+    part = routed_partition(int(config["k"]), G_val, G_fit, fit_prompts, hold_prompts, cfg, G_hold)
     labels, k = part["labels"], part["k_routed"]
     folder = tune.get_context().get_trial_dir()
     adapters = {}
