@@ -53,6 +53,23 @@ def test_a_trial_routes_with_a_router_and_merges_what_it_cannot_follow(hidden):
     assert one["k_routed"] == 1 and (one["labels"] == 0).all()
 
 
+def test_a_trial_merges_with_the_encoder_router_too():
+    """router.kind encoder: the merge's routers get the prompts' encoder features (a trial
+    without them failed before the merge ran)."""
+    from gs_ray.training.tuning import routed_partition
+
+    rng = np.random.default_rng(0)
+    G, prompts, truth = _planted(rng, hidden=False)
+    cfg = load_config(None, ["--clustering.kmeans_n_init", "2", "--router.kind", "encoder"])
+    fit, hold = np.arange(120), np.arange(120, 160)
+    part = routed_partition(
+        2, G[:40], G[fit], [prompts[i] for i in fit], [prompts[i] for i in hold], cfg, G[hold]
+    )
+    assert part["k_routed"] == 2 and part["routability"]["n_held"] == len(hold)
+    mapped = np.array([np.bincount(part["labels"][truth[fit] == t]).argmax() for t in (0, 1)])
+    assert (part["routed"] == mapped[truth[hold]]).mean() > 0.95
+
+
 def test_every_k_gets_the_same_total_steps():
     from gs_ray.training.tuning import step_budget
 

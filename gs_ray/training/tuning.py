@@ -91,12 +91,13 @@ def routed_partition(
         if G_hold is not None and len(hold_prompts):
             held = {"held_texts": hold_prompts, "held_labels": est.predict(G_hold)}
         features = None
-        if held and c.router.kind == "encoder":
+        if c.router.kind == "encoder":  # the merge's routers take the prompts' features
             from gs_ray.routing.encoder import load_encoder
 
             encoder = load_encoder(c.router.encoder, c.router.max_length)
             features = encoder.encode(fit_prompts)
-            held["held_features"] = encoder.encode(hold_prompts)
+            if held:
+                held["held_features"] = encoder.encode(hold_prompts)
         merge = merge_for_routability(
             fit_prompts,
             labels,
