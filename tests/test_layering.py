@@ -46,6 +46,7 @@ CROSSINGS = {
     "gs_ray.training.tuning": {
         "gs_ray.stage2.computer",
         "gs_ray.stage2.launch",
+        "gs_ray.routing.encoder",
         "gs_ray.routing.routability",
         "gs_ray.routing.router",
     },
