@@ -84,20 +84,22 @@ def routed_partition(
     c.clustering.n_clusters = k
     est = make_clusterer(c).fit(G_fit, G_val=G_val)
     labels, k_eff = est.labels_.astype(np.int64), k
+    features = hold_features = None
+    if c.router.kind == "encoder":  # encoded once, for the merge's routers and the trial's
+        from gs_ray.routing.encoder import load_encoder
+
+        encoder = load_encoder(c.router.encoder, c.router.max_length)
+        features, hold_features = encoder.encode(fit_prompts), encoder.encode(hold_prompts)
     if c.clustering.routability != "off":
         from gs_ray.routing.routability import merge_for_routability
 
         held: dict[str, Any] = {}
         if G_hold is not None and len(hold_prompts):
-            held = {"held_texts": hold_prompts, "held_labels": est.predict(G_hold)}
-        features = None
-        if c.router.kind == "encoder":  # the merge's routers take the prompts' features
-            from gs_ray.routing.encoder import load_encoder
-
-            encoder = load_encoder(c.router.encoder, c.router.max_length)
-            features = encoder.encode(fit_prompts)
-            if held:
-                held["held_features"] = encoder.encode(hold_prompts)
+            held = {
+                "held_texts": hold_prompts,
+                "held_labels": est.predict(G_hold),
+                "held_features": hold_features,
+            }
         merge = merge_for_routability(
             fit_prompts,
             labels,
@@ -120,8 +122,12 @@ def routed_partition(
     if k_eff == 1:
         routed = np.zeros(len(hold_prompts), dtype=np.int64)
     else:
-        router = make_router(c.router, k_eff, c.run.seed).fit(fit_prompts, labels)
-        routed = router.predict(hold_prompts)
+        router = make_router(c.router, k_eff, c.run.seed)
+        if features is None:
+            routed = router.fit(fit_prompts, labels).predict(hold_prompts)
+        else:  # Router.fit and .predict would encode the same prompts again
+            proba = router.fit_features(features, labels).proba_from_features(hold_features)
+            routed = proba.argmax(axis=1).astype(np.int64)
     return {
         **out,
         "labels": labels,
@@ -163,7 +169,7 @@ def k_trial(
 ) -> None:
     """One Tune trial: the routed partition with K fixed, its experts trained on an equal total
     budget, the routed held-out loss reported. ``G_hold`` gives the held-out rows' clusters (the
-    routability merge's held-out check; the oracle figure)."""
+    routability merge's held-out check)."""
     import torch
     from ray import tune
 
