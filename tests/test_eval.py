@@ -266,7 +266,10 @@ def evaluated(ray_cluster, tmp_path_factory):
         "--run.name",
         "r",
     ]
-    assert main(["run", *small]) == 0
+    # Warm-up and Stage II in this process (`run --local`: test_pipeline runs them on Ray), the
+    # later stages on Ray (`--resume`): a Ray Train run and two gradient workers fewer.
+    assert main(["run", "--local", *small]) == 0
+    assert main(["run", "--resume", str(tmp_path / "r")]) == 0
     run = RunDir(tmp_path / "r")
     # What gs-ray eval must leave as it is (it opens the run read-only).
     kept = [run.manifest_path, run.sub("data", "samples.jsonl"), run.config_yaml]

@@ -11,6 +11,7 @@ is tested is serving, and the pipeline's own run directory is tested in test_pip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -687,7 +688,8 @@ def test_http_random_mix_no_5xx_and_answers_as_alone(served, pool, long_prompts)
                 ({"prompt": rng.choice(long_prompts), "expert": k, "max_new_tokens": m}, 200, None)
             )
         elif kind == "short":
-            m = rng.randint(SPARE + 8, 512)  # does not fit with a long prompt
+            # does not fit with a long prompt (512 new tokens: the issue-8 burst's test)
+            m = rng.randint(SPARE + 8, SPARE + 64)
             cases.append(
                 ({"prompt": rng.choice(PROMPTS), "expert": k, "max_new_tokens": m}, 200, None)
             )
@@ -1249,12 +1251,12 @@ KEY = "s3cret-test-key"
 BATCH_KEY = "batch-client-key-0123456789"  # a client of serve.api_keys_file, one request at once
 
 
-@pytest.fixture
-def keyed(served, run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def keyed(served, run_dir, tmp_path_factory):
     """A second ingress on the running Serve, at /keyed, with serve.api_key set and a keys
     file with a second client (``batch``, one request in progress at once): it reuses the
-    served app's router and experts replicas (their handles), so no model loads twice. Deleted
-    after its test (test_serve_shuts_down_cleanly stops Serve altogether)."""
+    served app's router and experts replicas (their handles), so no model loads twice. One for
+    the module's key tests; test_serve_shuts_down_cleanly stops it with the rest of Serve."""
     from ray import serve
 
     from gs_ray.config import ServeConfig
@@ -1264,7 +1266,7 @@ def keyed(served, run_dir, tmp_path):
     handles = [
         serve.get_deployment_handle(d, APP_NAME) for d in ("RouterDeployment", "ExpertsDeployment")
     ]
-    keys_file = tmp_path / "api_keys"
+    keys_file = tmp_path_factory.mktemp("keyed") / "api_keys"
     keys_file.write_text(f"batch {BATCH_KEY} in_flight=1\n")
     keys_file.chmod(0o600)
     cfg = ServeConfig(api_key=KEY, api_keys_file=str(keys_file))
@@ -1273,7 +1275,8 @@ def keyed(served, run_dir, tmp_path):
     )
     serve.run(app, name="gs-ray-keyed", route_prefix="/keyed")
     yield f"{served}/keyed"
-    serve.delete("gs-ray-keyed")
+    with contextlib.suppress(Exception):  # gone with Serve (test_serve_shuts_down_cleanly)
+        serve.delete("gs-ray-keyed")
 
 
 @pytest.mark.ray
