@@ -170,10 +170,13 @@ def _until_preferred(node, cfg, n: int, timeout: float = 60.0) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["collective", "gradients"])
 def test_lost_worker_node_resumes_with_the_same_assignments(
-    ray_session, warmed, tmp_path, monkeypatch, transport
+    ray_session, warmed, tmp_path, monkeypatch
 ):
+    """The collective transport, whose group restarts from the checkpoint. The gradients
+    transport takes the path of test_stage2.py's killed worker on a lost node too: Ray restarts
+    each lost actor where there is room and its tasks are retried (a test of its own here cost
+    the suite 40 CPU-seconds, 2026-12-06, and checked nothing that test does not)."""
     p = warmed["p"]
     node = ray_session.add_node(num_cpus=2, labels=dict([LABEL.split("=")]))
     monkeypatch.setenv("GS_RAY_FAULTS", "stall:{}:{}:{}".format(*STALL))
@@ -184,7 +187,7 @@ def test_lost_worker_node_resumes_with_the_same_assignments(
     killer.start()
     try:
         args = {
-            "stage2.transport": transport,
+            "stage2.transport": "collective",
             "stage2.num_workers": 2,
             "stage2.cpus_per_worker": 1,
             "stage2.prefer_node_label": LABEL,
@@ -214,10 +217,10 @@ def test_lost_worker_node_resumes_with_the_same_assignments(
         out.clusterer.cluster_centers_, ref.clusterer.cluster_centers_, rtol=0, atol=1e-6
     )
     assert out.clusterer.n_samples_seen_ == ref.clusterer.n_samples_seen_
-    if transport == "collective":  # the group restarted from the checkpoint after batch 3
-        assert out.info["group_restarts"] == 1
-        assert out.info["restarted_from"] == [["online", 0, 3]]
-        assert out.info["recomputed_batches"] > 0
+    # the group restarted from the checkpoint after batch 3
+    assert out.info["group_restarts"] == 1
+    assert out.info["restarted_from"] == [["online", 0, 3]]
+    assert out.info["recomputed_batches"] > 0
 
 
 def _watch_nodes(cluster, seen: list, exposed: list, stop: threading.Event) -> None:
