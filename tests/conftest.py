@@ -51,6 +51,7 @@ RAY_LANES = ("ray", "ray-b")
 # Two more, 2026-12-05 afternoon: ray 821-855 s, ray-b 750-779 s; the benchmarks' Ray smoke
 # runs (35-40 s) moved over, and collective lost its 2-rank twin (23 s). With the third worker
 # at the Ray workers' niceness (below): ray 857 s, ray-b 723; training (64 s) moved over.
+# A fresh clone of 23dfe64 (2026-12-06): ray 770 s, ray-b 765, the third worker 673.
 SECOND_RAY_LANE = frozenset(
     {
         "test_benchmarks_smoke",
