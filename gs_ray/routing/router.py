@@ -355,6 +355,10 @@ class Router:
         """The expert ``argmax_k p(k | x)`` for each prompt, int64 ``(n,)``."""
         return self.predict_proba(texts).argmax(axis=1).astype(np.int64)
 
+    def predict_from_features(self, features: np.ndarray) -> np.ndarray:
+        """``predict`` for precomputed encoder features."""
+        return self.proba_from_features(features).argmax(axis=1).astype(np.int64)
+
     def route_latency_ms(self, texts: Sequence[str], warmup: int = 3) -> float:
         """Mean wall time in ms to route one prompt (batch size 1: tokenise, encode, head,
         argmax), after ``warmup`` untimed calls; the number the paper reports (3.9 ms)."""

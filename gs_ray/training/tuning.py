@@ -126,8 +126,7 @@ def routed_partition(
         if features is None:
             routed = router.fit(fit_prompts, labels).predict(hold_prompts)
         else:  # Router.fit and .predict would encode the same prompts again
-            proba = router.fit_features(features, labels).proba_from_features(hold_features)
-            routed = proba.argmax(axis=1).astype(np.int64)
+            routed = router.fit_features(features, labels).predict_from_features(hold_features)
     return {
         **out,
         "labels": labels,
